@@ -1,0 +1,174 @@
+"""Loading adapters back: ours and those the peft package saved.
+
+The adapter_config.json becomes a spec (only the fields we model are read), the spec is planned
+against the live base model, the file's tensors are checked against the plan (strict: missing,
+unexpected or mis-shaped tensors and non-finite values are errors), then injected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc import io, methods, planner, tasks
+from peftc.errors import AdapterFileError
+from peftc.graph import graph_of
+from peftc.materializer import materialize
+from peftc.model import PeftcModel
+from peftc.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, check_adapter_name
+
+
+def load_adapter(
+    base_or_directory: nn.Module | str | os.PathLike[str],
+    directory: str | os.PathLike[str] | None = None,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> PeftcModel:
+    """Load an adapter directory onto a base model (or, given only a directory, onto the base
+    model it names: peftc's saved plan if present, else `base_model_name_or_path`).
+
+    Passing a PeftcModel adds the adapter beside the ones it has (not activated if others are).
+    """
+    if directory is None:
+        directory, base = base_or_directory, None
+    else:
+        base = base_or_directory
+    check_adapter_name("adapter_name", adapter_name)
+    directory = Path(directory)
+    config = io.read_config(directory)
+    source = str(directory / io.CONFIG_NAME)
+    method = methods.for_peft_type(config["peft_type"], source)
+    task = tasks.for_task_type(config.get("task_type"), source)
+    saved_model, task_spec = _saved_specs(directory, task)
+    if base is None:
+        base = _base_for(directory, config, task, saved_model, task_spec)
+    live = base.base_model if isinstance(base, PeftcModel) else base
+    run = RunSpec(
+        peft=method.spec_from_peft_config(config),
+        task=task_spec,
+        quant=_quant_spec(),
+        model=_model_spec(live, config),
+        data=DataSpec(),
+        trainer=TrainerSpec(),
+        adapter_name=adapter_name,
+    )
+    plan = planner.plan(run, graph_of(live), strict_targets=False)
+    tensors = io.read_tensors(directory)
+    _check_tensors(directory, plan, tensors)
+    previous = list(base.active_adapters) if isinstance(base, PeftcModel) else []
+    model = materialize(plan, base, adapter_name=adapter_name, init=False)
+    fill(model, adapter_name, tensors)
+    if previous:
+        model.set_adapter(previous)
+    if not is_trainable:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors (peft names) into the live adapter."""
+    own = io.adapter_tensors(model, name)
+    with torch.no_grad():
+        for key, target in own.items():
+            target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+    plan = model.plan_of(name)
+    if plan.prompt is not None:
+        prompt_keys = {
+            k: tensors[k] for k in io.saved_layout(plan) if not k.startswith(io.MODEL_PREFIX)
+        }
+        methods.get(plan.method).load_prompt_tensors(model.prompt_encoders[name], prompt_keys)
+
+
+def _check_tensors(directory: Path, plan: Any, tensors: dict[str, torch.Tensor]) -> None:
+    path = str(directory / io.WEIGHTS_NAME)
+    expected = io.saved_layout(plan)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise AdapterFileError(
+            path,
+            f"{len(missing)} tensors the adapter config implies are missing, e.g. {missing[0]}",
+            "the file is incomplete or belongs to another config",
+        )
+    if unexpected:
+        raise AdapterFileError(
+            path,
+            f"{len(unexpected)} tensors do not belong to this adapter, e.g. {unexpected[0]}",
+            "the file and adapter_config.json do not match",
+        )
+    for key, (shape, _) in expected.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise AdapterFileError(
+                path,
+                f"{key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}",
+                "the adapter was made for a different base model or config",
+            )
+        if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
+            raise AdapterFileError(
+                path,
+                f"{key} contains NaN or Inf values",
+                "the adapter is broken; retrain or restore it",
+            )
+
+
+def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
+    """The model and task specs from peftc's plan beside the adapter, when there is one."""
+    saved = (io.read_plan(directory) or {}).get("spec", {})
+    try:
+        model = ModelSpec(**saved["model"]) if isinstance(saved.get("model"), dict) else None
+        task_spec = (
+            task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
+        )
+    except TypeError as exc:
+        raise AdapterFileError(
+            str(directory / io.PLAN_NAME),
+            f"does not describe a model/task peftc understands ({exc})",
+        ) from exc
+    return model, task_spec
+
+
+def _base_for(
+    directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any
+) -> nn.Module:
+    from peftc import loading
+
+    if spec is None:
+        name = config.get("base_model_name_or_path")
+        if not name:
+            raise AdapterFileError(
+                str(directory / io.CONFIG_NAME),
+                "names no base model (base_model_name_or_path)",
+                "pass the base model: peftc.load_adapter(base_model, directory)",
+            )
+        spec = ModelSpec(name=name, name_or_path=name, revision=config.get("revision"))
+    return loading.build_model(spec, task.auto_class_name, task.config_overrides(task_spec))
+
+
+def _model_spec(model: nn.Module, config: dict[str, Any]) -> ModelSpec:
+    hf = getattr(model, "config", None)
+    name = (
+        getattr(model, "name_or_path", None)
+        or getattr(hf, "_name_or_path", None)
+        or config.get("base_model_name_or_path")
+        or type(model).__name__
+    )
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return ModelSpec(
+        name=str(name),
+        name_or_path=str(name),
+        model_type=getattr(hf, "model_type", None),
+        dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+    )
+
+
+def _quant_spec() -> Any:
+    from peftc import quant
+
+    return quant.get("none").schema()

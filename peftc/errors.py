@@ -1,0 +1,58 @@
+"""One exception family, one subclass per stage, so the CLI can print any of them cleanly.
+
+Every message names what was wrong (a config key or a file), the bad value, and what would work.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PeftcError(Exception):
+    """Base of every error peftc raises on purpose; the CLI prints it and exits with status 2."""
+
+    exit_code = 2
+
+
+class ConfigError(PeftcError):
+    """The composed configuration is malformed or asks for something impossible."""
+
+    def __init__(self, key: str, value: object, problem: str, hint: str | None = None) -> None:
+        self.key, self.value, self.problem, self.hint = key, value, problem, hint
+        super().__init__(format_problem(key, value, problem, hint))
+
+
+class PlanError(ConfigError):
+    """The spec is valid on its own but cannot be resolved against the model's module graph."""
+
+
+class AdapterFileError(PeftcError):
+    """An adapter directory or file is missing, corrupt, or does not fit the model."""
+
+    def __init__(self, path: str, problem: str, hint: str | None = None) -> None:
+        self.path, self.problem, self.hint = path, problem, hint
+        message = f"{path}: {problem}"
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class DataError(PeftcError):
+    """A dataset file or row cannot be used for the configured task."""
+
+    def __init__(self, source: str, problem: str, hint: str | None = None) -> None:
+        self.source, self.problem, self.hint = source, problem, hint
+        message = f"{source}: {problem}"
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+def format_problem(key: str, value: object, problem: str, hint: str | None) -> str:
+    shown = f"{key}={value!r}: " if value is not None else f"{key}: "
+    return shown + problem + (f"; {hint}" if hint else "")
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
+    """A 'did you mean ...?' phrase for the closest candidates, or None when nothing is close."""
+    matches = difflib.get_close_matches(str(word), sorted(set(candidates)), n=n, cutoff=0.6)
+    if not matches:
+        return None
+    return "did you mean " + " or ".join(repr(m) for m in matches) + "?"

@@ -1,0 +1,283 @@
+"""Adapter files in the Hugging Face PEFT layout: adapter_config.json + adapter_model.safetensors.
+
+Tensor names follow peft's saved format: `base_model.model.<module path>.<tensor suffix>` with
+the adapter name removed (`...q_proj.lora_A.weight`), modules_to_save under the wrapped
+module's own name, prompt encoders as `prompt_embeddings`. The default adapter goes to the
+directory itself, any other adapter to a subfolder named after it. Writes are atomic: files
+are staged in a temporary directory beside the target, fsynced, then renamed into place.
+Only safetensors are read or written; pickle is never loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftc.errors import AdapterFileError
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftc.plan import Plan
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PLAN_NAME = "peftc_plan.json"
+MODEL_PREFIX = "base_model.model."
+_ST_DTYPES = {
+    "float32": ("F32", 4),
+    "bfloat16": ("BF16", 2),
+    "float16": ("F16", 2),
+    "float64": ("F64", 8),
+}
+ADAPTER_DTYPE = "float32"
+
+
+# ------------------------------------------------------------------------------- file layout
+def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor the adapter file will hold: saved name -> (shape, dtype)."""
+    from peftc import methods
+
+    layout: dict[str, tuple[tuple[int, ...], str]] = {}
+    for site in plan.sites:
+        for suffix, shape in site.tensors.items():
+            layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
+    for module in plan.modules_to_save:
+        for name, shape in module.tensors.items():
+            layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
+    for name, shape in plan.unfrozen.items():
+        layout[f"{MODEL_PREFIX}{name}"] = (tuple(shape), plan.model.dtype)
+    if plan.prompt is not None:
+        method = methods.get(plan.method)
+        for name, shape in method.saved_prompt_tensors(plan.prompt).items():
+            layout[name] = (tuple(shape), ADAPTER_DTYPE)
+    return layout
+
+
+def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """Exact byte size of a safetensors file with these tensors (format metadata included)."""
+    entries = sorted(layout.items(), key=lambda kv: (-_ST_DTYPES[kv[1][1]][1], kv[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in entries:
+        code, size = _ST_DTYPES[dtype]
+        count = 1
+        for dim in shape:
+            count *= dim
+        header[name] = {
+            "dtype": code,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + count * size],
+        }
+        offset += count * size
+    text = json.dumps(header, separators=(",", ":"))
+    padded = len(text) + (-len(text)) % 8
+    return 8 + padded + offset
+
+
+# ------------------------------------------------------------------------------------ saving
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Stage files in a temp dir beside `target`; on success replace `target` in one rename.
+
+    If anything fails, the temp dir is removed and an existing `target` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        for path in staging.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Some filesystems refuse fsync on directories; the rename itself is still atomic.
+    with contextlib.suppress(OSError):
+        _fsync(path)
+
+
+def write_adapter_files(
+    directory: Path,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    plan: Plan | None = None,
+) -> None:
+    """Write one adapter's files into an (already staged) directory."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    contiguous = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    save_file(contiguous, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if plan is not None:
+        (directory / PLAN_NAME).write_text(plan.to_json() + "\n")
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterFileError(str(directory), "no such adapter directory")
+    if not path.is_file():
+        raise AdapterFileError(
+            str(path),
+            "missing",
+            "an adapter directory holds adapter_config.json and adapter_model.safetensors",
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFileError(str(path), "must hold a JSON object")
+    if "peft_type" not in config:
+        raise AdapterFileError(
+            str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter"
+        )
+    return config
+
+
+def read_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        if (Path(directory) / PICKLE_NAME).is_file():
+            raise AdapterFileError(
+                str(Path(directory) / PICKLE_NAME),
+                "pickle adapter files are never loaded (they can run code)",
+                "convert it to adapter_model.safetensors with a tool you trust",
+            )
+        raise AdapterFileError(str(path), "missing")
+    _check_header(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(str(path), f"cannot be read as safetensors ({exc})") from exc
+
+
+def _check_header(path: Path) -> None:
+    """Reject headers that lie about their size before safetensors allocates anything."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise AdapterFileError(str(path), "truncated (shorter than a safetensors header)")
+        header_len = struct.unpack("<Q", raw)[0]
+        if header_len > min(size - 8, 100 * 1024 * 1024):
+            raise AdapterFileError(
+                str(path),
+                f"header claims {header_len} bytes but the file has {size}",
+                "the file is truncated or corrupt",
+            )
+
+
+def read_plan(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    path = Path(directory) / PLAN_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
+
+
+# ------------------------------------------------------------------------- model <-> tensors
+def adapter_config(plan: Plan) -> dict[str, Any]:
+    """adapter_config.json for a plan: peft's common fields plus the method's own."""
+    from peftc import methods
+
+    method = methods.get(plan.method)
+    config: dict[str, Any] = {
+        "peft_type": plan.peft_type,
+        "task_type": plan.task_type,
+        "base_model_name_or_path": plan.model.name_or_path or plan.model.name,
+        "revision": plan.spec.model.revision,
+        "inference_mode": True,
+        "auto_mapping": None,
+    }
+    config.update(method.peft_config(plan.spec.peft, plan))
+    return config
+
+
+def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors from a PeftcModel, under peft's saved names."""
+    from peftc import methods
+
+    plan = model.plan_of(name)
+    base = model.base_model
+    tensors: dict[str, torch.Tensor] = {}
+    for site in plan.sites:
+        layer = base.get_submodule(site.path)
+        for suffix, tensor in layer.adapter_tensors(name).items():
+            tensors[f"{MODEL_PREFIX}{site.path}.{suffix}"] = tensor
+    for module in plan.modules_to_save:
+        wrapper = base.get_submodule(module.path)
+        for pname, tensor in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+            tensors[f"{MODEL_PREFIX}{module.path}.{pname}"] = tensor
+    for pname in plan.unfrozen:
+        tensors[f"{MODEL_PREFIX}{pname}"] = base.get_parameter(pname)
+    if plan.prompt is not None:
+        tensors.update(methods.get(plan.method).prompt_tensors(model.prompt_encoders[name]))
+    return tensors
+
+
+def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
+    """Write adapters atomically: `default` at the root, every other name in a subfolder."""
+    for name in names:
+        model.plan_of(name)
+    with atomic_directory(directory) as staging:
+        for name in names:
+            plan = model.plan_of(name)
+            tensors = adapter_tensors(model, name)
+            _check_layout(plan, tensors)
+            write_adapter_files(
+                staging if name == "default" else staging / name,
+                adapter_config(plan),
+                tensors,
+                plan,
+            )
+    return directory
+
+
+def _check_layout(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The tensors written must be exactly the ones the plan promised (names and shapes)."""
+    expected = {k: shape for k, (shape, _) in saved_layout(plan).items()}
+    actual = {k: tuple(t.shape) for k, t in tensors.items()}
+    if expected != actual:
+        missing = sorted(set(expected) - set(actual))[:3]
+        extra = sorted(set(actual) - set(expected))[:3]
+        raise RuntimeError(
+            f"internal error: adapter tensors differ from the plan (missing {missing}, unexpected {extra})"
+        )

@@ -1,0 +1,336 @@
+"""The contracts every PEFT method implements.
+
+`Method` is the planner- and file-facing side of a method (its schema, its sites or prompt
+encoder, its peft config fields). `AdapterLayer` is the runtime side for injectable methods:
+it wraps one base layer (composition, never a subclass of it), holds any number of named
+adapters, knows which are active, computes their contribution, merges and unmerges exactly,
+and can be disabled. Nothing outside a method's file knows its math.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peftc.graph import ModelGraph, ModuleInfo
+    from peftc.plan import Plan, PromptPlan, Site
+    from peftc.spec import RunSpec, SpecNode
+    from peftc.tasks.base import Task
+
+PEFT_COMPAT_VERSION = "0.21.2"  # the peft release whose file layout and config fields we write
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """What a method asks the planner to resolve, and which config keys to blame."""
+
+    target_modules: Any  # None (model-type default) | "all-linear" | regex str | list of names
+    exclude_modules: Any = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    key: str = "peft.target_modules"
+
+
+class Method:
+    """Base class of a PEFT method. Subclasses set the class attributes and override hooks."""
+
+    name: ClassVar[str]  # group option and registry key, e.g. "lora"
+    peft_type: ClassVar[str]  # peft's PeftType value, e.g. "LORA"
+    schema: ClassVar[type[SpecNode]]
+    kind: ClassVar[str] = "injectable"  # or "prompt"
+    layer_class: ClassVar[type[AdapterLayer] | None] = None
+    supported_kinds: ClassVar[frozenset[str]] = frozenset()
+    default_targets: ClassVar[Mapping[str, Sequence[str]]] = {}
+    tensor_prefix: ClassVar[str] = ""
+
+    # --------------------------------------------------------------------------- planning
+    def target_request(self, spec: Any) -> TargetRequest:
+        pattern = getattr(spec, "layers_pattern", None)
+        layers = getattr(spec, "layers_to_transform", None)
+        return TargetRequest(
+            target_modules=getattr(spec, "target_modules", None),
+            exclude_modules=getattr(spec, "exclude_modules", None),
+            layers_to_transform=tuple([layers] if isinstance(layers, int) else layers)
+            if layers is not None
+            else None,
+            layers_pattern=tuple([pattern] if isinstance(pattern, str) else pattern)
+            if pattern is not None
+            else None,
+        )
+
+    def plan_site(self, spec: Any, module: ModuleInfo, graph: ModelGraph) -> Site:
+        raise NotImplementedError(f"{self.name} does not adapt modules")
+
+    def plan_prompt(self, spec: Any, graph: ModelGraph, task: Task) -> PromptPlan:
+        raise NotImplementedError(f"{self.name} has no prompt encoder")
+
+    def plan_unfrozen(
+        self, spec: Any, graph: ModelGraph, sites: Sequence[Site]
+    ) -> dict[str, tuple[int, ...]]:
+        """Base parameters this method trains in place (e.g. biases); names are model paths."""
+        return {}
+
+    def modules_to_save(self, spec: Any) -> list[str]:
+        return list(getattr(spec, "modules_to_save", None) or [])
+
+    def check_run(self, spec: Any, run: RunSpec, graph: ModelGraph) -> None:
+        """Rules needing the model graph or other groups (raise ConfigError/PlanError)."""
+
+    # ----------------------------------------------------------------------- materializing
+    def saved_prompt_tensors(self, prompt: PromptPlan) -> dict[str, tuple[int, ...]]:
+        """Names and shapes the prompt encoder writes to adapter_model.safetensors."""
+        return {
+            "prompt_embeddings": (
+                prompt.num_virtual_tokens * prompt.num_transformer_submodules,
+                prompt.token_dim,
+            )
+        }
+
+    def create_prompt_encoder(
+        self, prompt: PromptPlan, spec: Any, base_model: nn.Module
+    ) -> nn.Module:
+        raise NotImplementedError(f"{self.name} has no prompt encoder")
+
+    def prompt_tensors(self, encoder: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a prompt encoder saves (peft: the encoder output as 'prompt_embeddings')."""
+        raise NotImplementedError(f"{self.name} has no prompt encoder")
+
+    def load_prompt_tensors(self, encoder: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"{self.name} has no prompt encoder")
+
+    def extra_loss(self, model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+        """A term added to the task loss during training (AdaLoRA's orthogonal regulariser)."""
+        return None
+
+    def callbacks(self, model: nn.Module, plan: Plan) -> list[Any]:
+        """Lightning callbacks the method needs while training (AdaLoRA's rank allocator)."""
+        return []
+
+    # ------------------------------------------------------------------------------- files
+    def peft_config(self, spec: Any, plan: Plan) -> dict[str, Any]:
+        """Method-specific adapter_config.json fields (peft's names and defaults)."""
+        raise NotImplementedError
+
+    def spec_from_peft_config(self, config: Mapping[str, Any]) -> SpecNode:
+        """Our schema from a peft adapter_config.json (fields we do not model are dropped)."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------
+# Injectable adapter layers
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base layer and holds the named adapters of one method at that site.
+
+    Subclasses declare `adapter_containers` (attributes that are ModuleDict/ParameterDict keyed
+    by adapter name; their names are peft's tensor names) and implement `create_adapter`,
+    `adapter_output` and, for mergeable methods, `delta_weight`. The default merge adds the
+    delta to the base weight in float32 and casts once; multiplicative methods override
+    `merge_one`/`unmerge_one`.
+    """
+
+    adapter_containers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.site_options: dict[str, dict[str, Any]] = {}
+
+    # ---------------------------------------------------------------------------- hooks
+    def create_adapter(self, name: str, site: Site, init: bool) -> None:
+        raise NotImplementedError
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    # ------------------------------------------------------------------------ lifecycle
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.site_options)
+
+    def add_adapter(self, name: str, site: Site, *, init: bool = True) -> None:
+        if name in self.site_options:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.site_options[name] = dict(site.options)
+        self.create_adapter(name, site, init)
+        ref = self.base_layer.weight if hasattr(self.base_layer, "weight") else None
+        for param in self.adapter_parameters(name):
+            if ref is not None and param.device != ref.device and ref.device.type != "meta":
+                param.data = param.data.to(ref.device)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
+        for container in self._containers():
+            if name in container:
+                del container[name]
+        self.site_options.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.site_options]
+
+    def _containers(self) -> Iterator[nn.ModuleDict | nn.ParameterDict]:
+        for attr in self.adapter_containers:
+            container = getattr(self, attr, None)
+            if container is not None:
+                yield container
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for container in self._containers():
+            if name in container:
+                entry = container[name]
+                if isinstance(entry, nn.Parameter):
+                    yield entry
+                else:
+                    yield from entry.parameters()
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under peft's per-site names ('lora_A.weight', 'lora_E', ...)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_containers:
+            container = getattr(self, attr, None)
+            if container is None or name not in container:
+                continue
+            entry = container[name]
+            if isinstance(entry, nn.Parameter):
+                tensors[attr] = entry
+            else:
+                for param_name, tensor in entry.state_dict(keep_vars=True).items():
+                    tensors[f"{attr}.{param_name}"] = tensor
+        return tensors
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        own = self.adapter_tensors(name)
+        for suffix, tensor in tensors.items():
+            target = own[suffix]
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+    # ---------------------------------------------------------------------------- merging
+    def _weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def merge(self, names: Sequence[str] | None = None) -> list[str]:
+        """Fold adapters into the base weight; returns the names actually merged."""
+        merged = []
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.site_options:
+                continue
+            self.merge_one(name)
+            self.merged_adapters.append(name)
+            merged.append(name)
+        return merged
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self.unmerge_one(self.merged_adapters.pop())
+
+    @torch.no_grad()
+    def merge_one(self, name: str) -> None:
+        weight = self._weight()
+        weight.data = (weight.data.float() + self.delta_weight(name).float()).to(weight.dtype)
+
+    @torch.no_grad()
+    def unmerge_one(self, name: str) -> None:
+        weight = self._weight()
+        weight.data = (weight.data.float() - self.delta_weight(name).float()).to(weight.dtype)
+
+    @torch.no_grad()
+    def merge_is_finite(self, names: Sequence[str]) -> bool:
+        """Whether merging these adapters would leave only finite weights (for safe_merge)."""
+        weight = self._weight().data.float()
+        total = weight.clone()
+        for name in names:
+            if name in self.site_options and name not in self.merged_adapters:
+                total += self.delta_weight(name).float()
+        return bool(torch.isfinite(total).all())
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged_adapters or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            result = self.adapter_output(name, x, result)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads attributes of the layer it thinks it has (weight, in_features, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and trains a full copy per adapter (peft's modules_to_save)."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        copied = copy.deepcopy(self.original_module)
+        for param in copied.parameters():
+            param.requires_grad_(False)
+        self.modules_to_save[name] = copied
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, names: Sequence[str]) -> None:
+        chosen = [n for n in names if n in self.modules_to_save]
+        if len(chosen) > 1:
+            warnings.warn(
+                f"modules_to_save supports one active adapter; using {chosen[0]!r}", stacklevel=2
+            )
+        self.active_adapter = chosen[0] if chosen else None
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.current(), name)

@@ -1,0 +1,265 @@
+"""The wrapped model: a transformers model with adapters injected, plus their lifecycle.
+
+`PeftcModel` holds the base model (adapter layers live inside it, wrapping base layers), any
+prompt encoders, and one Plan per named adapter. It adds, activates, disables, merges, unloads
+and saves adapters; it behaves like the underlying model for forward and generate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from peftc.errors import ConfigError
+from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+from peftc.spec import check_adapter_name
+
+if TYPE_CHECKING:
+    from peftc.plan import Plan
+
+
+class PeftcModel(nn.Module):
+    def __init__(self, base_model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.prompt_encoders = nn.ModuleDict()
+        self.plans: dict[str, Plan] = {}
+        self.active_adapters: list[str] = []
+        self._disabled = False
+
+    # ---------------------------------------------------------------------------- running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        encoder = self._active_prompt_encoder()
+        if encoder is not None:
+            return encoder.forward_model(self.base_model, *args, **kwargs)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        encoder = self._active_prompt_encoder()
+        if encoder is not None:
+            return encoder.generate(self.base_model, *args, **kwargs)
+        return self.base_model.generate(*args, **kwargs)
+
+    def _active_prompt_encoder(self) -> nn.Module | None:
+        if self._disabled:
+            return None
+        for name in self.active_adapters:
+            if name in self.prompt_encoders:
+                return self.prompt_encoders[name]
+        return None
+
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    # --------------------------------------------------------------------------- structure
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield path, module
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield path, module
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.plans)
+
+    def plan_of(self, name: str) -> Plan:
+        if name not in self.plans:
+            raise ConfigError(
+                "adapter_name",
+                name,
+                "no such adapter",
+                f"adapters: {', '.join(self.plans) or 'none'}",
+            )
+        return self.plans[name]
+
+    # --------------------------------------------------------------------------- lifecycle
+    def add_adapter(self, name: str, plan: Plan, *, init: bool = True) -> None:
+        """Inject a planned adapter under `name` (not activated; see set_adapter)."""
+        from peftc.materializer import inject
+
+        check_adapter_name("adapter_name", name)
+        if name in self.plans:
+            raise ConfigError(
+                "adapter_name",
+                name,
+                "an adapter with this name already exists",
+                "pick another name or delete_adapter() it first",
+            )
+        inject(self, plan, name, init=init)
+        self.plans[name] = plan
+        self._refresh_trainable()
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Activate one or several adapters (the active ones train and run)."""
+        chosen = [names] if isinstance(names, str) else list(names)
+        for name in chosen:
+            self.plan_of(name)
+        self.active_adapters = chosen
+        for _, layer in self.adapter_layers():
+            layer.set_active(chosen)
+        for _, wrapper in self.saved_modules():
+            wrapper.set_active(chosen)
+        self._refresh_trainable()
+
+    def delete_adapter(self, name: str) -> None:
+        self.plan_of(name)
+        for path, layer in self.adapter_layers():
+            if name in layer.merged_adapters:
+                raise ConfigError(
+                    "adapter_name", name, f"is merged into {path}", "unmerge_adapter() first"
+                )
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(name)
+        for _, wrapper in self.saved_modules():
+            wrapper.delete_adapter(name)
+        if name in self.prompt_encoders:
+            del self.prompt_encoders[name]
+        del self.plans[name]
+        self.set_adapter([a for a in self.active_adapters if a != name])
+        self._remove_empty_layers()
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: adapters (merged ones unmerged), heads and prompts switched off."""
+        previous = self._disabled
+        self._set_disabled(True)
+        try:
+            yield
+        finally:
+            self._set_disabled(previous)
+
+    def _set_disabled(self, disabled: bool) -> None:
+        self._disabled = disabled
+        for _, layer in self.adapter_layers():
+            layer.disabled = disabled
+        for _, wrapper in self.saved_modules():
+            wrapper.disabled = disabled
+
+    def _refresh_trainable(self) -> None:
+        """Only the active adapters' parameters train; everything else stays frozen."""
+        active = set(self.active_adapters)
+        for _, layer in self.adapter_layers():
+            for name in layer.adapter_names:
+                for param in layer.adapter_parameters(name):
+                    param.requires_grad_(name in active)
+        for _, wrapper in self.saved_modules():
+            for name, module in wrapper.modules_to_save.items():
+                module.requires_grad_(name in active)
+        for name, encoder in self.prompt_encoders.items():
+            encoder.requires_grad_(name in active)
+        for name, plan in self.plans.items():
+            for param_name in plan.unfrozen:
+                self.base_model.get_parameter(param_name).requires_grad_(name in active)
+
+    # ----------------------------------------------------------------------------- merging
+    def merge_adapter(
+        self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False
+    ) -> None:
+        """Fold adapters into the base weights (kept, so unmerge_adapter can undo it).
+
+        With safe_merge, every merged weight is checked for NaN/Inf first; if any is not
+        finite nothing is merged and the base weights stay bit-identical.
+        """
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        layers = list(self.adapter_layers())
+        if layers and all(
+            all(n in layer.merged_adapters or n not in layer.adapter_names for n in names)
+            for _, layer in layers
+        ):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
+        if safe_merge:
+            for path, layer in layers:
+                if not layer.merge_is_finite(names):
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken (at {path})"
+                    )
+        for _, layer in layers:
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, *, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """The plain transformers model with the adapters folded in (adapters removed)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """The plain transformers model without any adapter (base weights as they were)."""
+        self.unmerge_adapter()
+        return self._unwrap()
+
+    def _unwrap(self) -> nn.Module:
+        for path, layer in list(self.adapter_layers()):
+            _replace_module(self.base_model, path, layer.base_layer)
+        for path, wrapper in list(self.saved_modules()):
+            _replace_module(
+                self.base_model,
+                path,
+                wrapper.current() if not wrapper.disabled else wrapper.original_module,
+            )
+        self.plans.clear()
+        self.active_adapters = []
+        self.prompt_encoders = nn.ModuleDict()
+        return self.base_model
+
+    def _remove_empty_layers(self) -> None:
+        for path, layer in list(self.adapter_layers()):
+            if not layer.adapter_names:
+                _replace_module(self.base_model, path, layer.base_layer)
+        for path, wrapper in list(self.saved_modules()):
+            if not len(wrapper.modules_to_save):
+                _replace_module(self.base_model, path, wrapper.original_module)
+
+    # ---------------------------------------------------------------------------- counting
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters(), self.total_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------------------- files
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under peft's saved names."""
+        from peftc.io import adapter_tensors
+
+        return adapter_tensors(self, name)
+
+    def save_adapter(
+        self, directory: str | Path, adapter_names: Sequence[str] | None = None
+    ) -> Path:
+        """Save adapters in peft's layout (default at the root, others in subfolders)."""
+        from peftc.io import save_adapters
+
+        return save_adapters(
+            self,
+            Path(directory),
+            list(adapter_names) if adapter_names is not None else self.adapter_names,
+        )
+
+
+def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, new)

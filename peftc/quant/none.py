@@ -1,0 +1,20 @@
+"""No quantization: the frozen base keeps model.dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftc.quant import register
+from peftc.quant.base import QuantBackend
+from peftc.spec import SpecNode
+
+
+@dataclass
+class NoQuantSpec(SpecNode):
+    """No fields: the base is stored as model.dtype."""
+
+
+@register
+class NoQuant(QuantBackend):
+    name = "none"
+    schema = NoQuantSpec

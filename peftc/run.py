@@ -1,0 +1,81 @@
+"""One job: spec -> plan -> (dry run | materialize, train, save). The CLI and sweeps call this."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from peftc import planner
+from peftc.plan import Plan
+from peftc.render import print_plan
+from peftc.spec import RunSpec
+
+PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.json"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+
+
+def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
+    """Run one job; returns a summary row (plan facts, final metrics, wall time)."""
+    started = time.perf_counter()
+    plan = planner.plan(run)
+    print_plan(plan)
+    summary: dict[str, Any] = {
+        "fingerprint": plan.fingerprint,
+        "trainable_params": plan.trainable_params,
+        "total_params": plan.total_params,
+    }
+    if run.dry_run:
+        return {**summary, "status": "planned"}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
+    metrics = train(plan, output_dir)
+    summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
+    write_text_atomic(
+        output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    )
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
+    print(
+        f"done in {summary['wall_time_s']:.1f}s: {shown}\nadapter saved to {output_dir / ADAPTER_DIR}"
+    )
+    return summary
+
+
+def train(plan: Plan, output_dir: Path) -> dict[str, float]:
+    import lightning as L
+
+    from peftc.loading import load_tokenizer
+    from peftc.materializer import materialize
+    from peftc.training import fit
+
+    run = plan.spec
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    model = materialize(plan)
+    tokenizer = load_tokenizer(run.model)
+    metrics = fit(model, plan, output_dir, tokenizer)
+    model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
+    if run.save_merged:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(output_dir / MERGED_DIR)
+        tokenizer.save_pretrained(output_dir / MERGED_DIR)
+    return metrics
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never half."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,215 @@
+"""Training with Lightning: the LightningModule around a PeftcModel, and `fit`.
+
+The module optimizes only trainable parameters (AdamW), logs train/val metrics, adds the
+method's extra loss and callbacks, and keeps checkpoints small: only trainable tensors (and
+optimizer state) are written, never the frozen base.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from peftc import methods, tasks
+
+if TYPE_CHECKING:
+    from peftc.model import PeftcModel
+    from peftc.plan import Plan
+    from peftc.tasks.base import Task
+
+
+class PeftcLightningModule(L.LightningModule):
+    def __init__(self, model: PeftcModel, task: Task, plan: Plan) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.plan = plan
+        self.method = methods.get(plan.method)
+        self.strict_loading = False  # checkpoints hold trainable tensors only
+        self._totals: dict[str, float] = defaultdict(float)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.task.training_loss(self.model, batch)
+        extra = self.method.extra_loss(self.model, self.plan.adapter_name)
+        if extra is not None:
+            self.log("train_extra_loss", extra.detach(), on_step=True)
+            loss = loss + extra
+        self.log(
+            "train_loss",
+            loss.detach(),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=_batch_size(batch),
+        )
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._totals = defaultdict(float)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        for key, value in self.task.validation_stats(self.model, batch).items():
+            self._totals[key] += float(value)
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self._totals
+        if self.trainer.world_size > 1:
+            keys = sorted(totals)
+            stacked = torch.tensor(
+                [totals[k] for k in keys], dtype=torch.float64, device=self.device
+            )
+            stacked = self.all_gather(stacked).reshape(-1, len(keys)).sum(0) if keys else stacked
+            totals = dict(zip(keys, stacked.tolist()))
+        for key, value in self.task.metrics(totals).items():
+            self.log(key, value, prog_bar=True, rank_zero_only=True)
+
+    def configure_optimizers(self) -> Any:
+        spec = self.plan.spec.trainer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay
+        )
+        total = max(self.trainer.estimated_stepping_batches, 1)
+        schedule = lr_schedule(spec.scheduler, spec.warmup_steps, int(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        checkpoint["peftc_fingerprint"] = self.plan.adapter_fingerprint
+
+
+def lr_schedule(kind: str, warmup: int, total: int) -> Any:
+    """Multiplier of the peak learning rate at each optimizer step."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    first = next(iter(batch.values()))
+    return int(first.shape[0])
+
+
+def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Trainer:
+    spec = plan.spec.trainer
+    loggers: Any
+    if spec.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers = CSVLogger(save_dir=str(output_dir), name="logs", version="")
+    elif spec.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="")
+    else:
+        loggers = False
+    progress = spec.progress_bar if spec.progress_bar is not None else sys.stderr.isatty()
+    return L.Trainer(
+        accelerator=spec.accelerator,
+        devices=spec.devices,
+        strategy=spec.strategy,
+        num_nodes=spec.num_nodes,
+        precision=spec.precision,
+        max_steps=spec.max_steps,
+        max_epochs=spec.max_epochs if spec.max_epochs is not None else -1,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=spec.log_every_n_steps,
+        gradient_clip_val=spec.gradient_clip_val,
+        accumulate_grad_batches=spec.accumulate_grad_batches,
+        val_check_interval=spec.val_check_interval,
+        check_val_every_n_epoch=None if isinstance(spec.val_check_interval, int) else 1,
+        limit_val_batches=spec.limit_val_batches,
+        num_sanity_val_steps=0,
+        deterministic=spec.deterministic,
+        default_root_dir=str(output_dir),
+    )
+
+
+def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | None]:
+    run = plan.spec
+    task = tasks.get(plan.task)
+    train, val = task.datasets(run, tokenizer)
+
+    def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
+        return task.collate(examples, tokenizer)
+
+    generator = torch.Generator().manual_seed(run.seed)
+    train_loader = DataLoader(
+        train,
+        batch_size=run.data.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=run.data.num_workers,
+        generator=generator,
+    )
+    val_loader = (
+        DataLoader(
+            val,
+            batch_size=run.data.eval_batch_size or run.data.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=run.data.num_workers,
+        )
+        if len(val)
+        else None
+    )
+    return train_loader, val_loader
+
+
+def quiet_lightning() -> None:
+    """Keep the terminal for the plan, the progress bar and the metrics: drop Lightning's
+    banner lines (accelerator report, cloud-logging tips) and a deprecation it raises itself."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").propagate = False
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def fit(model: PeftcModel, plan: Plan, output_dir: Path, tokenizer: Any) -> dict[str, float]:
+    """Train the plan's adapter; returns the final train and validation metrics."""
+    quiet_lightning()
+    model.train()
+    task = tasks.get(plan.task)
+    module = PeftcLightningModule(model, task, plan)
+    callbacks = methods.get(plan.method).callbacks(model, plan)
+    trainer = build_trainer(plan, output_dir, callbacks)
+    train_loader, val_loader = dataloaders(plan, tokenizer)
+    trainer.fit(module, train_loader, val_loader)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if val_loader is not None:
+        for result in trainer.validate(module, val_loader, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    metrics["steps"] = float(trainer.global_step)
+    model.eval()
+    return metrics
