@@ -80,9 +80,7 @@ def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
     plan = model.plan_of(name)
     if plan.prompt is not None:
-        prompt_keys = {
-            k: tensors[k] for k in io.saved_layout(plan) if not k.startswith(io.MODEL_PREFIX)
-        }
+        prompt_keys = {k: tensors[k] for k in io.saved_layout(plan) if not k.startswith(io.MODEL_PREFIX)}
         methods.get(plan.method).load_prompt_tensors(model.prompt_encoders[name], prompt_keys)
 
 
@@ -123,9 +121,7 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
     saved = (io.read_plan(directory) or {}).get("spec", {})
     try:
         model = ModelSpec(**saved["model"]) if isinstance(saved.get("model"), dict) else None
-        task_spec = (
-            task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
-        )
+        task_spec = task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
     except TypeError as exc:
         raise AdapterFileError(
             str(directory / io.PLAN_NAME),
@@ -134,9 +130,7 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
     return model, task_spec
 
 
-def _base_for(
-    directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any
-) -> nn.Module:
+def _base_for(directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any) -> nn.Module:
     from peftc import loading
 
     if spec is None:

@@ -35,9 +35,7 @@ def compose_error(exc: BaseException) -> ConfigError:
         )
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf_error(cause, str(exc))
-    return ConfigError(
-        "config", None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    )
+    return ConfigError("config", None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
 def _omegaconf_error(cause: OmegaConfBaseException, outer: str) -> ConfigError:
@@ -53,9 +51,7 @@ def _omegaconf_error(cause: OmegaConfBaseException, outer: str) -> ConfigError:
     message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         name = getattr(cause, "key", None) or key.rsplit(".", 1)[-1]
-        return unknown_key_error(
-            key, str(name), schema if dataclasses.is_dataclass(schema) else None
-        )
+        return unknown_key_error(key, str(name), schema if dataclasses.is_dataclass(schema) else None)
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(key, None, "is required but has no value", f"set {key}=<value>")
     if isinstance(cause, ValidationError):
@@ -85,9 +81,7 @@ def _missing_option_error(exc: Any) -> ConfigError:
     group, option = match.group(1), match.group(2)
     hint = did_you_mean(option, options)
     allowed = "available: " + ", ".join(options) if options else None
-    return ConfigError(
-        group, option, f"no such {group} option", "; ".join(x for x in (hint, allowed) if x)
-    )
+    return ConfigError(group, option, f"no such {group} option", "; ".join(x for x in (hint, allowed) if x))
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -43,10 +43,10 @@ def load_splits(
         val = [r for r in rows if r.get("split") == "validation"]
     else:
         path = Path(str(spec.path)).expanduser()
-        rows = list(_select(_read(path, spec.source), fields, spec.columns, str(path)))
+        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path)))
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
-            val = list(_select(_read(val_file, spec.source), fields, spec.columns, str(val_file)))
+            val = list(_select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file)))
             train = rows
         else:
             train, val = _split(rows, spec.val_fraction, seed, str(path))
@@ -55,9 +55,7 @@ def load_splits(
     return train, val
 
 
-def _split(
-    rows: list[dict[str, Any]], fraction: float, seed: int, source: str
-) -> tuple[list, list]:
+def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) -> tuple[list, list]:
     if fraction <= 0:
         return rows, []
     order = list(range(len(rows)))
@@ -70,16 +68,12 @@ def _split(
             "add rows, lower data.val_fraction, or give data.val_path",
         )
     held = set(order[:n_val])
-    return [r for i, r in enumerate(rows) if i not in held], [
-        r for i, r in enumerate(rows) if i in held
-    ]
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise ConfigError(
-            "data.path", str(path), "no such file", "give an existing JSONL or CSV file"
-        )
+        raise ConfigError("data.path", str(path), "no such file", "give an existing JSONL or CSV file")
     rows: list[dict[str, Any]] = []
     with path.open(newline="", encoding="utf-8") as fh:
         if fmt == "csv":
@@ -100,14 +94,10 @@ def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
                         "each line must be one JSON object",
                     ) from exc
                 if not isinstance(row, dict):
-                    raise DataError(
-                        f"{path}:{number}", f"expected a JSON object, got {type(row).__name__}"
-                    )
+                    raise DataError(f"{path}:{number}", f"expected a JSON object, got {type(row).__name__}")
                 rows.append(row)
     if not rows:
-        raise DataError(
-            str(path), "the file has no rows", "add examples or point data.path at another file"
-        )
+        raise DataError(str(path), "the file has no rows", "add examples or point data.path at another file")
     return rows
 
 

@@ -52,7 +52,13 @@ def format_problem(key: str, value: object, problem: str, hint: str | None) -> s
 
 def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
     """A 'did you mean ...?' phrase for the closest candidates, or None when nothing is close."""
-    matches = difflib.get_close_matches(str(word), sorted(set(candidates)), n=n, cutoff=0.6)
-    if not matches:
+    word = str(word)
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in set(candidates)), key=lambda sc: (-sc[0], sc[1])
+    )
+    scored = [(score, c) for score, c in scored if score >= 0.6]
+    if not scored:
         return None
+    # Only the clearly best names: 'q_prj' suggests q_proj, not also v_proj and o_proj.
+    matches = [c for score, c in scored[:n] if score >= scored[0][0] - 0.1]
     return "did you mean " + " or ".join(repr(m) for m in matches) + "?"

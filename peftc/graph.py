@@ -122,9 +122,7 @@ def module_kind(module: nn.Module) -> str:
     return "container" if any(True for _ in module.children()) else "other"
 
 
-def _shapes(
-    module: nn.Module, kind: str
-) -> tuple[int | None, int | None, tuple[tuple[str, Any], ...]]:
+def _shapes(module: nn.Module, kind: str) -> tuple[int | None, int | None, tuple[tuple[str, Any], ...]]:
     if kind == "linear":
         return module.in_features, module.out_features, ()
     if kind == "conv1d_hf":
@@ -206,9 +204,7 @@ def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         yield path, module
-        children = [
-            (f"{path}.{name}" if path else name, child) for name, child in module.named_children()
-        ]
+        children = [(f"{path}.{name}" if path else name, child) for name, child in module.named_children()]
         stack.extend(reversed(children))
 
 
@@ -272,9 +268,7 @@ def facts_of(config: Any) -> ModelFacts:
     )
 
 
-def meta_graph(
-    model: ModelSpec, auto_class_name: str, extra_config: dict[str, Any] | None = None
-) -> ModelGraph:
+def meta_graph(model: ModelSpec, auto_class_name: str, extra_config: dict[str, Any] | None = None) -> ModelGraph:
     """The graph of a model spec, built on the meta device; cached per (config, head class)."""
     import torch
 
@@ -284,9 +278,7 @@ def meta_graph(
     key = (auto_class_name, json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key not in _META_GRAPHS:
         with torch.device("meta"):
-            meta = auto_class(auto_class_name).from_config(
-                config, dtype=getattr(torch, model.dtype)
-            )
+            meta = auto_class(auto_class_name).from_config(config, dtype=getattr(torch, model.dtype))
         if len(_META_GRAPHS) >= 32:
             _META_GRAPHS.pop(next(iter(_META_GRAPHS)))
         _META_GRAPHS[key] = graph_of(meta)

@@ -46,11 +46,14 @@ ADAPTER_DTYPE = "float32"
 def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor the adapter file will hold: saved name -> (shape, dtype)."""
     from peftc import methods
+    from peftc.methods.base import base_weight_shape
 
     layout: dict[str, tuple[tuple[int, ...], str]] = {}
     for site in plan.sites:
         for suffix, shape in site.tensors.items():
             layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
+        if site.options.get("save_base_weight"):
+            layout[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = (base_weight_shape(site), plan.model.dtype)
     for module in plan.modules_to_save:
         for name, shape in module.tensors.items():
             layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
@@ -161,9 +164,7 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterFileError(str(path), "must hold a JSON object")
     if "peft_type" not in config:
-        raise AdapterFileError(
-            str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter"
-        )
+        raise AdapterFileError(str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter")
     return config
 
 
@@ -242,6 +243,8 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
         layer = base.get_submodule(site.path)
         for suffix, tensor in layer.adapter_tensors(name).items():
             tensors[f"{MODEL_PREFIX}{site.path}.{suffix}"] = tensor
+        if site.options.get("save_base_weight"):
+            tensors[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = layer.base_layer.weight
     for module in plan.modules_to_save:
         wrapper = base.get_submodule(module.path)
         for pname, tensor in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():

@@ -42,9 +42,7 @@ def hf_config(model: ModelSpec, extra: dict[str, Any] | None = None) -> Pretrain
                 _model_type_hint(model.model_type),
             ) from exc
     else:
-        config = AutoConfig.from_pretrained(
-            _resolve_source(model), revision=model.revision, trust_remote_code=False
-        )
+        config = AutoConfig.from_pretrained(_resolve_source(model), revision=model.revision, trust_remote_code=False)
         for key, value in overrides.items():
             setattr(config, key, value)
     return config
@@ -56,8 +54,7 @@ def _model_type_hint(model_type: str | None) -> str:
     from peftc.errors import did_you_mean
 
     return (
-        did_you_mean(str(model_type), list(CONFIG_MAPPING.keys()))
-        or "see transformers' CONFIG_MAPPING for valid names"
+        did_you_mean(str(model_type), list(CONFIG_MAPPING.keys())) or "see transformers' CONFIG_MAPPING for valid names"
     )
 
 
@@ -121,8 +118,8 @@ def build_model(
     if model.is_config_built:
         with _seeded(model.init_seed):
             built = cls.from_config(config, dtype=dtype)
-        built.config._name_or_path = model.name
-        built.name_or_path = model.name
+        built.config._name_or_path = model.label
+        built.name_or_path = model.label
         return built.to(device).eval()
     try:
         loaded = cls.from_pretrained(

@@ -93,11 +93,7 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
                 wrapper = ModulesToSaveWrapper(current)
                 wrapper.add_adapter(name)
                 new_wrappers[saved.path] = wrapper
-        encoder = (
-            method.create_prompt_encoder(plan.prompt, plan.spec.peft, base)
-            if plan.prompt is not None
-            else None
-        )
+        encoder = method.create_prompt_encoder(plan.prompt, plan.spec.peft, base) if plan.prompt is not None else None
     except BaseException:
         for layer in extended:
             layer.delete_adapter(name)

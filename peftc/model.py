@@ -116,9 +116,7 @@ class PeftcModel(nn.Module):
         self.plan_of(name)
         for path, layer in self.adapter_layers():
             if name in layer.merged_adapters:
-                raise ConfigError(
-                    "adapter_name", name, f"is merged into {path}", "unmerge_adapter() first"
-                )
+                raise ConfigError("adapter_name", name, f"is merged into {path}", "unmerge_adapter() first")
         for _, layer in self.adapter_layers():
             layer.delete_adapter(name)
         for _, wrapper in self.saved_modules():
@@ -163,9 +161,7 @@ class PeftcModel(nn.Module):
                 self.base_model.get_parameter(param_name).requires_grad_(name in active)
 
     # ----------------------------------------------------------------------------- merging
-    def merge_adapter(
-        self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False
-    ) -> None:
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (kept, so unmerge_adapter can undo it).
 
         With safe_merge, every merged weight is checked for NaN/Inf first; if any is not
@@ -174,8 +170,7 @@ class PeftcModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         layers = list(self.adapter_layers())
         if layers and all(
-            all(n in layer.merged_adapters or n not in layer.adapter_names for n in names)
-            for _, layer in layers
+            all(n in layer.merged_adapters or n not in layer.adapter_names for n in names) for _, layer in layers
         ):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
@@ -192,9 +187,7 @@ class PeftcModel(nn.Module):
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
-    def merge_and_unload(
-        self, *, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
-    ) -> nn.Module:
+    def merge_and_unload(self, *, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """The plain transformers model with the adapters folded in (adapters removed)."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unwrap()
@@ -246,9 +239,7 @@ class PeftcModel(nn.Module):
 
         return adapter_tensors(self, name)
 
-    def save_adapter(
-        self, directory: str | Path, adapter_names: Sequence[str] | None = None
-    ) -> Path:
+    def save_adapter(self, directory: str | Path, adapter_names: Sequence[str] | None = None) -> Path:
         """Save adapters in peft's layout (default at the root, others in subfolders)."""
         from peftc.io import save_adapters
 

@@ -106,13 +106,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return (
-            self.base_weights
-            + self.adapter_weights
-            + self.gradients
-            + self.optimizer_state
-            + self.activations
-        )
+        return self.base_weights + self.adapter_weights + self.gradients + self.optimizer_state + self.activations
 
 
 @dataclass(frozen=True)
@@ -126,9 +120,7 @@ class Plan:
     sites: tuple[Site, ...]
     prompt: PromptPlan | None
     modules_to_save: tuple[SavedModule, ...]
-    unfrozen: dict[
-        str, tuple[int, ...]
-    ]  # base parameters made trainable (e.g. biases with bias='all')
+    unfrozen: dict[str, tuple[int, ...]]  # base parameters made trainable (e.g. biases with bias='all')
     trainable_params: int
     total_params: int
     adapter_bytes: int
@@ -150,9 +142,7 @@ class Plan:
     # ----------------------------------------------------------------------------------- data
     def to_dict(self) -> dict[str, Any]:
         data = {"format": PLAN_FORMAT}
-        data.update(
-            {k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()}
-        )
+        data.update({k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()})
         data["trainable_percent"] = round(self.trainable_percent, 6)
         data["memory"]["total"] = self.memory.total
         data["fingerprint"] = self.fingerprint

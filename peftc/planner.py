@@ -31,9 +31,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     backend.check_available()
     if graph is None:
         graph = meta_graph(run.model, task.auto_class_name, task.config_overrides(run.task))
-    compat.check(
-        compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph)
-    )
+    compat.check(compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph))
     method.check_run(run.peft, run, graph)
 
     saved = _modules_to_save(method, task, run, graph)
@@ -62,7 +60,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         task=task.name,
         task_type=task.task_type,
         model=ModelRef(
-            run.model.name,
+            run.model.label,
             run.model.name_or_path,
             graph.model_type,
             graph.model_class,
@@ -103,9 +101,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return numel(shape)
 
 
-def _modules_to_save(
-    method: Method, task: Task, run: RunSpec, graph: ModelGraph
-) -> list[SavedModule]:
+def _modules_to_save(method: Method, task: Task, run: RunSpec, graph: ModelGraph) -> list[SavedModule]:
     """The task's head (peft keeps classifier/score/qa_outputs trainable) plus the user's list."""
     chosen: dict[str, str] = {}
     for name in task.head_modules:
@@ -113,9 +109,7 @@ def _modules_to_save(
         if module is not None:
             chosen[module.path] = f"{task.name} head"
     for entry in method.modules_to_save(run.peft):
-        matches = [
-            m for m in graph.modules if m.path and (m.path == entry or m.path.endswith("." + entry))
-        ]
+        matches = [m for m in graph.modules if m.path and (m.path == entry or m.path.endswith("." + entry))]
         if not matches:
             hint = did_you_mean(entry, graph.leaf_names() | {m.path for m in graph.modules})
             raise PlanError(

@@ -38,9 +38,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
     if plan.quant != "none":
         out.append(f"base quantization: {plan.quant}")
     if plan.sites:
-        table = Table(
-            title=f"{len(plan.sites)} adapted modules", title_justify="left", show_lines=False
-        )
+        table = Table(title=f"{len(plan.sites)} adapted modules", title_justify="left", show_lines=False)
         for column, justify in (
             ("module", "left"),
             ("kind", "left"),
@@ -85,9 +83,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
         )
         out.append(table)
     if plan.modules_to_save:
-        table = Table(
-            title="modules trained in full and saved (modules_to_save)", title_justify="left"
-        )
+        table = Table(title="modules trained in full and saved (modules_to_save)", title_justify="left")
         for column in ("module", "class", "why", "params"):
             table.add_column(column)
         for m in plan.modules_to_save:
@@ -95,9 +91,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
         out.append(table)
     if plan.unfrozen:
         count = sum(_numel(s) for s in plan.unfrozen.values())
-        out.append(
-            f"base parameters made trainable: {len(plan.unfrozen)} tensors, {count:,} params"
-        )
+        out.append(f"base parameters made trainable: {len(plan.unfrozen)} tensors, {count:,} params")
     mem = plan.memory
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")
@@ -130,9 +124,7 @@ def render_plan(plan: Plan, width: int = 140) -> str:
     from rich.console import Console
 
     buffer = io.StringIO()
-    console = Console(
-        file=buffer, width=width, color_system=None, force_terminal=False, soft_wrap=False
-    )
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, soft_wrap=False)
     for item in plan_renderables(plan):
         console.print(item)
     return buffer.getvalue()

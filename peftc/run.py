@@ -34,13 +34,9 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
     metrics = train(plan, output_dir)
     summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
-    write_text_atomic(
-        output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    )
+    write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
-    print(
-        f"done in {summary['wall_time_s']:.1f}s: {shown}\nadapter saved to {output_dir / ADAPTER_DIR}"
-    )
+    print(f"done in {summary['wall_time_s']:.1f}s: {shown}\nadapter saved to {output_dir / ADAPTER_DIR}")
     return summary
 
 

@@ -52,11 +52,23 @@ def in_range(low: float, high: float, *, high_open: bool = True) -> Check:
         if v is None:
             return None
         ok = low <= v < high if high_open else low <= v <= high
-        return (
-            None
-            if ok and not math.isnan(v)
-            else f"must be in [{low}, {high}{')' if high_open else ']'}"
-        )
+        return None if ok and not math.isnan(v) else f"must be in [{low}, {high}{')' if high_open else ']'}"
+
+    return check
+
+
+def mapping_of(value_type: type | tuple[type, ...], description: str) -> Check:
+    """A {name: value} mapping. Mapping fields are typed Any with default None in schemas:
+    Hydra refuses new keys inside a typed dict (`key={a: 1}` fails in struct mode)."""
+
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, dict) or not all(
+            isinstance(k, str) and isinstance(x, value_type) and not isinstance(x, bool) for k, x in v.items()
+        ):
+            return f"must be a mapping of names to {description}"
+        return None
 
     return check
 
@@ -139,9 +151,9 @@ def schemas(group: str) -> dict[str, type]:
 
 @dataclass
 class ModelSpec(SpecNode):
-    name: str = param(
-        "model",
-        "Short name of the base model, shown in the plan and written to adapter_config.json when the model is built from a config.",
+    name: str | None = param(
+        None,
+        "Short name of the base model for the plan and for adapter_config.json; null: name_or_path.",
     )
     name_or_path: str | None = param(
         None,
@@ -154,12 +166,8 @@ class ModelSpec(SpecNode):
         {},
         "transformers config fields: the whole architecture of a config-built model, or overrides for a pretrained one.",
     )
-    init_seed: int = param(
-        0, "Seed of the random initialisation of a config-built model (same seed, same weights)."
-    )
-    dtype: str = param(
-        "float32", "Dtype of the frozen base weights.", one_of("float32", "bfloat16", "float16")
-    )
+    init_seed: int = param(0, "Seed of the random initialisation of a config-built model (same seed, same weights).")
+    dtype: str = param("float32", "Dtype of the frozen base weights.", one_of("float32", "bfloat16", "float16"))
     tokenizer: str | None = param(
         None,
         "Tokenizer directory or hub id; null means the model's own, or peftc's byte-level tokenizer for config-built models.",
@@ -186,6 +194,10 @@ class ModelSpec(SpecNode):
     def is_config_built(self) -> bool:
         return self.name_or_path is None
 
+    @property
+    def label(self) -> str:
+        return self.name or self.name_or_path or str(self.model_type)
+
 
 @dataclass
 class DataSpec(SpecNode):
@@ -199,9 +211,12 @@ class DataSpec(SpecNode):
     val_path: str | None = param(
         None, "Optional separate validation file; otherwise `val_fraction` of `path` is held out."
     )
-    columns: dict[str, str] = param(
-        {}, "Map from the task's field names (e.g. text, label) to the file's column names."
+    columns: Any = param(
+        None,
+        "Map from the task's field names (e.g. text, label) to the file's column names, e.g. {text: body}.",
+        mapping_of(str, "column names"),
     )
+
     val_fraction: float = param(
         0.1,
         "Share of a user file held out for validation (fixed, seeded split).",
@@ -213,19 +228,13 @@ class DataSpec(SpecNode):
         at_least(8),
     )
     batch_size: int = param(8, "Examples per training batch.", at_least(1))
-    eval_batch_size: int | None = param(
-        None, "Examples per validation batch; null = batch_size.", at_least(1)
-    )
+    eval_batch_size: int | None = param(None, "Examples per validation batch; null = batch_size.", at_least(1))
     num_workers: int = param(0, "DataLoader worker processes.", at_least(0))
-    limit_examples: int | None = param(
-        None, "Use only the first N training examples (quick runs).", at_least(1)
-    )
+    limit_examples: int | None = param(None, "Use only the first N training examples (quick runs).", at_least(1))
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.source == "builtin" and not self.name:
-            raise ConfigError(
-                f"{key}.name", self.name, "a built-in dataset needs a name", "e.g. data=causal_lm"
-            )
+            raise ConfigError(f"{key}.name", self.name, "a built-in dataset needs a name", "e.g. data=causal_lm")
         if self.source in ("jsonl", "csv") and not self.path:
             raise ConfigError(
                 f"{key}.path",
@@ -246,17 +255,13 @@ class TrainerSpec(SpecNode):
         "Lightning precision (32-true, bf16-mixed, 16-mixed, bf16-true).",
         one_of("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
     )
-    max_steps: int = param(
-        40, "Optimizer steps to train for (-1: bounded by max_epochs).", at_least(-1)
-    )
+    max_steps: int = param(40, "Optimizer steps to train for (-1: bounded by max_epochs).", at_least(-1))
     max_epochs: int | None = param(None, "Epoch limit (null: only max_steps counts).", at_least(1))
     lr: float = param(1e-3, "Peak learning rate of AdamW.", greater_than(0.0))
     weight_decay: float = param(0.0, "AdamW weight decay.", at_least(0.0))
     betas: list[float] = param([0.9, 0.999], "AdamW betas.")
     warmup_steps: int = param(0, "Linear warm-up steps.", at_least(0))
-    scheduler: str = param(
-        "constant", "Learning-rate schedule after warm-up.", one_of("constant", "linear", "cosine")
-    )
+    scheduler: str = param("constant", "Learning-rate schedule after warm-up.", one_of("constant", "linear", "cosine"))
     gradient_clip_val: float | None = param(
         None, "Clip the gradient norm to this value (null: no clipping).", greater_than(0.0)
     )
@@ -265,17 +270,11 @@ class TrainerSpec(SpecNode):
         None,
         "Validate every N steps (int) or fraction of an epoch (float); null: once per epoch and at the end.",
     )
-    limit_val_batches: Any = param(
-        None, "Validation batches per check (int) or fraction (float); null: all."
-    )
+    limit_val_batches: Any = param(None, "Validation batches per check (int) or fraction (float); null: all.")
     log_every_n_steps: int = param(5, "Log training metrics every N steps.", at_least(1))
     logger: str = param("csv", "Metrics logger.", one_of("csv", "tensorboard", "none"))
-    progress_bar: bool | None = param(
-        None, "Show a progress bar; null: only when stderr is a terminal."
-    )
-    deterministic: bool = param(
-        False, "Ask torch for deterministic algorithms (slower, reproducible)."
-    )
+    progress_bar: bool | None = param(None, "Show a progress bar; null: only when stderr is a terminal.")
+    deterministic: bool = param(False, "Ask torch for deterministic algorithms (slower, reproducible).")
     gradient_checkpointing: bool = param(False, "Recompute activations in backward to save memory.")
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
@@ -317,12 +316,8 @@ class RunSpec(SpecNode):
     output_dir: str | None = param(
         None, "Where the run writes adapter/, plan.json and metrics; null: Hydra's run directory."
     )
-    adapter_name: str = param(
-        "default", "Name of the adapter being trained (peft's default is 'default')."
-    )
-    save_merged: bool = param(
-        False, "Also write the merged model (adapter folded into the base) to merged/."
-    )
+    adapter_name: str = param("default", "Name of the adapter being trained (peft's default is 'default').")
+    save_merged: bool = param(False, "Also write the merged model (adapter folded into the base) to merged/.")
 
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = GROUPS
 
@@ -411,18 +406,17 @@ def reject_unknown_keys(cfg: Any, schema: type | None, key: str) -> None:
 
 
 def unknown_key_error(full_key: str, name: str, schema: type | None) -> ConfigError:
-    fields = (
-        [f.name for f in dataclasses.fields(schema)]
-        if schema and dataclasses.is_dataclass(schema)
-        else []
-    )
-    owner = schema.__name__ if schema else "this node"
-    hint = did_you_mean(name, fields)
     where = full_key.rsplit(".", 1)[0] if "." in full_key else "<root>"
-    listing = ", ".join(fields)
-    return ConfigError(
-        full_key, None, f"unknown key for {where} ({owner})", hint or f"known keys: {listing}"
-    )
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return ConfigError(
+            full_key,
+            None,
+            f"{where} has no entry {name!r}",
+            f"to add an entry to this mapping, write +{full_key}=<value>",
+        )
+    fields = [f.name for f in dataclasses.fields(schema)]
+    hint = did_you_mean(name, fields) or "known keys: " + ", ".join(fields)
+    return ConfigError(full_key, None, f"unknown key for {where} ({schema.__name__})", hint)
 
 
 def describe(schema: type) -> Iterator[tuple[str, Any, str]]:

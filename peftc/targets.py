@@ -49,9 +49,7 @@ def resolve_targets(
             )
     candidates = [m for m in graph.modules if m.path]
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        matched = [
-            m for m in candidates if m.kind in LINEAR_KINDS and m.path != graph.output_embedding
-        ]
+        matched = [m for m in candidates if m.kind in LINEAR_KINDS and m.path != graph.output_embedding]
         if not matched:
             raise PlanError(key, targets, f"{graph.model_class} has no Linear or Conv1D modules")
     elif isinstance(targets, str):
@@ -65,9 +63,7 @@ def resolve_targets(
             )
     else:
         matched = _list_matches(key, list(targets), candidates, graph, strict=strict)
-    if isinstance(targets, str) and (
-        request.layers_to_transform is not None or request.layers_pattern is not None
-    ):
+    if isinstance(targets, str) and (request.layers_to_transform is not None or request.layers_pattern is not None):
         raise ConfigError(
             "peft.layers_to_transform",
             request.layers_to_transform,
@@ -80,9 +76,7 @@ def resolve_targets(
         excluded = _excluded(request.exclude_modules, candidates, strict=strict)
         selected = [m for m in selected if m.path not in excluded]
     blocked = tuple(protected)
-    selected = [
-        m for m in selected if not any(m.path == p or m.path.startswith(p + ".") for p in blocked)
-    ]
+    selected = [m for m in selected if not any(m.path == p or m.path.startswith(p + ".") for p in blocked)]
     selected = _filter_layers(request, selected, candidates)
     if not selected:
         raise PlanError(
@@ -147,9 +141,7 @@ def _list_matches(
     return sorted(hits.values(), key=lambda m: order[m.path])
 
 
-def _check_kinds(
-    key: str, method: Method, matched: Sequence[ModuleInfo], graph: ModelGraph
-) -> None:
+def _check_kinds(key: str, method: Method, matched: Sequence[ModuleInfo], graph: ModelGraph) -> None:
     for module in matched:
         if module.kind not in method.supported_kinds:
             inner = [
@@ -159,9 +151,7 @@ def _check_kinds(
             ]
             hint = f"{method.name} adapts {_kinds(method)}"
             if inner:
-                hint += (
-                    f"; inside it: {', '.join(sorted(set(p.rsplit('.', 1)[-1] for p in inner)))}"
-                )
+                hint += f"; inside it: {', '.join(sorted(set(p.rsplit('.', 1)[-1] for p in inner)))}"
             raise PlanError(
                 key,
                 module.leaf_name,
@@ -178,9 +168,7 @@ def _excluded(exclude: object, candidates: Sequence[ModuleInfo], *, strict: bool
     for entry in exclude:  # type: ignore[union-attr]
         found = _entry_matches(entry, candidates)
         if not found and strict:
-            hint = did_you_mean(
-                entry, {m.leaf_name for m in candidates} | {m.path for m in candidates}
-            )
+            hint = did_you_mean(entry, {m.leaf_name for m in candidates} | {m.path for m in candidates})
             raise PlanError(key, entry, "matches no module, so it excludes nothing", hint)
         paths.update(m.path for m in found)
     return paths
@@ -228,11 +216,7 @@ def _kinds(method: Method) -> str:
 
 def _adaptable_names(method: Method, graph: ModelGraph) -> str:
     names = sorted(
-        {
-            m.leaf_name
-            for m in graph.modules
-            if m.kind in method.supported_kinds and m.path != graph.output_embedding
-        }
+        {m.leaf_name for m in graph.modules if m.kind in method.supported_kinds and m.path != graph.output_embedding}
     )
     return ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
 

@@ -67,9 +67,7 @@ class PeftcLightningModule(L.LightningModule):
         totals = self._totals
         if self.trainer.world_size > 1:
             keys = sorted(totals)
-            stacked = torch.tensor(
-                [totals[k] for k in keys], dtype=torch.float64, device=self.device
-            )
+            stacked = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
             stacked = self.all_gather(stacked).reshape(-1, len(keys)).sum(0) if keys else stacked
             totals = dict(zip(keys, stacked.tolist()))
         for key, value in self.task.metrics(totals).items():
@@ -78,9 +76,7 @@ class PeftcLightningModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         spec = self.plan.spec.trainer
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay
-        )
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
         total = max(self.trainer.estimated_stepping_batches, 1)
         schedule = lr_schedule(spec.scheduler, spec.warmup_steps, int(total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -91,9 +87,7 @@ class PeftcLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["peftc_fingerprint"] = self.plan.adapter_fingerprint
 
 

@@ -38,9 +38,7 @@ FRIENDS = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo"]
 
 
 def story(rng: random.Random) -> str:
-    animal, color, place, time, food, friend = (
-        rng.choice(x) for x in (ANIMALS, COLORS, PLACES, TIMES, FOODS, FRIENDS)
-    )
+    animal, color, place, time, food, friend = (rng.choice(x) for x in (ANIMALS, COLORS, PLACES, TIMES, FOODS, FRIENDS))
     count = rng.randint(2, 9)
     lines = [
         f"The {color} {animal} walked to {place} {time}.",

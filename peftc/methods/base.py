@@ -57,12 +57,8 @@ class Method:
         return TargetRequest(
             target_modules=getattr(spec, "target_modules", None),
             exclude_modules=getattr(spec, "exclude_modules", None),
-            layers_to_transform=tuple([layers] if isinstance(layers, int) else layers)
-            if layers is not None
-            else None,
-            layers_pattern=tuple([pattern] if isinstance(pattern, str) else pattern)
-            if pattern is not None
-            else None,
+            layers_to_transform=tuple([layers] if isinstance(layers, int) else layers) if layers is not None else None,
+            layers_pattern=tuple([pattern] if isinstance(pattern, str) else pattern) if pattern is not None else None,
         )
 
     def plan_site(self, spec: Any, module: ModuleInfo, graph: ModelGraph) -> Site:
@@ -71,9 +67,7 @@ class Method:
     def plan_prompt(self, spec: Any, graph: ModelGraph, task: Task) -> PromptPlan:
         raise NotImplementedError(f"{self.name} has no prompt encoder")
 
-    def plan_unfrozen(
-        self, spec: Any, graph: ModelGraph, sites: Sequence[Site]
-    ) -> dict[str, tuple[int, ...]]:
+    def plan_unfrozen(self, spec: Any, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         """Base parameters this method trains in place (e.g. biases); names are model paths."""
         return {}
 
@@ -93,9 +87,7 @@ class Method:
             )
         }
 
-    def create_prompt_encoder(
-        self, prompt: PromptPlan, spec: Any, base_model: nn.Module
-    ) -> nn.Module:
+    def create_prompt_encoder(self, prompt: PromptPlan, spec: Any, base_model: nn.Module) -> nn.Module:
         raise NotImplementedError(f"{self.name} has no prompt encoder")
 
     def prompt_tensors(self, encoder: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,6 +113,34 @@ class Method:
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> SpecNode:
         """Our schema from a peft adapter_config.json (fields we do not model are dropped)."""
         raise NotImplementedError
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def saves_embedding_weight(targets: Any, module: ModuleInfo, graph: ModelGraph) -> bool:
+    """peft's rule: when target_modules names embed_tokens/lm_head, the targeted input/output
+    embedding's base weight is saved with the adapter too (it may have been resized)."""
+    if module.path not in (graph.input_embedding, graph.output_embedding):
+        return False
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            return False
+        import re
+
+        return any(
+            re.fullmatch(targets, m.path)
+            for m in graph.modules
+            if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", m.path)
+        )
+    return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def base_weight_shape(site: Site) -> tuple[int, ...]:
+    """Shape of the wrapped layer's weight (Linear stores (out, in); Conv1D and Embedding (in, out))."""
+    if site.kind in ("embedding", "conv1d_hf"):
+        return (site.in_features, site.out_features)
+    return (site.out_features, site.in_features)
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,9 +334,7 @@ class ModulesToSaveWrapper(nn.Module):
     def set_active(self, names: Sequence[str]) -> None:
         chosen = [n for n in names if n in self.modules_to_save]
         if len(chosen) > 1:
-            warnings.warn(
-                f"modules_to_save supports one active adapter; using {chosen[0]!r}", stacklevel=2
-            )
+            warnings.warn(f"modules_to_save supports one active adapter; using {chosen[0]!r}", stacklevel=2)
         self.active_adapter = chosen[0] if chosen else None
 
     def current(self) -> nn.Module:

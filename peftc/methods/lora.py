@@ -20,10 +20,19 @@ from torch import nn
 from peftc.errors import ConfigError
 from peftc.graph import ModelGraph, ModuleInfo
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.plan import Plan, Site
-from peftc.spec import RunSpec, SpecNode, as_list, at_least, greater_than, in_range, param
+from peftc.spec import (
+    RunSpec,
+    SpecNode,
+    as_list,
+    at_least,
+    greater_than,
+    in_range,
+    mapping_of,
+    param,
+)
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -31,17 +40,13 @@ INIT_CHOICES = (True, False, "gaussian")
 @dataclass
 class LoraSpec(SpecNode):
     r: int = param(8, "Rank of the update B A.", at_least(1))
-    lora_alpha: float = param(
-        8, "Scale numerator: the update is multiplied by lora_alpha / r.", greater_than(0)
-    )
+    lora_alpha: float = param(8, "Scale numerator: the update is multiplied by lora_alpha / r.", greater_than(0))
     lora_dropout: float = param(0.0, "Dropout on the adapter's input.", in_range(0.0, 1.0))
     target_modules: Any = param(
         None,
         "Modules to adapt: a list of names or dotted suffixes, a full-match regex string, 'all-linear', or null for the model type's default.",
     )
-    exclude_modules: Any = param(
-        None, "Modules never adapted: list of names/suffixes or a regex string."
-    )
+    exclude_modules: Any = param(None, "Modules never adapted: list of names/suffixes or a regex string.")
     layers_to_transform: Any = param(None, "Only adapt these layer indices (int or list).")
     layers_pattern: Any = param(
         None,
@@ -52,13 +57,15 @@ class LoraSpec(SpecNode):
         True,
         "true: A Kaiming-uniform, B zero (no-op); 'gaussian': A ~ N(0, 1/r), B zero; false: both random (not a no-op).",
     )
-    rank_pattern: dict[str, int] = param(
-        {}, "Per-module rank overrides: {regex matched on the module path's end: rank}."
+    rank_pattern: Any = param(
+        None,
+        "Per-module rank overrides {regex matched at the end of the module path: rank}, e.g. {q_proj: 16}.",
+        mapping_of(int, "ranks"),
     )
-    alpha_pattern: dict[str, float] = param({}, "Per-module lora_alpha overrides: {regex: alpha}.")
-    modules_to_save: Any = param(
-        None, "Extra modules trained in full and saved whole (e.g. a new head)."
+    alpha_pattern: Any = param(
+        None, "Per-module lora_alpha overrides {regex: alpha}.", mapping_of((int, float), "alphas")
     )
+    modules_to_save: Any = param(None, "Extra modules trained in full and saved whole (e.g. a new head).")
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.init_lora_weights not in INIT_CHOICES:
@@ -68,25 +75,21 @@ class LoraSpec(SpecNode):
                 "is not a supported initialisation",
                 "use true, false or 'gaussian'",
             )
-        for pattern, rank in self.rank_pattern.items():
+        for pattern, rank in (self.rank_pattern or {}).items():
             if not isinstance(rank, int) or rank < 1:
-                raise ConfigError(
-                    f"{key}.rank_pattern.{pattern}", rank, "ranks must be integers >= 1"
-                )
-        for pattern, alpha in self.alpha_pattern.items():
+                raise ConfigError(f"{key}.rank_pattern.{pattern}", rank, "must be >= 1")
+        for pattern, alpha in (self.alpha_pattern or {}).items():
             if not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ConfigError(f"{key}.alpha_pattern.{pattern}", alpha, "alphas must be > 0")
         for name, patterns in (
-            ("rank_pattern", self.rank_pattern),
-            ("alpha_pattern", self.alpha_pattern),
+            ("rank_pattern", self.rank_pattern or {}),
+            ("alpha_pattern", self.alpha_pattern or {}),
         ):
             for pattern in patterns:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise ConfigError(
-                        f"{key}.{name}", pattern, f"is not a valid regex ({exc})"
-                    ) from exc
+                    raise ConfigError(f"{key}.{name}", pattern, f"is not a valid regex ({exc})") from exc
 
 
 def pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:
@@ -114,9 +117,7 @@ class LoraLayer(AdapterLayer):
         r = opts["r"]
         device = self.base_layer.weight.device
         self.scaling[name] = opts["scaling"]
-        self.lora_dropout[name] = (
-            nn.Dropout(opts["dropout"]) if opts["dropout"] > 0 else nn.Identity()
-        )
+        self.lora_dropout[name] = nn.Dropout(opts["dropout"]) if opts["dropout"] > 0 else nn.Identity()
         if self.kind == "embedding":
             a = nn.Parameter(torch.randn(r, site.in_features, device=device))
             b = nn.Parameter(torch.randn(site.out_features, r, device=device))
@@ -162,9 +163,7 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         scaling = self.scaling[name]
         if self.kind == "embedding":
-            return (
-                self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()
-            ).T * scaling
+            return (self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float()).T * scaling
         delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float() * scaling
         return delta.T if self.kind == "conv1d_hf" else delta
 
@@ -180,8 +179,8 @@ class Lora(Method):
     tensor_prefix = "lora_"
 
     def plan_site(self, spec: LoraSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
-        r = pattern_value(module.path, spec.rank_pattern, spec.r)
-        alpha = pattern_value(module.path, spec.alpha_pattern, spec.lora_alpha)
+        r = pattern_value(module.path, spec.rank_pattern or {}, spec.r)
+        alpha = pattern_value(module.path, spec.alpha_pattern or {}, spec.lora_alpha)
         scaling = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
         in_f, out_f = module.in_features, module.out_features
         if module.kind == "embedding":
@@ -195,11 +194,13 @@ class Lora(Method):
             "dropout": spec.lora_dropout,
             "init": spec.init_lora_weights,
         }
+        if saves_embedding_weight(spec.target_modules, module, graph):
+            options["save_base_weight"] = True
         return Site(module.path, module.kind, module.class_name, in_f, out_f, tensors, options)
 
     def peft_config(self, spec: LoraSpec, plan: Plan) -> dict[str, Any]:
-        rank_pattern = {p: v for p, v in spec.rank_pattern.items()}
-        alpha_pattern = {p: _number(v) for p, v in spec.alpha_pattern.items()}
+        rank_pattern = {p: v for p, v in (spec.rank_pattern or {}).items()}
+        alpha_pattern = {p: _number(v) for p, v in (spec.alpha_pattern or {}).items()}
         return {
             "r": spec.r,
             "lora_alpha": _number(spec.lora_alpha),
@@ -230,9 +231,7 @@ class Lora(Method):
         if unsupported:
             from peftc.errors import AdapterFileError
 
-            raise AdapterFileError(
-                "adapter_config.json", f"LoRA options not supported yet: {unsupported}"
-            )
+            raise AdapterFileError("adapter_config.json", f"LoRA options not supported yet: {unsupported}")
         init = config.get("init_lora_weights", True)
         return LoraSpec(
             r=int(config.get("r", 8)),

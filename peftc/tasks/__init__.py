@@ -17,7 +17,5 @@ def for_task_type(task_type: str | None, source: str = "adapter_config.json") ->
     task = REGISTRY.find(lambda t: t.task_type == task_type)
     if task is None:
         known = sorted(t.task_type for t in all_tasks().values())
-        raise AdapterFileError(
-            source, f"task_type {task_type!r} is not supported", "supported: " + ", ".join(known)
-        )
+        raise AdapterFileError(source, f"task_type {task_type!r} is not supported", "supported: " + ", ".join(known))
     return task

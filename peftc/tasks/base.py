@@ -21,12 +21,8 @@ class Task:
     task_type: ClassVar[str]  # peft's TaskType, e.g. "CAUSAL_LM"
     schema: ClassVar[type[SpecNode]]
     auto_class_name: ClassVar[str]  # transformers Auto class of the model with this task's head
-    head_modules: ClassVar[
-        tuple[str, ...]
-    ] = ()  # heads kept trainable (peft's modules_to_save defaults)
-    needs_encoder_decoder: ClassVar[bool | None] = (
-        None  # True: seq2seq only; False: decoder/encoder only
-    )
+    head_modules: ClassVar[tuple[str, ...]] = ()  # heads kept trainable (peft's modules_to_save defaults)
+    needs_encoder_decoder: ClassVar[bool | None] = None  # True: seq2seq only; False: decoder/encoder only
     primary_metric: ClassVar[str] = "val_loss"
 
     def config_overrides(self, spec: Any) -> dict[str, Any]:
@@ -36,17 +32,13 @@ class Task:
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
 
-    def collate(
-        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any
-    ) -> dict[str, torch.Tensor]:
+    def collate(self, examples: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def validation_stats(
-        self, model: Any, batch: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sums over the batch that `metrics` turns into numbers after the whole split is seen."""
         raise NotImplementedError
 

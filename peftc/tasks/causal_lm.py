@@ -48,9 +48,7 @@ class CausalLm(Task):
         if not rows:
             return []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        encoded = [
-            tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"] + eos for r in rows
-        ]
+        encoded = [tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"] + eos for r in rows]
         length = run.data.max_length
         if not run.task.packing:
             return [{"input_ids": ids[:length]} for ids in encoded]
@@ -64,9 +62,7 @@ class CausalLm(Task):
             )
         return [{"input_ids": block} for block in blocks]
 
-    def collate(
-        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any
-    ) -> dict[str, torch.Tensor]:
+    def collate(self, examples: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
         width = max(len(e["input_ids"]) for e in examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
@@ -81,9 +77,7 @@ class CausalLm(Task):
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
-    def validation_stats(
-        self, model: Any, batch: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss = model(**batch).loss
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         return {"loss_sum": loss.detach() * tokens, "tokens": tokens}

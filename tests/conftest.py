@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests never touch the network: hub lookups fail fast offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", message=r".*fan_in_fan_out.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama saved as a regular transformers directory (for model=hf)."""
+    import peftc
+    from tests.helpers import build_base
+
+    plan = peftc.compile(["model=tiny_llama"])
+    path = tmp_path_factory.mktemp("tiny_llama_hf")
+    build_base(plan).save_pretrained(path)
+    from peftc.loading import load_tokenizer
+
+    load_tokenizer(plan.spec.model).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def config_only_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: str) -> str:
+    """A model directory with config.json but no weights: anything that loads weights fails."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("config_only")
+    shutil.copy(os.path.join(tiny_llama_dir, "config.json"), path / "config.json")
+    return str(path)

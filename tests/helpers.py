@@ -1,0 +1,77 @@
+"""Test helpers: building bases for plans, the peft oracle, running the CLI."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc import loading, tasks
+from peftc.plan import Plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_base(plan: Plan) -> torch.nn.Module:
+    """The plan's base model with its seeded weights (what materialize would load)."""
+    task = tasks.get(plan.task)
+    return loading.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+
+
+def twin_bases(plan: Plan) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = build_base(plan)
+    return base, copy.deepcopy(base)
+
+
+def token_batch(vocab: int = 260, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (batch, length), generator=generator)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def run_cli(
+    args: Sequence[str], cwd: str | os.PathLike[str], timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "peftc", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+def peft_lora_config(plan: Plan, **extra: Any) -> Any:
+    """The peft LoraConfig equivalent to a LoRA plan."""
+    from peft import LoraConfig
+
+    spec = plan.spec.peft
+    targets = spec.target_modules
+    if isinstance(targets, tuple):
+        targets = list(targets)
+    return LoraConfig(
+        task_type=plan.task_type,
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=targets,
+        exclude_modules=spec.exclude_modules
+        if not isinstance(spec.exclude_modules, tuple)
+        else list(spec.exclude_modules),
+        use_rslora=spec.use_rslora,
+        init_lora_weights=spec.init_lora_weights,
+        rank_pattern=dict(spec.rank_pattern or {}),
+        alpha_pattern=dict(spec.alpha_pattern or {}),
+        layers_to_transform=list(spec.layers_to_transform)
+        if isinstance(spec.layers_to_transform, tuple)
+        else spec.layers_to_transform,
+        layers_pattern=spec.layers_pattern,
+        **extra,
+    )

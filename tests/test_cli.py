@@ -1,0 +1,74 @@
+"""The command line end to end, in subprocesses (slow: each starts Python, torch, Lightning)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import peftc
+from tests.helpers import build_base, max_diff, run_cli, token_batch
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run_trains_and_leaves_a_peft_adapter(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    result = run_cli(["peft=lora", "task=causal_lm", "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and metrics["val_loss"] > 0 and metrics["trainable_params"] == plan["trainable_params"]
+    ours = peftc.load_adapter(adapter)  # base rebuilt from the plan saved beside the adapter
+    compiled = peftc.compile(["trainer.max_steps=8"])
+    theirs = PeftModel.from_pretrained(build_base(compiled), adapter).eval()
+    x = token_batch()
+    assert max_diff(ours(input_ids=x).logits, theirs(input_ids=x).logits) <= 1e-5
+    with ours.disable_adapter():
+        assert max_diff(ours(input_ids=x).logits, theirs(input_ids=x).logits) > 1e-6, (
+            "training must have moved the adapter"
+        )
+
+
+def test_dry_run_prints_the_plan_and_loads_no_weights(tmp_path: Path, config_only_dir: str) -> None:
+    result = run_cli(
+        ["model=hf", f"model.name_or_path={config_only_dir}", "dry_run=true", f"hydra.run.dir={tmp_path}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.{0-1}.self_attn.q_proj" in result.stdout and "trainable params" in result.stdout
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_multirun_gives_each_job_its_own_adapter(tmp_path: Path) -> None:
+    result = run_cli(["-m", "peft.r=4,8", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ranks = sorted(
+        json.loads((tmp_path / job / "adapter" / "adapter_config.json").read_text())["r"] for job in ("0", "1")
+    )
+    assert ranks == [4, 8]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["peft.rr=8"], "error: peft.rr: unknown key for peft (LoraSpec); did you mean 'r'?"),
+        (["peft.r=0"], "error: peft.r=0: must be >= 1"),
+        (["peft.lora_dropout=1.5"], "error: peft.lora_dropout=1.5: must be in [0.0, 1.0)"),
+        (["peft.target_modules=[q_prj]"], "did you mean 'q_proj'?"),
+        (
+            ["model=hf", "model.name_or_path=/no/such/dir"],
+            "error: model.name_or_path='/no/such/dir': no such directory",
+        ),
+        (["-m", "peft.r=4,0"], "error: sweep job (peft.r=0): peft.r=0: must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_message_and_exit_status_2(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_cli([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "sweep").exists()

@@ -1,0 +1,65 @@
+"""Every shipped config composes and compiles; the plans of shipped configs match golden files.
+
+Update the golden files after an intended plan change with PEFTC_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc.compose import CONFIG_MODULE
+
+CONF = Path(peftc.__file__).parent / "conf"
+GOLDEN = Path(__file__).parent / "golden"
+GROUPS = ("peft", "task", "quant", "model", "data", "trainer")
+# Options that need a value no config can know (a user's path) get it here.
+NEEDS = {("model", "hf"): ["model.name_or_path={tiny_llama_dir}"]}
+
+
+def shipped_options() -> list[tuple[str, str]]:
+    return [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), shipped_options(), ids=lambda x: x)
+def test_every_shipped_option_compiles(group: str, option: str, tiny_llama_dir: str) -> None:
+    overrides = [f"{group}={option}"] + [
+        o.format(tiny_llama_dir=tiny_llama_dir) for o in NEEDS.get((group, option), [])
+    ]
+    if group == "data":
+        overrides.append(f"task={option}" if (CONF / "task" / f"{option}.yaml").exists() else "task=causal_lm")
+    plan = peftc.compile(overrides)
+    assert plan.trainable_params > 0
+
+
+def golden_cases() -> list[tuple[str, list[str]]]:
+    cases = [("default", [])]
+    cases += [
+        (f"{group}-{option}", [f"{group}={option}"])
+        for group, option in shipped_options()
+        if (group, option) not in NEEDS and group in ("peft", "model")
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "overrides"), golden_cases(), ids=lambda x: x if isinstance(x, str) else None)
+def test_plan_matches_golden(name: str, overrides: list[str]) -> None:
+    plan = peftc.compile(overrides).to_dict()
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("PEFTC_UPDATE_GOLDEN") == "1":
+        path.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    assert path.exists(), f"no golden plan for {name}: run the tests once with PEFTC_UPDATE_GOLDEN=1"
+    assert plan == json.loads(path.read_text()), (
+        f"plan of {name} changed; if intended, regenerate with PEFTC_UPDATE_GOLDEN=1"
+    )
+
+
+def test_config_module_is_importable_as_package_data() -> None:
+    import importlib
+
+    module = importlib.import_module(CONFIG_MODULE)
+    assert (Path(module.__file__).parent / "config.yaml").exists()

@@ -1,0 +1,67 @@
+"""The plan: deterministic data, fingerprints, exact counts and file sizes, readable output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import peftc
+from peftc import io
+
+
+def test_plan_json_is_deterministic_and_complete() -> None:
+    first, second = peftc.compile(["peft.r=4"]), peftc.compile(["peft.r=4"])
+    assert first.to_json() == second.to_json()
+    data = json.loads(first.to_json())
+    assert data["trainable_params"] == first.trainable_params == sum(s.params for s in first.sites)
+    assert data["sites"][0]["tensors"]["lora_A.weight"] == [4, 64]
+    assert data["fingerprint"] == first.fingerprint
+
+
+def test_fingerprint_tracks_what_is_trained() -> None:
+    base = peftc.compile([])
+    assert peftc.compile(["peft.r=4"]).fingerprint != base.fingerprint
+    assert peftc.compile(["trainer.lr=0.1"]).fingerprint != base.fingerprint
+    assert peftc.compile(["dry_run=true"]).fingerprint == base.fingerprint
+    assert peftc.compile(["output_dir=/tmp/elsewhere"]).fingerprint == base.fingerprint
+
+
+def test_adapter_fingerprint_ignores_training_settings_but_not_shapes() -> None:
+    base = peftc.compile([])
+    assert peftc.compile(["trainer.lr=0.1", "seed=3"]).adapter_fingerprint == base.adapter_fingerprint
+    assert peftc.compile(["peft.r=4"]).adapter_fingerprint != base.adapter_fingerprint
+
+
+def test_plan_counts_equal_materialized_counts() -> None:
+    for overrides in ([], ["peft.target_modules=all-linear", "peft.rank_pattern={o_proj: 2}"], ["model=tiny_gpt2"]):
+        plan = peftc.compile(overrides)
+        model = peftc.materialize(plan)
+        assert model.trainable_parameters() == plan.trainable_params
+        assert model.total_parameters() == plan.total_params
+        for site in plan.sites:
+            layer = model.base_model.get_submodule(site.path)
+            assert {k: tuple(v.shape) for k, v in layer.adapter_tensors("default").items()} == site.tensors
+
+
+def test_adapter_bytes_is_the_exact_file_size(tmp_path) -> None:
+    for overrides in (
+        [],
+        ["peft.target_modules=[embed_tokens,q_proj]"],
+        ["model=tiny_gpt2", "peft.target_modules=all-linear"],
+    ):
+        plan = peftc.compile(overrides)
+        peftc.materialize(plan).save_adapter(tmp_path / "a")
+        assert os.path.getsize(tmp_path / "a" / io.WEIGHTS_NAME) == plan.adapter_bytes
+
+
+def test_printed_plan_groups_layers_and_shows_totals() -> None:
+    text = str(peftc.compile(["peft.target_modules=all-linear"]))
+    assert "model.layers.{0-1}.self_attn.q_proj" in text
+    assert "model.layers.{0-1}.mlp.down_proj" in text
+    assert "trainable params" in text and "fingerprint" in text
+
+
+def test_planning_loads_no_weights(config_only_dir: str) -> None:
+    # The directory has config.json only: any attempt to read weights would fail.
+    plan = peftc.compile(["model=hf", f"model.name_or_path={config_only_dir}"])
+    assert plan.model.model_class == "LlamaForCausalLM" and plan.trainable_params == 3584

@@ -1,0 +1,141 @@
+"""Target resolution: peft's semantics (checked against peft itself), stricter on mistakes."""
+
+from __future__ import annotations
+
+import pytest
+
+import peftc
+from peftc.errors import ConfigError, PlanError
+from peftc.graph import layer_index
+from tests.helpers import build_base, peft_lora_config
+
+# (model, overrides) whose resolved sites must equal the modules peft injects into.
+PEFT_CASES = [
+    ("tiny_llama", []),
+    ("tiny_llama", ["peft.target_modules=all-linear"]),
+    ("tiny_llama", ["peft.target_modules=[q_proj,k_proj,down_proj]"]),
+    ("tiny_llama", ["peft.target_modules=[self_attn.q_proj,mlp.up_proj]"]),
+    ("tiny_llama", [r"peft.target_modules='.*\.(q|k)_proj'"]),
+    ("tiny_llama", ["peft.target_modules=all-linear", "peft.exclude_modules=[o_proj,gate_proj]"]),
+    (
+        "tiny_llama",
+        ["peft.target_modules=[q_proj,v_proj]", "peft.layers_to_transform=[1]", "peft.layers_pattern=layers"],
+    ),
+    ("tiny_llama", ["peft.target_modules=[q_proj,v_proj]", "peft.layers_to_transform=0"]),
+    ("tiny_llama", ["peft.target_modules=[embed_tokens,q_proj]"]),
+    ("tiny_gpt2", []),
+    ("tiny_gpt2", ["peft.target_modules=all-linear"]),
+    ("tiny_gpt2", ["peft.target_modules=[c_attn,mlp.c_proj]"]),
+]
+
+
+@pytest.mark.parametrize(("model", "overrides"), PEFT_CASES, ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_resolved_sites_equal_the_modules_peft_adapts(model: str, overrides: list[str]) -> None:
+    from peft import get_peft_model
+
+    plan = peftc.compile([f"model={model}", *overrides])
+    peft_model = get_peft_model(build_base(plan), peft_lora_config(plan))
+    prefix = "base_model.model."
+    adapted = sorted(
+        name[len(prefix) :]
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A")
+        and module.lora_A
+        or hasattr(module, "lora_embedding_A")
+        and module.lora_embedding_A
+    )
+    assert sorted(s.path for s in plan.sites) == adapted
+
+
+def test_all_linear_skips_the_output_head() -> None:
+    plan = peftc.compile(["peft.target_modules=all-linear"])
+    paths = {s.path for s in plan.sites}
+    assert "lm_head" not in paths
+    assert len(paths) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+
+
+def test_one_unmatched_list_entry_is_an_error_not_a_silent_skip() -> None:
+    # peft trains q_proj alone here and says nothing (peft#1959).
+    with pytest.raises(PlanError, match=r"no module named 'v_prj'.*did you mean 'v_proj'"):
+        peftc.compile(["peft.target_modules=[q_proj,v_prj]"])
+
+
+def test_a_container_module_is_refused_with_its_adaptable_children() -> None:
+    with pytest.raises(
+        PlanError,
+        match=r"matches model.layers.0.mlp \(LlamaMLP\), which lora cannot adapt.*down_proj, gate_proj, up_proj",
+    ):
+        peftc.compile(["peft.target_modules=[mlp]"])
+
+
+def test_regex_matching_nothing_is_an_error() -> None:
+    with pytest.raises(PlanError, match="the regex matches no module path"):
+        peftc.compile([r"peft.target_modules='.*\.query'"])
+
+
+def test_invalid_regex_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        peftc.compile([r"peft.target_modules='.*(q_proj'"])
+
+
+def test_exclude_entry_matching_nothing_is_an_error() -> None:
+    with pytest.raises(PlanError, match=r"peft.exclude_modules='o_prj': matches no module.*did you mean 'o_proj'"):
+        peftc.compile(["peft.target_modules=all-linear", "peft.exclude_modules=[o_prj]"])
+
+
+def test_layer_out_of_range_is_an_error() -> None:
+    with pytest.raises(
+        PlanError, match=r"peft.layers_to_transform=5: no such layer among the targeted modules \(layers 0-1\)"
+    ):
+        peftc.compile(["peft.target_modules=[q_proj]", "peft.layers_to_transform=[5]"])
+
+
+def test_layers_pattern_without_layer_indices_is_refused() -> None:
+    with pytest.raises(ConfigError, match="needs peft.layers_to_transform"):
+        peftc.compile(["peft.target_modules=[q_proj]", "peft.layers_pattern=layers"])
+
+
+def test_layers_with_a_regex_target_is_refused() -> None:
+    with pytest.raises(ConfigError, match="only works with a list of target_modules"):
+        peftc.compile(["peft.target_modules=all-linear", "peft.layers_to_transform=[0]"])
+
+
+def test_everything_excluded_is_an_error() -> None:
+    with pytest.raises(PlanError, match="no module is left to adapt"):
+        peftc.compile(["peft.target_modules=[q_proj]", "peft.exclude_modules=[q_proj]"])
+
+
+def test_unknown_model_type_without_targets_names_the_key() -> None:
+    from peftc.compose import compose
+    from peftc.planner import plan as make_plan
+    from peftc.spec import to_spec
+
+    run = to_spec(
+        compose(
+            [
+                "model.model_type=mamba",
+                "+model.config.state_size=4",
+            ]
+        )
+    )
+    with pytest.raises(
+        PlanError,
+        match=r"peft.target_modules: lora has no default target modules for model_type 'mamba'; set peft.target_modules=\[...\]; adaptable here:",
+    ):
+        make_plan(run)
+
+
+@pytest.mark.parametrize(
+    ("path", "pattern", "expected"),
+    [
+        ("model.layers.3.self_attn.q_proj", None, 3),
+        ("transformer.h.11.attn.c_attn", None, 11),
+        ("layers.2.mlp", None, 2),  # a bare ModuleList at the root (peft#3610)
+        ("model.layers.3.experts.7.w1", ("layers",), 3),  # the expert index is not the layer (peft#3016)
+        ("encoder.block.1.layer.0.SelfAttention.q", ("block",), 1),
+        ("lm_head", None, None),
+        ("model.layers.3.mlp", ("h",), None),
+    ],
+)
+def test_layer_index(path: str, pattern: tuple[str, ...] | None, expected: int | None) -> None:
+    assert layer_index(path, pattern) == expected
