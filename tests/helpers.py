@@ -41,7 +41,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_cli(
     args: Sequence[str], cwd: str | os.PathLike[str], timeout: int = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    # PYTHONPATH: run this checkout's peftc even when another copy is pip-installed.
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "peftc", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
