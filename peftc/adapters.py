@@ -45,20 +45,23 @@ def load_adapter(
     method = methods.for_peft_type(config["peft_type"], source)
     task = tasks.for_task_type(config.get("task_type"), source)
     saved_model, task_spec = _saved_specs(directory, task)
+    tensors = io.read_tensors(directory)
+    if saved_model is None:
+        task_spec = task.spec_from_saved(task_spec, tensors)  # e.g. a peft-saved head's label count
+    model_spec = None
     if base is None:
-        base = _base_for(directory, config, task, saved_model, task_spec)
+        base, model_spec = _base_for(directory, config, task, saved_model, task_spec)
     live = base.base_model if isinstance(base, PeftcModel) else base
     run = RunSpec(
         peft=method.spec_from_peft_config(config),
         task=task_spec,
         quant=_quant_spec(),
-        model=_model_spec(live, config),
+        model=model_spec or _model_spec(live, config),
         data=DataSpec(),
         trainer=TrainerSpec(),
         adapter_name=adapter_name,
     )
     plan = planner.plan(run, graph_of(live), strict_targets=False)
-    tensors = io.read_tensors(directory)
     _check_tensors(directory, plan, tensors)
     previous = list(base.active_adapters) if isinstance(base, PeftcModel) else []
     model = materialize(plan, base, adapter_name=adapter_name, init=False)
@@ -130,7 +133,10 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
     return model, task_spec
 
 
-def _base_for(directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any) -> nn.Module:
+def _base_for(
+    directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any
+) -> tuple[nn.Module, ModelSpec]:
+    """The base model the adapter names, built with the task's head, and the spec it came from."""
     from peftc import loading
 
     if spec is None:
@@ -142,7 +148,7 @@ def _base_for(directory: Path, config: dict[str, Any], task: Any, spec: ModelSpe
                 "pass the base model: peftc.load_adapter(base_model, directory)",
             )
         spec = ModelSpec(name=name, name_or_path=name, revision=config.get("revision"))
-    return loading.build_model(spec, task.auto_class_name, task.config_overrides(task_spec))
+    return loading.build_model(spec, task.auto_class_name, task.config_overrides(task_spec)), spec
 
 
 def _model_spec(model: nn.Module, config: dict[str, Any]) -> ModelSpec:

@@ -62,6 +62,17 @@ def _set(*names: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def _head_missing(ctx: Context) -> bool:
+    """The task has a head peft keeps trainable, but the model built for it has none of those
+    names (e.g. T5ForSequenceClassification's classification_head) and the user named none."""
+    from peftc import tasks
+
+    heads = tasks.get(ctx.task).head_modules
+    if not heads or any(ctx.graph.module(h) is not None for h in heads):
+        return False
+    return not getattr(ctx.run.peft, "modules_to_save", None)
+
+
 RULES: list[Rule] = [
     Rule(
         key="model",
@@ -71,7 +82,44 @@ RULES: list[Rule] = [
         needs_graph=True,
         when=lambda ctx: ctx.graph.facts.is_encoder_decoder,
     ),
+    Rule(
+        key="model",
+        reason="feature_extraction pools the outputs of an encoder or decoder stack; an encoder-decoder model has no single one",
+        suggestion="use an encoder such as model=minilm or model=tiny_bert",
+        task=_set("feature_extraction"),
+        needs_graph=True,
+        when=lambda ctx: ctx.graph.facts.is_encoder_decoder,
+    ),
+    Rule(
+        key="model",
+        reason="the task head of this model is not one peft keeps trainable (classifier, score, qa_outputs), so it would stay at its random initialisation",
+        suggestion="name the head in peft.modules_to_save, or use a model whose head is one of those",
+        task=_set("seq_cls", "token_cls", "question_ans"),
+        needs_graph=True,
+        when=_head_missing,
+    ),
 ]
+
+
+# Refusals found before any graph exists: transformers has no model class with this task's head
+# for the model type (e.g. AutoModelForSeq2SeqLM for a Llama). What to use instead, per head class:
+HEAD_SUGGESTIONS = {
+    "AutoModelForSeq2SeqLM": "task=seq2seq_lm needs an encoder-decoder model such as model=tiny_t5",
+    "AutoModelForCausalLM": "task=causal_lm needs a decoder model such as model=tiny_llama or model=tiny_gpt2",
+    "AutoModelForSequenceClassification": "use an encoder (model=tiny_bert, model=minilm) or a decoder (model=tiny_llama)",
+    "AutoModelForTokenClassification": "use an encoder such as model=tiny_bert or model=minilm",
+    "AutoModelForQuestionAnswering": "use an encoder such as model=tiny_bert or model=minilm",
+    "AutoModel": "use an encoder such as model=minilm or model=tiny_bert",
+}
+
+
+def unsupported_head(model_type: str, auto_class_name: str) -> ConfigError:
+    return ConfigError(
+        "model",
+        model_type,
+        f"transformers has no {auto_class_name} class for this model type (the task's head)",
+        HEAD_SUGGESTIONS.get(auto_class_name, "pick a model type that has this head"),
+    )
 
 
 def check(ctx: Context) -> None:

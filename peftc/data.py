@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from peftc.loading import ASSETS
 from peftc.spec import DataSpec
 
 BUILTIN_DIR = ASSETS / "data"
+RowCheck = Callable[[Mapping[str, Any]], "str | None"]  # returns the problem with a row, if any
 
 
 def builtin_names() -> list[str]:
@@ -25,9 +26,13 @@ def builtin_names() -> list[str]:
 
 
 def load_splits(
-    spec: DataSpec, fields: Sequence[str], seed: int = 0
+    spec: DataSpec, fields: Sequence[str], seed: int = 0, check: RowCheck | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, validation) rows carrying exactly `fields` (plus 'split' for built-ins)."""
+    """(train, validation) rows carrying exactly `fields` (plus 'split' for built-ins).
+
+    `check` is the task's row validation (e.g. a label outside the label set); its problem is
+    raised as a DataError naming the file and the row.
+    """
     if spec.source == "builtin":
         path = BUILTIN_DIR / f"{spec.name}.jsonl"
         if not path.is_file():
@@ -38,15 +43,15 @@ def load_splits(
                 "no such built-in dataset",
                 did_you_mean(str(spec.name), names) or "available: " + ", ".join(names),
             )
-        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path)))
+        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check))
         train = [r for r in rows if r.get("split", "train") == "train"]
         val = [r for r in rows if r.get("split") == "validation"]
     else:
         path = Path(str(spec.path)).expanduser()
-        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path)))
+        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check))
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
-            val = list(_select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file)))
+            val = list(_select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check))
             train = rows
         else:
             train, val = _split(rows, spec.val_fraction, seed, str(path))
@@ -71,9 +76,9 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) 
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
+def _read(path: Path, fmt: str, key: str = "data.path") -> list[dict[str, Any]]:
     if not path.is_file():
-        raise ConfigError("data.path", str(path), "no such file", "give an existing JSONL or CSV file")
+        raise ConfigError(key, str(path), "no such file", "give an existing JSONL or CSV file")
     rows: list[dict[str, Any]] = []
     with path.open(newline="", encoding="utf-8") as fh:
         if fmt == "csv":
@@ -101,8 +106,34 @@ def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
     return rows
 
 
+def read_inputs(
+    path: str | Path, fields: Sequence[str], columns: Mapping[str, str] | None = None, check: RowCheck | None = None
+) -> list[dict[str, Any]]:
+    """Rows to predict on from a file: .jsonl/.csv with the task's input fields (after the
+    data.columns mapping), or .txt with one value of the first input field per line."""
+    path = Path(path).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise ConfigError("input_file", str(path), "no such file", "give an existing .txt, .jsonl or .csv file")
+        lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+        if not lines:
+            raise DataError(str(path), "the file has no rows", "write one input per line")
+        if len(fields) != 1:
+            raise DataError(
+                str(path), f"a .txt file gives one field per line but this task needs {', '.join(fields)}", "use .jsonl"
+            )
+        rows = [{fields[0]: line} for line in lines]
+        return list(_select(rows, fields, {}, str(path), check))
+    fmt = "csv" if path.suffix == ".csv" else "jsonl"
+    return list(_select(_read(path, fmt, key="input_file"), fields, dict(columns or {}), str(path), check))
+
+
 def _select(
-    rows: list[dict[str, Any]], fields: Sequence[str], columns: dict[str, str], source: str
+    rows: list[dict[str, Any]],
+    fields: Sequence[str],
+    columns: Mapping[str, str],
+    source: str,
+    check: RowCheck | None = None,
 ) -> Iterator[dict[str, Any]]:
     unknown = set(columns) - set(fields)
     if unknown:
@@ -125,6 +156,9 @@ def _select(
                     f"set data.columns.{field}=<column>; {hint}",
                 )
             selected[field] = row[column]
+        problem = check(selected) if check is not None else None
+        if problem:
+            raise DataError(f"{source} row {number}", problem)
         if "split" in row:
             selected["split"] = row["split"]
         yield selected

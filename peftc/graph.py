@@ -272,13 +272,13 @@ def meta_graph(model: ModelSpec, auto_class_name: str, extra_config: dict[str, A
     """The graph of a model spec, built on the meta device; cached per (config, head class)."""
     import torch
 
-    from peftc.loading import auto_class, hf_config
+    from peftc.loading import head_class, hf_config
 
     config = hf_config(model, extra_config)
     key = (auto_class_name, json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key not in _META_GRAPHS:
         with torch.device("meta"):
-            meta = auto_class(auto_class_name).from_config(config, dtype=getattr(torch, model.dtype))
+            meta = head_class(auto_class_name, config).from_config(config, dtype=getattr(torch, model.dtype))
         if len(_META_GRAPHS) >= 32:
             _META_GRAPHS.pop(next(iter(_META_GRAPHS)))
         _META_GRAPHS[key] = graph_of(meta)

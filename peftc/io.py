@@ -223,13 +223,23 @@ def adapter_config(plan: Plan) -> dict[str, Any]:
     config: dict[str, Any] = {
         "peft_type": plan.peft_type,
         "task_type": plan.task_type,
-        "base_model_name_or_path": plan.model.name_or_path or plan.model.name,
+        # A `pkg:` model is written as its directory so the peft package can load the base too.
+        "base_model_name_or_path": _portable_base(plan),
         "revision": plan.spec.model.revision,
         "inference_mode": True,
         "auto_mapping": None,
     }
     config.update(method.peft_config(plan.spec.peft, plan))
     return config
+
+
+def _portable_base(plan: Plan) -> str | None:
+    from peftc.loading import PACKAGE_SCHEME, package_directory
+
+    name = plan.model.name_or_path or plan.model.name
+    if name and name.startswith(PACKAGE_SCHEME):
+        return package_directory(name)
+    return name
 
 
 def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:

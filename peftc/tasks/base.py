@@ -2,6 +2,13 @@
 
 A task never knows which PEFT method is in use: it calls the wrapped model like a transformers
 model (prompt encoders and adapters do their work inside that call).
+
+Data flow: `datasets` reads rows carrying the task's `fields` (built-in dataset or the user's
+file, each row checked by `check_row`, whose problems name the file and row), `encode` turns
+rows into token lists, `collate` pads them into a batch. Training calls `training_loss`;
+validation sums `validation_stats` over every batch of the split and `metrics` turns the sums
+into numbers (so a metric is exact however the split is batched). `predict` runs the model on
+raw rows (only `input_fields` needed) and returns one JSON-ready dict per row.
 """
 
 from __future__ import annotations
@@ -24,15 +31,38 @@ class Task:
     head_modules: ClassVar[tuple[str, ...]] = ()  # heads kept trainable (peft's modules_to_save defaults)
     needs_encoder_decoder: ClassVar[bool | None] = None  # True: seq2seq only; False: decoder/encoder only
     primary_metric: ClassVar[str] = "val_loss"
+    fields: ClassVar[tuple[str, ...]] = ()  # what a data row carries (data.columns maps file columns to these)
+    input_fields: ClassVar[tuple[str, ...]] = ()  # what prediction needs (the rest are targets)
 
     def config_overrides(self, spec: Any) -> dict[str, Any]:
         """transformers config fields this task needs (e.g. num_labels for a classifier)."""
         return {}
 
+    def spec_from_saved(self, spec: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+        """The task spec that fits a saved adapter's tensors (e.g. a head's label count) when
+        no peftc plan was saved beside it (adapters the peft package wrote)."""
+        return spec
+
+    def check_row(self, row: Mapping[str, Any], spec: Any) -> str | None:
+        """What is wrong with one data row for this task (None: nothing)."""
+        return None
+
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
+        from peftc.data import load_splits
+
+        train_rows, val_rows = load_splits(
+            run.data, self.fields, seed=run.seed, check=lambda row: self.check_row(row, run.task)
+        )
+        return self.encode(train_rows, run, tokenizer), self.encode(val_rows, run, tokenizer)
+
+    def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
+        """Rows -> examples (token id lists and targets) ready for `collate`."""
         raise NotImplementedError
 
-    def collate(self, examples: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+    def collate(
+        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Pad examples into a batch: to the longest example, or to `pad_to` (data.padding=max_length)."""
         raise NotImplementedError
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -43,4 +73,8 @@ class Task:
         raise NotImplementedError
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
+        """One JSON-ready prediction per row (rows need only `input_fields`)."""
         raise NotImplementedError

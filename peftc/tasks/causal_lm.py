@@ -1,4 +1,5 @@
-"""Causal language modelling: next-token cross-entropy; metrics are loss and perplexity."""
+"""Causal language modelling: next-token cross-entropy; metrics are loss and perplexity
+exp(sum of token losses / predicted tokens). Prediction continues a prompt greedily."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import torch
 
 from peftc.data import load_splits
 from peftc.errors import DataError
-from peftc.spec import RunSpec, SpecNode, param
+from peftc.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
 from peftc.tasks.base import Task
-
-IGNORE_INDEX = -100
+from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
 
 
 @dataclass
@@ -24,6 +24,7 @@ class CausalLmSpec(SpecNode):
         True,
         "Concatenate documents (separated by EOS) and cut into blocks of data.max_length; false: one padded example per document.",
     )
+    max_new_tokens: int = param(32, "Tokens generated per prompt at prediction time (greedy).", at_least(1))
 
 
 @register
@@ -34,6 +35,8 @@ class CausalLm(Task):
     auto_class_name = "AutoModelForCausalLM"
     needs_encoder_decoder = False
     primary_metric = "val_perplexity"
+    fields = ("text",)
+    input_fields = ("text",)
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
         train_rows, val_rows = load_splits(run.data, ["text"], seed=run.seed)
@@ -51,7 +54,7 @@ class CausalLm(Task):
         encoded = [tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"] + eos for r in rows]
         length = run.data.max_length
         if not run.task.packing:
-            return [{"input_ids": ids[:length]} for ids in encoded]
+            return [{"input_ids": ids[:length] if run.data.truncation else ids} for ids in encoded]
         stream = [token for ids in encoded for token in ids]
         blocks = [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
         if not blocks:
@@ -62,15 +65,12 @@ class CausalLm(Task):
             )
         return [{"input_ids": block} for block in blocks]
 
-    def collate(self, examples: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            ids = torch.tensor(example["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            mask[row, : len(ids)] = 1
+    def collate(
+        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        ids = [e["input_ids"] for e in examples]
+        input_ids = pad(ids, pad_id(tokenizer), pad_to)
+        mask = pad([[1] * len(i) for i in ids], 0, pad_to)
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -87,3 +87,22 @@ class CausalLm(Task):
             return {}
         loss = totals["loss_sum"] / totals["tokens"]
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
+        out = []
+        for row in rows:  # one prompt at a time: no padding inside a decoder's context
+            ids = tokenizer(str(row["text"]), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id or 0]
+            batch = to_device(
+                {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, model
+            )
+            generated = model.generate(
+                **batch,
+                max_new_tokens=run.task.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id(tokenizer),
+            )
+            new_tokens = generated[0, len(ids) :]
+            out.append({"text": row["text"], "generated": tokenizer.decode(new_tokens, skip_special_tokens=True)})
+        return out

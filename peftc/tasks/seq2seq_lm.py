@@ -1,0 +1,89 @@
+"""Sequence-to-sequence language modelling (encoder-decoder models such as T5).
+
+Loss: cross-entropy of the target tokens given the source (teacher forcing; the model shifts
+the labels right to build decoder inputs). Metrics: target-token loss and perplexity
+exp(sum of token losses / target tokens). Prediction generates greedily from the source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftc.spec import RunSpec, SpecNode, at_least, param
+from peftc.tasks import register
+from peftc.tasks.base import Task
+from peftc.tasks.common import IGNORE_INDEX, batches, encoded_batch, pad, to_device, token_fields, tokenize
+
+
+@dataclass
+class Seq2SeqLmSpec(SpecNode):
+    max_target_length: int = param(64, "Target tokens per example after truncation.", at_least(1))
+    max_new_tokens: int = param(32, "Tokens generated per input at prediction time (greedy).", at_least(1))
+
+
+@register
+class Seq2SeqLm(Task):
+    name = "seq2seq_lm"
+    task_type = "SEQ_2_SEQ_LM"
+    schema = Seq2SeqLmSpec
+    auto_class_name = "AutoModelForSeq2SeqLM"
+    needs_encoder_decoder = True
+    primary_metric = "val_perplexity"
+    fields = ("source", "target")
+    input_fields = ("source",)
+
+    def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
+        examples = []
+        for row in rows:
+            example = token_fields(tokenize(tokenizer, row["source"], run))
+            example.pop("token_type_ids", None)
+            if "target" in row:
+                target = tokenizer(str(row["target"]), truncation=True, max_length=run.task.max_target_length)
+                example["labels"] = list(target["input_ids"])
+            examples.append(example)
+        return examples
+
+    def collate(
+        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        batch = encoded_batch(examples, tokenizer, pad_to)
+        if "labels" in examples[0]:
+            # contiguous: T5's loss calls labels.view(-1)
+            batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX).contiguous()
+        return batch
+
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = model(**batch).logits
+        labels = batch["labels"]
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return {"loss_sum": loss_sum.detach(), "tokens": (labels != IGNORE_INDEX).sum()}
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        if not totals.get("tokens"):
+            return {}
+        loss = totals["loss_sum"] / totals["tokens"]
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
+        out = []
+        examples = self.encode([{"source": r["source"]} for r in rows], run, tokenizer)
+        for chunk in batches(examples, run.data.batch_size):
+            generated = model.generate(
+                **to_device(self.collate(chunk, tokenizer), model),
+                max_new_tokens=run.task.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+            )
+            out.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
+        return [{"source": r["source"], "generated": text} for r, text in zip(rows, out)]

@@ -1,0 +1,117 @@
+"""Sequence classification: one label per text; cross-entropy over the head's logits.
+
+The head (`classifier` for encoders, `score` for decoder models) is new for a pretrained
+backbone, so it is trained in full and saved with the adapter (peft adds both names to
+modules_to_save for SEQ_CLS). Metrics: accuracy and macro-F1 over the label set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftc.spec import RunSpec, SpecNode, param
+from peftc.tasks import register
+from peftc.tasks.base import Task
+from peftc.tasks.common import (
+    batches,
+    check_labels,
+    classification_metrics,
+    classification_stats,
+    encoded_batch,
+    label_config,
+    label_index,
+    label_problem,
+    labels_for_count,
+    to_device,
+    token_fields,
+    tokenize,
+)
+
+HEADS = ("classifier", "score")
+
+
+@dataclass
+class SeqClsSpec(SpecNode):
+    labels: list[str] = param(
+        ["negative", "positive"],
+        "The label set, in class-index order; data labels are names from it (or indices 0..n-1).",
+    )
+
+    def cross_check(self, key: str, run: RunSpec | None) -> None:
+        check_labels(f"{key}.labels", self.labels)
+
+
+@register
+class SeqCls(Task):
+    name = "seq_cls"
+    task_type = "SEQ_CLS"
+    schema = SeqClsSpec
+    auto_class_name = "AutoModelForSequenceClassification"
+    head_modules = HEADS
+    primary_metric = "val_accuracy"
+    fields = ("text", "label")
+    input_fields = ("text",)
+
+    def config_overrides(self, spec: SeqClsSpec) -> dict[str, Any]:
+        return label_config(spec.labels)
+
+    def spec_from_saved(self, spec: SeqClsSpec, tensors: Mapping[str, torch.Tensor]) -> SeqClsSpec:
+        count = head_rows(tensors, HEADS)
+        return spec if count is None else spec.replace(labels=labels_for_count(spec.labels, count))
+
+    def check_row(self, row: Mapping[str, Any], spec: SeqClsSpec) -> str | None:
+        return label_problem(row["label"], spec.labels, "task.labels")
+
+    def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
+        examples = []
+        for row in rows:
+            example = token_fields(tokenize(tokenizer, row["text"], run))
+            if "label" in row:
+                example["label"] = label_index(row["label"], run.task.labels)
+            examples.append(example)
+        return examples
+
+    def collate(
+        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        batch = encoded_batch(examples, tokenizer, pad_to)
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        return batch
+
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return classification_stats(logits.argmax(-1), batch["labels"], logits.shape[-1])
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        num_labels = sum(1 for key in totals if key.startswith("tp_"))
+        return classification_metrics(totals, num_labels)
+
+    @torch.no_grad()
+    def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
+        labels = run.task.labels
+        out = []
+        for chunk in batches(self.encode([{"text": r["text"]} for r in rows], run, tokenizer), run.data.batch_size):
+            probs = model(**to_device(self.collate(chunk, tokenizer), model)).logits.float().softmax(-1)
+            for row_probs in probs.tolist():
+                best = max(range(len(row_probs)), key=row_probs.__getitem__)
+                out.append({"label": labels[best], "scores": dict(zip(labels, row_probs))})
+        return [{"text": r["text"], **p} for r, p in zip(rows, out)]
+
+
+def head_rows(tensors: Mapping[str, torch.Tensor], heads: Sequence[str]) -> int | None:
+    """Output size of a saved classification head (`...<head>.weight` rows), if one was saved."""
+    from peftc.io import MODEL_PREFIX
+
+    for head in heads:
+        weight = tensors.get(f"{MODEL_PREFIX}{head}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
