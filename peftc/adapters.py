@@ -62,6 +62,7 @@ def load_adapter(
         adapter_name=adapter_name,
     )
     plan = planner.plan(run, graph_of(live), strict_targets=False)
+    tensors = _without_peft_artifacts(plan, tensors)
     _check_tensors(directory, plan, tensors)
     previous = list(base.active_adapters) if isinstance(base, PeftcModel) else []
     model = materialize(plan, base, adapter_name=adapter_name, init=False)
@@ -85,6 +86,23 @@ def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None
     if plan.prompt is not None:
         prompt_keys = {k: tensors[k] for k in io.saved_layout(plan) if not k.startswith(io.MODEL_PREFIX)}
         methods.get(plan.method).load_prompt_tensors(model.prompt_encoders[name], prompt_keys)
+
+
+def _without_peft_artifacts(plan: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the extra copies peft writes with bias='all' for modules_to_save.
+
+    peft collects every '*.bias' of the model for bias='all', including the wrapper's inner
+    `<module>.original_module.bias` (the untrained original) and `<module>.modules_to_save.bias`
+    (the same tensor as the saved `<module>.bias`); neither carries information of its own.
+    """
+    if not plan.unfrozen or not plan.modules_to_save:
+        return tensors
+    inner = tuple(
+        f"{io.MODEL_PREFIX}{m.path}.{part}."
+        for m in plan.modules_to_save
+        for part in ("original_module", "modules_to_save")
+    )
+    return {k: v for k, v in tensors.items() if not k.startswith(inner)}
 
 
 def _check_tensors(directory: Path, plan: Any, tensors: dict[str, torch.Tensor]) -> None:

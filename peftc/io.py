@@ -58,12 +58,18 @@ def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
         for name, shape in module.tensors.items():
             layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
     for name, shape in plan.unfrozen.items():
-        layout[f"{MODEL_PREFIX}{name}"] = (tuple(shape), plan.model.dtype)
+        layout[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, name)}"] = (tuple(shape), plan.model.dtype)
     if plan.prompt is not None:
         method = methods.get(plan.method)
         for name, shape in method.saved_prompt_tensors(plan.prompt).items():
             layout[name] = (tuple(shape), ADAPTER_DTYPE)
     return layout
+
+
+def unfrozen_saved_name(plan: Plan, name: str) -> str:
+    """peft saves a trained base parameter of an adapted module under its wrapper's `base_layer`."""
+    module, _, pname = name.rpartition(".")
+    return f"{module}.base_layer.{pname}" if plan.site(module) is not None else name
 
 
 def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
@@ -260,7 +266,7 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
         for pname, tensor in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
             tensors[f"{MODEL_PREFIX}{module.path}.{pname}"] = tensor
     for pname in plan.unfrozen:
-        tensors[f"{MODEL_PREFIX}{pname}"] = base.get_parameter(pname)
+        tensors[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, pname)}"] = base.get_parameter(pname)
     if plan.prompt is not None:
         tensors.update(methods.get(plan.method).prompt_tensors(model.prompt_encoders[name]))
     return tensors

@@ -47,7 +47,12 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         )
         sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
     prompt = method.plan_prompt(run.peft, graph, task) if method.kind == "prompt" else None
-    unfrozen = method.plan_unfrozen(run.peft, graph, sites)
+    # A module saved whole trains its own copy; its base parameters are not also unfrozen in place.
+    unfrozen = {
+        name: shape
+        for name, shape in method.plan_unfrozen(run.peft, graph, sites).items()
+        if not any(name.startswith(m.path + ".") for m in saved)
+    }
 
     adapter_params = sum(s.params for s in sites) + (prompt.params if prompt else 0)
     saved_params = sum(m.params for m in saved)

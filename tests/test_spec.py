@@ -27,7 +27,7 @@ BAD_OVERRIDES = [
     (["data.batch_size=0"], "data.batch_size", "must be >= 1"),
     (["model=hf"], "model.name_or_path", "no model given; set model.name_or_path=<dir or hub id>"),
     (["adapter_name=my.adapter"], "adapter_name='my.adapter'", "no dots"),
-    (["peft.init_lora_weights=pissa_fast"], "peft.init_lora_weights", "use true, false or 'gaussian'"),
+    (["peft.init_lora_weights=pissa_fast"], "peft.init_lora_weights", "use true, false, gaussian, pissa"),
     (["peft.rank_pattern={q_proj: 0}"], "peft.rank_pattern.q_proj=0", ">= 1"),
     (["peft.rank_pattern={q_proj: two}"], "peft.rank_pattern", "mapping of names to ranks"),
     (["data.columns=[text]"], "data.columns", "mapping of names to column names"),

@@ -167,6 +167,9 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.site_options: dict[str, dict[str, Any]] = {}
+        # Pre-merge copies of the base tensors a merge changes, kept only where add/subtract
+        # cannot restore them exactly (half-precision weights): unmerge then restores bit-exactly.
+        self._premerge: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------- hooks
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
@@ -246,25 +249,69 @@ class AdapterLayer(nn.Module):
     def _weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
+    def check_mergeable(self, names: Sequence[str]) -> None:
+        """Raise (before anything changes) if these adapters cannot be merged here."""
+
+    def merge_targets(self, names: Sequence[str]) -> tuple[str, ...]:
+        """Names of the base layer's parameters that merging these adapters changes."""
+        return ("weight",)
+
     def merge(self, names: Sequence[str] | None = None) -> list[str]:
         """Fold adapters into the base weight; returns the names actually merged."""
-        merged = []
-        for name in names if names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.site_options:
-                continue
+        chosen = [
+            n
+            for n in (names if names is not None else self.active_adapters)
+            if n not in self.merged_adapters and n in self.site_options
+        ]
+        if not chosen:
+            return []
+        self.check_mergeable(chosen)
+        self._snapshot(self.merge_targets(chosen))
+        for name in chosen:
             self.merge_one(name)
             self.merged_adapters.append(name)
-            merged.append(name)
-        return merged
+        return chosen
 
     def unmerge(self) -> None:
+        if self._premerge:
+            for pname, saved in self._premerge.items():
+                getattr(self.base_layer, pname).data = saved
+            self._premerge = {}
+            while self.merged_adapters:
+                self.forget_merge(self.merged_adapters.pop())
+            return
         while self.merged_adapters:
             self.unmerge_one(self.merged_adapters.pop())
+
+    def forget_merge(self, name: str) -> None:
+        """Drop per-merge state of an adapter whose merge was undone by restoring a snapshot."""
+
+    @torch.no_grad()
+    def _snapshot(self, targets: Sequence[str]) -> None:
+        """Keep pre-merge copies when a target is half precision (W + d - d loses its bits there).
+
+        Once a snapshot exists, every later target is snapshotted too (it is still pristine: no
+        earlier merge touched it), so that unmerge can restore them all at once.
+        """
+        fresh = {p: getattr(self.base_layer, p, None) for p in targets if p not in self._premerge}
+        fresh = {p: t for p, t in fresh.items() if isinstance(t, torch.Tensor)}
+        if not fresh:
+            return
+        if not self._premerge:
+            exact = all(t.dtype in (torch.float32, torch.float64) for t in fresh.values())
+            if exact or self.merged_adapters:
+                return
+        for pname, tensor in fresh.items():
+            self._premerge[pname] = tensor.detach().clone()
 
     @torch.no_grad()
     def merge_one(self, name: str) -> None:
         weight = self._weight()
-        weight.data = (weight.data.float() + self.delta_weight(name).float()).to(weight.dtype)
+        delta = self.delta_weight(name)
+        if weight.dtype == torch.float32:
+            weight.data.add_(delta.to(weight.dtype))  # in place: no second copy of W
+        else:
+            weight.data = (weight.data.float() + delta.float()).to(weight.dtype)
 
     @torch.no_grad()
     def unmerge_one(self, name: str) -> None:
