@@ -78,11 +78,13 @@ def load_adapter(
 
 def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved tensors (peft names) into the live adapter."""
-    own = io.adapter_tensors(model, name)
+    plan = model.plan_of(name)
+    # Prompt tensors (not under base_model.model.) are encoder outputs, not parameters: the
+    # encoder loads them itself.
+    own = {k: t for k, t in io.adapter_tensors(model, name).items() if k.startswith(io.MODEL_PREFIX)}
     with torch.no_grad():
         for key, target in own.items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
-    plan = model.plan_of(name)
     if plan.prompt is not None:
         prompt_keys = {k: tensors[k] for k in io.saved_layout(plan) if not k.startswith(io.MODEL_PREFIX)}
         methods.get(plan.method).load_prompt_tensors(model.prompt_encoders[name], prompt_keys)

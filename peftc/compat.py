@@ -73,6 +73,9 @@ def _head_missing(ctx: Context) -> bool:
     return not getattr(ctx.run.peft, "modules_to_save", None)
 
 
+VIRTUAL_TOKEN_METHODS = _set("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
+ADAPTION_PROMPT_FAMILIES = ("llama", "mistral", "gpt2")
+
 RULES: list[Rule] = [
     Rule(
         key="model",
@@ -97,6 +100,28 @@ RULES: list[Rule] = [
         task=_set("seq_cls", "token_cls", "question_ans"),
         needs_graph=True,
         when=_head_missing,
+    ),
+    Rule(
+        key="model",
+        reason="adaption_prompt (LLaMA-Adapter) wraps Llama/Mistral- or GPT-2-style attention layers, and this model's are neither",
+        suggestion="use prefix_tuning or prompt_tuning here, or a llama, mistral or gpt2 model",
+        method=_set("adaption_prompt"),
+        needs_graph=True,
+        when=lambda ctx: ctx.family not in ADAPTION_PROMPT_FAMILIES,
+    ),
+    Rule(
+        key="trainer.gradient_checkpointing",
+        reason="prefix_tuning hands the model its prefix as a key/value cache, and the recomputation pass of gradient checkpointing would append to that cache a second time (peft refuses this too)",
+        suggestion="set trainer.gradient_checkpointing=false, or use prompt_tuning / lora",
+        method=_set("prefix_tuning"),
+        when=lambda ctx: ctx.run.trainer.gradient_checkpointing,
+    ),
+    Rule(
+        key="task",
+        reason="virtual tokens lengthen the input, so this task's per-token outputs would no longer line up with its labels",
+        suggestion="use prefix_tuning (keeps the sequence length) or lora",
+        method=VIRTUAL_TOKEN_METHODS,
+        task=_set("token_cls", "question_ans", "feature_extraction"),
     ),
 ]
 

@@ -26,12 +26,17 @@ def builtin_names() -> list[str]:
 
 
 def load_splits(
-    spec: DataSpec, fields: Sequence[str], seed: int = 0, check: RowCheck | None = None
+    spec: DataSpec,
+    fields: Sequence[str],
+    seed: int = 0,
+    check: RowCheck | None = None,
+    optional: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, validation) rows carrying exactly `fields` (plus 'split' for built-ins).
 
     `check` is the task's row validation (e.g. a label outside the label set); its problem is
-    raised as a DataError naming the file and the row.
+    raised as a DataError naming the file and the row. `optional` fields ({name: default}, e.g.
+    a method's task_id) are read when the row has the (mapped) column, else take the default.
     """
     if spec.source == "builtin":
         path = BUILTIN_DIR / f"{spec.name}.jsonl"
@@ -43,15 +48,17 @@ def load_splits(
                 "no such built-in dataset",
                 did_you_mean(str(spec.name), names) or "available: " + ", ".join(names),
             )
-        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check))
+        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check, optional))
         train = [r for r in rows if r.get("split", "train") == "train"]
         val = [r for r in rows if r.get("split") == "validation"]
     else:
         path = Path(str(spec.path)).expanduser()
-        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check))
+        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional))
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
-            val = list(_select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check))
+            val = list(
+                _select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check, optional)
+            )
             train = rows
         else:
             train, val = _split(rows, spec.val_fraction, seed, str(path))
@@ -134,15 +141,17 @@ def _select(
     columns: Mapping[str, str],
     source: str,
     check: RowCheck | None = None,
+    optional: Mapping[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    unknown = set(columns) - set(fields)
+    optional = dict(optional or {})
+    unknown = set(columns) - set(fields) - set(optional)
     if unknown:
         name = sorted(unknown)[0]
         raise ConfigError(
             f"data.columns.{name}",
             columns[name],
             "is not a field of this task",
-            f"fields: {', '.join(fields)}",
+            f"fields: {', '.join([*fields, *optional])}",
         )
     for number, row in enumerate(rows, start=1):
         selected = {}
@@ -156,9 +165,20 @@ def _select(
                     f"set data.columns.{field}=<column>; {hint}",
                 )
             selected[field] = row[column]
+        for field, default in optional.items():
+            value = row.get(columns.get(field, field))
+            missing = value is None or value == ""
+            selected[field] = default if missing else _integer(value, field, f"{source} row {number}")
         problem = check(selected) if check is not None else None
         if problem:
             raise DataError(f"{source} row {number}", problem)
         if "split" in row:
             selected["split"] = row["split"]
         yield selected
+
+
+def _integer(value: Any, field: str, where: str) -> int:
+    """Optional fields are small integers (task ids); CSV cells arrive as strings."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+        raise DataError(where, f"{field} must be a non-negative integer, got {value!r}")
+    return int(value)

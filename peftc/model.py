@@ -168,6 +168,7 @@ class PeftcModel(nn.Module):
         finite nothing is merged and the base weights stay bit-identical.
         """
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        self._check_mergeable(names)
         layers = list(self.adapter_layers())
         if layers and all(
             all(n in layer.merged_adapters or n not in layer.adapter_names for n in names) for _, layer in layers
@@ -182,6 +183,15 @@ class PeftcModel(nn.Module):
                     )
         for _, layer in layers:
             layer.merge(names)
+
+    def _check_mergeable(self, names: Sequence[str]) -> None:
+        from peftc import methods
+        from peftc.methods.base import not_mergeable
+
+        for name in names:
+            method = self.plan_of(name).method
+            if not methods.get(method).mergeable:
+                raise not_mergeable(method)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():

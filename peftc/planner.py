@@ -45,8 +45,9 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             protected=protected,
             strict=strict_targets,
         )
+        modules = method.select_targets(run.peft, modules, graph)
         sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
-    prompt = method.plan_prompt(run.peft, graph, task) if method.kind == "prompt" else None
+    prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
     # A module saved whole trains its own copy; its base parameters are not also unfrozen in place.
     unfrozen = {
         name: shape

@@ -53,7 +53,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
             table.add_row(
                 label,
                 first.module_class,
-                f"{first.in_features}→{first.out_features}",
+                f"{first.in_features}→{first.out_features}" if first.in_features is not None else "-",
                 str(len(members)),
                 _shape(first.tensors),
                 f"{sum(s.params for s in members):,}",
@@ -82,6 +82,8 @@ def plan_renderables(plan: Plan) -> list[Any]:
             f"{p.params:,}",
         )
         out.append(table)
+        if p.options.get("injection"):
+            out.append(f"prompt enters as: {p.options['injection']}")
     if plan.modules_to_save:
         table = Table(title="modules trained in full and saved (modules_to_save)", title_justify="left")
         for column in ("module", "class", "why", "params"):

@@ -158,8 +158,12 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
 
     pad_to = run.data.max_length if run.data.padding == "max_length" else None
 
+    extras = methods.get(plan.method).batch_fields(run.peft)
+
     def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
-        return task.collate(examples, tokenizer, pad_to)
+        batch = task.collate(examples, tokenizer, pad_to)
+        batch.update(method_inputs(examples, extras))
+        return batch
 
     generator = torch.Generator().manual_seed(run.seed)
     train_loader = DataLoader(
@@ -182,6 +186,24 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
         else None
     )
     return train_loader, val_loader
+
+
+def method_inputs(examples: list[Any], extras: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Batch inputs the method reads from the examples (e.g. task_ids), range-checked."""
+    from peftc.errors import DataError
+
+    batch = {}
+    for key, spec in extras.items():
+        values = [int(e.get(spec.field, spec.default)) for e in examples]
+        bad = [v for v in values if v < 0 or (spec.limit is not None and v >= spec.limit)]
+        if bad:
+            raise DataError(
+                f"data column {spec.field}",
+                f"value {bad[0]} is out of range: {spec.key}={spec.limit} allows 0..{spec.limit - 1}",
+                f"raise {spec.key} or fix the data",
+            )
+        batch[key] = torch.tensor(values, dtype=torch.long)
+    return batch
 
 
 def quiet_lightning() -> None:

@@ -9,7 +9,9 @@ from peftc.errors import AdapterFileError, did_you_mean
 from peftc.methods.base import Method
 from peftc.registry import Registry
 
-REGISTRY: Registry[Method] = Registry("peft", __name__, skip=("base", "defaults"))
+REGISTRY: Registry[Method] = Registry(
+    "peft", __name__, skip=("base", "defaults", "prompt_base", "prompt_encoder", "kv_prefix")
+)
 register = REGISTRY.register
 get = REGISTRY.get
 for_spec = REGISTRY.for_spec

@@ -38,6 +38,16 @@ class TargetRequest:
     key: str = "peft.target_modules"
 
 
+@dataclass(frozen=True)
+class BatchField:
+    """A per-example model input taken from a data column (`data.columns.<field>` renames it)."""
+
+    field: str  # the row field, e.g. "task_id"
+    default: int  # its value for rows (or whole files) without that column
+    limit: int | None = None  # values must lie in [0, limit)
+    key: str = "peft"  # the config key that sets the limit, for error messages
+
+
 class Method:
     """Base class of a PEFT method. Subclasses set the class attributes and override hooks."""
 
@@ -49,6 +59,7 @@ class Method:
     supported_kinds: ClassVar[frozenset[str]] = frozenset()
     default_targets: ClassVar[Mapping[str, Sequence[str]]] = {}
     tensor_prefix: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True  # whether the adapter can be folded into the base weights
 
     # --------------------------------------------------------------------------- planning
     def target_request(self, spec: Any) -> TargetRequest:
@@ -64,7 +75,11 @@ class Method:
     def plan_site(self, spec: Any, module: ModuleInfo, graph: ModelGraph) -> Site:
         raise NotImplementedError(f"{self.name} does not adapt modules")
 
-    def plan_prompt(self, spec: Any, graph: ModelGraph, task: Task) -> PromptPlan:
+    def select_targets(self, spec: Any, modules: Sequence[ModuleInfo], graph: ModelGraph) -> list[ModuleInfo]:
+        """Narrow the resolved target modules further (e.g. only the last N layers); default: all."""
+        return list(modules)
+
+    def plan_prompt(self, spec: Any, graph: ModelGraph, task: Task, run: RunSpec) -> PromptPlan:
         raise NotImplementedError(f"{self.name} has no prompt encoder")
 
     def plan_unfrozen(self, spec: Any, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
@@ -76,6 +91,11 @@ class Method:
 
     def check_run(self, spec: Any, run: RunSpec, graph: ModelGraph) -> None:
         """Rules needing the model graph or other groups (raise ConfigError/PlanError)."""
+
+    def batch_fields(self, spec: Any) -> dict[str, BatchField]:
+        """Extra per-example inputs the method reads from the data, by batch key (e.g. the
+        task ids of multitask prompt tuning). Tasks carry these fields from rows to batches."""
+        return {}
 
     # ----------------------------------------------------------------------- materializing
     def saved_prompt_tensors(self, prompt: PromptPlan) -> dict[str, tuple[int, ...]]:
@@ -113,6 +133,18 @@ class Method:
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> SpecNode:
         """Our schema from a peft adapter_config.json (fields we do not model are dropped)."""
         raise NotImplementedError
+
+
+def not_mergeable(method: str) -> Exception:
+    """The error for merging an adapter that is not a weight update (prompts, gated attention)."""
+    from peftc.errors import ConfigError
+
+    return ConfigError(
+        "peft",
+        method,
+        "cannot be merged into the base weights: the adapter is not a weight update",
+        "keep the adapter for inference, or unload() for the plain base model",
+    )
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")

@@ -50,13 +50,15 @@ class Task:
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
         from peftc.data import load_splits
 
+        extra = method_fields(run)
         train_rows, val_rows = load_splits(
-            run.data, self.fields, seed=run.seed, check=lambda row: self.check_row(row, run.task)
+            run.data, self.fields, seed=run.seed, check=lambda row: self.check_row(row, run.task), optional=extra
         )
-        return self.encode(train_rows, run, tokenizer), self.encode(val_rows, run, tokenizer)
+        return tuple(carry_fields(rows, self.encode(rows, run, tokenizer), extra) for rows in (train_rows, val_rows))
 
     def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
-        """Rows -> examples (token id lists and targets) ready for `collate`."""
+        """Rows -> examples (token id lists and targets) ready for `collate`, one per row (a task
+        that merges rows, like packed language modelling, overrides `datasets`)."""
         raise NotImplementedError
 
     def collate(
@@ -78,3 +80,38 @@ class Task:
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
         """One JSON-ready prediction per row (rows need only `input_fields`)."""
         raise NotImplementedError
+
+
+def method_fields(run: RunSpec) -> dict[str, Any]:
+    """Per-example fields the PEFT method reads from the data ({field: default}, e.g. the task_id
+    of multitask prompt tuning). Tasks load them as optional fields and keep them on each example;
+    training turns them into batch inputs. A task needs no knowledge of the method for this."""
+    from peftc import methods
+
+    return {f.field: f.default for f in methods.for_spec(run.peft).batch_fields(run.peft).values()}
+
+
+def carry_fields(
+    rows: Sequence[Mapping[str, Any]], examples: list[dict[str, Any]], fields: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Copy the method fields of each row onto its example (one example per row)."""
+    for row, example in zip(rows, examples, strict=True):
+        example.update({field: row.get(field, default) for field, default in fields.items()})
+    return examples
+
+
+def shared_fields(rows: Sequence[Mapping[str, Any]], fields: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The method fields of rows merged into one example (e.g. a packed block): all rows must agree."""
+    from peftc.errors import DataError
+
+    merged = {}
+    for field, default in fields.items():
+        values = {row.get(field, default) for row in rows}
+        if len(values) > 1:
+            raise DataError(
+                where,
+                f"packing would put rows with different {field} values {sorted(values)} into one block",
+                "set task.packing=false (one example per row)",
+            )
+        merged[field] = values.pop() if values else default
+    return merged

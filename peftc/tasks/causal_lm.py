@@ -14,7 +14,7 @@ from peftc.data import load_splits
 from peftc.errors import DataError
 from peftc.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
-from peftc.tasks.base import Task
+from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
 from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
 
 
@@ -39,7 +39,7 @@ class CausalLm(Task):
     input_fields = ("text",)
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
-        train_rows, val_rows = load_splits(run.data, ["text"], seed=run.seed)
+        train_rows, val_rows = load_splits(run.data, ["text"], seed=run.seed, optional=method_fields(run))
         return tuple(
             self._examples(rows, run, tokenizer, split)
             for rows, split in ((train_rows, "train"), (val_rows, "validation"))
@@ -53,8 +53,11 @@ class CausalLm(Task):
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         encoded = [tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"] + eos for r in rows]
         length = run.data.max_length
+        extra = method_fields(run)
         if not run.task.packing:
-            return [{"input_ids": ids[:length] if run.data.truncation else ids} for ids in encoded]
+            examples = [{"input_ids": ids[:length] if run.data.truncation else ids} for ids in encoded]
+            return carry_fields(rows, examples, extra)
+        tags = shared_fields(rows, extra, f"data ({split})")
         stream = [token for ids in encoded for token in ids]
         blocks = [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
         if not blocks:
@@ -63,7 +66,7 @@ class CausalLm(Task):
                 f"{len(stream)} tokens cannot fill one block of data.max_length={length}",
                 "lower data.max_length or add text",
             )
-        return [{"input_ids": block} for block in blocks]
+        return [{"input_ids": block, **tags} for block in blocks]
 
     def collate(
         self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
