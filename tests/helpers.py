@@ -77,3 +77,24 @@ def peft_lora_config(plan: Plan, **extra: Any) -> Any:
         layers_pattern=spec.layers_pattern,
         **extra,
     )
+
+
+def peft_config_from_plan(plan: Plan) -> Any:
+    """The peft config equivalent to a plan, built from the adapter_config.json we would write
+    (so the test also checks that our config fields mean the same thing to peft)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from peftc import io
+
+    fields = dict(io.adapter_config(plan))
+    fields["inference_mode"] = False
+    return PEFT_TYPE_TO_CONFIG_MAPPING[fields.pop("peft_type")](**fields)
+
+
+def greedy_tokens(model: Any, input_ids: torch.Tensor, steps: int, **extra: Any) -> torch.Tensor:
+    """Greedy decoding by full forward passes (no cache): the reference generate() must match."""
+    sequence = input_ids
+    for _ in range(steps):
+        logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **extra).logits
+        sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return sequence

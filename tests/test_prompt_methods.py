@@ -1,0 +1,174 @@
+"""Prompt-learning methods and adaption prompt on causal LMs, against the peft package.
+
+Same base weights and same adapter weights (peft's copied into ours) must give the same logits,
+parameter counts, saved tensor names and files that load both ways. generate() is compared with
+greedy decoding over peft's forward: peft 0.21.2's own generate() re-injects the prompt at every
+step on transformers 5 (it looks for `past_key_values`, which transformers 5 calls `cache`), so
+its token sequence is not a usable oracle here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import peftc
+from peftc.plan import Plan
+from tests.helpers import build_base, greedy_tokens, max_diff, peft_config_from_plan, token_batch
+
+METHOD_CASES = [
+    ("prompt_tuning", ()),
+    ("p_tuning", ()),
+    ("p_tuning", ("peft.encoder_reparameterization_type=LSTM", "peft.encoder_hidden_size=16")),
+    ("prefix_tuning", ()),
+    ("prefix_tuning", ("peft.prefix_projection=true", "peft.encoder_hidden_size=24")),
+    ("multitask_prompt_tuning", ("peft.num_tasks=3", "peft.num_ranks=2")),
+    ("adaption_prompt", ("peft.adapter_len=4", "peft.adapter_layers=2")),
+]
+MODELS = ("tiny_llama", "tiny_gpt2")
+CASES = [(model, method, extra) for model in MODELS for method, extra in METHOD_CASES]
+IDS = [" ".join([model, method, *extra]) for model, method, extra in CASES]
+# A wider init than the shipped models' 0.02 makes next-token choices decisive, so token
+# identity in generate() means something.
+SHARP = "+model.config.initializer_range=0.2"
+
+
+def task_inputs(method: str) -> dict[str, torch.Tensor]:
+    return {"task_ids": torch.tensor([0, 2])} if method == "multitask_prompt_tuning" else {}
+
+
+@functools.lru_cache(maxsize=None)
+def paired(model: str, method: str, extra: tuple[str, ...]) -> tuple[Plan, peftc.model.PeftcModel, torch.nn.Module]:
+    """Our model and peft's on identical bases, with peft's adapter weights copied into ours.
+    Cached: tests only read these models."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from peftc.adapters import fill
+
+    plan = peftc.compile([f"model={model}", f"peft={method}", SHARP, *extra])
+    base = build_base(plan)
+    theirs = get_peft_model(copy.deepcopy(base), peft_config_from_plan(plan)).eval()
+    ours = peftc.materialize(plan, base_model=base).eval()
+    if plan.prompt is not None:
+        ours.prompt_encoders["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    else:  # adaption prompt: open the zero gate, or both sides are trivially the base model
+        with torch.no_grad():
+            for name, param in theirs.named_parameters():
+                if name.endswith("adaption_gate"):
+                    param.fill_(0.7)
+        fill(ours, "default", get_peft_model_state_dict(theirs))
+    return plan, ours, theirs
+
+
+@pytest.mark.parametrize(("model", "method", "extra"), CASES, ids=IDS)
+def test_logits_and_loss_match_peft(model: str, method: str, extra: tuple[str, ...]) -> None:
+    plan, ours, theirs = paired(model, method, extra)
+    x = token_batch()
+    mask = torch.ones_like(x)
+    mask[1, -3:] = 0  # right padding: the prompt's mask must be extended, not replaced
+    kwargs = {"attention_mask": mask, "labels": x, **task_inputs(method)}
+    expected = theirs(input_ids=x, **kwargs)
+    actual = ours(input_ids=x, **kwargs)
+    assert actual.logits.shape == expected.logits.shape
+    assert max_diff(actual.logits, expected.logits) <= 1e-5
+    assert abs(actual.loss.item() - expected.loss.item()) <= 1e-5
+    base_logits = build_base(plan)(input_ids=x, attention_mask=mask).logits
+    assert max_diff(actual.logits[:, -x.shape[1] :], base_logits) > 1e-3, "the prompt must change the output"
+
+
+@pytest.mark.parametrize(("model", "method", "extra"), CASES, ids=IDS)
+def test_plan_counts_equal_materialized_and_peft(model: str, method: str, extra: tuple[str, ...]) -> None:
+    from peft import get_peft_model_state_dict
+
+    plan, ours, theirs = paired(model, method, extra)
+    theirs_trainable, theirs_total = theirs.get_nb_trainable_parameters()
+    assert plan.trainable_params == ours.trainable_parameters() == theirs_trainable
+    assert plan.total_params == ours.total_parameters() == theirs_total
+    saved = ours.adapter_state_dict("default")
+    reference = get_peft_model_state_dict(theirs)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert all(torch.allclose(saved[k], reference[k], atol=1e-6) for k in saved)
+
+
+@pytest.mark.parametrize(("model", "method", "extra"), CASES, ids=IDS)
+def test_adapter_files_load_both_ways(model: str, method: str, extra: tuple[str, ...], tmp_path) -> None:
+    from peft import PeftModel
+
+    plan, ours, theirs = paired(model, method, extra)
+    x = token_batch()
+    inputs = task_inputs(method)
+    expected = theirs(input_ids=x, **inputs).logits
+    ours.save_adapter(tmp_path / "ours")
+    in_peft = PeftModel.from_pretrained(build_base(plan), tmp_path / "ours").eval()
+    assert max_diff(in_peft(input_ids=x, **inputs).logits, expected) <= 1e-5
+    theirs.save_pretrained(tmp_path / "theirs")
+    in_ours = peftc.load_adapter(build_base(plan), tmp_path / "theirs")
+    assert max_diff(in_ours(input_ids=x, **inputs).logits, expected) <= 1e-5
+    assert in_ours.trainable_parameters() == 0
+
+
+@pytest.mark.parametrize(("model", "method", "extra"), CASES, ids=IDS)
+def test_greedy_generate_gives_peft_forward_tokens(model: str, method: str, extra: tuple[str, ...]) -> None:
+    _, ours, theirs = paired(model, method, extra)
+    x = token_batch()
+    inputs = task_inputs(method)
+    expected = greedy_tokens(theirs, x, 6, **inputs)
+    generated = ours.generate(
+        input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, **inputs
+    )
+    assert torch.equal(generated, expected)
+    assert len(set(expected[:, x.shape[1] :].flatten().tolist())) > 1, "degenerate decode proves nothing"
+
+
+def test_untrained_adaption_prompt_is_an_exact_no_op() -> None:
+    for model in MODELS:
+        plan = peftc.compile([f"model={model}", "peft=adaption_prompt", "peft.adapter_layers=2", SHARP])
+        base = build_base(plan)
+        ours = peftc.materialize(plan, base_model=copy.deepcopy(base)).eval()
+        x = token_batch()
+        assert torch.equal(ours(input_ids=x).logits, base(input_ids=x).logits)
+        assert ours.trainable_parameters() == plan.trainable_params > 0
+
+
+def test_generate_works_with_beams_sampling_padding_and_embeddings() -> None:
+    for method in ("prompt_tuning", "prefix_tuning"):
+        _, ours, _ = paired("tiny_llama", method, ())
+        x = token_batch()
+        mask = torch.ones_like(x)
+        mask[1, :3] = 0  # left padding
+        beams = ours.generate(input_ids=x, attention_mask=mask, max_new_tokens=3, num_beams=3, num_return_sequences=2)
+        assert beams.shape == (4, x.shape[1] + 3)
+        sampled = ours.generate(input_ids=x, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+        assert sampled.shape == (4, x.shape[1] + 3)
+        greedy = ours.generate(input_ids=x, max_new_tokens=3, do_sample=False)
+        embeds = ours.base_model.get_input_embeddings()(x)
+        from_embeds = ours.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False)
+        assert torch.equal(from_embeds, greedy[:, x.shape[1] :])
+
+
+def test_only_prompt_parameters_train() -> None:
+    for method in ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "adaption_prompt"):
+        plan = peftc.compile([f"peft={method}"])
+        ours = peftc.materialize(plan).train()
+        before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+        optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+        x = token_batch()
+        for _ in range(2):
+            ours(input_ids=x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+        trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+        assert changed and changed <= trainable, method
+        assert not any(n.startswith("base_model.") and "adaption_" not in n for n in changed), method
+
+
+def test_disable_adapter_runs_the_base_model() -> None:
+    _, ours, _ = paired("tiny_llama", "prefix_tuning", ())
+    x = token_batch()
+    base = build_base(ours.plan_of("default"))
+    with ours.disable_adapter():
+        assert torch.equal(ours(input_ids=x).logits, base(input_ids=x).logits)
