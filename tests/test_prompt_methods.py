@@ -40,7 +40,7 @@ def task_inputs(method: str) -> dict[str, torch.Tensor]:
     return {"task_ids": torch.tensor([0, 2])} if method == "multitask_prompt_tuning" else {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def paired(model: str, method: str, extra: tuple[str, ...]) -> tuple[Plan, peftc.model.PeftcModel, torch.nn.Module]:
     """Our model and peft's on identical bases, with peft's adapter weights copied into ours.
     Cached: tests only read these models."""
