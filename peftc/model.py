@@ -96,9 +96,30 @@ class PeftcModel(nn.Module):
                 "an adapter with this name already exists",
                 "pick another name or delete_adapter() it first",
             )
+        self._check_compatible(name, plan)
         inject(self, plan, name, init=init)
         self.plans[name] = plan
         self._refresh_trainable()
+
+    def _check_compatible(self, name: str, plan: Plan) -> None:
+        """peft's rules for adapters that share a model: one may train base parameters (biases);
+        one that rewrites the base weights (PiSSA, OLoRA) should be alone (a warning)."""
+        from peftc import methods
+
+        owners = [other for other, p in self.plans.items() if p.unfrozen]
+        if plan.unfrozen and owners:
+            raise ConfigError(
+                "peft.bias",
+                plan.spec.peft.bias if hasattr(plan.spec.peft, "bias") else "trained base parameters",
+                f"adapter {owners[0]!r} already trains base parameters; only one adapter per model may (peft)",
+                "set peft.bias=none for all adapters but one",
+            )
+        if self.plans and any(methods.get(p.method).rewrites_base(p.spec.peft) for p in [plan, *self.plans.values()]):
+            warnings.warn(
+                f"adding adapter {name!r}: an adapter initialised from the base weights (PiSSA/OLoRA) changed them, "
+                "so the other adapters see a different base than they were trained on",
+                stacklevel=3,
+            )
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Activate one or several adapters (the active ones train and run)."""
@@ -123,6 +144,8 @@ class PeftcModel(nn.Module):
             wrapper.delete_adapter(name)
         if name in self.prompt_encoders:
             del self.prompt_encoders[name]
+        for param_name in self.plans[name].unfrozen:
+            self.base_model.get_parameter(param_name).requires_grad_(False)
         del self.plans[name]
         self.set_adapter([a for a in self.active_adapters if a != name])
         self._remove_empty_layers()
@@ -160,6 +183,56 @@ class PeftcModel(nn.Module):
             for param_name in plan.unfrozen:
                 self.base_model.get_parameter(param_name).requires_grad_(name in active)
 
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        *,
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+    ) -> Plan:
+        """Add `adapter_name` combining existing adapters with weights (peft's LoRA semantics:
+        'linear' needs equal ranks, 'cat' has rank sum(r), 'svd' rank svd_rank or max(r)).
+
+        The new adapter has a real plan (it saves, loads and counts like any other); it is
+        added inactive. Returns its plan.
+        """
+        from peftc import methods, planner
+        from peftc.graph import graph_of
+
+        plans = [self.plan_of(name) for name in adapters]
+        if not plans or len(weights) != len(plans):
+            raise ConfigError("weights", list(weights), f"needs one weight per adapter ({len(plans)})")
+        if len({p.method for p in plans}) != 1:
+            raise ConfigError("adapters", list(adapters), "mix methods", "combine adapters of one method")
+        shared = [path for path, w in self.saved_modules() if sum(a in w.modules_to_save for a in adapters) > 1]
+        if shared:
+            raise ConfigError(
+                "adapters",
+                list(adapters),
+                f"each keep their own copy of {shared[0]} (modules_to_save)",
+                "such copies cannot be combined",
+            )
+        method = methods.get(plans[0].method)
+        combination = "linear" if len(plans) == 1 else combination_type  # as peft: one adapter is only scaled
+        spec = method.weighted_adapter_spec(list(adapters), plans, combination, svd_rank)
+        run = plans[0].spec.replace(peft=spec, adapter_name=adapter_name)
+        plan = planner.plan(run, graph_of(self.base_model), strict_targets=False)
+        self.add_adapter(adapter_name, plan)
+        options = {"svd_clamp": svd_clamp, "svd_full_matrices": svd_full_matrices, "svd_driver": svd_driver}
+        try:
+            for site in plan.sites:
+                layer = self.base_model.get_submodule(site.path)
+                layer.combine_adapters(adapter_name, list(adapters), list(weights), combination, **options)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        return plan
+
     # ----------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (kept, so unmerge_adapter can undo it).
@@ -175,6 +248,8 @@ class PeftcModel(nn.Module):
         ):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
             return
+        for _, layer in layers:  # every refusal before any weight changes
+            layer.check_mergeable([n for n in names if n in layer.adapter_names and n not in layer.merged_adapters])
         if safe_merge:
             for path, layer in layers:
                 if not layer.merge_is_finite(names):

@@ -58,7 +58,7 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
         write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
-        merged = model.merge_and_unload()
+        merged = model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
         merged.save_pretrained(output_dir / MERGED_DIR)
         tokenizer.save_pretrained(output_dir / MERGED_DIR)
     return metrics

@@ -125,6 +125,20 @@ class Method:
         """Lightning callbacks the method needs while training (AdaLoRA's rank allocator)."""
         return []
 
+    def rewrites_base(self, spec: Any) -> bool:
+        """Whether creating this adapter changes the base weights (LoRA's PiSSA and OLoRA)."""
+        return False
+
+    def weighted_adapter_spec(
+        self, names: Sequence[str], plans: Sequence[Plan], combination_type: str, svd_rank: int | None
+    ) -> SpecNode:
+        """The spec of a new adapter combining these (PeftcModel.add_weighted_adapter)."""
+        from peftc.errors import ConfigError
+
+        raise ConfigError(
+            "adapters", list(names), f"{self.name} adapters cannot be combined", "add_weighted_adapter supports LoRA"
+        )
+
     # ------------------------------------------------------------------------------- files
     def peft_config(self, spec: Any, plan: Plan) -> dict[str, Any]:
         """Method-specific adapter_config.json fields (peft's names and defaults)."""
@@ -212,6 +226,12 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def combine_adapters(
+        self, name: str, sources: Sequence[str], weights: Sequence[float], combination_type: str, **options: Any
+    ) -> None:
+        """Fill adapter `name` from weighted source adapters (see Method.weighted_adapter_spec)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot combine adapters")
 
     # ------------------------------------------------------------------------ lifecycle
     @property

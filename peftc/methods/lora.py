@@ -23,7 +23,7 @@ from typing import Any
 
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.graph import ModelGraph, ModuleInfo
-from peftc.methods import register
+from peftc.methods import lora_combine, register
 from peftc.methods.base import Method, saves_embedding_weight
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.dora import magnitude_shape
@@ -193,6 +193,14 @@ class Lora(Method):
                 if pname == "bias":
                     unfrozen[f"{module.path}.bias" if module.path else "bias"] = shape
         return unfrozen
+
+    def rewrites_base(self, spec: LoraSpec) -> bool:
+        return init_family(spec.init_lora_weights) in BASE_MUTATING
+
+    def weighted_adapter_spec(
+        self, names: Sequence[str], plans: Sequence[Plan], combination_type: str, svd_rank: int | None
+    ) -> LoraSpec:
+        return lora_combine.weighted_spec(names, plans, combination_type, svd_rank)
 
     def peft_config(self, spec: LoraSpec, plan: Plan) -> dict[str, Any]:
         return {

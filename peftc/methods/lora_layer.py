@@ -208,6 +208,13 @@ class LoraLayer(AdapterLayer):
             return CONV_FUNCTIONS[self.kind](x, weight, None, base.stride, base.padding, base.dilation, base.groups)
         return F.linear(x, self._rows(weight))
 
+    def combine_adapters(
+        self, name: str, sources: Sequence[str], weights: Sequence[float], combination_type: str, **options: Any
+    ) -> None:
+        from peftc.methods.lora_combine import combine
+
+        combine(self, name, sources, weights, combination_type, **options)
+
     # --------------------------------------------------------------------------- merging
     def check_mergeable(self, names: Sequence[str]) -> None:
         if self.kind in CONV_FUNCTIONS and self.base_layer.groups > 1:

@@ -1,0 +1,209 @@
+"""The adapter lifecycle on PeftcModel against peft: combining adapters (add_weighted_adapter),
+several adapters at once (merge, save, load), and the rules for adapters sharing a model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import peftc
+from peftc import io
+from peftc.adapters import fill
+from peftc.methods.lora import LoraSpec
+from peftc.plan import Plan
+from tests.conv_model import TinyConvNet, images, plan_for
+from tests.helpers import build_base, max_diff, token_batch
+
+warnings.filterwarnings("ignore", message=r".*(already merged|Already unmerged|modify a model with PEFT).*")
+
+ADAPTERS = {
+    "a": ["peft.target_modules=[q_proj,v_proj]", "peft.r=4", "peft.lora_alpha=8"],
+    "b": ["peft.target_modules=[q_proj,o_proj]", "peft.r=4", "peft.lora_alpha=4", "peft.use_rslora=true"],
+    "c": ["peft.target_modules=[q_proj,v_proj]", "peft.r=2", "peft.lora_alpha=16"],
+    "dora": ["peft.target_modules=[q_proj,o_proj]", "peft.r=2", "peft.use_dora=true"],
+}
+
+
+def plans(*names: str) -> dict[str, Plan]:
+    return {n: peftc.compile(["model=tiny_llama", *ADAPTERS[n]]) for n in names}
+
+
+def peft_config(plan: Plan) -> Any:
+    from peft import get_peft_config
+
+    return get_peft_config({**io.adapter_config(plan), "inference_mode": False})
+
+
+def several(*names: str) -> tuple[dict[str, Plan], Any, Any]:
+    """Ours and peft's with the same adapters (peft's perturbed weights copied into ours)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    chosen = plans(*names)
+    base = build_base(next(iter(chosen.values())))
+    theirs = get_peft_model(
+        build_base(next(iter(chosen.values()))), peft_config(chosen[names[0]]), adapter_name=names[0]
+    )
+    ours = peftc.materialize(chosen[names[0]], base_model=base, adapter_name=names[0])
+    for name in names[1:]:
+        theirs.add_adapter(name, peft_config(chosen[name]))
+        ours.add_adapter(name, chosen[name])
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for pname, param in sorted(theirs.named_parameters()):
+            if any(f".{n}" in pname for n in names) and "lora_" in pname:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    for name in names:
+        fill(ours, name, get_peft_model_state_dict(theirs, adapter_name=name))
+    return chosen, ours.eval(), theirs.eval()
+
+
+def logits(model: Any) -> torch.Tensor:
+    return model(input_ids=token_batch()).logits
+
+
+def activate(ours: Any, theirs: Any, names: str | list[str]) -> None:
+    ours.set_adapter(names)
+    theirs.base_model.set_adapter(names)
+
+
+COMBINATIONS = [
+    ("linear", ("a", "b"), [0.7, -0.4], {}),
+    ("cat", ("a", "c"), [0.7, -0.4], {}),
+    ("svd", ("a", "b", "c"), [0.5, 0.3, -1.2], {}),
+    ("svd", ("b", "c"), [1.0, 1.0], {"svd_rank": 3}),
+    ("linear", ("c",), [2.0], {}),
+]
+
+
+@pytest.mark.parametrize(("combination", "names", "weights", "options"), COMBINATIONS)
+def test_weighted_adapter_matches_peft(
+    combination: str, names: tuple[str, ...], weights: list[float], options: dict, tmp_path: Path
+) -> None:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    _, ours, theirs = several(*names)
+    plan = ours.add_weighted_adapter(list(names), weights, "mix", combination, **options)
+    theirs.add_weighted_adapter(list(names), weights, "mix", combination_type=combination, **options)
+    expected = {k: v for k, v in get_peft_model_state_dict(theirs, adapter_name="mix").items()}
+    mine = ours.adapter_state_dict("mix")
+    assert {k: tuple(v.shape) for k, v in mine.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert plan.trainable_params == sum(v.numel() for v in expected.values())
+    assert not any(p.requires_grad for n, p in theirs.named_parameters() if ".mix" in n)
+    assert not any(p.requires_grad for p in ours.adapter_state_dict("mix").values()), "added frozen, as peft"
+    activate(ours, theirs, "mix")
+    assert max_diff(logits(ours), logits(theirs)) <= 1e-5
+    assert max_diff(logits(ours), logits(build_base(plan))) > 1e-4, "the combination must do something (sanity)"
+    if combination != "svd":  # SVD factors are unique only up to signs; the logits above pin the product
+        assert max(max_diff(mine[k], expected[k]) for k in mine) <= 1e-6
+    ours.save_adapter(tmp_path, ["mix"])
+    reloaded = PeftModel.from_pretrained(build_base(plan), tmp_path / "mix").eval()
+    assert max_diff(logits(reloaded), logits(theirs)) <= 1e-5
+
+
+def test_weighted_adapter_ranks_follow_peft() -> None:
+    _, ours, _ = several("a", "c")
+    assert ours.add_weighted_adapter(["a", "c"], [1, 1], "cat", "cat").spec.peft.r == 6
+    assert ours.add_weighted_adapter(["a", "c"], [1, 1], "svd", "svd").spec.peft.r == 4
+    assert ours.add_weighted_adapter(["a", "c"], [1, 1], "svd2", "svd", svd_rank=2).spec.peft.r == 2
+    assert ours.plan_of("cat").spec.peft.target_modules == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize(
+    ("names", "weights", "combination", "key"),
+    [
+        (["a", "c"], [1.0, 1.0], "linear", "combination_type"),  # unequal ranks
+        (["a", "b"], [1.0, 1.0], "ties", "combination_type"),
+        (["a", "nope"], [1.0, 1.0], "svd", "adapter_name"),
+        (["a", "b"], [1.0], "svd", "weights"),
+        (["a", "dora"], [1.0, 1.0], "svd", "adapters"),
+    ],
+)
+def test_weighted_adapter_refusals_name_the_argument(
+    names: list[str], weights: list[float], combination: str, key: str
+) -> None:
+    _, ours, _ = several("a", "b", "c", "dora")
+    before = list(ours.adapter_names)
+    with pytest.raises(peftc.ConfigError) as info:
+        ours.add_weighted_adapter(names, weights, "mix", combination)
+    assert str(info.value).startswith(key)
+    assert ours.adapter_names == before
+
+
+def test_weighted_adapter_needs_a_new_name_and_peft_refuses_unequal_linear_ranks() -> None:
+    _, ours, theirs = several("a", "c")
+    with pytest.raises(peftc.ConfigError, match="already exists"):
+        ours.add_weighted_adapter(["a", "c"], [1, 1], "c", "cat")  # peft silently returns instead
+    with pytest.raises(ValueError, match="same r value"):
+        theirs.add_weighted_adapter(["a", "c"], [1, 1], "mix", combination_type="linear")
+
+
+def test_several_active_adapters_with_dora_merge_like_peft() -> None:
+    _, ours, theirs = several("a", "dora")
+    activate(ours, theirs, ["a", "dora"])
+    expected = logits(theirs)
+    assert max_diff(logits(ours), expected) <= 1e-5
+    weights = {n: p.detach().clone() for n, p in ours.base_model.named_parameters() if "lora" not in n}
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    assert max_diff(logits(ours), expected) <= 1e-5
+    assert max_diff(logits(ours), logits(theirs)) <= 1e-5
+    ours.unmerge_adapter()
+    after = dict(ours.base_model.named_parameters())
+    assert max(max_diff(weights[n], after[n]) for n in weights) <= 1e-6
+
+
+def test_only_one_adapter_may_train_base_biases() -> None:
+    from peft import get_peft_model
+
+    first = peftc.compile(["model=tiny_gpt2", "peft.bias=all"])
+    second = peftc.compile(["model=tiny_gpt2", "peft.bias=lora_only"])
+    ours = peftc.materialize(first)
+    with pytest.raises(peftc.ConfigError, match="peft.bias"):
+        ours.add_adapter("second", second)
+    assert ours.adapter_names == ["default"]
+    theirs = get_peft_model(build_base(first), peft_config(first))
+    with pytest.raises(ValueError, match="only 1 adapter with bias"):
+        theirs.add_adapter("second", peft_config(second))
+
+
+def test_deleting_an_adapter_freezes_the_biases_it_trained() -> None:
+    plan = peftc.compile(["model=tiny_gpt2", "peft.bias=lora_only"])
+    other = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[c_proj]"])
+    model = peftc.materialize(plan)
+    model.add_adapter("other", other)
+    model.delete_adapter("default")
+    model.set_adapter("other")
+    assert model.trainable_parameters() == other.trainable_params
+
+
+def test_several_adapters_round_trip_through_one_directory(tmp_path: Path) -> None:
+    chosen, ours, theirs = several("a", "b")
+    expected = {}
+    for name in ("a", "b"):
+        activate(ours, theirs, name)
+        expected[name] = logits(theirs)
+    ours.save_adapter(tmp_path / "ours", ["a", "b"])
+    theirs.save_pretrained(tmp_path / "theirs")
+    for source in ("ours", "theirs"):
+        root = tmp_path / source  # peft: the first adapter at the root only if it is 'default'
+        loaded = peftc.load_adapter(build_base(chosen["a"]), root / "a", adapter_name="a")
+        loaded = peftc.load_adapter(loaded, root / "b", adapter_name="b")
+        for name in ("a", "b"):
+            loaded.set_adapter(name)
+            assert max_diff(logits(loaded), expected[name]) <= 1e-5, (source, name)
+
+
+def test_merge_refusal_in_one_layer_leaves_every_layer_unmerged() -> None:
+    model_base = TinyConvNet()
+    plan = plan_for(model_base, LoraSpec(target_modules=["conv", "grouped"], r=4, init_lora_weights=False))
+    model = peftc.materialize(plan, base_model=model_base)
+    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    with pytest.raises(ValueError, match="groups"):
+        model.merge_adapter()
+    assert all(torch.equal(before[n], p) for n, p in model.base_model.named_parameters())
+    assert not any(layer.merged_adapters for _, layer in model.adapter_layers())
+    assert model(input_ids=images()).shape == (3, 5)
