@@ -207,3 +207,23 @@ def test_merge_refusal_in_one_layer_leaves_every_layer_unmerged() -> None:
     assert all(torch.equal(before[n], p) for n, p in model.base_model.named_parameters())
     assert not any(layer.merged_adapters for _, layer in model.adapter_layers())
     assert model(input_ids=images()).shape == (3, 5)
+
+
+@pytest.mark.slow
+def test_trained_pissa_dora_run_saves_an_adapter_and_merged_model_that_agree(tmp_path: Path) -> None:
+    """The lifecycle from config: train, save the adapter and (save_merged) the merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import run_cli
+
+    overrides = ["peft.use_dora=true", "peft.init_lora_weights=pissa", "trainer.max_steps=4"]
+    result = run_cli([*overrides, "save_merged=true", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours = peftc.load_adapter(tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(build_base(peftc.compile(overrides)), tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    expected = logits(theirs)
+    assert max_diff(expected, logits(build_base(peftc.compile(overrides)))) > 1e-6, "training moved the adapter"
+    assert max_diff(logits(ours), expected) <= 1e-5
+    assert max_diff(logits(merged), expected) <= 1e-5
