@@ -224,6 +224,7 @@ def read_plan(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
 def adapter_config(plan: Plan) -> dict[str, Any]:
     """adapter_config.json for a plan: peft's common fields plus the method's own."""
     from peftc import methods
+    from peftc.methods.base import PEFT_COMPAT_VERSION
 
     method = methods.get(plan.method)
     config: dict[str, Any] = {
@@ -234,6 +235,7 @@ def adapter_config(plan: Plan) -> dict[str, Any]:
         "revision": plan.spec.model.revision,
         "inference_mode": True,
         "auto_mapping": None,
+        "peft_version": PEFT_COMPAT_VERSION,
     }
     config.update(method.peft_config(plan.spec.peft, plan))
     return config
@@ -280,7 +282,7 @@ def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
         for name in names:
             plan = model.plan_of(name)
             tensors = adapter_tensors(model, name)
-            _check_layout(plan, tensors)
+            check_layout(plan, tensors)
             write_adapter_files(
                 staging if name == "default" else staging / name,
                 adapter_config(plan),
@@ -290,7 +292,7 @@ def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
     return directory
 
 
-def _check_layout(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> None:
+def check_layout(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> None:
     """The tensors written must be exactly the ones the plan promised (names and shapes)."""
     expected = {k: shape for k, (shape, _) in saved_layout(plan).items()}
     actual = {k: tuple(t.shape) for k, t in tensors.items()}

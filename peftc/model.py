@@ -121,6 +121,21 @@ class PeftcModel(nn.Module):
                 stacklevel=3,
             )
 
+    def replace_plan(self, name: str, plan: Plan) -> None:
+        """Record a new plan for an adapter whose shape changed after it was made (AdaLoRA cuts
+        its pruned ranks when training ends). The live tensors must be exactly the plan's."""
+        from peftc.io import check_layout
+
+        previous = self.plan_of(name)
+        self.plans[name] = plan
+        try:
+            check_layout(plan, self.adapter_state_dict(name))
+        except BaseException:
+            self.plans[name] = previous
+            raise
+        for site in plan.sites:
+            self.base_model.get_submodule(site.path).site_options[name] = dict(site.options)
+
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Activate one or several adapters (the active ones train and run)."""
         chosen = [names] if isinstance(names, str) else list(names)

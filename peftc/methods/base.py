@@ -197,10 +197,12 @@ class AdapterLayer(nn.Module):
     """Wraps one base layer and holds the named adapters of one method at that site.
 
     Subclasses declare `adapter_containers` (attributes that are ModuleDict/ParameterDict keyed
-    by adapter name; their names are peft's tensor names) and implement `create_adapter`,
-    `adapter_output` and, for mergeable methods, `delta_weight`. The default merge adds the
-    delta to the base weight in float32 and casts once; multiplicative methods override
-    `merge_one`/`unmerge_one`.
+    by adapter name; their names are peft's tensor names) and implement `create_adapter`, and
+    `adapter_output` (a term on the base output, LoRA) and/or `adapter_input` (a transform of
+    the base layer's input, OFT and IA3's feed-forward scaling). For merging, additive methods
+    implement `delta_weight`; others override `merged_weight`/`unmerged_weight` (the weight
+    after folding one adapter in or out, computed in float32 and cast once), and methods that
+    also change the bias extend `merge_targets` and `merge_one`/`unmerge_one`.
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ()
@@ -221,8 +223,13 @@ class AdapterLayer(nn.Module):
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
         raise NotImplementedError
 
+    def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's input as this adapter transforms it (identity unless overridden)."""
+        return x
+
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The base layer's output with this adapter's contribution (x: the original input)."""
+        return result
 
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
@@ -232,6 +239,15 @@ class AdapterLayer(nn.Module):
     ) -> None:
         """Fill adapter `name` from weighted source adapters (see Method.weighted_adapter_spec)."""
         raise NotImplementedError(f"{type(self).__name__} cannot combine adapters")
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with this adapter folded in, from a float32 `weight` the caller owns (it
+        may be updated in place: no second copy of W). Additive methods: W + delta."""
+        return weight.add_(self.delta_weight(name).to(weight.dtype))
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of `merged_weight`, under the same contract."""
+        return weight.sub_(self.delta_weight(name).to(weight.dtype))
 
     # ------------------------------------------------------------------------ lifecycle
     @property
@@ -359,25 +375,21 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merge_one(self, name: str) -> None:
         weight = self._weight()
-        delta = self.delta_weight(name)
-        if weight.dtype == torch.float32:
-            weight.data.add_(delta.to(weight.dtype))  # in place: no second copy of W
-        else:
-            weight.data = (weight.data.float() + delta.float()).to(weight.dtype)
+        # float32 weights are handed over as they are (.float() is then no copy).
+        weight.data = self.merged_weight(name, weight.data.float()).to(weight.dtype)
 
     @torch.no_grad()
     def unmerge_one(self, name: str) -> None:
         weight = self._weight()
-        weight.data = (weight.data.float() - self.delta_weight(name).float()).to(weight.dtype)
+        weight.data = self.unmerged_weight(name, weight.data.float()).to(weight.dtype)
 
     @torch.no_grad()
     def merge_is_finite(self, names: Sequence[str]) -> bool:
         """Whether merging these adapters would leave only finite weights (for safe_merge)."""
-        weight = self._weight().data.float()
-        total = weight.clone()
+        total = self._weight().data.float().clone()
         for name in names:
             if name in self.site_options and name not in self.merged_adapters:
-                total += self.delta_weight(name).float()
+                total = self.merged_weight(name, total)
         return bool(torch.isfinite(total).all())
 
     # ---------------------------------------------------------------------------- forward
@@ -388,7 +400,10 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.merged_adapters or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        layer_input = x
+        for name in self.active_adapters:
+            layer_input = self.adapter_input(name, layer_input)
+        result = self.base_layer(layer_input, *args, **kwargs)
         for name in self.active_adapters:
             result = self.adapter_output(name, x, result)
         return result

@@ -25,6 +25,8 @@ from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.graph import ModelGraph, ModuleInfo
 from peftc.methods import lora_combine, register
 from peftc.methods.base import Method, saves_embedding_weight
+from peftc.methods.common import number as _number
+from peftc.methods.common import pattern_value
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.dora import magnitude_shape
 from peftc.methods.lora_init import BASE_MUTATING, init_family, is_valid_init
@@ -137,14 +139,6 @@ class LoraSpec(SpecNode):
             raise ConfigError(
                 f"{key}.lora_bias", True, f"only works with init_lora_weights true or false (peft), not {init!r}"
             )
-
-
-def pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:
-    """peft's rule: the first pattern p with re.match(rf'(.*\\.)?({p})$', path) wins."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
-    return default
 
 
 @register
@@ -313,11 +307,6 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
         raise PlanError("peft.r", r, f"must be divisible by groups={groups} of {where} (peft)")
     if groups > 1 and spec.use_dora:
         raise PlanError("peft.use_dora", True, f"DoRA does not support grouped convolutions ({where})")
-
-
-def _number(value: float) -> float | int:
-    """peft writes integral alphas as ints; keep the file byte-compatible."""
-    return int(value) if float(value).is_integer() else value
 
 
 def _plain_list(value: Any) -> Any:

@@ -1,0 +1,104 @@
+"""Schema fields and helpers shared by the injectable methods (no method registers here).
+
+`TargetsSpec` holds what every injectable method has (which modules to adapt, which to keep
+whole); `LayeredTargetsSpec` adds the layer filter of the methods whose peft config has one.
+The helpers map these fields to and from peft's adapter_config.json.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from peftc.errors import ConfigError
+from peftc.spec import SpecNode, as_list, param
+
+if TYPE_CHECKING:
+    from peftc.plan import Plan
+
+
+@dataclass
+class TargetsSpec(SpecNode):
+    target_modules: Any = param(
+        None,
+        "Modules to adapt: a list of names or dotted suffixes, a full-match regex string, 'all-linear', or null for the model type's default.",
+    )
+    exclude_modules: Any = param(None, "Modules never adapted: list of names/suffixes or a regex string.")
+    modules_to_save: Any = param(None, "Extra modules trained in full and saved whole (e.g. a new head).")
+
+
+@dataclass
+class LayeredTargetsSpec(TargetsSpec):
+    layers_to_transform: Any = param(None, "Only adapt these layer indices (int or list).")
+    layers_pattern: Any = param(
+        None,
+        "Name of the ModuleList holding the layers (e.g. 'layers', 'h'), used with layers_to_transform.",
+    )
+
+
+def pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:
+    """peft's rule: the first pattern p with re.match(rf'(.*\\.)?({p})$', path) wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def check_patterns(key: str, rank_pattern: Mapping[str, Any] | None, alpha_pattern: Mapping[str, Any] | None) -> None:
+    """Per-module rank/alpha overrides: valid regexes, ranks >= 1, alphas > 0."""
+    for pattern, rank in (rank_pattern or {}).items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ConfigError(f"{key}.rank_pattern.{pattern}", rank, "ranks must be integers >= 1")
+    for pattern, alpha in (alpha_pattern or {}).items():
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            raise ConfigError(f"{key}.alpha_pattern.{pattern}", alpha, "alphas must be > 0")
+    for name, patterns in (("rank_pattern", rank_pattern or {}), ("alpha_pattern", alpha_pattern or {})):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{key}.{name}", pattern, f"is not a valid regex ({exc})") from exc
+
+
+def number(value: float) -> float | int:
+    """peft writes integral values as ints; keep the file byte-compatible."""
+    return int(value) if float(value).is_integer() else value
+
+
+def jsonable(value: Any) -> Any:
+    """A str-or-sequence config value as peft writes it (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return value
+
+
+def target_fields(spec: TargetsSpec, plan: Plan, defaults: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The target-selection fields of adapter_config.json. A null target_modules is written as
+    the model type's default entries, so peft selects the same modules without knowing ours."""
+    targets = spec.target_modules
+    if targets is None:
+        targets = list(defaults.get(plan.model.model_type, ()))
+    fields = {
+        "target_modules": jsonable(targets),
+        "exclude_modules": jsonable(spec.exclude_modules),
+        "modules_to_save": as_list(spec.modules_to_save),
+    }
+    if isinstance(spec, LayeredTargetsSpec):
+        fields["layers_to_transform"] = jsonable(spec.layers_to_transform)
+        fields["layers_pattern"] = jsonable(spec.layers_pattern)
+    return fields
+
+
+def target_kwargs(config: Mapping[str, Any], layered: bool = True) -> dict[str, Any]:
+    """The target-selection fields of a spec, read from a peft adapter_config.json."""
+    kwargs = {
+        "target_modules": config.get("target_modules"),
+        "exclude_modules": config.get("exclude_modules"),
+        "modules_to_save": config.get("modules_to_save"),
+    }
+    if layered:
+        kwargs["layers_to_transform"] = config.get("layers_to_transform")
+        kwargs["layers_pattern"] = config.get("layers_pattern")
+    return kwargs

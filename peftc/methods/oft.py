@@ -1,0 +1,293 @@
+"""OFT: y = W (R x), i.e. W' = W R^T, with R = blockdiag(R_1..R_r) orthogonal, r blocks of size b
+(r * b = the layer's input size; for embeddings the output rows are rotated: E' = E R).
+
+Each block is the Cayley transform of a skew-symmetric Q_i (its b(b-1)/2 upper-triangle entries
+are the trainable `oft_R.weight` row i): R_i = (I - Q_i)(I + Q_i)^-1, or by default peft 0.21's
+truncated Cayley-Neumann series I + 2Q + 2Q^2 + ... + 2Q^(n-2) + Q^(n-1) with
+n = num_cayley_neumann_terms (n = 3 is computed like n = 4, as peft does). `block_share` uses one
+Q for all blocks; COFT projects each Q into a Frobenius ball of radius eps / sqrt(rows) before
+use (in place, as peft does). Q = 0 gives R = I: the default init is an exact no-op.
+
+Merging multiplies W by R^T block by block; unmerging multiplies by (R^-1)^T computed in float64,
+so merge -> unmerge restores W to float32 rounding even when the series makes R not exactly
+orthogonal. Exactly one of r / oft_block_size is non-zero (peft's rule); a size that does not
+divide a layer is refused at plan time, naming the nearest valid sizes, unless
+`adjust_block_size=true` asks for peft's silent per-layer adjustment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.errors import ConfigError, PlanError
+from peftc.graph import ModelGraph, ModuleInfo
+from peftc.methods import register
+from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
+from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs
+from peftc.methods.defaults import LORA_TARGETS
+from peftc.plan import Plan, Site
+from peftc.spec import RunSpec, at_least, greater_than, in_range, param
+
+
+@dataclass
+class OFTSpec(LayeredTargetsSpec):
+    r: int = param(0, "Number of orthogonal blocks per layer; 0: derived from oft_block_size.", at_least(0))
+    oft_block_size: int = param(
+        32, "Size b of each orthogonal block (r x b = input size); 0: derived from r.", at_least(0)
+    )
+    module_dropout: float = param(
+        0.0, "Training only: replace this share of the blocks by the identity.", in_range(0.0, 1.0)
+    )
+    coft: bool = param(False, "Constrained OFT: keep each Q within a ball of radius eps.")
+    eps: float = param(6e-5, "COFT's radius (scaled by 1/sqrt(number of blocks)).", greater_than(0.0))
+    block_share: bool = param(False, "One rotation shared by all blocks of a layer.")
+    use_cayley_neumann: bool = param(
+        True, "Truncated Neumann series instead of the exact (matrix-inverse) Cayley transform."
+    )
+    num_cayley_neumann_terms: int = param(5, "Terms of the Neumann series.", at_least(1))
+    init_weights: bool = param(True, "true: Q = 0, R = I (no-op); false: Q ~ N(0, 0.1) (not a no-op).")
+    adjust_block_size: bool = param(
+        False,
+        "When r / oft_block_size does not divide a layer: false refuses the plan; true adjusts it per layer to the nearest divisor (peft's behaviour).",
+    )
+
+    def cross_check(self, key: str, run: RunSpec | None) -> None:
+        if (self.r == 0) == (self.oft_block_size == 0):
+            raise ConfigError(
+                f"{key}.r",
+                self.r,
+                f"set exactly one of {key}.r and {key}.oft_block_size (now oft_block_size={self.oft_block_size}); r x oft_block_size = the input size",
+                f"e.g. {key}.oft_block_size=0 {key}.r={self.r or 4}, or {key}.r=0 {key}.oft_block_size=32",
+            )
+
+
+def nearest_divisor(size: int, wanted: int) -> int:
+    """peft's adjustment: the divisor of `size` closest to `wanted` (ties go to the smaller)."""
+    if wanted >= size:
+        return size
+    higher = wanted
+    while higher <= size and size % higher:
+        higher += 1
+    lower = wanted
+    while lower > 1 and size % lower:
+        lower -= 1
+    return lower if wanted - lower <= higher - wanted else higher
+
+
+def block_layout(spec: OFTSpec, size: int, path: str) -> tuple[int, int]:
+    """(number of blocks, block size) for a layer whose rotated dimension is `size`."""
+    key, wanted = ("peft.oft_block_size", spec.oft_block_size) if spec.r == 0 else ("peft.r", spec.r)
+    if size % wanted or wanted > size:
+        if not spec.adjust_block_size:
+            lower, higher = nearest_divisor(size, max(1, wanted - 1)), nearest_divisor(size, wanted)
+            options = sorted({lower, higher, nearest_divisor(size, wanted)})
+            raise PlanError(
+                key,
+                wanted,
+                f"does not divide {size}, the rotated size of {path}",
+                f"use a divisor of {size} such as {' or '.join(map(str, options))}, "
+                "or peft.adjust_block_size=true to adjust it per layer as peft does",
+            )
+        wanted = nearest_divisor(size, wanted)
+    return (size // wanted, wanted) if spec.r == 0 else (wanted, size // wanted)
+
+
+# ------------------------------------------------------------------------------- the rotation
+def skew(vector: torch.Tensor, size: int) -> torch.Tensor:
+    """(rows, size(size-1)/2) upper-triangle entries -> (rows, size, size) skew-symmetric Q."""
+    rows, cols = torch.triu_indices(size, size, 1, device=vector.device)
+    matrix = torch.zeros(vector.shape[0], size, size, device=vector.device, dtype=vector.dtype)
+    matrix[:, rows, cols] = vector
+    return matrix - matrix.transpose(-2, -1)
+
+
+def cayley(vector: torch.Tensor, size: int, neumann: bool, terms: int) -> torch.Tensor:
+    """The orthogonal blocks R from the Q entries (see the module docstring for the series)."""
+    q = skew(vector, size)
+    eye = torch.eye(size, device=q.device, dtype=q.dtype).expand_as(q)
+    if not neumann:
+        return torch.linalg.solve(eye + q, eye - q, left=False)
+    rotation = eye.clone()
+    if terms > 1:
+        rotation = rotation + 2.0 * q
+    if terms > 2:
+        power = q @ q
+        rotation = rotation + 2.0 * power
+        for _ in range(3, terms - 1):
+            power = power @ q
+            rotation = rotation + 2.0 * power
+        rotation = rotation + power @ q
+    return rotation
+
+
+@torch.no_grad()
+def project_(weight: torch.Tensor, size: int, eps: float) -> None:
+    """COFT: scale each block's Q down to Frobenius norm eps / sqrt(rows) when it is larger."""
+    radius = eps / float(torch.sqrt(torch.tensor(float(weight.shape[0]))))
+    q = skew(weight, size)
+    norm = torch.norm(q, dim=(1, 2), keepdim=True)
+    projected = torch.where(norm <= radius, q, radius * (q / norm))
+    rows, cols = torch.triu_indices(size, size, 1, device=weight.device)
+    weight.copy_(projected[:, rows, cols])
+
+
+class Rotation(nn.Module):
+    """Holds one adapter's Q entries as `.weight` (peft's saved name: `oft_R.weight`)."""
+
+    def __init__(self, rows: int, entries: int, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, entries, device=device))
+
+
+class OFTLayer(AdapterLayer):
+    adapter_containers = ("oft_R", "oft_embedding_R")
+
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
+        super().__init__(base_layer, kind)
+        self.oft_R = nn.ModuleDict()
+        self.oft_embedding_R = nn.ModuleDict()
+
+    def _container(self) -> nn.ModuleDict:
+        return self.oft_embedding_R if self.kind == "embedding" else self.oft_R
+
+    def create_adapter(self, name: str, site: Site, init: bool) -> None:
+        ((suffix, shape),) = site.tensors.items()
+        rotation = Rotation(*shape, device=self.base_layer.weight.device)
+        if not (init and site.options["init"]):
+            nn.init.normal_(rotation.weight, mean=0.0, std=0.1)
+        self._container()[name] = rotation
+
+    def blocks(self, name: str) -> torch.Tensor:
+        """(r, b, b): this adapter's orthogonal blocks."""
+        options = self.site_options[name]
+        weight = self._container()[name].weight
+        if options["coft"]:
+            project_(weight, options["block_size"], options["eps"])
+        rotation = cayley(weight, options["block_size"], options["neumann"], options["terms"])
+        if options["block_share"]:
+            rotation = rotation.expand(options["blocks"], -1, -1)
+        if self.training and options["module_dropout"] > 0:
+            rotation = _drop_blocks(rotation, options["module_dropout"])
+        return rotation
+
+    def _rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        rotation = self.blocks(name)
+        blocks, size = rotation.shape[0], rotation.shape[-1]
+        rotated = torch.einsum("...rk,rkc->...rc", x.to(rotation.dtype).reshape(*x.shape[:-1], blocks, size), rotation)
+        return rotated.reshape(x.shape).to(x.dtype)
+
+    def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x if self.kind == "embedding" else self._rotate(name, x)
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return self._rotate(name, result) if self.kind == "embedding" else result
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._apply(weight, self.blocks(name).float())
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        inverse = torch.linalg.inv(self.blocks(name).double())
+        return self._apply(weight.double(), inverse).to(weight.dtype)
+
+    def _apply(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Linear: W (out, in) -> W blockdiag(M)^T; embedding: E (num, dim) -> E blockdiag(M)."""
+        count, size = blocks.shape[0], blocks.shape[-1]
+        split = weight.reshape(weight.shape[0], count, size)
+        pattern = "nrk,rkc->nrc" if self.kind == "embedding" else "orb,rcb->orc"
+        return torch.einsum(pattern, split, blocks.to(weight.dtype)).reshape(weight.shape)
+
+
+def _drop_blocks(rotation: torch.Tensor, share: float) -> torch.Tensor:
+    """Multiplicative dropout: int(share * blocks) random blocks become the identity. (peft 0.21
+    builds this layer but never calls it; peftc applies the option as documented.)"""
+    count = rotation.shape[0]
+    dropped = int(share * count)
+    if count == 1 or dropped == 0:
+        return rotation
+    mask = torch.zeros(count, 1, 1, device=rotation.device, dtype=rotation.dtype)
+    mask[torch.randperm(count, device=rotation.device)[:dropped]] = 1.0
+    eye = torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
+    return (1 - mask) * rotation + mask * eye
+
+
+@register
+class OFT(Method):
+    name = "oft"
+    peft_type = "OFT"
+    schema = OFTSpec
+    layer_class = OFTLayer
+    supported_kinds = frozenset({"linear", "embedding"})
+    default_targets = LORA_TARGETS  # peft copies LoRA's table for OFT
+    tensor_prefix = "oft_"
+
+    def plan_site(self, spec: OFTSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
+        embedding = module.kind == "embedding"
+        size = module.out_features if embedding else module.in_features
+        blocks, block_size = block_layout(spec, size, module.path)
+        rows = 1 if spec.block_share else blocks
+        suffix = "oft_embedding_R.weight" if embedding else "oft_R.weight"
+        options = {
+            "blocks": blocks,
+            "block_size": block_size,
+            "coft": spec.coft,
+            "eps": spec.eps,
+            "block_share": spec.block_share,
+            "neumann": spec.use_cayley_neumann,
+            "terms": spec.num_cayley_neumann_terms,
+            "module_dropout": spec.module_dropout,
+            "init": spec.init_weights,
+        }
+        if saves_embedding_weight(spec.target_modules, module, graph):
+            options["save_base_weight"] = True
+        tensors = {suffix: (rows, block_size * (block_size - 1) // 2)}
+        return Site(
+            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+        )
+
+    def peft_config(self, spec: OFTSpec, plan: Plan) -> dict[str, Any]:
+        return {
+            **target_fields(spec, plan, LORA_TARGETS),
+            "r": spec.r,
+            "oft_block_size": spec.oft_block_size,
+            "module_dropout": spec.module_dropout,
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "init_weights": spec.init_weights,
+            "coft": spec.coft,
+            "eps": spec.eps,
+            "block_share": spec.block_share,
+            "use_cayley_neumann": spec.use_cayley_neumann,
+            "num_cayley_neumann_terms": spec.num_cayley_neumann_terms,
+        }
+
+    def spec_from_peft_config(self, config: Mapping[str, Any]) -> OFTSpec:
+        if "oft_block_size" not in config:
+            from peftc.errors import AdapterFileError
+
+            raise AdapterFileError(
+                "adapter_config.json",
+                "OFT adapter without 'oft_block_size' (written by peft < 0.14, an incompatible format)",
+                "retrain the adapter with a current peft or peftc",
+            )
+        if config.get("bias", "none") != "none":
+            from peftc.errors import AdapterFileError
+
+            raise AdapterFileError("adapter_config.json", f"OFT bias={config['bias']!r} is not supported by peftc")
+        return OFTSpec(
+            **target_kwargs(config),
+            r=int(config.get("r", 0)),
+            oft_block_size=int(config.get("oft_block_size", 32)),
+            module_dropout=float(config.get("module_dropout", 0.0) or 0.0),
+            coft=bool(config.get("coft", False)),
+            eps=float(config.get("eps", 6e-5)),
+            block_share=bool(config.get("block_share", False)),
+            use_cayley_neumann=bool(config.get("use_cayley_neumann", True)),
+            num_cayley_neumann_terms=int(config.get("num_cayley_neumann_terms", 5)),
+            init_weights=bool(config.get("init_weights", True)),
+            adjust_block_size=True,  # peft wrote it: its per-layer adjustment applies
+        )
