@@ -108,6 +108,12 @@ class IA3Layer(AdapterLayer):
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight / _safe_divisor(self._weight_factor(name))
 
+    def merge_targets(self, names: Sequence[str]) -> tuple[str, ...]:
+        scales_bias = getattr(self.base_layer, "bias", None) is not None and not all(
+            self._feedforward(n) for n in names
+        )
+        return ("weight", "bias") if scales_bias else ("weight",)
+
     @torch.no_grad()
     def merge_one(self, name: str) -> None:
         super().merge_one(name)
