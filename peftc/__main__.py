@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 
 from peftc.compose import CONFIG_NAME, VERSION_BASE, compose, import_registries
 from peftc.errors import PeftcError
-from peftc.spec import to_spec
+from peftc.spec import RunSpec, to_spec
 
 # Hydra flags that take a value, and flags that stop before any job runs.
 _VALUE_FLAGS = {
@@ -60,18 +61,60 @@ def main() -> None:
         except PeftcError as exc:
             fail(exc)
     hydra_main()
+    report_failed_jobs()
 
 
 def preflight(argv: list[str]) -> None:
-    """Compose and validate every job of this invocation before anything runs."""
+    """Compose and validate every job of this invocation before anything runs.
+
+    `explain=true` prints where each value came from and `-m ... dry_run=true` previews the
+    whole sweep; both exit here, before Hydra launches anything.
+    """
     overrides, multirun = split_argv(argv)
-    for job in expand_jobs(overrides) if multirun else [overrides]:
-        try:
-            to_spec(compose(job))
-        except PeftcError as exc:
+    jobs = [check_job(job) for job in (expand_jobs(overrides) if multirun else [overrides])]
+    valid = [job.spec for job in jobs if job.spec is not None]
+    if any(spec.explain for spec in valid):
+        from peftc.explain import print_explanations
+
+        print_explanations([job.overrides for job in jobs])
+        sys.exit(0)
+    if multirun and (any(spec.dry_run for spec in valid) or _asks_dry_run(overrides)):
+        from peftc.preview import preview
+
+        sys.exit(preview(jobs))
+    for job in jobs:
+        if job.error is not None:
             if multirun:
-                exc.args = (f"sweep job ({' '.join(job) or 'defaults'}): {exc}",)
-            raise
+                job.error.args = (f"sweep job ({' '.join(job.overrides) or 'defaults'}): {job.error}",)
+            raise job.error
+
+
+@dataclass
+class CheckedJob:
+    overrides: list[str]
+    spec: RunSpec | None
+    error: PeftcError | None
+
+
+def check_job(overrides: list[str]) -> CheckedJob:
+    try:
+        return CheckedJob(overrides, to_spec(compose(overrides)), None)
+    except PeftcError as exc:
+        return CheckedJob(overrides, None, exc)
+
+
+def _asks_dry_run(overrides: list[str]) -> bool:
+    return any(o.lstrip("+").lower() in ("dry_run=true", "dry_run=1") for o in overrides)
+
+
+def report_failed_jobs() -> None:
+    """After a multirun whose summary recorded failed jobs: say so and exit with status 1."""
+    from peftc import sweep
+
+    if sweep.last_failures:
+        jobs = ", ".join(str(r.get("job")) for r in sweep.last_failures)
+        print(f"error: {len(sweep.last_failures)} sweep job(s) failed ({jobs}); see sweep_summary.csv", file=sys.stderr)
+        sys.exit(1)
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], bool]:
@@ -130,6 +173,21 @@ def hydra_main(cfg: DictConfig) -> Any:
             print(f"error: {exc}", file=sys.stderr)
             return {"status": "failed", "error": str(exc)}
         fail(exc)
+    except Exception as exc:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # One broken job is a row of the sweep summary, not the end of the sweep.
+        return failed_job(exc, Path(hydra_cfg.runtime.output_dir))
+
+
+def failed_job(exc: Exception, job_dir: Path) -> dict[str, Any]:
+    import traceback
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    message = f"{type(exc).__name__}: {exc}"
+    print(f"error: job failed: {message} (traceback in {job_dir / 'error.txt'})", file=sys.stderr)
+    return {"status": "failed", "error": message}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     from peftc.graph import ModelGraph
@@ -76,7 +76,65 @@ def _head_missing(ctx: Context) -> bool:
 VIRTUAL_TOKEN_METHODS = _set("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
 ADAPTION_PROMPT_FAMILIES = ("llama", "mistral", "gpt2")
 
+
+# Lightning 2.6's registered strategy names (a test keeps this list in step with Lightning).
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "ddp_find_unused_parameters_false",
+    "ddp_find_unused_parameters_true",
+    "ddp_fork",
+    "ddp_notebook",
+    "ddp_spawn",
+    "deepspeed",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme",
+    "fsdp",
+    "fsdp_cpu_offload",
+    "single_device",
+    "xla",
+)
+
+
+def _on_cpu(ctx: Context) -> bool:
+    return ctx.run.trainer.accelerator == "cpu"
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
 RULES: list[Rule] = [
+    Rule(
+        key="trainer.strategy",
+        reason="is not a Lightning strategy",
+        suggestion="known: " + ", ".join(STRATEGIES),
+        when=lambda ctx: ctx.strategy not in STRATEGIES,
+    ),
+    Rule(
+        key="trainer.strategy",
+        reason="Lightning's FSDP strategy requires a GPU accelerator (trainer.accelerator=cpu here)",
+        suggestion="use trainer=ddp_cpu (DDP, gloo) on CPU, or trainer.accelerator=gpu for FSDP",
+        when=lambda ctx: ctx.strategy.startswith("fsdp") and _on_cpu(ctx),
+    ),
+    Rule(
+        key="trainer.strategy",
+        reason="the DeepSpeed strategy needs the deepspeed package, which is not installed",
+        suggestion="pip install deepspeed (CUDA GPUs only), or use trainer.strategy=ddp",
+        when=lambda ctx: ctx.strategy.startswith("deepspeed") and _missing("deepspeed"),
+    ),
+    Rule(
+        key="trainer.strategy",
+        reason="Lightning's DeepSpeed strategy runs only on CUDA GPUs (trainer.accelerator=cpu here)",
+        suggestion="use trainer=ddp_cpu on CPU, or trainer.accelerator=gpu with DeepSpeed",
+        when=lambda ctx: ctx.strategy.startswith("deepspeed") and _on_cpu(ctx),
+    ),
     Rule(
         key="model",
         reason="causal_lm trains a decoder-only model, but this model is encoder-decoder",
@@ -156,5 +214,9 @@ def check(ctx: Context) -> None:
                 "peft": ctx.method,
                 "task": ctx.task,
                 "quant": ctx.quant,
+                "trainer": ctx.strategy,
             }.get(rule.key.split(".")[0])
-            raise ConfigError(rule.key, value, rule.reason, rule.suggestion)
+            suggestion = rule.suggestion
+            if rule.key == "trainer.strategy" and ctx.strategy not in STRATEGIES:
+                suggestion = did_you_mean(ctx.strategy, STRATEGIES) or suggestion
+            raise ConfigError(rule.key, value, rule.reason, suggestion)

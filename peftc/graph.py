@@ -275,7 +275,8 @@ def meta_graph(model: ModelSpec, auto_class_name: str, extra_config: dict[str, A
     from peftc.loading import head_class, hf_config
 
     config = hf_config(model, extra_config)
-    key = (auto_class_name, json.dumps(config.to_dict(), sort_keys=True, default=str))
+    # The dtype is part of the key: the same config in bfloat16 has half the parameter bytes.
+    key = (auto_class_name, model.dtype, json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key not in _META_GRAPHS:
         with torch.device("meta"):
             meta = head_class(auto_class_name, config).from_config(config, dtype=getattr(torch, model.dtype))
@@ -285,7 +286,7 @@ def meta_graph(model: ModelSpec, auto_class_name: str, extra_config: dict[str, A
     return _META_GRAPHS[key]
 
 
-_META_GRAPHS: dict[tuple[str, str], ModelGraph] = {}
+_META_GRAPHS: dict[tuple[str, str, str], ModelGraph] = {}
 
 
 def layer_index(path: str, layers_pattern: tuple[str, ...] | None = None) -> int | None:

@@ -19,7 +19,7 @@ from peftc.spec import RunSpec, plain
 
 PLAN_FORMAT = 1
 # Run-level switches that do not change what is trained.
-_RUN_ONLY_KEYS = ("dry_run", "output_dir")
+_RUN_ONLY_KEYS = ("dry_run", "output_dir", "explain", "budget")
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -102,11 +102,19 @@ class MemoryEstimate:
     gradients: int
     optimizer_state: int
     activations: int
+    prefix_kv: int = 0  # prefix tuning's per-layer key/value prefixes, expanded over the batch
     notes: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
-        return self.base_weights + self.adapter_weights + self.gradients + self.optimizer_state + self.activations
+        return (
+            self.base_weights
+            + self.adapter_weights
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.prefix_kv
+        )
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,9 @@ class Plan:
         data.update({k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()})
         data["trainable_percent"] = round(self.trainable_percent, 6)
         data["memory"]["total"] = self.memory.total
+        from peftc.memory import budget_verdict
+
+        data["memory"]["budget"] = budget_verdict(self)
         data["fingerprint"] = self.fingerprint
         data["adapter_fingerprint"] = self.adapter_fingerprint
         return data
@@ -157,7 +168,19 @@ class Plan:
         body = {k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()}
         for key in _RUN_ONLY_KEYS:
             body["spec"].pop(key, None)
+        body["spec"]["peft"] = self._method_config(body["spec"]["peft"])
         return _digest(body)
+
+    def _method_config(self, raw: dict[str, Any]) -> Any:
+        """The method's settings as its adapter_config.json records them (resolved: null
+        target_modules become the names the planner chose), so that two spellings of the same
+        adapter (`target_modules=null` and the model's default list) share a fingerprint."""
+        from peftc import methods
+
+        try:
+            return _jsonable(methods.get(self.method).peft_config(self.spec.peft, self))
+        except NotImplementedError:
+            return raw
 
     @property
     def adapter_fingerprint(self) -> str:

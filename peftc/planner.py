@@ -88,7 +88,8 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             base_bytes,
             adapter_params * memory.FP32 + saved_params * dtype_bytes,
             adapter_params + saved_params + unfrozen_params,
-            prompt.num_virtual_tokens if prompt else 0,
+            prompt=prompt,
+            sites=sites,
         ),
         spec=run,
     )

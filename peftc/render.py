@@ -31,6 +31,7 @@ def _shape(tensors: dict[str, tuple[int, ...]]) -> str:
 def plan_renderables(plan: Plan) -> list[Any]:
     from rich.table import Table
 
+    from peftc.memory import GIB, budget_verdict
     from peftc.plan import group_sites
 
     title = f"peftc plan  {plan.method} ({plan.peft_type}) · {plan.task} ({plan.task_type}) · {plan.model.name} [{plan.model.model_class}, {plan.model.dtype}]"
@@ -107,8 +108,19 @@ def plan_renderables(plan: Plan) -> list[Any]:
         "training memory (est.)",
         f"{human_bytes(mem.total)} = base {human_bytes(mem.base_weights)} + adapter {human_bytes(mem.adapter_weights)} + grads {human_bytes(mem.gradients)} + optimizer {human_bytes(mem.optimizer_state)} + activations {human_bytes(mem.activations)}",
     )
+    if mem.prefix_kv:
+        summary.add_row("", f"+ prefix key/values {human_bytes(mem.prefix_kv)}")
     for note in mem.notes:
         summary.add_row("", note)
+    verdict = budget_verdict(plan)
+    if verdict is not None:
+        margin = human_bytes(abs(verdict["margin_gb"]) * GIB)
+        summary.add_row(
+            "memory budget",
+            f"fits in budget.memory_gb={verdict['budget_gb']:g} ({margin} to spare)"
+            if verdict["fits"]
+            else f"does NOT fit budget.memory_gb={verdict['budget_gb']:g}: {margin} over",
+        )
     summary.add_row("fingerprint", f"{plan.fingerprint} (adapter {plan.adapter_fingerprint})")
     out.append(summary)
     out.extend(f"warning: {w}" for w in plan.warnings)

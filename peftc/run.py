@@ -22,18 +22,25 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     """Run one job; returns a summary row (plan facts, final metrics, wall time)."""
     started = time.perf_counter()
     plan = planner.plan(run)
-    print_plan(plan)
+    # Under a multi-process strategy every rank runs this job; only rank 0 prints and writes.
+    lead = is_global_zero()
+    if lead:
+        print_plan(plan)
     summary: dict[str, Any] = {
         "fingerprint": plan.fingerprint,
         "trainable_params": plan.trainable_params,
         "total_params": plan.total_params,
+        "memory_estimate_bytes": plan.memory.total,
     }
     if run.dry_run:
         return {**summary, "status": "planned"}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
+    if lead:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
     metrics = train(plan, output_dir)
     summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
+    if not is_global_zero():
+        return summary
     write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
     print(f"done in {summary['wall_time_s']:.1f}s: {shown}\nadapter saved to {output_dir / ADAPTER_DIR}")
@@ -53,6 +60,8 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
     model = materialize(plan)
     tokenizer = load_tokenizer(run.model)
     metrics = fit(model, plan, output_dir, tokenizer)
+    if not is_global_zero():
+        return metrics
     if run.predict_samples:
         # what the trained model predicts before saving: a reloaded adapter must predict the same
         write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
@@ -62,6 +71,23 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
         merged.save_pretrained(output_dir / MERGED_DIR)
         tokenizer.save_pretrained(output_dir / MERGED_DIR)
     return metrics
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 of its job (always, without a multi-process strategy).
+
+    Lightning's rank (set by the strategy once processes are connected) wins; before that, the
+    launcher's environment: RANK (torchrun, SLURM setups) or NODE_RANK/LOCAL_RANK (Lightning's
+    own subprocess launcher starts ranks > 0 with LOCAL_RANK set)."""
+    import os
+    import sys
+
+    if "lightning" in sys.modules:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return False
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "NODE_RANK", "LOCAL_RANK"))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

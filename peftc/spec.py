@@ -310,6 +310,15 @@ class TrainerSpec(SpecNode):
 
 
 @dataclass
+class BudgetSpec(SpecNode):
+    memory_gb: float | None = param(
+        None,
+        "Training memory available per device in GiB; the plan says whether its estimate fits and by how much.",
+        greater_than(0.0),
+    )
+
+
+@dataclass
 class RunSpec(SpecNode):
     """The whole composed run: one option per group plus run-level switches."""
 
@@ -329,6 +338,8 @@ class RunSpec(SpecNode):
     predict_samples: int = param(
         4, "After training, predict the first N validation examples into predictions.jsonl (0: none).", at_least(0)
     )
+    explain: bool = param(False, "Print where every config value came from (file, group option, override) and exit.")
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
 
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = GROUPS
 
@@ -426,8 +437,25 @@ def unknown_key_error(full_key: str, name: str, schema: type | None) -> ConfigEr
             f"to add an entry to this mapping, write +{full_key}=<value>",
         )
     fields = [f.name for f in dataclasses.fields(schema)]
-    hint = did_you_mean(name, fields) or "known keys: " + ", ".join(fields)
-    return ConfigError(full_key, None, f"unknown key for {where} ({schema.__name__})", hint)
+    hints = [did_you_mean(name, fields) or "known keys: " + ", ".join(fields)]
+    owners = _options_with_key(where, name, schema)
+    if owners:
+        hints.append(
+            f"{full_key} is a key of {where}={', '.join(owners)}; pick one of those with {where}=<name>"
+            if len(owners) > 1
+            else f"{full_key} is a key of {where}={owners[0]}; select it with {where}={owners[0]}"
+        )
+    return ConfigError(full_key, None, f"unknown key for {where} ({schema.__name__})", "; ".join(hints))
+
+
+def _options_with_key(group: str, name: str, chosen: type) -> list[str]:
+    """Other options of a config group whose schema has this key (`peft.r` under prompt
+    tuning: lora, adalora, ... have an `r`)."""
+    return sorted(
+        option
+        for option, schema in schemas(group).items()
+        if schema is not chosen and name in {f.name for f in dataclasses.fields(schema)}
+    )
 
 
 def describe(schema: type) -> Iterator[tuple[str, Any, str]]:

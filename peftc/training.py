@@ -12,12 +12,14 @@ import math
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from peftc import methods, tasks
 
@@ -165,14 +167,17 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
         batch.update(method_inputs(examples, extras))
         return batch
 
-    generator = torch.Generator().manual_seed(run.seed)
+    # The sampler owns its generator: the first epoch's order is then randperm(n) seeded with
+    # run.seed, exactly the order Lightning's DistributedSampler (seed = run.seed) deals out
+    # across ranks, so k processes with batch b see the same examples per step as one with k*b.
+    sampler = RandomSampler(train, generator=torch.Generator().manual_seed(run.seed))
     train_loader = DataLoader(
         train,
         batch_size=run.data.batch_size,
-        shuffle=True,
+        sampler=sampler,
         collate_fn=collate,
         num_workers=run.data.num_workers,
-        generator=generator,
+        generator=torch.Generator().manual_seed(run.seed),
     )
     val_loader = (
         DataLoader(
@@ -223,11 +228,45 @@ def fit(model: PeftcModel, plan: Plan, output_dir: Path, tokenizer: Any) -> dict
     callbacks = methods.get(plan.method).callbacks(model, plan)
     trainer = build_trainer(plan, output_dir, callbacks)
     train_loader, val_loader = dataloaders(plan, tokenizer)
-    trainer.fit(module, train_loader, val_loader)
+    with ranks_rerun_this_job(output_dir):
+        trainer.fit(module, train_loader, val_loader)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if val_loader is not None:
         for result in trainer.validate(module, val_loader, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
     metrics["steps"] = float(trainer.global_step)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The next job of a multirun starts its own ranks; a live group would hang it.
+        torch.distributed.destroy_process_group()
     model.eval()
     return metrics
+
+
+@contextmanager
+def ranks_rerun_this_job(output_dir: Path) -> Iterator[None]:
+    """Lightning's DDP launcher starts ranks > 0 by re-running `sys.argv` with
+    hydra.run.dir set from the Hydra config. In a multirun that command line is the whole sweep
+    and run.dir is not this job's directory, so for the duration of fit the command line is
+    this job's own overrides (plus no log files: only rank 0 writes) and run.dir its output dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    saved_argv, saved_dir = sys.argv[:], hydra_cfg.run.dir
+    sys.argv = [
+        sys.argv[0],
+        *hydra_cfg.overrides.task,
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = str(output_dir)
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_dir

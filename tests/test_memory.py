@@ -1,0 +1,98 @@
+"""The plan's memory estimate: its parts, the budget verdict, and its error against measured
+peak RSS of real training steps (in subprocesses, so other tests' memory does not count)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc import memory
+from peftc.graph import meta_graph
+from peftc.plan import PromptPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+
+def test_gradient_checkpointing_keeps_only_block_inputs() -> None:
+    off = peftc.compile(["data.batch_size=4"]).memory
+    on = peftc.compile(["data.batch_size=4", "trainer.gradient_checkpointing=true"]).memory
+    assert on.activations < off.activations and on.base_weights == off.base_weights
+
+
+def test_estimate_scales_with_batch_and_dtype() -> None:
+    small, large = (peftc.compile([f"data.batch_size={b}"]).memory for b in (2, 8))
+    assert large.activations == 4 * small.activations
+    fp32, bf16 = (peftc.compile([f"model.dtype={d}"]) for d in ("float32", "bfloat16"))
+    assert bf16.memory.base_weights * 2 == fp32.memory.base_weights == fp32.model.base_bytes
+
+
+def test_trainable_state_is_weights_grads_and_two_adamw_moments() -> None:
+    plan = peftc.compile(["peft.r=16"])
+    assert plan.memory.gradients == 4 * plan.trainable_params
+    assert plan.memory.optimizer_state == 2 * plan.memory.gradients
+
+
+def test_budget_verdict_says_whether_it_fits_and_by_how_much() -> None:
+    tight = peftc.compile(["budget.memory_gb=0.001"])
+    roomy = peftc.compile(["budget.memory_gb=4"])
+    assert tight.to_dict()["memory"]["budget"]["fits"] is False
+    assert tight.to_dict()["memory"]["budget"]["margin_gb"] == pytest.approx(
+        0.001 - tight.memory.total / 1024**3, abs=1e-4
+    )
+    assert roomy.to_dict()["memory"]["budget"]["fits"] is True
+    assert "does NOT fit budget.memory_gb=0.001" in str(tight) and "fits in budget.memory_gb=4" in str(roomy)
+    with pytest.raises(peftc.ConfigError, match="budget.memory_gb=-1.0: must be > 0"):
+        peftc.compile(["budget.memory_gb=-1"])
+
+
+def _prompt(width: int, tokens: int = 8) -> PromptPlan:
+    return PromptPlan("test", tokens, 32, 2, 2, 1, {"embedding.weight": (tokens, width)})
+
+
+def test_prefix_tuning_adds_key_values_per_layer_and_input_prompts_lengthen_the_sequence() -> None:
+    plan = peftc.compile(["data.batch_size=4"])
+    run, graph = plan.spec, meta_graph(plan.spec.model, "AutoModelForCausalLM", {})
+    args = (run, graph, plan.memory.base_weights, 0, 0)
+    prefix = memory.estimate(*args, prompt=_prompt(width=2 * 2 * 32))  # layers x 2 x kv width
+    prompt = memory.estimate(*args, prompt=_prompt(width=64))
+    plain = memory.estimate(*args)
+    assert prefix.prefix_kv == 4 * 8 * 2 * 2 * 32 * 4 and prompt.prefix_kv == 0
+    assert prefix.activations > plain.activations and prompt.activations > plain.activations
+
+
+def test_sharding_strategies_divide_what_they_shard() -> None:
+    plan = peftc.compile([])
+    run = plan.spec.replace(trainer=plan.spec.trainer.replace(strategy="fsdp", devices=2, accelerator="gpu"))
+    graph = meta_graph(run.model, "AutoModelForCausalLM", {})
+    sharded = memory.estimate(run, graph, plan.memory.base_weights, plan.memory.adapter_weights, plan.trainable_params)
+    assert sharded.base_weights == plan.memory.base_weights // 2 and sharded.activations == plan.memory.activations
+
+
+# Stated error of the estimate against live peak memory (see experiments/RESULTS.md).
+TOLERANCE = 0.15
+SMALL_LLAMA = [
+    "model.config.hidden_size=256",
+    "model.config.intermediate_size=688",
+    "model.config.num_hidden_layers=4",
+    "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=4",
+    "model.config.vocab_size=4096",
+    "data.max_length=128",
+    "data.batch_size=8",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [SMALL_LLAMA, [*SMALL_LLAMA, "peft.target_modules=all-linear", "trainer.gradient_checkpointing=true"]],
+    ids=["lora-qv", "lora-all-linear-grad-ckpt"],
+)
+def test_estimate_is_within_stated_error_of_measured_peak_rss(overrides: list[str]) -> None:
+    from measure_memory import measure_in_subprocess
+
+    result = measure_in_subprocess(overrides, steps=2, live=True)
+    assert abs(result["error"]) <= TOLERANCE, result

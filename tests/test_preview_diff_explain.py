@@ -1,0 +1,115 @@
+"""Sweep preview, plan diff, explain and method-scoped key errors: all before any weights load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+import peftc
+from peftc.__main__ import check_job, expand_jobs
+from peftc.diff import diff_plans
+from peftc.diff import main as diff_main
+from peftc.explain import explain
+from peftc.preview import preview_rows
+from peftc.spec import _SCHEMAS, SpecNode, param, register_schema
+
+
+def test_preview_flags_a_duplicate_plan_and_an_invalid_point() -> None:
+    # target_modules=null resolves to Llama's default [q_proj, v_proj]: the same plan twice.
+    jobs = [check_job(j) for j in expand_jobs(["peft.target_modules=null,[q_proj,v_proj],[q_prj]", "peft.r=4"])]
+    rows = preview_rows(jobs)
+    assert [r.status for r in rows] == ["ok", "duplicate", "invalid"]
+    assert rows[1].duplicate_of == 0 and rows[1].plan.fingerprint == rows[0].plan.fingerprint
+    assert "did you mean 'q_proj'" in str(rows[2].error)
+
+
+def test_preview_keeps_a_compose_error_as_an_invalid_row() -> None:
+    rows = preview_rows([check_job(j) for j in expand_jobs(["peft.r=4,0"])])
+    assert [r.status for r in rows] == ["ok", "invalid"] and "must be >= 1" in str(rows[1].error)
+
+
+def test_plans_that_differ_in_what_they_train_have_different_fingerprints() -> None:
+    fingerprints = {peftc.compile([f"peft.r={r}"]).fingerprint for r in (4, 8)}
+    fingerprints.add(peftc.compile(["peft.r=8", "trainer.lr=0.01"]).fingerprint)
+    assert len(fingerprints) == 3
+    # Run-only switches (dry run, budget, explain) do not change what is trained.
+    assert peftc.compile(["budget.memory_gb=1", "dry_run=true"]).fingerprint == peftc.compile([]).fingerprint
+
+
+def test_plan_diff_lists_sites_parameters_memory_and_adapter_compatibility() -> None:
+    a = peftc.compile(["peft.r=8"])  # q_proj, v_proj in 2 layers
+    b = peftc.compile(["peft.r=16", "peft.target_modules=[q_proj,k_proj]"])
+    diff = diff_plans(a, b)
+    assert sorted(s.path.rsplit(".", 1)[-1] for s in diff.added) == ["k_proj", "k_proj"]
+    assert sorted(s.path.rsplit(".", 1)[-1] for s in diff.removed) == ["v_proj", "v_proj"]
+    assert [pair[0].path.rsplit(".", 1)[-1] for pair in diff.changed] == ["q_proj", "q_proj"]
+    assert diff.changed[0][1].tensors["lora_A.weight"] == (16, 64)
+    assert diff.trainable_delta == b.trainable_params - a.trainable_params > 0
+    assert diff.memory_delta == b.memory.total - a.memory.total > 0
+    assert not diff.loads and any("only in A" in p and "v_proj" in p for p in diff.load_problems)
+    assert diff.config["peft.r"] == (8, 16)
+
+
+def test_plan_diff_says_an_adapter_loads_when_only_settings_differ() -> None:
+    a = peftc.compile(["peft.target_modules=null"])
+    b = peftc.compile(["peft.target_modules=[q_proj,v_proj]", "peft.lora_alpha=16"])
+    diff = diff_plans(a, b)
+    assert diff.loads and not diff.added and not diff.removed
+    assert a.adapter_fingerprint == b.adapter_fingerprint
+    assert all("scaling" in str(pair[0].options) for pair in diff.changed)
+
+
+def test_plan_diff_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert diff_main(["peft.r=4", "--", "peft.r=8"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter compatibility: NO" in out and "lora_A.weight 4x64 → 8x64" in out
+    assert diff_main(["peft.r=4", "--", "peft.rr=8"]) == 2
+    assert "error: B: peft.rr" in capsys.readouterr().err
+
+
+def test_explain_names_the_source_of_every_value() -> None:
+    sources = {p.key: p for p in explain(["peft.r=4", "model=tiny_gpt2", "+model.config.n_inner=96"])}
+    assert sources["peft.r"].value == 4 and sources["peft.r"].source == "command line: peft.r=4"
+    assert sources["model.config.n_inner"].source.startswith("added by command line")
+    assert (
+        sources["model.config.n_embd"].source == "conf/model/tiny_gpt2.yaml (model=tiny_gpt2, chosen by command line)"
+    )
+    assert sources["peft.lora_alpha"].source.startswith("conf/peft/lora.yaml (peft=lora, chosen by defaults list)")
+    assert sources["peft.use_rslora"].source == "schema default (LoraSpec)"
+    assert sources["seed"].source == "conf/config.yaml"
+    assert not any(key.startswith("hydra") for key in sources)
+
+
+@dataclass
+class _RankedSpec(SpecNode):
+    r: int = param(4, "rank")
+
+
+@pytest.fixture
+def second_ranked_method():
+    """Another peft schema with an `r`, as a prompt method's neighbours would have."""
+    register_schema("peft", "ranked_for_test", _RankedSpec)
+    yield
+    _SCHEMAS.pop(("peft", "ranked_for_test"))
+
+
+def test_a_key_the_chosen_method_lacks_names_the_methods_that_have_it(second_ranked_method: None) -> None:
+    from peftc.spec import unknown_key_error
+
+    error = unknown_key_error("peft.r", "r", _NoRank)
+    assert "peft.r is a key of peft=lora, ranked_for_test; pick one of those with peft=<name>" in str(error)
+    assert "did you mean 'rank_dim'" in str(unknown_key_error("peft.rank_dimm", "rank_dimm", _NoRank))
+
+
+@dataclass
+class _NoRank(SpecNode):
+    num_virtual_tokens: int = param(8, "tokens")
+    rank_dim: int = param(8, "not a rank")
+
+
+def test_unknown_key_from_the_command_line_says_did_you_mean() -> None:
+    with pytest.raises(
+        peftc.ConfigError, match=r"peft.lora_alpah: unknown key for peft \(LoraSpec\); did you mean 'lora_alpha'"
+    ):
+        peftc.compile(["peft.lora_alpah=4"])
