@@ -70,7 +70,7 @@ def estimate(
     layers = (facts.num_layers or 0) + (facts.num_decoder_layers or 0)
     kv_width = _kv_width(graph)
     per_token_block = _per_token_block_bytes(graph, act_bytes, seq_kv_ratio=(seq + prefix) / seq)
-    per_token_block += _site_copies_per_token(sites, act_bytes) // max(layers, 1)
+    per_token_block += _site_copies_per_token(sites, act_bytes, facts.intermediate_size) // max(layers, 1)
     hidden = facts.hidden_size or 0
     if run.trainer.gradient_checkpointing:
         blocks = batch * seq * (layers * hidden * act_bytes + per_token_block)
@@ -110,12 +110,16 @@ def _per_token_block_bytes(graph: ModelGraph, act_bytes: int, seq_kv_ratio: floa
     return (norms + attention + mlp) * act_bytes
 
 
-def _site_copies_per_token(sites: tuple[Site, ...], act_bytes: int) -> int:
+def _site_copies_per_token(sites: tuple[Site, ...], act_bytes: int, inner: int | None) -> int:
     """Adapter inputs saved on top of the block's own tensors: a dropout copy (+ 1-byte mask),
-    or an fp32 copy when the base computes in another dtype (adapters run in fp32)."""
+    an fp32 copy when the base computes in another dtype (adapters run in fp32), and the input
+    of an adapted MLP down-projection (the block saves gate/up/activation, not their product,
+    which only the adapter's gradient needs; the other projections read tensors already kept)."""
     total = 0
     for site in sites:
         width = site.in_features or 0
+        if inner and width == inner:
+            total += width * act_bytes
         if float(site.options.get("dropout", 0) or 0) > 0:
             total += width * (act_bytes + 1)
         if act_bytes != FP32:

@@ -1,0 +1,74 @@
+"""Scale-out through Lightning strategies: compile-time checks, and DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftc
+from peftc.compat import STRATEGIES
+from tests.helpers import run_cli
+
+
+def test_strategy_names_are_lightnings() -> None:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert set(STRATEGIES) - {"auto"} <= set(StrategyRegistry.available_strategies())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.strategy=dpp"], "trainer.strategy='dpp': is not a Lightning strategy; did you mean 'ddp'?"),
+        (["trainer.strategy=fsdp"], "Lightning's FSDP strategy requires a GPU accelerator"),
+        (["trainer.strategy=deepspeed_stage_3", "trainer.accelerator=gpu"], "pip install deepspeed"),
+    ],
+)
+def test_strategies_that_cannot_run_are_refused_at_compile_time(overrides: list[str], message: str) -> None:
+    import importlib.util
+
+    if "deepspeed" in " ".join(overrides) and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("the rule fires only while deepspeed is not installed")
+    with pytest.raises(peftc.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        peftc.compile(overrides)
+
+
+def test_ddp_cpu_compiles_with_two_processes() -> None:
+    plan = peftc.compile(["trainer=ddp_cpu"])
+    assert (plan.spec.trainer.strategy, plan.spec.trainer.devices, plan.spec.trainer.accelerator) == ("ddp", 2, "cpu")
+
+
+# One process with batch 8 and two DDP processes with batch 4 each see the same 8 examples per
+# step (DistributedSampler deals the seeded permutation out across ranks) and average the same
+# gradients; only float summation order differs.
+DDP_TOLERANCE = 1e-4
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_saves_one_adapter_equal_to_one_process(tmp_path: Path) -> None:
+    common = ["trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2"]
+    single = run_cli([*common, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = run_cli(
+        [*common, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={tmp_path / 'ddp'}"],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr
+    run_dir = tmp_path / "ddp"
+    # Rank 0 alone writes: one adapter, one plan, no second rank's log or config.
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in (tmp_path / "single").iterdir() if not p.name.startswith(".")
+    )
+    assert not list(tmp_path.glob("outputs")) and not list(run_dir.glob("train_ddp_process_*"))
+    assert ddp.stdout.count("adapter saved to") == 1
+    ours, reference = (
+        load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("ddp", "single")
+    )
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(ours[name], reference[name], atol=DDP_TOLERANCE, rtol=0), name
+    assert any(reference[n].abs().max() > 0 for n in reference if "lora_B" in n), "training must move lora_B"

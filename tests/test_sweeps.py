@@ -1,0 +1,83 @@
+"""Sweeps from the command line (slow: each job trains a few steps in a subprocess)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+import peftc
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_axis_sweep_writes_one_summary_row_per_job_and_survives_a_failing_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "-m",
+            "peft.r=4,8",
+            "peft.target_modules=[q_proj,v_proj],[q_prj]",
+            "trainer.max_steps=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    # The [q_prj] points fail in planning: rows with their error; the others train.
+    assert result.returncode == 1, result.stderr
+    assert "2 sweep job(s) failed" in result.stderr
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [(r["peft.r"], r["peft.target_modules"], r["status"]) for r in rows] == [
+        ("4", "[q_proj,v_proj]", "trained"),
+        ("4", "[q_prj]", "failed"),
+        ("8", "[q_proj,v_proj]", "trained"),
+        ("8", "[q_prj]", "failed"),
+    ]
+    for row in rows:
+        if row["status"] == "trained":
+            plan = peftc.compile([f"peft.r={row['peft.r']}", "trainer.max_steps=2"])
+            assert int(row["trainable_params"]) == plan.trainable_params
+            assert row["fingerprint"] == plan.fingerprint
+            assert float(row["val_loss"]) > 0 and float(row["train_loss"]) > 0 and float(row["wall_time_s"]) > 0
+            assert float(row["steps"]) == 2
+        else:
+            assert "no module named 'q_prj'" in row["error"]
+    assert (sweep / "sweep_summary.png").stat().st_size > 1000
+    assert "sweep: 4 jobs" in result.stdout and "sweep_summary.csv" in result.stdout
+
+
+def test_sweep_preview_flags_duplicates_and_invalid_points_and_trains_nothing(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", "peft.target_modules=null,[q_proj,v_proj]", "peft.r=4,0", "dry_run=true", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "sweep preview: 4 jobs" in result.stdout
+    assert "DUPLICATE of job 0 (same plan)" in result.stdout
+    assert "4 jobs: 1 distinct plans, 1 duplicates, 2 invalid" in result.stdout
+    assert "peft.r=0: must be >= 1" in result.stdout
+    assert not sweep.exists()
+
+
+def test_sweep_with_the_joblib_launcher(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "-m",
+            "hydra/launcher=peftc_joblib",
+            "hydra.launcher.n_jobs=2",
+            "peft.r=2,4",
+            "trainer.max_steps=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert sorted((r["peft.r"], r["status"]) for r in rows) == [("2", "trained"), ("4", "trained")]
