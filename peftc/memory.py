@@ -6,6 +6,7 @@
           + gradients               one per trainable parameter (fp32)
           + optimizer state         AdamW: two fp32 moments per trainable parameter
           + activations             batch x sequence x (per-block saved tensors x layers) + logits
+                                    (LM heads; decoder blocks over the target length)
           + prefix key/values       prefix tuning: batch x virtual tokens x layers x 2 x kv width
 
 Activations are what autograd saves for backward. A frozen linear saves nothing (its input
@@ -72,11 +73,17 @@ def estimate(
     per_token_block = _per_token_block_bytes(graph, act_bytes, seq_kv_ratio=(seq + prefix) / seq)
     per_token_block += _site_copies_per_token(sites, act_bytes, facts.intermediate_size) // max(layers, 1)
     hidden = facts.hidden_size or 0
+    # Encoder-decoder: the decoder runs over the target (a seq2seq task's max_target_length).
+    out_len = getattr(run.task, "max_target_length", None) or seq if facts.is_encoder_decoder else seq
+    decoder_layers = facts.num_decoder_layers or 0
+    token_layers = seq * (layers - decoder_layers) + out_len * decoder_layers  # sum over blocks
     if run.trainer.gradient_checkpointing:
-        blocks = batch * seq * (layers * hidden * act_bytes + per_token_block)
+        blocks = batch * (token_layers * hidden * act_bytes + max(seq, out_len) * per_token_block)
     else:
-        blocks = batch * seq * layers * per_token_block
-    logits = batch * seq * (facts.vocab_size or 0) * FP32 * LOGIT_COPIES
+        blocks = batch * token_layers * per_token_block
+    # Vocabulary logits only with a language-model head (a classifier's logits are tiny).
+    vocab = (facts.vocab_size or 0) if graph.output_embedding is not None else 0
+    logits = batch * out_len * vocab * FP32 * LOGIT_COPIES
     prefix_kv = batch * prefix * layers * 2 * kv_width * act_bytes
     notes = ["per device; activations assume fused attention kernels (the math path also stores batch x heads x seq^2)"]
     if run.trainer.gradient_checkpointing:
