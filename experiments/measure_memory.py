@@ -41,6 +41,23 @@ CONFIGS: dict[str, list[str]] = {
     "lora q,v b=16 dropout 0.1": [*MEDIUM_LLAMA, "data.batch_size=16", "peft.lora_dropout=0.1"],
     "lora q,v b=4 bf16 base": [*MEDIUM_LLAMA, "data.batch_size=4", "model.dtype=bfloat16"],
 }
+# The two configurations tests/test_memory.py measures (a smaller Llama, to keep CI quick).
+SMALL_LLAMA = [
+    "model.config.hidden_size=256",
+    "model.config.intermediate_size=688",
+    "model.config.num_hidden_layers=4",
+    "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=4",
+    "model.config.vocab_size=4096",
+    "data.max_length=128",
+    "data.batch_size=8",
+]
+CONFIGS["test: small lora q,v b=8"] = SMALL_LLAMA
+CONFIGS["test: small all-linear grad-ckpt"] = [
+    *SMALL_LLAMA,
+    "peft.target_modules=all-linear",
+    "trainer.gradient_checkpointing=true",
+]
 MIB = 1024**2
 
 

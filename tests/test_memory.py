@@ -73,26 +73,12 @@ def test_sharding_strategies_divide_what_they_shard() -> None:
 
 # Stated error of the estimate against live peak memory (see experiments/RESULTS.md).
 TOLERANCE = 0.15
-SMALL_LLAMA = [
-    "model.config.hidden_size=256",
-    "model.config.intermediate_size=688",
-    "model.config.num_hidden_layers=4",
-    "model.config.num_attention_heads=4",
-    "model.config.num_key_value_heads=4",
-    "model.config.vocab_size=4096",
-    "data.max_length=128",
-    "data.batch_size=8",
-]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "overrides",
-    [SMALL_LLAMA, [*SMALL_LLAMA, "peft.target_modules=all-linear", "trainer.gradient_checkpointing=true"]],
-    ids=["lora-qv", "lora-all-linear-grad-ckpt"],
-)
-def test_estimate_is_within_stated_error_of_measured_peak_rss(overrides: list[str]) -> None:
-    from measure_memory import measure_in_subprocess
+@pytest.mark.parametrize("config", ["test: small lora q,v b=8", "test: small all-linear grad-ckpt"])
+def test_estimate_is_within_stated_error_of_measured_peak_rss(config: str) -> None:
+    from measure_memory import CONFIGS, measure_in_subprocess
 
-    result = measure_in_subprocess(overrides, steps=2, live=True)
+    result = measure_in_subprocess(CONFIGS[config], steps=2, live=True)
     assert abs(result["error"]) <= TOLERANCE, result
