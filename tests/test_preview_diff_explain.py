@@ -108,6 +108,13 @@ class _NoRank(SpecNode):
     rank_dim: int = param(8, "not a rank")
 
 
+def test_a_rank_under_prompt_tuning_points_to_the_methods_with_a_rank() -> None:
+    with pytest.raises(
+        peftc.ConfigError, match=r"peft.r: unknown key for peft \(PromptTuningSpec\).*peft.r is a key of peft=.*lora"
+    ):
+        peftc.compile(["peft=prompt_tuning", "peft.r=8"])
+
+
 def test_unknown_key_from_the_command_line_says_did_you_mean() -> None:
     with pytest.raises(
         peftc.ConfigError, match=r"peft.lora_alpah: unknown key for peft \(LoraSpec\); did you mean 'lora_alpha'"
