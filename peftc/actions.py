@@ -16,9 +16,11 @@ PREDICTIONS_FILE = "predictions.jsonl"
 def sample_predictions(model: Any, run: RunSpec, tokenizer: Any, count: int) -> list[dict]:
     """Predictions for the first `count` validation rows (only their input fields are shown)."""
     from peftc.data import load_splits
+    from peftc.tasks.base import method_fields
 
     task = tasks.for_spec(run.task)
-    _, val_rows = load_splits(run.data, task.fields, seed=run.seed)
+    # method fields (a mapped task_id column) are read so data.columns stays valid; predictions use inputs only
+    _, val_rows = load_splits(run.data, task.fields, seed=run.seed, optional=method_fields(run))
     rows = [{f: row[f] for f in task.input_fields} for row in val_rows[:count]]
     return predict_rows(model, task, rows, tokenizer, run) if rows else []
 

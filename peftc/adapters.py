@@ -79,15 +79,15 @@ def load_adapter(
 def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved tensors (peft names) into the live adapter."""
     plan = model.plan_of(name)
-    # Prompt tensors (not under base_model.model.) are encoder outputs, not parameters: the
-    # encoder loads them itself.
-    own = {k: t for k, t in io.adapter_tensors(model, name).items() if k.startswith(io.MODEL_PREFIX)}
+    method = methods.get(plan.method)
+    # Prompt tensors are encoder outputs, not parameters: the encoder loads them itself.
+    prompt_names = set(method.saved_prompt_tensors(plan.prompt)) if plan.prompt is not None else set()
+    own = {k: t for k, t in io.adapter_tensors(model, name).items() if k not in prompt_names}
     with torch.no_grad():
         for key, target in own.items():
             target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
-    if plan.prompt is not None:
-        prompt_keys = {k: tensors[k] for k in io.saved_layout(plan) if not k.startswith(io.MODEL_PREFIX)}
-        methods.get(plan.method).load_prompt_tensors(model.prompt_encoders[name], prompt_keys)
+    if prompt_names:
+        method.load_prompt_tensors(model.prompt_encoders[name], {k: tensors[k] for k in prompt_names})
 
 
 def _without_peft_artifacts(plan: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

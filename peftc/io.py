@@ -33,6 +33,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PLAN_NAME = "peftc_plan.json"
 MODEL_PREFIX = "base_model.model."
+# Prompt-learning PeftModels hold the transformers model directly as `base_model` (no tuner
+# wrapper), so peft saves their modules_to_save (e.g. a classifier head) one level up.
+PROMPT_MODEL_PREFIX = "base_model."
 _ST_DTYPES = {
     "float32": ("F32", 4),
     "bfloat16": ("BF16", 2),
@@ -49,6 +52,7 @@ def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
     from peftc.methods.base import base_weight_shape
 
     layout: dict[str, tuple[tuple[int, ...], str]] = {}
+    MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
     for site in plan.sites:
         for suffix, shape in site.tensors.items():
             layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
@@ -64,6 +68,11 @@ def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
         for name, shape in method.saved_prompt_tensors(plan.prompt).items():
             layout[name] = (tuple(shape), ADAPTER_DTYPE)
     return layout
+
+
+def model_prefix(plan: Plan) -> str:
+    """Where peft saves tensors of base-model modules for this plan's method."""
+    return PROMPT_MODEL_PREFIX if plan.prompt is not None else MODEL_PREFIX
 
 
 def unfrozen_saved_name(plan: Plan, name: str) -> str:
@@ -257,6 +266,7 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
     plan = model.plan_of(name)
     base = model.base_model
     tensors: dict[str, torch.Tensor] = {}
+    MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
     for site in plan.sites:
         layer = base.get_submodule(site.path)
         for suffix, tensor in layer.adapter_tensors(name).items():

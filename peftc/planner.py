@@ -117,6 +117,8 @@ def _modules_to_save(method: Method, task: Task, run: RunSpec, graph: ModelGraph
             chosen[module.path] = f"{task.name} head"
     for entry in method.modules_to_save(run.peft):
         matches = [m for m in graph.modules if m.path and (m.path == entry or m.path.endswith("." + entry))]
+        if not matches and entry in task.head_modules:
+            continue  # peft writes every head name of the task (classifier and score) into its configs
         if not matches:
             hint = did_you_mean(entry, graph.leaf_names() | {m.path for m in graph.modules})
             raise PlanError(

@@ -98,3 +98,28 @@ def greedy_tokens(model: Any, input_ids: torch.Tensor, steps: int, **extra: Any)
         logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **extra).logits
         sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return sequence
+
+
+def peft_pair(overrides: Sequence[str]) -> tuple[Plan, Any, torch.nn.Module]:
+    """Our prompt/adaption model and peft's on identical bases, peft's adapter weights copied
+    into ours. Adaption prompt gates are opened (0.7), or both sides would be the base model."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    import peftc
+    from peftc.adapters import fill
+
+    plan = peftc.compile(list(overrides))
+    base = build_base(plan)
+    theirs = get_peft_model(copy.deepcopy(base), peft_config_from_plan(plan)).eval()
+    ours = peftc.materialize(plan, base_model=base).eval()
+    if plan.prompt is not None:
+        ours.prompt_encoders["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    else:
+        with torch.no_grad():
+            for name, param in theirs.named_parameters():
+                if name.endswith("adaption_gate"):
+                    param.fill_(0.7)
+        # peft saves no task head for adaption prompt; ours keeps its own (identical) copy
+        own = {k: v.detach().clone() for k, v in ours.adapter_state_dict("default").items()}
+        fill(ours, "default", {**own, **get_peft_model_state_dict(theirs)})
+    return plan, ours, theirs

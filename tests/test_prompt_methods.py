@@ -17,7 +17,7 @@ import torch
 
 import peftc
 from peftc.plan import Plan
-from tests.helpers import build_base, greedy_tokens, max_diff, peft_config_from_plan, token_batch
+from tests.helpers import build_base, greedy_tokens, max_diff, peft_pair, token_batch
 
 METHOD_CASES = [
     ("prompt_tuning", ()),
@@ -42,25 +42,8 @@ def task_inputs(method: str) -> dict[str, torch.Tensor]:
 
 @functools.cache
 def paired(model: str, method: str, extra: tuple[str, ...]) -> tuple[Plan, peftc.model.PeftcModel, torch.nn.Module]:
-    """Our model and peft's on identical bases, with peft's adapter weights copied into ours.
-    Cached: tests only read these models."""
-    from peft import get_peft_model, get_peft_model_state_dict
-
-    from peftc.adapters import fill
-
-    plan = peftc.compile([f"model={model}", f"peft={method}", SHARP, *extra])
-    base = build_base(plan)
-    theirs = get_peft_model(copy.deepcopy(base), peft_config_from_plan(plan)).eval()
-    ours = peftc.materialize(plan, base_model=base).eval()
-    if plan.prompt is not None:
-        ours.prompt_encoders["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
-    else:  # adaption prompt: open the zero gate, or both sides are trivially the base model
-        with torch.no_grad():
-            for name, param in theirs.named_parameters():
-                if name.endswith("adaption_gate"):
-                    param.fill_(0.7)
-        fill(ours, "default", get_peft_model_state_dict(theirs))
-    return plan, ours, theirs
+    """Cached: the tests below only read these models."""
+    return peft_pair([f"model={model}", f"peft={method}", SHARP, *extra])
 
 
 @pytest.mark.parametrize(("model", "method", "extra"), CASES, ids=IDS)

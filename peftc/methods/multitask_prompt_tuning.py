@@ -3,8 +3,8 @@ a rank-r matrix, P_t = P * (U_t V_t) elementwise, U_t = prefix_task_cols[t] (n x
 V_t = prefix_task_rows[t] (r x d), both N(0, 0.02) at the start.
 
 Each example picks its task by `task_ids` in the batch: a `task_id` column of the data (rename
-it with `data.columns.task_id=<column>`; rows without it are task 0). With one task the ids
-may be omitted. The prompt starts like prompt tuning (random or an init text) or from a
+it with `data.columns.task_id=<column>`; rows without it are task 0). A call without task_ids
+(e.g. prediction on raw text) uses task 0, with a warning when there are several tasks. The prompt starts like prompt tuning (random or an init text) or from a
 source multitask adapter (`prompt_tuning_init_state_dict_path`, a safetensors file or adapter
 directory): AVERAGE_SOURCE_TASKS (P and the mean of the source U, V), EXACT_SOURCE_TASK (P and
 the U, V of task `prompt_tuning_init_task`), ONLY_SOURCE_SHARED (only P). The source U, V seed
@@ -15,6 +15,7 @@ decoder inputs (labels padded with -100), as peft does. Saved: `prompt_embedding
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,7 @@ class MultitaskPromptEmbedding(VirtualTokenEncoder):
         opts = prompt.options
         self.decoder_prompts = self.is_encoder_decoder and self.num_transformer_submodules == 2
         self.num_tasks = opts["num_tasks"]
+        self._warned = False
         self.embedding = nn.Embedding(self.total_tokens, self.token_dim)
         init_table(self.embedding, opts, base_model.get_input_embeddings())
         ranks = opts["num_ranks"]
@@ -130,10 +132,14 @@ class MultitaskPromptEmbedding(VirtualTokenEncoder):
 
     def prompt_embeddings(self, batch: int, task_ids: torch.Tensor | None) -> torch.Tensor:
         if task_ids is None:
-            if self.num_tasks > 1:
-                raise ValueError(
-                    f"multitask prompt tuning with {self.num_tasks} tasks needs task_ids (one task index per row)"
+            if self.num_tasks > 1 and not self._warned:
+                # Prediction paths (generate on raw text) carry no task; say which prompt they get.
+                warnings.warn(
+                    f"multitask prompt tuning: no task_ids given, every row uses task 0 of {self.num_tasks}; "
+                    "pass task_ids=... to choose",
+                    stacklevel=3,
                 )
+                self._warned = True
             task_ids = torch.zeros(batch, dtype=torch.long, device=self.embedding.weight.device)
         task_ids = torch.as_tensor(task_ids, device=self.embedding.weight.device).long().reshape(-1)
         if task_ids.numel() != batch or int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks:

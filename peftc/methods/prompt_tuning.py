@@ -69,9 +69,9 @@ def init_token_ids(spec: Any, run: RunSpec, total: int) -> list[int] | None:
 
 
 def init_table(embedding: nn.Embedding, options: Mapping[str, Any], words: nn.Module | None) -> None:
-    """Fill a fresh prompt table by the planned init (RANDOM keeps nn.Embedding's N(0, 1))."""
+    """Fill a fresh prompt table by the planned init (any other init keeps nn.Embedding's N(0, 1))."""
     init = options.get("init", "RANDOM")
-    if init == "RANDOM" or options.get("inference_mode") or words is None:
+    if init not in ("SAMPLE_VOCAB", "TEXT") or options.get("inference_mode") or words is None:
         return
     rows = embedding.num_embeddings
     device = words.weight.device

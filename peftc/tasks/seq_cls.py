@@ -108,10 +108,11 @@ class SeqCls(Task):
 
 def head_rows(tensors: Mapping[str, torch.Tensor], heads: Sequence[str]) -> int | None:
     """Output size of a saved classification head (`...<head>.weight` rows), if one was saved."""
-    from peftc.io import MODEL_PREFIX
+    from peftc.io import MODEL_PREFIX, PROMPT_MODEL_PREFIX
 
     for head in heads:
-        weight = tensors.get(f"{MODEL_PREFIX}{head}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
+        for prefix in (MODEL_PREFIX, PROMPT_MODEL_PREFIX):  # prompt methods save heads one level up
+            weight = tensors.get(f"{prefix}{head}.weight")
+            if weight is not None:
+                return int(weight.shape[0])
     return None
