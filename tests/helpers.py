@@ -91,13 +91,22 @@ def peft_config_from_plan(plan: Plan) -> Any:
     return PEFT_TYPE_TO_CONFIG_MAPPING[fields.pop("peft_type")](**fields)
 
 
-def greedy_tokens(model: Any, input_ids: torch.Tensor, steps: int, **extra: Any) -> torch.Tensor:
-    """Greedy decoding by full forward passes (no cache): the reference generate() must match."""
-    sequence = input_ids
-    for _ in range(steps):
-        logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **extra).logits
-        sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return sequence
+def assert_greedy(logits: torch.Tensor, chosen: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """Every chosen token is the argmax of the reference logits that predict it (teacher forcing),
+    so generate() produced exactly the reference's greedy decode; only a tie within float noise
+    could excuse another token. logits: (batch, steps, vocab) aligned with chosen: (batch, steps)."""
+    best = logits.max(dim=-1).values
+    picked = logits.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    margin = (best - picked).max().item()
+    assert margin <= tolerance * max(1.0, best.abs().max().item()), f"not the greedy token (logit gap {margin:.3g})"
+
+
+def assert_causal_greedy(reference: Any, generated: torch.Tensor, prompt_length: int, **extra: Any) -> None:
+    """generated (prompt + new tokens) is the greedy continuation under reference's forward."""
+    logits = reference(input_ids=generated, attention_mask=torch.ones_like(generated), **extra).logits
+    width = generated.shape[1]  # virtual tokens add positions in front: align on the right
+    predicting = logits[:, -width:][:, prompt_length - 1 : -1]
+    assert_greedy(predicting, generated[:, prompt_length:])
 
 
 def peft_pair(overrides: Sequence[str]) -> tuple[Plan, Any, torch.nn.Module]:
@@ -110,7 +119,9 @@ def peft_pair(overrides: Sequence[str]) -> tuple[Plan, Any, torch.nn.Module]:
 
     plan = peftc.compile(list(overrides))
     base = build_base(plan)
-    theirs = get_peft_model(copy.deepcopy(base), peft_config_from_plan(plan)).eval()
+    with torch.random.fork_rng(devices=[]):  # peft draws the initial prompt from the global RNG
+        torch.manual_seed(0)
+        theirs = get_peft_model(copy.deepcopy(base), peft_config_from_plan(plan)).eval()
     ours = peftc.materialize(plan, base_model=base).eval()
     if plan.prompt is not None:
         ours.prompt_encoders["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())

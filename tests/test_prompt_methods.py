@@ -17,7 +17,7 @@ import torch
 
 import peftc
 from peftc.plan import Plan
-from tests.helpers import build_base, greedy_tokens, max_diff, peft_pair, token_batch
+from tests.helpers import assert_causal_greedy, build_base, max_diff, peft_pair, token_batch
 
 METHOD_CASES = [
     ("prompt_tuning", ()),
@@ -98,12 +98,12 @@ def test_greedy_generate_gives_peft_forward_tokens(model: str, method: str, extr
     _, ours, theirs = paired(model, method, extra)
     x = token_batch()
     inputs = task_inputs(method)
-    expected = greedy_tokens(theirs, x, 6, **inputs)
     generated = ours.generate(
         input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, **inputs
     )
-    assert torch.equal(generated, expected)
-    assert len(set(expected[:, x.shape[1] :].flatten().tolist())) > 1, "degenerate decode proves nothing"
+    assert generated.shape == (2, x.shape[1] + 6) and torch.equal(generated[:, : x.shape[1]], x)
+    assert_causal_greedy(theirs, generated, x.shape[1], **inputs)
+    assert len(set(generated[:, x.shape[1] :].flatten().tolist())) > 1, "degenerate decode proves nothing"
 
 
 def test_untrained_adaption_prompt_is_an_exact_no_op() -> None:
