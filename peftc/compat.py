@@ -209,14 +209,20 @@ def check(ctx: Context) -> None:
     """Raise the first refusal that applies (spec-level rules when ctx.graph is None)."""
     for rule in RULES:
         if rule.applies(ctx):
-            value = {
-                "model": ctx.family,
-                "peft": ctx.method,
-                "task": ctx.task,
-                "quant": ctx.quant,
-                "trainer": ctx.strategy,
-            }.get(rule.key.split(".")[0])
+            value = _value(ctx, rule.key)
             suggestion = rule.suggestion
             if rule.key == "trainer.strategy" and ctx.strategy not in STRATEGIES:
                 suggestion = did_you_mean(ctx.strategy, STRATEGIES) or suggestion
             raise ConfigError(rule.key, value, rule.reason, suggestion)
+
+
+def _value(ctx: Context, key: str) -> object:
+    """The value a refusal blames: the chosen option for a group key ('model' shows the model
+    family), else the setting at that key path of the run (e.g. trainer.gradient_checkpointing)."""
+    groups = {"model": ctx.family, "peft": ctx.method, "task": ctx.task, "quant": ctx.quant, "trainer": ctx.strategy}
+    if key in groups:
+        return groups[key]
+    node: object = ctx.run
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return None if hasattr(node, "__dataclass_fields__") else node

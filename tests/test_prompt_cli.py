@@ -64,7 +64,7 @@ def test_refused_combination_exits_2_with_the_reason(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert (
-        "error: trainer.gradient_checkpointing: prefix_tuning hands the model its prefix as a key/value cache"
+        "error: trainer.gradient_checkpointing=True: prefix_tuning hands the model its prefix as a key/value cache"
         in result.stderr
     )
     assert "Traceback" not in result.stderr and not (tmp_path / "adapter").exists()

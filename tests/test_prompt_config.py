@@ -70,7 +70,7 @@ def test_dry_run_plan_counts_equal_materialized_counts() -> None:
         (
             ["peft=prefix_tuning", "trainer.gradient_checkpointing=true"],
             ConfigError,
-            "trainer.gradient_checkpointing: prefix_tuning hands the model its prefix as a key/value cache",
+            "trainer.gradient_checkpointing=True: prefix_tuning hands the model its prefix as a key/value cache",
         ),
         (
             ["peft=prompt_tuning", "model=tiny_gpt2", "data.max_length=510"],
