@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from peftc.errors import AdapterFileError, ConfigError, DataError, PeftcError, PlanError
+from peftc.noise import silence_import_noise
+
+silence_import_noise()
 
 if TYPE_CHECKING:
     from peftc.plan import Plan

@@ -51,11 +51,12 @@ def load_adapter(
     model_spec = None
     if base is None:
         base, model_spec = _base_for(directory, config, task, saved_model, task_spec)
+        base = _quantized_like_saved(directory, base)
     live = base.base_model if isinstance(base, PeftcModel) else base
     run = RunSpec(
         peft=method.spec_from_peft_config(config),
         task=task_spec,
-        quant=_quant_spec(),
+        quant=_quant_spec(live),
         model=model_spec or _model_spec(live, config),
         data=DataSpec(),
         trainer=TrainerSpec(),
@@ -188,7 +189,48 @@ def _model_spec(model: nn.Module, config: dict[str, Any]) -> ModelSpec:
     )
 
 
-def _quant_spec() -> Any:
+def _quant_spec(model: nn.Module) -> Any:
+    """How the live base is quantized (the backend of its quantized layers; every other Linear
+    listed in skip_modules so that planning reproduces exactly the live layout)."""
     from peftc import quant
+    from peftc.graph import _walk  # the walk graph_of does: through adapter wrappers, not into them
+    from peftc.quant.base import backend_of
 
-    return quant.get("none").schema()
+    owned: dict[str, Any] = {}
+    plain: list[str] = []
+    for path, module in _walk(model):
+        backend = backend_of(module)
+        if backend is not None:
+            owned.setdefault(backend.name, (backend, module))
+        elif isinstance(module, nn.Linear) and path:
+            plain.append(path)
+    if not owned:
+        return quant.get("none").schema()
+    if len(owned) > 1:
+        raise AdapterFileError(
+            "base model", f"mixes layers of several quantization backends ({', '.join(sorted(owned))})"
+        )
+    backend, layer = next(iter(owned.values()))
+    return backend.spec_of(layer, tuple(plain))
+
+
+def _quantized_like_saved(directory: Path, base: nn.Module) -> nn.Module:
+    """Quantize a rebuilt base the way the saved plan's base was (same backend, same modules)."""
+    from peftc import quant
+    from peftc.quant.prepare import upcast_unquantized
+
+    saved = io.read_plan(directory) or {}
+    layout = saved.get("quantization") or {}
+    if not layout.get("modules"):
+        return base
+    source = str(directory / io.PLAN_NAME)
+    try:
+        backend = quant.get(saved["quant"])
+        spec = backend.schema(**saved["spec"]["quant"])
+    except (KeyError, TypeError) as exc:
+        raise AdapterFileError(source, f"does not describe a quantization peftc understands ({exc})") from exc
+    backend.check_available()
+    base = backend.quantize(spec, base, tuple(layout["modules"]))
+    if getattr(spec, "float32_unquantized", False):
+        upcast_unquantized(base)
+    return base.requires_grad_(False)

@@ -73,6 +73,13 @@ def _head_missing(ctx: Context) -> bool:
     return not getattr(ctx.run.peft, "modules_to_save", None)
 
 
+def _method_cannot_wrap_quantized(ctx: Context) -> bool:
+    from peftc import methods
+
+    method = methods.get(ctx.method)  # prompt methods wrap no base layer: any quantization works
+    return ctx.quant != "none" and method.kind == "injectable" and not method.wraps_quantized
+
+
 VIRTUAL_TOKEN_METHODS = _set("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
 ADAPTION_PROMPT_FAMILIES = ("llama", "mistral", "gpt2")
 
@@ -110,6 +117,13 @@ def _missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
+def _init_rewrites_quantized_base(ctx: Context) -> bool:
+    from peftc.methods.lora_init import BASE_MUTATING, init_family
+
+    init = getattr(ctx.run.peft, "init_lora_weights", True)
+    return ctx.quant != "none" and init_family(init) in BASE_MUTATING
+
+
 RULES: list[Rule] = [
     Rule(
         key="trainer.strategy",
@@ -134,6 +148,21 @@ RULES: list[Rule] = [
         reason="Lightning's DeepSpeed strategy runs only on CUDA GPUs (trainer.accelerator=cpu here)",
         suggestion="use trainer=ddp_cpu on CPU, or trainer.accelerator=gpu with DeepSpeed",
         when=lambda ctx: ctx.strategy.startswith("deepspeed") and _on_cpu(ctx),
+    ),
+    Rule(
+        key="quant",
+        reason="the chosen peft method's layer has not been made to wrap quantized layers "
+        "(its forward or merge reads the base weight directly)",
+        suggestion="use quant=none, or a method that wraps quantized layers (peft=lora)",
+        when=_method_cannot_wrap_quantized,
+    ),
+    Rule(
+        key="peft.init_lora_weights",
+        reason="PiSSA/OLoRA initialisation rewrites the base weight as the residual W - s B A; a quantized "
+        "base would quantize that residual again, so the adapter would not start from the model's own weights",
+        suggestion="use quant=none with this initialisation, or the default init_lora_weights=true on a quantized base",
+        method=_set("lora"),
+        when=_init_rewrites_quantized_base,
     ),
     Rule(
         key="model",

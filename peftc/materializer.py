@@ -16,6 +16,7 @@ from peftc import loading, methods, quant, tasks
 from peftc.errors import PlanError
 from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
 from peftc.model import PeftcModel, _replace_module
+from peftc.quant.prepare import prepare_for_training
 
 if TYPE_CHECKING:
     from peftc.graph import ModuleInfo
@@ -47,11 +48,9 @@ def load_base_model(plan: Plan) -> nn.Module:
     run = plan.spec
     task = tasks.get(plan.task)
     base = loading.build_model(run.model, task.auto_class_name, task.config_overrides(run.task))
-    base = quant.for_spec(run.quant).quantize(run.quant, base)
-    if run.trainer.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    return base
+    if plan.quantization is not None and plan.quantization.modules:
+        base = quant.for_spec(run.quant).quantize(run.quant, base, plan.quantization.modules)
+    return prepare_for_training(base, run.quant, run.trainer)
 
 
 def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, PlanError
 from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
 from peftc.spec import check_adapter_name
 
@@ -265,6 +265,7 @@ class PeftcModel(nn.Module):
             return
         for _, layer in layers:  # every refusal before any weight changes
             layer.check_mergeable([n for n in names if n in layer.adapter_names and n not in layer.merged_adapters])
+        quantized = _check_quantized_merge(layers, names)
         if safe_merge:
             for path, layer in layers:
                 if not layer.merge_is_finite(names):
@@ -273,6 +274,8 @@ class PeftcModel(nn.Module):
                     )
         for _, layer in layers:
             layer.merge(names)
+        if quantized:
+            _warn_requantized(quantized)
 
     def _check_mergeable(self, names: Sequence[str]) -> None:
         from peftc import methods
@@ -348,6 +351,45 @@ class PeftcModel(nn.Module):
             Path(directory),
             list(adapter_names) if adapter_names is not None else self.adapter_names,
         )
+
+
+class QuantizedMergeWarning(UserWarning):
+    """Merging into a quantized base rounds the merged weights to the backend's format."""
+
+
+def _check_quantized_merge(layers: list[tuple[str, AdapterLayer]], names: Sequence[str]) -> list[AdapterLayer]:
+    """The layers whose quantized base will be requantized; refuses backends whose policy is to
+    refuse (nothing has been touched yet when this raises)."""
+    quantized = []
+    for path, layer in layers:
+        if not any(n in layer.adapter_names and n not in layer.merged_adapters for n in names):
+            continue
+        backend = layer.quant_backend
+        if backend is None:
+            continue
+        if backend.merge_policy == "refuse":
+            raise PlanError(
+                "quant",
+                backend.name,
+                f"cannot merge into {path}: {backend.merge_refusal}",
+                "merge into the unquantized base instead: peftc.load_adapter(unquantized_base, adapter_dir)"
+                ".merge_and_unload(), or train with save_merged=true (which does exactly that)",
+            )
+        quantized.append(layer)
+    return quantized
+
+
+def _warn_requantized(layers: list[AdapterLayer]) -> None:
+    backends = sorted({layer.quant_backend.name for layer in layers})
+    worst = max(layer.rounding_error for layer in layers)
+    warnings.warn(
+        f"merged into {len(layers)} quantized layers ({', '.join(backends)}): each base weight was dequantized, "
+        f"updated in float32 and quantized again, so the merged model differs from the unmerged one by that "
+        f"rounding (largest weight error {worst:.3g}); unmerge_adapter() restores the stored weights exactly. "
+        "For an exact merge, merge into the unquantized base (save_merged=true does).",
+        QuantizedMergeWarning,
+        stacklevel=3,
+    )
 
 
 def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -94,6 +94,28 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class QuantPlan:
+    """How the frozen base is stored: which Linear modules a backend quantizes and what it costs.
+
+    `bytes_by_dtype` is the whole base (quantized weights with their scales, everything else in
+    the dtype it keeps), keyed by stored dtype; `merge_policy` says what merging an adapter into a
+    quantized layer does ("requantize": dequantize, add, quantize again; "refuse").
+    """
+
+    backend: str
+    storage: str
+    modules: tuple[str, ...]
+    skipped: tuple[str, ...]
+    bytes_by_dtype: dict[str, int]
+    merge_policy: str = "none"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def base_bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     """Training-memory estimate in bytes, by component (see peftc.memory for the model)."""
 
@@ -135,6 +157,7 @@ class Plan:
     memory: MemoryEstimate
     spec: RunSpec
     warnings: tuple[str, ...] = ()
+    quantization: QuantPlan | None = None
 
     @property
     def trainable_percent(self) -> float:

@@ -8,6 +8,7 @@ from peftc import compat, io, memory, methods, quant, tasks
 from peftc.errors import PlanError, did_you_mean
 from peftc.graph import ModelGraph, meta_graph
 from peftc.plan import ModelRef, Plan, SavedModule, Site
+from peftc.quant.planning import annotate_sites, plan_quantization
 from peftc.targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         )
         modules = method.select_targets(run.peft, modules, graph)
         sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
+    quantization = plan_quantization(backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved])
+    sites = annotate_sites(sites, quantization)
     prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
     # A module saved whole trains its own copy; its base parameters are not also unfrozen in place.
     unfrozen = {
@@ -58,7 +61,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     adapter_params = sum(s.params for s in sites) + (prompt.params if prompt else 0)
     saved_params = sum(m.params for m in saved)
     unfrozen_params = sum(_numel(shape) for shape in unfrozen.values())
-    base_bytes = backend.base_bytes(run.quant, graph)
+    base_bytes = quantization.base_bytes
     dtype_bytes = memory.DTYPE_BYTES.get(run.model.dtype, 4)
     draft = Plan(
         method=method.name,
@@ -92,6 +95,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             sites=sites,
         ),
         spec=run,
+        quantization=quantization,
     )
     return _with_bytes(draft)
 

@@ -36,8 +36,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
 
     title = f"peftc plan  {plan.method} ({plan.peft_type}) · {plan.task} ({plan.task_type}) · {plan.model.name} [{plan.model.model_class}, {plan.model.dtype}]"
     out: list[Any] = [title]
-    if plan.quant != "none":
-        out.append(f"base quantization: {plan.quant}")
+    out.extend(_quantization_lines(plan))
     if plan.sites:
         table = Table(title=f"{len(plan.sites)} adapted modules", title_justify="left", show_lines=False)
         for column, justify in (
@@ -51,9 +50,10 @@ def plan_renderables(plan: Plan) -> list[Any]:
             table.add_column(column, justify=justify)
         for label, members in group_sites(plan.sites):
             first = members[0]
+            quantized = first.options.get("base_quant")
             table.add_row(
                 label,
-                first.module_class,
+                f"{first.module_class} ({quantized})" if quantized else first.module_class,
                 f"{first.in_features}→{first.out_features}" if first.in_features is not None else "-",
                 str(len(members)),
                 _shape(first.tensors),
@@ -104,6 +104,9 @@ def plan_renderables(plan: Plan) -> list[Any]:
         f"{plan.trainable_params:,} of {plan.total_params:,} ({plan.trainable_percent:.4f}%)",
     )
     summary.add_row("adapter file", human_bytes(plan.adapter_bytes))
+    if plan.quantization is not None:
+        by_dtype = " + ".join(f"{dtype} {human_bytes(n)}" for dtype, n in plan.quantization.bytes_by_dtype.items())
+        summary.add_row("base weights", f"{human_bytes(plan.quantization.base_bytes)} = {by_dtype}")
     summary.add_row(
         "training memory (est.)",
         f"{human_bytes(mem.total)} = base {human_bytes(mem.base_weights)} + adapter {human_bytes(mem.adapter_weights)} + grads {human_bytes(mem.gradients)} + optimizer {human_bytes(mem.optimizer_state)} + activations {human_bytes(mem.activations)}",
@@ -125,6 +128,22 @@ def plan_renderables(plan: Plan) -> list[Any]:
     out.append(summary)
     out.extend(f"warning: {w}" for w in plan.warnings)
     return out
+
+
+def _quantization_lines(plan: Plan) -> list[str]:
+    q = plan.quantization
+    if q is None or q.backend == "none":
+        return []
+    kept = f"; kept in {plan.model.dtype}: {', '.join(q.skipped)}" if q.skipped else ""
+    merge = {
+        "requantize": "dequantize, add, quantize again (lossy)",
+        "refuse": "refused (merge into the unquantized base)",
+    }
+    lines = [
+        f"base quantization: {q.backend}: {len(q.modules)} Linear modules stored as {q.storage}{kept}",
+        f"merging into quantized layers: {merge.get(q.merge_policy, q.merge_policy)}",
+    ]
+    return lines + [f"note: {note}" for note in q.notes]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

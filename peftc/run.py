@@ -67,7 +67,7 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
         write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
-        merged = model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
+        merged = merged_model(model, plan)
         merged.save_pretrained(output_dir / MERGED_DIR)
         tokenizer.save_pretrained(output_dir / MERGED_DIR)
     return metrics
@@ -88,6 +88,26 @@ def is_global_zero() -> bool:
         if getattr(rank_zero_only, "rank", 0) != 0:
             return False
     return all(os.environ.get(var, "0") == "0" for var in ("RANK", "NODE_RANK", "LOCAL_RANK"))
+
+
+def merged_model(model: Any, plan: Plan) -> Any:
+    """The trained adapter folded into a plain transformers model.
+
+    A quantized base is not merged into (requantizing rounds the update; 4-bit backends refuse):
+    the adapter goes into the unquantized base rebuilt from `model.*` instead, which is exact.
+    """
+    if plan.quantization is None or not plan.quantization.modules:
+        return model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
+    from peftc import loading, tasks
+    from peftc.adapters import fill
+    from peftc.materializer import materialize
+
+    tensors = {k: t.detach().clone() for k, t in model.adapter_state_dict(plan.adapter_name).items()}
+    task = tasks.get(plan.task)
+    base = loading.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+    plain = materialize(plan, base.requires_grad_(False), adapter_name=plan.adapter_name, init=False)
+    fill(plain, plan.adapter_name, tensors)
+    return plain.merge_and_unload(safe_merge=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

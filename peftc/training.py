@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from peftc import methods, tasks
+from peftc import methods, quant, tasks
 
 if TYPE_CHECKING:
     from peftc.model import PeftcModel
@@ -149,6 +149,7 @@ def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Train
         limit_val_batches=spec.limit_val_batches,
         num_sanity_val_steps=0,
         deterministic=spec.deterministic,
+        inference_mode=quant.get(plan.quant).inference_mode,
         default_root_dir=str(output_dir),
     )
 

@@ -53,7 +53,7 @@ def golden_cases() -> list[tuple[str, list[str]]]:
     cases += [
         (f"{group}-{option}", [f"{group}={option}", *with_partner(group, option)])
         for group, option in shipped_options()
-        if (group, option) not in NEEDS and group in ("peft", "model")
+        if (group, option) not in NEEDS and group in ("peft", "model", "quant")
     ]
     return cases
 

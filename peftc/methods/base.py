@@ -60,6 +60,11 @@ class Method:
     default_targets: ClassVar[Mapping[str, Sequence[str]]] = {}
     tensor_prefix: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True  # whether the adapter can be folded into the base weights
+    # Whether the layer works over a quantized base layer (bitsandbytes, quanto, torchao): true
+    # when its forward only calls base_layer(x) or reads the base weight through
+    # AdapterLayer.read_base_weight, and its merges write through write_base_weight. False
+    # refuses quant != none at compile time (peftc/compat.py).
+    wraps_quantized: ClassVar[bool] = False
 
     # --------------------------------------------------------------------------- planning
     def target_request(self, spec: Any) -> TargetRequest:
@@ -203,6 +208,9 @@ class AdapterLayer(nn.Module):
     implement `delta_weight`; others override `merged_weight`/`unmerged_weight` (the weight
     after folding one adapter in or out, computed in float32 and cast once), and methods that
     also change the bias extend `merge_targets` and `merge_one`/`unmerge_one`.
+    Over a quantized base layer, weights are read and written only through
+    `read_base_weight`/`write_base_weight` (dequantize; quantize again), and a merge keeps the
+    stored quantized weight, so unmerging restores it exactly.
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ()
@@ -218,6 +226,8 @@ class AdapterLayer(nn.Module):
         # Pre-merge copies of the base tensors a merge changes, kept only where add/subtract
         # cannot restore them exactly (half-precision weights): unmerge then restores bit-exactly.
         self._premerge: dict[str, torch.Tensor] = {}
+        self._prequant: Any = None  # the quantized base weight as stored before a merge
+        self.rounding_error = 0.0  # largest requantization error of the last merge
 
     # ---------------------------------------------------------------------------- hooks
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
@@ -317,6 +327,33 @@ class AdapterLayer(nn.Module):
     def _weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
+    @property
+    def quant_backend(self) -> Any:
+        """The backend that quantized the base layer, or None for a plain layer."""
+        from peftc.quant.base import backend_of
+
+        return backend_of(self.base_layer)
+
+    @torch.no_grad()
+    def read_base_weight(self) -> torch.Tensor:
+        """The base weight in float32, in the layout the layer stores it ((out, in) for Linear),
+        dequantized for a quantized base (a fresh tensor then; for a float32 plain layer it is
+        the weight's own storage, so do not modify it in place)."""
+        backend = self.quant_backend
+        return backend.dequantize(self.base_layer) if backend is not None else self._weight().data.float()
+
+    @torch.no_grad()
+    def write_base_weight(self, weight: torch.Tensor) -> float:
+        """Store a new float base weight; returns the largest rounding error a quantized base adds
+        when it quantizes the weight again (0.0 for a plain layer, which casts once to its dtype)."""
+        backend = self.quant_backend
+        if backend is None:
+            target = self._weight()
+            target.data = weight.to(target.dtype)
+            return 0.0
+        backend.requantize(self.base_layer, weight)
+        return float((backend.dequantize(self.base_layer) - weight.float()).abs().max())
+
     def check_mergeable(self, names: Sequence[str]) -> None:
         """Raise (before anything changes) if these adapters cannot be merged here."""
 
@@ -335,13 +372,17 @@ class AdapterLayer(nn.Module):
             return []
         self.check_mergeable(chosen)
         self._snapshot(self.merge_targets(chosen))
+        self.rounding_error = 0.0
         for name in chosen:
-            self.merge_one(name)
+            self.rounding_error = max(self.rounding_error, self.merge_one(name) or 0.0)
             self.merged_adapters.append(name)
         return chosen
 
     def unmerge(self) -> None:
-        if self._premerge:
+        if self._premerge or self._prequant is not None:
+            if self._prequant is not None:
+                self.quant_backend.restore(self.base_layer, self._prequant)
+                self._prequant = None
             for pname, saved in self._premerge.items():
                 getattr(self.base_layer, pname).data = saved
             self._premerge = {}
@@ -359,8 +400,18 @@ class AdapterLayer(nn.Module):
         """Keep pre-merge copies when a target is half precision (W + d - d loses its bits there).
 
         Once a snapshot exists, every later target is snapshotted too (it is still pristine: no
-        earlier merge touched it), so that unmerge can restore them all at once.
+        earlier merge touched it), so that unmerge can restore them all at once. A quantized base
+        weight is always kept (its backend hands over the stored weight; no copy is made).
         """
+        backend = self.quant_backend
+        if backend is not None and "weight" in targets and self._prequant is None and not self.merged_adapters:
+            self._prequant = backend.snapshot(self.base_layer)
+        if backend is not None:
+            for pname in targets:
+                tensor = getattr(self.base_layer, pname, None)
+                if pname != "weight" and pname not in self._premerge and isinstance(tensor, torch.Tensor):
+                    self._premerge[pname] = tensor.detach().clone()
+            return
         fresh = {p: getattr(self.base_layer, p, None) for p in targets if p not in self._premerge}
         fresh = {p: t for p, t in fresh.items() if isinstance(t, torch.Tensor)}
         if not fresh:
@@ -373,20 +424,27 @@ class AdapterLayer(nn.Module):
             self._premerge[pname] = tensor.detach().clone()
 
     @torch.no_grad()
-    def merge_one(self, name: str) -> None:
+    def merge_one(self, name: str) -> float:
+        """Fold this adapter into the base weight; returns the requantization error (0.0 unquantized)."""
+        if self.quant_backend is not None:
+            return self.write_base_weight(self.merged_weight(name, self.read_base_weight()))
         weight = self._weight()
         # float32 weights are handed over as they are (.float() is then no copy).
         weight.data = self.merged_weight(name, weight.data.float()).to(weight.dtype)
+        return 0.0
 
     @torch.no_grad()
-    def unmerge_one(self, name: str) -> None:
+    def unmerge_one(self, name: str) -> float:
+        if self.quant_backend is not None:
+            return self.write_base_weight(self.unmerged_weight(name, self.read_base_weight()))
         weight = self._weight()
         weight.data = self.unmerged_weight(name, weight.data.float()).to(weight.dtype)
+        return 0.0
 
     @torch.no_grad()
     def merge_is_finite(self, names: Sequence[str]) -> bool:
         """Whether merging these adapters would leave only finite weights (for safe_merge)."""
-        total = self._weight().data.float().clone()
+        total = self.read_base_weight().clone()
         for name in names:
             if name in self.site_options and name not in self.merged_adapters:
                 total = self.merged_weight(name, total)

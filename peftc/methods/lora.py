@@ -150,6 +150,7 @@ class Lora(Method):
     supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", *CONV_FUNCTIONS})
     default_targets = LORA_TARGETS
     tensor_prefix = "lora_"
+    wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
 
     def plan_site(self, spec: LoraSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
         r = pattern_value(module.path, spec.rank_pattern or {}, spec.r)

@@ -111,7 +111,7 @@ class LoraLayer(AdapterLayer):
         lora_a, lora_b = pissa(rows, r, scaling, opts["init"]) if family == "pissa" else olora(rows, r)
         self.lora_A[name].weight.data, self.lora_B[name].weight.data = lora_a, lora_b
         residual = rows - scaling * lora_b @ lora_a
-        weight.data = self._unrows(residual).to(weight.dtype).contiguous()
+        self.write_base_weight(self._unrows(residual).contiguous())
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
@@ -123,11 +123,15 @@ class LoraLayer(AdapterLayer):
     def _creation_device(self) -> torch.device | None:
         """Meta for meta models (no memory); else the CPU, drawing the same random numbers as
         peft does (AdapterLayer.add_adapter then moves the tensors to the base's device)."""
-        device = self._base_weight().device
+        device = self.base_layer.weight.device
         return device if device.type == "meta" else None
 
     # --------------------------------------------------------------------------- layouts
     def _base_weight(self) -> torch.Tensor:
+        """The base weight to compute with: the layer's own parameter, or for a quantized base its
+        float32 dequantization (a fresh copy: changes go through write_base_weight)."""
+        if self.quant_backend is not None:
+            return self.read_base_weight()
         return self.base_layer.weight
 
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -231,30 +235,30 @@ class LoraLayer(AdapterLayer):
         return name in self.lora_B and self.lora_B[name].bias is not None
 
     @torch.no_grad()
-    def merge_one(self, name: str) -> None:
-        weight = self._base_weight()
+    def merge_one(self, name: str) -> float:
         if name in self.lora_magnitude_vector:
-            merged, norm = self._dora_merged(name, weight.float())
+            merged, norm = self._dora_merged(name, self._base_weight().float())
             self._merged_norms[name] = norm
-            weight.data = merged.to(weight.dtype)
+            rounding = self.write_base_weight(merged)
         else:
-            super().merge_one(name)
+            rounding = super().merge_one(name)
         if self._has_lora_bias(name):
             bias = self.base_layer.bias
             bias.data = (bias.data.float() + self.lora_B[name].bias.float() * self.scaling[name]).to(bias.dtype)
+        return rounding
 
     @torch.no_grad()
-    def unmerge_one(self, name: str) -> None:
-        weight = self._base_weight()
+    def unmerge_one(self, name: str) -> float:
         if name in self.lora_magnitude_vector:
             mag_scale = self.lora_magnitude_vector[name].reshape(-1).float() / self._merged_norms.pop(name)
-            rows = dora.unmerged_rows(self._rows(weight.float()), self._delta_rows(name), mag_scale)
-            weight.data = self._unrows(rows).to(weight.dtype).contiguous()
+            rows = dora.unmerged_rows(self._rows(self._base_weight().float()), self._delta_rows(name), mag_scale)
+            rounding = self.write_base_weight(self._unrows(rows).contiguous())
         else:
-            super().unmerge_one(name)
+            rounding = super().unmerge_one(name)
         if self._has_lora_bias(name):
             bias = self.base_layer.bias
             bias.data = (bias.data.float() - self.lora_B[name].bias.float() * self.scaling[name]).to(bias.dtype)
+        return rounding
 
     def forget_merge(self, name: str) -> None:
         self._merged_norms.pop(name, None)

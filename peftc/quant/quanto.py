@@ -1,0 +1,124 @@
+"""optimum-quanto weight quantization: Linear weights as int8 or packed int4 with float scales.
+
+qint8: W ≈ data * scale, one scale per output row (symmetric). qint4: W ≈ (data - shift) * scale
+per group of 128 input columns (fewer when 128 does not divide the row: 96, 64, then 32; one
+group per row when in_features <= 128), two 4-bit codes per byte. Weights are frozen (`freeze`)
+so the forward multiplies by the stored codes; activations stay in model.dtype. Outputs equal
+x @ dequant(W)^T to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from peftc.errors import ConfigError
+from peftc.memory import DTYPE_BYTES
+from peftc.quant import register
+from peftc.quant.base import FOUR_BIT_MERGE_REFUSAL, QuantBackend, QuantizedSpec, add_bytes, leaf_tensors, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from peftc.graph import ModuleInfo
+    from peftc.spec import RunSpec
+
+
+@dataclass
+class QuantoInt8Spec(QuantizedSpec):
+    """Weights as int8, one scale per output row."""
+
+
+@dataclass
+class QuantoInt4Spec(QuantizedSpec):
+    """Weights as packed int4 with a scale and a shift per group of up to 128 columns."""
+
+    def cross_check(self, key: str, run: RunSpec | None) -> None:
+        super().cross_check(key, run)
+        if self.float32_unquantized and run is not None and run.model.dtype != "float32":
+            raise ConfigError(
+                f"{key}.float32_unquantized",
+                True,
+                f"quanto's int4 {run.model.dtype} kernel rejects the float32 activations that float32 norms produce",
+                f"set {key}.float32_unquantized=false (the shipped quanto_int4 default) or model.dtype=float32",
+            )
+
+
+def group_size(in_features: int) -> int | None:
+    """quanto's rule for qint4 groups (None: one group per row)."""
+    size = 128
+    if in_features > size:
+        while in_features % size != 0 and size > 32:
+            size -= 32
+        if in_features % size == 0:
+            return size
+    return None
+
+
+class Quanto(QuantBackend):
+    qtype: ClassVar[str]  # quanto's weight qtype name
+    extra = "quant"
+    packages = (("optimum.quanto", "optimum-quanto"),)
+    library = "optimum.quanto"
+
+    def quantize(self, spec: Any, model: nn.Module, paths: tuple[str, ...] = ()) -> nn.Module:
+        from optimum.quanto import qtypes
+        from optimum.quanto.nn import quantize_module
+
+        from peftc.model import _replace_module
+
+        for path in paths:
+            layer = quantize_module(model.get_submodule(path), weights=qtypes[self.qtype])
+            layer.freeze()
+            layer.weight.requires_grad_(False)  # quanto's straight-through weights would get a .grad
+            _replace_module(model, path, layer)
+        return model
+
+    def _owns(self, module: nn.Module) -> bool:
+        from optimum.quanto.nn import QLinear
+
+        return isinstance(module, QLinear) and getattr(module.weight_qtype, "name", None) == self.qtype
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.dequantize().float()
+
+    def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
+        from torch import nn
+
+        dtype = module.weight.dtype
+        module.weight = nn.Parameter(weight.to(dtype), requires_grad=False)  # float again: not frozen
+        module.freeze()
+        module.weight.requires_grad_(False)
+
+    def stored_bytes(self, module: nn.Module) -> dict[str, int]:
+        return add_bytes(*(tensor_bytes(t) for t in leaf_tensors(module.weight)))
+
+
+@register
+class QuantoInt8(Quanto):
+    name = "quanto_int8"
+    schema = QuantoInt8Spec
+    qtype = "qint8"
+    storage = "int8"
+
+    def weight_bytes(self, spec: Any, module: ModuleInfo, dtype: str) -> dict[str, int]:
+        scales = module.out_features * DTYPE_BYTES[dtype]
+        return add_bytes({"int8": module.out_features * module.in_features}, {dtype: scales})
+
+
+@register
+class QuantoInt4(Quanto):
+    name = "quanto_int4"
+    inference_mode = False  # its int4 matmul fails on inference tensors ("Cannot set version_counter")
+    merge_policy = "refuse"
+    merge_refusal = FOUR_BIT_MERGE_REFUSAL
+    schema = QuantoInt4Spec
+    qtype = "qint4"
+    storage = "int4"
+
+    def weight_bytes(self, spec: Any, module: ModuleInfo, dtype: str) -> dict[str, int]:
+        count = module.out_features * module.in_features
+        size = group_size(module.in_features)
+        groups = count // size if size else module.out_features
+        return add_bytes({"uint8": (count + 1) // 2}, {dtype: 2 * groups * DTYPE_BYTES[dtype]})  # scale + shift

@@ -1,0 +1,332 @@
+"""Quantized frozen bases: planning, numerics against a dequantized reference, refusals, merging.
+
+Tolerances (relative to the largest output magnitude), measured on this machine and stated in
+the README: every backend's training-mode forward equals x @ dequant(W)^T + LoRA to float
+rounding (<= 1e-6; 2e-7 measured); bitsandbytes int8's eval-mode forward also quantizes the
+activations (~1%, bound 3e-2).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import peftc
+from peftc import quant
+from peftc.materializer import load_base_model, materialize
+from peftc.methods.lora import LoraLayer
+from peftc.plan import Site
+from peftc.quant.base import backend_of
+from tests.helpers import max_diff, token_batch
+
+BACKENDS = ["bnb_int8", "bnb_nf4", "bnb_fp4", "quanto_int8", "quanto_int4", "torchao_int8"]
+EIGHT_BIT = ["bnb_int8", "quanto_int8", "torchao_int8"]
+FOUR_BIT = ["bnb_nf4", "bnb_fp4", "quanto_int4"]
+EXACT = 1e-6  # relative: float rounding only
+ACTIVATION_ROUNDING = 3e-2  # relative: bnb int8 eval path quantizes activations too
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return max_diff(a, b) / b.abs().max().item()
+
+
+def base_bytes_measured(model: nn.Module) -> dict[str, int]:
+    """Bytes of every parameter of a base, quantized weights as their backends store them."""
+    sizes: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(kind: str, size: int) -> None:
+        sizes[kind] = sizes.get(kind, 0) + size
+
+    for module in model.modules():
+        backend = backend_of(module)
+        if backend is not None:
+            seen.add(id(module.weight))
+            for kind, size in backend.stored_bytes(module).items():
+                add(kind, size)
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                add(str(param.dtype).replace("torch.", ""), param.numel() * param.element_size())
+    return dict(sorted(sizes.items()))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planned_base_bytes_equal_the_quantized_model(backend: str, dtype: str) -> None:
+    overrides = ["quant.float32_unquantized=false"] if backend == "quanto_int4" and dtype == "bfloat16" else []
+    plan = peftc.compile([f"quant={backend}", f"model.dtype={dtype}", *overrides])
+    base = load_base_model(plan)
+    assert plan.quantization.bytes_by_dtype == base_bytes_measured(base)
+    assert plan.model.base_bytes == plan.memory.base_weights == plan.quantization.base_bytes
+
+
+def test_unquantized_plan_counts_the_whole_base_in_model_dtype() -> None:
+    plan = peftc.compile(["quant=none"])
+    assert plan.quantization.bytes_by_dtype == {"float32": plan.model.base_params * 4}
+    assert plan.quantization.modules == () and plan.quantization.merge_policy == "none"
+
+
+def test_quantized_plan_is_smaller_and_keeps_the_output_head() -> None:
+    full = peftc.compile(["quant=none"])
+    plan = peftc.compile(["quant=bnb_nf4", "peft.target_modules=all-linear"])
+    assert plan.quantization.skipped == ("lm_head",)
+    assert len(plan.quantization.modules) == 14 and "lm_head" not in plan.quantization.modules
+    assert plan.model.base_bytes < full.model.base_bytes
+    assert all(site.options["base_quant"] == "nf4" for site in plan.sites)
+    assert "Linear (nf4)" in str(plan) and "base quantization: bnb_nf4" in str(plan)
+
+
+def test_skip_modules_keep_those_layers_plain() -> None:
+    plan = peftc.compile(["quant=quanto_int8", "quant.skip_modules=[down_proj]", "peft.target_modules=all-linear"])
+    kept = {p for p in plan.quantization.skipped}
+    assert kept == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}  # and lm_head is quantized
+    assert "lm_head" in plan.quantization.modules
+    down = plan.site("model.layers.0.mlp.down_proj")
+    assert "base_quant" not in down.options and plan.site("model.layers.0.mlp.up_proj").options["base_quant"] == "int8"
+    model = materialize(plan)
+    assert type(model.base_model.get_submodule("model.layers.0.mlp.down_proj").base_layer) is nn.Linear
+    assert backend_of(model.base_model.get_submodule("model.layers.0.mlp.up_proj").base_layer) is not None
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_a_misspelled_skip_module_is_refused_with_a_suggestion() -> None:
+    with pytest.raises(peftc.PlanError, match=r"quant.skip_modules='down_prj'.*did you mean 'down_proj'"):
+        peftc.compile(["quant=bnb_int8", "quant.skip_modules=[down_prj]"])
+
+
+def test_a_model_without_linear_projections_is_refused() -> None:
+    with pytest.raises(peftc.PlanError, match=r"quant='bnb_nf4': would quantize no module.*Conv1D"):
+        peftc.compile(["quant=bnb_nf4", "model=tiny_gpt2"])
+
+
+@pytest.mark.parametrize(
+    ("backend", "module", "package"),
+    [
+        ("bnb_nf4", "bitsandbytes", "bitsandbytes"),
+        ("quanto_int4", "optimum.quanto", "optimum-quanto"),
+        ("torchao_int8", "torchao", "torchao"),
+    ],
+)
+def test_a_missing_backend_names_the_extra_to_install(
+    backend: str, module: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # find_spec then reports it as not installed
+    with pytest.raises(
+        peftc.ConfigError,
+        match=rf"quant='{backend}': needs {package}, which is not installed; .*pip install 'peftc\[quant\]'",
+    ):
+        peftc.compile([f"quant={backend}"])
+
+
+def test_a_method_that_cannot_wrap_quantized_layers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftc import methods
+
+    monkeypatch.setattr(type(methods.get("lora")), "wraps_quantized", False)
+    with pytest.raises(peftc.ConfigError, match=r"quant='bnb_int8': .*has not been made to wrap quantized layers"):
+        peftc.compile(["quant=bnb_int8"])
+    assert peftc.compile(["quant=none"]).trainable_params > 0
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_methods_train_over_a_quantized_base(method: str) -> None:
+    plan = peftc.compile([f"peft={method}", "quant=bnb_nf4"])
+    model = materialize(plan)
+    x = token_batch()
+    model(input_ids=x, labels=x).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert sum(backend_of(m) is not None for m in model.base_model.modules()) == 14
+
+
+def test_initialisations_that_rewrite_the_base_are_refused_on_a_quantized_base() -> None:
+    with pytest.raises(peftc.ConfigError, match=r"peft.init_lora_weights='pissa': PiSSA/OLoRA .* quantized"):
+        peftc.compile(["quant=bnb_int8", "peft.init_lora_weights=pissa"])
+
+
+def test_quanto_int4_refuses_float32_activations_into_a_bf16_base() -> None:
+    with pytest.raises(peftc.ConfigError, match=r"quant.float32_unquantized=True: quanto's int4 bfloat16 kernel"):
+        peftc.compile(["quant=quanto_int4", "model.dtype=bfloat16", "quant.float32_unquantized=true"])
+
+
+# ---------------------------------------------------------------------------- numerics
+
+
+def _site(in_features: int, out_features: int, dora: bool) -> Site:
+    tensors = {"lora_A.weight": (8, in_features), "lora_B.weight": (out_features, 8)}
+    options = {"r": 8, "alpha": 16, "scaling": 2.0, "dropout": 0.0, "init": False}
+    if dora:
+        tensors["lora_magnitude_vector"] = (out_features,)
+        options["dora"] = True
+    return Site("0", "linear", "Linear", in_features, out_features, tensors, options)
+
+
+def _twin_lora_layers(backend_name: str, seed: int, dora: bool = False) -> tuple[LoraLayer, LoraLayer]:
+    """LoRA over a quantized Linear, and the same LoRA over an nn.Linear holding its dequantized weight."""
+    torch.manual_seed(seed)
+    backend = quant.get(backend_name)
+    linear = nn.Linear(256, 96)
+    box = nn.Sequential(copy.deepcopy(linear))
+    backend.quantize(backend.schema(), box, ("0",))
+    reference = nn.Linear(256, 96).requires_grad_(False)
+    reference.weight.data = backend.dequantize(box[0])
+    reference.bias.data = linear.bias.data.clone()
+    layers = []
+    for base in (box[0], reference):
+        layer = LoraLayer(base, "linear")
+        layer.add_adapter("default", _site(256, 96, dora))
+        layer.set_active(["default"])
+        layers.append(layer)
+    layers[1].load_adapter_tensors("default", layers[0].adapter_tensors("default"))
+    return layers[0], layers[1]
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_over_a_quantized_layer_matches_the_dequantized_reference(backend: str, dora: bool) -> None:
+    for seed in range(3):
+        ours, reference = _twin_lora_layers(backend, seed, dora)
+        x = torch.randn(4, 10, 256)
+        x_ours, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_ours, y_ref = ours(x_ours), reference(x_ref)
+        upstream = torch.randn_like(y_ref)
+        (y_ours * upstream).sum().backward()
+        (y_ref * upstream).sum().backward()
+        assert relative(y_ours, y_ref) <= EXACT
+        assert relative(x_ours.grad, x_ref.grad) <= EXACT  # gradients reach adapters below this layer
+        for ours_param, ref_param in zip(ours.adapter_parameters("default"), reference.adapter_parameters("default")):
+            assert relative(ours_param.grad, ref_param.grad) <= EXACT
+        ours.eval(), reference.eval()
+        with torch.no_grad():
+            bound = ACTIVATION_ROUNDING if backend == "bnb_int8" else EXACT
+            assert relative(ours(x), reference(x)) <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_updates_only_the_adapter_and_survives_validation(backend: str) -> None:
+    plan = peftc.compile([f"quant={backend}", "peft.target_modules=all-linear", "peft.init_lora_weights=false"])
+    model = materialize(plan)
+    frozen = {
+        path: quant.get(backend).dequantize(model.base_model.get_submodule(path).base_layer).clone()
+        for path in plan.quantization.modules
+        if plan.site(path)
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = token_batch()
+    for mode in ("train", "eval", "train"):  # an eval pass between steps, as validation does
+        getattr(model, mode)()
+        if mode == "eval":
+            with torch.no_grad():
+                model(input_ids=x)
+            continue
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert len(trainable) == 2 * len(plan.sites) and all(
+            p.grad is not None and p.grad.abs().sum() > 0 for p in trainable
+        )
+        optimizer.step()
+        optimizer.zero_grad()
+    for path, weight in frozen.items():
+        assert torch.equal(quant.get(backend).dequantize(model.base_model.get_submodule(path).base_layer), weight)
+
+
+def test_float32_unquantized_prepares_a_bf16_base_like_peft() -> None:
+    plan = peftc.compile(["quant=bnb_nf4", "model.dtype=bfloat16", "quant.compute_dtype=bfloat16"])
+    model = materialize(plan)
+    base = model.base_model
+    assert base.model.norm.weight.dtype == torch.float32 and base.lm_head.weight.dtype == torch.float32
+    assert base.model.embed_tokens.weight.dtype == torch.float32
+    assert "bfloat16" not in plan.quantization.bytes_by_dtype
+    x = token_batch()
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+@pytest.mark.parametrize("backend", EIGHT_BIT)
+def test_merging_into_an_8bit_base_requantizes_with_a_warning(backend: str) -> None:
+    plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])
+    model = materialize(plan).eval()
+    x = token_batch()
+    with torch.no_grad():
+        unmerged = model(input_ids=x).logits
+        with model.disable_adapter():
+            base = model(input_ids=x).logits
+    with pytest.warns(peftc.model.QuantizedMergeWarning, match=rf"merged into 4 quantized layers \({backend}\)"):
+        model.merge_adapter()
+    with torch.no_grad():
+        merged = model(input_ids=x).logits
+    # the merge keeps (nearly) all of the adapter's effect: its error is small next to that effect
+    assert max_diff(merged, unmerged) < 0.1 * max_diff(unmerged, base)
+    layer = model.base_model.get_submodule(plan.sites[0].path)
+    assert backend_of(layer.base_layer).name == backend  # still quantized
+    model.unmerge_adapter()  # the stored quantized weights come back exactly
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, unmerged)
+
+
+@pytest.mark.parametrize("backend", FOUR_BIT)
+def test_merging_into_a_4bit_base_is_refused_and_changes_nothing(backend: str) -> None:
+    plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])
+    model = materialize(plan).eval()
+    x = token_batch()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    with pytest.raises(peftc.PlanError, match=rf"quant='{backend}': cannot merge into .*4-bit.*save_merged=true"):
+        model.merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
+    assert all(not layer.merged_adapters for _, layer in model.adapter_layers())
+
+
+@pytest.mark.parametrize("backend", ["bnb_nf4", "torchao_int8"])
+def test_save_merged_folds_the_adapter_into_the_unquantized_base(backend: str, tmp_path) -> None:
+    from peft import PeftModel
+
+    from peftc.run import merged_model
+    from tests.helpers import build_base
+
+    plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])
+    model = materialize(plan)
+    model.save_adapter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", peftc.model.QuantizedMergeWarning)  # no requantization happens
+        merged = merged_model(model, plan).eval()
+    assert not any(backend_of(m) for m in merged.modules())
+    oracle = PeftModel.from_pretrained(build_base(plan), tmp_path).eval()
+    x = token_batch()
+    with torch.no_grad():
+        assert max_diff(merged(input_ids=x).logits, oracle(input_ids=x).logits) <= 1e-5
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+@pytest.mark.parametrize("backend", ["bnb_int8", "bnb_fp4", "quanto_int4", "torchao_int8"])
+def test_a_saved_adapter_loads_back_onto_a_quantized_base(backend: str, tmp_path) -> None:
+    plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])
+    model = materialize(plan).eval()
+    model.save_adapter(tmp_path)
+    x = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    rebuilt = peftc.load_adapter(tmp_path)  # base rebuilt from the saved plan, quantized like it
+    onto_live = peftc.load_adapter(load_base_model(plan), tmp_path)
+    for loaded in (rebuilt, onto_live):
+        assert loaded.plan_of("default").quantization.modules == plan.quantization.modules
+        assert loaded.plan_of("default").quantization.backend == backend
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=x).logits, expected)
