@@ -138,6 +138,51 @@ def test_a_method_that_cannot_wrap_quantized_layers_is_refused(monkeypatch: pyte
     assert peftc.compile(["quant=none"]).trainable_params > 0
 
 
+RANDOM_INIT = {
+    "lora": "peft.init_lora_weights=false",
+    "ia3": "peft.init_ia3_weights=false",
+    "loha": "peft.init_weights=false",
+    "lokr": "peft.init_weights=false",
+    "oft": "peft.init_weights=false",
+    "adalora": "peft.init_lora_weights=false",
+}
+
+
+def dequantize_in_place(model: nn.Module) -> None:
+    """Replace every quantized Linear (adapter layers' base layers included) by an nn.Linear
+    holding its dequantized weight."""
+    from peftc.model import _replace_module
+
+    for path, module in list(model.named_modules()):
+        backend = backend_of(module)
+        if backend is not None:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight.data = backend.dequantize(module)
+            if module.bias is not None:
+                plain.bias.data = module.bias.data.float()
+            _replace_module(model, path, plain.requires_grad_(False))
+
+
+@pytest.mark.parametrize("backend", ["bnb_nf4", "bnb_int8"])
+@pytest.mark.parametrize("method", sorted(RANDOM_INIT))
+def test_every_injectable_method_over_a_quantized_base_matches_the_dequantized_model(method: str, backend: str) -> None:
+    targets = [] if method == "ia3" else ["peft.target_modules=all-linear"]
+    plan = peftc.compile([f"peft={method}", f"quant={backend}", RANDOM_INIT[method], *targets])
+    model = materialize(plan).train()
+    x = token_batch()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert ours and all(g.abs().sum() > 0 for g in ours.values())
+    model.zero_grad()
+    dequantize_in_place(model.base_model)
+    reference = model(input_ids=x, labels=x).loss
+    reference.backward()
+    assert abs(loss.item() - reference.item()) <= EXACT * abs(reference.item())
+    for name, grad in ours.items():  # rounding compounds through two blocks of random adapters
+        assert relative(grad, dict(model.named_parameters())[name].grad) <= 1e-4, name
+
+
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_prompt_methods_train_over_a_quantized_base(method: str) -> None:
     plan = peftc.compile([f"peft={method}", "quant=bnb_nf4"])

@@ -159,6 +159,7 @@ class AdaLora(Method):
     peft_type = "ADALORA"
     schema = AdaLoraSpec
     layer_class = AdaLoraLayer
+    wraps_quantized = True  # base(x) + update; merges add delta_weight
     supported_kinds = frozenset({"linear", "conv1d_hf"})
     default_targets = ADALORA_TARGETS
     tensor_prefix = "lora_"

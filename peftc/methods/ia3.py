@@ -146,6 +146,7 @@ class IA3(Method):
     supported_kinds = frozenset({"linear", "conv1d_hf"})
     default_targets = IA3_TARGETS
     tensor_prefix = "ia3_"
+    wraps_quantized = True  # base(x * l) or base(x) * l; merges scale the weight via merged_weight
 
     def check_run(self, spec: IA3Spec, run: RunSpec, graph: ModelGraph) -> None:
         if feedforward_entries(spec, graph.model_type) is None:

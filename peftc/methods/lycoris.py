@@ -119,6 +119,7 @@ class LycorisMethod(Method):
     supported_kinds = frozenset({"linear"})
     default_targets = LORA_TARGETS  # peft copies LoRA's table for LoHa and LoKr
     rank_dropout_scale: ClassVar[bool] = True
+    wraps_quantized = True  # base(x) + F.linear(x, delta); merges add delta_weight
 
     def site_tensors(self, spec: Any, module: ModuleInfo, r: int) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
         """Planned tensors and extra options of one site."""

@@ -224,6 +224,7 @@ class OFT(Method):
     supported_kinds = frozenset({"linear", "embedding"})
     default_targets = LORA_TARGETS  # peft copies LoRA's table for OFT
     tensor_prefix = "oft_"
+    wraps_quantized = True  # base(R x); merges rotate the weight via merged_weight
 
     def plan_site(self, spec: OFTSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
         embedding = module.kind == "embedding"
