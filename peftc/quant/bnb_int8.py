@@ -78,7 +78,7 @@ class BnbInt8(QuantBackend):
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         data, scales = _int8_parts(module)
-        return data.float() * (scales.float().view(-1, 1) / 127.0)
+        return data.float() * scales.float().unsqueeze(1).mul(1.0 / 127.0)  # bitsandbytes' own rounding
 
     def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
