@@ -35,7 +35,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     compat.check(compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph))
     method.check_run(run.peft, run, graph)
 
-    saved = _modules_to_save(method, task, run, graph)
+    saved = _modules_to_save(method, task, run, graph, strict=strict_targets)
     sites: tuple[Site, ...] = ()
     if method.kind == "injectable":
         protected = [m.path for m in saved]
@@ -112,8 +112,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     return numel(shape)
 
 
-def _modules_to_save(method: Method, task: Task, run: RunSpec, graph: ModelGraph) -> list[SavedModule]:
-    """The task's head (peft keeps classifier/score/qa_outputs trainable) plus the user's list."""
+def _modules_to_save(
+    method: Method, task: Task, run: RunSpec, graph: ModelGraph, *, strict: bool = True
+) -> list[SavedModule]:
+    """The task's head (peft keeps classifier/score/qa_outputs trainable) plus the user's list.
+
+    Not strict (loading a file): names matching nothing are skipped, as peft does; peft itself
+    writes ["classifier", "score"] into every SEQ_CLS adapter_config.json, whatever the model has.
+    """
     chosen: dict[str, str] = {}
     for name in task.head_modules:
         module = graph.module(name)
@@ -121,7 +127,7 @@ def _modules_to_save(method: Method, task: Task, run: RunSpec, graph: ModelGraph
             chosen[module.path] = f"{task.name} head"
     for entry in method.modules_to_save(run.peft):
         matches = [m for m in graph.modules if m.path and (m.path == entry or m.path.endswith("." + entry))]
-        if not matches and entry in task.head_modules:
+        if not matches and (entry in task.head_modules or not strict):
             continue  # peft writes every head name of the task (classifier and score) into its configs
         if not matches:
             hint = did_you_mean(entry, graph.leaf_names() | {m.path for m in graph.modules})

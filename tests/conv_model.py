@@ -1,4 +1,4 @@
-"""A tiny convolutional model (Conv2d, 1x1 Conv2d, grouped Conv2d, Conv1d, Linear) for LoRA's conv sites,
+"""A tiny convolutional model (Conv3d, Conv2d, 1x1 Conv2d, grouped Conv2d, Conv1d, Linear) for LoRA's conv sites,
 and how to plan an adapter for a model that no config group describes."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class TinyConvNet(nn.Module):
         super().__init__()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
+        self.volume = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
         self.conv = nn.Conv2d(4, 8, 3, padding=1)
         self.pointwise = nn.Conv2d(8, 8, 1)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
@@ -30,7 +31,8 @@ class TinyConvNet(nn.Module):
         torch.random.set_rng_state(generator_state)
 
     def forward(self, input_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        h = F.relu(self.conv(input_ids))
+        h = F.relu(self.volume(input_ids.unsqueeze(2)).squeeze(2))
+        h = F.relu(self.conv(h))
         h = F.relu(self.pointwise(h))
         h = self.grouped(h)
         h = F.relu(self.seq(h.flatten(2)))
