@@ -227,3 +227,25 @@ def test_trained_pissa_dora_run_saves_an_adapter_and_merged_model_that_agree(tmp
     assert max_diff(expected, logits(build_base(peftc.compile(overrides)))) > 1e-6, "training moved the adapter"
     assert max_diff(logits(ours), expected) <= 1e-5
     assert max_diff(logits(merged), expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "broken"),
+    [
+        (["peft.use_dora=true"], "lora_magnitude_vector"),
+        (["model=tiny_gpt2", "peft.lora_bias=true", "peft.init_lora_weights=false"], "lora_B.bias"),
+    ],
+)
+def test_safe_merge_refuses_a_broken_variant_and_leaves_weights_bit_identical(
+    overrides: list[str], broken: str
+) -> None:
+    plan = peftc.compile(overrides)
+    model = peftc.materialize(plan)
+    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if ".lora_" not in n}
+    tensors = model.adapter_state_dict("default")
+    victim = next(tensors[k] for k in sorted(tensors) if k.endswith(broken))
+    with torch.no_grad():
+        victim.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(before[n], p) for n, p in model.base_model.named_parameters() if ".lora_" not in n)
