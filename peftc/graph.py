@@ -138,6 +138,7 @@ def _shapes(module: nn.Module, kind: str) -> tuple[int | None, int | None, tuple
                 module.padding if isinstance(module.padding, str) else tuple(module.padding),
             ),
             ("groups", module.groups),
+            ("dilation", tuple(module.dilation)),
         )
         return module.in_channels, module.out_channels, extra
     return None, None, ()

@@ -342,6 +342,13 @@ def test_conv_combinations_peft_refuses_are_plan_errors(spec: dict[str, Any], ke
         plan_for(TinyConvNet(), LoraSpec(**spec))
 
 
+def test_dilated_conv_is_refused_while_planning() -> None:
+    model = TinyConvNet()
+    model.conv = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+    with pytest.raises(peftc.PlanError, match="dilated"):
+        plan_for(model, LoraSpec(target_modules=["conv"]))
+
+
 def test_grouped_conv_refuses_to_merge_and_leaves_weights_untouched() -> None:
     _, ours, _ = paired(CASES[IDS.index("conv-grouped")])
     before = {k: v.clone() for k, v in base_state(ours).items()}

@@ -303,6 +303,13 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
             f"is not supported on embeddings ({where}; peft)",
             "exclude the embedding from target_modules",
         )
+    if is_conv and any(d != 1 for d in module.get("dilation", ())) and any(k != 1 for k in module.get("kernel_size")):
+        raise PlanError(
+            "peft.target_modules",
+            module.leaf_name,
+            f"{where} is dilated; LoRA's A conv is not (peft), so their outputs would differ in size",
+            "exclude dilated convolutions",
+        )
     groups = module.get("groups", 1) if is_conv else 1
     if groups > 1 and r % groups:
         raise PlanError("peft.r", r, f"must be divisible by groups={groups} of {where} (peft)")
