@@ -1,6 +1,6 @@
 """LoRA on an unquantized vs quantized mini-Llama: resident base, peak memory and step time per backend.
 
-    python experiments/bench_quant.py [--steps 10] [--warmup 3] [--threads 2]
+    python experiments/bench_quant.py [--steps 5] [--warmup 1] [--threads 2]
 
 Each backend runs in its own fresh process (one after the other), so no run inherits another's
 allocations. A run compiles the plan (quant=<backend>, LoRA r=16 on all linear layers), builds
@@ -29,13 +29,13 @@ BACKENDS = ["none", "bnb_int8", "bnb_nf4", "bnb_fp4", "quanto_int8", "quanto_int
 MODEL = [
     "model.config.hidden_size=512",
     "model.config.intermediate_size=1376",
-    "model.config.num_hidden_layers=8",
+    "model.config.num_hidden_layers=4",
     "model.config.num_attention_heads=8",
     "model.config.num_key_value_heads=8",
     "model.config.vocab_size=2048",
 ]
 LORA = ["peft.r=16", "peft.lora_alpha=32", "peft.target_modules=all-linear"]
-BATCH, SEQ = 8, 128
+BATCH, SEQ = 4, 64
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -130,8 +130,8 @@ def mib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,7 +150,7 @@ def main() -> None:
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
     print(
-        f"mini-Llama hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 2048; LoRA r=16 all-linear; "
+        f"mini-Llama hidden 512, intermediate 1376, 4 layers, 8 heads, vocab 2048; LoRA r=16 all-linear; "
         f"batch {BATCH} x seq {SEQ}; {args.threads} threads; {args.warmup} warm-up + {args.steps} timed steps; "
         f"load average before {load[0]:.2f} / after {os.getloadavg()[0]:.2f}; {time.time() - started:.0f} s"
     )
