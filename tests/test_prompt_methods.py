@@ -155,3 +155,37 @@ def test_disable_adapter_runs_the_base_model() -> None:
     base = build_base(ours.plan_of("default"))
     with ours.disable_adapter():
         assert torch.equal(ours(input_ids=x).logits, base(input_ids=x).logits)
+
+
+def test_two_prompt_adapters_switch_and_save_in_peft_layout(tmp_path) -> None:
+    import warnings
+
+    from peft import PeftModel
+
+    model = peftc.materialize(peftc.compile(["peft=prompt_tuning", SHARP])).eval()
+    model.add_adapter("short", peftc.compile(["peft=prompt_tuning", "peft.num_virtual_tokens=4", SHARP]))
+    x = token_batch()
+    first = model(input_ids=x).logits[:, -x.shape[1] :]
+    model.set_adapter("short")
+    second = model(input_ids=x).logits
+    assert max_diff(first, second[:, -x.shape[1] :]) > 1e-3
+    assert second.shape[1] == x.shape[1] + 4
+    assert model.trainable_parameters() == model.plan_of("short").trainable_params
+    model.save_adapter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(build_base(model.plan_of("default")), tmp_path)
+        theirs.load_adapter(tmp_path / "short", "short")  # peft cannot mix peft types in one model
+        theirs.set_adapter("short")
+    assert max_diff(theirs.eval()(input_ids=x).logits, second) <= 1e-5
+    model.set_adapter("default")
+    assert torch.equal(model(input_ids=x).logits[:, -x.shape[1] :], first)
+
+
+def test_virtual_tokens_train_under_gradient_checkpointing() -> None:
+    plan = peftc.compile(["peft=p_tuning", "trainer.gradient_checkpointing=true"])
+    model = peftc.materialize(plan).train()
+    x = token_batch()
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for p in model.prompt_encoders["default"].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
