@@ -23,6 +23,7 @@ from torch import nn
 from peftc.methods import dora
 from peftc.methods.base import AdapterLayer
 from peftc.methods.lora_init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
+from peftc.methods.lowrank import fused_linear, plain_linear
 
 if TYPE_CHECKING:
     from peftc.plan import Site
@@ -164,6 +165,27 @@ class LoraLayer(AdapterLayer):
         return b @ a * self.scaling[name]
 
     # --------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = None if args or kwargs else self._fused_forward(x)
+        return fused if fused is not None else super().forward(x, *args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Plain LoRA on a plain nn.Linear without dropout: one fused node (lowrank.py), or None."""
+        if self.kind != "linear" or self.disabled or self.merged_adapters or not self.active_adapters:
+            return None
+        if not plain_linear(self.base_layer):
+            return None
+        scalings, factors = [], []
+        for name in self.active_adapters:
+            lora_b = self.lora_B[name]
+            if name in self.lora_magnitude_vector or lora_b.bias is not None:
+                return None
+            if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+                return None
+            scalings.append(self.scaling[name])
+            factors += [self.lora_A[name].weight, lora_b.weight]
+        return fused_linear(x, self.base_layer, scalings, factors)
+
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":
             return self._embedding_output(name, x, result)

@@ -1,5 +1,6 @@
-"""Causal language modelling: next-token cross-entropy; metrics are loss and perplexity
-exp(sum of token losses / predicted tokens). Prediction continues a prompt greedily."""
+"""Causal language modelling: next-token cross-entropy (computed in chunks from the last hidden
+states, see lm_loss.py); metrics are loss and perplexity exp(sum of token losses / predicted
+tokens). Prediction continues a prompt greedily."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from peftc.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
 from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
 from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
+from peftc.tasks.lm_loss import next_token_loss
 
 
 @dataclass
@@ -78,12 +80,12 @@ class CausalLm(Task):
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        total, tokens = next_token_loss(model, batch)
+        return total / tokens.clamp_min(1)
 
     def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        loss = model(**batch).loss
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return {"loss_sum": loss.detach() * tokens, "tokens": tokens}
+        total, tokens = next_token_loss(model, batch)
+        return {"loss_sum": total.detach(), "tokens": tokens}
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
         if not totals.get("tokens"):

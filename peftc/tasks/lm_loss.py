@@ -1,0 +1,171 @@
+"""Next-token cross-entropy computed by the task itself, in chunks, without the full logits.
+
+The loss is transformers' causal-LM loss: positions 0..T-2 predict labels 1..T-1, positions
+whose label is IGNORE_INDEX do not count, mean over the rest. Labels are aligned with the
+model's output positions from the right, so a model that prepends positions (prompt tuning's
+virtual tokens) sees them with ignored labels, exactly as peft prepends them.
+
+How it avoids the (batch x length x vocab) logits: the model is called without labels while a
+pre-hook on its output embedding takes the last hidden states and lets the head run on one
+position only (a probe). When the model returned that probe's head output unchanged (no
+soft-capping or scaling after the head), the loss is computed from the hidden states:
+- a plain nn.Linear head: `LinearCrossEntropy` walks the kept positions in chunks of rows; per
+  chunk it forms the logits, the loss (log-softmax) and, when gradients are needed, the
+  gradient (softmax - one-hot) @ W at once, so only one chunk of logits ever exists and no
+  logits are kept for backward (ignored positions are never computed);
+- any other head (an adapted or trained lm_head): the head on the kept positions, then
+  cross-entropy.
+Otherwise (the model post-processes logits, or never calls its output embedding) the model is
+run again the ordinary way and that model is remembered; the loss is then the same function of
+the full logits. Values agree with transformers' loss to float rounding (~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftc.tasks.common import IGNORE_INDEX
+
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in float32): ~256 rows at a 32k vocabulary
+_POSTPROCESSING_HEADS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """apply(hidden (M, d), weight (V, d), bias, targets (M,), need_grad) -> summed loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, need_grad):  # noqa: ANN001, ANN205 - autograd signature
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        want_h, want_w, want_b = (need_grad and t is not None and t.requires_grad for t in (hidden, weight, bias))
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        grad_b = torch.zeros_like(bias) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            part, wanted = hidden[start : start + rows], targets[start : start + rows]
+            logits = F.linear(part, weight, bias)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total -= logp.gather(1, wanted[:, None]).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            grad = logp.exp_()  # d(sum of -log p[target]) / d logits = softmax - one-hot
+            grad.view(-1)[torch.arange(len(wanted), device=grad.device) * grad.shape[1] + wanted] -= 1.0
+            grad = grad.to(logits.dtype)
+            if want_h:
+                torch.mm(grad, weight.to(grad.dtype), out=grad_h[start : start + rows])
+            if want_w:
+                grad_w.addmm_(grad.t(), part.to(grad.dtype))
+            if want_b:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.wanted = (want_h, want_w, want_b)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_total if wanted else None for wanted in ctx.wanted]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def next_token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss over the counted tokens, number of counted tokens) for a causal LM batch."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    head = output_head(model)
+    if head is None or head in _POSTPROCESSING_HEADS:
+        return _from_logits(model(**inputs).logits, labels)
+    probe = _HeadProbe(head)
+    with probe:
+        logits = model(**inputs).logits
+    if not probe.returned_unchanged(logits):
+        _POSTPROCESSING_HEADS.add(head)
+        return _from_logits(model(**inputs).logits, labels)
+    hidden, targets = _kept_positions(probe.hidden, labels)
+    count = targets.new_tensor(targets.numel())
+    if type(head) is nn.Linear:
+        need_grad = torch.is_grad_enabled()
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, need_grad), count
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum"), count
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The module the model calls to turn hidden states into logits (wrappers included)."""
+    for candidate in (model, getattr(model, "base_model", None)):
+        getter = getattr(candidate, "get_output_embeddings", None)
+        if callable(getter) and (head := getter()) is not None:
+            return head
+    return None
+
+
+def _aligned_targets(labels: torch.Tensor, positions: int) -> torch.Tensor:
+    """The label each of `positions` output positions predicts (IGNORE_INDEX where none)."""
+    extra = positions - labels.shape[1]
+    if extra > 0:  # positions the model prepended (virtual tokens) have no labels
+        labels = F.pad(labels, (extra, 0), value=IGNORE_INDEX)
+    elif extra < 0:
+        labels = labels[:, -positions:]
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _kept_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, targets) of the positions whose target counts, flattened."""
+    targets = _aligned_targets(labels.to(hidden.device), hidden.shape[1])
+    keep = targets != IGNORE_INDEX
+    return hidden[keep], targets[keep]
+
+
+def _from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    targets = _aligned_targets(labels.to(logits.device), logits.shape[1])
+    keep = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    return loss, keep.sum()
+
+
+class _HeadProbe:
+    """While active, the head sees only each sequence's last position; the full hidden states
+    it was given are kept in `hidden`, its output in `output`."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+        self.hidden: torch.Tensor | None = None
+        self.output: Any = None
+        self.calls = 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _HeadProbe:
+        self._handles = [
+            self.head.register_forward_pre_hook(self._before),
+            self.head.register_forward_hook(self._after),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _before(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        self.calls += 1
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            return None
+        self.hidden = args[0]
+        # detached: the probe's output is only compared, never differentiated (no graph kept)
+        return (args[0][:, -1:].detach(), *args[1:])
+
+    def _after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.output = output
+
+    def returned_unchanged(self, logits: Any) -> bool:
+        """Whether the model's logits are exactly the head's output on the probe."""
+        if self.calls != 1 or self.hidden is None or not isinstance(self.output, torch.Tensor):
+            return False
+        return logits is self.output or (
+            isinstance(logits, torch.Tensor) and logits.shape == self.output.shape and torch.equal(logits, self.output)
+        )

@@ -1,0 +1,173 @@
+"""The fast paths (issue 8) compute the same numbers as the general paths they replace.
+
+- LoRA on a plain nn.Linear runs as one fused autograd node (methods/lowrank.py): its output
+  and every gradient equal the module-by-module computation, and training gradients equal peft's.
+- The causal-LM loss is computed in chunks from the hidden states (tasks/lm_loss.py): loss and
+  gradients equal transformers' own loss on the full logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftc
+from peftc.methods.base import AdapterLayer
+from peftc.methods.lora_layer import LoraLayer
+from peftc.tasks import get as get_task
+from peftc.tasks import lm_loss
+from tests.helpers import build_base, peft_lora_config, token_batch, twin_bases
+
+
+def lora_model(overrides: list[str]) -> tuple[peftc.plan.Plan, torch.nn.Module]:
+    plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", *overrides])
+    return plan, peftc.materialize(plan, base_model=build_base(plan))
+
+
+def adapted_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and m.kind == "linear"]
+
+
+def fused_and_general(layer: LoraLayer, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(output, input grad, adapter grads...) through the layer's own forward and through the
+    general AdapterLayer path, for the same upstream gradient."""
+    results = []
+    upstream = torch.randn(*x.shape[:-1], layer.base_layer.out_features, generator=torch.Generator().manual_seed(3))
+    for forward in (layer.forward, lambda t: AdapterLayer.forward(layer, t)):
+        layer.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_(True)
+        out = forward(inputs)
+        out.backward(upstream)
+        params = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        results.append((out.detach(), inputs.grad.clone(), *params))
+    return results
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lora_linear_equals_the_general_path_with_two_active_adapters(bias: bool) -> None:
+    plan, model = lora_model(["peft.r=4", "peft.lora_alpha=8"])
+    model.add_adapter("second", plan)
+    model.set_adapter(["default", "second"])
+    model.train()
+    layer = adapted_layers(model)[0]
+    layer.base_layer.weight.requires_grad_(True)  # also the base weight's gradient
+    if bias:
+        layer.base_layer.bias = nn.Parameter(torch.randn(layer.base_layer.out_features))
+    for name in ("default", "second"):
+        torch.nn.init.normal_(layer.lora_B[name].weight)
+    x = torch.randn(2, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(1))
+    fused, general = fused_and_general(layer, x)
+    assert layer(x).grad_fn.name().startswith("LowRankLinear"), "the fast path must be the one taken"
+    for ours, reference in zip(fused, general, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_dropout_in_training_takes_the_general_path() -> None:
+    _, model = lora_model(["peft.lora_dropout=0.1"])
+    layer = adapted_layers(model)[0]
+    x = torch.randn(2, 3, layer.base_layer.in_features)
+    model.train()
+    assert not layer(x).grad_fn.name().startswith("LowRankLinear")
+    model.eval()  # no dropout in eval: the fused node is exact again
+    with torch.enable_grad():
+        assert layer(x.requires_grad_(True)).grad_fn.name().startswith("LowRankLinear")
+
+
+def test_lora_training_gradients_match_peft() -> None:
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from peftc.adapters import fill
+
+    plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
+    ours_base, theirs_base = twin_bases(plan)
+    theirs = get_peft_model(theirs_base, peft_lora_config(plan)).train()
+    ours = peftc.materialize(plan, base_model=ours_base).train()
+    fill(ours, "default", get_peft_model_state_dict(theirs))
+    ids = token_batch()
+    for model in (ours, theirs):
+        model(input_ids=ids, labels=ids).loss.backward()
+    probe = torch.zeros(1, ours.base_model.config.hidden_size)
+    assert adapted_layers(ours)[0](probe).grad_fn.name().startswith("LowRankLinear")
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(ours_grads) == len(theirs_grads) > 0
+    for name, grad in ours_grads.items():
+        match = [g for n, g in theirs_grads.items() if n.endswith(name.split("base_model.", 1)[-1])]
+        assert len(match) == 1, name
+        torch.testing.assert_close(grad, match[0], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ chunked loss
+def labelled_batch(vocab: int = 260) -> dict[str, torch.Tensor]:
+    ids = token_batch(vocab=vocab, batch=3, length=14)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    labels[2, -3:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(loss_fn, model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:  # noqa: ANN001
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["peft.target_modules=all-linear"],
+        ["peft.target_modules=[q_proj,lm_head]"],  # an adapted head: not a plain nn.Linear
+        ["peft=prompt_tuning", "peft.num_virtual_tokens=3"],  # positions prepended by the model
+    ],
+    ids=["lora", "lora on lm_head", "prompt tuning"],
+)
+def test_chunked_loss_equals_transformers_loss(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 5 * 260)  # 5 rows per chunk: several chunks
+    plan = peftc.compile(["model=tiny_llama", *overrides])
+    model = peftc.materialize(plan, base_model=build_base(plan)).train()
+    task, batch = get_task(plan.task), labelled_batch()
+    chunked, chunked_grads = loss_and_grads(lambda: task.training_loss(model, batch), model)
+    reference, reference_grads = loss_and_grads(lambda: model(**batch).loss, model)
+    assert abs(chunked.item() - reference.item()) <= 1e-6 * abs(reference.item())
+    for ours, theirs in zip(chunked_grads, reference_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
+
+
+def test_chunked_loss_keeps_no_logits_for_backward() -> None:
+    """The gradient is formed chunk by chunk in the forward: what backward holds is (tokens x
+    hidden), not (tokens x vocabulary)."""
+    plan = peftc.compile(["model=tiny_llama"])
+    model = peftc.materialize(plan, base_model=build_base(plan)).train()
+    batch = labelled_batch()
+    vocab = model.base_model.get_output_embeddings().weight.shape[0]
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        get_task(plan.task).training_loss(model, batch)
+    assert saved and not any(shape and shape[-1] == vocab and shape.numel() > vocab for shape in saved)
+
+
+def test_logits_changed_after_the_head_fall_back_to_the_full_logits() -> None:
+    """A model that rescales its logits after the head (soft-capping, say): the chunked path
+    would be wrong, so the loss comes from the model's own logits."""
+    plan = peftc.compile(["model=tiny_llama"])
+    model = peftc.materialize(plan, base_model=build_base(plan)).train()
+    scaled = copy.deepcopy(model)
+
+    def halve(module: nn.Module, args: object, output: object) -> object:
+        output.logits = output.logits * 0.5
+        return output
+
+    scaled.base_model.register_forward_hook(halve)
+    batch = labelled_batch()
+    loss = get_task(plan.task).training_loss(scaled, batch)
+    logits, labels = scaled(**batch).logits, batch["labels"]
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    assert abs(loss.item() - get_task(plan.task).training_loss(model, batch).item()) > 1e-3
