@@ -284,6 +284,9 @@ class TrainerSpec(SpecNode):
     progress_bar: bool | None = param(None, "Show a progress bar; null: only when stderr is a terminal.")
     deterministic: bool = param(False, "Ask torch for deterministic algorithms (slower, reproducible).")
     gradient_checkpointing: bool = param(False, "Recompute activations in backward to save memory.")
+    compile: bool = param(
+        False, "Compile each repeated block of the model with torch.compile (opt-in: slow first steps)."
+    )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.max_steps == -1 and self.max_epochs is None:

@@ -226,6 +226,8 @@ def fit(model: PeftcModel, plan: Plan, output_dir: Path, tokenizer: Any) -> dict
     model.train()
     task = tasks.get(plan.task)
     module = PeftcLightningModule(model, task, plan)
+    if plan.spec.trainer.compile:
+        compile_blocks(model)
     callbacks = methods.get(plan.method).callbacks(model, plan)
     trainer = build_trainer(plan, output_dir, callbacks)
     train_loader, val_loader = dataloaders(plan, tokenizer)
@@ -241,6 +243,21 @@ def fit(model: PeftcModel, plan: Plan, output_dir: Path, tokenizer: Any) -> dict
         torch.distributed.destroy_process_group()
     model.eval()
     return metrics
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each block of the model's largest nn.ModuleList (the decoder layers) in
+    place; returns how many. Per block rather than whole-model, as torchtune does: the blocks
+    are identical (one compilation serves all), and the code around them (embeddings, the
+    chunked loss with its hooks, prompt encoders) stays eager. Names and state dicts do not
+    change (nn.Module.compile compiles the call, not a wrapper module)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return 0
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 @contextmanager

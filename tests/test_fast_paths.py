@@ -171,3 +171,26 @@ def test_logits_changed_after_the_head_fall_back_to_the_full_logits() -> None:
     reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
     assert abs(loss.item() - get_task(plan.task).training_loss(model, batch).item()) > 1e-3
+
+
+# -------------------------------------------------------------------------------- compile
+@pytest.mark.slow
+def test_compiled_blocks_train_to_the_same_loss_and_gradients() -> None:
+    """trainer.compile=true compiles each decoder block; a training step gives the eager
+    step's loss and adapter gradients, and parameter names are unchanged."""
+    from peftc.training import compile_blocks
+
+    plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
+    eager = peftc.materialize(plan, base_model=build_base(plan)).train()
+    compiled = copy.deepcopy(eager)
+    names = [n for n, _ in compiled.named_parameters()]
+    assert compile_blocks(compiled) == 2  # tiny_llama's decoder layers
+    assert all(block._compiled_call_impl is not None for block in compiled.base_model.model.layers)
+    assert [n for n, _ in compiled.named_parameters()] == names
+    task, batch = get_task(plan.task), labelled_batch()
+    for _ in range(2):  # the second call runs the compiled code without recompiling
+        loss, grads = loss_and_grads(lambda: task.training_loss(compiled, batch), compiled)
+    reference, reference_grads = loss_and_grads(lambda: task.training_loss(eager, batch), eager)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+    for ours, theirs in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

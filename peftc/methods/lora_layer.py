@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from peftc.methods import dora
 from peftc.methods.base import AdapterLayer
@@ -89,8 +90,12 @@ class LoraLayer(AdapterLayer):
 
     def _create_linear(self, name: str, site: Site, r: int, opts: dict[str, Any], init: bool) -> None:
         device = self._creation_device()
-        a = nn.Linear(site.in_features, r, bias=False, device=device)
-        b = nn.Linear(r, site.out_features, bias=opts.get("lora_bias", False), device=device)
+        if device is not None:  # meta: nothing to draw, so no initialisation at all (fast plans)
+            a = skip_init(nn.Linear, site.in_features, r, bias=False, device=device)
+            b = skip_init(nn.Linear, r, site.out_features, bias=opts.get("lora_bias", False), device=device)
+        else:
+            a = nn.Linear(site.in_features, r, bias=False)
+            b = nn.Linear(r, site.out_features, bias=opts.get("lora_bias", False))
         self.lora_A[name], self.lora_B[name] = a, b
         family = init_family(opts["init"])
         if family in BASE_MUTATING:
@@ -100,7 +105,7 @@ class LoraLayer(AdapterLayer):
             lora_a, lora_b = orthogonal(site.in_features, site.out_features, r)
             dtype = self._base_weight().dtype  # peft rounds through the base dtype
             a.weight.data, b.weight.data = lora_a.to(dtype).float(), lora_b.to(dtype).float()
-        elif init and family != "none":
+        elif init and family != "none" and device is None:
             reset_default(a, b, opts["init"], r)
 
     @torch.no_grad()
