@@ -65,13 +65,15 @@ def main() -> None:
 
 
 def preflight(argv: list[str]) -> None:
-    """Compose and validate every job of this invocation before anything runs.
+    """Compose and validate every job of this invocation before anything runs (with the user's
+    config directories and primary config name, as Hydra will).
 
     `explain=true` prints where each value came from and `-m ... dry_run=true` previews the
     whole sweep; both exit here, before Hydra launches anything.
     """
     overrides, multirun = split_argv(argv)
-    jobs = [check_job(job) for job in (expand_jobs(overrides) if multirun else [overrides])]
+    search, config_name = search_options(argv)
+    jobs = [check_job(job, search, config_name) for job in (expand_jobs(overrides) if multirun else [overrides])]
     valid = [job.spec for job in jobs if job.spec is not None]
     if any(spec.explain for spec in valid):
         from peftc.explain import print_explanations
@@ -96,9 +98,9 @@ class CheckedJob:
     error: PeftcError | None
 
 
-def check_job(overrides: list[str]) -> CheckedJob:
+def check_job(overrides: list[str], search: list[str] = (), config_name: str = CONFIG_NAME) -> CheckedJob:
     try:
-        return CheckedJob(overrides, to_spec(compose(overrides)), None)
+        return CheckedJob(overrides, to_spec(compose([*search, *overrides], config_name=config_name)), None)
     except PeftcError as exc:
         return CheckedJob(overrides, None, exc)
 
@@ -131,6 +133,27 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool]:
         elif not arg.lstrip("+~").startswith(("hydra.", "hydra/", "hydra=")):
             overrides.append(arg)
     return overrides, multirun
+
+
+def search_options(argv: list[str]) -> tuple[list[str], str]:
+    """Hydra's search-path settings of this command line as compose overrides, and the primary
+    config name: `--config-dir D` (and `--config-path D`) add D to the search path, as does
+    `hydra.searchpath=[...]`; `--config-name N` picks the primary config."""
+    dirs: list[str] = []
+    searchpath: list[str] = []
+    config_name = CONFIG_NAME
+    for index, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        value = inline if inline else (argv[index + 1] if index + 1 < len(argv) else "")
+        if flag in ("--config-dir", "-cd", "--config-path", "-cp") and value:
+            dirs.append(value if "://" in value else f"file://{os.path.abspath(value)}")
+        elif flag in ("--config-name", "-cn") and value:
+            config_name = value
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            searchpath.append(arg.lstrip("+"))
+    if dirs:
+        return [f"hydra.searchpath=[{','.join(dirs)}]", *searchpath], config_name
+    return searchpath, config_name
 
 
 def expand_jobs(overrides: list[str]) -> list[list[str]]:

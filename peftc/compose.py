@@ -23,7 +23,7 @@ def compose_error(exc: BaseException) -> ConfigError:
     """Translate Hydra/OmegaConf composition errors into one ConfigError naming the key."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    cause = _root_cause(exc)
     if isinstance(exc, MissingConfigException) or isinstance(cause, MissingConfigException):
         return _missing_option_error(exc if isinstance(exc, MissingConfigException) else cause)
     if isinstance(exc, OverrideParseException):
@@ -36,6 +36,28 @@ def compose_error(exc: BaseException) -> ConfigError:
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf_error(cause, str(exc))
     return ConfigError("config", None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first OmegaConf error in the chain (Hydra wraps them, sometimes only as context)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc.__cause__ if exc.__cause__ is not None else exc
+
+
+def yaml_error(exc: BaseException) -> ConfigError:
+    """A YAML file that cannot be read: which file, where, and why (never a traceback)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "config file"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "python/" in str(problem):
+        return ConfigError(
+            where, None, f"uses a Python-object YAML tag ({problem})", "peftc reads plain YAML only; remove the tag"
+        )
+    return ConfigError(where, None, f"is not valid YAML: {problem}", "check the indentation and brackets there")
 
 
 def _omegaconf_error(cause: OmegaConfBaseException, outer: str) -> ConfigError:
@@ -51,6 +73,10 @@ def _omegaconf_error(cause: OmegaConfBaseException, outer: str) -> ConfigError:
     message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         name = getattr(cause, "key", None) or key.rsplit(".", 1)[-1]
+        from peftc.safety import CODE_KEYS, code_key_error
+
+        if str(name) in CODE_KEYS:
+            return code_key_error(key)
         return unknown_key_error(key, str(name), schema if dataclasses.is_dataclass(schema) else None)
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(key, None, "is required but has no value", f"set {key}=<value>")
@@ -84,25 +110,29 @@ def _missing_option_error(exc: Any) -> ConfigError:
     return ConfigError(group, option, f"no such {group} option", "; ".join(x for x in (hint, allowed) if x))
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
+def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) -> DictConfig:
     """Compose peftc's config with Hydra overrides, translating errors into ConfigError.
 
-    Safe to call inside a running Hydra app: the global Hydra state is saved and restored.
+    User config directories join through a `hydra.searchpath=[file://DIR]` override. Safe to
+    call inside a running Hydra app: the global Hydra state is saved and restored.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from yaml import YAMLError
 
     import_registries()
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
-            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise compose_error(exc) from exc
+    except YAMLError as exc:
+        raise yaml_error(exc) from exc
     finally:
         if backup is not None:
             restore_gh_from_backup(backup)

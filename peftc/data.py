@@ -86,30 +86,39 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) 
 def _read(path: Path, fmt: str, key: str = "data.path") -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(key, str(path), "no such file", "give an existing JSONL or CSV file")
+    try:
+        rows = _read_rows(path, fmt)
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), f"is not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
+    except csv.Error as exc:
+        raise DataError(str(path), f"is not valid CSV ({exc})") from exc
+    if not rows:
+        raise DataError(str(path), "the file has no rows", "add examples or point data.path at another file")
+    return rows
+
+
+def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with path.open(newline="", encoding="utf-8") as fh:
         if fmt == "csv":
             reader = csv.DictReader(fh)
             if not reader.fieldnames:
                 raise DataError(str(path), "the file is empty (no header row)")
-            rows = [dict(row) for row in reader]
-        else:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{path}:{number}",
-                        f"not valid JSON ({exc.msg})",
-                        "each line must be one JSON object",
-                    ) from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}", f"expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    if not rows:
-        raise DataError(str(path), "the file has no rows", "add examples or point data.path at another file")
+            return [dict(row) for row in reader]
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}",
+                    f"not valid JSON ({exc.msg})",
+                    "each line must be one JSON object",
+                ) from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}", f"expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     return rows
 
 

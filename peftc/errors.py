@@ -45,6 +45,19 @@ class DataError(PeftcError):
         super().__init__(f"{message}; {hint}" if hint else message)
 
 
+class RunInterrupted(PeftcError):
+    """Training stopped on SIGTERM after writing a checkpoint at a step boundary."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a terminated job
+
+    def __init__(self, checkpoint: object, step: int, output_dir: object) -> None:
+        self.checkpoint, self.step = checkpoint, step
+        super().__init__(
+            f"training stopped by SIGTERM after step {step}; checkpoint saved to {checkpoint}; "
+            f"resume with resume={output_dir}"
+        )
+
+
 def format_problem(key: str, value: object, problem: str, hint: str | None) -> str:
     shown = f"{key}={value!r}: " if value is not None else f"{key}: "
     return shown + problem + (f"; {hint}" if hint else "")

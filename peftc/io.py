@@ -10,18 +10,17 @@ Only safetensors are read or written; pickle is never loaded.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
-import shutil
-import struct
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftc.atomic import atomic_directory, recover
 from peftc.errors import AdapterFileError
+from peftc.tensorfile import TensorEntry, load_tensors, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -103,47 +102,6 @@ def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
 
 
 # ------------------------------------------------------------------------------------ saving
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Stage files in a temp dir beside `target`; on success replace `target` in one rename.
-
-    If anything fails, the temp dir is removed and an existing `target` is left untouched.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        for path in staging.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, backup)
-        os.replace(staging, target)
-        _fsync_dir(target.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Some filesystems refuse fsync on directories; the rename itself is still atomic.
-    with contextlib.suppress(OSError):
-        _fsync(path)
-
-
 def write_adapter_files(
     directory: Path,
     config: Mapping[str, Any],
@@ -163,7 +121,12 @@ def write_adapter_files(
 
 # ----------------------------------------------------------------------------------- reading
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """adapter_config.json as a dict, after refusing fields that could carry code."""
+    from peftc.adapter_config import refuse_code
+
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        recover(Path(directory))  # a save killed mid-swap may have left the old copy aside
     if not Path(directory).is_dir():
         raise AdapterFileError(str(directory), "no such adapter directory")
     if not path.is_file():
@@ -173,50 +136,39 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
             "an adapter directory holds adapter_config.json and adapter_model.safetensors",
         )
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise AdapterFileError(str(path), "must hold a JSON object")
+    refuse_code(config, str(path))
     if "peft_type" not in config:
         raise AdapterFileError(str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter")
     return config
 
 
-def read_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def weights_path(directory: str | os.PathLike[str]) -> Path:
+    """adapter_model.safetensors of an adapter directory; a pickle file is never opened."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         if (Path(directory) / PICKLE_NAME).is_file():
             raise AdapterFileError(
                 str(Path(directory) / PICKLE_NAME),
-                "pickle adapter files are never loaded (they can run code)",
+                "pickle adapter files are never loaded (unpickling can run arbitrary code)",
                 "convert it to adapter_model.safetensors with a tool you trust",
             )
         raise AdapterFileError(str(path), "missing")
-    _check_header(path)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFileError(str(path), f"cannot be read as safetensors ({exc})") from exc
+    return path
 
 
-def _check_header(path: Path) -> None:
-    """Reject headers that lie about their size before safetensors allocates anything."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise AdapterFileError(str(path), "truncated (shorter than a safetensors header)")
-        header_len = struct.unpack("<Q", raw)[0]
-        if header_len > min(size - 8, 100 * 1024 * 1024):
-            raise AdapterFileError(
-                str(path),
-                f"header claims {header_len} bytes but the file has {size}",
-                "the file is truncated or corrupt",
-            )
+def read_tensor_header(directory: str | os.PathLike[str]) -> dict[str, TensorEntry]:
+    """Names, dtypes and shapes of the stored tensors, checked, without reading tensor data."""
+    return read_header(weights_path(directory))
+
+
+def read_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    path = weights_path(directory)
+    return load_tensors(path, list(read_header(path)))
 
 
 def read_plan(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -286,20 +238,44 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
 
 def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
     """Write adapters atomically: `default` at the root, every other name in a subfolder."""
+    from safetensors import SafetensorError
+
     for name in names:
         model.plan_of(name)
-    with atomic_directory(directory) as staging:
-        for name in names:
-            plan = model.plan_of(name)
-            tensors = adapter_tensors(model, name)
-            check_layout(plan, tensors)
-            write_adapter_files(
-                staging if name == "default" else staging / name,
-                adapter_config(plan),
-                tensors,
-                plan,
-            )
+    try:
+        with atomic_directory(directory) as staging:
+            for name in names:
+                plan = model.plan_of(name)
+                tensors = adapter_tensors(model, name)
+                check_layout(plan, tensors)
+                write_adapter_files(
+                    staging if name == "default" else staging / name,
+                    adapter_config(plan),
+                    tensors,
+                    plan,
+                )
+    except OSError as exc:
+        raise write_error(directory, exc) from exc
+    except SafetensorError as exc:  # safetensors reports I/O failures as its own error ("os error 28")
+        code = re.search(r"os error (\d+)", str(exc))
+        raise write_error(directory, OSError(int(code.group(1)) if code else errno.EIO, str(exc))) from exc
     return directory
+
+
+def write_error(target: Path, exc: OSError) -> AdapterFileError:
+    """A failed write, said plainly; the previous content of `target` is untouched."""
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    kept = "the previous adapter there is unchanged" if Path(target).exists() else "nothing was written"
+    return AdapterFileError(
+        str(target), f"cannot be written: {reason}", f"{kept}; free space or choose another output_dir"
+    )
 
 
 def check_layout(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> None:

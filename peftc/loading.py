@@ -50,10 +50,27 @@ def hf_config(model: ModelSpec, extra: dict[str, Any] | None = None) -> Pretrain
                 _model_type_hint(model.model_type),
             ) from exc
     else:
-        config = AutoConfig.from_pretrained(_resolve_source(model), revision=model.revision, trust_remote_code=False)
+        source = _resolve_source(model)
+        try:
+            config = AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise unusable_model_error(model, "config.json", exc) from exc
         for key, value in overrides.items():
             setattr(config, key, value)
     return config
+
+
+def unusable_model_error(model: ModelSpec, what: str, exc: BaseException) -> ConfigError:
+    """A model directory transformers cannot use, said in one line (never its traceback)."""
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "custom code" in text or "trust_remote_code" in text:
+        problem, hint = f"{what} needs code shipped with the model", "peftc never runs model code (trust_remote_code)"
+    elif "mismatch" in text:
+        problem, hint = f"{what} do not fit the model's config (size mismatch)", "the weights belong to another config"
+    else:
+        problem, hint = f"{what} cannot be used: {first}", "point it at a complete save_pretrained directory"
+    return ConfigError("model.name_or_path", model.name_or_path, problem, hint)
 
 
 def _model_type_hint(model_type: str | None) -> str:
@@ -171,6 +188,7 @@ def build_model(
 ) -> PreTrainedModel:
     """Instantiate the base model with real weights (config-built: seeded random init)."""
     import torch
+    from safetensors import SafetensorError
 
     config = hf_config(model, extra_config)
     cls = head_class(auto_class_name, config)
@@ -196,6 +214,8 @@ def build_model(
             f"cannot be loaded: {str(exc).splitlines()[0]}",
             "check the directory holds model weights (model.safetensors)",
         ) from exc
+    except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # truncated, size mismatch, ...
+        raise unusable_model_error(model, "the weights", exc) from exc
     return loaded.to(device).eval()
 
 

@@ -32,15 +32,48 @@ def materialize(
 ) -> PeftcModel:
     """A PeftcModel with the plan's adapter injected under `adapter_name` and activated."""
     name = adapter_name or plan.adapter_name
+    check_fits_in_memory(plan, loading_base=base_model is None)
     if isinstance(base_model, PeftcModel):
         model = base_model
+        model.add_adapter(name, plan, init=init)
     else:
         model = PeftcModel(base_model if base_model is not None else load_base_model(plan))
+        trainable = [p for p in model.base_model.parameters() if p.requires_grad]
         model.base_model.requires_grad_(False)
-    model.add_adapter(name, plan, init=init)
+        try:
+            model.add_adapter(name, plan, init=init)
+        except BaseException:
+            for param in trainable:  # a failed injection leaves the caller's model exactly as it was
+                param.requires_grad_(True)
+            raise
     model.set_adapter(name)
     _check_counts(model, plan, name)
     return model
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(plan: Plan, *, loading_base: bool) -> None:
+    """Refuse, before allocating anything, weights that cannot fit in this machine's memory
+    (e.g. peft.r=1000000000): otherwise the allocation kills the process or swaps it to a halt."""
+    need = plan.memory.adapter_weights + (plan.memory.base_weights if loading_base else 0)
+    have = physical_memory()
+    if have is not None and need > have:
+        raise PlanError(
+            "peft",
+            plan.method,
+            f"the weights need {need / 2**30:,.1f} GiB ({plan.trainable_params:,} adapter parameters), "
+            f"more than this machine's {have / 2**30:,.1f} GiB of memory",
+            "lower peft.r or target fewer modules; dry_run=true shows the plan",
+        )
 
 
 def load_base_model(plan: Plan) -> nn.Module:
@@ -56,10 +89,12 @@ def load_base_model(plan: Plan) -> nn.Module:
 def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> None:
     """Add one adapter to the model exactly as planned, or leave the model unchanged."""
     from peftc.graph import graph_of
+    from peftc.names import check_adapter_name_fits
 
     method = methods.get(plan.method)
     base = model.base_model
     graph = graph_of(base)
+    check_adapter_name_fits("adapter_name", name, (m.path for m in graph.modules))
     for site in plan.sites:
         _check_site_fits(site, graph.module(site.path), plan)
     new_layers: dict[str, AdapterLayer] = {}

@@ -31,6 +31,7 @@ class PeftcModel(nn.Module):
         self.prompt_encoders = nn.ModuleDict()
         self.plans: dict[str, Plan] = {}
         self.active_adapters: list[str] = []
+        self.load_reports: dict[str, Any] = {}  # adapter name -> adapters.LoadReport of its load
         self._disabled = False
 
     # ---------------------------------------------------------------------------- running
@@ -138,7 +139,9 @@ class PeftcModel(nn.Module):
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Activate one or several adapters (the active ones train and run)."""
-        chosen = [names] if isinstance(names, str) else list(names)
+        from peftc.names import check_unique
+
+        chosen = [names] if isinstance(names, str) else check_unique("adapter_names", names)
         for name in chosen:
             self.plan_of(name)
         self.active_adapters = chosen
@@ -162,6 +165,7 @@ class PeftcModel(nn.Module):
         for param_name in self.plans[name].unfrozen:
             self.base_model.get_parameter(param_name).requires_grad_(False)
         del self.plans[name]
+        self.load_reports.pop(name, None)
         self.set_adapter([a for a in self.active_adapters if a != name])
         self._remove_empty_layers()
 
@@ -345,12 +349,10 @@ class PeftcModel(nn.Module):
     def save_adapter(self, directory: str | Path, adapter_names: Sequence[str] | None = None) -> Path:
         """Save adapters in peft's layout (default at the root, others in subfolders)."""
         from peftc.io import save_adapters
+        from peftc.names import check_unique
 
-        return save_adapters(
-            self,
-            Path(directory),
-            list(adapter_names) if adapter_names is not None else self.adapter_names,
-        )
+        names = check_unique("adapter_names", adapter_names) if adapter_names is not None else self.adapter_names
+        return save_adapters(self, Path(directory), names)
 
 
 class QuantizedMergeWarning(UserWarning):

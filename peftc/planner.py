@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from peftc import compat, io, memory, methods, quant, tasks
 from peftc.errors import PlanError, did_you_mean
 from peftc.graph import ModelGraph, meta_graph
+from peftc.names import check_adapter_name_fits
 from peftc.plan import ModelRef, Plan, SavedModule, Site
 from peftc.quant.planning import annotate_sites, plan_quantization
 from peftc.targets import resolve_targets
@@ -33,6 +34,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     if graph is None:
         graph = meta_graph(run.model, task.auto_class_name, task.config_overrides(run.task))
     compat.check(compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph))
+    check_adapter_name_fits("adapter_name", run.adapter_name, (m.path for m in graph.modules))
     method.check_run(run.peft, run, graph)
 
     saved = _modules_to_save(method, task, run, graph, strict=strict_targets)

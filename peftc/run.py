@@ -1,4 +1,9 @@
-"""One job: spec -> plan -> (dry run | materialize, train, save). The CLI and sweeps call this."""
+"""One job: spec -> plan -> (dry run | materialize, train, save). The CLI and sweeps call this.
+
+Everything that can fail on bad input (the resume checkpoint, the data files, the model
+directory, memory) is checked before the first file is written, so a failed job leaves its
+output directory as it found it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc import planner
+from peftc.atomic import write_text_atomic
 from peftc.plan import Plan
 from peftc.render import print_plan
 from peftc.spec import RunSpec
@@ -16,6 +22,8 @@ PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+
+__all__ = ["execute", "is_global_zero", "train", "write_text_atomic"]
 
 
 def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
@@ -34,9 +42,6 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     }
     if run.dry_run:
         return {**summary, "status": "planned"}
-    if lead:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
     metrics = train(plan, output_dir)
     summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
     if not is_global_zero():
@@ -51,15 +56,23 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
     import lightning as L
 
     from peftc.actions import sample_predictions, write_predictions
+    from peftc.checkpoints import check_resumable, find_checkpoint
     from peftc.loading import load_tokenizer
     from peftc.materializer import materialize
-    from peftc.training import fit
+    from peftc.training import dataloaders, fit
 
     run = plan.spec
+    resume = find_checkpoint(run.resume) if run.resume else None
+    if resume is not None:
+        check_resumable(resume, plan.fingerprint, run.to_dict())
     L.seed_everything(run.seed, workers=True, verbose=False)
-    model = materialize(plan)
     tokenizer = load_tokenizer(run.model)
-    metrics = fit(model, plan, output_dir, tokenizer)
+    loaders = dataloaders(plan, tokenizer)
+    model = materialize(plan)
+    if is_global_zero():  # under a multi-process strategy only rank 0 writes
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
+    metrics = fit(model, plan, output_dir, loaders, resume)
     if not is_global_zero():
         return metrics
     if run.predict_samples:
@@ -108,20 +121,3 @@ def merged_model(model: Any, plan: Plan) -> Any:
     plain = materialize(plan, base.requires_grad_(False), adapter_name=plan.adapter_name, init=False)
     fill(plain, plan.adapter_name, tensors)
     return plain.merge_and_unload(safe_merge=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never half."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -149,6 +149,10 @@ def schemas(group: str) -> dict[str, type]:
 # methods/*.py, tasks/*.py, quant/*.py).
 
 
+# transformers config fields that lead to loading code (remote code, or CVE-2026-4372's route).
+CODE_LOADING_MODEL_KEYS = frozenset({"trust_remote_code", "auto_map", "_attn_implementation_internal"})
+
+
 @dataclass
 class ModelSpec(SpecNode):
     name: str | None = param(
@@ -175,6 +179,13 @@ class ModelSpec(SpecNode):
     revision: str | None = param(None, "Hub revision of a pretrained model.")
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
+        for name in sorted(set(self.config or {}) & CODE_LOADING_MODEL_KEYS):
+            raise ConfigError(
+                f"{key}.config.{name}",
+                self.config[name],
+                "would let the model's files run code, which peftc never allows",
+                "remove it (trust_remote_code is always off)",
+            )
         if self.name_or_path is None and self.model_type is None:
             raise ConfigError(
                 f"{key}.name_or_path",
@@ -287,6 +298,11 @@ class TrainerSpec(SpecNode):
     compile: bool = param(
         False, "Compile each repeated block of the model with torch.compile (opt-in: slow first steps)."
     )
+    checkpoint_every_n_steps: int = param(
+        50,
+        "Write checkpoints/last.ckpt (trainable tensors + optimizer state) every N optimizer steps; 0: only on SIGTERM.",
+        at_least(0),
+    )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.max_steps == -1 and self.max_epochs is None:
@@ -343,6 +359,10 @@ class RunSpec(SpecNode):
     )
     explain: bool = param(False, "Print where every config value came from (file, group option, override) and exit.")
     budget: BudgetSpec = field(default_factory=BudgetSpec)
+    resume: str | None = param(
+        None,
+        "Continue training from a checkpoint: a .ckpt file or a run directory holding checkpoints/last.ckpt (same config only).",
+    )
 
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = GROUPS
 
@@ -374,6 +394,18 @@ def check_adapter_name(key: str, name: str) -> None:
 
 def to_spec(cfg: DictConfig) -> RunSpec:
     """Convert a composed config into a sealed RunSpec and run every semantic check."""
+    from peftc.safety import check_config
+
+    check_config(cfg)
+    for group in GROUPS:
+        node = cfg._get_node(group) if isinstance(cfg, DictConfig) and group in cfg else None
+        if node is not None and not isinstance(node, DictConfig):
+            raise ConfigError(
+                group,
+                None,
+                "must be a mapping of settings",
+                f"its YAML file must hold key: value lines (e.g. conf/{group}/*.yaml)",
+            )
     reject_unknown_keys(cfg, RunSpec, "")
     try:
         spec = OmegaConf.to_object(cfg)

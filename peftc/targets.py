@@ -38,6 +38,8 @@ def resolve_targets(
     """The modules to adapt, in graph order; raises PlanError when the request cannot be met."""
     key = request.key
     targets = request.target_modules
+    _check_names_type(key, targets)
+    _check_names_type("peft.exclude_modules", request.exclude_modules)
     if targets is None:
         targets = list(method.default_targets.get(graph.model_type, ()))
         if not targets:
@@ -85,6 +87,20 @@ def resolve_targets(
             "no module is left to adapt after exclude_modules / layers_to_transform / modules_to_save",
         )
     return selected
+
+
+def _check_names_type(key: str, value: object) -> None:
+    """null, a string (regex or 'all-linear') or a list of strings; anything else is a mistake."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return
+    raise ConfigError(
+        key,
+        _shown(value),
+        "must be a list of module names, a regex string, 'all-linear' or null",
+        "e.g. [q_proj, v_proj]",
+    )
 
 
 def _shown(targets: object) -> object:

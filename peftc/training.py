@@ -2,7 +2,8 @@
 
 The module optimizes only trainable parameters (AdamW), logs train/val metrics, adds the
 method's extra loss and callbacks, and keeps checkpoints small: only trainable tensors (and
-optimizer state) are written, never the frozen base.
+optimizer state) are written, never the frozen base. Checkpointing, resume and SIGTERM
+handling live in peftc.checkpoints.
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from peftc import methods, quant, tasks
+from peftc.checkpoints import (
+    AtomicCheckpointIO,
+    ResumableLoader,
+    ResumableSampler,
+    StepCheckpoint,
+    rng_state,
+    set_rng_state,
+    spec_changes,
+)
+from peftc.errors import ConfigError, RunInterrupted
 
 if TYPE_CHECKING:
     from peftc.model import PeftcModel
@@ -90,7 +101,18 @@ class PeftcLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["peftc_fingerprint"] = self.plan.adapter_fingerprint
+        checkpoint["peftc_fingerprint"] = self.plan.fingerprint
+        checkpoint["peftc_adapter_fingerprint"] = self.plan.adapter_fingerprint
+        checkpoint["peftc_spec"] = self.plan.spec.to_dict()
+        checkpoint["peftc_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before loading any state into the module: refuse a foreign plan.
+        if checkpoint.get("peftc_fingerprint") != self.plan.fingerprint:
+            changes = spec_changes(checkpoint.get("peftc_spec") or {}, self.plan.spec.to_dict())
+            raise ConfigError("resume", None, f"the checkpoint was written by a different plan ({changes})")
+        if "peftc_rng" in checkpoint:
+            set_rng_state(checkpoint["peftc_rng"])
 
 
 def lr_schedule(kind: str, warmup: int, total: int) -> Any:
@@ -115,6 +137,7 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
 
 
 def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Trainer:
+    """The Lightning Trainer for a plan (checkpoints only through peftc's StepCheckpoint)."""
     spec = plan.spec.trainer
     loggers: Any
     if spec.logger == "csv":
@@ -151,6 +174,7 @@ def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Train
         deterministic=spec.deterministic,
         inference_mode=quant.get(plan.quant).inference_mode,
         default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -168,14 +192,15 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
         batch.update(method_inputs(examples, extras))
         return batch
 
-    # The sampler owns its generator: the first epoch's order is then randperm(n) seeded with
-    # run.seed, exactly the order Lightning's DistributedSampler (seed = run.seed) deals out
-    # across ranks, so k processes with batch b see the same examples per step as one with k*b.
-    sampler = RandomSampler(train, generator=torch.Generator().manual_seed(run.seed))
-    train_loader = DataLoader(
+    # The sampler owns its generator and orders epoch e as randperm(n) seeded with run.seed + e:
+    # the order Lightning's DistributedSampler (seed = run.seed) deals out across ranks, so k
+    # processes with batch b see the same examples per step as one with k*b. It also skips the
+    # batches a resumed checkpoint had consumed. Creating an iterator must not draw from the
+    # global RNG (dropout uses it), or a resumed run would see different dropout masks.
+    train_loader = ResumableLoader(
         train,
         batch_size=run.data.batch_size,
-        sampler=sampler,
+        sampler=ResumableSampler(len(train), run.seed),
         collate_fn=collate,
         num_workers=run.data.num_workers,
         generator=torch.Generator().manual_seed(run.seed),
@@ -187,6 +212,7 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
             shuffle=False,
             collate_fn=collate,
             num_workers=run.data.num_workers,
+            generator=torch.Generator().manual_seed(run.seed),
         )
         if len(val)
         else None
@@ -220,19 +246,33 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def fit(model: PeftcModel, plan: Plan, output_dir: Path, tokenizer: Any) -> dict[str, float]:
-    """Train the plan's adapter; returns the final train and validation metrics."""
+def fit(
+    model: PeftcModel,
+    plan: Plan,
+    output_dir: Path,
+    loaders: tuple[DataLoader, DataLoader | None],
+    resume: Path | None = None,
+) -> dict[str, float]:
+    """Train the plan's adapter (from a checkpoint when `resume` is given); returns the final
+    train and validation metrics. Raises RunInterrupted after a SIGTERM checkpoint."""
     quiet_lightning()
     model.train()
     task = tasks.get(plan.task)
     module = PeftcLightningModule(model, task, plan)
     if plan.spec.trainer.compile:
         compile_blocks(model)
-    callbacks = methods.get(plan.method).callbacks(model, plan)
+    train_loader, val_loader = loaders
+    checkpointing = StepCheckpoint(
+        output_dir,
+        plan.spec.trainer.checkpoint_every_n_steps,
+        train_loader if isinstance(train_loader, ResumableLoader) else None,
+    )
+    callbacks = [*methods.get(plan.method).callbacks(model, plan), checkpointing]
     trainer = build_trainer(plan, output_dir, callbacks)
-    train_loader, val_loader = dataloaders(plan, tokenizer)
     with ranks_rerun_this_job(output_dir):
-        trainer.fit(module, train_loader, val_loader)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
+    if checkpointing.interrupted_at is not None:
+        raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if val_loader is not None:
         for result in trainer.validate(module, val_loader, verbose=False):

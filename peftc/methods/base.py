@@ -68,13 +68,21 @@ class Method:
 
     # --------------------------------------------------------------------------- planning
     def target_request(self, spec: Any) -> TargetRequest:
-        pattern = getattr(spec, "layers_pattern", None)
+        pattern = names_or_none("peft.layers_pattern", getattr(spec, "layers_pattern", None))
         layers = getattr(spec, "layers_to_transform", None)
+        if layers is not None and not (
+            _is_index(layers) or isinstance(layers, (list, tuple)) and all(map(_is_index, layers))
+        ):
+            from peftc.errors import ConfigError
+
+            raise ConfigError(
+                "peft.layers_to_transform", layers, "must be a layer index or a list of them", "e.g. [0, 1]"
+            )
         return TargetRequest(
             target_modules=getattr(spec, "target_modules", None),
             exclude_modules=getattr(spec, "exclude_modules", None),
             layers_to_transform=tuple([layers] if isinstance(layers, int) else layers) if layers is not None else None,
-            layers_pattern=tuple([pattern] if isinstance(pattern, str) else pattern) if pattern is not None else None,
+            layers_pattern=tuple(pattern) if pattern is not None else None,
         )
 
     def plan_site(self, spec: Any, module: ModuleInfo, graph: ModelGraph) -> Site:
@@ -92,7 +100,7 @@ class Method:
         return {}
 
     def modules_to_save(self, spec: Any) -> list[str]:
-        return list(getattr(spec, "modules_to_save", None) or [])
+        return names_or_none("peft.modules_to_save", getattr(spec, "modules_to_save", None)) or []
 
     def check_run(self, spec: Any, run: RunSpec, graph: ModelGraph) -> None:
         """Rules needing the model graph or other groups (raise ConfigError/PlanError)."""
@@ -164,6 +172,23 @@ def not_mergeable(method: str) -> Exception:
         "cannot be merged into the base weights: the adapter is not a weight update",
         "keep the adapter for inference, or unload() for the plain base model",
     )
+
+
+def names_or_none(key: str, value: Any) -> list[str] | None:
+    """A config value that names modules: null, one name, or a list of names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    from peftc.errors import ConfigError
+
+    raise ConfigError(key, value, "must be a module name or a list of module names", "e.g. [classifier]")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")

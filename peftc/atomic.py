@@ -1,0 +1,153 @@
+"""Writes that never leave a half-written file or directory where a reader looks.
+
+A directory is staged beside its target (same filesystem, so the final rename is atomic; staging
+in $TMPDIR breaks on another mount, Lightning#20270), every file and the staging directory are
+fsynced, then the staging directory takes the target's place:
+
+- with Linux `renameat2(RENAME_EXCHANGE)` the two paths swap in one step, so the target path
+  names a complete directory at every instant, even if the process is SIGKILLed;
+- elsewhere the old target is renamed aside first (`.<name>.old-<pid>-<id>`), then the new one
+  moved in. A crash between the two renames leaves the complete old copy aside; `recover` (run
+  before every save and by loaders) puts it back.
+
+Any failure (full disk, read-only directory, an exception while staging) removes the staging
+directory and re-raises; the previous target is untouched. Leftover staging directories of dead
+processes are removed by the next save to the same target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Stage files in a temp dir beside `target`; on success replace `target` in one step."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*"), reverse=True):
+            fsync(path)
+        fsync(staging)
+        _swap_into_place(staging, target)
+        fsync(target.parent)
+    finally:
+        # After a successful exchange `staging` holds the previous target; either way it goes.
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if exchange(staging, target):
+        return
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None) if os.name == "posix" else None
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the filesystem or kernel cannot exchange; fall back to rename-aside
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def recover(target: Path) -> None:
+    """Undo what a killed writer left behind: restore an old copy moved aside if the target is
+    missing, and delete staging/backup directories of processes that no longer run."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    # A backup whose writer still runs is mid-swap: leave it to that writer.
+    orphans = sorted(
+        (p for p in target.parent.glob(f".{target.name}.old-*") if not _owner_alive(p.name)),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not target.exists() and orphans:
+        os.rename(orphans.pop(), target)
+    stale = [p for p in target.parent.glob(f".{target.name}.tmp-*") if not _owner_alive(p.name)]
+    for leftover in [*orphans, *stale]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file (errors such as a late ENOSPC surface) or a directory (best effort: some
+    filesystems refuse fsync on directories; the rename is atomic regardless)."""
+    is_dir = Path(path).is_dir()
+    with contextlib.suppress(OSError) if is_dir else contextlib.nullcontext():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

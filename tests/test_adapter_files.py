@@ -1,0 +1,246 @@
+"""Adapter files from strangers: pickle never runs, configs are screened, lenient loads report,
+writes are atomic and recover from a writer killed mid-swap."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import pickle
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftc
+from peftc import atomic
+from peftc.adapter_config import peft_fields, peft_table_version
+from tests.catalogue import Payload, edit_tensors, write_pickle_adapter
+from tests.helpers import build_base, peft_lora_config
+
+OVERRIDES = ["peft.target_modules=[q_proj,v_proj]", "peft.init_lora_weights=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[peftc.plan.Plan, torch.nn.Module, Path]:
+    """A plan, its base model and a saved adapter with non-trivial weights."""
+    plan = peftc.compile(OVERRIDES)
+    base = build_base(plan)
+    directory = tmp_path_factory.mktemp("adapter") / "adapter"
+    peftc.materialize(plan, base_model=copy.deepcopy(base)).save_adapter(directory)
+    return plan, base, directory
+
+
+def copy_adapter(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------ pickle
+def test_the_sentinel_payload_really_runs_when_unpickled(tmp_path: Path) -> None:
+    """Guard for the tests below: the payload is live, so its absence later means it never ran."""
+    sentinel = tmp_path / "ran"
+    pickle.loads(pickle.dumps(Payload(sentinel)))
+    assert sentinel.exists()
+    sentinel.unlink()
+    write_pickle_adapter(tmp_path, sentinel)
+    torch.load(tmp_path / "adapter_model.bin", weights_only=False)
+    assert sentinel.exists()
+
+
+@pytest.mark.parametrize("beside_safetensors", [False, True])
+def test_adapter_model_bin_is_never_unpickled(trained, tmp_path: Path, beside_safetensors: bool) -> None:
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    sentinel = tmp_path / "SENTINEL"
+    write_pickle_adapter(directory, sentinel)
+    if beside_safetensors:
+        model = peftc.load_adapter(copy.deepcopy(base), directory)  # safetensors is read; .bin is ignored
+        assert model.adapter_names == ["default"]
+    else:
+        (directory / "adapter_model.safetensors").unlink()
+        with pytest.raises(peftc.AdapterFileError, match="pickle adapter files are never loaded"):
+            peftc.load_adapter(copy.deepcopy(base), directory)
+    assert not sentinel.exists()
+
+
+# ---------------------------------------------------------------------------- config fields
+def test_field_table_matches_installed_peft() -> None:
+    """Regenerate peftc/assets/peft_config_fields.json when peft is upgraded (it names its version)."""
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    assert peft_table_version() == peft.__version__
+    installed = {
+        str(getattr(k, "value", k)): frozenset(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+        for k, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+    }
+    assert peft_fields() == installed
+
+
+def test_unknown_fields_warn_once_and_are_ignored_like_peft(trained, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(future_option=True, another_new_field={"x": 1})
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        model = peftc.load_adapter(copy.deepcopy(base), directory)
+    mentions = [w for w in ours if "future_option" in str(w.message)]
+    assert len(mentions) == 1 and "another_new_field" in str(mentions[0].message)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(copy.deepcopy(base), directory)
+    assert len([w for w in theirs if "future_option" in str(w.message)]) == 1, "peft parity: one warning"
+    assert model.adapter_names == ["default"]
+
+
+def test_only_known_fields_reach_the_method(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftc.methods.lora import Lora
+
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["sneaky"] = "value"
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    seen = {}
+    real = Lora.spec_from_peft_config
+
+    def spy(self, fields):
+        seen.update(fields)
+        return real(self, fields)
+
+    monkeypatch.setattr(Lora, "spec_from_peft_config", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peftc.load_adapter(copy.deepcopy(base), directory)
+    assert "sneaky" not in seen and seen["peft_type"] == "LORA"
+
+
+def test_harmless_values_of_dangerous_fields_are_accepted(trained, tmp_path: Path) -> None:
+    """peft writes tokenizer_kwargs: null for prompt methods; false/null carry nothing."""
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config.update(trust_remote_code=False, tokenizer_kwargs=None)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert peftc.load_adapter(copy.deepcopy(base), directory).adapter_names == ["default"]
+
+
+# ------------------------------------------------------------------------------- lenient mode
+def test_lenient_load_reports_what_it_could_not_use(trained, tmp_path: Path) -> None:
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    reference = peftc.load_adapter(copy.deepcopy(base), good).adapter_state_dict("default")
+    names = sorted(reference)
+    missing, mis_shaped = names[0], names[1]
+
+    def damage(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors[missing]
+        tensors[mis_shaped] = torch.zeros(3, 3)
+        tensors["base_model.model.extra.lora_A.weight"] = torch.zeros(2, 2)
+
+    edit_tensors(damage)(directory)
+    with pytest.raises(peftc.AdapterFileError):
+        peftc.load_adapter(copy.deepcopy(base), directory)  # strict by default
+    with pytest.warns(UserWarning, match="loaded leniently"):
+        model = peftc.load_adapter(copy.deepcopy(base), directory, strict=False)
+    report = model.load_reports["default"]
+    assert report.missing == (missing,)
+    assert report.unexpected == ("base_model.model.extra.lora_A.weight",)
+    assert report.mismatched == ((mis_shaped, (3, 3), tuple(reference[mis_shaped].shape)),)
+    loaded = model.adapter_state_dict("default")
+    for name in names[2:]:
+        assert torch.equal(loaded[name], reference[name]), "every usable tensor is loaded"
+    assert (
+        not torch.equal(loaded[mis_shaped], reference[mis_shaped])
+        and loaded[mis_shaped].shape == reference[mis_shaped].shape
+    )
+
+
+def test_strict_load_records_an_empty_report(trained) -> None:
+    plan, base, good = trained
+    model = peftc.load_adapter(copy.deepcopy(base), good)
+    assert not model.load_reports["default"] and model.load_reports["default"].summary() == "all tensors loaded"
+
+
+def test_lenient_load_still_refuses_non_finite_values(trained, tmp_path: Path) -> None:
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    edit_tensors(lambda t: t[sorted(t)[0]].view(-1).__setitem__(0, float("nan")))(directory)
+    with pytest.raises(peftc.AdapterFileError, match="NaN or Inf"):
+        peftc.load_adapter(copy.deepcopy(base), directory, strict=False)
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def test_a_save_killed_between_renames_is_recovered_on_load_and_on_next_save(trained, tmp_path: Path) -> None:
+    """Without RENAME_EXCHANGE the old dir is moved aside first; a kill right then leaves no
+    target. Loading puts the old copy back; so does the next save."""
+    plan, base, good = trained
+    target = copy_adapter(good, tmp_path / "adapter")
+    before = (target / "adapter_model.safetensors").read_bytes()
+    os.rename(target, tmp_path / ".adapter.old-999999-deadbeef")  # what a killed writer (pid 999999) leaves
+    (tmp_path / ".adapter.tmp-999999-x1y2z3").mkdir()  # and its half-written staging dir
+    model = peftc.load_adapter(copy.deepcopy(base), target)
+    assert (target / "adapter_model.safetensors").read_bytes() == before
+    assert model.adapter_names == ["default"]
+    model.save_adapter(target)  # the next save clears the dead writer's leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_exchange_swaps_directories_in_one_step(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not atomic.exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available on this system")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_two_writers_to_one_directory_leave_one_complete_adapter(trained, tmp_path: Path) -> None:
+    plan, base, good = trained
+    first = peftc.load_adapter(copy.deepcopy(base), good)
+    second = peftc.materialize(peftc.compile([*OVERRIDES, "peft.r=4"]), base_model=copy.deepcopy(base))
+    target = tmp_path / "adapter"
+    errors: list[BaseException] = []
+
+    def write(model: peftc.model.PeftcModel) -> None:
+        try:
+            for _ in range(5):
+                model.save_adapter(target)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    loaded = peftc.load_adapter(copy.deepcopy(base), target)  # config and weights from the same save
+    assert loaded.plan_of("default").spec.peft.r in (4, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_our_adapter_with_unknown_peft_fields_still_loads_in_peft(trained) -> None:
+    """The files we write stay what peft expects (the field table did not leak into them)."""
+    from peft import PeftModel
+
+    plan, base, good = trained
+    config = json.loads((good / "adapter_config.json").read_text())
+    assert set(config) <= peft_fields()["LORA"]
+    assert peft_lora_config(plan).r == config["r"]
+    PeftModel.from_pretrained(copy.deepcopy(base), good)
