@@ -210,6 +210,13 @@ RULES: list[Rule] = [
         method=VIRTUAL_TOKEN_METHODS,
         task=_set("token_cls", "question_ans", "feature_extraction"),
     ),
+    Rule(
+        key="resume",
+        reason="AdaLoRA's rank allocator keeps importance scores outside the checkpoint, so a resumed run would prune different ranks than an uninterrupted one",
+        suggestion="restart the AdaLoRA run without resume",
+        method=_set("adalora"),
+        when=lambda ctx: getattr(ctx.run, "resume", None) is not None,
+    ),
 ]
 
 

@@ -29,7 +29,14 @@ _RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
 
 
 def check_config(cfg: Any) -> None:
-    """Refuse instantiate keys and environment or unknown resolvers anywhere in a composed config."""
+    """Refuse instantiate keys and environment or unknown resolvers anywhere in a composed config,
+    and group options whose YAML is not a mapping."""
+    from peftc.spec import GROUPS
+
+    for group in GROUPS:
+        node = cfg._get_node(group) if isinstance(cfg, DictConfig) and group in cfg else None
+        if node is not None and not isinstance(node, DictConfig):
+            raise ConfigError(group, None, "must be a mapping of settings", "its YAML file must hold key: value lines")
     for key, name, raw in _nodes(cfg, ""):
         if name in CODE_KEYS:
             raise code_key_error(key)

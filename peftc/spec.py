@@ -397,15 +397,6 @@ def to_spec(cfg: DictConfig) -> RunSpec:
     from peftc.safety import check_config
 
     check_config(cfg)
-    for group in GROUPS:
-        node = cfg._get_node(group) if isinstance(cfg, DictConfig) and group in cfg else None
-        if node is not None and not isinstance(node, DictConfig):
-            raise ConfigError(
-                group,
-                None,
-                "must be a mapping of settings",
-                f"its YAML file must hold key: value lines (e.g. conf/{group}/*.yaml)",
-            )
     reject_unknown_keys(cfg, RunSpec, "")
     try:
         spec = OmegaConf.to_object(cfg)

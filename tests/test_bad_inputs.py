@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import copy
 import errno
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
@@ -38,9 +36,31 @@ from tests.catalogue import (
     file_tree,
     make_world,
     model_state,
-    tensor_names,
     write_pickle_adapter,
-    write_safetensors,
+)
+from tests.catalogue_acts import (
+    cli,
+    crash_between_renames,
+    drop_peft_type,
+    dup_offsets,
+    duplicate_names,
+    edit_model_config,
+    fail_at_last_site,
+    fake_checkpoint,
+    first_tensor,
+    load_into_base,
+    load_into_model,
+    model_dir,
+    never_load_base,
+    out_of_range,
+    pickle_only,
+    poison,
+    prompt_adapter,
+    save_over_previous,
+    set_dtype,
+    shape_lie,
+    user_config,
+    write_file,
 )
 
 
@@ -52,222 +72,6 @@ class Bad:
     error: type[BaseException]
     fragment: str
     setup: Callable[[World], Any] = lambda world: None
-
-
-# ------------------------------------------------------------------------------- acting
-def cli(*args: str) -> Callable[[World, Any], Any]:
-    """The job the CLI runs: preflight (compose + validate), then execute into world.out.
-    '{input}' in an argument is replaced by what the case's setup returned."""
-
-    def act(world: World, made: Any) -> Any:
-        from peftc.__main__ import preflight, search_options, split_argv
-        from peftc.compose import compose
-        from peftc.run import execute
-        from peftc.spec import to_spec
-
-        argv = [a.replace("{input}", str(made)) for a in args]
-        preflight(argv)
-        overrides, _ = split_argv(argv)
-        search, name = search_options(argv)
-        return execute(to_spec(compose([*search, *overrides], config_name=name)), world.out)
-
-    return act
-
-
-def load_into_model(**kwargs: Any) -> Callable[[World, Any], Any]:
-    """Load the setup's adapter dir as a second adapter of the world's model."""
-    return lambda world, directory: peftc.load_adapter(world.model, directory, **{"adapter_name": "second", **kwargs})
-
-
-def load_into_base(world: World, directory: Any) -> Any:
-    return peftc.load_adapter(world.base, directory)
-
-
-def save_over_previous(fault: Callable[[], Any]) -> Callable[[World, Any], Any]:
-    def act(world: World, made: Any) -> Any:
-        with fault():
-            world.model.save_adapter(world.out / "adapter")
-
-    return act
-
-
-def fail_at_last_site(target: str) -> Callable[[World, Any], Any]:
-    """Inject an all-linear adapter (42 sites) while creating the LAST site's tensors fails."""
-    from peftc.methods.lora import LoraLayer
-
-    def act(world: World, made: Any) -> Any:
-        last = world.plan.sites[-1].path
-        assert len(world.plan.sites) >= 40
-        real = LoraLayer.create_adapter
-
-        def create(layer: LoraLayer, name: str, site: Any, init: bool) -> None:
-            if site.path == last:
-                raise MemoryError(f"simulated out-of-memory at {site.path}")
-            real(layer, name, site, init)
-
-        plan = world.plan
-        with mock.patch.object(LoraLayer, "create_adapter", create):
-            if target == "base":
-                peftc.materialize(plan, base_model=world.base)
-            else:
-                world.model.add_adapter("second", plan)
-
-    return act
-
-
-def write_file(name: str, content: str | bytes) -> Callable[[World], Path]:
-    def setup(world: World) -> Path:
-        path = world.inputs / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        return path
-
-    return setup
-
-
-def user_config(group: str, name: str, text: str) -> Callable[[World], Path]:
-    """A user config dir holding <group>/<name>.yaml (used with --config-dir)."""
-
-    def setup(world: World) -> Path:
-        path = world.inputs / "conf" / group / f"{name}.yaml"
-        path.parent.mkdir(parents=True)
-        path.write_text(text)
-        return world.inputs / "conf"
-
-    return setup
-
-
-def model_dir(change: Callable[[Path], None] | None, *, weights: bool = True) -> Callable[[World], Path]:
-    """A saved copy of the world's base model (config.json + weights), then changed."""
-
-    def setup(world: World) -> Path:
-        from peftc.loading import load_tokenizer
-
-        target = world.inputs / "model"
-        world.base.save_pretrained(target)
-        load_tokenizer(world.plan.spec.model).save_pretrained(target)
-        if not weights:
-            (target / "model.safetensors").unlink()
-        if change is not None:
-            change(target)
-        return target
-
-    return setup
-
-
-def edit_model_config(**fields: Any) -> Callable[[Path], None]:
-    def change(directory: Path) -> None:
-        config = json.loads((directory / "config.json").read_text())
-        config.update(fields)
-        (directory / "config.json").write_text(json.dumps(config))
-
-    return change
-
-
-def fake_checkpoint(fingerprint: str | None) -> Callable[[World], Path]:
-    """A small checkpoint written by another plan (the default config with seed=99)."""
-
-    def setup(world: World) -> Path:
-        path = world.inputs / "last.ckpt"
-        content: dict[str, Any] = {"state_dict": {}, "global_step": 3}
-        if fingerprint is not None:
-            spec = peftc.compile([]).spec.to_dict()
-            content.update(peftc_fingerprint=fingerprint, peftc_spec={**spec, "seed": 99})
-        torch.save(content, path)
-        return path
-
-    return setup
-
-
-def never_load_base(act: Callable[[World, Any], Any]) -> Callable[[World, Any], Any]:
-    """Fail loudly if the base model (any weights) is loaded."""
-
-    def guarded(world: World, made: Any) -> Any:
-        boom = AssertionError("the base model must not be loaded")
-        with failing("peftc.materializer.load_base_model", boom):
-            return act(world, made)
-
-    return guarded
-
-
-def pickle_only(world: World) -> Path:
-    target = world.inputs / "adapter"
-    target.mkdir()
-    (target / "adapter_config.json").write_text((world.good / "adapter_config.json").read_text())
-    write_pickle_adapter(target, world.root / "SENTINEL")
-    return target
-
-
-def _dup_offsets(header: dict[str, Any]) -> None:
-    """Two tensors of the same size claim the same bytes."""
-    names = tensor_names(header)
-    size = {n: header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in names}
-    first = names[0]
-    second = next(n for n in names[1:] if size[n] == size[first])
-    header[second]["data_offsets"] = list(header[first]["data_offsets"])
-
-
-def _shape_lie(header: dict[str, Any]) -> None:
-    name = tensor_names(header)[0]
-    header[name]["shape"] = [header[name]["shape"][0] * 2, header[name]["shape"][1]]
-
-
-def _out_of_range(header: dict[str, Any]) -> None:
-    name = max(tensor_names(header), key=lambda n: header[n]["data_offsets"][1])
-    begin, end = header[name]["data_offsets"]
-    header[name]["data_offsets"] = [begin + 8, end + 8]
-
-
-def _set_dtype(code: str) -> Callable[[dict[str, Any]], None]:
-    def change(header: dict[str, Any]) -> None:
-        header[tensor_names(header)[0]]["dtype"] = code
-
-    return change
-
-
-def _first(tensors: dict[str, torch.Tensor]) -> str:
-    return sorted(tensors)[0]
-
-
-def _poison(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
-    return lambda t: t[_first(t)].view(-1).__setitem__(0, value)
-
-
-def _duplicate_names(directory: Path) -> None:
-    path = directory / "adapter_model.safetensors"
-    from tests.catalogue import split_safetensors
-
-    header, data = split_safetensors(path)
-    name = tensor_names(header)[0]
-    text = json.dumps(header)[:-1] + f', "{name}": ' + json.dumps(header[name]) + "}"
-    write_safetensors(path, None, data, header_text=text.encode())
-
-
-def _drop_peft_type(directory: Path) -> None:
-    path = directory / "adapter_config.json"
-    config = json.loads(path.read_text())
-    del config["peft_type"]
-    path.write_text(json.dumps(config))
-
-
-def _crash_between_renames() -> Any:
-    """The fallback swap (no RENAME_EXCHANGE): the old target is moved aside, then moving the
-    new one in fails; the old one must be put back."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch("peftc.atomic.exchange", lambda a, b: False))
-    real_rename = __import__("os").rename
-    calls = {"n": 0}
-
-    def rename(src: Any, dst: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.EIO, "Input/output error", str(dst))
-        real_rename(src, dst)
-
-    stack.enter_context(mock.patch("peftc.atomic.os.rename", rename))
-    return stack
 
 
 LORA_YAML = "defaults:\n  - /schema/peft/lora@_here_\n  - _self_\n"
@@ -312,6 +116,27 @@ CASES = [
     Bad("adapter-name-prefix", "override", cli("adapter_name=lora"), ConfigError, "is reserved"),
     Bad("adapter-name-module", "override", cli("adapter_name=mlp"), PlanError, "is also a module name"),
     Bad("model-hf-no-path", "override", cli("model=hf"), ConfigError, "no model given"),
+    # options of methods and tasks added by other issues
+    Bad("prompt-zero-tokens", "override", cli("peft=prompt_tuning", "peft.num_virtual_tokens=0"), ConfigError,
+        "must be >= 1"),
+    Bad("prompt-text-init-no-text", "override", cli("peft=prompt_tuning", "peft.prompt_tuning_init=TEXT"),
+        ConfigError, "needs the text to start from"),
+    Bad("prefix-with-checkpointing", "override", cli("peft=prefix_tuning", "trainer.gradient_checkpointing=true"),
+        ConfigError, "would append to that cache"),
+    Bad("loha-rank-zero", "override", cli("peft=loha", "peft.r=0"), ConfigError, "must be >= 1"),
+    Bad("ia3-ff-not-targeted", "override",
+        cli("peft=ia3", "peft.target_modules=[q_proj]", "peft.feedforward_modules=[down_proj]"), ConfigError,
+        "must be a subset of the targets"),
+    Bad("seq-cls-headless-model", "override", cli("task=seq_cls", "model=tiny_t5"), ConfigError,
+        "would stay at its random initialisation"),
+    Bad("multitask-source-pickle", "override",
+        cli("peft=multitask_prompt_tuning", "peft.prompt_tuning_init=EXACT_SOURCE_TASK",
+            "peft.prompt_tuning_init_state_dict_path={input}"), ConfigError, "pickle files are never loaded",
+        lambda world: (write_pickle_adapter(world.inputs, world.root / "SENTINEL"), world.inputs / "adapter_model.bin")[1]),
+    Bad("multitask-source-corrupt", "override",
+        cli("peft=multitask_prompt_tuning", "peft.prompt_tuning_init=EXACT_SOURCE_TASK",
+            "peft.prompt_tuning_init_state_dict_path={input}"), ConfigError, "truncated",
+        write_file("source.safetensors", b"garbage")),
     # --- YAML files in a user config directory (--config-dir) --------------------------------
     Bad("yaml-unknown-key", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "unknown key",
         user_config("peft", "mine", LORA_YAML + "rr: 4\n")),
@@ -368,6 +193,8 @@ CASES = [
         "is not a field of this task", write_file("d.jsonl", STORY * 20)),
     Bad("data-too-few-rows", "dataset", cli("data.source=jsonl", "data.path={input}", "data.val_fraction=0.5"),
         DataError, "cannot be split", write_file("d.jsonl", STORY)),
+    Bad("data-unknown-label", "dataset", cli("task=seq_cls", "data.source=jsonl", "data.path={input}"), DataError,
+        "is not in the label set", write_file("d.jsonl", '{"text": "fine", "label": "maybe"}\n' * 30)),
     Bad("data-too-short-for-a-block", "dataset", cli("data.source=jsonl", "data.path={input}", "data.max_length=512"),
         DataError, "cannot fill one block", write_file("d.jsonl", STORY * 3)),
     # --- adapter directories and their files --------------------------------------------------------
@@ -380,7 +207,7 @@ CASES = [
     Bad("adapter-config-a-list", "adapter_file", load_into_model(), AdapterFileError, "must hold a JSON object",
         adapter_variant(lambda d: (d / "adapter_config.json").write_text("[]"))),
     Bad("adapter-no-peft-type", "adapter_file", load_into_model(), AdapterFileError, "has no 'peft_type'",
-        adapter_variant(_drop_peft_type)),
+        adapter_variant(drop_peft_type)),
     Bad("adapter-unknown-peft-type", "adapter_file", load_into_model(), AdapterFileError, "did you mean 'LORA'",
         adapter_variant(edit_config(peft_type="LORAX"))),
     Bad("adapter-trust-remote-code", "adapter_file", load_into_model(), AdapterFileError, "run code",
@@ -422,29 +249,36 @@ CASES = [
     Bad("st-header-not-json", "adapter_file", load_into_model(), AdapterFileError, "header is not valid JSON",
         adapter_variant(edit_bytes(lambda b: b[:8] + b"{" * 16 + b[24:]))),
     Bad("st-duplicate-names", "adapter_file", load_into_model(), AdapterFileError, "twice",
-        adapter_variant(_duplicate_names)),
+        adapter_variant(duplicate_names)),
     Bad("st-overlapping-offsets", "adapter_file", load_into_model(), AdapterFileError, "overlaps",
-        adapter_variant(edit_header(_dup_offsets))),
+        adapter_variant(edit_header(dup_offsets))),
     Bad("st-out-of-range-offsets", "adapter_file", load_into_model(), AdapterFileError, "outside the",
-        adapter_variant(edit_header(_out_of_range))),
+        adapter_variant(edit_header(out_of_range))),
     Bad("st-shape-lies-about-size", "adapter_file", load_into_model(), AdapterFileError, "needs",
-        adapter_variant(edit_header(_shape_lie))),
+        adapter_variant(edit_header(shape_lie))),
     Bad("st-unknown-dtype", "adapter_file", load_into_model(), AdapterFileError, "unknown dtype",
-        adapter_variant(edit_header(_set_dtype("F99")))),
+        adapter_variant(edit_header(set_dtype("F99")))),
     Bad("st-integer-dtype", "adapter_file", load_into_model(), AdapterFileError, "adapter tensors are floating point",
-        adapter_variant(edit_header(_set_dtype("I32")))),
+        adapter_variant(edit_header(set_dtype("I32")))),
     Bad("st-trailing-bytes", "adapter_file", load_into_model(), AdapterFileError, "after the last tensor",
         adapter_variant(edit_bytes(lambda b: b + b"\0" * 64))),
     Bad("tensor-nan", "adapter_file", load_into_model(), AdapterFileError, "NaN or Inf",
-        adapter_variant(edit_tensors(_poison(math.nan)))),
+        adapter_variant(edit_tensors(poison(math.nan)))),
     Bad("tensor-inf", "adapter_file", load_into_model(), AdapterFileError, "NaN or Inf",
-        adapter_variant(edit_tensors(_poison(math.inf)))),
+        adapter_variant(edit_tensors(poison(math.inf)))),
     Bad("tensor-missing", "adapter_file", load_into_model(), AdapterFileError, "are missing",
-        adapter_variant(edit_tensors(lambda t: t.pop(_first(t))))),
+        adapter_variant(edit_tensors(lambda t: t.pop(first_tensor(t))))),
     Bad("tensor-unexpected", "adapter_file", load_into_model(), AdapterFileError, "do not belong",
         adapter_variant(edit_tensors(lambda t: t.update({"base_model.model.x.lora_A.weight": torch.zeros(2)})))),
     Bad("tensor-mis-shaped", "adapter_file", load_into_model(), AdapterFileError, "has shape",
-        adapter_variant(edit_tensors(lambda t: t.update({_first(t): torch.zeros(3, 3)})))),
+        adapter_variant(edit_tensors(lambda t: t.update({first_tensor(t): torch.zeros(3, 3)})))),
+    Bad("prompt-adapter-remote-tokenizer", "adapter_file", load_into_base, AdapterFileError,
+        "passes keyword arguments", prompt_adapter(tokenizer_name_or_path="evil/repo", prompt_tuning_init="TEXT",
+                                                   tokenizer_kwargs={"trust_remote_code": True})),
+    Bad("prompt-adapter-url-tokenizer", "adapter_file", load_into_base, AdapterFileError, "is a URL",
+        prompt_adapter(tokenizer_name_or_path="https://evil.example/tok")),
+    Bad("prompt-adapter-nan", "adapter_file", load_into_base, AdapterFileError, "NaN or Inf",
+        prompt_adapter(nan=True)),
     Bad("plan-with-target", "adapter_file", load_into_model(), AdapterFileError, "never instantiates",
         adapter_variant(lambda d: (d / "peftc_plan.json").write_text('{"spec": {"model": {"_target_": "os"}}}'))),
     Bad("plan-not-json", "adapter_file", load_into_base, AdapterFileError, "not valid JSON",
@@ -480,12 +314,14 @@ CASES = [
     Bad("permission-denied-at-swap", "write",
         save_over_previous(lambda: failing("peftc.atomic.exchange", OSError(errno.EACCES, "Permission denied"))),
         AdapterFileError, "permission denied"),
-    Bad("crash-between-renames", "write", save_over_previous(_crash_between_renames), AdapterFileError,
+    Bad("crash-between-renames", "write", save_over_previous(crash_between_renames), AdapterFileError,
         "cannot be written"),
     Bad("interrupt-while-staging", "write",
         save_over_previous(lambda: failing("peftc.io.write_adapter_files", KeyboardInterrupt())),
         KeyboardInterrupt, ""),
     # --- resume ------------------------------------------------------------------------------------
+    Bad("resume-adalora", "resume", never_load_base(cli("peft=adalora", "resume=/no/such/run")), ConfigError,
+        "rank allocator keeps importance scores outside the checkpoint"),
     Bad("resume-nothing-there", "resume", never_load_base(cli("resume=/no/such/run")), ConfigError,
         "no checkpoint there"),
     Bad("resume-not-a-checkpoint", "resume", never_load_base(cli("resume={input}")), ConfigError,

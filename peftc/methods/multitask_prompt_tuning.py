@@ -91,10 +91,14 @@ def source_file(path: str) -> Path:
 
 
 def source_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+    """Tensor shapes of a source adapter, from its checked header (a corrupt file is a ConfigError)."""
+    from peftc.errors import AdapterFileError
+    from peftc.tensorfile import read_header
 
-    with safe_open(str(file), framework="pt") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    try:
+        return {name: entry.shape for name, entry in read_header(file).items()}
+    except AdapterFileError as exc:
+        raise ConfigError("peft.prompt_tuning_init_state_dict_path", str(file), exc.problem, exc.hint) from exc
 
 
 class MultitaskPromptEmbedding(VirtualTokenEncoder):
