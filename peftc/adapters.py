@@ -215,7 +215,7 @@ def _peft_spec(method: Any, config: dict[str, Any], source: str) -> Any:
     """The method's spec from the screened config, with every field check applied."""
     try:
         spec = method.spec_from_peft_config(config)
-        validate(spec, "adapter_config")
+        validate(spec, "adapter_config", cross=False)
     except ConfigError as exc:
         raise AdapterFileError(source, f"invalid value: {exc}") from exc
     except (TypeError, ValueError, AttributeError) as exc:
@@ -235,7 +235,7 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
         task_spec = task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
         if model is not None:
             validate(model, "spec.model")
-        validate(task_spec, "spec.task")
+        validate(task_spec, "spec.task", cross=False)
     except ConfigError as exc:
         raise AdapterFileError(source, f"invalid value: {exc}") from exc
     except TypeError as exc:

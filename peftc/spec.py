@@ -415,14 +415,16 @@ def to_spec(cfg: DictConfig) -> RunSpec:
     return spec
 
 
-def validate(node: SpecNode, key: str = "", run: RunSpec | None = None) -> None:
-    """Run the declared field checks and cross checks of a spec tree, depth first."""
+def validate(node: SpecNode, key: str = "", run: RunSpec | None = None, *, cross: bool = True) -> None:
+    """Run the declared field checks and cross checks of a spec tree, depth first.
+    `cross=False` runs the field checks only (specs read back from files, whose cross rules
+    may concern what a user may set, not what peftc wrote)."""
     run = run if run is not None else (node if isinstance(node, RunSpec) else None)
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         full_key = f"{key}.{f.name}" if key else f.name
         if isinstance(value, SpecNode):
-            validate(value, full_key, run)
+            validate(value, full_key, run, cross=cross)
             continue
         check = f.metadata.get("check")
         if check is not None:
@@ -432,7 +434,8 @@ def validate(node: SpecNode, key: str = "", run: RunSpec | None = None) -> None:
                 problem = "has the wrong type"
             if problem:
                 raise ConfigError(full_key, value, problem)
-    node.cross_check(key or "<root>", run)
+    if cross:
+        node.cross_check(key or "<root>", run)
 
 
 def reject_unknown_keys(cfg: Any, schema: type | None, key: str) -> None:
