@@ -17,6 +17,7 @@ and optimizer state an uninterrupted run would have had.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from peftc.atomic import fsync
 from peftc.errors import ConfigError
@@ -118,30 +119,39 @@ class StepCheckpoint(Callback):
 
 
 # ------------------------------------------------------------------------------------ data
-class ResumableSampler(Sampler[int]):
-    """Shuffled order that is a function of (seed, epoch) only (DistributedSampler's, for one
-    rank); after a resume it skips the examples the checkpoint had consumed in that epoch."""
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler's shuffled order (randperm(n) seeded with seed + epoch, padded and dealt
+    out rank::world), with the rank and world size read when iterated: the loader is built before
+    the processes join. Being a DistributedSampler, Lightning keeps it instead of wrapping it in
+    a second shuffle, so k processes with batch b see the same examples per step as one process
+    with batch k*b. After a resume it skips the examples the checkpoint had consumed in that epoch."""
 
     def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-        self._skip: tuple[int, int] | None = None  # (epoch, examples to skip)
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
+        super().__init__(range(size), num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self._skip: tuple[int, int] | None = None  # (epoch, examples of this rank to skip)
 
     def skip(self, epoch: int, examples: int) -> None:
         self._skip = (epoch, examples)
 
+    def _join_world(self) -> None:
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        self.num_replicas, self.rank = world, rank
+        self.num_samples = math.ceil(len(self.dataset) / world)
+        self.total_size = self.num_samples * world
+
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler
-        order = torch.randperm(self.size, generator=generator).tolist()
+        self._join_world()
+        order = list(super().__iter__())
         skip, self._skip = self._skip, None
         if skip is not None and skip[0] == self.epoch:
             order = order[skip[1] :]
         return iter(order)
 
     def __len__(self) -> int:
-        return self.size
+        self._join_world()
+        return self.num_samples
 
 
 class ResumableLoader(DataLoader):

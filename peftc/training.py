@@ -192,10 +192,10 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
         batch.update(method_inputs(examples, extras))
         return batch
 
-    # The sampler owns its generator and orders epoch e as randperm(n) seeded with run.seed + e:
-    # the order Lightning's DistributedSampler (seed = run.seed) deals out across ranks, so k
-    # processes with batch b see the same examples per step as one with k*b. It also skips the
-    # batches a resumed checkpoint had consumed. Creating an iterator must not draw from the
+    # The sampler is a DistributedSampler seeded with run.seed that shards itself once the ranks
+    # have joined (Lightning keeps it rather than shuffling its order again), so k processes
+    # with batch b see the same examples per step as one with k*b. It also skips the batches a
+    # resumed checkpoint had consumed. Creating an iterator must not draw from the
     # global RNG (dropout uses it), or a resumed run would see different dropout masks.
     train_loader = ResumableLoader(
         train,

@@ -72,3 +72,26 @@ def test_ddp_on_two_cpu_processes_saves_one_adapter_equal_to_one_process(tmp_pat
     for name in reference:
         assert torch.allclose(ours[name], reference[name], atol=DDP_TOLERANCE, rtol=0), name
     assert any(reference[n].abs().max() > 0 for n in reference if "lora_B" in n), "training must move lora_B"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_training_order_is_dealt_across_ranks_like_one_process(monkeypatch: pytest.MonkeyPatch, world: int) -> None:
+    """Each step of k ranks with batch b covers the same examples as one process with batch k*b,
+    and Lightning keeps the sampler (a DistributedSampler) instead of shuffling its order again."""
+    from torch.utils.data import DistributedSampler
+
+    from peftc.checkpoints import ResumableSampler
+
+    single = list(ResumableSampler(37, seed=5))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        sampler = ResumableSampler(37, seed=5)
+        assert isinstance(sampler, DistributedSampler) and len(sampler) == -(-37 // world)
+        shards.append(list(sampler))
+    batch = 4
+    for step in range(len(shards[0]) // batch):
+        dealt = sorted(i for shard in shards for i in shard[step * batch : (step + 1) * batch])
+        assert dealt == sorted(single[step * batch * world : (step + 1) * batch * world])
