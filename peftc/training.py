@@ -54,7 +54,7 @@ class PeftcLightningModule(L.LightningModule):
         return self.model(*args, **kwargs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.task.training_loss(self.model, batch)
+        loss = self.task.training_loss(self.model, batch, self.plan.spec.task)
         extra = self.method.extra_loss(self.model, self.plan.adapter_name)
         if extra is not None:
             self.log("train_extra_loss", extra.detach(), on_step=True)
@@ -73,7 +73,7 @@ class PeftcLightningModule(L.LightningModule):
         self._totals = defaultdict(float)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        for key, value in self.task.validation_stats(self.model, batch).items():
+        for key, value in self.task.validation_stats(self.model, batch, self.plan.spec.task).items():
             self._totals[key] += float(value)
 
     def on_validation_epoch_end(self) -> None:

@@ -85,3 +85,116 @@ def test_seq2seq_perplexity_is_exp_of_mean_target_token_loss() -> None:
 )
 def test_labels_are_names_or_indices(value: object, expected: int | None) -> None:
     assert label_index(value, ["negative", "positive"]) == expected
+
+
+# ------------------------------------------------------------------------ question answering
+def test_span_exact_match_and_f1_on_known_spans() -> None:
+    from peftc.tasks.question_ans import span_scores
+
+    starts, ends = torch.tensor([3, 3, 10, 5]), torch.tensor([5, 4, 12, 5])
+    gold_starts, gold_ends = torch.tensor([3, 4, 3, 5]), torch.tensor([5, 6, 5, 5])
+    exact, f1 = span_scores(starts, ends, gold_starts, gold_ends)
+    assert exact.tolist() == [1.0, 0.0, 0.0, 1.0]
+    # [3,4] vs [4,6]: overlap 1, P = 1/2, R = 1/3 -> F1 = 0.4; disjoint spans score 0
+    assert f1.tolist() == pytest.approx([1.0, 0.4, 0.0, 1.0])
+
+
+def test_best_span_stays_in_the_context_and_within_the_length_limit() -> None:
+    from peftc.tasks.question_ans import best_spans
+
+    start = torch.tensor([[9.0, 0.0, 1.0, 5.0, 0.0, -1.0]])  # position 0 (not context) scores highest
+    end = torch.tensor([[9.0, 0.0, 4.0, 0.0, 0.0, 6.0]])
+    context = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    starts, ends, _ = best_spans(start, end, context, max_tokens=10)
+    assert (starts.item(), ends.item()) == (3, 5)  # 5 + 6 beats 1 + 4 and 5 + 0
+    starts, ends, _ = best_spans(start, end, context, max_tokens=2)
+    assert (starts.item(), ends.item()) == (4, 5)  # at most 2 tokens: [4,5] scores 0+6, the rest <= 5
+    assert best_spans(start, end, torch.tensor([[0, 0, 0, 0, 1, 1]]), 2)[0].item() == 4
+
+
+def test_qa_metrics_average_over_examples_across_batches() -> None:
+    task = tasks.get("question_ans")
+    totals = summed(
+        {"exact": torch.tensor(1.0), "f1": torch.tensor(1.4), "count": torch.tensor(2)},
+        {"exact": torch.tensor(0.0), "f1": torch.tensor(0.5), "count": torch.tensor(2)},
+    )
+    assert task.metrics(totals) == pytest.approx({"val_exact_match": 0.25, "val_f1": 1.9 / 4})
+
+
+def test_answer_character_span_maps_to_its_tokens() -> None:
+    from peftc.tasks.question_ans import token_span
+
+    offsets = [(0, 0), (0, 3), (0, 0), (0, 3), (4, 7), (8, 11), (0, 0)]  # <s> q </s> "the red fox" </s>
+    in_context = [False, False, False, True, True, True, False]
+    assert token_span(offsets, in_context, 4, 11) == (4, 5)
+    assert token_span(offsets, in_context, 0, 3) == (3, 3)
+    assert token_span(offsets[:5], in_context[:5], 4, 11) == (0, 0)  # the answer was truncated away
+
+
+# ------------------------------------------------------------------------- token classification
+def test_each_word_is_labelled_at_its_first_token() -> None:
+    from peftc.tasks.token_cls import first_tokens
+
+    # "the red fox": tokens <s> "th" "e" " " "red" " " "f" "ox" </s>
+    offsets = [(0, 0), (0, 2), (2, 3), (3, 4), (4, 7), (7, 8), (8, 9), (9, 11), (0, 0)]
+    assert first_tokens(["the", "red", "fox"], offsets) == [1, 4, 6]
+    assert first_tokens(["the", "red", "fox"], offsets[:5]) == [1, 4, None]  # 'fox' truncated
+
+
+def test_token_cls_metrics_count_only_labelled_tokens() -> None:
+    task = tasks.get("token_cls")
+    logits = torch.tensor([[[0.0, 1.0], [5.0, 0.0], [0.0, 3.0], [0.0, 9.0]]])  # predicts 1, 0, 1, 1
+
+    class Fixed(torch.nn.Module):
+        def forward(self, **_: object) -> object:
+            return type("Out", (), {"logits": logits})()
+
+    labels = torch.tensor([[IGNORE_INDEX, 0, 0, 1]])
+    metrics = task.metrics(summed(task.validation_stats(Fixed(), {"input_ids": torch.zeros(1, 4), "labels": labels})))
+    # labelled: (0->0), (0->1), (1->1): 2 of 3; class 0: TP1 FN1 -> 2/3; class 1: TP1 FP1 -> 2/3
+    assert metrics == pytest.approx({"val_accuracy": 2 / 3, "val_macro_f1": 2 / 3})
+
+
+# --------------------------------------------------------------------------- feature extraction
+def test_retrieval_metrics_rank_each_anchor_against_the_batch_positives() -> None:
+    from peftc.tasks.feature_extraction import FeatureExtractionSpec
+
+    task = tasks.get("feature_extraction")
+    # anchors 0 and 1 are nearest to their own positive; anchor 2 is nearest to positive 0
+    vectors = {
+        "anchor": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.0, 0.1]]),
+        "positive": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]),
+    }
+
+    class Embeds(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+            # rows are anchor ids 0..2 then positive ids 10..12; one token each
+            rows = [vectors["anchor"][i] if i < 10 else vectors["positive"][i - 10] for i in input_ids[:, 0].tolist()]
+            return type("Out", (), {"last_hidden_state": torch.stack(rows)[:, None, :]})()
+
+    batch = {
+        "anchor_input_ids": torch.tensor([[0], [1], [2]]),
+        "anchor_attention_mask": torch.ones(3, 1, dtype=torch.long),
+        "positive_input_ids": torch.tensor([[10], [11], [12]]),
+        "positive_attention_mask": torch.ones(3, 1, dtype=torch.long),
+    }
+    metrics = task.metrics(summed(task.validation_stats(Embeds(), batch, FeatureExtractionSpec(scale=1.0))))
+    assert metrics["val_recall_at_1"] == pytest.approx(2 / 3)
+    assert metrics["val_mrr"] == pytest.approx((1 + 1 + 1 / 2) / 3)
+
+
+def test_mean_pooling_ignores_padding() -> None:
+    from peftc.tasks.feature_extraction import embed
+
+    states = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [100.0, 100.0]]])
+
+    class States(torch.nn.Module):
+        def forward(self, **_: object) -> object:
+            return type("Out", (), {"last_hidden_state": states})()
+
+    inputs = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0]])}
+    assert embed(States(), inputs, "mean").tolist() == [[1.0, 0.0]]
+    assert embed(States(), inputs, "last").tolist() == [[1.0, 0.0]]
+    assert embed(States(), {**inputs, "attention_mask": torch.tensor([[1, 1, 1]])}, "last").tolist()[
+        0
+    ] == pytest.approx([2**-0.5, 2**-0.5])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors import safe_open
 
 import peftc
 from peftc import tasks
@@ -22,6 +23,9 @@ TASK_MODELS = [
     ("causal_lm", "tiny_gpt2"),
     ("seq2seq_lm", "tiny_t5"),
     ("seq_cls", "tiny_bert"),
+    ("token_cls", "tiny_llama"),  # a decoder's `score` head
+    ("question_ans", "tiny_bert"),
+    ("feature_extraction", "tiny_bert"),
 ]
 
 
@@ -49,6 +53,12 @@ def test_task_trains_saves_and_reloads_with_the_same_predictions(tmp_path: Path,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     task = tasks.get(task_name)
     assert metrics["steps"] == 4 and task.primary_metric in metrics
+    heads = {m["path"] for m in json.loads((tmp_path / "plan.json").read_text())["modules_to_save"]}
+    assert len(heads) == (1 if task.head_modules else 0) and heads <= set(task.head_modules)
+    if heads:  # the head is shown in the plan and saved whole in the adapter file
+        assert "modules trained in full and saved" in result.stdout
+        saved = safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt").keys()
+        assert f"base_model.model.{heads.pop()}.weight" in saved
     before = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(before) == 4
 

@@ -37,18 +37,85 @@ FOODS = ["apples", "seeds", "fish", "berries", "bread", "carrots", "honey", "gra
 FRIENDS = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo"]
 
 
-def story(rng: random.Random) -> str:
+def story_facts(rng: random.Random) -> dict:
     animal, color, place, time, food, friend = (rng.choice(x) for x in (ANIMALS, COLORS, PLACES, TIMES, FOODS, FRIENDS))
-    count = rng.randint(2, 9)
+    return {"animal": animal, "color": color, "place": place, "time": time, "food": food, "friend": friend}
+
+
+def story_lines(rng: random.Random, f: dict) -> list[str]:
+    animal, food, friend = f["animal"], f["food"], f["friend"]
+    count = f["count"] = rng.randint(2, 9)
     lines = [
-        f"The {color} {animal} walked to {place} {time}.",
+        f"The {f['color']} {animal} walked to {f['place']} {f['time']}.",
         f"There it found {count} {food} and ate {'all of them' if count < 5 else 'only a few'}.",
         f"{friend} saw the {animal} and said hello.",
         f"The {animal} was {'happy' if count > 4 else 'still hungry'}, so it {'slept under a tree' if count > 4 else 'looked for more ' + food}.",
     ]
     if rng.random() < 0.5:
         lines.append(f"Then {friend} counted to {count + 1} and went home.")
-    return " ".join(lines)
+    return lines
+
+
+def story(rng: random.Random) -> str:
+    return " ".join(story_lines(rng, story_facts(rng)))
+
+
+# ------------------------------------------------------------------------ question_ans
+QUESTIONS = [
+    ("Where did the {animal} walk?", "place"),
+    ("Who saw the {animal}?", "friend"),
+    ("What did the {animal} find?", "found"),
+    ("When did the {animal} walk to {place}?", "time"),
+    ("What color was the {animal}?", "color"),
+    ("Which animal walked to {place}?", "animal"),
+]
+
+
+def question(rng: random.Random) -> dict:
+    facts = story_facts(rng)
+    context = " ".join(story_lines(rng, facts))
+    facts["found"] = f"{facts['count']} {facts['food']}"
+    template, slot = rng.choice(QUESTIONS)
+    return {"question": template.format(**facts), "context": context, "answer": facts[slot]}
+
+
+# --------------------------------------------------------------------------- token_cls
+def tagged_sentence(rng: random.Random) -> dict:
+    """Words of a one-line story, tagged ANIMAL / COLOR / FOOD / NAME / NUMBER / O."""
+    facts = story_facts(rng)
+    count = rng.randint(2, 9)
+    pattern = rng.choice(
+        [
+            "The {color} {animal} found {count} {food} near {place} .",
+            "{friend} saw the {color} {animal} {time} .",
+            "{friend} gave {count} {food} to the {animal} .",
+            "One {animal} and one {color} {animal2} ate {food} with {friend} .",
+        ]
+    )
+    tags = {"color": "COLOR", "animal": "ANIMAL", "animal2": "ANIMAL", "food": "FOOD", "friend": "NAME", "count": "NUMBER"}
+    values = {**facts, "count": str(count), "animal2": rng.choice(ANIMALS)}
+    tokens, labels = [], []
+    for word in pattern.split():
+        slot = word[1:-1] if word.startswith("{") else None
+        parts = values[slot].split() if slot else [word]
+        tokens += parts
+        labels += [tags.get(slot, "O")] * len(parts)
+    return {"tokens": tokens, "tags": labels}
+
+
+# ------------------------------------------------------------------- feature_extraction
+def paraphrase(rng: random.Random) -> dict:
+    """Two wordings of one small event; retrieval must match who did what where."""
+    f = story_facts(rng)
+    wordings = [
+        "The {color} {animal} walked to {place} {time} and met {friend}.",
+        "{time_cap}, {friend} met a {color} {animal} that had walked to {place}.",
+        "At {place}, {friend} saw the {color} {animal} {time}.",
+        "One {animal}, {color} in colour, went to {place} {time}, where {friend} was waiting.",
+    ]
+    first, second = rng.sample(wordings, 2)
+    values = {**f, "time_cap": f["time"][0].upper() + f["time"][1:]}
+    return {"anchor": first.format(**values), "positive": second.format(**values)}
 
 
 # --------------------------------------------------------------------------- sentiment (seq_cls)
@@ -115,6 +182,9 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], dict], int, int]] = {
     "causal_lm": (lambda rng: {"text": story(rng)}, 400, 40),
     "seq_cls": (sentiment, 800, 200),
     "seq2seq_lm": (rewrite, 400, 40),
+    "token_cls": (tagged_sentence, 400, 40),
+    "question_ans": (question, 400, 40),
+    "feature_extraction": (paraphrase, 400, 64),
 }
 
 

@@ -67,15 +67,22 @@ class Task:
         """Pad examples into a batch: to the longest example, or to `pad_to` (data.padding=max_length)."""
         raise NotImplementedError
 
-    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
+        """The loss to minimise; `spec` is this task's settings (None: the schema's defaults)."""
         raise NotImplementedError
 
-    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def validation_stats(
+        self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
+    ) -> dict[str, torch.Tensor]:
         """Sums over the batch that `metrics` turns into numbers after the whole split is seen."""
         raise NotImplementedError
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
+
+    def sample_inputs(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Prediction inputs made from data rows (training shows predictions for a few)."""
+        return [{field: row[field] for field in self.input_fields} for row in rows]
 
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
         """One JSON-ready prediction per row (rows need only `input_fields`)."""

@@ -79,11 +79,13 @@ class CausalLm(Task):
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
-    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
         total, tokens = next_token_loss(model, batch)
         return total / tokens.clamp_min(1)
 
-    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def validation_stats(
+        self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
+    ) -> dict[str, torch.Tensor]:
         total, tokens = next_token_loss(model, batch)
         return {"loss_sum": total.detach(), "tokens": tokens}
 
@@ -92,6 +94,11 @@ class CausalLm(Task):
             return {}
         loss = totals["loss_sum"] / totals["tokens"]
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+    def sample_inputs(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The first sentence of each document as the prompt to continue."""
+        firsts = [str(row["text"]).split(". ")[0] for row in rows]
+        return [{"text": first if first.endswith(".") else first + "."} for first in firsts]
 
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:

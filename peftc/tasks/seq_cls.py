@@ -83,10 +83,12 @@ class SeqCls(Task):
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return batch
 
-    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
         return model(**batch).loss
 
-    def validation_stats(self, model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def validation_stats(
+        self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
+    ) -> dict[str, torch.Tensor]:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return classification_stats(logits.argmax(-1), batch["labels"], logits.shape[-1])
 

@@ -1,0 +1,174 @@
+"""Extractive question answering: find the answer span inside the context.
+
+A row has a question, a context and the answer text, which must occur in the context (its first
+occurrence is the gold span). Question and context are encoded as a pair; only the context is
+truncated. The model (head `qa_outputs`, trained in full and saved, as peft does for
+QUESTION_ANS) scores each token as span start and end; loss is the mean of the two
+cross-entropies. An answer cut off by truncation points at position 0, as in transformers.
+
+Prediction picks the context span (start <= end, at most max_answer_tokens) with the highest
+start + end score. Metrics compare predicted and gold token spans:
+  exact match = 1 if both ends agree;  F1 = 2 P R / (P + R) with P = overlap / predicted length,
+  R = overlap / gold length (overlap in tokens);  both averaged over examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftc.errors import ConfigError
+from peftc.spec import RunSpec, SpecNode, at_least, param
+from peftc.tasks import register
+from peftc.tasks.base import Task
+from peftc.tasks.common import batches, encoded_batch, pad, to_device, token_fields
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+
+
+@dataclass
+class QuestionAnsSpec(SpecNode):
+    max_answer_tokens: int = param(30, "Longest answer span (in tokens) a prediction may pick.", at_least(1))
+
+
+@register
+class QuestionAns(Task):
+    name = "question_ans"
+    task_type = "QUESTION_ANS"
+    schema = QuestionAnsSpec
+    auto_class_name = "AutoModelForQuestionAnswering"
+    head_modules = ("qa_outputs",)
+    primary_metric = "val_f1"
+    fields = ("question", "context", "answer")
+    input_fields = ("question", "context")
+
+    def check_row(self, row: Mapping[str, Any], spec: QuestionAnsSpec) -> str | None:
+        answer = str(row["answer"])
+        if not answer.strip():
+            return "the answer is empty"
+        if answer not in str(row["context"]):
+            return f"the answer {answer!r} does not occur in the context (answers are spans of the context)"
+        return None
+
+    def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(
+                "model.tokenizer", type(tokenizer).__name__, "question_ans needs a fast tokenizer (offsets)"
+            )
+        examples = []
+        for row in rows:
+            context = str(row["context"])
+            truncation: Any = "only_second" if run.data.truncation else False
+            encoding = tokenizer(
+                str(row["question"]),
+                context,
+                truncation=truncation,
+                max_length=run.data.max_length if run.data.truncation else None,
+                return_offsets_mapping=True,
+            )
+            in_context = [sid == 1 for sid in encoding.sequence_ids()]
+            example: dict[str, Any] = token_fields(encoding)
+            example["context_mask"] = [int(flag) for flag in in_context]
+            example["offsets"] = [tuple(o) for o in encoding["offset_mapping"]]
+            if "answer" in row:
+                start_char = context.index(str(row["answer"]))
+                span = token_span(example["offsets"], in_context, start_char, start_char + len(str(row["answer"])))
+                example["start_positions"], example["end_positions"] = span
+            examples.append(example)
+        return examples
+
+    def collate(
+        self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        batch = encoded_batch(examples, tokenizer, pad_to)
+        batch["context_mask"] = pad([e["context_mask"] for e in examples], 0, pad_to)
+        if "start_positions" in examples[0]:
+            for key in ("start_positions", "end_positions"):
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+        return batch
+
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
+        return model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).loss
+
+    def validation_stats(
+        self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
+    ) -> dict[str, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and not k.endswith("_positions")}
+        out = model(**inputs)
+        starts, ends, _ = best_spans(out.start_logits, out.end_logits, batch["context_mask"], 10**6)
+        exact, f1 = span_scores(starts, ends, batch["start_positions"], batch["end_positions"])
+        return {"exact": exact.sum(), "f1": f1.sum(), "count": torch.tensor(len(exact))}
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        if not totals.get("count"):
+            return {}
+        return {"val_exact_match": totals["exact"] / totals["count"], "val_f1": totals["f1"] / totals["count"]}
+
+    @torch.no_grad()
+    def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
+        examples = self.encode([{f: r[f] for f in self.input_fields} for r in rows], run, tokenizer)
+        out = []
+        for chunk in batches(examples, run.data.batch_size):
+            batch = self.collate(chunk, tokenizer)
+            result = model(**to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, model))
+            starts, ends, scores = best_spans(
+                result.start_logits.cpu(), result.end_logits.cpu(), batch["context_mask"], run.task.max_answer_tokens
+            )
+            for example, start, end, score in zip(chunk, starts.tolist(), ends.tolist(), scores.tolist()):
+                out.append((example["offsets"][start][0], example["offsets"][end][1], score))
+        return [
+            {
+                **{f: r[f] for f in self.input_fields},
+                "answer": str(r["context"])[s:e],
+                "start": s,
+                "end": e,
+                "score": score,
+            }
+            for r, (s, e, score) in zip(rows, out)
+        ]
+
+
+def token_span(
+    offsets: Sequence[tuple[int, int]], in_context: Sequence[bool], start_char: int, end_char: int
+) -> tuple[int, int]:
+    """Token positions of the first and last context token of a character span; (0, 0) when the
+    span is not wholly inside the (possibly truncated) context."""
+    positions = [i for i, (flag, (s, e)) in enumerate(zip(in_context, offsets)) if flag and e > s]
+    covering = [i for i in positions if offsets[i][1] > start_char and offsets[i][0] < end_char]
+    if not covering or offsets[covering[0]][0] > start_char or offsets[covering[-1]][1] < end_char:
+        return 0, 0
+    return covering[0], covering[-1]
+
+
+def best_spans(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, context_mask: torch.Tensor, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per example, the context span (start <= end < start + max_tokens) maximising start + end score."""
+    length = start_logits.shape[-1]
+    scores = start_logits.float()[:, :, None] + end_logits.float()[:, None, :]
+    index = torch.arange(length, device=scores.device)
+    offset = index[None, :] - index[:, None]  # end - start
+    allowed = (offset >= 0) & (offset < max_tokens)
+    context = context_mask.bool().to(scores.device)
+    allowed = allowed[None] & context[:, :, None] & context[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    best, flat = scores.flatten(1).max(-1)
+    return flat // length, flat % length, best
+
+
+def span_scores(
+    starts: torch.Tensor, ends: torch.Tensor, gold_starts: torch.Tensor, gold_ends: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact match and token-overlap F1 of predicted vs gold spans (inclusive ends)."""
+    gold_starts, gold_ends = gold_starts.to(starts.device), gold_ends.to(starts.device)
+    exact = ((starts == gold_starts) & (ends == gold_ends)).float()
+    overlap = (torch.minimum(ends, gold_ends) - torch.maximum(starts, gold_starts) + 1).clamp(min=0).float()
+    precision = overlap / (ends - starts + 1).float()
+    recall = overlap / (gold_ends - gold_starts + 1).float()
+    f1 = torch.where(
+        overlap > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(overlap)
+    )
+    return exact, f1
