@@ -55,6 +55,11 @@ _INSPECT_FLAGS = {
 def main() -> None:
     import_registries()
     argv = sys.argv[1:]
+    try:
+        argv = with_adapter_task(argv)
+    except PeftcError as exc:
+        fail(exc)
+    sys.argv[1:] = argv
     if not any(a.split("=")[0] in _INSPECT_FLAGS for a in argv):
         try:
             preflight(argv)
@@ -62,6 +67,17 @@ def main() -> None:
             fail(exc)
     hydra_main()
     report_failed_jobs()
+
+
+def with_adapter_task(argv: list[str]) -> list[str]:
+    """With `adapter=DIR`, the task (and its saved settings) follow the adapter unless task= is given."""
+    if not any(a.startswith("adapter=") for a in argv):
+        return argv
+    from peftc.actions import adapter_overrides
+
+    overrides, _ = split_argv(argv)
+    flags = [a for a in argv if a not in overrides]
+    return flags + adapter_overrides(overrides)
 
 
 def preflight(argv: list[str]) -> None:

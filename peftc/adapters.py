@@ -10,6 +10,7 @@ errors by default (strict); `strict=False` loads what fits and records a `LoadRe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def load_adapter(
     task = tasks.for_task_type(config.get("task_type"), source)
     header = io.read_tensor_header(directory)
     peft_spec = _peft_spec(method, config, source)
-    saved_model, task_spec = _saved_specs(directory, task)
+    saved_model, task_spec, data_spec = _saved_specs(directory, task)
     if saved_model is None:
         task_spec = task.spec_from_saved(task_spec, header)  # e.g. a peft-saved head's label count (shapes only)
     model_spec = None
@@ -97,7 +98,7 @@ def load_adapter(
         task=task_spec,
         quant=_quant_spec(live),
         model=model_spec or _model_spec(live, config),
-        data=DataSpec(),
+        data=data_spec,
         trainer=TrainerSpec(),
         adapter_name=adapter_name,
     )
@@ -223,8 +224,9 @@ def _peft_spec(method: Any, config: dict[str, Any], source: str) -> Any:
     return spec
 
 
-def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
-    """The model and task specs from peftc's plan beside the adapter, when there is one."""
+def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any, DataSpec]:
+    """The model, task and data specs from peftc's plan beside the adapter, when there is one
+    (the data settings, e.g. max_length, are what predictions with the adapter should use)."""
     from peftc.adapter_config import refuse_code
 
     source = str(directory / io.PLAN_NAME)
@@ -233,14 +235,17 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any]:
     try:
         model = ModelSpec(**saved["model"]) if isinstance(saved.get("model"), dict) else None
         task_spec = task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
+        data_fields = {f.name for f in dataclasses.fields(DataSpec)}
+        data = DataSpec(**{k: v for k, v in (saved.get("data") or {}).items() if k in data_fields})
         if model is not None:
             validate(model, "spec.model")
         validate(task_spec, "spec.task", cross=False)
+        validate(data, "spec.data", cross=False)
     except ConfigError as exc:
         raise AdapterFileError(source, f"invalid value: {exc}") from exc
     except TypeError as exc:
         raise AdapterFileError(source, f"does not describe a model/task peftc understands ({exc})") from exc
-    return model, task_spec
+    return model, task_spec, data
 
 
 def _base_for(

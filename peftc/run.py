@@ -1,4 +1,5 @@
-"""One job: spec -> plan -> (dry run | materialize, train, save). The CLI and sweeps call this.
+"""One job: spec -> plan -> (dry run | materialize, train, save), or an eval/predict action
+(peftc.actions). The CLI and sweeps call this.
 
 Everything that can fail on bad input (the resume checkpoint, the data files, the model
 directory, memory) is checked before the first file is written, so a failed job leaves its
@@ -29,6 +30,11 @@ __all__ = ["execute", "is_global_zero", "train", "write_text_atomic"]
 def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     """Run one job; returns a summary row (plan facts, final metrics, wall time)."""
     started = time.perf_counter()
+    if run.action != "train":
+        from peftc.actions import run_action
+
+        summary = run_action(run, output_dir)
+        return {**summary, "wall_time_s": round(time.perf_counter() - started, 3)}
     plan = planner.plan(run)
     # Under a multi-process strategy every rank runs this job; only rank 0 prints and writes.
     lead = is_global_zero()

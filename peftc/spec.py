@@ -363,11 +363,41 @@ class RunSpec(SpecNode):
         None,
         "Continue training from a checkpoint: a .ckpt file or a run directory holding checkpoints/last.ckpt (same config only).",
     )
+    action: str = param(
+        "train",
+        "train: fit and save an adapter; eval: metrics on the validation split; predict: run on `input`/`input_file`.",
+        one_of("train", "eval", "predict"),
+    )
+    adapter: str | None = param(
+        None,
+        "Saved adapter directory for action=eval|predict (its base model, head and task are rebuilt from it); null: the plan's untrained adapter.",
+    )
+    input: Any = param(None, "What action=predict runs on: a text, a {field: value} mapping, or a list of them.")
+    input_file: str | None = param(
+        None, "A .jsonl/.csv (task fields, data.columns applies) or .txt (one input per line) file for action=predict."
+    )
 
     GROUP_FIELDS: ClassVar[tuple[str, ...]] = GROUPS
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         check_adapter_name("adapter_name", self.adapter_name)
+        if self.action == "train" and self.adapter is not None:
+            raise ConfigError(
+                "adapter",
+                self.adapter,
+                "is only read by action=eval or action=predict",
+                "add action=eval or action=predict",
+            )
+        if self.action == "predict" and self.input is None and self.input_file is None:
+            raise ConfigError(
+                "input",
+                None,
+                "action=predict needs something to predict on",
+                "give input='\"a text\"', input={field: value} or input_file=PATH",
+            )
+        if self.action != "predict" and (self.input is not None or self.input_file is not None):
+            name = "input" if self.input is not None else "input_file"
+            raise ConfigError(name, getattr(self, name), "is only read by action=predict", "add action=predict")
 
 
 ConfigStore.instance().store(name="run_schema", node=RunSpec)

@@ -2,7 +2,8 @@
 
 peft's semantics (a list entry is an exact path or a dotted suffix; a string is a full-match
 regex; 'all-linear' is every Linear/Conv1D but the output head; exclude_modules wins;
-layers_to_transform picks transformer blocks), but stricter: every list entry must match
+layers_to_transform picks transformer blocks; 'dummy-target-modules' adapts nothing so that only
+modules_to_save train), but stricter: every list entry must match
 something, every matched module must be a kind the method can wrap, and requested layer
 indices must exist. Each refusal names the key and suggests names from the real graph.
 """
@@ -15,6 +16,10 @@ from collections.abc import Iterable, Sequence
 from peftc.errors import ConfigError, PlanError, did_you_mean
 from peftc.graph import LINEAR_KINDS, ModelGraph, ModuleInfo, layer_index
 from peftc.methods.base import Method, TargetRequest
+
+# peft's spelling (DUMMY_TARGET_MODULES) for "no adapter layers": train only modules_to_save,
+# e.g. a classification head alone. Written as is in adapter_config.json, so peft loads it too.
+NO_TARGETS = "dummy-target-modules"
 
 KIND_NAMES = {
     "linear": "Linear",
@@ -40,6 +45,8 @@ def resolve_targets(
     targets = request.target_modules
     _check_names_type(key, targets)
     _check_names_type("peft.exclude_modules", request.exclude_modules)
+    if targets == NO_TARGETS:
+        return _no_targets(key, protected)
     if targets is None:
         targets = list(method.default_targets.get(graph.model_type, ()))
         if not targets:
@@ -101,6 +108,18 @@ def _check_names_type(key: str, value: object) -> None:
         "must be a list of module names, a regex string, 'all-linear' or null",
         "e.g. [q_proj, v_proj]",
     )
+
+
+def _no_targets(key: str, protected: Iterable[str]) -> list[ModuleInfo]:
+    """peft's 'dummy-target-modules': adapt nothing; only modules_to_save (e.g. the head) train."""
+    if not list(protected):
+        raise PlanError(
+            key,
+            NO_TARGETS,
+            "adapts no module, and there is no task head or peft.modules_to_save to train instead",
+            "name modules to adapt, or list modules to train in full in peft.modules_to_save",
+        )
+    return []
 
 
 def _shown(targets: object) -> object:

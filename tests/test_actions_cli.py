@@ -1,0 +1,111 @@
+"""action=eval and action=predict from the command line, on an adapter saved by a training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = run_cli(
+        [
+            "task=seq_cls",
+            "model=tiny_bert",
+            "task.labels=[negative,positive]",
+            "trainer.max_steps=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=run_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_eval_on_a_saved_adapter_gives_the_training_run_metrics(trained: Path, tmp_path: Path) -> None:
+    result = run_cli(["action=eval", f"adapter={trained / 'adapter'}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "validation: val_accuracy=" in result.stdout
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    at_training = json.loads((trained / "metrics.json").read_text())
+    for key in ("val_accuracy", "val_macro_f1"):
+        assert evaluated[key] == pytest.approx(at_training[key], abs=1e-6)
+    assert evaluated["examples"] == 200
+
+
+def test_predict_from_a_file_repeats_the_predictions_made_before_saving(trained: Path, tmp_path: Path) -> None:
+    before = [json.loads(line) for line in (trained / "predictions.jsonl").read_text().splitlines()]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("".join(p["text"] + "\n" for p in before))
+    result = run_cli(
+        ["action=predict", f"adapter={trained / 'adapter'}", f"input_file={inputs}", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    after = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in after] == [p["label"] for p in before]
+    for b, a in zip(before, after):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+def test_predict_on_one_text_prints_the_label(trained: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "action=predict",
+            f"adapter={trained / 'adapter'}",
+            'input="The meal was not bad."',
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (prediction,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert prediction["text"] == "The meal was not bad." and prediction["label"] in ("negative", "positive")
+    assert json.dumps(prediction) in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["action=predict"], "error: input: action=predict needs something to predict on"),
+        (["action=eval", "adapter=/no/such/adapter"], "error: /no/such/adapter: no such adapter directory"),
+        (["adapter=ADAPTER"], "error: adapter='ADAPTER': is only read by action=eval or action=predict"),
+        (["action=eval", "adapter=ADAPTER", "task=causal_lm"], "was trained for task=seq_cls"),
+        (["action=predict", "adapter=ADAPTER", "input={txt: hello}"], "input 1 has no 'text'"),
+    ],
+)
+def test_bad_action_input_is_one_message_and_exit_status_2(
+    trained: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    args = [a.replace("ADAPTER", str(trained / "adapter")) for a in args]
+    result = run_cli([*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message.replace("ADAPTER", str(trained / "adapter")) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_label_in_user_data_stops_the_run_with_file_and_row(tmp_path: Path) -> None:
+    data = tmp_path / "reviews.csv"
+    data.write_text("review,stars\ngreat,good\nawful,bad\nso-so,meh\n")
+    result = run_cli(
+        [
+            "task=seq_cls",
+            "model=tiny_bert",
+            "task.labels=[bad,good]",
+            "data.source=csv",
+            f"data.path={data}",
+            "data.columns={text: review, label: stars}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"error: {data} row 3: label 'meh' is not in the label set ['bad', 'good']" in result.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
