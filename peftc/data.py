@@ -141,7 +141,8 @@ def read_inputs(
         rows = [{fields[0]: line} for line in lines]
         return list(_select(rows, fields, {}, str(path), check))
     fmt = "csv" if path.suffix == ".csv" else "jsonl"
-    return list(_select(_read(path, fmt, key="input_file"), fields, dict(columns or {}), str(path), check))
+    mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
+    return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check))
 
 
 def _select(

@@ -129,3 +129,35 @@ def perturb_heads_ours(model: torch.nn.Module) -> None:
         for _path, wrapper in model.saved_modules():
             for param in wrapper.modules_to_save["default"].parameters():
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+
+
+def test_head_only_training_plans_no_adapter_layers_and_round_trips(tmp_path: Path, base_dirs: dict) -> None:
+    import peft
+
+    plan = peftc.compile(
+        [
+            "task=seq_cls",
+            "model=hf",
+            f"model.name_or_path={base_dirs[('seq_cls', 'tiny_bert')]}",
+            "task.labels=[L0,L1,L2]",
+            "peft.target_modules=dummy-target-modules",
+        ]
+    )
+    assert plan.sites == () and [m.path for m in plan.modules_to_save] == ["classifier"]
+    assert plan.trainable_params == 64 * 3 + 3
+    ours = peftc.materialize(plan).eval()
+    assert ours.trainable_parameters() == plan.trainable_params
+    perturb_heads_ours(ours)
+    ours.save_adapter(tmp_path)
+    theirs = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    again = peftc.load_adapter(tmp_path)
+    with torch.no_grad():
+        assert max_diff(outputs(ours, "seq_cls"), outputs(theirs, "seq_cls")) <= 1e-6
+        assert max_diff(outputs(ours, "seq_cls"), outputs(again, "seq_cls")) <= 1e-6
+
+
+def test_head_only_needs_a_head_to_train() -> None:
+    from peftc.errors import PlanError
+
+    with pytest.raises(PlanError, match="adapts no module, and there is no task head"):
+        peftc.compile(["task=causal_lm", "peft.target_modules=dummy-target-modules"])

@@ -92,7 +92,14 @@ def tagged_sentence(rng: random.Random) -> dict:
             "One {animal} and one {color} {animal2} ate {food} with {friend} .",
         ]
     )
-    tags = {"color": "COLOR", "animal": "ANIMAL", "animal2": "ANIMAL", "food": "FOOD", "friend": "NAME", "count": "NUMBER"}
+    tags = {
+        "color": "COLOR",
+        "animal": "ANIMAL",
+        "animal2": "ANIMAL",
+        "food": "FOOD",
+        "friend": "NAME",
+        "count": "NUMBER",
+    }
     values = {**facts, "count": str(count), "animal2": rng.choice(ANIMALS)}
     tokens, labels = [], []
     for word in pattern.split():
