@@ -1,7 +1,7 @@
 """AdaLoRA: y = W x + (alpha / (ranknum + 1e-5)) * B (E ⊙ A) dropout(x), an SVD-shaped LoRA
 (P = B, Λ = diag(E), Q = A) whose per-module ranks are pruned during training.
 
-A (r x in), E (r x 1), B (out x r) start with r = init_r (E = 0, A and B ~ N(0, 0.02): an exact
+A (r x in; in x kernel for Conv2d), E (r x 1), B (out x r) start with r = init_r (E = 0, A and B ~ N(0, 0.02): an exact
 no-op); ranknum stays init_r, also after pruning. Training adds the orthogonal regulariser
 orth_reg_weight * mean over A and B of ||A A^T - I||_F and ||B^T B - I||_F to the loss
 (`extra_loss`), and a Lightning callback (`callbacks`, see `_adalora_budget.py`) runs peft's rank
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, PlanError
 from peftc.graph import ModelGraph, ModuleInfo
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method
@@ -101,10 +102,9 @@ class AdaLoraLayer(AdapterLayer):
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
         options = site.options
         device = self.base_layer.weight.device
-        r = options["r"]
-        a = torch.randn(r, site.in_features, device=device)
-        e = torch.randn(r, 1, device=device)
-        b = torch.randn(site.out_features, r, device=device)
+        a = torch.randn(site.tensors["lora_A"], device=device)
+        e = torch.randn(site.tensors["lora_E"], device=device)
+        b = torch.randn(site.tensors["lora_B"], device=device)
         if init and options["init"]:
             nn.init.zeros_(e)
             nn.init.normal_(a, mean=0.0, std=0.02)
@@ -124,10 +124,16 @@ class AdaLoraLayer(AdapterLayer):
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(a.dtype))
+        if self.kind == "conv2d":
+            base = self.base_layer
+            update = F.conv2d(x, self.delta_weight(name), None, base.stride, base.padding, base.dilation, base.groups)
+            return result + update.to(result.dtype)
         return result + ((x @ (a * e).T @ b.T) * self._scale(name)).to(result.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self._scale(name)
+        if self.kind == "conv2d":
+            return delta.reshape(self.base_layer.weight.shape)
         return delta.T if self.kind == "conv1d_hf" else delta
 
     @torch.no_grad()
@@ -160,15 +166,25 @@ class AdaLora(Method):
     schema = AdaLoraSpec
     layer_class = AdaLoraLayer
     wraps_quantized = True  # base(x) + update; merges add delta_weight
-    supported_kinds = frozenset({"linear", "conv1d_hf"})
+    supported_kinds = frozenset({"linear", "conv1d_hf", "conv2d"})
     default_targets = ADALORA_TARGETS
     tensor_prefix = "lora_"
 
     def plan_site(self, spec: AdaLoraSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
         keep = (spec.rank_pattern or {}).get(f"{module.path}.lora_E")
         r = sum(bool(k) for k in keep) if keep is not None else spec.init_r
+        columns = module.in_features
+        if module.kind == "conv2d":
+            if module.get("groups", 1) != 1:
+                raise PlanError(
+                    "peft.target_modules",
+                    module.path,
+                    f"is a grouped Conv2d (groups={module.get('groups')}), which AdaLoRA cannot adapt (as in peft)",
+                    "exclude it (peft.exclude_modules) or use LoRA",
+                )
+            columns *= module.get("kernel_size")[0] * module.get("kernel_size")[1]
         tensors = {
-            "lora_A": (r, module.in_features),
+            "lora_A": (r, columns),
             "lora_B": (module.out_features, r),
             "lora_E": (r, 1),
         }

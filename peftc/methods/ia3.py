@@ -2,9 +2,10 @@
 OUTPUT features, e.g. attention k/v), y = W (x * l) for feed-forward layers (l scales the INPUT
 of the feed-forward down projection).
 
-One vector `ia3_l` per site: shape (out, 1), or (1, in) for feed-forward layers; it starts at
-ones, an exact no-op. Merging scales W's rows (and the bias) or W's columns (transposed for
-GPT-2's Conv1D, which stores W as (in, out)); unmerging divides them back.
+One vector `ia3_l` per site: shape (out, 1), or (1, in) for feed-forward layers, or
+(1, channels, 1, 1[, 1]) for Conv2d/Conv3d; it starts at ones, an exact no-op. Merging scales
+W's rows (and the bias) or W's columns (transposed for GPT-2's Conv1D, which stores W as
+(in, out); repeated per group for grouped convolutions); unmerging divides them back.
 """
 
 from __future__ import annotations
@@ -86,21 +87,39 @@ class IA3Layer(AdapterLayer):
     def _feedforward(self, name: str) -> bool:
         return self.site_options[name]["feedforward"]
 
+    def _activation_factor(self, name: str) -> torch.Tensor:
+        """The vector shaped to broadcast over activations (features last, or channels second)."""
+        vector = self.ia3_l[name]
+        return vector.flatten() if self.kind in ("linear", "conv1d_hf") else vector
+
     def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if not self._feedforward(name):
             return x
-        vector = self.ia3_l[name]
-        return (x.to(vector.dtype) * vector.flatten()).to(x.dtype)
+        factor = self._activation_factor(name)
+        return (x.to(factor.dtype) * factor).to(x.dtype)
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self._feedforward(name):
             return result
-        return (result * self.ia3_l[name].flatten()).to(result.dtype)
+        return (result * self._activation_factor(name)).to(result.dtype)
 
     def _weight_factor(self, name: str) -> torch.Tensor:
-        """The vector shaped to broadcast over the stored weight ((out, in), or (in, out) for Conv1D)."""
+        """The vector shaped to broadcast over the stored weight: (out, in), (in, out) for Conv1D,
+        (out, in / groups, *kernel) for convolutions."""
         vector = self.ia3_l[name].float()
-        return vector.T if self.kind == "conv1d_hf" else vector
+        if self.kind == "conv1d_hf":
+            return vector.T
+        if self.kind == "linear":
+            return vector
+        if not self._feedforward(name):
+            return vector.transpose(0, 1)  # (out, 1, 1, ...): one factor per output channel
+        base = self.base_layer
+        if base.groups == 1:
+            return vector
+        per_group = base.in_channels // base.groups
+        grouped = vector.reshape(base.groups, 1, per_group, *vector.shape[2:])
+        grouped = grouped.expand(base.groups, base.out_channels // base.groups, per_group, *vector.shape[2:])
+        return grouped.reshape(base.out_channels, per_group, *vector.shape[2:])
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight * self._weight_factor(name)
@@ -143,7 +162,7 @@ class IA3(Method):
     peft_type = "IA3"
     schema = IA3Spec
     layer_class = IA3Layer
-    supported_kinds = frozenset({"linear", "conv1d_hf"})
+    supported_kinds = frozenset({"linear", "conv1d_hf", "conv2d", "conv3d"})
     default_targets = IA3_TARGETS
     tensor_prefix = "ia3_"
     wraps_quantized = True  # base(x * l) or base(x) * l; merges scale the weight via merged_weight
@@ -159,7 +178,11 @@ class IA3(Method):
 
     def plan_site(self, spec: IA3Spec, module: ModuleInfo, graph: ModelGraph) -> Site:
         feedforward = is_feedforward(module.path, feedforward_entries(spec, graph.model_type))
-        shape = (1, module.in_features) if feedforward else (module.out_features, 1)
+        if module.kind in ("linear", "conv1d_hf"):
+            shape = (1, module.in_features) if feedforward else (module.out_features, 1)
+        else:
+            channels = module.in_features if feedforward else module.out_features
+            shape = (1, channels) + (1,) * len(module.get("kernel_size"))
         options = {"feedforward": feedforward, "init": spec.init_ia3_weights}
         return Site(
             module.path,

@@ -1,8 +1,10 @@
 """LoHa (LyCORIS): y = W x + dW x, dW = (alpha / r) * (W1a W1b) ⊙ (W2a W2b).
 
 The Hadamard product of two rank-r products reaches rank r^2 with 2 r (in + out) parameters.
-Default init: W1a, W1b, W2a Kaiming-uniform and W2b zero, an exact no-op; init_weights=false
-makes all four random. See `lycoris.py` for dropout and merging.
+For a convolution the products span (in / groups) * kernel columns; with use_effective_conv2d
+each becomes the CP form T_i ×1 W_ia ×2 W_ib (core T_i: r x r x kernel). Default init: W1a,
+W1b, W2a (and the cores) Kaiming-uniform and W2b zero, an exact no-op; init_weights=false makes
+all random. See `lycoris.py` for dropout, convolutions and merging.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from peftc.graph import ModuleInfo
 from peftc.methods import register
-from peftc.methods.lycoris import LycorisLayer, LycorisMethod, LycorisSpec
+from peftc.methods.lycoris import LycorisLayer, LycorisMethod, LycorisSpec, conv_geometry, core_shape, kernel_size
 from peftc.spec import param
 
 
@@ -25,15 +27,20 @@ class LoHaSpec(LycorisSpec):
 
 
 class LoHaLayer(LycorisLayer):
-    adapter_containers = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    adapter_containers = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     def zero_initialised(self, suffix: str, init: Any) -> bool:
         return init is True and suffix == "hada_w2_b"
 
+    def _factor(self, name: str, index: int) -> torch.Tensor:
+        a, b = getattr(self, f"hada_w{index}_a")[name], getattr(self, f"hada_w{index}_b")[name]
+        core = getattr(self, f"hada_t{index}")
+        if name in core:  # CP form: out x in_g x kernel
+            return torch.einsum("i j k l, j r, i p -> p r k l", core[name], b, a)
+        return a @ b
+
     def product(self, name: str) -> torch.Tensor:
-        first = self.hada_w1_a[name] @ self.hada_w1_b[name]
-        second = self.hada_w2_a[name] @ self.hada_w2_b[name]
-        return first * second
+        return self._factor(name, 1) * self._factor(name, 2)
 
 
 @register
@@ -46,8 +53,17 @@ class LoHa(LycorisMethod):
     rank_dropout_scale = True  # peft's LoHa always rescales the kept rows
 
     def site_tensors(self, spec: LoHaSpec, module: ModuleInfo, r: int) -> tuple[dict[str, tuple[int, ...]], dict]:
-        out_f, in_f = module.out_features, module.in_features
-        tensors = {"hada_w1_a": (out_f, r), "hada_w1_b": (r, in_f), "hada_w2_a": (out_f, r), "hada_w2_b": (r, in_f)}
+        out_f = module.out_features
+        in_g, kernel, effective = conv_geometry(spec, module)
+        tensors: dict[str, tuple[int, ...]] = {}
+        for index in (1, 2):
+            if effective:
+                tensors[f"hada_w{index}_a"] = (r, out_f)
+                tensors[f"hada_w{index}_b"] = (r, in_g)
+                tensors[f"hada_t{index}"] = core_shape(r, kernel)
+            else:
+                tensors[f"hada_w{index}_a"] = (out_f, r)
+                tensors[f"hada_w{index}_b"] = (r, in_g * kernel_size(kernel))
         return tensors, {}
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoHaSpec:

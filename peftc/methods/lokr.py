@@ -3,8 +3,10 @@
 With out = a * b and in = c * d (`factorization`: the most balanced divisor pairs, or
 `decompose_factor` when it divides), W1 is (a, c) and W2 is (b, d). W2 is a full matrix when
 r >= max(b, d) / 2, else the rank-r product W2a W2b; W1 is full unless `decompose_both` and
-r < max(a, c) / 2. Default init: W1 (or W1a) zero, an exact no-op; "lycoris": W2 (or W2b)
-zero instead; false: all random. See `lycoris.py` for dropout and merging.
+r < max(a, c) / 2. For a convolution (in = input channels per group) W2 also spans the
+kernel: full (b, d, kernel), the CP form T ×1 W2a ×2 W2b with use_effective_conv2d, or
+W2a W2b over d * kernel columns. Default init: W1 (or W1a) zero, an exact no-op; "lycoris": W2
+(or W2b) zero instead; false: all random. See `lycoris.py` for dropout and merging.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from peftc.errors import ConfigError
 from peftc.graph import ModuleInfo
 from peftc.methods import register
-from peftc.methods.lycoris import LycorisLayer, LycorisMethod, LycorisSpec
+from peftc.methods.lycoris import LycorisLayer, LycorisMethod, LycorisSpec, conv_geometry, core_shape, kernel_size
 from peftc.plan import Plan
 from peftc.spec import RunSpec, param
 
@@ -62,7 +64,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LoKrLayer(LycorisLayer):
-    adapter_containers = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    adapter_containers = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
     def zero_initialised(self, suffix: str, init: Any) -> bool:
         if init is True:
@@ -78,7 +80,18 @@ class LoKrLayer(LycorisLayer):
         return getattr(self, f"{full}_a")[name] @ getattr(self, f"{full}_b")[name]
 
     def product(self, name: str) -> torch.Tensor:
-        return torch.kron(self._factor(name, "lokr_w1"), self._factor(name, "lokr_w2"))
+        first = self._factor(name, "lokr_w1")
+        if name in self.lokr_t2:  # CP form: out_k x in_n x kernel
+            second = torch.einsum(
+                "i j k l, i p, j r -> p r k l", self.lokr_t2[name], self.lokr_w2_a[name], self.lokr_w2_b[name]
+            )
+        else:
+            second = self._factor(name, "lokr_w2")
+        if second.dim() == 4:
+            first = first[:, :, None, None]
+        # kron views its input; the CP einsum's output can carry strides kron cannot view (a
+        # Conv1d core k x 1: peft 0.21 fails there), so hand it a freshly laid-out copy.
+        return torch.kron(first, second.clone(memory_format=torch.contiguous_format))
 
 
 @register
@@ -90,17 +103,20 @@ class LoKr(LycorisMethod):
     tensor_prefix = "lokr_"
 
     def site_tensors(self, spec: LoKrSpec, module: ModuleInfo, r: int) -> tuple[dict[str, tuple[int, ...]], dict]:
+        in_g, kernel, effective = conv_geometry(spec, module)
         out_l, out_k = factorization(module.out_features, spec.decompose_factor)
-        in_m, in_n = factorization(module.in_features, spec.decompose_factor)
+        in_m, in_n = factorization(in_g, spec.decompose_factor)
         tensors: dict[str, tuple[int, ...]] = {}
         if spec.decompose_both and r < max(out_l, in_m) / 2:
             tensors.update(lokr_w1_a=(out_l, r), lokr_w1_b=(r, in_m))
         else:
             tensors["lokr_w1"] = (out_l, in_m)
-        if r < max(out_k, in_n) / 2:
-            tensors.update(lokr_w2_a=(out_k, r), lokr_w2_b=(r, in_n))
+        if r >= max(out_k, in_n) / 2:
+            tensors["lokr_w2"] = (out_k, in_n, *kernel)
+        elif effective:
+            tensors.update(lokr_w2_a=(r, out_k), lokr_w2_b=(r, in_n), lokr_t2=core_shape(r, kernel))
         else:
-            tensors["lokr_w2"] = (out_k, in_n)
+            tensors.update(lokr_w2_a=(out_k, r), lokr_w2_b=(r, in_n * kernel_size(kernel)))
         return tensors, {"kron": [[out_l, out_k], [in_m, in_n]]}
 
     def peft_config(self, spec: LoKrSpec, plan: Plan) -> dict[str, Any]:

@@ -1,6 +1,10 @@
 """What the LyCORIS methods (LoHa, LoKr) share: y = W x + dW x with dW = (alpha / r) * P, where
 P is a method-specific product of small factors (LoHa: a Hadamard product of two low-rank
-products; LoKr: a Kronecker product). The layer materializes dW and applies it with F.linear.
+products; LoKr: a Kronecker product), reshaped to W's shape. The layer materializes dW and
+applies it with F.linear, or F.conv1d/conv2d with the base layer's stride, padding, dilation and
+groups. For convolutions the factors span (in / groups) * kernel columns, or, with
+`use_effective_conv2d` and a kernel larger than 1, a CP form: a small r x r x kernel core
+between an output and an input factor.
 
 Training-only regularisers, as in peft: `module_dropout` skips the whole adapter for a step
 with probability p; `rank_dropout` zeroes each output row of dW with probability p (LoHa
@@ -34,6 +38,8 @@ from peftc.methods.defaults import LORA_TARGETS
 from peftc.plan import Plan, Site
 from peftc.spec import RunSpec, at_least, greater_than, in_range, mapping_of, param
 
+CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d}
+
 
 @dataclass
 class LycorisSpec(LayeredTargetsSpec):
@@ -51,6 +57,9 @@ class LycorisSpec(LayeredTargetsSpec):
         mapping_of(int, "ranks"),
     )
     alpha_pattern: Any = param(None, "Per-module alpha overrides {regex: alpha}.", mapping_of((int, float), "alphas"))
+    use_effective_conv2d: bool = param(
+        False, "Convolutions with a kernel > 1: factor through an r x r x kernel core (CP form, FedPara)."
+    )
 
     init_choices: ClassVar[tuple[Any, ...]] = (True, False)
 
@@ -94,7 +103,7 @@ class LycorisLayer(AdapterLayer):
             getattr(self, suffix)[name] = nn.Parameter(tensor)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return self.product(name) * self.site_options[name]["scaling"]
+        return self.product(name).reshape(self.base_layer.weight.shape) * self.site_options[name]["scaling"]
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         options = self.site_options[name]
@@ -103,7 +112,12 @@ class LycorisLayer(AdapterLayer):
         delta = self.delta_weight(name)
         if self.training and options["rank_dropout"] > 0:
             delta = delta * self._row_mask(options, delta)
-        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+        x = x.to(delta.dtype)
+        if self.kind == "linear":
+            return result + F.linear(x, delta).to(result.dtype)
+        base = self.base_layer
+        update = CONV_FUNCTIONS[self.kind](x, delta, None, base.stride, base.padding, base.dilation, base.groups)
+        return result + update.to(result.dtype)
 
     @staticmethod
     def _row_mask(options: Mapping[str, Any], delta: torch.Tensor) -> torch.Tensor:
@@ -116,7 +130,7 @@ class LycorisLayer(AdapterLayer):
 class LycorisMethod(Method):
     """Planning and files of a LyCORIS method; subclasses give `site_tensors` and their fields."""
 
-    supported_kinds = frozenset({"linear"})
+    supported_kinds = frozenset({"linear", "conv1d", "conv2d"})
     default_targets = LORA_TARGETS  # peft copies LoRA's table for LoHa and LoKr
     rank_dropout_scale: ClassVar[bool] = True
     wraps_quantized = True  # base(x) + F.linear(x, delta); merges add delta_weight
@@ -150,7 +164,7 @@ class LycorisMethod(Method):
             "alpha": number(spec.alpha),
             "rank_dropout": spec.rank_dropout,
             "module_dropout": spec.module_dropout,
-            "use_effective_conv2d": False,  # only shapes Conv layers, which peftc does not adapt with LyCORIS
+            "use_effective_conv2d": spec.use_effective_conv2d,
             "init_weights": spec.init_weights,
             "rank_pattern": dict(spec.rank_pattern or {}),
             "alpha_pattern": {p: number(v) for p, v in (spec.alpha_pattern or {}).items()},
@@ -166,4 +180,24 @@ class LycorisMethod(Method):
             "module_dropout": float(config.get("module_dropout", 0.0) or 0.0),
             "rank_pattern": dict(config.get("rank_pattern") or {}),
             "alpha_pattern": dict(config.get("alpha_pattern") or {}),
+            "use_effective_conv2d": bool(config.get("use_effective_conv2d", False)),
         }
+
+
+def conv_geometry(spec: Any, module: ModuleInfo) -> tuple[int, tuple[int, ...], bool]:
+    """(input channels per group, kernel, whether the CP form applies) of a conv site;
+    (in_features, (), False) for a Linear."""
+    if module.kind == "linear":
+        return module.in_features, (), False
+    kernel = tuple(module.get("kernel_size"))
+    effective = spec.use_effective_conv2d and any(k != 1 for k in kernel)
+    return module.in_features // module.get("groups", 1), kernel, effective
+
+
+def core_shape(r: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+    """The CP core: r x r x kernel (a Conv1d kernel k is stored as k x 1, as peft does)."""
+    return (r, r, *kernel) if len(kernel) == 2 else (r, r, kernel[0], 1)
+
+
+def kernel_size(kernel: tuple[int, ...]) -> int:
+    return math.prod(kernel) if kernel else 1
