@@ -146,6 +146,11 @@ CASES = [
         "tiny_llama",
         ("peft.target_modules=[k_proj,up_proj]", "peft.coft=true", "peft.eps=0.05", "peft.modules_to_save=[lm_head]"),
     ),
+    Case(
+        "oft",
+        "tiny_llama",
+        ("peft.oft_block_size=24", "peft.adjust_block_size=true", "peft.target_modules=[q_proj,down_proj]"),
+    ),
     # AdaLoRA's random init draws A, E, B from N(0, 1): a small lora_alpha keeps the update the
     # size of the base weights (alpha=8 makes it ~300x larger, and logits then differ by ~1e-5
     # from float32 rounding alone).

@@ -84,8 +84,9 @@ def block_layout(spec: OFTSpec, size: int, path: str) -> tuple[int, int]:
     key, wanted = ("peft.oft_block_size", spec.oft_block_size) if spec.r == 0 else ("peft.r", spec.r)
     if size % wanted or wanted > size:
         if not spec.adjust_block_size:
-            lower, higher = nearest_divisor(size, max(1, wanted - 1)), nearest_divisor(size, wanted)
-            options = sorted({lower, higher, nearest_divisor(size, wanted)})
+            below = max(d for d in range(1, min(wanted, size + 1)) if size % d == 0)
+            above = [d for d in range(wanted + 1, size + 1) if size % d == 0][:1]
+            options = [below, *above]
             raise PlanError(
                 key,
                 wanted,

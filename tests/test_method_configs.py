@@ -1,0 +1,90 @@
+"""Config and plan errors of the non-LoRA methods: each names the key to fix, and where peft
+refuses the same thing, peft refuses it too."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import peftc
+from peftc.errors import ConfigError, PlanError
+from tests.helpers import build_base, run_cli
+from tests.test_methods import oracle_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["peft=oft", "peft.r=4"], "peft.r"),  # r and oft_block_size both set
+        (["peft=oft", "peft.oft_block_size=0"], "peft.r"),  # neither set
+        (["peft=oft", "peft.oft_block_size=24"], "peft.oft_block_size"),  # 24 does not divide 64
+        (["peft=oft", "peft.oft_block_size=0", "peft.r=3"], "peft.r"),
+        (
+            ["peft=ia3", "peft.target_modules=[q_proj]", "peft.feedforward_modules=[down_proj]"],
+            "peft.feedforward_modules",
+        ),
+        (["peft=ia3", "peft.feedforward_modules='(down'"], "peft.feedforward_modules"),  # not a regex
+        (["peft=lokr", "peft.decompose_factor=0"], "peft.decompose_factor"),
+        (["peft=lokr", "peft.init_weights=gaussian"], "peft.init_weights"),
+        (["peft=loha", "peft.rank_pattern={q_proj: 0}"], "peft.rank_pattern.q_proj"),
+        (["peft=loha", "peft.alpha_pattern={q_proj: -1}"], "peft.alpha_pattern.q_proj"),
+        (["peft=adalora", "peft.target_modules=[q_proj]", "peft.exclude_modules=[q_prj]"], "peft.exclude_modules"),
+    ],
+)
+def test_config_errors_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        peftc.compile(overrides)
+    assert error.value.key == key
+
+
+def test_an_oft_block_size_that_does_not_divide_a_layer_suggests_divisors() -> None:
+    with pytest.raises(PlanError, match=r"use a divisor of 64 such as 16 or 32, or peft.adjust_block_size=true"):
+        peftc.compile(["peft=oft", "peft.oft_block_size=24"])
+
+
+def test_oft_adjust_block_size_follows_peft_per_layer() -> None:
+    from peft import get_peft_model
+
+    plan = peftc.compile(
+        ["peft=oft", "peft.oft_block_size=24", "peft.target_modules=[q_proj,down_proj]"]
+        + ["peft.adjust_block_size=true"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(build_base(plan), oracle_config(plan, _LM))
+    for site in plan.sites:
+        layer = theirs.base_model.model.get_submodule(site.path)
+        assert (site.options["blocks"], site.options["block_size"]) == (
+            layer.r["default"],
+            layer.oft_block_size["default"],
+        )
+    assert plan.trainable_params == theirs.get_nb_trainable_parameters()[0]
+
+
+class _Lm:
+    conv = False
+
+
+_LM = _Lm()
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "oft"])
+def test_gpt2_conv1d_is_refused_like_peft(method: str) -> None:
+    """GPT-2's attention is transformers' Conv1D, which peft's LoHa/LoKr/OFT cannot wrap."""
+    from peft import get_peft_config, get_peft_model
+
+    with pytest.raises(PlanError, match="cannot adapt") as error:
+        peftc.compile([f"peft={method}", "model=tiny_gpt2"])
+    assert error.value.key == "peft.target_modules"
+    plan = peftc.compile([f"peft={method}", "model=tiny_gpt2", "peft.target_modules=[lm_head]"])
+    config = {**peftc.io.adapter_config(plan), "inference_mode": False, "target_modules": ["c_attn"]}
+    with pytest.raises((TypeError, ValueError)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(build_base(plan), get_peft_config(config))
+
+
+def test_the_cli_refuses_adalora_without_a_step_count(tmp_path) -> None:
+    result = run_cli(["peft=adalora", "trainer.max_steps=-1", "trainer.max_epochs=1", "dry_run=true"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "trainer.max_steps" in result.stderr and "Traceback" not in result.stderr
