@@ -1,13 +1,14 @@
 """Planning and injection time for 7B- and 70B-shaped Llama configs on the meta device,
 against peft.get_peft_model on the same meta models, in one run.
 
-    python experiments/bench_plan.py [--repeats 5] [--targets all-linear q_proj,v_proj]
+    python experiments/bench_plan.py [--repeats 5] [--targets all-linear q_proj,v_proj] [--methods lora ia3 ...]
 
 "compose" = Hydra composition + spec checks; "plan" = build the model graph on the meta device +
 resolve targets + count + estimate (the meta-graph cache is cleared before every repeat, so each
 run pays for building the model); "inject" = materialize the plan onto a meta model (no
-weights); "total" = all three. peft = build the same meta model + get_peft_model.
-Medians over repeats, after one warm-up.
+weights); "total" = all three. peft = build the same meta model + get_peft_model, with the
+config peft builds from peftc's adapter_config.json. Medians over repeats, after one warm-up.
+`--rank` sets each method's size knob (`RANK_FIELDS`); OFT keeps its default block size 32.
 """
 
 from __future__ import annotations
@@ -44,16 +45,24 @@ SHAPES = {
 }
 
 
-def overrides_for(shape: dict[str, int], targets: str, rank: int) -> list[str]:
+# The fields each method sizes its adapter with, set to --rank (AdaLoRA: init_r, target_r = half).
+RANK_FIELDS = {
+    "lora": ("r", "lora_alpha"),
+    "adalora": ("init_r", "lora_alpha"),
+    "loha": ("r", "alpha"),
+    "lokr": ("r", "alpha"),
+    "oft": (),
+    "ia3": (),
+}
+
+
+def overrides_for(shape: dict[str, int], targets: str, rank: int, method: str = "lora") -> list[str]:
     config = "{" + ", ".join(f"{k}: {v}" for k, v in shape.items()) + ", tie_word_embeddings: false}"
     target = "all-linear" if targets == "all-linear" else "[" + targets + "]"
-    return [
-        f"model.config={config}",
-        f"peft.target_modules={target}",
-        f"peft.r={rank}",
-        f"peft.lora_alpha={rank}",
-        "model.name=bench",
-    ]
+    sizes = [f"peft.{field}={rank}" for field in RANK_FIELDS[method]]
+    if method == "adalora":
+        sizes.append(f"peft.target_r={rank // 2}")
+    return [f"peft={method}", f"model.config={config}", f"peft.target_modules={target}", *sizes, "model.name=bench"]
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -66,19 +75,19 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: int) -> str:
+def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: int, method: str = "lora") -> str:
     """One table row: peftc compose/plan/inject vs peft's get_peft_model for one shape and target set."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_config, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import peftc
-    from peftc import graph, planner
+    from peftc import graph, io, planner
     from peftc.compose import compose
     from peftc.spec import to_spec
 
     hf_config = AutoConfig.for_model("llama", **shape, tie_word_embeddings=False)
-    overrides = overrides_for(shape, targets, rank)
+    overrides = overrides_for(shape, targets, rank, method)
     compose_s, run = timed(lambda: to_spec(compose(overrides)), repeats)
 
     def plan_once() -> object:
@@ -91,19 +100,18 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
     copy_s, _ = timed(lambda: copy.deepcopy(meta_model), repeats)
     inject_s, ours = timed(lambda: peftc.materialize(plan, base_model=copy.deepcopy(meta_model)), repeats)
     inject_s -= copy_s  # the deepcopy only gives each repeat a fresh model
-    peft_targets = "all-linear" if targets == "all-linear" else targets.split(",")
+    peft_config = {**io.adapter_config(plan), "inference_mode": False}
 
     def peft_once() -> object:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
-        return get_peft_model(
-            model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=rank, target_modules=peft_targets)
-        )
+        return get_peft_model(model, get_peft_config(dict(peft_config)))
 
     peft_s, theirs = timed(peft_once, repeats)
-    assert plan.trainable_params == ours.trainable_parameters() == theirs.get_nb_trainable_parameters()[0]
+    peft_trainable = theirs.get_nb_trainable_parameters()[0]
+    assert plan.trainable_params == ours.trainable_parameters() == peft_trainable
     total = compose_s + graph_s + inject_s
-    return f"{name:<5} {targets:<14} {len(plan.sites):>5} {plan.trainable_params:>12,} {compose_s:>10.3f} {graph_s:>7.3f} {inject_s:>9.3f} {total:>8.3f} {peft_s:>7.3f} {total / peft_s:>6.2f}"
+    return f"{method:<7} {name:<5} {targets:<14} {len(plan.sites):>5} {plan.trainable_params:>12,} {peft_trainable:>12,} {compose_s:>10.3f} {graph_s:>7.3f} {inject_s:>9.3f} {total:>8.3f} {peft_s:>7.3f} {total / peft_s:>6.2f}"
 
 
 def main() -> None:
@@ -111,17 +119,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", nargs="+", default=["all-linear", "q_proj,v_proj"])
+    parser.add_argument("--methods", nargs="+", default=["lora"], choices=sorted(RANK_FIELDS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
 
     import torch
 
     print(f"torch threads {torch.get_num_threads()}, repeats {args.repeats}, rank {args.rank}")
     print(
-        f"{'shape':<5} {'targets':<14} {'sites':>5} {'trainable':>12} {'compose s':>10} {'plan s':>7} {'inject s':>9} {'total s':>8} {'peft s':>7} {'ratio':>6}"
+        f"{'method':<7} {'shape':<5} {'targets':<14} {'sites':>5} {'trainable':>12} {'peft':>12} {'compose s':>10} {'plan s':>7} {'inject s':>9} {'total s':>8} {'peft s':>7} {'ratio':>6}",
+        flush=True,
     )
-    for name, shape in SHAPES.items():
-        for targets in args.targets:
-            print(measure(name, shape, targets, args.repeats, args.rank))
+    for method in args.methods:
+        for name in args.shapes:
+            for targets in args.targets:
+                print(measure(name, SHAPES[name], targets, args.repeats, args.rank, method), flush=True)
 
 
 if __name__ == "__main__":

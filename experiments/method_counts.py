@@ -1,0 +1,163 @@
+"""IA3, LoHa, LoKr, OFT and AdaLoRA beside peft: trainable-parameter counts, and merge -> unmerge.
+
+    python experiments/method_counts.py [--skip-7b] [--size 4096]
+
+Table 1: for each method and option set, the plan's trainable count, the count materialization
+creates, and peft's count for the same config (peft's config is built by peft from OUR
+adapter_config.json); tiny models with weights, the conv test model, a 7B-shaped Llama on the
+meta device. Table 2: max |W - W'| after merge -> unmerge of one size x size layer
+(W ~ N(0, 0.02)) holding a trained-like adapter (peft's random init), peftc vs peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SEVEN_B = (
+    "model.config={hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32,"
+    " num_key_value_heads: 32, vocab_size: 32000, max_position_embeddings: 4096, tie_word_embeddings: false}"
+)
+VARIANTS = [
+    ("ia3", "tiny_llama", []),
+    ("ia3", "tiny_gpt2", []),
+    ("ia3", "tiny_llama", ["peft.target_modules=all-linear", "peft.feedforward_modules=[down_proj,up_proj]"]),
+    ("ia3", "conv", {"target_modules": ["conv", "grouped"], "feedforward_modules": ["grouped"]}),
+    ("loha", "tiny_llama", []),
+    ("loha", "tiny_llama", ["peft.target_modules=all-linear", "peft.r=4", "peft.rank_pattern={down_proj: 2}"]),
+    ("loha", "conv", {"target_modules": ["conv", "seq", "head"], "r": 2}),
+    ("loha", "conv", {"target_modules": ["conv", "seq"], "r": 2, "use_effective_conv2d": True}),
+    ("lokr", "tiny_llama", []),
+    ("lokr", "tiny_llama", ["peft.target_modules=all-linear", "peft.r=2", "peft.decompose_both=true"]),
+    ("lokr", "tiny_llama", ["peft.decompose_factor=4", "peft.r=1"]),
+    ("lokr", "conv", {"target_modules": ["conv", "pointwise", "grouped"], "r": 1, "use_effective_conv2d": True}),
+    ("oft", "tiny_llama", []),
+    ("oft", "tiny_llama", ["peft.oft_block_size=0", "peft.r=8", "peft.target_modules=all-linear"]),
+    ("oft", "tiny_llama", ["peft.block_share=true", "peft.oft_block_size=16"]),
+    ("oft", "tiny_llama", ["peft.oft_block_size=24", "peft.adjust_block_size=true", "peft.target_modules=all-linear"]),
+    ("adalora", "tiny_llama", []),
+    ("adalora", "tiny_gpt2", ["peft.init_r=6", "peft.target_r=2"]),
+    ("adalora", "conv", {"target_modules": ["conv", "pointwise", "head"], "init_r": 4, "target_r": 2}),
+]
+VARIANTS_7B = [
+    ("ia3", ["peft.target_modules=all-linear", "peft.feedforward_modules=[down_proj]"]),
+    ("loha", ["peft.r=16", "peft.alpha=16"]),
+    ("lokr", ["peft.r=16", "peft.alpha=16", "peft.target_modules=all-linear"]),
+    ("oft", ["peft.target_modules=all-linear"]),
+    ("adalora", ["peft.init_r=16", "peft.target_r=8", "peft.target_modules=all-linear"]),
+]
+
+
+def count_row(method: str, model: str, overrides: list[str] | dict) -> str:
+    import torch
+    from peft import get_peft_config, get_peft_model
+
+    import peftc
+    from peftc import io, methods
+    from tests.conv_model import TinyConvNet, plan_for
+    from tests.helpers import build_base
+
+    if model == "conv":
+        plan, base = plan_for(TinyConvNet(), methods.get(method).schema(**overrides)), TinyConvNet()
+    elif model == "7B":
+        plan = peftc.compile([f"peft={method}", "model=tiny_llama", "model.name=llama-7b-shape", SEVEN_B, *overrides])
+        with torch.device("meta"):
+            base = build_base_meta(plan)
+    else:
+        plan = peftc.compile([f"peft={method}", f"model={model}", *overrides])
+        base = build_base(plan)
+    config = {**io.adapter_config(plan), "inference_mode": False}
+    if model == "conv":
+        config["task_type"] = None
+    theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
+    ours = peftc.materialize(plan, base_model=base)
+    peft_count = theirs.get_nb_trainable_parameters()[0]
+    same = "yes" if plan.trainable_params == ours.trainable_parameters() == peft_count else "NO"
+    shown = " ".join(overrides) if isinstance(overrides, list) else ", ".join(f"{k}={v}" for k, v in overrides.items())
+    return f"| {method} | {model} | `{shown}` | {len(plan.sites)} | {plan.trainable_params:,} | {ours.trainable_parameters():,} | {peft_count:,} | {same} |"
+
+
+def build_base_meta(plan: object) -> object:
+    from transformers import AutoModelForCausalLM
+
+    from peftc.loading import hf_config
+
+    return AutoModelForCausalLM.from_config(hf_config(plan.spec.model))
+
+
+ROUND_TRIP = {  # method -> spec fields with a non-identity init
+    "ia3": {"init_ia3_weights": False, "feedforward_modules": []},
+    "loha": {"init_weights": False, "r": 8},
+    "lokr": {"init_weights": False, "r": 8},
+    "oft": {"init_weights": False},
+    "adalora": {"init_lora_weights": False, "init_r": 8, "target_r": 4, "lora_alpha": 0.01},
+}
+
+
+def round_trip_row(method: str, dtype_name: str, size: int) -> str:
+    """Max |W - W'| after merge -> unmerge, peftc vs peft, on one size x size layer."""
+    import torch
+    from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
+    from torch import nn
+
+    import peftc
+    from peftc import io, methods
+    from peftc.adapters import fill
+    from tests.conv_model import plan_for
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(size, size, bias=False))
+    with torch.no_grad():
+        base.lin.weight.normal_(0, 0.02)
+    base = base.to(dtype)
+    original = base.lin.weight.detach().clone()
+    plan = plan_for(base, methods.get(method).schema(target_modules=["lin"], **ROUND_TRIP[method]))
+    config = {**io.adapter_config(plan), "inference_mode": False, "task_type": None}
+    theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
+    ours = peftc.materialize(plan, base_model=base)
+    fill(ours, "default", get_peft_model_state_dict(theirs))  # the same adapter numbers in both
+    errors = []
+    for model, weight in (
+        (ours, lambda: ours.base_model.lin.weight),
+        (theirs, lambda: theirs.base_model.model.lin.base_layer.weight),
+    ):
+        model.merge_adapter()
+        model.unmerge_adapter()
+        errors.append((weight().float() - original.float()).abs().max().item())
+    return f"| {method} | {dtype_name} | {size}x{size} | {errors[0]:.2e} | {errors[1]:.2e} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--size", type=int, default=4096)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    print("| method | model | options | sites | plan trainable | materialized | peft trainable | equal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, model, overrides in VARIANTS:
+        print(count_row(method, model, overrides), flush=True)
+    if not args.skip_7b:
+        for method, overrides in VARIANTS_7B:
+            print(count_row(method, "7B", overrides), flush=True)
+    print("\n| method | dtype | layer | peftc max abs error | peft max abs error |")
+    print("|---|---|---|---|---|")
+    for method in ROUND_TRIP:
+        for dtype_name in ("float32", "bfloat16"):
+            print(round_trip_row(method, dtype_name, args.size), flush=True)
+
+
+if __name__ == "__main__":
+    main()
