@@ -17,11 +17,14 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's peftc, not an installed one
 
 SHAPES = {
     "7B": {
@@ -108,10 +111,16 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
         return get_peft_model(model, get_peft_config(dict(peft_config)))
 
     peft_s, theirs = timed(peft_once, repeats)
-    peft_trainable = theirs.get_nb_trainable_parameters()[0]
+    # peft leaves AdaLoRA's frozen `ranknum` (one value per site) trainable on the meta device
+    peft_trainable = theirs.get_nb_trainable_parameters()[0] - peft_meta_ranknum(theirs)
     assert plan.trainable_params == ours.trainable_parameters() == peft_trainable
     total = compose_s + graph_s + inject_s
     return f"{method:<7} {name:<5} {targets:<14} {len(plan.sites):>5} {plan.trainable_params:>12,} {peft_trainable:>12,} {compose_s:>10.3f} {graph_s:>7.3f} {inject_s:>9.3f} {total:>8.3f} {peft_s:>7.3f} {total / peft_s:>6.2f}"
+
+
+def peft_meta_ranknum(model: object) -> int:
+    """AdaLoRA ranknum values peft marks trainable (only happens on the meta device)."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".ranknum." in n and p.requires_grad)
 
 
 def main() -> None:

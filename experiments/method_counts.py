@@ -80,9 +80,12 @@ def count_row(method: str, model: str, overrides: list[str] | dict) -> str:
     theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
     ours = peftc.materialize(plan, base_model=base)
     peft_count = theirs.get_nb_trainable_parameters()[0]
-    same = "yes" if plan.trainable_params == ours.trainable_parameters() == peft_count else "NO"
+    # peft leaves AdaLoRA's frozen `ranknum` (one value per site) trainable on the meta device
+    quirk = sum(p.numel() for n, p in theirs.named_parameters() if ".ranknum." in n and p.requires_grad)
+    same = "yes" if plan.trainable_params == ours.trainable_parameters() == peft_count - quirk else "NO"
+    shown_peft = f"{peft_count:,}" + (f" ({peft_count - quirk:,} without ranknum)" if quirk else "")
     shown = " ".join(overrides) if isinstance(overrides, list) else ", ".join(f"{k}={v}" for k, v in overrides.items())
-    return f"| {method} | {model} | `{shown}` | {len(plan.sites)} | {plan.trainable_params:,} | {ours.trainable_parameters():,} | {peft_count:,} | {same} |"
+    return f"| {method} | {model} | `{shown}` | {len(plan.sites)} | {plan.trainable_params:,} | {ours.trainable_parameters():,} | {shown_peft} | {same} |"
 
 
 def build_base_meta(plan: object) -> object:
@@ -93,16 +96,17 @@ def build_base_meta(plan: object) -> object:
     return AutoModelForCausalLM.from_config(hf_config(plan.spec.model))
 
 
-ROUND_TRIP = {  # method -> spec fields with a non-identity init
-    "ia3": {"init_ia3_weights": False, "feedforward_modules": []},
-    "loha": {"init_weights": False, "r": 8},
-    "lokr": {"init_weights": False, "r": 8},
-    "oft": {"init_weights": False},
-    "adalora": {"init_lora_weights": False, "init_r": 8, "target_r": 4, "lora_alpha": 0.01},
+ROUND_TRIP = {  # label -> (method, spec fields with a non-identity init, factor on peft's random adapter)
+    "ia3": ("ia3", {"init_ia3_weights": False, "feedforward_modules": []}, 1.0),
+    "loha": ("loha", {"init_weights": False, "r": 8}, 1.0),
+    "lokr": ("lokr", {"init_weights": False, "r": 8}, 1.0),
+    "oft": ("oft", {"init_weights": False}, 1.0),  # Q ~ N(0, 0.1): far from orthogonal
+    "oft, Q x 0.1": ("oft", {"init_weights": False}, 0.1),  # Q ~ N(0, 0.01): trained-like
+    "adalora": ("adalora", {"init_lora_weights": False, "init_r": 8, "target_r": 4, "lora_alpha": 0.01}, 1.0),
 }
 
 
-def round_trip_row(method: str, dtype_name: str, size: int) -> str:
+def round_trip_row(label: str, dtype_name: str, size: int) -> str:
     """Max |W - W'| after merge -> unmerge, peftc vs peft, on one size x size layer."""
     import torch
     from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
@@ -121,9 +125,14 @@ def round_trip_row(method: str, dtype_name: str, size: int) -> str:
         base.lin.weight.normal_(0, 0.02)
     base = base.to(dtype)
     original = base.lin.weight.detach().clone()
-    plan = plan_for(base, methods.get(method).schema(target_modules=["lin"], **ROUND_TRIP[method]))
+    method, fields, factor = ROUND_TRIP[label]
+    plan = plan_for(base, methods.get(method).schema(target_modules=["lin"], **fields))
     config = {**io.adapter_config(plan), "inference_mode": False, "task_type": None}
     theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
+    with torch.no_grad():
+        for _, param in theirs.named_parameters():
+            if param.requires_grad:
+                param.mul_(factor)
     ours = peftc.materialize(plan, base_model=base)
     fill(ours, "default", get_peft_model_state_dict(theirs))  # the same adapter numbers in both
     errors = []
@@ -134,7 +143,7 @@ def round_trip_row(method: str, dtype_name: str, size: int) -> str:
         model.merge_adapter()
         model.unmerge_adapter()
         errors.append((weight().float() - original.float()).abs().max().item())
-    return f"| {method} | {dtype_name} | {size}x{size} | {errors[0]:.2e} | {errors[1]:.2e} |"
+    return f"| {label} | {dtype_name} | {size}x{size} | {errors[0]:.2e} | {errors[1]:.2e} |"
 
 
 def main() -> None:
@@ -154,9 +163,9 @@ def main() -> None:
             print(count_row(method, "7B", overrides), flush=True)
     print("\n| method | dtype | layer | peftc max abs error | peft max abs error |")
     print("|---|---|---|---|---|")
-    for method in ROUND_TRIP:
+    for label in ROUND_TRIP:
         for dtype_name in ("float32", "bfloat16"):
-            print(round_trip_row(method, dtype_name, args.size), flush=True)
+            print(round_trip_row(label, dtype_name, args.size), flush=True)
 
 
 if __name__ == "__main__":
