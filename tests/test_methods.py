@@ -388,3 +388,26 @@ def test_safe_merge_refuses_a_broken_adapter_and_keeps_weights_bit_identical(met
 def test_every_method_with_a_non_identity_init_has_a_case() -> None:
     covered = {case.method for case in CASES}
     assert set(weight_methods()) <= covered <= set(RANDOM_INIT)
+
+
+@pytest.mark.parametrize("method", weight_methods())
+def test_two_active_adapters_stack_like_peft(method: str) -> None:
+    """A second adapter of the same method: alone and stacked with the first, as in peft."""
+    from peft import get_peft_model_state_dict
+
+    small = ("peft.lora_alpha=0.01",) if method == "adalora" else ()
+    pair = paired(Case(method, "tiny_llama", small))
+    other = Case(method, "tiny_llama", ("peft.target_modules=[v_proj,o_proj]", *small)).compile()
+    config = oracle_config(other, CASES[0])
+    config.inference_mode = method == "adalora"  # peft trains one AdaLoRA adapter at a time
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pair.theirs.add_adapter("other", config)
+    pair.ours.add_adapter("other", other)
+    fill(pair.ours, "other", get_peft_model_state_dict(pair.theirs, adapter_name="other"))
+    for active in (["other"], ["default", "other"]):
+        pair.theirs.base_model.set_adapter(active)
+        pair.ours.set_adapter(active)
+        assert max_diff(logits(pair.ours), logits(pair.theirs)) <= 1e-5, active
+    assert max_diff(logits(pair.ours), logits(build_base(pair.plan))) > 1e-4
