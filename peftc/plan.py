@@ -19,7 +19,18 @@ from peftc.spec import RunSpec, plain
 
 PLAN_FORMAT = 1
 # Run-level switches that do not change what is trained.
-_RUN_ONLY_KEYS = ("dry_run", "output_dir", "explain", "budget", "resume", "action", "adapter", "input", "input_file", "predict_samples")
+_RUN_ONLY_KEYS = (
+    "dry_run",
+    "output_dir",
+    "explain",
+    "budget",
+    "resume",
+    "action",
+    "adapter",
+    "input",
+    "input_file",
+    "predict_samples",
+)
 
 
 def numel(shape: tuple[int, ...]) -> int:

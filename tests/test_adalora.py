@@ -81,7 +81,7 @@ def test_lightning_fit_prunes_ranks_and_the_saved_rank_pattern_loads_in_peft(tmp
     from peft import PeftModel
 
     from peftc.loading import load_tokenizer
-    from peftc.training import fit
+    from peftc.training import dataloaders, fit
 
     plan = peftc.compile(
         ["peft=adalora", *SCHEDULE[:-2], "trainer.max_steps=8", "trainer.logger=none"]
@@ -89,7 +89,7 @@ def test_lightning_fit_prunes_ranks_and_the_saved_rank_pattern_loads_in_peft(tmp
     )
     torch.manual_seed(0)
     model = peftc.materialize(plan)
-    fit(model, plan, tmp_path / "run", load_tokenizer(plan.spec.model))
+    fit(model, plan, tmp_path / "run", dataloaders(plan, load_tokenizer(plan.spec.model)))
     trained = model.plan_of("default")
     pattern = trained.spec.peft.rank_pattern
     assert pattern is not None and set(pattern) == {f"{s.path}.lora_E" for s in plan.sites}

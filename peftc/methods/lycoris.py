@@ -103,7 +103,10 @@ class LycorisLayer(AdapterLayer):
             getattr(self, suffix)[name] = nn.Parameter(tensor)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return self.product(name).reshape(self.base_layer.weight.shape) * self.site_options[name]["scaling"]
+        product = self.product(name)
+        if self.kind != "linear":  # conv factors span (in / groups) * kernel columns
+            product = product.reshape(self.base_layer.weight.shape)  # (a quantized Linear's is packed)
+        return product * self.site_options[name]["scaling"]
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         options = self.site_options[name]
