@@ -15,7 +15,9 @@ inputs/outputs, the attention inputs and output (the fused CPU/GPU attention ker
 q, k, v, the output and a log-sum-exp, not the score matrix), the MLP's gate/up/activation
 outputs, and each adapted site's input copy when its dropout is on (or when the base dtype is
 not fp32: adapters compute in fp32). The logits and their log-softmax (and the logits' gradient
-at the start of backward) are batch x sequence x vocab in fp32. With gradient checkpointing
+at the start of backward) are batch x sequence x vocab in fp32, except for tasks whose loss
+walks the hidden states in chunks (causal LM, tasks/lm_loss.py): there one chunk's logits and
+softmax exist at a time. With gradient checkpointing
 only each block's input is kept, plus one block's activations while it is recomputed.
 Sharding strategies divide what they shard by the number of processes. Validated against
 measured peak RSS in experiments/RESULTS.md.
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 FP32 = 4
 ADAMW_MOMENTS = 2
 LOGIT_COPIES = 3  # logits, their log-softmax (saved), the logits' gradient at backward start
+CHUNK_COPIES = 2  # a chunked loss: one chunk's logits and its softmax (the gradient in place)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GIB = 1024**3
 
@@ -83,7 +86,7 @@ def estimate(
         blocks = batch * token_layers * per_token_block
     # Vocabulary logits only with a language-model head (a classifier's logits are tiny).
     vocab = (facts.vocab_size or 0) if graph.output_embedding is not None else 0
-    logits = batch * out_len * vocab * FP32 * LOGIT_COPIES
+    logits = _logit_bytes(run, batch * out_len, vocab)
     prefix_kv = batch * prefix * layers * 2 * kv_width * act_bytes
     notes = ["per device; activations assume fused attention kernels (the math path also stores batch x heads x seq^2)"]
     if run.trainer.gradient_checkpointing:
@@ -100,6 +103,16 @@ def estimate(
         parts = {k: (v + world - 1) // world if k in sharded else v for k, v in parts.items()}
         notes.append(f"{run.trainer.strategy}: {', '.join(sharded)} divided over {world} processes")
     return MemoryEstimate(**parts, activations=blocks + logits, prefix_kv=prefix_kv, notes=tuple(notes))
+
+
+def _logit_bytes(run: RunSpec, positions: int, vocab: int) -> int:
+    from peftc import tasks
+    from peftc.tasks.lm_loss import CHUNK_ELEMENTS
+
+    if vocab and tasks.for_spec(run.task).loss_in_chunks:
+        rows = min(positions, max(1, CHUNK_ELEMENTS // vocab))
+        return rows * vocab * FP32 * CHUNK_COPIES
+    return positions * vocab * FP32 * LOGIT_COPIES
 
 
 def _per_token_block_bytes(graph: ModelGraph, act_bytes: int, seq_kv_ratio: float = 1.0) -> int:

@@ -33,6 +33,7 @@ class Task:
     primary_metric: ClassVar[str] = "val_loss"
     fields: ClassVar[tuple[str, ...]] = ()  # what a data row carries (data.columns maps file columns to these)
     input_fields: ClassVar[tuple[str, ...]] = ()  # what prediction needs (the rest are targets)
+    loss_in_chunks: ClassVar[bool] = False  # the loss never holds all logits at once (the memory estimate)
 
     def config_overrides(self, spec: Any) -> dict[str, Any]:
         """transformers config fields this task needs (e.g. num_labels for a classifier)."""

@@ -37,6 +37,7 @@ class CausalLm(Task):
     auto_class_name = "AutoModelForCausalLM"
     needs_encoder_decoder = False
     primary_metric = "val_perplexity"
+    loss_in_chunks = True  # next_token_loss (lm_loss.py)
     fields = ("text",)
     input_fields = ("text",)
 
