@@ -69,8 +69,9 @@ class Task:
         raise NotImplementedError
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
-        """The loss to minimise; `spec` is this task's settings (None: the schema's defaults)."""
-        raise NotImplementedError
+        """The loss to minimise; `spec` is this task's settings (None: the schema's defaults).
+        By default the model's own loss for its head (transformers computes it from `labels`)."""
+        return model(**batch).loss
 
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None

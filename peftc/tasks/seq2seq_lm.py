@@ -57,9 +57,6 @@ class Seq2SeqLm(Task):
             batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX).contiguous()
         return batch
 
-    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
-        return model(**batch).loss
-
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:

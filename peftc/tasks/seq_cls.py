@@ -34,6 +34,23 @@ from peftc.tasks.common import (
 HEADS = ("classifier", "score")
 
 
+class LabelledTask(Task):
+    """What the classification tasks share: a `labels` setting that sizes the head (written into
+    the model config), read back from a saved head's rows, and accuracy / macro-F1 over it."""
+
+    head_modules = HEADS
+
+    def config_overrides(self, spec: Any) -> dict[str, Any]:
+        return label_config(spec.labels)
+
+    def spec_from_saved(self, spec: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+        count = head_rows(tensors, HEADS)
+        return spec if count is None else spec.replace(labels=labels_for_count(spec.labels, count))
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        return classification_metrics(totals, sum(1 for key in totals if key.startswith("tp_")))
+
+
 @dataclass
 class SeqClsSpec(SpecNode):
     labels: list[str] = param(
@@ -46,22 +63,14 @@ class SeqClsSpec(SpecNode):
 
 
 @register
-class SeqCls(Task):
+class SeqCls(LabelledTask):
     name = "seq_cls"
     task_type = "SEQ_CLS"
     schema = SeqClsSpec
     auto_class_name = "AutoModelForSequenceClassification"
-    head_modules = HEADS
     primary_metric = "val_accuracy"
     fields = ("text", "label")
     input_fields = ("text",)
-
-    def config_overrides(self, spec: SeqClsSpec) -> dict[str, Any]:
-        return label_config(spec.labels)
-
-    def spec_from_saved(self, spec: SeqClsSpec, tensors: Mapping[str, torch.Tensor]) -> SeqClsSpec:
-        count = head_rows(tensors, HEADS)
-        return spec if count is None else spec.replace(labels=labels_for_count(spec.labels, count))
 
     def check_row(self, row: Mapping[str, Any], spec: SeqClsSpec) -> str | None:
         return label_problem(row["label"], spec.labels, "task.labels")
@@ -83,18 +92,11 @@ class SeqCls(Task):
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return batch
 
-    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
-        return model(**batch).loss
-
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return classification_stats(logits.argmax(-1), batch["labels"], logits.shape[-1])
-
-    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
-        num_labels = sum(1 for key in totals if key.startswith("tp_"))
-        return classification_metrics(totals, num_labels)
 
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:

@@ -19,24 +19,20 @@ import torch
 from peftc.errors import ConfigError
 from peftc.spec import RunSpec, SpecNode, param
 from peftc.tasks import register
-from peftc.tasks.base import Task
 from peftc.tasks.common import (
     IGNORE_INDEX,
     batches,
     check_labels,
-    classification_metrics,
     classification_stats,
     encoded_batch,
-    label_config,
     label_index,
     label_problem,
-    labels_for_count,
     pad,
     to_device,
     token_fields,
     tokenize,
 )
-from peftc.tasks.seq_cls import HEADS, head_rows
+from peftc.tasks.seq_cls import LabelledTask
 
 
 @dataclass
@@ -55,22 +51,14 @@ def words(value: Any) -> list[str]:
 
 
 @register
-class TokenCls(Task):
+class TokenCls(LabelledTask):
     name = "token_cls"
     task_type = "TOKEN_CLS"
     schema = TokenClsSpec
     auto_class_name = "AutoModelForTokenClassification"
-    head_modules = HEADS
     primary_metric = "val_macro_f1"
     fields = ("tokens", "tags")
     input_fields = ("tokens",)
-
-    def config_overrides(self, spec: TokenClsSpec) -> dict[str, Any]:
-        return label_config(spec.labels)
-
-    def spec_from_saved(self, spec: TokenClsSpec, tensors: Mapping[str, torch.Tensor]) -> TokenClsSpec:
-        count = head_rows(tensors, HEADS)
-        return spec if count is None else spec.replace(labels=labels_for_count(spec.labels, count))
 
     def check_row(self, row: Mapping[str, Any], spec: TokenClsSpec) -> str | None:
         tokens, tags = words(row["tokens"]), words(row["tags"])
@@ -110,17 +98,11 @@ class TokenCls(Task):
             batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX, pad_to)
         return batch
 
-    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
-        return model(**batch).loss
-
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return classification_stats(logits.argmax(-1).flatten(), batch["labels"].flatten(), logits.shape[-1])
-
-    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
-        return classification_metrics(totals, sum(1 for key in totals if key.startswith("tp_")))
 
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
