@@ -24,9 +24,10 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -53,8 +54,12 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 def _swap_into_place(staging: Path, target: Path) -> None:
     if not target.exists():
-        os.rename(staging, target)
-        return
+        try:
+            os.rename(staging, target)
+            return
+        except OSError as exc:  # another writer created the target meanwhile: swap with it
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     if exchange(staging, target):
         return
     backup = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -125,13 +130,16 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never half."""
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write one file so that readers see the old or the new content, never half: `write` fills
+    a temp file beside the target, which is fsynced and renamed over it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; these are ordinary files
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -139,6 +147,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_file_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def fsync(path: Path) -> None:

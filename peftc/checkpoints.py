@@ -18,10 +18,8 @@ and optimizer state an uninterrupted run would have had.
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, DistributedSampler
 
-from peftc.atomic import fsync
+from peftc.atomic import write_file_atomic
 from peftc.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -45,26 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and moves without fsync; Lightning#19970, #21253)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync(path.parent)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+        write_file_atomic(Path(path), lambda fh: torch.save(checkpoint, fh))
 
 
 class StepCheckpoint(Callback):

@@ -346,3 +346,20 @@ def test_a_writer_killed_mid_save_loses_nothing(saved, tmp_path: Path, mode: str
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     model.save_adapter(out / "adapter")
     assert_previous_adapter_intact(base, out / "adapter", expected)
+
+
+def test_atomic_single_file_writes_respect_the_umask(tmp_path: Path) -> None:
+    """Temp files start as 0600; the written plan/metrics/checkpoint must be ordinary files."""
+    import os
+
+    from peftc.atomic import write_file_atomic, write_text_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "plan.json", "{}\n")
+        write_file_atomic(tmp_path / "sub" / "last.ckpt", lambda fh: fh.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "plan.json").read_text() == "{}\n"
+    assert [(p.stat().st_mode & 0o777) for p in (tmp_path / "plan.json", tmp_path / "sub" / "last.ckpt")] == [0o644] * 2
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["last.ckpt", "plan.json", "sub"]
