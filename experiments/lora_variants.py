@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from method_counts import count_row, linear_base, round_trip_errors  # noqa: E402 (shared with the other methods)
+
 VARIANTS = [
     ("lora", "tiny_llama", []),
     ("dora", "tiny_llama", ["peft.use_dora=true"]),
@@ -44,70 +46,21 @@ VARIANTS = [
     ("lora_bias + bias=all", "conv", {"target_modules": ["conv", "seq"], "lora_bias": True, "bias": "all"}),
     ("grouped conv", "conv", {"target_modules": ["grouped"], "r": 4}),
 ]
-SEVEN_B = (
-    "model.config={hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32,"
-    " num_key_value_heads: 32, vocab_size: 32000, max_position_embeddings: 4096, tie_word_embeddings: false}"
-)
 VARIANTS_7B = [
     ("dora r=16 all-linear", ["peft.use_dora=true", "peft.target_modules=all-linear", "peft.r=16"]),
     ("dora r=16 q,v + rank_pattern", ["peft.use_dora=true", "peft.r=16", "peft.rank_pattern={v_proj: 8}"]),
 ]
 
 
-def count_row(label: str, model: str, overrides: list[str] | dict) -> str:
-    import torch
-    from peft import get_peft_config, get_peft_model
-
-    import peftc
-    from peftc import io
-    from peftc.methods.lora import LoraSpec
-    from tests.conv_model import TinyConvNet, plan_for
-    from tests.helpers import build_base
-
-    if model == "conv":
-        plan, base = plan_for(TinyConvNet(), LoraSpec(**overrides)), TinyConvNet()
-    elif model == "7B":
-        plan = peftc.compile(["model=tiny_llama", "model.name=llama-7b-shape", SEVEN_B, *overrides])
-        with torch.device("meta"):
-            base = build_base_meta(plan)
-    else:
-        plan = peftc.compile([f"model={model}", *overrides])
-        base = build_base(plan)
-    config = {**io.adapter_config(plan), "inference_mode": False}
-    if model == "conv":
-        config["task_type"] = None
-    theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
-    ours = peftc.materialize(plan, base_model=base)
-    peft_count = theirs.get_nb_trainable_parameters()[0]
-    same = "yes" if plan.trainable_params == ours.trainable_parameters() == peft_count else "NO"
-    shown = " ".join(overrides) if isinstance(overrides, list) else ", ".join(f"{k}={v}" for k, v in overrides.items())
-    return f"| {label} | {model} | `{shown}` | {len(plan.sites)} | {plan.trainable_params:,} | {ours.trainable_parameters():,} | {peft_count:,} | {same} |"
-
-
-def build_base_meta(plan: object) -> object:
-    from transformers import AutoModelForCausalLM
-
-    from peftc.loading import hf_config
-
-    return AutoModelForCausalLM.from_config(hf_config(plan.spec.model))
-
-
 def round_trip_row(variant: str, dtype_name: str, size: int) -> str:
     """Max |W - W'| after merge -> unmerge, peftc vs peft, on one size x size layer."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch import nn
 
     import peftc
     from tests.conv_model import plan_for
 
-    dtype = getattr(torch, dtype_name)
-    torch.manual_seed(0)
-    base = nn.Sequential()
-    base.add_module("lin", nn.Linear(size, size, bias=False))
-    with torch.no_grad():
-        base.lin.weight.normal_(0, 0.02)
-    base = base.to(dtype)
+    base = linear_base(size, dtype_name)
     original = base.lin.weight.detach().clone()
     use_dora = variant == "dora"
     from peftc.methods.lora import LoraSpec
@@ -127,14 +80,7 @@ def round_trip_row(variant: str, dtype_name: str, size: int) -> str:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
                 if "lora_magnitude" in name:
                     param.mul_(1.05)
-    errors = []
-    for model, weight in (
-        (ours, lambda: ours.base_model.lin.weight),
-        (theirs, lambda: theirs.base_model.model.lin.base_layer.weight),
-    ):
-        model.merge_adapter()
-        model.unmerge_adapter()
-        errors.append((weight().float() - original.float()).abs().max().item())
+    errors = round_trip_errors(ours, theirs, original)
     return f"| {variant} | {dtype_name} | {size}x{size} | {errors[0]:.2e} | {errors[1]:.2e} |"
 
 
@@ -149,10 +95,10 @@ def main() -> None:
     print("| variant | model | options | sites | plan trainable | materialized | peft trainable | equal |")
     print("|---|---|---|---|---|---|---|---|")
     for label, model, overrides in VARIANTS:
-        print(count_row(label, model, overrides), flush=True)
+        print(count_row("lora", model, overrides, label), flush=True)
     if not args.skip_7b:
         for label, overrides in VARIANTS_7B:
-            print(count_row(label, "7B", overrides), flush=True)
+            print(count_row("lora", "7B", overrides, label), flush=True)
     print("\n| variant | dtype | layer | peftc max abs error | peft max abs error |")
     print("|---|---|---|---|---|")
     for variant in ("lora", "dora"):

@@ -56,7 +56,9 @@ VARIANTS_7B = [
 ]
 
 
-def count_row(method: str, model: str, overrides: list[str] | dict) -> str:
+def count_row(method: str, model: str, overrides: list[str] | dict, label: str | None = None) -> str:
+    """One table row: plan, materialized and peft trainable counts for a method and options
+    (`model`: a model= option, "conv" for the conv test model, "7B" for a meta 7B Llama)."""
     import torch
     from peft import get_peft_config, get_peft_model
 
@@ -85,7 +87,7 @@ def count_row(method: str, model: str, overrides: list[str] | dict) -> str:
     same = "yes" if plan.trainable_params == ours.trainable_parameters() == peft_count - quirk else "NO"
     shown_peft = f"{peft_count:,}" + (f" ({peft_count - quirk:,} without ranknum)" if quirk else "")
     shown = " ".join(overrides) if isinstance(overrides, list) else ", ".join(f"{k}={v}" for k, v in overrides.items())
-    return f"| {method} | {model} | `{shown}` | {len(plan.sites)} | {plan.trainable_params:,} | {ours.trainable_parameters():,} | {shown_peft} | {same} |"
+    return f"| {label or method} | {model} | `{shown}` | {len(plan.sites)} | {plan.trainable_params:,} | {ours.trainable_parameters():,} | {shown_peft} | {same} |"
 
 
 def build_base_meta(plan: object) -> object:
@@ -106,24 +108,43 @@ ROUND_TRIP = {  # label -> (method, spec fields with a non-identity init, factor
 }
 
 
+def linear_base(size: int, dtype_name: str) -> object:
+    """One size x size bias-free layer named `lin`, W ~ N(0, 0.02), in the given dtype."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(size, size, bias=False))
+    with torch.no_grad():
+        base.lin.weight.normal_(0, 0.02)
+    return base.to(getattr(torch, dtype_name))
+
+
+def round_trip_errors(ours: object, theirs: object, original: object) -> list[float]:
+    """Max |W - W'| after merge -> unmerge of `lin`, for peftc's model and peft's."""
+    errors = []
+    for model, weight in (
+        (ours, lambda: ours.base_model.lin.weight),
+        (theirs, lambda: theirs.base_model.model.lin.base_layer.weight),
+    ):
+        model.merge_adapter()
+        model.unmerge_adapter()
+        errors.append((weight().float() - original.float()).abs().max().item())
+    return errors
+
+
 def round_trip_row(label: str, dtype_name: str, size: int) -> str:
     """Max |W - W'| after merge -> unmerge, peftc vs peft, on one size x size layer."""
     import torch
     from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
-    from torch import nn
 
     import peftc
     from peftc import io, methods
     from peftc.adapters import fill
     from tests.conv_model import plan_for
 
-    dtype = getattr(torch, dtype_name)
-    torch.manual_seed(0)
-    base = nn.Sequential()
-    base.add_module("lin", nn.Linear(size, size, bias=False))
-    with torch.no_grad():
-        base.lin.weight.normal_(0, 0.02)
-    base = base.to(dtype)
+    base = linear_base(size, dtype_name)
     original = base.lin.weight.detach().clone()
     method, fields, factor = ROUND_TRIP[label]
     plan = plan_for(base, methods.get(method).schema(target_modules=["lin"], **fields))
@@ -135,14 +156,7 @@ def round_trip_row(label: str, dtype_name: str, size: int) -> str:
                 param.mul_(factor)
     ours = peftc.materialize(plan, base_model=base)
     fill(ours, "default", get_peft_model_state_dict(theirs))  # the same adapter numbers in both
-    errors = []
-    for model, weight in (
-        (ours, lambda: ours.base_model.lin.weight),
-        (theirs, lambda: theirs.base_model.model.lin.base_layer.weight),
-    ):
-        model.merge_adapter()
-        model.unmerge_adapter()
-        errors.append((weight().float() - original.float()).abs().max().item())
+    errors = round_trip_errors(ours, theirs, original)
     return f"| {label} | {dtype_name} | {size}x{size} | {errors[0]:.2e} | {errors[1]:.2e} |"
 
 
