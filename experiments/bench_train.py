@@ -197,8 +197,9 @@ def plan_section(repeats: int, targets: Sequence[str]) -> list[str]:
     import bench_plan
 
     rows = [
-        "| shape | targets | sites | trainable | compose s | plan s | inject s | total s | peft s | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | shape | targets | sites | plan trainable | peft trainable | compose s | plan s | inject s "
+        "| total s | peft s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape_name, shape in bench_plan.SHAPES.items():
         for target in targets:
