@@ -298,6 +298,22 @@ def test_float32_unquantized_prepares_a_bf16_base_like_peft() -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_gradient_checkpointing_is_enabled_without_deprecation_warnings() -> None:
+    plan = peftc.compile(["quant=bnb_nf4", "trainer.gradient_checkpointing=true"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = materialize(plan)
+    layers = model.base_model.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    x = token_batch()
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    # lora_B starts at zero, so only B's gradient is non-zero after the first backward
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(grad is not None for grad in grads.values())
+    assert all(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name)
+
+
 # ----------------------------------------------------------------------------- merging
 
 

@@ -23,7 +23,8 @@ def prepare_for_training(model: nn.Module, quant_spec: Any, trainer: TrainerSpec
     if getattr(quant_spec, "float32_unquantized", False):
         upcast_unquantized(model)
     if trainer.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.24 (our floor) names it activation_checkpointing_enable; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if getattr(quant_spec, "input_grads", False) or trainer.gradient_checkpointing:
         model.enable_input_require_grads()
     return model
