@@ -194,3 +194,23 @@ def test_compiled_blocks_train_to_the_same_loss_and_gradients() -> None:
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
     for ours, theirs in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_loha_keeps_only_its_factors_for_backward_and_matches_autograd() -> None:
+    """The Hadamard update's backward recomputes the two out x in products from the factors."""
+    from peftc.methods.loha import HadamardOfProducts
+
+    generator = torch.Generator().manual_seed(0)
+    factors = [torch.randn(shape, generator=generator, requires_grad=True) for shape in [(48, 4), (4, 40)] * 2]
+    weight_sized = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: weight_sized.append(t.numel() >= 48 * 40) or t, lambda t: t
+    ):
+        ours = HadamardOfProducts.apply(*factors)
+    assert not any(weight_sized)
+    grad = torch.randn(48, 40, generator=generator)
+    expected = torch.autograd.grad(((factors[0] @ factors[1]) * (factors[2] @ factors[3]) * grad).sum(), factors)
+    actual = torch.autograd.grad((ours * grad).sum(), factors)
+    assert torch.equal(ours, (factors[0] @ factors[1]) * (factors[2] @ factors[3]))
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -40,7 +40,31 @@ class LoHaLayer(LycorisLayer):
         return a @ b
 
     def product(self, name: str) -> torch.Tensor:
-        return self._factor(name, 1) * self._factor(name, 2)
+        if name in self.hada_t1:
+            return self._factor(name, 1) * self._factor(name, 2)
+        factors = [getattr(self, f"hada_w{i}_{side}")[name] for i in (1, 2) for side in ("a", "b")]
+        return HadamardOfProducts.apply(*factors)
+
+
+class HadamardOfProducts(torch.autograd.Function):
+    """(A1 B1) ⊙ (A2 B2) that keeps only the four factors for backward and recomputes the two
+    out x in products there: autograd would keep both products, two weight-sized tensors per
+    adapted layer for the whole step."""
+
+    @staticmethod
+    def forward(ctx, a1, b1, a2, b2):  # noqa: ANN001, ANN205 - autograd signature
+        ctx.save_for_backward(a1, b1, a2, b2)
+        return (a1 @ b1) * (a2 @ b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        a1, b1, a2, b2 = ctx.saved_tensors
+        grad_first = grad * (a2 @ b2)
+        grad_a1, grad_b1 = grad_first @ b1.T, a1.T @ grad_first
+        del grad_first
+        grad_second = grad * (a1 @ b1)
+        return grad_a1, grad_b1, grad_second @ b2.T, a2.T @ grad_second
 
 
 @register
