@@ -13,7 +13,7 @@ from peftc import methods
 from peftc.errors import ConfigError
 from peftc.methods._adalora_budget import RankAllocator
 from tests.helpers import build_base, max_diff, token_batch
-from tests.test_methods import Case, logits, paired
+from tests.method_cases import Case, logits, paired
 
 SCHEDULE = (
     "peft.init_r=4",

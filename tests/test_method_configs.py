@@ -10,7 +10,7 @@ import pytest
 import peftc
 from peftc.errors import ConfigError, PlanError
 from tests.helpers import build_base, run_cli
-from tests.test_methods import oracle_config
+from tests.method_cases import oracle_config
 
 
 @pytest.mark.parametrize(

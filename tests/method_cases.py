@@ -1,0 +1,388 @@
+"""The per-method parity harness's cases and pairing: every injectable method and option against
+the peft package (the oracle). tests/test_methods.py holds one test body per behaviour.
+
+A case is (method, model, overrides): Hydra overrides for a model= option, or spec fields
+(`conv_spec`) for the convolutional test model of tests/conv_model.py; `task=seq_cls` in the
+overrides trains a classifier. The oracle's config is built by peft itself from OUR
+adapter_config.json (`peft.get_peft_config`), so each case also checks our config mapping.
+Both models start from the same base weights and the same seed (so inits that rewrite the base,
+PiSSA and OLoRA, rewrite it identically). Adapters start from peft's non-identity init
+(`RANDOM_INIT`), or for cases marked `perturb` from their own init moved as training would, and
+our adapter receives peft's weights, so the two models hold the same numbers. To cover a new
+method or option, add a case; to cover a new method, also add its non-identity init.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import peftc
+from peftc import io, methods
+from peftc.adapters import fill
+from peftc.model import PeftcModel
+from peftc.plan import Plan
+from tests.conv_model import TinyConvNet, images, plan_for
+from tests.helpers import build_base, token_batch
+
+# The field that makes a fresh adapter a non-identity (peft's init_weights=False equivalent).
+RANDOM_INIT = {
+    "lora": "init_lora_weights",
+    "ia3": "init_ia3_weights",
+    "loha": "init_weights",
+    "lokr": "init_weights",
+    "oft": "init_weights",
+    "adalora": "init_lora_weights",
+}
+
+# peft keeps some adapter bookkeeping as frozen Parameters that peftc keeps as plain numbers.
+PEFT_ONLY_PARAMS = ("ranknum",)  # AdaLoRA: the initial rank, used in the scaling
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    model: str  # a model= option, or "conv" for tests.conv_model.TinyConvNet
+    overrides: tuple[str, ...] = ()
+    conv_spec: tuple[tuple[str, Any], ...] = ()  # spec fields for model="conv" (tuples: hashable)
+    tolerance: float = 1e-5  # float32 outputs, ours vs peft's
+    perturb: bool = False  # move the trainable tensors off their init (inits that are no-ops or rewrite the base)
+    mergeable: bool = True  # False: merging must be refused (as peft refuses it)
+    peft_gradients_wrong: str = ""  # why peft's own gradients are wrong here (ours are checked elsewhere)
+
+    @property
+    def id(self) -> str:
+        fields = [f"{k}={v}" for k, v in self.conv_spec]
+        return " ".join([self.method, self.model, *self.overrides, *fields])
+
+    @property
+    def conv(self) -> bool:
+        return self.model == "conv"
+
+    @property
+    def classifies(self) -> bool:
+        return "task=seq_cls" in self.overrides
+
+    def compile(self) -> Plan:
+        return _compiled(self)
+
+    def base(self, plan: Plan) -> torch.nn.Module:
+        return TinyConvNet() if self.conv else build_base(plan)
+
+    def inputs(self) -> torch.Tensor:
+        return images() if self.conv else token_batch()
+
+    def loss(self, model: torch.nn.Module) -> torch.Tensor:
+        x = self.inputs()
+        if self.conv:
+            return model(input_ids=x).square().mean()
+        return model(input_ids=x, labels=torch.arange(x.shape[0]) % 2 if self.classifies else x).loss
+
+
+@functools.cache
+def _compiled(case: Case) -> Plan:  # plans are immutable; composing dominates a pairing's cost
+    init = RANDOM_INIT[case.method]
+    if case.conv:
+        schema = methods.get(case.method).schema
+        return plan_for(TinyConvNet(), schema(**{init: False, **dict(case.conv_spec)}))
+    return peftc.compile([f"peft={case.method}", f"model={case.model}", f"peft.{init}=false", *case.overrides])
+
+
+CASES = [
+    Case("lora", "tiny_llama"),
+    Case("lora", "tiny_llama", ("peft.target_modules=all-linear", "peft.r=4", "peft.modules_to_save=[lm_head]")),
+    Case("lora", "tiny_gpt2"),
+    Case("ia3", "tiny_llama"),
+    Case("ia3", "tiny_llama", ("peft.target_modules=[q_proj,up_proj,down_proj]", "peft.feedforward_modules=[up_proj]")),
+    Case("ia3", "tiny_llama", ("peft.target_modules=[q_proj,o_proj]",)),  # default feed-forward matches no target
+    Case("ia3", "tiny_gpt2"),
+    Case("ia3", "tiny_gpt2", ("peft.target_modules=all-linear", "peft.feedforward_modules=.*mlp\\.c_proj")),
+    Case("loha", "tiny_llama"),
+    Case(
+        "loha",
+        "tiny_llama",
+        (
+            "peft.target_modules=all-linear",
+            "peft.r=2",
+            "peft.rank_pattern={up_proj: 4}",
+            "peft.alpha_pattern={o_proj: 3}",
+            "peft.modules_to_save=[lm_head]",
+        ),
+    ),
+    Case("lokr", "tiny_llama"),
+    Case(
+        "lokr",
+        "tiny_llama",
+        (
+            "peft.target_modules=all-linear",
+            "peft.r=2",
+            "peft.decompose_both=true",
+            "peft.rank_pattern={gate_proj: 6}",
+            "peft.alpha_pattern={k_proj: 5}",
+        ),
+    ),
+    Case(
+        "lokr",
+        "tiny_llama",
+        (
+            "peft.target_modules=[o_proj,down_proj]",
+            "peft.decompose_factor=4",
+            "peft.r=1",
+            "peft.layers_to_transform=[1]",
+        ),
+    ),
+    Case("oft", "tiny_llama"),
+    Case(
+        "oft",
+        "tiny_llama",
+        ("peft.target_modules=all-linear", "peft.oft_block_size=0", "peft.r=8", "peft.use_cayley_neumann=false"),
+    ),
+    Case(
+        "oft",
+        "tiny_llama",
+        (
+            "peft.target_modules=[q_proj,down_proj,embed_tokens]",
+            "peft.oft_block_size=16",
+            "peft.block_share=true",
+            "peft.num_cayley_neumann_terms=3",
+        ),
+    ),
+    Case(
+        "oft",
+        "tiny_llama",
+        ("peft.target_modules=[k_proj,up_proj]", "peft.coft=true", "peft.eps=0.05", "peft.modules_to_save=[lm_head]"),
+    ),
+    Case(
+        "oft",
+        "tiny_llama",
+        ("peft.oft_block_size=24", "peft.adjust_block_size=true", "peft.target_modules=[q_proj,down_proj]"),
+    ),
+    # AdaLoRA's random init draws A, E, B from N(0, 1): a small lora_alpha keeps the update the
+    # size of the base weights (alpha=8 makes it ~300x larger, and logits then differ by ~1e-5
+    # from float32 rounding alone).
+    Case("adalora", "tiny_llama", ("peft.lora_alpha=0.01",)),
+    Case(
+        "adalora",
+        "tiny_llama",
+        (
+            "peft.target_modules=[q_proj,k_proj,o_proj,down_proj]",
+            "peft.init_r=4",
+            "peft.target_r=2",
+            "peft.lora_alpha=0.02",
+            "peft.layers_to_transform=[0]",
+            "peft.modules_to_save=[lm_head]",
+        ),
+    ),
+    Case("adalora", "tiny_gpt2", ("peft.lora_alpha=0.01",)),
+    # LoRA variants and options, each from its own init moved like training would (`perturb`)
+    Case("lora", "tiny_llama", ("peft.use_dora=true",), perturb=True),
+    Case("lora", "tiny_llama", ("peft.use_dora=true", "peft.lora_dropout=0.1"), perturb=True),
+    Case("lora", "tiny_gpt2", ("peft.use_dora=true", "peft.target_modules=all-linear", "peft.r=4"), perturb=True),
+    Case("lora", "tiny_llama", ("peft.use_dora=true", "peft.target_modules=[embed_tokens,v_proj]"), perturb=True),
+    Case(
+        "lora",
+        "tiny_llama",
+        (
+            "peft.use_dora=true",
+            "peft.use_rslora=true",
+            "peft.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj,gate_proj]",
+            "peft.rank_pattern={down_proj: 2}",
+            "peft.alpha_pattern={o_proj: 3}",
+            "peft.layers_to_transform=[1]",
+            "peft.exclude_modules=[gate_proj]",
+        ),
+        perturb=True,
+    ),
+    Case("lora", "tiny_llama", ("peft.init_lora_weights=gaussian",), perturb=True),
+    Case(
+        "lora", "tiny_llama", ("peft.init_lora_weights=pissa", "peft.target_modules=[q_proj,down_proj]"), perturb=True
+    ),
+    Case("lora", "tiny_llama", ("peft.init_lora_weights=pissa_niter_2", "peft.r=4"), perturb=True),
+    Case("lora", "tiny_gpt2", ("peft.init_lora_weights=pissa", "peft.use_dora=true"), perturb=True),
+    Case(
+        "lora", "tiny_llama", ("peft.init_lora_weights=olora", "peft.target_modules=[q_proj,down_proj]"), perturb=True
+    ),
+    Case("lora", "tiny_llama", ("peft.init_lora_weights=orthogonal", "peft.r=4"), perturb=True),
+    Case("lora", "tiny_gpt2", ("peft.bias=all",), perturb=True),
+    Case("lora", "tiny_gpt2", ("peft.bias=all", "peft.modules_to_save=[ln_f]"), perturb=True),
+    Case("lora", "tiny_gpt2", ("peft.bias=lora_only", "peft.target_modules=all-linear"), perturb=True),
+    Case("lora", "tiny_gpt2", ("peft.lora_bias=true",), perturb=True),
+    Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
+    # Convolutions (tests/conv_model.py: conv 3x3, pointwise 1x1, grouped 3x3 groups=2, seq Conv1d k3, head Linear)
+    Case(
+        "ia3",
+        "conv",
+        conv_spec=(
+            ("target_modules", ("conv", "pointwise", "grouped")),
+            ("feedforward_modules", ("pointwise", "grouped")),
+        ),
+    ),
+    Case("loha", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "grouped", "seq", "head")), ("r", 2))),
+    Case(
+        "loha",
+        "conv",
+        conv_spec=(("target_modules", ("conv", "pointwise", "seq")), ("r", 2), ("use_effective_conv2d", True)),
+        # peft's HadaWeightCP.backward builds the w1a/w2a gradients from the other factor's core;
+        # central finite differences agree with peftc's (autograd) gradients to 1e-12
+        peft_gradients_wrong="peft 0.21 LoHa CP-form backward (HadaWeightCP) mixes the two factors",
+    ),
+    Case("lokr", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "grouped", "seq")), ("r", 1))),
+    # (not "seq": peft 0.21 cannot run LoKr's CP form on a Conv1d, a torch.kron stride quirk peftc avoids)
+    Case(
+        "lokr",
+        "conv",
+        conv_spec=(
+            ("target_modules", ("conv", "pointwise")),
+            ("r", 1),
+            ("decompose_both", True),
+            ("use_effective_conv2d", True),
+        ),
+    ),
+    Case("lokr", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "seq")), ("r", 8))),  # full W2
+    Case(
+        "adalora",
+        "conv",
+        conv_spec=(
+            ("target_modules", ("conv", "pointwise", "head")),
+            ("init_r", 4),
+            ("target_r", 2),
+            ("lora_alpha", 0.1),
+        ),
+    ),
+    Case("lora", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "seq")), ("r", 4)), perturb=True),
+    Case(
+        "lora",
+        "conv",
+        conv_spec=(("target_modules", ("conv", "seq", "head")), ("use_dora", True), ("bias", "all")),
+        perturb=True,
+    ),
+    Case(
+        "lora",
+        "conv",
+        conv_spec=(("target_modules", ("conv", "pointwise")), ("lora_bias", True), ("r", 2)),
+        perturb=True,
+    ),
+    Case(
+        "lora",
+        "conv",
+        conv_spec=(("target_modules", ("volume", "pointwise")), ("use_dora", True), ("r", 2)),
+        perturb=True,
+    ),
+    # peft cannot merge LoRA into a grouped convolution (its delta has the wrong shape); nor can we
+    Case("lora", "conv", conv_spec=(("target_modules", ("grouped",)), ("r", 4)), perturb=True, mergeable=False),
+]
+IDS = [case.id for case in CASES]
+
+
+@dataclass
+class Pair:
+    plan: Plan
+    ours: PeftcModel
+    theirs: Any  # a peft.PeftModel
+
+
+def oracle_config(plan: Plan, case: Case) -> object:
+    """peft's config for a plan, built by peft from the adapter_config.json we would write."""
+    from peft import get_peft_config
+
+    config = {**io.adapter_config(plan), "inference_mode": False}
+    if case.conv:
+        config["task_type"] = None  # a plain nn.Module: peft's task wrappers expect a transformers model
+    return get_peft_config(config)
+
+
+def paired(case: Case) -> Pair:
+    """Our model and peft's on identical base weights and seeds, with peft's adapter weights copied
+    into ours. Built once per case; every caller gets its own deep copy (building costs far more)."""
+    plan, ours, theirs = _pair(case)
+    return Pair(plan, copy.deepcopy(ours), copy.deepcopy(theirs))
+
+
+@functools.cache
+def _pair(case: Case) -> tuple[Plan, PeftcModel, Any]:
+    from peft import get_peft_model
+
+    plan = case.compile()
+    base = case.base(plan)
+    torch.manual_seed(0)  # peft's random init (and PiSSA's randomized SVD): the same numbers whatever ran before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on fan_in_fan_out, rank_pattern, PiSSA, ...
+        theirs = get_peft_model(copy.deepcopy(base), oracle_config(plan, case)).eval()
+    torch.manual_seed(0)  # ours draws what peft drew where the init rewrites the base (pissa_niter)
+    ours = peftc.materialize(plan, base_model=base).eval()
+    if case.perturb:
+        perturb(theirs)
+    fill(ours, plan.adapter_name, peft_state(theirs))
+    return plan, ours, theirs
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move every trainable tensor away from its initial value, as training would."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def peft_state(model: Any, params: bool = False, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's saved names -> its tensors (the live Parameters with `params`, to reach their grads).
+
+    Leaves out the copies peft adds with bias='all' inside modules_to_save wrappers
+    (`.original_module.bias`, `.modules_to_save.bias`): peftc neither writes nor needs them
+    (see peftc.adapters._without_peft_artifacts).
+    """
+    from peft import get_peft_model_state_dict
+
+    state = dict(model.named_parameters()) if params else None
+    tensors = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name)
+    return {k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k}
+
+
+def output(model: torch.nn.Module, case: Case) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(input_ids=case.inputs())
+    return result if case.conv else result.logits
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    """A causal LM's logits on the shared token batch."""
+    with torch.no_grad():
+        return model(input_ids=token_batch()).logits
+
+
+def base_weights(model: PeftcModel) -> dict[str, torch.Tensor]:
+    """Copies of the base tensors of every adapted layer (what merging may change)."""
+    return {
+        f"{path}.{name}": tensor.detach().clone()
+        for path, layer in model.adapter_layers()
+        for name, tensor in layer.base_layer.state_dict().items()
+    }
+
+
+# Adapter tensors of every method, in peft's and our state dicts (left out of base_state).
+_ADAPTER_TENSOR = re.compile(r"\.(lora_|ia3_l|hada_|lokr_|oft_R|ranknum)|modules_to_save\.|original_module\.")
+
+
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every base-model tensor of ours or peft's model, keyed by module path (adapters left out)."""
+    from peft import PeftModel
+
+    prefix = "base_model.model." if isinstance(model, PeftModel) else "base_model."
+    return {
+        name.removeprefix(prefix).replace(".base_layer", ""): tensor
+        for name, tensor in model.state_dict().items()
+        if not _ADAPTER_TENSOR.search(name)
+    }
+
+
+def touches_base(plan: Plan) -> bool:
+    """The adapter rewrote (PiSSA, OLoRA) or trains (bias) base tensors: disabling or unloading it
+    does not give the original base model back, in peft as in peftc."""
+    return bool(plan.unfrozen) or methods.get(plan.method).rewrites_base(plan.spec.peft)
