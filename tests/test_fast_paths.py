@@ -214,3 +214,21 @@ def test_loha_keeps_only_its_factors_for_backward_and_matches_autograd() -> None
     assert torch.equal(ours, (factors[0] @ factors[1]) * (factors[2] @ factors[3]))
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_meta_models_get_uninitialised_meta_adapters_of_the_planned_shapes(lora_bias: bool) -> None:
+    """Plans of huge models inject onto meta bases without drawing: same layout as on real weights."""
+    from transformers import AutoModelForCausalLM
+
+    from peftc.loading import hf_config
+
+    plan = peftc.compile(["peft.target_modules=all-linear", f"peft.lora_bias={str(lora_bias).lower()}"])
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_config(plan.spec.model))
+    model = peftc.materialize(plan, base_model=base)
+    adapter = model.adapter_state_dict("default")
+    real = peftc.materialize(plan, base_model=build_base(plan)).adapter_state_dict("default")
+    assert {k: v.shape for k, v in adapter.items()} == {k: v.shape for k, v in real.items()}
+    assert all(v.is_meta for v in adapter.values())
+    assert model.trainable_parameters() == plan.trainable_params

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from peftc.methods import dora
 from peftc.methods.base import AdapterLayer
@@ -31,6 +30,18 @@ if TYPE_CHECKING:
 
 CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 TRANSPOSED_KINDS = ("conv1d_hf", "embedding")  # weights stored (in, out)
+
+
+def meta_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """An nn.Linear on the meta device, never initialised: on meta, kaiming_uniform_ draws
+    nothing but costs ~0.2 ms through a Python decomposition, and torch's skip_init ~0.2 ms more
+    (a 70B all-linear plan creates 1,120 of these)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"))
+    layer.register_parameter("bias", nn.Parameter(torch.empty(out_features, device="meta")) if bias else None)
+    return layer
 
 
 class LoraLayer(AdapterLayer):
@@ -91,8 +102,8 @@ class LoraLayer(AdapterLayer):
     def _create_linear(self, name: str, site: Site, r: int, opts: dict[str, Any], init: bool) -> None:
         device = self._creation_device()
         if device is not None:  # meta: nothing to draw, so no initialisation at all (fast plans)
-            a = skip_init(nn.Linear, site.in_features, r, bias=False, device=device)
-            b = skip_init(nn.Linear, r, site.out_features, bias=opts.get("lora_bias", False), device=device)
+            a = meta_linear(site.in_features, r, bias=False)
+            b = meta_linear(r, site.out_features, bias=opts.get("lora_bias", False))
         else:
             a = nn.Linear(site.in_features, r, bias=False)
             b = nn.Linear(r, site.out_features, bias=opts.get("lora_bias", False))
