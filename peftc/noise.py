@@ -2,8 +2,8 @@
 
 Once torchao is installed, transformers imports it with every model class (its quantizer
 registry does), and torchao logs failed loads of CUDA-only kernels; torch then warns about
-torchao's enum registrations; bitsandbytes logs that the optional `kernels` package (a Hub
-download) is absent. None of these is actionable, and they would bury the plan and the
+torchao's enum registrations; bitsandbytes asks the `kernels` package (which transformers
+>= 5.25 installs) for a Hub-hosted CPU kernel, and both log that it cannot be had offline. None of these is actionable, and they would bury the plan and the
 metrics, so each is dropped by an exact pattern on the logger that emits it (as is one runtime
 message bitsandbytes repeats on every int8 matmul, which the plan of a bnb_int8 run states once). Anything else
 those loggers say still shows. No library is imported here.
@@ -19,6 +19,7 @@ KNOWN_NOISE: dict[str, re.Pattern[str]] = {
     "torchao.kernel.intmm": re.compile(r"Detected no triton"),
     "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported"),
     "bitsandbytes.backends.cpu.ops": re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    "kernels._internals.hf_hub": re.compile(r"Skipping publisher trust check for .* Hub is in offline mode"),
     # Logged on every int8 matmul (each layer, each step); the bnb_int8 plan states it once.
     "bitsandbytes.autograd._functions": re.compile(r"MatMul8bitLt: inputs will be cast from .* to float16"),
 }

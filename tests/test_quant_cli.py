@@ -4,6 +4,7 @@ quantized base with the outputs of the dequantized reference (slow: one CLI proc
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ pytestmark = pytest.mark.slow
 
 BACKENDS = ["bnb_int8", "bnb_nf4", "bnb_fp4", "quanto_int8", "quanto_int4", "torchao_int8"]
 NOISE = ("Failed to load", "Enum subclass", "kernels-community", "MatMul8bitLt", "Detected no triton")
+# Any warning a library logs through Hydra's job logging (`[time][logger][WARNING] - ...`) that is
+# not peftc's own: a new release of a backend (kernels 0.19 under transformers 5.25) starts a new message.
+FOREIGN_LOG_WARNING = re.compile(r"^\[[^\]]*\]\[(?!peftc)[^\]]*\]\[(WARNING|ERROR)\]")
+
+
+def noise_lines(output: str) -> list[str]:
+    """Lines of a run's output that are backend noise rather than something the user must act on."""
+    return [line for line in output.splitlines() if any(n in line for n in NOISE) or FOREIGN_LOG_WARNING.match(line)]
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
@@ -51,7 +60,7 @@ def test_every_backend_trains_from_the_cli_and_its_adapter_loads_back(tmp_path: 
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in NOISE)]
+    assert not noise_lines(result.stdout + result.stderr)
     x = token_batch()
     for job, backend in enumerate(BACKENDS):
         run_dir = tmp_path / str(job)
@@ -78,7 +87,7 @@ def test_every_backend_trains_from_the_cli_and_its_adapter_loads_back(tmp_path: 
 def test_unquantized_runs_print_no_backend_import_noise(tmp_path: Path) -> None:
     result = run_cli(["dry_run=true", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert not [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in NOISE)]
+    assert not noise_lines(result.stdout + result.stderr)
 
 
 def test_a_quantization_that_cannot_work_is_refused_before_training(tmp_path: Path) -> None:
