@@ -30,7 +30,7 @@ import bench_setup as setup  # noqa: E402
 
 @contextmanager
 def no_fused_lora() -> Iterator[None]:
-    from peftc.methods.lora_layer import LoraLayer
+    from peftc.methods.lora.layer import LoraLayer
 
     original = LoraLayer._fused_forward
     LoraLayer._fused_forward = lambda self, x: None

@@ -101,9 +101,10 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import peftc
-    from peftc import graph, io, planner
-    from peftc.compose import compose
-    from peftc.spec import to_spec
+    from peftc.config.compose import compose
+    from peftc.config.spec import to_spec
+    from peftc.files import adapter_files
+    from peftc.planning import graph, planner
 
     hf_config = AutoConfig.for_model("llama", **shape, tie_word_embeddings=False)
     overrides = overrides_for(shape, targets, rank, method)
@@ -119,7 +120,7 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
     inject_s, ours = timed_on_fresh(
         lambda: copy.deepcopy(meta_model), lambda m: peftc.materialize(plan, base_model=m), repeats
     )
-    peft_config = {**io.adapter_config(plan), "inference_mode": False}
+    peft_config = {**adapter_files.adapter_config(plan), "inference_mode": False}
 
     def peft_once() -> object:
         with torch.device("meta"):

@@ -66,7 +66,7 @@ def run_one(backend: str, steps: int, warmup: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     import peftc
-    from peftc.materializer import materialize
+    from peftc.runtime.materialize import materialize
 
     plan = peftc.compile([f"quant={backend}", *MODEL, *LORA])
     warm_up(plan)

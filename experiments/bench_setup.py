@@ -76,10 +76,11 @@ def compile_plan(name: str, total_steps: int = 1000) -> Any:
 
 def build_base(plan: Any) -> torch.nn.Module:
     """The seeded mini-Llama (float32) the plan was made for."""
-    from peftc import loading, tasks
+    from peftc import tasks
+    from peftc.planning import model_source
 
     task = tasks.get(plan.task)
-    return loading.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+    return model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
 
 
 def token_batch(seq: int = SEQ, vocab: int = MINI_LLAMA["vocab_size"], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -120,9 +121,9 @@ def peft_model(plan: Any, base: torch.nn.Module) -> torch.nn.Module:
     """peft's model for the plan, its config built by peft from peftc's adapter_config.json."""
     from peft import get_peft_config, get_peft_model
 
-    from peftc import io
+    from peftc.files import adapter_files
 
-    return get_peft_model(base, get_peft_config({**io.adapter_config(plan), "inference_mode": False}))
+    return get_peft_model(base, get_peft_config({**adapter_files.adapter_config(plan), "inference_mode": False}))
 
 
 def peftc_side(plan: Any, base: torch.nn.Module, peft_side_model: torch.nn.Module | None = None) -> Side:
@@ -133,7 +134,7 @@ def peftc_side(plan: Any, base: torch.nn.Module, peft_side_model: torch.nn.Modul
     if peft_side_model is not None:
         from peft import get_peft_model_state_dict
 
-        from peftc.adapters import fill
+        from peftc.files.load import fill
 
         fill(model, plan.adapter_name, get_peft_model_state_dict(peft_side_model))
     model.train()
@@ -173,7 +174,7 @@ def floor_side(base: torch.nn.Module) -> Side:
 
 
 def _peftc_allocator(model: Any, plan: Any) -> Callable[[int], None]:
-    from peftc.methods._adalora_budget import RankAllocator
+    from peftc.methods.adalora.budget import RankAllocator
 
     allocator = RankAllocator(model, plan)
     return allocator.step

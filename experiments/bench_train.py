@@ -121,7 +121,7 @@ def inference_section(seq: int, prefill_reps: int, decode_reps: int) -> list[str
     setup.perturb(theirs.model)
     from peft import get_peft_model_state_dict
 
-    from peftc.adapters import fill
+    from peftc.files.load import fill
 
     fill(ours.model, plan.adapter_name, get_peft_model_state_dict(theirs.model))
     models = {"base": base, "peftc": ours.model.eval(), "peft": theirs.model.eval()}

@@ -63,7 +63,7 @@ def round_trip_row(variant: str, dtype_name: str, size: int) -> str:
     base = linear_base(size, dtype_name)
     original = base.lin.weight.detach().clone()
     use_dora = variant == "dora"
-    from peftc.methods.lora import LoraSpec
+    from peftc.methods.lora.method import LoraSpec
 
     plan = plan_for(
         base, LoraSpec(target_modules=["lin"], r=16, lora_alpha=32, use_dora=use_dora, init_lora_weights=False)

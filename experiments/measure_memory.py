@@ -74,9 +74,9 @@ def measure(overrides: list[str], steps: int = 2) -> dict[str, float]:
 
     import peftc
     from peftc import tasks
-    from peftc.loading import load_tokenizer
-    from peftc.materializer import materialize
-    from peftc.training import dataloaders
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.runtime.materialize import materialize
+    from peftc.training.lightning import dataloaders
 
     torch.set_num_threads(2)
     plan = peftc.compile(overrides)

@@ -63,7 +63,8 @@ def count_row(method: str, model: str, overrides: list[str] | dict, label: str |
     from peft import get_peft_config, get_peft_model
 
     import peftc
-    from peftc import io, methods
+    from peftc import methods
+    from peftc.files import adapter_files
     from tests.conv_model import TinyConvNet, plan_for
     from tests.helpers import build_base
 
@@ -76,7 +77,7 @@ def count_row(method: str, model: str, overrides: list[str] | dict, label: str |
     else:
         plan = peftc.compile([f"peft={method}", f"model={model}", *overrides])
         base = build_base(plan)
-    config = {**io.adapter_config(plan), "inference_mode": False}
+    config = {**adapter_files.adapter_config(plan), "inference_mode": False}
     if model == "conv":
         config["task_type"] = None
     theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
@@ -93,7 +94,7 @@ def count_row(method: str, model: str, overrides: list[str] | dict, label: str |
 def build_base_meta(plan: object) -> object:
     from transformers import AutoModelForCausalLM
 
-    from peftc.loading import hf_config
+    from peftc.planning.model_source import hf_config
 
     return AutoModelForCausalLM.from_config(hf_config(plan.spec.model))
 
@@ -140,15 +141,16 @@ def round_trip_row(label: str, dtype_name: str, size: int) -> str:
     from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
 
     import peftc
-    from peftc import io, methods
-    from peftc.adapters import fill
+    from peftc import methods
+    from peftc.files import adapter_files
+    from peftc.files.load import fill
     from tests.conv_model import plan_for
 
     base = linear_base(size, dtype_name)
     original = base.lin.weight.detach().clone()
     method, fields, factor = ROUND_TRIP[label]
     plan = plan_for(base, methods.get(method).schema(target_modules=["lin"], **fields))
-    config = {**io.adapter_config(plan), "inference_mode": False, "task_type": None}
+    config = {**adapter_files.adapter_config(plan), "inference_mode": False, "task_type": None}
     theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
     with torch.no_grad():
         for _, param in theirs.named_parameters():

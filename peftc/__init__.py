@@ -19,7 +19,7 @@ from peftc.noise import silence_import_noise
 silence_import_noise()
 
 if TYPE_CHECKING:
-    from peftc.plan import Plan
+    from peftc.planning.plan import Plan
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,9 +37,9 @@ __all__ = [
 
 def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public name is part of the design
     """Hydra overrides -> validated Plan (builds the model graph on the meta device only)."""
-    from peftc import planner
-    from peftc.compose import compose
-    from peftc.spec import to_spec
+    from peftc.config.compose import compose
+    from peftc.config.spec import to_spec
+    from peftc.planning import planner
 
     return planner.plan(to_spec(compose(overrides)))
 
@@ -47,11 +47,11 @@ def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public n
 def __getattr__(name: str) -> Any:
     # materialize/load_adapter pull in torch-heavy code; keep `import peftc` light.
     if name == "materialize":
-        from peftc.materializer import materialize
+        from peftc.runtime.materialize import materialize
 
         return materialize
     if name == "load_adapter":
-        from peftc.adapters import load_adapter
+        from peftc.files.load import load_adapter
 
         return load_adapter
     raise AttributeError(f"module 'peftc' has no attribute {name!r}")

@@ -19,8 +19,8 @@ from unittest import mock
 import torch
 
 import peftc
-from peftc.model import PeftcModel
-from peftc.plan import Plan
+from peftc.planning.plan import Plan
+from peftc.runtime.model import PeftcModel
 
 # The world's model: 6 blocks, every Linear adapted, so an adapter has 42 sites.
 WORLD_OVERRIDES = ["model.config.num_hidden_layers=6", "peft.target_modules=all-linear", "peft.r=4"]

@@ -35,10 +35,10 @@ def cli(*args: str) -> Callable[[World, Any], Any]:
     '{input}' in an argument is replaced by what the case's setup returned."""
 
     def act(world: World, made: Any) -> Any:
-        from peftc.__main__ import preflight, search_options, split_argv
-        from peftc.compose import compose
-        from peftc.run import execute
-        from peftc.spec import to_spec
+        from peftc.cli.main import preflight, search_options, split_argv
+        from peftc.cli.run import execute
+        from peftc.config.compose import compose
+        from peftc.config.spec import to_spec
 
         argv = [a.replace("{input}", str(made)) for a in args]
         preflight(argv)
@@ -68,7 +68,7 @@ def save_over_previous(fault: Callable[[], Any]) -> Callable[[World, Any], Any]:
 
 def fail_at_last_site(target: str) -> Callable[[World, Any], Any]:
     """Inject an all-linear adapter (42 sites) while creating the LAST site's tensors fails."""
-    from peftc.methods.lora import LoraLayer
+    from peftc.methods.lora.method import LoraLayer
 
     def act(world: World, made: Any) -> Any:
         last = world.plan.sites[-1].path
@@ -116,7 +116,7 @@ def model_dir(change: Callable[[Path], None] | None, *, weights: bool = True) ->
     """A saved copy of the world's base model (config.json + weights), then changed."""
 
     def setup(world: World) -> Path:
-        from peftc.loading import load_tokenizer
+        from peftc.planning.model_source import load_tokenizer
 
         target = world.inputs / "model"
         world.base.save_pretrained(target)
@@ -159,7 +159,7 @@ def never_load_base(act: Callable[[World, Any], Any]) -> Callable[[World, Any], 
 
     def guarded(world: World, made: Any) -> Any:
         boom = AssertionError("the base model must not be loaded")
-        with failing("peftc.materializer.load_base_model", boom):
+        with failing("peftc.runtime.materialize.load_base_model", boom):
             return act(world, made)
 
     return guarded
@@ -244,7 +244,7 @@ def crash_between_renames() -> Any:
     import contextlib
 
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch("peftc.atomic.exchange", lambda a, b: False))
+    stack.enter_context(mock.patch("peftc.files.atomic.exchange", lambda a, b: False))
     real_rename = __import__("os").rename
     calls = {"n": 0}
 
@@ -254,5 +254,5 @@ def crash_between_renames() -> Any:
             raise OSError(errno.EIO, "Input/output error", str(dst))
         real_rename(src, dst)
 
-    stack.enter_context(mock.patch("peftc.atomic.os.rename", rename))
+    stack.enter_context(mock.patch("peftc.files.atomic.os.rename", rename))
     return stack

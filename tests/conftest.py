@@ -26,7 +26,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     plan = peftc.compile(["model=tiny_llama"])
     path = tmp_path_factory.mktemp("tiny_llama_hf")
     build_base(plan).save_pretrained(path)
-    from peftc.loading import load_tokenizer
+    from peftc.planning.model_source import load_tokenizer
 
     load_tokenizer(plan.spec.model).save_pretrained(path)
     return str(path)

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc import planner, quant, tasks
-from peftc.graph import graph_of
-from peftc.plan import Plan
-from peftc.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, validate
+from peftc import quant, tasks
+from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, validate
+from peftc.planning import planner
+from peftc.planning.graph import graph_of
+from peftc.planning.plan import Plan
 
 
 class TinyConvNet(nn.Module):

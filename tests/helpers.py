@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from peftc import loading, tasks
-from peftc.plan import Plan
+from peftc import tasks
+from peftc.planning import model_source
+from peftc.planning.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_base(plan: Plan) -> torch.nn.Module:
     """The plan's base model with its seeded weights (what materialize would load)."""
     task = tasks.get(plan.task)
-    return loading.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+    return model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
 
 
 def twin_bases(plan: Plan) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -84,9 +85,9 @@ def peft_config_from_plan(plan: Plan) -> Any:
     (so the test also checks that our config fields mean the same thing to peft)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from peftc import io
+    from peftc.files import adapter_files
 
-    fields = dict(io.adapter_config(plan))
+    fields = dict(adapter_files.adapter_config(plan))
     fields["inference_mode"] = False
     return PEFT_TYPE_TO_CONFIG_MAPPING[fields.pop("peft_type")](**fields)
 
@@ -115,7 +116,7 @@ def peft_pair(overrides: Sequence[str]) -> tuple[Plan, Any, torch.nn.Module]:
     from peft import get_peft_model, get_peft_model_state_dict
 
     import peftc
-    from peftc.adapters import fill
+    from peftc.files.load import fill
 
     plan = peftc.compile(list(overrides))
     base = build_base(plan)

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 import peftc
-from peftc import io, methods
-from peftc.adapters import fill
-from peftc.model import PeftcModel
-from peftc.plan import Plan
+from peftc import methods
+from peftc.files import adapter_files
+from peftc.files.load import fill
+from peftc.planning.plan import Plan
+from peftc.runtime.model import PeftcModel
 from tests.conv_model import TinyConvNet, images, plan_for
 from tests.helpers import build_base, token_batch
 
@@ -291,7 +292,7 @@ def oracle_config(plan: Plan, case: Case) -> object:
     """peft's config for a plan, built by peft from the adapter_config.json we would write."""
     from peft import get_peft_config
 
-    config = {**io.adapter_config(plan), "inference_mode": False}
+    config = {**adapter_files.adapter_config(plan), "inference_mode": False}
     if case.conv:
         config["task_type"] = None  # a plain nn.Module: peft's task wrappers expect a transformers model
     return get_peft_config(config)
@@ -336,7 +337,7 @@ def peft_state(model: Any, params: bool = False, adapter_name: str = "default") 
 
     Leaves out the copies peft adds with bias='all' inside modules_to_save wrappers
     (`.original_module.bias`, `.modules_to_save.bias`): peftc neither writes nor needs them
-    (see peftc.adapters._without_peft_artifacts).
+    (see peftc.files.load._without_peft_artifacts).
     """
     from peft import get_peft_model_state_dict
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from peftc import tasks
-from peftc.actions import adapter_overrides, hydra_value, input_rows
-from peftc.compose import compose
+from peftc.cli.actions import adapter_overrides, hydra_value, input_rows
+from peftc.config.compose import compose
+from peftc.config.spec import to_spec
 from peftc.errors import ConfigError, DataError
-from peftc.spec import to_spec
 
 
 @pytest.mark.parametrize("labels", [["neg", "pos"], ["it's", "a,b", "sp ace", "x\\y", "end\\", "${x}", "a=b", "[1]"]])

@@ -11,7 +11,7 @@ import torch
 import peftc
 from peftc import methods
 from peftc.errors import ConfigError
-from peftc.methods._adalora_budget import RankAllocator
+from peftc.methods.adalora.budget import RankAllocator
 from tests.helpers import build_base, max_diff, token_batch
 from tests.method_cases import Case, logits, paired
 
@@ -80,8 +80,8 @@ def test_rank_allocator_prunes_like_peft_and_peft_pruned_adapters_load_in_ours(t
 def test_lightning_fit_prunes_ranks_and_the_saved_rank_pattern_loads_in_peft(tmp_path) -> None:
     from peft import PeftModel
 
-    from peftc.loading import load_tokenizer
-    from peftc.training import dataloaders, fit
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.training.lightning import dataloaders, fit
 
     plan = peftc.compile(
         ["peft=adalora", *SCHEDULE[:-2], "trainer.max_steps=8", "trainer.logger=none"]

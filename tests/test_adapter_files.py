@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import peftc
-from peftc import atomic
-from peftc.adapter_config import peft_fields, peft_table_version
+from peftc.files import atomic
+from peftc.files.screening import peft_fields, peft_table_version
 from tests.catalogue import Payload, edit_tensors, write_pickle_adapter
 from tests.helpers import build_base, peft_lora_config
 
@@ -25,7 +25,7 @@ OVERRIDES = ["peft.target_modules=[q_proj,v_proj]", "peft.init_lora_weights=fals
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[peftc.plan.Plan, torch.nn.Module, Path]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[peftc.planning.plan.Plan, torch.nn.Module, Path]:
     """A plan, its base model and a saved adapter with non-trivial weights."""
     plan = peftc.compile(OVERRIDES)
     base = build_base(plan)
@@ -105,7 +105,7 @@ def test_unknown_fields_warn_once_and_are_ignored_like_peft(trained, tmp_path: P
 
 
 def test_only_known_fields_reach_the_method(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from peftc.methods.lora import Lora
+    from peftc.methods.lora.method import Lora
 
     plan, base, good = trained
     directory = copy_adapter(good, tmp_path / "adapter")
@@ -217,7 +217,7 @@ def test_two_writers_to_one_directory_leave_one_complete_adapter(trained, tmp_pa
     target = tmp_path / "adapter"
     errors: list[BaseException] = []
 
-    def write(model: peftc.model.PeftcModel) -> None:
+    def write(model: peftc.runtime.model.PeftcModel) -> None:
         try:
             for _ in range(5):
                 model.save_adapter(target)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import peftc
-from peftc.compose import compose
-from peftc.safety import ALLOWED_RESOLVERS, ENV_RESOLVERS
-from peftc.spec import to_spec
+from peftc.config.compose import compose
+from peftc.config.safety import ALLOWED_RESOLVERS, ENV_RESOLVERS
+from peftc.config.spec import to_spec
 from tests.helpers import run_cli
 
 CANARY = "canary-7f3a9c-do-not-write"

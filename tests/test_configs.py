@@ -5,6 +5,7 @@ Update the golden files after an intended plan change with PEFTC_UPDATE_GOLDEN=1
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import peftc
-from peftc.compose import CONFIG_MODULE
+from peftc.config.compose import CONFIG_MODULE
 
-CONF = Path(peftc.__file__).parent / "conf"
+# Wherever the config package is installed from (conf/ at the top of a checkout).
+CONF = Path(importlib.import_module(CONFIG_MODULE).__file__).parent
 GOLDEN = Path(__file__).parent / "golden"
 GROUPS = ("peft", "task", "quant", "model", "data", "trainer")
 # Options that need a value no config can know (a user's path) get it here.
@@ -35,6 +37,11 @@ def with_partner(group: str, option: str) -> list[str]:
 
 def shipped_options() -> list[tuple[str, str]]:
     return [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+def test_the_shipped_options_are_found() -> None:
+    # An empty list would turn the parametrized tests below into one silent skip.
+    assert {group for group, _ in shipped_options()} == set(GROUPS)
 
 
 @pytest.mark.parametrize(("group", "option"), shipped_options(), ids=lambda x: x)

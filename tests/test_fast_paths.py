@@ -17,13 +17,13 @@ from torch import nn
 
 import peftc
 from peftc.methods.base import AdapterLayer
-from peftc.methods.lora_layer import LoraLayer
+from peftc.methods.lora.layer import LoraLayer
 from peftc.tasks import get as get_task
 from peftc.tasks import lm_loss
 from tests.helpers import build_base, peft_lora_config, token_batch, twin_bases
 
 
-def lora_model(overrides: list[str]) -> tuple[peftc.plan.Plan, torch.nn.Module]:
+def lora_model(overrides: list[str]) -> tuple[peftc.planning.plan.Plan, torch.nn.Module]:
     plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", *overrides])
     return plan, peftc.materialize(plan, base_model=build_base(plan))
 
@@ -80,7 +80,7 @@ def test_dropout_in_training_takes_the_general_path() -> None:
 def test_lora_training_gradients_match_peft() -> None:
     from peft import get_peft_model, get_peft_model_state_dict
 
-    from peftc.adapters import fill
+    from peftc.files.load import fill
 
     plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
     ours_base, theirs_base = twin_bases(plan)
@@ -178,7 +178,7 @@ def test_logits_changed_after_the_head_fall_back_to_the_full_logits() -> None:
 def test_compiled_blocks_train_to_the_same_loss_and_gradients() -> None:
     """trainer.compile=true compiles each decoder block; a training step gives the eager
     step's loss and adapter gradients, and parameter names are unchanged."""
-    from peftc.training import compile_blocks
+    from peftc.training.lightning import compile_blocks
 
     plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
     eager = peftc.materialize(plan, base_model=build_base(plan)).train()
@@ -198,7 +198,7 @@ def test_compiled_blocks_train_to_the_same_loss_and_gradients() -> None:
 
 def test_loha_keeps_only_its_factors_for_backward_and_matches_autograd() -> None:
     """The Hadamard update's backward recomputes the two out x in products from the factors."""
-    from peftc.methods.loha import HadamardOfProducts
+    from peftc.methods.lycoris.loha import HadamardOfProducts
 
     generator = torch.Generator().manual_seed(0)
     factors = [torch.randn(shape, generator=generator, requires_grad=True) for shape in [(48, 4), (4, 40)] * 2]
@@ -221,7 +221,7 @@ def test_meta_models_get_uninitialised_meta_adapters_of_the_planned_shapes(lora_
     """Plans of huge models inject onto meta bases without drawing: same layout as on real weights."""
     from transformers import AutoModelForCausalLM
 
-    from peftc.loading import hf_config
+    from peftc.planning.model_source import hf_config
 
     plan = peftc.compile(["peft.target_modules=all-linear", f"peft.lora_bias={str(lora_bias).lower()}"])
     with torch.device("meta"):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.checkpoints import AtomicCheckpointIO
+from peftc.files.checkpoints import AtomicCheckpointIO
 from tests.helpers import REPO, build_base
 
 RESUMABLE = [
@@ -146,15 +146,15 @@ def test_sigterm_checkpoints_at_the_next_step_boundary_and_resumes_exactly(unint
 def test_resuming_into_another_plan_is_refused_before_anything_loads(
     killed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from peftc.compose import compose
-    from peftc.run import execute
-    from peftc.spec import to_spec
+    from peftc.cli.run import execute
+    from peftc.config.compose import compose
+    from peftc.config.spec import to_spec
 
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("nothing may be loaded before the fingerprint check")
 
-    monkeypatch.setattr("peftc.materializer.load_base_model", never)
-    monkeypatch.setattr("peftc.loading.load_tokenizer", never)
+    monkeypatch.setattr("peftc.runtime.materialize.load_base_model", never)
+    monkeypatch.setattr("peftc.planning.model_source.load_tokenizer", never)
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", never)
     run = to_spec(compose([*RESUMABLE, "trainer.lr=0.001", f"resume={killed}"]))
     with pytest.raises(peftc.ConfigError, match=r"different plan \(trainer.lr: 0.003 -> 0.001\)"):
@@ -164,9 +164,9 @@ def test_resuming_into_another_plan_is_refused_before_anything_loads(
 
 @pytest.mark.slow
 def test_checkpoints_hold_only_trainable_state_and_are_small(tmp_path: Path) -> None:
-    from peftc.compose import compose
-    from peftc.run import execute
-    from peftc.spec import to_spec
+    from peftc.cli.run import execute
+    from peftc.config.compose import compose
+    from peftc.config.spec import to_spec
 
     overrides = [
         "model.config.hidden_size=256",
@@ -214,7 +214,7 @@ def test_a_checkpoint_write_that_fails_halfway_keeps_the_previous_one(
 
 # ------------------------------------------------------------------------------- write faults
 @pytest.fixture
-def saved(tmp_path: Path) -> tuple[peftc.plan.Plan, torch.nn.Module, Path]:
+def saved(tmp_path: Path) -> tuple[peftc.planning.plan.Plan, torch.nn.Module, Path]:
     plan = peftc.compile(["peft.init_lora_weights=false", "peft.r=2"])
     base = build_base(plan)
     out = tmp_path / "out"
@@ -290,7 +290,7 @@ KILLED_WRITER = textwrap.dedent(
     import copy, os, sys, time
     from pathlib import Path
     import peftc
-    from peftc import atomic
+    from peftc.files import atomic
     from tests.helpers import build_base
 
     target, ready, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -352,7 +352,7 @@ def test_atomic_single_file_writes_respect_the_umask(tmp_path: Path) -> None:
     """Temp files start as 0600; the written plan/metrics/checkpoint must be ordinary files."""
     import os
 
-    from peftc.atomic import write_file_atomic, write_text_atomic
+    from peftc.files.atomic import write_file_atomic, write_text_atomic
 
     previous = os.umask(0o022)
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.plan import Plan
+from peftc.planning.plan import Plan
 from tests.helpers import build_base, max_diff, peft_lora_config, token_batch, twin_bases
 
 CASES = [
@@ -25,7 +25,7 @@ CASES = [
 IDS = [" ".join([m, *o]) for m, o in CASES]
 
 
-def paired(model: str, overrides: list[str]) -> tuple[Plan, peftc.materializer.PeftcModel, torch.nn.Module]:
+def paired(model: str, overrides: list[str]) -> tuple[Plan, peftc.runtime.materialize.PeftcModel, torch.nn.Module]:
     """Our model and peft's on identical base weights, with peft's adapter weights copied into ours."""
     from peft import get_peft_model
 
@@ -35,7 +35,7 @@ def paired(model: str, overrides: list[str]) -> tuple[Plan, peftc.materializer.P
     ours = peftc.materialize(plan, base_model=ours_base).eval()
     from peft import get_peft_model_state_dict
 
-    from peftc.adapters import fill
+    from peftc.files.load import fill
 
     fill(ours, "default", get_peft_model_state_dict(theirs))
     return plan, ours, theirs

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import peftc
-from peftc import io
-from peftc.methods.lora import LoraSpec
+from peftc.files import adapter_files
+from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import build_base, max_diff, token_batch
 
@@ -101,7 +101,7 @@ def test_peft_features_peftc_lacks_are_refused_on_load(tmp_path: Path) -> None:
     plan = peftc.compile([])
     model = peftc.materialize(plan)
     model.save_adapter(tmp_path)
-    path = tmp_path / io.CONFIG_NAME
+    path = tmp_path / adapter_files.CONFIG_NAME
     path.write_text(json.dumps({**json.loads(path.read_text()), "layer_replication": [[0, 1]]}))
     with pytest.raises(peftc.AdapterFileError, match="layer_replication"):
         peftc.load_adapter(build_base(plan), tmp_path)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import peftc
-from peftc import memory
-from peftc.graph import meta_graph
-from peftc.plan import PromptPlan
+from peftc.planning import memory
+from peftc.planning.graph import meta_graph
+from peftc.planning.plan import PromptPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 

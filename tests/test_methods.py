@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import peftc
-from peftc import io, methods
-from peftc.adapters import fill
-from peftc.model import PeftcModel
+from peftc import methods
+from peftc.files import adapter_files
+from peftc.files.load import fill
+from peftc.runtime.model import PeftcModel
 from tests.helpers import build_base, max_diff
 from tests.method_cases import (
     CASES,
@@ -96,7 +97,7 @@ def test_saved_tensors_match_peft_and_the_plan(case: Case) -> None:
     pair = paired(case)
     saved = {k: tuple(v.shape) for k, v in pair.ours.adapter_state_dict(pair.plan.adapter_name).items()}
     assert saved == {k: tuple(v.shape) for k, v in peft_state(pair.theirs).items()}
-    assert saved == {k: shape for k, (shape, _) in io.saved_layout(pair.plan).items()}
+    assert saved == {k: shape for k, (shape, _) in adapter_files.saved_layout(pair.plan).items()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -114,7 +115,7 @@ def test_adapters_load_both_ways(case: Case, tmp_path: Path) -> None:
     assert max_diff(output(loaded_in_peft, case), expected) <= case.tolerance
     pair.theirs.save_pretrained(tmp_path / "theirs")
     if case.conv:  # peft writes task_type null for a plain module; say which task ours plans for
-        path = tmp_path / "theirs" / io.CONFIG_NAME
+        path = tmp_path / "theirs" / adapter_files.CONFIG_NAME
         path.write_text(json.dumps({**json.loads(path.read_text()), "task_type": "CAUSAL_LM"}))
     torch.manual_seed(0)
     loaded_in_ours = peftc.load_adapter(case.base(pair.plan), tmp_path / "theirs")

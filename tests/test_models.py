@@ -8,7 +8,7 @@ import torch
 
 import peftc
 from peftc.errors import ConfigError
-from peftc.loading import byte_tokenizer_vocab_size, load_tokenizer, package_directory
+from peftc.planning.model_source import byte_tokenizer_vocab_size, load_tokenizer, package_directory
 from tests.helpers import build_base, max_diff
 
 TINY = [("tiny_llama", "causal_lm"), ("tiny_gpt2", "causal_lm"), ("tiny_t5", "seq2seq_lm"), ("tiny_bert", "seq_cls")]

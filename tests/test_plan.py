@@ -6,7 +6,7 @@ import json
 import os
 
 import peftc
-from peftc import io
+from peftc.files import adapter_files
 
 
 def test_plan_json_is_deterministic_and_complete() -> None:
@@ -51,7 +51,7 @@ def test_adapter_bytes_is_the_exact_file_size(tmp_path) -> None:
     ):
         plan = peftc.compile(overrides)
         peftc.materialize(plan).save_adapter(tmp_path / "a")
-        assert os.path.getsize(tmp_path / "a" / io.WEIGHTS_NAME) == plan.adapter_bytes
+        assert os.path.getsize(tmp_path / "a" / adapter_files.WEIGHTS_NAME) == plan.adapter_bytes
 
 
 def test_printed_plan_groups_layers_and_shows_totals() -> None:

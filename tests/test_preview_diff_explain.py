@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import pytest
 
 import peftc
-from peftc.__main__ import check_job, expand_jobs
-from peftc.diff import diff_plans
-from peftc.diff import main as diff_main
-from peftc.explain import explain
-from peftc.preview import preview_rows
-from peftc.spec import _SCHEMAS, SpecNode, param, register_schema
+from peftc.cli.diff import diff_plans
+from peftc.cli.diff import main as diff_main
+from peftc.cli.explain import explain
+from peftc.cli.main import check_job, expand_jobs
+from peftc.cli.preview import preview_rows
+from peftc.config.spec import _SCHEMAS, SpecNode, param, register_schema
 
 
 def test_preview_flags_a_duplicate_plan_and_an_invalid_point() -> None:
@@ -95,7 +95,7 @@ def second_ranked_method():
 
 
 def test_a_key_the_chosen_method_lacks_names_the_methods_that_have_it(second_ranked_method: None) -> None:
-    from peftc.spec import unknown_key_error
+    from peftc.config.spec import unknown_key_error
 
     error = unknown_key_error("peft.r", "r", _NoRank)
     message = str(error)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import peftc
-from peftc import compat
 from peftc.errors import ConfigError, DataError, PlanError
+from peftc.planning import compat
 from tests.helpers import build_base, max_diff, peft_config_from_plan, token_batch
 
 
@@ -155,7 +155,7 @@ def test_text_init_is_the_tokenized_text_like_peft() -> None:
     plan = peftc.compile(
         ["peft=prompt_tuning", "peft.prompt_tuning_init=TEXT", "peft.prompt_tuning_init_text='Rate it:'"]
     )
-    from peftc.loading import load_tokenizer
+    from peftc.planning.model_source import load_tokenizer
 
     ids = plan.prompt.options["init_token_ids"]
     text_ids = load_tokenizer(plan.spec.model)("Rate it:")["input_ids"]
@@ -248,8 +248,8 @@ def multitask_plan(tmp_path, rows: list[dict], *extra: str):
 
 
 def test_task_ids_come_from_a_data_column(tmp_path) -> None:
-    from peftc.loading import load_tokenizer
-    from peftc.training import dataloaders
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.training.lightning import dataloaders
 
     rows = [{"text": f"story number {i} is short", "kind": i % 3} for i in range(8)]
     plan = multitask_plan(tmp_path, rows, "task.packing=false", "data.columns={task_id: kind}")
@@ -264,8 +264,8 @@ def test_task_ids_come_from_a_data_column(tmp_path) -> None:
 
 
 def test_rows_without_task_ids_are_task_zero_and_bad_ids_are_refused(tmp_path) -> None:
-    from peftc.loading import load_tokenizer
-    from peftc.training import dataloaders
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.training.lightning import dataloaders
 
     plan = multitask_plan(tmp_path, [{"text": "a plain story about a duck"}] * 4)
     tokenizer = load_tokenizer(plan.spec.model)
@@ -281,8 +281,8 @@ def test_rows_without_task_ids_are_task_zero_and_bad_ids_are_refused(tmp_path) -
 
 
 def test_other_methods_do_not_accept_a_task_id_column(tmp_path) -> None:
-    from peftc.loading import load_tokenizer
-    from peftc.training import dataloaders
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.training.lightning import dataloaders
 
     data = write_rows(tmp_path / "rows.jsonl", [{"text": "a story about an owl", "kind": 1}] * 4)
     plan = peftc.compile(

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.plan import Plan
+from peftc.planning.plan import Plan
 from tests.helpers import assert_causal_greedy, build_base, max_diff, peft_pair, token_batch
 
 METHOD_CASES = [
@@ -41,7 +41,9 @@ def task_inputs(method: str) -> dict[str, torch.Tensor]:
 
 
 @functools.cache
-def paired(model: str, method: str, extra: tuple[str, ...]) -> tuple[Plan, peftc.model.PeftcModel, torch.nn.Module]:
+def paired(
+    model: str, method: str, extra: tuple[str, ...]
+) -> tuple[Plan, peftc.runtime.model.PeftcModel, torch.nn.Module]:
     """Cached: the tests below only read these models."""
     return peft_pair([f"model={model}", f"peft={method}", SHARP, *extra])
 

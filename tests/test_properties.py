@@ -21,19 +21,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 import peftc
+from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, describe
 from peftc.errors import ConfigError
-from peftc.graph import graph_of
 from peftc.methods import get as get_method
 from peftc.methods.base import TargetRequest
-from peftc.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, describe
-from peftc.targets import resolve_targets
+from peftc.planning.graph import graph_of
+from peftc.planning.targets import resolve_targets
 
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ------------------------------------------------------------------------ spec validation
 def schema_keys() -> list[str]:
-    from peftc.methods.lora import LoraSpec
+    from peftc.methods.lora.method import LoraSpec
 
     keys = [f"peft.{name}" for name, _, _ in describe(LoraSpec)]
     for group, schema in (("trainer", TrainerSpec), ("data", DataSpec), ("model", ModelSpec)):

@@ -18,10 +18,10 @@ from torch import nn
 
 import peftc
 from peftc import quant
-from peftc.materializer import load_base_model, materialize
-from peftc.methods.lora import LoraLayer
-from peftc.plan import Site
+from peftc.methods.lora.method import LoraLayer
+from peftc.planning.plan import Site
 from peftc.quant.base import backend_of
+from peftc.runtime.materialize import load_base_model, materialize
 from tests.helpers import max_diff, token_batch
 
 BACKENDS = ["bnb_int8", "bnb_nf4", "bnb_fp4", "quanto_int8", "quanto_int4", "torchao_int8"]
@@ -151,7 +151,7 @@ RANDOM_INIT = {
 def dequantize_in_place(model: nn.Module) -> None:
     """Replace every quantized Linear (adapter layers' base layers included) by an nn.Linear
     holding its dequantized weight."""
-    from peftc.model import _replace_module
+    from peftc.runtime.model import _replace_module
 
     for path, module in list(model.named_modules()):
         backend = backend_of(module)
@@ -326,7 +326,9 @@ def test_merging_into_an_8bit_base_requantizes_with_a_warning(backend: str) -> N
         unmerged = model(input_ids=x).logits
         with model.disable_adapter():
             base = model(input_ids=x).logits
-    with pytest.warns(peftc.model.QuantizedMergeWarning, match=rf"merged into 4 quantized layers \({backend}\)"):
+    with pytest.warns(
+        peftc.runtime.model.QuantizedMergeWarning, match=rf"merged into 4 quantized layers \({backend}\)"
+    ):
         model.merge_adapter()
     with torch.no_grad():
         merged = model(input_ids=x).logits
@@ -357,14 +359,14 @@ def test_merging_into_a_4bit_base_is_refused_and_changes_nothing(backend: str) -
 def test_save_merged_folds_the_adapter_into_the_unquantized_base(backend: str, tmp_path) -> None:
     from peft import PeftModel
 
-    from peftc.run import merged_model
+    from peftc.cli.run import merged_model
     from tests.helpers import build_base
 
     plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])
     model = materialize(plan)
     model.save_adapter(tmp_path)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", peftc.model.QuantizedMergeWarning)  # no requantization happens
+        warnings.simplefilter("error", peftc.runtime.model.QuantizedMergeWarning)  # no requantization happens
         merged = merged_model(model, plan).eval()
     assert not any(backend_of(m) for m in merged.modules())
     oracle = PeftModel.from_pretrained(build_base(plan), tmp_path).eval()

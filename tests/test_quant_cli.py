@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import peftc
-from peftc.model import _replace_module
 from peftc.quant.base import backend_of
+from peftc.runtime.model import _replace_module
 from tests.helpers import max_diff, run_cli, token_batch
 
 pytestmark = pytest.mark.slow

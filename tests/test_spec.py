@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 
 import peftc
-from peftc.compose import compose
+from peftc.config.compose import compose
+from peftc.config.spec import RunSpec, to_spec
 from peftc.errors import ConfigError, PlanError
-from peftc.spec import RunSpec, to_spec
 
 BAD_OVERRIDES = [
     (["peft.rr=8"], "peft.rr", "did you mean 'r'"),
@@ -73,8 +73,8 @@ def test_lists_become_tuples_in_the_spec() -> None:
 
 
 def test_every_schema_field_has_a_description() -> None:
-    from peftc.compose import import_registries
-    from peftc.spec import _SCHEMAS
+    from peftc.config.compose import import_registries
+    from peftc.config.spec import _SCHEMAS
 
     import_registries()
     for (group, name), schema in _SCHEMAS.items():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftc
-from peftc.compat import STRATEGIES
+from peftc.planning.compat import STRATEGIES
 from tests.helpers import run_cli
 
 
@@ -80,7 +80,7 @@ def test_training_order_is_dealt_across_ranks_like_one_process(monkeypatch: pyte
     and Lightning keeps the sampler (a DistributedSampler) instead of shuffling its order again."""
     from torch.utils.data import DistributedSampler
 
-    from peftc.checkpoints import ResumableSampler
+    from peftc.files.checkpoints import ResumableSampler
 
     single = list(ResumableSampler(37, seed=5))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

@@ -6,7 +6,7 @@ import pytest
 
 import peftc
 from peftc.errors import ConfigError, PlanError
-from peftc.graph import layer_index
+from peftc.planning.graph import layer_index
 from tests.helpers import build_base, peft_lora_config
 
 # (model, overrides) whose resolved sites must equal the modules peft injects into.
@@ -106,9 +106,9 @@ def test_everything_excluded_is_an_error() -> None:
 
 
 def test_unknown_model_type_without_targets_names_the_key() -> None:
-    from peftc.compose import compose
-    from peftc.planner import plan as make_plan
-    from peftc.spec import to_spec
+    from peftc.config.compose import compose
+    from peftc.config.spec import to_spec
+    from peftc.planning.planner import plan as make_plan
 
     run = to_spec(
         compose(

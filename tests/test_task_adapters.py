@@ -16,7 +16,7 @@ import torch
 
 import peftc
 from peftc import tasks
-from peftc.loading import load_tokenizer
+from peftc.planning.model_source import load_tokenizer
 from tests.helpers import build_base, max_diff, token_batch
 
 # task, tiny model, peft auto class, label count (for heads)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import peftc
 from peftc import tasks
-from peftc.loading import load_tokenizer
+from peftc.planning.model_source import load_tokenizer
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow

@@ -5,13 +5,11 @@ the CLI never name a method.
 
 from __future__ import annotations
 
+from peftc.config.registry import Registry
 from peftc.errors import AdapterFileError, did_you_mean
 from peftc.methods.base import Method
-from peftc.registry import Registry
 
-REGISTRY: Registry[Method] = Registry(
-    "peft", __name__, skip=("base", "defaults", "prompt_base", "prompt_encoder", "kv_prefix")
-)
+REGISTRY: Registry[Method] = Registry("peft", __name__, skip=("base", "common", "defaults"))
 register = REGISTRY.register
 get = REGISTRY.get
 for_spec = REGISTRY.for_spec

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from peftc.graph import ModelGraph, ModuleInfo
-    from peftc.plan import Plan, PromptPlan, Site
-    from peftc.spec import RunSpec, SpecNode
+    from peftc.config.spec import RunSpec, SpecNode
+    from peftc.planning.graph import ModelGraph, ModuleInfo
+    from peftc.planning.plan import Plan, PromptPlan, Site
     from peftc.tasks.base import Task
 
 PEFT_COMPAT_VERSION = "0.21.2"  # the peft release whose file layout and config fields we write

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from peftc.config.spec import SpecNode, as_list, param
 from peftc.errors import ConfigError
-from peftc.spec import SpecNode, as_list, param
 
 if TYPE_CHECKING:
-    from peftc.plan import Plan
+    from peftc.planning.plan import Plan
 
 
 @dataclass

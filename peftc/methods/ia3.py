@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.config.spec import RunSpec, param
 from peftc.errors import ConfigError, PlanError
-from peftc.graph import ModelGraph, ModuleInfo
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method
 from peftc.methods.common import TargetsSpec, jsonable, target_fields, target_kwargs
 from peftc.methods.defaults import IA3_FEEDFORWARD, IA3_TARGETS
-from peftc.plan import Plan, Site
-from peftc.spec import RunSpec, param
+from peftc.planning.graph import ModelGraph, ModuleInfo
+from peftc.planning.plan import Plan, Site
 
 
 @dataclass

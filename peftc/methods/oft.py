@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
 from peftc.errors import ConfigError, PlanError
-from peftc.graph import ModelGraph, ModuleInfo
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs
 from peftc.methods.defaults import LORA_TARGETS
-from peftc.plan import Plan, Site
-from peftc.spec import RunSpec, at_least, greater_than, in_range, param
+from peftc.planning.graph import ModelGraph, ModuleInfo
+from peftc.planning.plan import Plan, Site
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from peftc.config.registry import Registry
 from peftc.quant.base import QuantBackend
-from peftc.registry import Registry
 
 REGISTRY: Registry[QuantBackend] = Registry("quant", __name__)
 register = REGISTRY.register

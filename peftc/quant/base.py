@@ -15,15 +15,15 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from peftc.config.spec import SpecNode, param
 from peftc.errors import ConfigError
-from peftc.spec import SpecNode, param
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftc.graph import ModuleInfo
-    from peftc.spec import RunSpec
+    from peftc.config.spec import RunSpec
+    from peftc.planning.graph import ModuleInfo
 
 EXTRA_HINT = "install the quantization extra: pip install 'peftc[quant]'"
 FOUR_BIT_MERGE_REFUSAL = (

@@ -13,15 +13,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from peftc.config.spec import one_of, param
 from peftc.quant import register
 from peftc.quant.base import FOUR_BIT_MERGE_REFUSAL, QuantBackend, QuantizedSpec, add_bytes, tensor_bytes
-from peftc.spec import one_of, param
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftc.graph import ModuleInfo
+    from peftc.planning.graph import ModuleInfo
 
 BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (weights per absmax)
 NESTED_BLOCKSIZE = 256  # double quantization: absmax values per 8-bit block
@@ -67,7 +67,7 @@ class Bnb4bit(QuantBackend):
         import torch
         from torch import nn
 
-        from peftc.model import _replace_module
+        from peftc.runtime.model import _replace_module
 
         for path in paths:
             old = model.get_submodule(path)

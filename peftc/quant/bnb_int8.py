@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from peftc.config.spec import at_least, param
 from peftc.quant import register
 from peftc.quant.base import QuantBackend, QuantizedSpec, add_bytes, tensor_bytes
-from peftc.spec import at_least, param
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftc.graph import ModuleInfo
+    from peftc.planning.graph import ModuleInfo
 
 
 @dataclass
@@ -53,7 +53,7 @@ class BnbInt8(QuantBackend):
         import bitsandbytes as bnb
         from torch import nn
 
-        from peftc.model import _replace_module
+        from peftc.runtime.model import _replace_module
 
         for path in paths:
             old = model.get_submodule(path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peftc.config.spec import SpecNode
 from peftc.quant import register
 from peftc.quant.base import QuantBackend
-from peftc.spec import SpecNode
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from peftc.spec import TrainerSpec
+    from peftc.config.spec import TrainerSpec
 
 
 def prepare_for_training(model: nn.Module, quant_spec: Any, trainer: TrainerSpec) -> nn.Module:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftc.errors import ConfigError
-from peftc.memory import DTYPE_BYTES
+from peftc.planning.memory import DTYPE_BYTES
 from peftc.quant import register
 from peftc.quant.base import FOUR_BIT_MERGE_REFUSAL, QuantBackend, QuantizedSpec, add_bytes, leaf_tensors, tensor_bytes
 
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftc.graph import ModuleInfo
-    from peftc.spec import RunSpec
+    from peftc.config.spec import RunSpec
+    from peftc.planning.graph import ModuleInfo
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Quanto(QuantBackend):
         from optimum.quanto import qtypes
         from optimum.quanto.nn import quantize_module
 
-        from peftc.model import _replace_module
+        from peftc.runtime.model import _replace_module
 
         for path in paths:
             layer = quantize_module(model.get_submodule(path), weights=qtypes[self.qtype])

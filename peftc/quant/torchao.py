@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from peftc.graph import ModuleInfo
+    from peftc.planning.graph import ModuleInfo
 
 
 @dataclass

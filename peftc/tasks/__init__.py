@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from peftc.config.registry import Registry
 from peftc.errors import AdapterFileError
-from peftc.registry import Registry
 from peftc.tasks.base import Task
 
 REGISTRY: Registry[Task] = Registry("task", __name__)

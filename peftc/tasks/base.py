@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
 
-    from peftc.spec import RunSpec, SpecNode
+    from peftc.config.spec import RunSpec, SpecNode
 
 
 class Task:
@@ -49,7 +49,7 @@ class Task:
         return None
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
-        from peftc.data import load_splits
+        from peftc.training.data import load_splits
 
         extra = method_fields(run)
         train_rows, val_rows = load_splits(

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from peftc.data import load_splits
+from peftc.config.spec import RunSpec, SpecNode, at_least, param
 from peftc.errors import DataError
-from peftc.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
 from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
 from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
 from peftc.tasks.lm_loss import next_token_loss
+from peftc.training.data import load_splits
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peftc.spec import RunSpec, SpecNode, greater_than, one_of, param
+from peftc.config.spec import RunSpec, SpecNode, greater_than, one_of, param
 from peftc.tasks import register
 from peftc.tasks.base import Task
 from peftc.tasks.common import batches, encoded_batch, to_device, token_fields, tokenize

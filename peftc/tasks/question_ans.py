@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from peftc.config.spec import RunSpec, SpecNode, at_least, param
 from peftc.errors import ConfigError
-from peftc.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
 from peftc.tasks.base import Task
 from peftc.tasks.common import batches, encoded_batch, pad, to_device, token_fields

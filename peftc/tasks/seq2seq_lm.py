@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from peftc.spec import RunSpec, SpecNode, at_least, param
+from peftc.config.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
 from peftc.tasks.base import Task
 from peftc.tasks.common import IGNORE_INDEX, batches, encoded_batch, pad, to_device, token_fields, tokenize

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from peftc.config.spec import RunSpec, SpecNode, param
 from peftc.errors import ConfigError
-from peftc.spec import RunSpec, SpecNode, param
 from peftc.tasks import register
 from peftc.tasks.common import (
     IGNORE_INDEX,

@@ -1,0 +1,233 @@
+"""`python -m peftc [overrides]` (and the `peftc` console script).
+
+Before Hydra runs, every job's overrides are composed and checked, so a typo, a wrong type or
+an out-of-range value is one clean message on stderr and exit status 2, with no traceback
+(set HYDRA_FULL_ERROR=1 for one) and nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, import_registries
+from peftc.config.spec import RunSpec, to_spec
+from peftc.errors import PeftcError
+
+# Hydra flags that take a value, and flags that stop before any job runs.
+_VALUE_FLAGS = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--cfg",
+    "-c",
+}
+_INSPECT_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+}
+
+
+def main() -> None:
+    import_registries()
+    argv = sys.argv[1:]
+    try:
+        argv = with_adapter_task(argv)
+    except PeftcError as exc:
+        fail(exc)
+    sys.argv[1:] = argv
+    if not any(a.split("=")[0] in _INSPECT_FLAGS for a in argv):
+        try:
+            preflight(argv)
+        except PeftcError as exc:
+            fail(exc)
+    hydra_main()
+    report_failed_jobs()
+
+
+def with_adapter_task(argv: list[str]) -> list[str]:
+    """With `adapter=DIR`, the task (and its saved settings) follow the adapter unless task= is given."""
+    if not any(a.startswith("adapter=") for a in argv):
+        return argv
+    from peftc.cli.actions import adapter_overrides
+
+    overrides, _ = split_argv(argv)
+    flags = [a for a in argv if a not in overrides]
+    return flags + adapter_overrides(overrides)
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate every job of this invocation before anything runs (with the user's
+    config directories and primary config name, as Hydra will).
+
+    `explain=true` prints where each value came from and `-m ... dry_run=true` previews the
+    whole sweep; both exit here, before Hydra launches anything.
+    """
+    overrides, multirun = split_argv(argv)
+    search, config_name = search_options(argv)
+    jobs = [check_job(job, search, config_name) for job in (expand_jobs(overrides) if multirun else [overrides])]
+    valid = [job.spec for job in jobs if job.spec is not None]
+    if any(spec.explain for spec in valid):
+        from peftc.cli.explain import print_explanations
+
+        print_explanations([job.overrides for job in jobs])
+        sys.exit(0)
+    if multirun and (any(spec.dry_run for spec in valid) or _asks_dry_run(overrides)):
+        from peftc.cli.preview import preview
+
+        sys.exit(preview(jobs))
+    for job in jobs:
+        if job.error is not None:
+            if multirun:
+                job.error.args = (f"sweep job ({' '.join(job.overrides) or 'defaults'}): {job.error}",)
+            raise job.error
+
+
+@dataclass
+class CheckedJob:
+    overrides: list[str]
+    spec: RunSpec | None
+    error: PeftcError | None
+
+
+def check_job(overrides: list[str], search: list[str] = (), config_name: str = CONFIG_NAME) -> CheckedJob:
+    try:
+        return CheckedJob(overrides, to_spec(compose([*search, *overrides], config_name=config_name)), None)
+    except PeftcError as exc:
+        return CheckedJob(overrides, None, exc)
+
+
+def _asks_dry_run(overrides: list[str]) -> bool:
+    return any(o.lstrip("+").lower() in ("dry_run=true", "dry_run=1") for o in overrides)
+
+
+def report_failed_jobs() -> None:
+    """After a multirun whose summary recorded failed jobs: say so and exit with status 1."""
+    from peftc.cli import sweep
+
+    if sweep.last_failures:
+        jobs = ", ".join(str(r.get("job")) for r in sweep.last_failures)
+        print(f"error: {len(sweep.last_failures)} sweep job(s) failed ({jobs}); see sweep_summary.csv", file=sys.stderr)
+        sys.exit(1)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """Job overrides (without Hydra's own flags and hydra.* settings) and whether -m was given."""
+    overrides, multirun, skip = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg.startswith("-"):
+            skip = arg in _VALUE_FLAGS and "=" not in arg
+        elif not arg.lstrip("+~").startswith(("hydra.", "hydra/", "hydra=")):
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def search_options(argv: list[str]) -> tuple[list[str], str]:
+    """Hydra's search-path settings of this command line as compose overrides, and the primary
+    config name: `--config-dir D` (and `--config-path D`) add D to the search path, as does
+    `hydra.searchpath=[...]`; `--config-name N` picks the primary config."""
+    dirs: list[str] = []
+    searchpath: list[str] = []
+    config_name = CONFIG_NAME
+    for index, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        value = inline if inline else (argv[index + 1] if index + 1 < len(argv) else "")
+        if flag in ("--config-dir", "-cd", "--config-path", "-cp") and value:
+            dirs.append(value if "://" in value else f"file://{os.path.abspath(value)}")
+        elif flag in ("--config-name", "-cn") and value:
+            config_name = value
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            searchpath.append(arg.lstrip("+"))
+    if dirs:
+        return [f"hydra.searchpath=[{','.join(dirs)}]", *searchpath], config_name
+    return searchpath, config_name
+
+
+def expand_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job a basic-sweeper multirun would launch."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from peftc.config.compose import compose_error
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise compose_error(exc) from exc
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def fail(exc: PeftcError) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
+def hydra_main(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from peftc.cli.run import execute
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run = to_spec(cfg)
+        output_dir = Path(run.output_dir) if run.output_dir else Path(hydra_cfg.runtime.output_dir)
+        return execute(run, output_dir)
+    except PeftcError as exc:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            print(f"error: {exc}", file=sys.stderr)
+            return {"status": "failed", "error": str(exc)}
+        fail(exc)
+    except Exception as exc:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # One broken job is a row of the sweep summary, not the end of the sweep.
+        return failed_job(exc, Path(hydra_cfg.runtime.output_dir))
+
+
+def failed_job(exc: Exception, job_dir: Path) -> dict[str, Any]:
+    import traceback
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    message = f"{type(exc).__name__}: {exc}"
+    print(f"error: job failed: {message} (traceback in {job_dir / 'error.txt'})", file=sys.stderr)
+    return {"status": "failed", "error": message}
+
+
+if __name__ == "__main__":
+    main()

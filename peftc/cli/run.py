@@ -1,0 +1,130 @@
+"""One job: spec -> plan -> (dry run | materialize, train, save), or an eval/predict action
+(peftc.cli.actions). The CLI and sweeps call this.
+
+Everything that can fail on bad input (the resume checkpoint, the data files, the model
+directory, memory) is checked before the first file is written, so a failed job leaves its
+output directory as it found it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from peftc.config.spec import RunSpec
+from peftc.files.atomic import write_text_atomic
+from peftc.planning import planner
+from peftc.planning.plan import Plan
+from peftc.planning.render import print_plan
+
+PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.json"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+
+__all__ = ["execute", "is_global_zero", "train", "write_text_atomic"]
+
+
+def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
+    """Run one job; returns a summary row (plan facts, final metrics, wall time)."""
+    started = time.perf_counter()
+    if run.action != "train":
+        from peftc.cli.actions import run_action
+
+        summary = run_action(run, output_dir)
+        return {**summary, "wall_time_s": round(time.perf_counter() - started, 3)}
+    plan = planner.plan(run)
+    # Under a multi-process strategy every rank runs this job; only rank 0 prints and writes.
+    lead = is_global_zero()
+    if lead:
+        print_plan(plan)
+    summary: dict[str, Any] = {
+        "fingerprint": plan.fingerprint,
+        "trainable_params": plan.trainable_params,
+        "total_params": plan.total_params,
+        "memory_estimate_bytes": plan.memory.total,
+    }
+    if run.dry_run:
+        return {**summary, "status": "planned"}
+    metrics = train(plan, output_dir)
+    summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
+    if not is_global_zero():
+        return summary
+    write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
+    print(f"done in {summary['wall_time_s']:.1f}s: {shown}\nadapter saved to {output_dir / ADAPTER_DIR}")
+    return summary
+
+
+def train(plan: Plan, output_dir: Path) -> dict[str, float]:
+    import lightning as L
+
+    from peftc.cli.actions import sample_predictions, write_predictions
+    from peftc.files.checkpoints import check_resumable, find_checkpoint
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.runtime.materialize import materialize
+    from peftc.training.lightning import dataloaders, fit
+
+    run = plan.spec
+    resume = find_checkpoint(run.resume) if run.resume else None
+    if resume is not None:
+        check_resumable(resume, plan.fingerprint, run.to_dict())
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    tokenizer = load_tokenizer(run.model)
+    loaders = dataloaders(plan, tokenizer)
+    model = materialize(plan)
+    if is_global_zero():  # under a multi-process strategy only rank 0 writes
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
+    metrics = fit(model, plan, output_dir, loaders, resume)
+    if not is_global_zero():
+        return metrics
+    if run.predict_samples:
+        # what the trained model predicts before saving: a reloaded adapter must predict the same
+        write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
+    model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
+    if run.save_merged:
+        merged = merged_model(model, plan)
+        merged.save_pretrained(output_dir / MERGED_DIR)
+        tokenizer.save_pretrained(output_dir / MERGED_DIR)
+    return metrics
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 of its job (always, without a multi-process strategy).
+
+    Lightning's rank (set by the strategy once processes are connected) wins; before that, the
+    launcher's environment: RANK (torchrun, SLURM setups) or NODE_RANK/LOCAL_RANK (Lightning's
+    own subprocess launcher starts ranks > 0 with LOCAL_RANK set)."""
+    import os
+    import sys
+
+    if "lightning" in sys.modules:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return False
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "NODE_RANK", "LOCAL_RANK"))
+
+
+def merged_model(model: Any, plan: Plan) -> Any:
+    """The trained adapter folded into a plain transformers model.
+
+    A quantized base is not merged into (requantizing rounds the update; 4-bit backends refuse):
+    the adapter goes into the unquantized base rebuilt from `model.*` instead, which is exact.
+    """
+    if plan.quantization is None or not plan.quantization.modules:
+        return model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
+    from peftc import tasks
+    from peftc.files.load import fill
+    from peftc.planning import model_source
+    from peftc.runtime.materialize import materialize
+
+    tensors = {k: t.detach().clone() for k, t in model.adapter_state_dict(plan.adapter_name).items()}
+    task = tasks.get(plan.task)
+    base = model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+    plain = materialize(plan, base.requires_grad_(False), adapter_name=plan.adapter_name, init=False)
+    fill(plain, plan.adapter_name, tensors)
+    return plain.merge_and_unload(safe_merge=True)

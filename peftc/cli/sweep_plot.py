@@ -1,0 +1,91 @@
+"""The sweep plot: the metric against the swept value(s), trainable parameters beside it.
+
+One swept key: the metric as a line over its values, trainable parameters as bars on a second
+axis.
+Two: one line per value of the second key. More: one point per job, labelled by its values.
+matplotlib is an optional dependency (`pip install 'peftc[plot]'`); without it the CSV and the
+terminal table are still written and a one-line message says how to get the plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftc.cli.sweep import metric_of, parse_overrides
+
+
+def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> bool:
+    """Write the plot; False (with a message) when matplotlib is missing or nothing to plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("sweep plot skipped: matplotlib is not installed (pip install 'peftc[plot]')")
+        return False
+    if all(metric_of(r, metric) is None for r in rows):
+        metric = "train_loss"
+    values = [parse_overrides(r["overrides"].split()) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    params_ax = ax.twinx()
+    if len(keys) in (1, 2):
+        x_key = keys[0]
+        x_labels = _ordered([v.get(x_key, "") for v in values])
+        groups = _ordered([v.get(keys[1], "") for v in values]) if len(keys) == 2 else [""]
+        for index, group in enumerate(groups):
+            members = [(r, v) for r, v in zip(rows, values) if len(keys) == 1 or v.get(keys[1], "") == group]
+            xs = [x_labels.index(v.get(x_key, "")) for _, v in members]
+            label = f"{keys[1]}={group}" if len(keys) == 2 else metric
+            offset = (index - (len(groups) - 1) / 2) * 0.8 / len(groups)
+            _draw(ax, params_ax, xs, [r for r, _ in members], metric, f"C{index}", label, offset, 0.8 / len(groups))
+        ax.set_xticks(range(len(x_labels)), x_labels)
+        ax.set_xlabel(x_key)
+    else:
+        labels = [" ".join(f"{k}={v.get(k, '')}" for k in keys) or str(r.get("job")) for r, v in zip(rows, values)]
+        _draw(ax, params_ax, list(range(len(rows))), rows, metric, "C0", metric, 0.0, 0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    params_ax.set_ylabel("trainable params (bars)")
+    ax.set_zorder(params_ax.get_zorder() + 1)  # the metric lines above the bars
+    ax.patch.set_visible(False)
+    ax.set_title(f"{metric} vs {', '.join(keys) or 'job'}")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _draw(
+    ax: Any,
+    params_ax: Any,
+    xs: list[int],
+    rows: list[dict[str, Any]],
+    metric: str,
+    color: str,
+    label: str,
+    offset: float,
+    width: float,
+) -> None:
+    """The metric as a line (left axis), trainable parameters as faint bars (right axis)."""
+    points = sorted(zip(xs, rows), key=lambda p: p[0])
+    ok = [(x, metric_of(r, metric)) for x, r in points if metric_of(r, metric) is not None]
+    if ok:
+        ax.plot([x for x, _ in ok], [y for _, y in ok], "o-", color=color, label=label, zorder=3)
+    params = [(x + offset, r["trainable_params"]) for x, r in points if r.get("trainable_params")]
+    if params:
+        params_ax.bar([x for x, _ in params], [p for _, p in params], width=width, color=color, alpha=0.18)
+    for x, row in points:
+        if row.get("status") == "failed":
+            ax.annotate("failed", (x, 0.02), xycoords=("data", "axes fraction"), color="red", ha="center", fontsize=8)
+
+
+def _ordered(items: list[str]) -> list[str]:
+    """Distinct values, numerically sorted when they are all numbers."""
+    distinct = list(dict.fromkeys(items))
+    try:
+        return sorted(distinct, key=float)
+    except ValueError:
+        return distinct

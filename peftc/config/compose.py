@@ -1,0 +1,148 @@
+"""The compose stage: Hydra config groups + overrides -> one composed config, and Hydra's
+errors translated into ConfigError (key, bad value, what would work, a close match)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from peftc.config.spec import unknown_key_error
+from peftc.errors import ConfigError, did_you_mean
+
+CONFIG_MODULE = "peftc.conf"
+CONFIG_NAME = "config"
+VERSION_BASE = "1.3"
+
+
+def compose_error(exc: BaseException) -> ConfigError:
+    """Translate Hydra/OmegaConf composition errors into one ConfigError naming the key."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = _root_cause(exc)
+    if isinstance(exc, MissingConfigException) or isinstance(cause, MissingConfigException):
+        return _missing_option_error(exc if isinstance(exc, MissingConfigException) else cause)
+    if isinstance(exc, OverrideParseException):
+        return ConfigError(
+            "override",
+            getattr(exc, "override", None),
+            f"cannot be parsed: {exc.message}",
+            "overrides look like key=value, group=option or +key=value",
+        )
+    if isinstance(cause, OmegaConfBaseException):
+        return _omegaconf_error(cause, str(exc))
+    return ConfigError("config", None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first OmegaConf error in the chain (Hydra wraps them, sometimes only as context)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc.__cause__ if exc.__cause__ is not None else exc
+
+
+def yaml_error(exc: BaseException) -> ConfigError:
+    """A YAML file that cannot be read: which file, where, and why (never a traceback)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{mark.name}:{mark.line + 1}" if mark is not None else "config file"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "python/" in str(problem):
+        return ConfigError(
+            where, None, f"uses a Python-object YAML tag ({problem})", "peftc reads plain YAML only; remove the tag"
+        )
+    return ConfigError(where, None, f"is not valid YAML: {problem}", "check the indentation and brackets there")
+
+
+def _omegaconf_error(cause: OmegaConfBaseException, outer: str) -> ConfigError:
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        ValidationError,
+    )
+
+    key = getattr(cause, "full_key", None) or "config"
+    schema = getattr(cause, "object_type", None)
+    message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        name = getattr(cause, "key", None) or key.rsplit(".", 1)[-1]
+        from peftc.config.safety import CODE_KEYS, code_key_error
+
+        if str(name) in CODE_KEYS:
+            return code_key_error(key)
+        return unknown_key_error(key, str(name), schema if dataclasses.is_dataclass(schema) else None)
+    if isinstance(cause, MissingMandatoryValue):
+        return ConfigError(key, None, "is required but has no value", f"set {key}=<value>")
+    if isinstance(cause, ValidationError):
+        value = message.split("'")[1] if message.count("'") >= 2 else None
+        return ConfigError(key, value, _type_problem(message, schema, key))
+    return ConfigError(key, None, message)
+
+
+def _type_problem(message: str, schema: Any, key: str) -> str:
+    match = re.search(r"could not be converted to (\w+)", message)
+    if match:
+        return f"expected {match.group(1).lower()}"
+    return message
+
+
+def _missing_option_error(exc: Any) -> ConfigError:
+    text = str(exc)
+    match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    options = (
+        re.findall(r"^\s+(\S+)\s*$", text.split("Available options", 1)[-1], re.M)
+        if "Available options" in text
+        else []
+    )
+    options = [o for o in options if not o.startswith("schema")]
+    if not match:
+        return ConfigError("config", None, text.strip().splitlines()[0])
+    group, option = match.group(1), match.group(2)
+    hint = did_you_mean(option, options)
+    allowed = "available: " + ", ".join(options) if options else None
+    return ConfigError(group, option, f"no such {group} option", "; ".join(x for x in (hint, allowed) if x))
+
+
+def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) -> DictConfig:
+    """Compose peftc's config with Hydra overrides, translating errors into ConfigError.
+
+    User config directories join through a `hydra.searchpath=[file://DIR]` override. Safe to
+    call inside a running Hydra app: the global Hydra state is saved and restored.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from yaml import YAMLError
+
+    import_registries()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise compose_error(exc) from exc
+    except YAMLError as exc:
+        raise yaml_error(exc) from exc
+    finally:
+        if backup is not None:
+            restore_gh_from_backup(backup)
+
+
+def import_registries() -> None:
+    """Import every method, task and quantization module so their schemas are registered."""
+    import peftc.methods
+    import peftc.quant
+    import peftc.tasks
+
+    for registry in (peftc.methods.REGISTRY, peftc.tasks.REGISTRY, peftc.quant.REGISTRY):
+        registry.all()

@@ -1,0 +1,290 @@
+"""Adapter files in the Hugging Face PEFT layout: adapter_config.json + adapter_model.safetensors.
+
+Tensor names follow peft's saved format: `base_model.model.<module path>.<tensor suffix>` with
+the adapter name removed (`...q_proj.lora_A.weight`), modules_to_save under the wrapped
+module's own name, prompt encoders as `prompt_embeddings`. The default adapter goes to the
+directory itself, any other adapter to a subfolder named after it. Writes are atomic: files
+are staged in a temporary directory beside the target, fsynced, then renamed into place.
+Only safetensors are read or written; pickle is never loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftc.errors import AdapterFileError
+from peftc.files.atomic import atomic_directory, recover
+from peftc.files.tensorfile import TensorEntry, load_tensors, read_header
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftc.planning.plan import Plan
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PLAN_NAME = "peftc_plan.json"
+MODEL_PREFIX = "base_model.model."
+# Prompt-learning PeftModels hold the transformers model directly as `base_model` (no tuner
+# wrapper), so peft saves their modules_to_save (e.g. a classifier head) one level up.
+PROMPT_MODEL_PREFIX = "base_model."
+_ST_DTYPES = {
+    "float32": ("F32", 4),
+    "bfloat16": ("BF16", 2),
+    "float16": ("F16", 2),
+    "float64": ("F64", 8),
+}
+ADAPTER_DTYPE = "float32"
+
+
+# ------------------------------------------------------------------------------- file layout
+def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor the adapter file will hold: saved name -> (shape, dtype)."""
+    from peftc import methods
+    from peftc.methods.base import base_weight_shape
+
+    layout: dict[str, tuple[tuple[int, ...], str]] = {}
+    MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
+    for site in plan.sites:
+        for suffix, shape in site.tensors.items():
+            layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
+        if site.options.get("save_base_weight"):
+            layout[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = (base_weight_shape(site), plan.model.dtype)
+    for module in plan.modules_to_save:
+        for name, shape in module.tensors.items():
+            layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
+    for name, shape in plan.unfrozen.items():
+        layout[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, name)}"] = (tuple(shape), plan.model.dtype)
+    if plan.prompt is not None:
+        method = methods.get(plan.method)
+        for name, shape in method.saved_prompt_tensors(plan.prompt).items():
+            layout[name] = (tuple(shape), ADAPTER_DTYPE)
+    return layout
+
+
+def model_prefix(plan: Plan) -> str:
+    """Where peft saves tensors of base-model modules for this plan's method."""
+    return PROMPT_MODEL_PREFIX if plan.prompt is not None else MODEL_PREFIX
+
+
+def unfrozen_saved_name(plan: Plan, name: str) -> str:
+    """peft saves a trained base parameter of an adapted module under its wrapper's `base_layer`."""
+    module, _, pname = name.rpartition(".")
+    return f"{module}.base_layer.{pname}" if plan.site(module) is not None else name
+
+
+def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """Exact byte size of a safetensors file with these tensors (format metadata included)."""
+    entries = sorted(layout.items(), key=lambda kv: (-_ST_DTYPES[kv[1][1]][1], kv[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in entries:
+        code, size = _ST_DTYPES[dtype]
+        count = 1
+        for dim in shape:
+            count *= dim
+        header[name] = {
+            "dtype": code,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + count * size],
+        }
+        offset += count * size
+    text = json.dumps(header, separators=(",", ":"))
+    padded = len(text) + (-len(text)) % 8
+    return 8 + padded + offset
+
+
+# ------------------------------------------------------------------------------------ saving
+def write_adapter_files(
+    directory: Path,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    plan: Plan | None = None,
+) -> None:
+    """Write one adapter's files into an (already staged) directory."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    contiguous = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    save_file(contiguous, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if plan is not None:
+        (directory / PLAN_NAME).write_text(plan.to_json() + "\n")
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """adapter_config.json as a dict, after refusing fields that could carry code."""
+    from peftc.files.screening import refuse_code
+
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        recover(Path(directory))  # a save killed mid-swap may have left the old copy aside
+    if not Path(directory).is_dir():
+        raise AdapterFileError(str(directory), "no such adapter directory")
+    if not path.is_file():
+        raise AdapterFileError(
+            str(path),
+            "missing",
+            "an adapter directory holds adapter_config.json and adapter_model.safetensors",
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFileError(str(path), "must hold a JSON object")
+    refuse_code(config, str(path))
+    if "peft_type" not in config:
+        raise AdapterFileError(str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter")
+    return config
+
+
+def weights_path(directory: str | os.PathLike[str]) -> Path:
+    """adapter_model.safetensors of an adapter directory; a pickle file is never opened."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        if (Path(directory) / PICKLE_NAME).is_file():
+            raise AdapterFileError(
+                str(Path(directory) / PICKLE_NAME),
+                "pickle adapter files are never loaded (unpickling can run arbitrary code)",
+                "convert it to adapter_model.safetensors with a tool you trust",
+            )
+        raise AdapterFileError(str(path), "missing")
+    return path
+
+
+def read_tensor_header(directory: str | os.PathLike[str]) -> dict[str, TensorEntry]:
+    """Names, dtypes and shapes of the stored tensors, checked, without reading tensor data."""
+    return read_header(weights_path(directory))
+
+
+def read_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    path = weights_path(directory)
+    return load_tensors(path, list(read_header(path)))
+
+
+def read_plan(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    path = Path(directory) / PLAN_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
+
+
+# ------------------------------------------------------------------------- model <-> tensors
+def adapter_config(plan: Plan) -> dict[str, Any]:
+    """adapter_config.json for a plan: peft's common fields plus the method's own."""
+    from peftc import methods
+    from peftc.methods.base import PEFT_COMPAT_VERSION
+
+    method = methods.get(plan.method)
+    config: dict[str, Any] = {
+        "peft_type": plan.peft_type,
+        "task_type": plan.task_type,
+        # A `pkg:` model is written as its directory so the peft package can load the base too.
+        "base_model_name_or_path": _portable_base(plan),
+        "revision": plan.spec.model.revision,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "peft_version": PEFT_COMPAT_VERSION,
+    }
+    config.update(method.peft_config(plan.spec.peft, plan))
+    return config
+
+
+def _portable_base(plan: Plan) -> str | None:
+    from peftc.planning.model_source import PACKAGE_SCHEME, package_directory
+
+    name = plan.model.name_or_path or plan.model.name
+    if name and name.startswith(PACKAGE_SCHEME):
+        return package_directory(name)
+    return name
+
+
+def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors from a PeftcModel, under peft's saved names."""
+    from peftc import methods
+
+    plan = model.plan_of(name)
+    base = model.base_model
+    tensors: dict[str, torch.Tensor] = {}
+    MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
+    for site in plan.sites:
+        layer = base.get_submodule(site.path)
+        for suffix, tensor in layer.adapter_tensors(name).items():
+            tensors[f"{MODEL_PREFIX}{site.path}.{suffix}"] = tensor
+        if site.options.get("save_base_weight"):
+            tensors[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = layer.base_layer.weight
+    for module in plan.modules_to_save:
+        wrapper = base.get_submodule(module.path)
+        for pname, tensor in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+            tensors[f"{MODEL_PREFIX}{module.path}.{pname}"] = tensor
+    for pname in plan.unfrozen:
+        tensors[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, pname)}"] = base.get_parameter(pname)
+    if plan.prompt is not None:
+        tensors.update(methods.get(plan.method).prompt_tensors(model.prompt_encoders[name]))
+    return tensors
+
+
+def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
+    """Write adapters atomically: `default` at the root, every other name in a subfolder."""
+    from safetensors import SafetensorError
+
+    for name in names:
+        model.plan_of(name)
+    try:
+        with atomic_directory(directory) as staging:
+            for name in names:
+                plan = model.plan_of(name)
+                tensors = adapter_tensors(model, name)
+                check_layout(plan, tensors)
+                write_adapter_files(
+                    staging if name == "default" else staging / name,
+                    adapter_config(plan),
+                    tensors,
+                    plan,
+                )
+    except OSError as exc:
+        raise write_error(directory, exc) from exc
+    except SafetensorError as exc:  # safetensors reports I/O failures as its own error ("os error 28")
+        code = re.search(r"os error (\d+)", str(exc))
+        raise write_error(directory, OSError(int(code.group(1)) if code else errno.EIO, str(exc))) from exc
+    return directory
+
+
+def write_error(target: Path, exc: OSError) -> AdapterFileError:
+    """A failed write, said plainly; the previous content of `target` is untouched."""
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    kept = "the previous adapter there is unchanged" if Path(target).exists() else "nothing was written"
+    return AdapterFileError(
+        str(target), f"cannot be written: {reason}", f"{kept}; free space or choose another output_dir"
+    )
+
+
+def check_layout(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The tensors written must be exactly the ones the plan promised (names and shapes)."""
+    expected = {k: shape for k, (shape, _) in saved_layout(plan).items()}
+    actual = {k: tuple(t.shape) for k, t in tensors.items()}
+    if expected != actual:
+        missing = sorted(set(expected) - set(actual))[:3]
+        extra = sorted(set(actual) - set(expected))[:3]
+        raise RuntimeError(
+            f"internal error: adapter tensors differ from the plan (missing {missing}, unexpected {extra})"
+        )

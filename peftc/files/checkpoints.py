@@ -1,0 +1,215 @@
+"""Checkpoints and resume: small, atomic, exact, and refused when they belong to another plan.
+
+A checkpoint (Lightning's format, loadable with `torch.load(weights_only=True)`) holds only the
+trainable tensors, the optimizer and scheduler state, the loop progress, the data position and
+the RNG states, plus `peftc_fingerprint` (the plan's fingerprint) and `peftc_spec`. It is written
+to `<output>/checkpoints/last.ckpt` every `trainer.checkpoint_every_n_steps` optimizer steps and
+at the first step boundary after SIGTERM (then the run stops and exits with status 143). Each
+write goes to a temp file beside the target, is fsynced and renamed, so a kill mid-write leaves
+the previous checkpoint.
+
+Resuming (`resume=<checkpoint or run dir>`) first reads the checkpoint memory-mapped and compares
+fingerprints: a checkpoint of another plan is refused before the base model or any tensor is
+loaded. The data order is a function of (seed, epoch) and the sampler skips the batches the
+checkpoint already consumed, so a resumed run continues with exactly the batches, dropout masks
+and optimizer state an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, DistributedSampler
+
+from peftc.errors import ConfigError
+from peftc.files.atomic import write_file_atomic
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+
+# ---------------------------------------------------------------------------------- writing
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temp file beside the target, fsync, rename (Lightning stages in memory
+    and moves without fsync; Lightning#19970, #21253)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        write_file_atomic(Path(path), lambda fh: torch.save(checkpoint, fh))
+
+
+class StepCheckpoint(Callback):
+    """Save last.ckpt every N optimizer steps, and at the next step boundary after SIGTERM.
+
+    While training runs this callback owns SIGTERM: the handler only sets a flag, and the flag
+    is acted on after the optimizer step, never mid-step or mid-accumulation. (Lightning's own
+    handler would raise at the end of any batch, racing the checkpoint; Lightning#21407.)
+    """
+
+    def __init__(self, directory: Path, every_n_steps: int, loader: ResumableLoader | None) -> None:
+        self.path = Path(directory) / CHECKPOINT_DIR / LAST
+        self.every_n_steps = every_n_steps
+        self.loader = loader
+        self.interrupted_at: int | None = None
+        self.sigterm = False
+        self._seen_step = 0
+        self._previous_handler: Any = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._seen_step = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._restore_handler()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore_handler()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.loader is not None:
+            self.loader.batches_done = batch_idx + 1
+        step = trainer.global_step
+        if step == self._seen_step:
+            return  # mid gradient accumulation: not a step boundary
+        self._seen_step = step
+        stop = self.sigterm
+        if stop or (self.every_n_steps and step % self.every_n_steps == 0):
+            trainer.save_checkpoint(self.path)
+        if stop:
+            self.interrupted_at = step
+            trainer.should_stop = True
+
+
+# ------------------------------------------------------------------------------------ data
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler's shuffled order (randperm(n) seeded with seed + epoch, padded and dealt
+    out rank::world), with the rank and world size read when iterated: the loader is built before
+    the processes join. Being a DistributedSampler, Lightning keeps it instead of wrapping it in
+    a second shuffle, so k processes with batch b see the same examples per step as one process
+    with batch k*b. After a resume it skips the examples the checkpoint had consumed in that epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        super().__init__(range(size), num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self._skip: tuple[int, int] | None = None  # (epoch, examples of this rank to skip)
+
+    def skip(self, epoch: int, examples: int) -> None:
+        self._skip = (epoch, examples)
+
+    def _join_world(self) -> None:
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        self.num_replicas, self.rank = world, rank
+        self.num_samples = math.ceil(len(self.dataset) / world)
+        self.total_size = self.num_samples * world
+
+    def __iter__(self) -> Iterator[int]:
+        self._join_world()
+        order = list(super().__iter__())
+        skip, self._skip = self._skip, None
+        if skip is not None and skip[0] == self.epoch:
+            order = order[skip[1] :]
+        return iter(order)
+
+    def __len__(self) -> int:
+        self._join_world()
+        return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning stores in checkpoints (the `_Stateful` protocol)."""
+
+    batches_done = 0  # batches of the current epoch already trained on (set by StepCheckpoint)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(self.batches_done)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.batches_done = int(state["batches_done"])
+        self.sampler.skip(int(state["epoch"]), self.batches_done * int(self.batch_size))
+
+
+# ---------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (dropout), as weights_only-safe plain data."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------- resuming
+def find_checkpoint(value: str) -> Path:
+    """The checkpoint a `resume=` value names: a file, or a run directory holding one."""
+    path = Path(value).expanduser()
+    for candidate in (path, path / CHECKPOINT_DIR / LAST, path / LAST):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        "resume",
+        value,
+        "no checkpoint there",
+        f"give a .ckpt file or a run directory holding {CHECKPOINT_DIR}/{LAST}",
+    )
+
+
+def check_resumable(path: Path, fingerprint: str, spec: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint written for another plan. Reads it memory-mapped with the safe
+    unpickler: no tensor data is read and nothing is loaded into any model."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # any unreadable file: torch raises many types here
+        raise ConfigError("resume", str(path), f"cannot be read as a checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(checkpoint, dict) or "peftc_fingerprint" not in checkpoint:
+        raise ConfigError("resume", str(path), "is not a peftc checkpoint (no peftc_fingerprint)")
+    if checkpoint["peftc_fingerprint"] != fingerprint:
+        changes = spec_changes(checkpoint.get("peftc_spec") or {}, spec)
+        raise ConfigError(
+            "resume",
+            str(path),
+            "was written by a different plan" + (f" ({changes})" if changes else ""),
+            "resume with the config that wrote it, or start a new run without resume",
+        )
+
+
+def spec_changes(before: Mapping[str, Any], after: Mapping[str, Any], limit: int = 3) -> str:
+    """'trainer.lr: 0.003 -> 0.001, ...' for the keys that differ between two plain specs."""
+    flat_before, flat_after = _flatten(before), _flatten(after)
+    keys = sorted(k for k in set(flat_before) | set(flat_after) if flat_before.get(k) != flat_after.get(k))
+    keys = [k for k in keys if k not in ("resume", "output_dir", "dry_run")]
+    shown = [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        flat: dict[str, Any] = {}
+        for key, child in value.items():
+            flat.update(_flatten(child, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}

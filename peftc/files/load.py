@@ -1,0 +1,336 @@
+"""Loading adapters back: ours and those the peft package saved.
+
+The adapter_config.json is screened (fields that could carry code are refused, unknown ones
+dropped with a warning) and becomes a spec, which is validated and planned against the live
+base model. The safetensors header is checked against the plan before any tensor data is read
+(and before any adapter memory is allocated): missing, unexpected or mis-shaped tensors are
+errors by default (strict); `strict=False` loads what fits and records a `LoadReport` in
+`model.load_reports[name]`. Non-finite values and non-float tensors are always errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc import methods, tasks
+from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, check_adapter_name, validate
+from peftc.errors import AdapterFileError, ConfigError
+from peftc.files import adapter_files
+from peftc.files.screening import screen
+from peftc.files.tensorfile import FLOAT_DTYPES, TensorEntry, load_tensors
+from peftc.planning import planner
+from peftc.planning.graph import graph_of
+from peftc.runtime.materialize import materialize
+from peftc.runtime.model import PeftcModel
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a lenient load could not use: tensors the plan needs that the file lacks (they keep
+    the method's initial values), tensors the file has that the plan does not use, and tensors
+    whose shape differs (skipped). Empty for every strict load."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # (name, in file, expected)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.missing)} missing (e.g. {self.missing[0]})" if self.missing else "",
+            f"{len(self.unexpected)} unexpected (e.g. {self.unexpected[0]})" if self.unexpected else "",
+            f"{len(self.mismatched)} mis-shaped (e.g. {self.mismatched[0][0]} is {self.mismatched[0][1]}, "
+            f"expected {self.mismatched[0][2]})"
+            if self.mismatched
+            else "",
+        ]
+        return ", ".join(p for p in parts if p) or "all tensors loaded"
+
+
+def load_adapter(
+    base_or_directory: nn.Module | str | os.PathLike[str],
+    directory: str | os.PathLike[str] | None = None,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    strict: bool = True,
+) -> PeftcModel:
+    """Load an adapter directory onto a base model (or, given only a directory, onto the base
+    model it names: peftc's saved plan if present, else `base_model_name_or_path`).
+
+    Passing a PeftcModel adds the adapter beside the ones it has (not activated if others are).
+    Nothing is changed unless the whole adapter loads. `strict=False` tolerates missing,
+    unexpected and mis-shaped tensors and reports them in `model.load_reports[adapter_name]`.
+    """
+    if directory is None:
+        directory, base = base_or_directory, None
+    else:
+        base = base_or_directory
+    check_adapter_name("adapter_name", adapter_name)
+    if isinstance(base, PeftcModel) and adapter_name in base.plans:
+        raise ConfigError("adapter_name", adapter_name, "an adapter with this name already exists", "pick another name")
+    directory = Path(directory)
+    source = str(directory / adapter_files.CONFIG_NAME)
+    raw = adapter_files.read_config(directory)
+    method = methods.for_peft_type(raw["peft_type"], source)
+    config = screen(raw, source, method.schema)
+    task = tasks.for_task_type(config.get("task_type"), source)
+    header = adapter_files.read_tensor_header(directory)
+    peft_spec = _peft_spec(method, config, source)
+    saved_model, task_spec, data_spec = _saved_specs(directory, task)
+    if saved_model is None:
+        task_spec = task.spec_from_saved(task_spec, header)  # e.g. a peft-saved head's label count (shapes only)
+    model_spec = None
+    if base is None:
+        base, model_spec = _base_for(directory, config, task, saved_model, task_spec)
+        base = _quantized_like_saved(directory, base)
+    live = base.base_model if isinstance(base, PeftcModel) else base
+    run = RunSpec(
+        peft=peft_spec,
+        task=task_spec,
+        quant=_quant_spec(live),
+        model=model_spec or _model_spec(live, config),
+        data=data_spec,
+        trainer=TrainerSpec(),
+        adapter_name=adapter_name,
+    )
+    plan = planner.plan(run, graph_of(live), strict_targets=False)
+    weights = directory / adapter_files.WEIGHTS_NAME
+    report, usable = compare(weights, plan, _without_peft_artifacts(plan, header))
+    if strict and report:
+        raise _strict_error(weights, report)
+    tensors = load_tensors(weights, usable)
+    _check_finite(weights, tensors)
+    previous = list(base.active_adapters) if isinstance(base, PeftcModel) else []
+    model = materialize(plan, base, adapter_name=adapter_name, init=bool(report))
+    fill(model, adapter_name, tensors)
+    model.load_reports[adapter_name] = report
+    if report:
+        warnings.warn(f"{weights}: loaded leniently: {report.summary()}", UserWarning, stacklevel=2)
+    if previous:
+        model.set_adapter(previous)
+    if not is_trainable:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors (peft names) into the live adapter; names absent from `tensors` keep
+    their current values (a lenient load)."""
+    plan = model.plan_of(name)
+    method = methods.get(plan.method)
+    # Prompt tensors are encoder outputs, not parameters: the encoder loads them itself.
+    prompt_names = set(method.saved_prompt_tensors(plan.prompt)) if plan.prompt is not None else set()
+    own = {k: t for k, t in adapter_files.adapter_tensors(model, name).items() if k not in prompt_names}
+    with torch.no_grad():
+        for key, target in own.items():
+            if key in tensors:
+                target.copy_(tensors[key].to(dtype=target.dtype, device=target.device))
+    present = {k: tensors[k] for k in prompt_names if k in tensors}
+    if present:
+        method.load_prompt_tensors(model.prompt_encoders[name], present)
+
+
+def compare(path: Path, plan: Any, header: dict[str, TensorEntry]) -> tuple[LoadReport, list[str]]:
+    """The file's declared tensors against the plan's layout: a report of what does not fit,
+    and the names that can be loaded. Non-float tensors are refused here (no report can help)."""
+    expected = adapter_files.saved_layout(plan)
+    for key in sorted(set(expected) & set(header)):
+        if header[key].dtype not in FLOAT_DTYPES:
+            raise AdapterFileError(
+                str(path),
+                f"{key} has dtype {header[key].dtype}; adapter tensors are floating point",
+                "the file was not written by a PEFT tool, or is corrupt",
+            )
+    mismatched = tuple(
+        (key, header[key].shape, tuple(expected[key][0]))
+        for key in sorted(set(expected) & set(header))
+        if header[key].shape != tuple(expected[key][0])
+    )
+    report = LoadReport(
+        missing=tuple(sorted(set(expected) - set(header))),
+        unexpected=tuple(sorted(set(header) - set(expected))),
+        mismatched=mismatched,
+    )
+    bad = {m[0] for m in mismatched}
+    return report, [k for k in expected if k in header and k not in bad]
+
+
+def _strict_error(path: Path, report: LoadReport) -> AdapterFileError:
+    if report.missing:
+        return AdapterFileError(
+            str(path),
+            f"{len(report.missing)} tensors the adapter config implies are missing, e.g. {report.missing[0]}",
+            "the file is incomplete or belongs to another config (strict=False loads it anyway)",
+        )
+    if report.unexpected:
+        return AdapterFileError(
+            str(path),
+            f"{len(report.unexpected)} tensors do not belong to this adapter, e.g. {report.unexpected[0]}",
+            "the file and adapter_config.json do not match (strict=False ignores them)",
+        )
+    key, found, wanted = report.mismatched[0]
+    return AdapterFileError(
+        str(path),
+        f"{key} has shape {found}, expected {wanted}",
+        "the adapter was made for a different base model or config",
+    )
+
+
+def _without_peft_artifacts(plan: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Drop the extra copies peft writes with bias='all' for modules_to_save.
+
+    peft collects every '*.bias' of the model for bias='all', including the wrapper's inner
+    `<module>.original_module.bias` (the untrained original) and `<module>.modules_to_save.bias`
+    (the same tensor as the saved `<module>.bias`); neither carries information of its own.
+    """
+    if not plan.unfrozen or not plan.modules_to_save:
+        return tensors
+    inner = tuple(
+        f"{adapter_files.MODEL_PREFIX}{m.path}.{part}."
+        for m in plan.modules_to_save
+        for part in ("original_module", "modules_to_save")
+    )
+    return {k: v for k, v in tensors.items() if not k.startswith(inner)}
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(
+                str(path), f"{key} contains NaN or Inf values", "the adapter is broken; retrain or restore it"
+            )
+
+
+def _peft_spec(method: Any, config: dict[str, Any], source: str) -> Any:
+    """The method's spec from the screened config, with every field check applied."""
+    try:
+        spec = method.spec_from_peft_config(config)
+        validate(spec, "adapter_config", cross=False)
+    except ConfigError as exc:
+        raise AdapterFileError(source, f"invalid value: {exc}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise AdapterFileError(source, f"a field has the wrong type ({exc})") from exc
+    return spec
+
+
+def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any, DataSpec]:
+    """The model, task and data specs from peftc's plan beside the adapter, when there is one
+    (the data settings, e.g. max_length, are what predictions with the adapter should use)."""
+    from peftc.files.screening import refuse_code
+
+    source = str(directory / adapter_files.PLAN_NAME)
+    saved = (adapter_files.read_plan(directory) or {}).get("spec", {})
+    refuse_code(saved, source)
+    try:
+        model = ModelSpec(**saved["model"]) if isinstance(saved.get("model"), dict) else None
+        task_spec = task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
+        data_fields = {f.name for f in dataclasses.fields(DataSpec)}
+        data = DataSpec(**{k: v for k, v in (saved.get("data") or {}).items() if k in data_fields})
+        if model is not None:
+            validate(model, "spec.model")
+        validate(task_spec, "spec.task", cross=False)
+        validate(data, "spec.data", cross=False)
+    except ConfigError as exc:
+        raise AdapterFileError(source, f"invalid value: {exc}") from exc
+    except TypeError as exc:
+        raise AdapterFileError(source, f"does not describe a model/task peftc understands ({exc})") from exc
+    return model, task_spec, data
+
+
+def _base_for(
+    directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any
+) -> tuple[nn.Module, ModelSpec]:
+    """The base model the adapter names, built with the task's head, and the spec it came from."""
+    from peftc.planning import model_source
+
+    if spec is None:
+        name = config.get("base_model_name_or_path")
+        if not name:
+            raise AdapterFileError(
+                str(directory / adapter_files.CONFIG_NAME),
+                "names no base model (base_model_name_or_path)",
+                "pass the base model: peftc.load_adapter(base_model, directory)",
+            )
+        spec = ModelSpec(name=name, name_or_path=name, revision=config.get("revision"))
+        try:
+            validate(spec, "adapter_config")
+        except ConfigError as exc:
+            raise AdapterFileError(str(directory / adapter_files.CONFIG_NAME), f"invalid value: {exc}") from exc
+    return model_source.build_model(spec, task.auto_class_name, task.config_overrides(task_spec)), spec
+
+
+def _model_spec(model: nn.Module, config: dict[str, Any]) -> ModelSpec:
+    hf = getattr(model, "config", None)
+    name = (
+        getattr(model, "name_or_path", None)
+        or getattr(hf, "_name_or_path", None)
+        or config.get("base_model_name_or_path")
+        or type(model).__name__
+    )
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return ModelSpec(
+        name=str(name),
+        name_or_path=str(name),
+        model_type=getattr(hf, "model_type", None),
+        dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+    )
+
+
+def _quant_spec(model: nn.Module) -> Any:
+    """How the live base is quantized (the backend of its quantized layers; every other Linear
+    listed in skip_modules so that planning reproduces exactly the live layout)."""
+    from peftc import quant
+    from peftc.planning.graph import _walk  # the walk graph_of does: through adapter wrappers, not into them
+    from peftc.quant.base import backend_of
+
+    owned: dict[str, Any] = {}
+    plain: list[str] = []
+    for path, module in _walk(model):
+        backend = backend_of(module)
+        if backend is not None:
+            owned.setdefault(backend.name, (backend, module))
+        elif isinstance(module, nn.Linear) and path:
+            plain.append(path)
+    if not owned:
+        return quant.get("none").schema()
+    if len(owned) > 1:
+        raise AdapterFileError(
+            "base model", f"mixes layers of several quantization backends ({', '.join(sorted(owned))})"
+        )
+    backend, layer = next(iter(owned.values()))
+    return backend.spec_of(layer, tuple(plain))
+
+
+def _quantized_like_saved(directory: Path, base: nn.Module) -> nn.Module:
+    """Quantize a rebuilt base the way the saved plan's base was (same backend, same modules)."""
+    from peftc import quant
+    from peftc.quant.prepare import upcast_unquantized
+
+    saved = adapter_files.read_plan(directory) or {}
+    layout = saved.get("quantization") or {}
+    if not layout.get("modules"):
+        return base
+    source = str(directory / adapter_files.PLAN_NAME)
+    try:
+        backend = quant.get(saved["quant"])
+        spec = backend.schema(**saved["spec"]["quant"])
+    except (KeyError, TypeError) as exc:
+        raise AdapterFileError(source, f"does not describe a quantization peftc understands ({exc})") from exc
+    backend.check_available()
+    base = backend.quantize(spec, base, tuple(layout["modules"]))
+    if getattr(spec, "float32_unquantized", False):
+        upcast_unquantized(base)
+    return base.requires_grad_(False)

@@ -1,0 +1,339 @@
+"""The LoRA adapter layer: y = base(x) + s * B A dropout(x) per active adapter (DoRA: see dora.py).
+
+Wraps nn.Linear, transformers' Conv1D (GPT-2, weight stored (in, out)), nn.Embedding and
+nn.Conv1d/2d/3d. Per adapter it holds peft's tensors under peft's names: `lora_A`/`lora_B`
+(Linear or ConvNd modules; B may carry a bias with lora_bias), `lora_embedding_A`/`_B` for
+embeddings, and `lora_magnitude_vector` for DoRA.
+
+Weights are reasoned about in *row layout* (one row per output feature): Linear and ConvNd
+weights already are; Conv1D and Embedding weights are transposed into it. Then
+dW = s * B A (convolutions: B (out, r) times A (r, in*k*k), reshaped), and merging adds dW,
+or for DoRA scales W + dW row-wise by m / ||W + dW||, remembering the norm for an exact unmerge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftc.methods.base import AdapterLayer
+from peftc.methods.lora import dora
+from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
+from peftc.methods.lora.lowrank import fused_linear, plain_linear
+
+if TYPE_CHECKING:
+    from peftc.planning.plan import Site
+
+CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+TRANSPOSED_KINDS = ("conv1d_hf", "embedding")  # weights stored (in, out)
+
+
+def meta_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """An nn.Linear on the meta device, never initialised: on meta, kaiming_uniform_ draws
+    nothing but costs ~0.2 ms through a Python decomposition, and torch's skip_init ~0.2 ms more
+    (a 70B all-linear plan creates 1,120 of these)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"))
+    layer.register_parameter("bias", nn.Parameter(torch.empty(out_features, device="meta")) if bias else None)
+    return layer
+
+
+class LoraLayer(AdapterLayer):
+    adapter_containers = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
+        super().__init__(base_layer, kind)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merge used
+
+    # ------------------------------------------------------------------------- creating
+    def create_adapter(self, name: str, site: Site, init: bool) -> None:
+        opts = site.options
+        r, scaling = opts["r"], opts["scaling"]
+        self.scaling[name] = scaling
+        self.lora_dropout[name] = nn.Dropout(opts["dropout"]) if opts["dropout"] > 0 else nn.Identity()
+        if self.kind == "embedding":
+            self._create_embedding(name, site, init and opts["init"] is not False)
+        elif self.kind in CONV_FUNCTIONS:
+            self._create_conv(name, r, opts, init)
+        else:
+            self._create_linear(name, site, r, opts, init)
+        if opts.get("dora"):
+            weight = self._base_weight()
+            with torch.no_grad():
+                lora_rows = self._lora_rows(name).to(weight.device)
+                magnitude = dora.initial_magnitude(self._rows(weight).float(), lora_rows, scaling, self.kind)
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+    def _create_embedding(self, name: str, site: Site, init: bool) -> None:
+        # peft draws both from N(0, 1) first (kept when init is false), then resets them.
+        device = self._creation_device()
+        a = nn.Parameter(torch.randn(site.options["r"], site.in_features, device=device))
+        b = nn.Parameter(torch.randn(site.out_features, site.options["r"], device=device))
+        if init:  # every truthy init is "A zero, B normal" for embeddings (peft)
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        self.lora_embedding_A[name], self.lora_embedding_B[name] = a, b
+
+    def _create_conv(self, name: str, r: int, opts: dict[str, Any], init: bool) -> None:
+        base = self.base_layer
+        conv = type(base)
+        ones = (1,) * (base.weight.dim() - 2)
+        # As peft: A copies kernel, stride and padding (not dilation); B is a 1x1 conv with base's groups.
+        device = self._creation_device()
+        a = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, device=device)
+        b = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=opts.get("lora_bias", False), device=device)
+        if init and opts["init"] is not False:
+            reset_default(a, b, opts["init"], r)
+        self.lora_A[name], self.lora_B[name] = a, b
+
+    def _create_linear(self, name: str, site: Site, r: int, opts: dict[str, Any], init: bool) -> None:
+        device = self._creation_device()
+        if device is not None:  # meta: nothing to draw, so no initialisation at all (fast plans)
+            a = meta_linear(site.in_features, r, bias=False)
+            b = meta_linear(r, site.out_features, bias=opts.get("lora_bias", False))
+        else:
+            a = nn.Linear(site.in_features, r, bias=False)
+            b = nn.Linear(r, site.out_features, bias=opts.get("lora_bias", False))
+        self.lora_A[name], self.lora_B[name] = a, b
+        family = init_family(opts["init"])
+        if family in BASE_MUTATING:
+            # Always, also when loading: the base must become the residual the adapter was trained on.
+            self._init_from_base(name, family, opts)
+        elif init and family == "orthogonal":
+            lora_a, lora_b = orthogonal(site.in_features, site.out_features, r)
+            dtype = self._base_weight().dtype  # peft rounds through the base dtype
+            a.weight.data, b.weight.data = lora_a.to(dtype).float(), lora_b.to(dtype).float()
+        elif init and family != "none" and device is None:
+            reset_default(a, b, opts["init"], r)
+
+    @torch.no_grad()
+    def _init_from_base(self, name: str, family: str, opts: dict[str, Any]) -> None:
+        """PiSSA / OLoRA: take the adapter from W and leave the residual W - s B A in the base."""
+        weight = self._base_weight()
+        rows = self._rows(weight.float())
+        r, scaling = opts["r"], opts["scaling"]
+        lora_a, lora_b = pissa(rows, r, scaling, opts["init"]) if family == "pissa" else olora(rows, r)
+        self.lora_A[name].weight.data, self.lora_B[name].weight.data = lora_a, lora_b
+        residual = rows - scaling * lora_b @ lora_a
+        self.write_base_weight(self._unrows(residual).contiguous())
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+        self._merged_norms.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+
+    def _creation_device(self) -> torch.device | None:
+        """Meta for meta models (no memory); else the CPU, drawing the same random numbers as
+        peft does (AdapterLayer.add_adapter then moves the tensors to the base's device)."""
+        device = self.base_layer.weight.device
+        return device if device.type == "meta" else None
+
+    # --------------------------------------------------------------------------- layouts
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight to compute with: the layer's own parameter, or for a quantized base its
+        float32 dequantization (a fresh copy: changes go through write_base_weight)."""
+        if self.quant_backend is not None:
+            return self.read_base_weight()
+        return self.base_layer.weight
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.kind in TRANSPOSED_KINDS else weight
+
+    _unrows = _rows  # a transpose is its own inverse
+
+    def _lora_rows(self, name: str) -> torch.Tensor:
+        """B A in row layout (without the scaling)."""
+        if self.kind == "embedding":
+            return self.lora_embedding_B[name] @ self.lora_embedding_A[name]
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if self.kind in CONV_FUNCTIONS:
+            r = a.shape[0]
+            return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self._base_weight().shape)
+        return b @ a
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A in the base weight's own layout (float32)."""
+        return self._unrows(self._delta_rows(name))
+
+    def _delta_rows(self, name: str) -> torch.Tensor:
+        if self.kind == "embedding":
+            return self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float() * self.scaling[name]
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        if self.kind in CONV_FUNCTIONS:
+            r = a.shape[0]
+            delta = (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self._base_weight().shape)
+            return delta * self.scaling[name]
+        return b @ a * self.scaling[name]
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = None if args or kwargs else self._fused_forward(x)
+        return fused if fused is not None else super().forward(x, *args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Plain LoRA on a plain nn.Linear without dropout: one fused node (lowrank.py), or None."""
+        if self.kind != "linear" or self.disabled or self.merged_adapters or not self.active_adapters:
+            return None
+        if not plain_linear(self.base_layer):
+            return None
+        scalings, factors = [], []
+        for name in self.active_adapters:
+            lora_b = self.lora_B[name]
+            if name in self.lora_magnitude_vector or lora_b.bias is not None:
+                return None
+            if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+                return None
+            scalings.append(self.scaling[name])
+            factors += [self.lora_A[name].weight, lora_b.weight]
+        return fused_linear(x, self.base_layer, scalings, factors)
+
+    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.kind == "embedding":
+            return self._embedding_output(name, x, result)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dropout, scaling = self.lora_dropout[name], self.scaling[name]
+        x = x.to(lora_a.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return result + (lora_b(lora_a(dropout(x))) * scaling).to(result.dtype)
+        # DoRA: reuse the base output when no dropout is applied, else recompute W x on dropped-out x.
+        weight = self._base_weight().to(x.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = self._without_bias(result)
+        else:
+            x = dropout(x)
+            base_out = self._bare_forward(x, weight)
+        mag_scale = dora.scale(self.lora_magnitude_vector[name], self._rows(weight), self._lora_rows(name), scaling)
+        channel = 1 if self.kind in CONV_FUNCTIONS else -1
+        delta = dora.output_delta(mag_scale, base_out, lora_b(lora_a(x)), scaling, channel)
+        return result + delta.to(result.dtype)
+
+    def _embedding_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        lora_a, lora_b, scaling = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+        after_a = F.embedding(
+            x, lora_a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        update = after_a @ lora_b.T * scaling
+        if name not in self.lora_magnitude_vector:
+            return result + update.to(result.dtype)
+        weight = self._rows(self._base_weight())
+        mag_scale = dora.scale(self.lora_magnitude_vector[name], weight, self._lora_rows(name), scaling)
+        return (mag_scale * result + mag_scale * update).to(result.dtype)
+
+    def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return result
+        shape = [1] * result.dim()
+        shape[1 if self.kind in CONV_FUNCTIONS else -1] = -1
+        return result - bias.view(shape)
+
+    def _bare_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """W x without bias (the part DoRA rescales)."""
+        if self.kind in CONV_FUNCTIONS:
+            base = self.base_layer
+            return CONV_FUNCTIONS[self.kind](x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, self._rows(weight))
+
+    def combine_adapters(
+        self, name: str, sources: Sequence[str], weights: Sequence[float], combination_type: str, **options: Any
+    ) -> None:
+        from peftc.methods.lora.combine import combine
+
+        combine(self, name, sources, weights, combination_type, **options)
+
+    # --------------------------------------------------------------------------- merging
+    def check_mergeable(self, names: Sequence[str]) -> None:
+        if self.kind in CONV_FUNCTIONS and self.base_layer.groups > 1:
+            raise ValueError(
+                f"LoRA on a grouped {type(self.base_layer).__name__} (groups>1) cannot be merged (as in peft)"
+            )
+        if any(self._has_lora_bias(n) for n in names) and getattr(self.base_layer, "bias", None) is None:
+            raise ValueError("lora_bias adapters cannot be merged into a layer without a bias (as in peft)")
+
+    def merge_targets(self, names: Sequence[str]) -> tuple[str, ...]:
+        return ("weight", "bias") if any(self._has_lora_bias(n) for n in names) else ("weight",)
+
+    def _has_lora_bias(self, name: str) -> bool:
+        return name in self.lora_B and self.lora_B[name].bias is not None
+
+    @torch.no_grad()
+    def merge_one(self, name: str) -> float:
+        if name in self.lora_magnitude_vector:
+            merged, norm = self._dora_merged(name, self._base_weight().float())
+            self._merged_norms[name] = norm
+            rounding = self.write_base_weight(merged)
+        else:
+            rounding = super().merge_one(name)
+        if self._has_lora_bias(name):
+            bias = self.base_layer.bias
+            bias.data = (bias.data.float() + self.lora_B[name].bias.float() * self.scaling[name]).to(bias.dtype)
+        return rounding
+
+    @torch.no_grad()
+    def unmerge_one(self, name: str) -> float:
+        if name in self.lora_magnitude_vector:
+            mag_scale = self.lora_magnitude_vector[name].reshape(-1).float() / self._merged_norms.pop(name)
+            rows = dora.unmerged_rows(self._rows(self._base_weight().float()), self._delta_rows(name), mag_scale)
+            rounding = self.write_base_weight(self._unrows(rows).contiguous())
+        else:
+            rounding = super().unmerge_one(name)
+        if self._has_lora_bias(name):
+            bias = self.base_layer.bias
+            bias.data = (bias.data.float() - self.lora_B[name].bias.float() * self.scaling[name]).to(bias.dtype)
+        return rounding
+
+    def forget_merge(self, name: str) -> None:
+        self._merged_norms.pop(name, None)
+
+    def _dora_merged(self, name: str, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m/n) (W_now + dW) with n = ||W + dW|| of the *unmerged* base W, as the forward sees it."""
+        delta = self._delta_rows(name)
+        norm = dora.row_norm(self._rows(self._pristine_weight()) + delta)
+        mag_scale = self.lora_magnitude_vector[name].reshape(-1).float() / norm
+        rows = dora.merged_rows(self._rows(current), delta, mag_scale)
+        return self._unrows(rows).contiguous(), norm
+
+    def _pristine_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter taken out again (float32)."""
+        if "weight" in self._premerge:
+            return self._premerge["weight"].float()
+        weight = self._base_weight().float().clone()
+        for name in reversed(self.merged_adapters):
+            if name in self._merged_norms:
+                mag_scale = self.lora_magnitude_vector[name].reshape(-1).float() / self._merged_norms[name]
+                weight = self._unrows(dora.unmerged_rows(self._rows(weight), self._delta_rows(name), mag_scale))
+            else:
+                weight = weight - self.delta_weight(name)
+        return weight
+
+    @torch.no_grad()
+    def merge_is_finite(self, names: Sequence[str]) -> bool:
+        weight = self._base_weight().float().clone()
+        bias_ok = True
+        for name in names:
+            if name not in self.site_options or name in self.merged_adapters:
+                continue
+            if name in self.lora_magnitude_vector:
+                weight = self._dora_merged(name, weight)[0]
+            else:
+                weight += self.delta_weight(name)
+            if self._has_lora_bias(name):
+                merged_bias = self.base_layer.bias.float() + self.lora_B[name].bias.float() * self.scaling[name]
+                bias_ok = bias_ok and bool(torch.isfinite(merged_bias).all())
+        return bias_ok and bool(torch.isfinite(weight).all())

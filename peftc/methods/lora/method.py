@@ -1,0 +1,331 @@
+"""LoRA: y = W x + s * B A dropout(x), with s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
+
+A (r x in) and B (out x r) are the trainable tensors per site; B starts at zero, so the default
+adapter is an exact no-op. Variants and options, all with peft 0.21.2's semantics:
+- DoRA (`use_dora`): W' = m * (W + s B A) / ||W + s B A|| row-wise, m trainable (dora.py);
+- `init_lora_weights`: true, false, gaussian, pissa, pissa_niter_K, olora (the last three move
+  the principal part of W into the adapter and leave the residual in the base), orthogonal
+  (lora_init.py);
+- `bias`: train the base biases of every module ('all') or of the adapted ones ('lora_only');
+  `lora_bias`: B gets its own bias;
+- sites: nn.Linear, GPT-2's Conv1D (W stored (in, out)), nn.Embedding, nn.Conv1d/2d/3d
+  (A copies the base conv's kernel, B is 1x1).
+The layer is lora_layer.py; adapters are combined (add_weighted_adapter) in lora_combine.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from peftc.config.spec import RunSpec, SpecNode, as_list, at_least, greater_than, in_range, mapping_of, one_of, param
+from peftc.errors import AdapterFileError, ConfigError, PlanError
+from peftc.methods import register
+from peftc.methods.base import Method, saves_embedding_weight
+from peftc.methods.common import number as _number
+from peftc.methods.common import pattern_value
+from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.lora import combine as lora_combine
+from peftc.methods.lora.dora import magnitude_shape
+from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
+from peftc.methods.lora.layer import CONV_FUNCTIONS, LoraLayer
+from peftc.planning.graph import ModelGraph, ModuleInfo
+from peftc.planning.plan import Plan, Site
+
+# adapter_config.json fields of LoRA features peftc does not implement: a file that uses one
+# would load with the wrong numbers, so it is refused instead.
+UNSUPPORTED_FIELDS = (
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+    "megatron_config",
+    "ensure_weight_tying",
+)
+# Initialisations peft can write whose trained adapter is a plain LoRA over the untouched base.
+PLAIN_ON_LOAD = ("eva",)
+
+
+@dataclass
+class LoraSpec(SpecNode):
+    r: int = param(8, "Rank of the update B A.", at_least(1))
+    lora_alpha: float = param(8, "Scale numerator: the update is multiplied by lora_alpha / r.", greater_than(0))
+    lora_dropout: float = param(0.0, "Dropout on the adapter's input.", in_range(0.0, 1.0))
+    target_modules: Any = param(
+        None,
+        "Modules to adapt: a list of names or dotted suffixes, a full-match regex string, 'all-linear', or null for the model type's default.",
+    )
+    exclude_modules: Any = param(None, "Modules never adapted: list of names/suffixes or a regex string.")
+    layers_to_transform: Any = param(None, "Only adapt these layer indices (int or list).")
+    layers_pattern: Any = param(
+        None,
+        "Name of the ModuleList holding the layers (e.g. 'layers', 'h'), used with layers_to_transform.",
+    )
+    use_rslora: bool = param(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
+    init_lora_weights: Any = param(
+        True,
+        "true: A Kaiming-uniform, B zero (no-op); 'gaussian': A ~ N(0, 1/r), B zero; false: both random (not a no-op); "
+        "'pissa' / 'pissa_niter_K': A, B from the top-r SVD of W (full, or randomised with K iterations), base keeps the residual; "
+        "'olora': A, B from the QR decomposition of W, base keeps the residual; 'orthogonal': A, B orthogonal with B A = 0.",
+    )
+    use_dora: bool = param(
+        False, "DoRA: learn a per-output-row magnitude m; W' = m (W + s B A) / ||W + s B A|| (norm detached)."
+    )
+    bias: str = param(
+        "none",
+        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'lora_only' (biases of adapted modules).",
+        one_of("none", "all", "lora_only"),
+    )
+    lora_bias: bool = param(False, "Give B its own trainable bias (merged into the base bias).")
+    rank_pattern: Any = param(
+        None,
+        "Per-module rank overrides {regex matched at the end of the module path: rank}, e.g. {q_proj: 16}.",
+        mapping_of(int, "ranks"),
+    )
+    alpha_pattern: Any = param(
+        None, "Per-module lora_alpha overrides {regex: alpha}.", mapping_of((int, float), "alphas")
+    )
+    modules_to_save: Any = param(None, "Extra modules trained in full and saved whole (e.g. a new head).")
+
+    def cross_check(self, key: str, run: RunSpec | None) -> None:
+        self._check_init(key)
+        for pattern, rank in (self.rank_pattern or {}).items():
+            if not isinstance(rank, int) or rank < 1:
+                raise ConfigError(f"{key}.rank_pattern.{pattern}", rank, "must be >= 1")
+        for pattern, alpha in (self.alpha_pattern or {}).items():
+            if not isinstance(alpha, (int, float)) or alpha <= 0:
+                raise ConfigError(f"{key}.alpha_pattern.{pattern}", alpha, "alphas must be > 0")
+        for name, patterns in (
+            ("rank_pattern", self.rank_pattern or {}),
+            ("alpha_pattern", self.alpha_pattern or {}),
+        ):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{key}.{name}", pattern, f"is not a valid regex ({exc})") from exc
+        if self.lora_bias and self.use_dora:
+            raise ConfigError(
+                f"{key}.lora_bias", True, "is not supported with DoRA (peft)", f"set {key}.use_dora=false"
+            )
+
+    def _check_init(self, key: str) -> None:
+        init = self.init_lora_weights
+        if not is_valid_init(init):
+            raise ConfigError(
+                f"{key}.init_lora_weights",
+                init,
+                "is not a supported initialisation",
+                "use true, false, gaussian, pissa, pissa_niter_<K>, olora or orthogonal",
+            )
+        if init == "orthogonal":
+            odd = {p: r for p, r in {"r": self.r, **(self.rank_pattern or {})}.items() if r % 2}
+            if odd:
+                raise ConfigError(
+                    f"{key}.init_lora_weights",
+                    init,
+                    f"needs even ranks, got {odd}",
+                    "use an even r (and even rank_pattern values)",
+                )
+        if self.lora_bias and init not in (True, False):
+            raise ConfigError(
+                f"{key}.lora_bias", True, f"only works with init_lora_weights true or false (peft), not {init!r}"
+            )
+
+
+@register
+class Lora(Method):
+    name = "lora"
+    peft_type = "LORA"
+    schema = LoraSpec
+    layer_class = LoraLayer
+    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", *CONV_FUNCTIONS})
+    default_targets = LORA_TARGETS
+    tensor_prefix = "lora_"
+    wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
+
+    def plan_site(self, spec: LoraSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
+        r = pattern_value(module.path, spec.rank_pattern or {}, spec.r)
+        alpha = pattern_value(module.path, spec.alpha_pattern or {}, spec.lora_alpha)
+        _check_site(spec, module, r)
+        scaling = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
+        options: dict[str, Any] = {
+            "r": r,
+            "alpha": alpha,
+            "scaling": scaling,
+            "dropout": spec.lora_dropout,
+            "init": spec.init_lora_weights,
+        }
+        if spec.use_dora:
+            options["dora"] = True
+        if spec.lora_bias:
+            options["lora_bias"] = True
+        if saves_embedding_weight(spec.target_modules, module, graph):
+            options["save_base_weight"] = True
+        tensors = site_tensors(module, r, dora=spec.use_dora, lora_bias=spec.lora_bias)
+        return Site(
+            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+        )
+
+    def plan_unfrozen(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
+        """bias='all': every base bias; 'lora_only': the biases of the adapted modules."""
+        if spec.bias == "none":
+            return {}
+        adapted = {s.path for s in sites}
+        unfrozen = {}
+        for module in graph.modules:
+            if spec.bias == "lora_only" and module.path not in adapted:
+                continue
+            for pname, shape in module.params:
+                if pname == "bias":
+                    unfrozen[f"{module.path}.bias" if module.path else "bias"] = shape
+        return unfrozen
+
+    def rewrites_base(self, spec: LoraSpec) -> bool:
+        return init_family(spec.init_lora_weights) in BASE_MUTATING
+
+    def weighted_adapter_spec(
+        self, names: Sequence[str], plans: Sequence[Plan], combination_type: str, svd_rank: int | None
+    ) -> LoraSpec:
+        return lora_combine.weighted_spec(names, plans, combination_type, svd_rank)
+
+    def peft_config(self, spec: LoraSpec, plan: Plan) -> dict[str, Any]:
+        return {
+            "r": spec.r,
+            "lora_alpha": _number(spec.lora_alpha),
+            "lora_dropout": spec.lora_dropout,
+            "target_modules": _jsonable_targets(spec.target_modules, plan),
+            "exclude_modules": _jsonable_targets(spec.exclude_modules, None),
+            "layers_to_transform": _plain_list(spec.layers_to_transform),
+            "layers_pattern": _plain_list(spec.layers_pattern),
+            "use_rslora": spec.use_rslora,
+            "init_lora_weights": spec.init_lora_weights,
+            "rank_pattern": dict(spec.rank_pattern or {}),
+            "alpha_pattern": {p: _number(v) for p, v in (spec.alpha_pattern or {}).items()},
+            "fan_in_fan_out": any(s.kind == "conv1d_hf" for s in plan.sites),
+            "bias": spec.bias,
+            "lora_bias": spec.lora_bias,
+            "use_dora": spec.use_dora,
+            "modules_to_save": as_list(spec.modules_to_save),
+        }
+
+    def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoraSpec:
+        unsupported = {k: config[k] for k in UNSUPPORTED_FIELDS if config.get(k)}
+        if unsupported:
+            raise AdapterFileError(
+                "adapter_config.json",
+                f"uses LoRA features peftc does not implement: {unsupported}",
+                "load it with the peft package",
+            )
+        init = config.get("init_lora_weights", True)
+        if init in PLAIN_ON_LOAD:
+            init = True
+        elif not is_valid_init(init):
+            raise AdapterFileError(
+                "adapter_config.json",
+                f"init_lora_weights={init!r} changes the base weights in a way peftc does not implement",
+                "supported: true, false, gaussian, pissa, pissa_niter_<K>, olora, orthogonal, eva",
+            )
+        return LoraSpec(
+            r=int(config.get("r", 8)),
+            lora_alpha=config.get("lora_alpha", 8),
+            lora_dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+            target_modules=config.get("target_modules"),
+            exclude_modules=config.get("exclude_modules"),
+            layers_to_transform=config.get("layers_to_transform"),
+            layers_pattern=config.get("layers_pattern"),
+            use_rslora=bool(config.get("use_rslora", False)),
+            init_lora_weights=init,
+            use_dora=bool(config.get("use_dora", False)),
+            bias=config.get("bias") or "none",
+            lora_bias=bool(config.get("lora_bias", False)),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            modules_to_save=config.get("modules_to_save"),
+        )
+
+
+def site_tensors(module: ModuleInfo, r: int, *, dora: bool, lora_bias: bool) -> dict[str, tuple[int, ...]]:
+    """peft's per-site tensor names and shapes for one module."""
+    in_f, out_f = module.in_features, module.out_features
+    if module.kind == "embedding":
+        tensors = {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}
+    elif module.kind in CONV_FUNCTIONS:
+        kernel = tuple(module.get("kernel_size"))
+        ones = (1,) * len(kernel)
+        tensors = {"lora_A.weight": (r, in_f, *kernel), "lora_B.weight": (out_f, r // module.get("groups", 1), *ones)}
+    else:
+        tensors = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
+    if lora_bias:
+        tensors["lora_B.bias"] = (out_f,)
+    if dora:
+        tensors["lora_magnitude_vector"] = magnitude_shape(module.kind, out_f)
+    return tensors
+
+
+def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
+    """Combinations peft refuses (or silently breaks on) at one module, refused while planning."""
+    family = init_family(spec.init_lora_weights)
+    init_key, where = "peft.init_lora_weights", f"{module.path} ({module.class_name})"
+    is_conv = module.kind in CONV_FUNCTIONS
+    if is_conv and family in (*BASE_MUTATING, "orthogonal"):
+        raise PlanError(
+            init_key,
+            spec.init_lora_weights,
+            f"peft supports it on Linear layers only, not {where}",
+            "exclude the conv layers or use true/gaussian",
+        )
+    if family == "olora" and module.kind == "conv1d_hf":
+        raise PlanError(
+            init_key,
+            "olora",
+            f"peft's OLoRA does not handle GPT-2's Conv1D ({where})",
+            "use pissa, or target nn.Linear layers",
+        )
+    if family in BASE_MUTATING and module.kind != "embedding" and r > min(module.in_features, module.out_features):
+        raise PlanError(
+            init_key,
+            spec.init_lora_weights,
+            f"needs r <= min(in, out) = {min(module.in_features, module.out_features)} at {where}, got r={r}",
+        )
+    if spec.lora_bias and module.kind == "embedding":
+        raise PlanError(
+            "peft.lora_bias",
+            True,
+            f"is not supported on embeddings ({where}; peft)",
+            "exclude the embedding from target_modules",
+        )
+    if is_conv and any(d != 1 for d in module.get("dilation", ())) and any(k != 1 for k in module.get("kernel_size")):
+        raise PlanError(
+            "peft.target_modules",
+            module.leaf_name,
+            f"{where} is dilated; LoRA's A conv is not (peft), so their outputs would differ in size",
+            "exclude dilated convolutions",
+        )
+    groups = module.get("groups", 1) if is_conv else 1
+    if groups > 1 and r % groups:
+        raise PlanError("peft.r", r, f"must be divisible by groups={groups} of {where} (peft)")
+    if groups > 1 and spec.use_dora:
+        raise PlanError("peft.use_dora", True, f"DoRA does not support grouped convolutions ({where})")
+
+
+def _plain_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _jsonable_targets(targets: Any, plan: Plan | None) -> Any:
+    """peft writes target_modules as a list (or a regex string); null becomes the resolved names."""
+    if targets is None and plan is not None:
+        return sorted({s.path.rsplit(".", 1)[-1] for s in plan.sites})
+    if isinstance(targets, (list, tuple)):
+        return list(targets)
+    return targets

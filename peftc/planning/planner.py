@@ -1,0 +1,154 @@
+"""spec + model graph -> Plan. Pure: builds the graph on the meta device and loads no weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peftc import methods, quant, tasks
+from peftc.config.names import check_adapter_name_fits
+from peftc.errors import PlanError, did_you_mean
+from peftc.files import adapter_files
+from peftc.planning import compat, memory
+from peftc.planning.graph import ModelGraph, meta_graph
+from peftc.planning.plan import ModelRef, Plan, SavedModule, Site
+from peftc.planning.quantization import annotate_sites, plan_quantization
+from peftc.planning.targets import resolve_targets
+
+if TYPE_CHECKING:
+    from peftc.config.spec import RunSpec
+    from peftc.methods.base import Method
+    from peftc.tasks.base import Task
+
+
+def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool = True) -> Plan:
+    """Resolve a validated spec against the model's module graph.
+
+    `graph` defaults to the meta-device graph of `run.model` with the task's head; pass the
+    graph of a live model to plan onto it (loading adapters). `strict_targets=False` accepts
+    target entries that match nothing (peft's tolerance, for adapters written elsewhere).
+    """
+    method = methods.for_spec(run.peft)
+    task = tasks.for_spec(run.task)
+    backend = quant.for_spec(run.quant)
+    context = compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run)
+    compat.check(context)
+    backend.check_available()
+    if graph is None:
+        graph = meta_graph(run.model, task.auto_class_name, task.config_overrides(run.task))
+    compat.check(compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph))
+    check_adapter_name_fits("adapter_name", run.adapter_name, (m.path for m in graph.modules))
+    method.check_run(run.peft, run, graph)
+
+    saved = _modules_to_save(method, task, run, graph, strict=strict_targets)
+    sites: tuple[Site, ...] = ()
+    if method.kind == "injectable":
+        protected = [m.path for m in saved]
+        modules = resolve_targets(
+            method.target_request(run.peft),
+            method,
+            graph,
+            protected=protected,
+            strict=strict_targets,
+        )
+        modules = method.select_targets(run.peft, modules, graph)
+        sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
+    quantization = plan_quantization(backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved])
+    sites = annotate_sites(sites, quantization)
+    prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
+    # A module saved whole trains its own copy; its base parameters are not also unfrozen in place.
+    unfrozen = {
+        name: shape
+        for name, shape in method.plan_unfrozen(run.peft, graph, sites).items()
+        if not any(name.startswith(m.path + ".") for m in saved)
+    }
+
+    adapter_params = sum(s.params for s in sites) + (prompt.params if prompt else 0)
+    saved_params = sum(m.params for m in saved)
+    unfrozen_params = sum(_numel(shape) for shape in unfrozen.values())
+    base_bytes = quantization.base_bytes
+    dtype_bytes = memory.DTYPE_BYTES.get(run.model.dtype, 4)
+    draft = Plan(
+        method=method.name,
+        peft_type=method.peft_type,
+        task=task.name,
+        task_type=task.task_type,
+        model=ModelRef(
+            run.model.label,
+            run.model.name_or_path,
+            graph.model_type,
+            graph.model_class,
+            run.model.dtype,
+            graph.total_params,
+            base_bytes,
+        ),
+        quant=backend.name,
+        sites=sites,
+        prompt=prompt,
+        modules_to_save=tuple(saved),
+        unfrozen=unfrozen,
+        trainable_params=adapter_params + saved_params + unfrozen_params,
+        total_params=graph.total_params + adapter_params + saved_params,
+        adapter_bytes=0,
+        memory=memory.estimate(
+            run,
+            graph,
+            base_bytes,
+            adapter_params * memory.FP32 + saved_params * dtype_bytes,
+            adapter_params + saved_params + unfrozen_params,
+            prompt=prompt,
+            sites=sites,
+        ),
+        spec=run,
+        quantization=quantization,
+    )
+    return _with_bytes(draft)
+
+
+def _with_bytes(draft: Plan) -> Plan:
+    from dataclasses import replace
+
+    return replace(draft, adapter_bytes=adapter_files.safetensors_size(adapter_files.saved_layout(draft)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    from peftc.planning.plan import numel
+
+    return numel(shape)
+
+
+def _modules_to_save(
+    method: Method, task: Task, run: RunSpec, graph: ModelGraph, *, strict: bool = True
+) -> list[SavedModule]:
+    """The task's head (peft keeps classifier/score/qa_outputs trainable) plus the user's list.
+
+    Not strict (loading a file): names matching nothing are skipped, as peft does; peft itself
+    writes ["classifier", "score"] into every SEQ_CLS adapter_config.json, whatever the model has.
+    """
+    chosen: dict[str, str] = {}
+    for name in task.head_modules:
+        module = graph.module(name)
+        if module is not None:
+            chosen[module.path] = f"{task.name} head"
+    for entry in method.modules_to_save(run.peft):
+        matches = [m for m in graph.modules if m.path and (m.path == entry or m.path.endswith("." + entry))]
+        if not matches and (entry in task.head_modules or not strict):
+            continue  # peft writes every head name of the task (classifier and score) into its configs
+        if not matches:
+            hint = did_you_mean(entry, graph.leaf_names() | {m.path for m in graph.modules})
+            raise PlanError(
+                "peft.modules_to_save",
+                entry,
+                f"no module named '{entry}' in {graph.model_class}",
+                hint,
+            )
+        for module in matches:
+            chosen.setdefault(module.path, "config")
+    saved = []
+    for path, reason in chosen.items():
+        tensors = {}
+        for info in graph.subtree(path):
+            rel = info.path[len(path) + 1 :] if info.path != path else ""
+            for pname, shape in info.params:
+                tensors[f"{rel}.{pname}" if rel else pname] = shape
+        saved.append(SavedModule(path, graph.module(path).class_name, tensors, reason))
+    return saved

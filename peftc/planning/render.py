@@ -1,0 +1,171 @@
+"""Human-readable views of a plan (rich tables); the data itself lives in peftc.planning.plan."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peftc.planning.plan import Plan
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _shape(tensors: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in tensors.items())
+
+
+def plan_renderables(plan: Plan) -> list[Any]:
+    from rich.table import Table
+
+    from peftc.planning.memory import GIB, budget_verdict
+    from peftc.planning.plan import group_sites
+
+    title = f"peftc plan  {plan.method} ({plan.peft_type}) · {plan.task} ({plan.task_type}) · {plan.model.name} [{plan.model.model_class}, {plan.model.dtype}]"
+    out: list[Any] = [title]
+    out.extend(_quantization_lines(plan))
+    if plan.sites:
+        table = Table(title=f"{len(plan.sites)} adapted modules", title_justify="left", show_lines=False)
+        for column, justify in (
+            ("module", "left"),
+            ("kind", "left"),
+            ("in→out", "right"),
+            ("sites", "right"),
+            ("adapter tensors (per site)", "left"),
+            ("params", "right"),
+        ):
+            table.add_column(column, justify=justify)
+        for label, members in group_sites(plan.sites):
+            first = members[0]
+            quantized = first.options.get("base_quant")
+            table.add_row(
+                label,
+                f"{first.module_class} ({quantized})" if quantized else first.module_class,
+                f"{first.in_features}→{first.out_features}" if first.in_features is not None else "-",
+                str(len(members)),
+                _shape(first.tensors),
+                f"{sum(s.params for s in members):,}",
+            )
+        out.append(table)
+    if plan.prompt is not None:
+        p = plan.prompt
+        table = Table(title=f"prompt encoder: {p.encoder}", title_justify="left")
+        for column in (
+            "virtual tokens",
+            "token dim",
+            "layers",
+            "attention heads",
+            "submodules",
+            "tensors",
+            "params",
+        ):
+            table.add_column(column, justify="right")
+        table.add_row(
+            str(p.num_virtual_tokens),
+            str(p.token_dim),
+            str(p.num_layers),
+            str(p.num_attention_heads),
+            str(p.num_transformer_submodules),
+            _shape(p.tensors),
+            f"{p.params:,}",
+        )
+        out.append(table)
+        if p.options.get("injection"):
+            out.append(f"prompt enters as: {p.options['injection']}")
+    if plan.modules_to_save:
+        table = Table(title="modules trained in full and saved (modules_to_save)", title_justify="left")
+        for column in ("module", "class", "why", "params"):
+            table.add_column(column)
+        for m in plan.modules_to_save:
+            table.add_row(m.path, m.module_class, m.reason, f"{m.params:,}")
+        out.append(table)
+    if plan.unfrozen:
+        count = sum(_numel(s) for s in plan.unfrozen.values())
+        out.append(f"base parameters made trainable: {len(plan.unfrozen)} tensors, {count:,} params")
+    mem = plan.memory
+    summary = Table(show_header=False, box=None, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row(
+        "trainable params",
+        f"{plan.trainable_params:,} of {plan.total_params:,} ({plan.trainable_percent:.4f}%)",
+    )
+    summary.add_row("adapter file", human_bytes(plan.adapter_bytes))
+    if plan.quantization is not None:
+        by_dtype = " + ".join(f"{dtype} {human_bytes(n)}" for dtype, n in plan.quantization.bytes_by_dtype.items())
+        summary.add_row("base weights", f"{human_bytes(plan.quantization.base_bytes)} = {by_dtype}")
+    summary.add_row(
+        "training memory (est.)",
+        f"{human_bytes(mem.total)} = base {human_bytes(mem.base_weights)} + adapter {human_bytes(mem.adapter_weights)} + grads {human_bytes(mem.gradients)} + optimizer {human_bytes(mem.optimizer_state)} + activations {human_bytes(mem.activations)}",
+    )
+    if mem.prefix_kv:
+        summary.add_row("", f"+ prefix key/values {human_bytes(mem.prefix_kv)}")
+    for note in mem.notes:
+        summary.add_row("", note)
+    verdict = budget_verdict(plan)
+    if verdict is not None:
+        margin = human_bytes(abs(verdict["margin_gb"]) * GIB)
+        summary.add_row(
+            "memory budget",
+            f"fits in budget.memory_gb={verdict['budget_gb']:g} ({margin} to spare)"
+            if verdict["fits"]
+            else f"does NOT fit budget.memory_gb={verdict['budget_gb']:g}: {margin} over",
+        )
+    summary.add_row("fingerprint", f"{plan.fingerprint} (adapter {plan.adapter_fingerprint})")
+    out.append(summary)
+    out.extend(f"warning: {w}" for w in plan.warnings)
+    return out
+
+
+def _quantization_lines(plan: Plan) -> list[str]:
+    q = plan.quantization
+    if q is None or q.backend == "none":
+        return []
+    kept = f"; kept in {plan.model.dtype}: {', '.join(q.skipped)}" if q.skipped else ""
+    merge = {
+        "requantize": "dequantize, add, quantize again (lossy)",
+        "refuse": "refused (merge into the unquantized base)",
+    }
+    lines = [
+        f"base quantization: {q.backend}: {len(q.modules)} Linear modules stored as {q.storage}{kept}",
+        f"merging into quantized layers: {merge.get(q.merge_policy, q.merge_policy)}",
+    ]
+    return lines + [f"note: {note}" for note in q.notes]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    from peftc.planning.plan import numel
+
+    return numel(shape)
+
+
+def render_plan(plan: Plan, width: int = 140) -> str:
+    """The plan as plain text (what `print(plan)` and `dry_run=true` show)."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, soft_wrap=False)
+    for item in plan_renderables(plan):
+        console.print(item)
+    return buffer.getvalue()
+
+
+def print_plan(plan: Plan) -> None:
+    from rich.console import Console
+
+    console = Console(width=max(120, Console().width))
+    for item in plan_renderables(plan):
+        console.print(item)

@@ -1,0 +1,173 @@
+"""Plan -> live model. Executes the plan; decides nothing the plan did not already decide.
+
+Loads (and quantizes) the base model, freezes it, wraps every planned site in the method's
+adapter layer, attaches the prompt encoder and the modules_to_save copies, and checks that the
+trainable-parameter count is exactly the plan's. Injection is transactional: every wrapper is
+built before the model is touched, and a failure undoes what was added.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from peftc import methods, quant, tasks
+from peftc.errors import PlanError
+from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+from peftc.planning import model_source
+from peftc.quant.prepare import prepare_for_training
+from peftc.runtime.model import PeftcModel, _replace_module
+
+if TYPE_CHECKING:
+    from peftc.planning.graph import ModuleInfo
+    from peftc.planning.plan import Plan
+
+
+def materialize(
+    plan: Plan,
+    base_model: nn.Module | None = None,
+    *,
+    adapter_name: str | None = None,
+    init: bool = True,
+) -> PeftcModel:
+    """A PeftcModel with the plan's adapter injected under `adapter_name` and activated."""
+    name = adapter_name or plan.adapter_name
+    check_fits_in_memory(plan, loading_base=base_model is None)
+    if isinstance(base_model, PeftcModel):
+        model = base_model
+        model.add_adapter(name, plan, init=init)
+    else:
+        model = PeftcModel(base_model if base_model is not None else load_base_model(plan))
+        trainable = [p for p in model.base_model.parameters() if p.requires_grad]
+        model.base_model.requires_grad_(False)
+        try:
+            model.add_adapter(name, plan, init=init)
+        except BaseException:
+            for param in trainable:  # a failed injection leaves the caller's model exactly as it was
+                param.requires_grad_(True)
+            raise
+    model.set_adapter(name)
+    _check_counts(model, plan, name)
+    return model
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(plan: Plan, *, loading_base: bool) -> None:
+    """Refuse, before allocating anything, weights that cannot fit in this machine's memory
+    (e.g. peft.r=1000000000): otherwise the allocation kills the process or swaps it to a halt."""
+    need = plan.memory.adapter_weights + (plan.memory.base_weights if loading_base else 0)
+    have = physical_memory()
+    if have is not None and need > have:
+        raise PlanError(
+            "peft",
+            plan.method,
+            f"the weights need {need / 2**30:,.1f} GiB ({plan.trainable_params:,} adapter parameters), "
+            f"more than this machine's {have / 2**30:,.1f} GiB of memory",
+            "lower peft.r or target fewer modules; dry_run=true shows the plan",
+        )
+
+
+def load_base_model(plan: Plan) -> nn.Module:
+    """The base model the plan was made for: built or loaded, quantized, ready to wrap."""
+    run = plan.spec
+    task = tasks.get(plan.task)
+    base = model_source.build_model(run.model, task.auto_class_name, task.config_overrides(run.task))
+    if plan.quantization is not None and plan.quantization.modules:
+        base = quant.for_spec(run.quant).quantize(run.quant, base, plan.quantization.modules)
+    return prepare_for_training(base, run.quant, run.trainer)
+
+
+def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> None:
+    """Add one adapter to the model exactly as planned, or leave the model unchanged."""
+    from peftc.config.names import check_adapter_name_fits
+    from peftc.planning.graph import graph_of
+
+    method = methods.get(plan.method)
+    base = model.base_model
+    graph = graph_of(base)
+    check_adapter_name_fits("adapter_name", name, (m.path for m in graph.modules))
+    for site in plan.sites:
+        _check_site_fits(site, graph.module(site.path), plan)
+    new_layers: dict[str, AdapterLayer] = {}
+    extended: list[AdapterLayer] = []
+    new_wrappers: dict[str, ModulesToSaveWrapper] = {}
+    extended_wrappers: list[ModulesToSaveWrapper] = []
+    try:
+        for site in plan.sites:
+            current = base.get_submodule(site.path)
+            if isinstance(current, AdapterLayer):
+                if not isinstance(current, method.layer_class):
+                    raise PlanError(
+                        "peft",
+                        plan.method,
+                        f"{site.path} already carries a {type(current).__name__} adapter",
+                        "one method per module: delete the other adapter first",
+                    )
+                current.add_adapter(name, site, init=init)
+                extended.append(current)
+            else:
+                layer = method.layer_class(current, site.kind)
+                layer.add_adapter(name, site, init=init)
+                new_layers[site.path] = layer
+        for saved in plan.modules_to_save:
+            current = base.get_submodule(saved.path)
+            if isinstance(current, ModulesToSaveWrapper):
+                current.add_adapter(name)
+                extended_wrappers.append(current)
+            else:
+                wrapper = ModulesToSaveWrapper(current)
+                wrapper.add_adapter(name)
+                new_wrappers[saved.path] = wrapper
+        encoder = method.create_prompt_encoder(plan.prompt, plan.spec.peft, base) if plan.prompt is not None else None
+    except BaseException:
+        for layer in extended:
+            layer.delete_adapter(name)
+        for wrapper in extended_wrappers:
+            wrapper.delete_adapter(name)
+        raise
+    for path, layer in new_layers.items():
+        _replace_module(base, path, layer)
+    for path, wrapper in new_wrappers.items():
+        _replace_module(base, path, wrapper)
+    if encoder is not None:
+        model.prompt_encoders[name] = encoder
+
+
+def _check_site_fits(site: object, module: ModuleInfo | None, plan: Plan) -> None:
+    if module is None:
+        raise PlanError(
+            "model",
+            plan.model.name,
+            f"the plan adapts {site.path}, which this model does not have",
+            "plan against this model (peftc.compile with the same model) or load the matching base",
+        )
+    if (module.kind, module.in_features, module.out_features) != (
+        site.kind,
+        site.in_features,
+        site.out_features,
+    ):
+        raise PlanError(
+            "model",
+            plan.model.name,
+            f"{site.path} is {module.class_name} {module.in_features}→{module.out_features} here but {site.module_class} {site.in_features}→{site.out_features} in the plan",
+            "the adapter was made for a different base model",
+        )
+
+
+def _check_counts(model: PeftcModel, plan: Plan, name: str) -> None:
+    """The plan is the single source of truth: the materialized count must equal it exactly."""
+    trainable = model.trainable_parameters()
+    if len(model.active_adapters) == 1 and trainable != plan.trainable_params:
+        raise RuntimeError(
+            f"internal error: adapter {name!r} has {trainable:,} trainable parameters but the plan promised {plan.trainable_params:,}"
+        )

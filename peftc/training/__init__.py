@@ -1,0 +1,1 @@
+"""Stage 5, training: the LightningModule, fit, and reading datasets."""

@@ -1,0 +1,194 @@
+"""Reading examples: the built-in datasets shipped with peftc, or the user's JSONL/CSV files.
+
+Rows come back as plain dicts keyed by the task's field names (after `data.columns` mapping),
+split into train and validation. Every problem names the file and the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from peftc.config.spec import DataSpec
+from peftc.errors import ConfigError, DataError, did_you_mean
+from peftc.planning.model_source import ASSETS
+
+BUILTIN_DIR = ASSETS / "data"
+RowCheck = Callable[[Mapping[str, Any]], "str | None"]  # returns the problem with a row, if any
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+
+
+def load_splits(
+    spec: DataSpec,
+    fields: Sequence[str],
+    seed: int = 0,
+    check: RowCheck | None = None,
+    optional: Mapping[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, validation) rows carrying exactly `fields` (plus 'split' for built-ins).
+
+    `check` is the task's row validation (e.g. a label outside the label set); its problem is
+    raised as a DataError naming the file and the row. `optional` fields ({name: default}, e.g.
+    a method's task_id) are read when the row has the (mapped) column, else take the default.
+    """
+    if spec.source == "builtin":
+        path = BUILTIN_DIR / f"{spec.name}.jsonl"
+        if not path.is_file():
+            names = builtin_names()
+            raise ConfigError(
+                "data.name",
+                spec.name,
+                "no such built-in dataset",
+                did_you_mean(str(spec.name), names) or "available: " + ", ".join(names),
+            )
+        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check, optional))
+        train = [r for r in rows if r.get("split", "train") == "train"]
+        val = [r for r in rows if r.get("split") == "validation"]
+    else:
+        path = Path(str(spec.path)).expanduser()
+        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional))
+        if spec.val_path:
+            val_file = Path(spec.val_path).expanduser()
+            val = list(
+                _select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check, optional)
+            )
+            train = rows
+        else:
+            train, val = _split(rows, spec.val_fraction, seed, str(path))
+    if spec.limit_examples is not None:
+        train = train[: spec.limit_examples]
+    return train, val
+
+
+def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) -> tuple[list, list]:
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * fraction))
+    if n_val >= len(rows):
+        raise DataError(
+            source,
+            f"{len(rows)} rows cannot be split with val_fraction={fraction}",
+            "add rows, lower data.val_fraction, or give data.val_path",
+        )
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _read(path: Path, fmt: str, key: str = "data.path") -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ConfigError(key, str(path), "no such file", "give an existing JSONL or CSV file")
+    try:
+        rows = _read_rows(path, fmt)
+    except UnicodeDecodeError as exc:
+        raise DataError(str(path), f"is not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
+    except csv.Error as exc:
+        raise DataError(str(path), f"is not valid CSV ({exc})") from exc
+    if not rows:
+        raise DataError(str(path), "the file has no rows", "add examples or point data.path at another file")
+    return rows
+
+
+def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        if fmt == "csv":
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames:
+                raise DataError(str(path), "the file is empty (no header row)")
+            return [dict(row) for row in reader]
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}",
+                    f"not valid JSON ({exc.msg})",
+                    "each line must be one JSON object",
+                ) from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}", f"expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_inputs(
+    path: str | Path, fields: Sequence[str], columns: Mapping[str, str] | None = None, check: RowCheck | None = None
+) -> list[dict[str, Any]]:
+    """Rows to predict on from a file: .jsonl/.csv with the task's input fields (after the
+    data.columns mapping), or .txt with one value of the first input field per line."""
+    path = Path(path).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise ConfigError("input_file", str(path), "no such file", "give an existing .txt, .jsonl or .csv file")
+        lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+        if not lines:
+            raise DataError(str(path), "the file has no rows", "write one input per line")
+        if len(fields) != 1:
+            raise DataError(
+                str(path), f"a .txt file gives one field per line but this task needs {', '.join(fields)}", "use .jsonl"
+            )
+        rows = [{fields[0]: line} for line in lines]
+        return list(_select(rows, fields, {}, str(path), check))
+    fmt = "csv" if path.suffix == ".csv" else "jsonl"
+    mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
+    return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check))
+
+
+def _select(
+    rows: list[dict[str, Any]],
+    fields: Sequence[str],
+    columns: Mapping[str, str],
+    source: str,
+    check: RowCheck | None = None,
+    optional: Mapping[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    optional = dict(optional or {})
+    unknown = set(columns) - set(fields) - set(optional)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(
+            f"data.columns.{name}",
+            columns[name],
+            "is not a field of this task",
+            f"fields: {', '.join([*fields, *optional])}",
+        )
+    for number, row in enumerate(rows, start=1):
+        selected = {}
+        for field in fields:
+            column = columns.get(field, field)
+            if column not in row or row[column] is None:
+                hint = did_you_mean(column, row) or f"columns present: {', '.join(map(str, row))}"
+                raise DataError(
+                    f"{source} row {number}",
+                    f"missing column {column!r} (task field {field!r})",
+                    f"set data.columns.{field}=<column>; {hint}",
+                )
+            selected[field] = row[column]
+        for field, default in optional.items():
+            value = row.get(columns.get(field, field))
+            missing = value is None or value == ""
+            selected[field] = default if missing else _integer(value, field, f"{source} row {number}")
+        problem = check(selected) if check is not None else None
+        if problem:
+            raise DataError(f"{source} row {number}", problem)
+        if "split" in row:
+            selected["split"] = row["split"]
+        yield selected
+
+
+def _integer(value: Any, field: str, where: str) -> int:
+    """Optional fields are small integers (task ids); CSV cells arrive as strings."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
+        raise DataError(where, f"{field} must be a non-negative integer, got {value!r}")
+    return int(value)

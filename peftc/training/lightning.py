@@ -1,0 +1,330 @@
+"""Training with Lightning: the LightningModule around a PeftcModel, and `fit`.
+
+The module optimizes only trainable parameters (AdamW), logs train/val metrics, adds the
+method's extra loss and callbacks, and keeps checkpoints small: only trainable tensors (and
+optimizer state) are written, never the frozen base. Checkpointing, resume and SIGTERM
+handling live in peftc.files.checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from peftc import methods, quant, tasks
+from peftc.errors import ConfigError, RunInterrupted
+from peftc.files.checkpoints import (
+    AtomicCheckpointIO,
+    ResumableLoader,
+    ResumableSampler,
+    StepCheckpoint,
+    rng_state,
+    set_rng_state,
+    spec_changes,
+)
+
+if TYPE_CHECKING:
+    from peftc.planning.plan import Plan
+    from peftc.runtime.model import PeftcModel
+    from peftc.tasks.base import Task
+
+
+class PeftcLightningModule(L.LightningModule):
+    def __init__(self, model: PeftcModel, task: Task, plan: Plan) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.plan = plan
+        self.method = methods.get(plan.method)
+        self.strict_loading = False  # checkpoints hold trainable tensors only
+        self._totals: dict[str, float] = defaultdict(float)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.task.training_loss(self.model, batch, self.plan.spec.task)
+        extra = self.method.extra_loss(self.model, self.plan.adapter_name)
+        if extra is not None:
+            self.log("train_extra_loss", extra.detach(), on_step=True)
+            loss = loss + extra
+        self.log(
+            "train_loss",
+            loss.detach(),
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=_batch_size(batch),
+        )
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._totals = defaultdict(float)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        for key, value in self.task.validation_stats(self.model, batch, self.plan.spec.task).items():
+            self._totals[key] += float(value)
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self._totals
+        if self.trainer.world_size > 1:
+            keys = sorted(totals)
+            stacked = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
+            stacked = self.all_gather(stacked).reshape(-1, len(keys)).sum(0) if keys else stacked
+            totals = dict(zip(keys, stacked.tolist()))
+        for key, value in self.task.metrics(totals).items():
+            self.log(key, value, prog_bar=True, rank_zero_only=True)
+
+    def configure_optimizers(self) -> Any:
+        spec = self.plan.spec.trainer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        total = max(self.trainer.estimated_stepping_batches, 1)
+        schedule = lr_schedule(spec.scheduler, spec.warmup_steps, int(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["peftc_fingerprint"] = self.plan.fingerprint
+        checkpoint["peftc_adapter_fingerprint"] = self.plan.adapter_fingerprint
+        checkpoint["peftc_spec"] = self.plan.spec.to_dict()
+        checkpoint["peftc_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before loading any state into the module: refuse a foreign plan.
+        if checkpoint.get("peftc_fingerprint") != self.plan.fingerprint:
+            changes = spec_changes(checkpoint.get("peftc_spec") or {}, self.plan.spec.to_dict())
+            raise ConfigError("resume", None, f"the checkpoint was written by a different plan ({changes})")
+        if "peftc_rng" in checkpoint:
+            set_rng_state(checkpoint["peftc_rng"])
+
+
+def lr_schedule(kind: str, warmup: int, total: int) -> Any:
+    """Multiplier of the peak learning rate at each optimizer step."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    first = next(iter(batch.values()))
+    return int(first.shape[0])
+
+
+def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Trainer:
+    """The Lightning Trainer for a plan (checkpoints only through peftc's StepCheckpoint)."""
+    spec = plan.spec.trainer
+    loggers: Any
+    if spec.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers = CSVLogger(save_dir=str(output_dir), name="logs", version="")
+    elif spec.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="")
+    else:
+        loggers = False
+    progress = spec.progress_bar if spec.progress_bar is not None else sys.stderr.isatty()
+    return L.Trainer(
+        accelerator=spec.accelerator,
+        devices=spec.devices,
+        strategy=spec.strategy,
+        num_nodes=spec.num_nodes,
+        precision=spec.precision,
+        max_steps=spec.max_steps,
+        max_epochs=spec.max_epochs if spec.max_epochs is not None else -1,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=spec.log_every_n_steps,
+        gradient_clip_val=spec.gradient_clip_val,
+        accumulate_grad_batches=spec.accumulate_grad_batches,
+        val_check_interval=spec.val_check_interval,
+        check_val_every_n_epoch=None if isinstance(spec.val_check_interval, int) else 1,
+        limit_val_batches=spec.limit_val_batches,
+        num_sanity_val_steps=0,
+        deterministic=spec.deterministic,
+        inference_mode=quant.get(plan.quant).inference_mode,
+        default_root_dir=str(output_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | None]:
+    run = plan.spec
+    task = tasks.get(plan.task)
+    train, val = task.datasets(run, tokenizer)
+
+    pad_to = run.data.max_length if run.data.padding == "max_length" else None
+
+    extras = methods.get(plan.method).batch_fields(run.peft)
+
+    def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
+        batch = task.collate(examples, tokenizer, pad_to)
+        batch.update(method_inputs(examples, extras))
+        return batch
+
+    # The sampler is a DistributedSampler seeded with run.seed that shards itself once the ranks
+    # have joined (Lightning keeps it rather than shuffling its order again), so k processes
+    # with batch b see the same examples per step as one with k*b. It also skips the batches a
+    # resumed checkpoint had consumed. Creating an iterator must not draw from the
+    # global RNG (dropout uses it), or a resumed run would see different dropout masks.
+    train_loader = ResumableLoader(
+        train,
+        batch_size=run.data.batch_size,
+        sampler=ResumableSampler(len(train), run.seed),
+        collate_fn=collate,
+        num_workers=run.data.num_workers,
+        generator=torch.Generator().manual_seed(run.seed),
+    )
+    val_loader = (
+        DataLoader(
+            val,
+            batch_size=run.data.eval_batch_size or run.data.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=run.data.num_workers,
+            generator=torch.Generator().manual_seed(run.seed),
+        )
+        if len(val)
+        else None
+    )
+    return train_loader, val_loader
+
+
+def method_inputs(examples: list[Any], extras: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Batch inputs the method reads from the examples (e.g. task_ids), range-checked."""
+    from peftc.errors import DataError
+
+    batch = {}
+    for key, spec in extras.items():
+        values = [int(e.get(spec.field, spec.default)) for e in examples]
+        bad = [v for v in values if v < 0 or (spec.limit is not None and v >= spec.limit)]
+        if bad:
+            raise DataError(
+                f"data column {spec.field}",
+                f"value {bad[0]} is out of range: {spec.key}={spec.limit} allows 0..{spec.limit - 1}",
+                f"raise {spec.key} or fix the data",
+            )
+        batch[key] = torch.tensor(values, dtype=torch.long)
+    return batch
+
+
+def quiet_lightning() -> None:
+    """Keep the terminal for the plan, the progress bar and the metrics: drop Lightning's
+    banner lines (accelerator report, cloud-logging tips) and a deprecation it raises itself."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").propagate = False
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def fit(
+    model: PeftcModel,
+    plan: Plan,
+    output_dir: Path,
+    loaders: tuple[DataLoader, DataLoader | None],
+    resume: Path | None = None,
+) -> dict[str, float]:
+    """Train the plan's adapter (from a checkpoint when `resume` is given); returns the final
+    train and validation metrics. Raises RunInterrupted after a SIGTERM checkpoint."""
+    quiet_lightning()
+    model.train()
+    task = tasks.get(plan.task)
+    module = PeftcLightningModule(model, task, plan)
+    if plan.spec.trainer.compile:
+        compile_blocks(model)
+    train_loader, val_loader = loaders
+    checkpointing = StepCheckpoint(
+        output_dir,
+        plan.spec.trainer.checkpoint_every_n_steps,
+        train_loader if isinstance(train_loader, ResumableLoader) else None,
+    )
+    callbacks = [*methods.get(plan.method).callbacks(model, plan), checkpointing]
+    trainer = build_trainer(plan, output_dir, callbacks)
+    with ranks_rerun_this_job(output_dir):
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
+    if checkpointing.interrupted_at is not None:
+        raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if val_loader is not None:
+        for result in trainer.validate(module, val_loader, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    metrics["steps"] = float(trainer.global_step)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The next job of a multirun starts its own ranks; a live group would hang it.
+        torch.distributed.destroy_process_group()
+    model.eval()
+    return metrics
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each block of the model's largest nn.ModuleList (the decoder layers) in
+    place; returns how many. Per block rather than whole-model, as torchtune does: the blocks
+    are identical (one compilation serves all), and the code around them (embeddings, the
+    chunked loss with its hooks, prompt encoders) stays eager. Names and state dicts do not
+    change (nn.Module.compile compiles the call, not a wrapper module)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return 0
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+@contextmanager
+def ranks_rerun_this_job(output_dir: Path) -> Iterator[None]:
+    """Lightning's DDP launcher starts ranks > 0 by re-running `sys.argv` with
+    hydra.run.dir set from the Hydra config. In a multirun that command line is the whole sweep
+    and run.dir is not this job's directory, so for the duration of fit the command line is
+    this job's own overrides (plus no log files: only rank 0 writes) and run.dir its output dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    saved_argv, saved_dir = sys.argv[:], hydra_cfg.run.dir
+    sys.argv = [
+        sys.argv[0],
+        *hydra_cfg.overrides.task,
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = str(output_dir)
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = saved_dir
