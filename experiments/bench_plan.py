@@ -101,8 +101,7 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import peftc
-    from peftc.config.compose import compose
-    from peftc.config.spec import to_spec
+    from peftc.config.compose import compose, to_spec
     from peftc.files import adapter_files
     from peftc.planning import graph, planner
 

@@ -37,8 +37,7 @@ __all__ = [
 
 def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public name is part of the design
     """Hydra overrides -> validated Plan (builds the model graph on the meta device only)."""
-    from peftc.config.compose import compose
-    from peftc.config.spec import to_spec
+    from peftc.config.compose import compose, to_spec
     from peftc.planning import planner
 
     return planner.plan(to_spec(compose(overrides)))

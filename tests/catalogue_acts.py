@@ -37,8 +37,7 @@ def cli(*args: str) -> Callable[[World, Any], Any]:
     def act(world: World, made: Any) -> Any:
         from peftc.cli.main import preflight, search_options, split_argv
         from peftc.cli.run import execute
-        from peftc.config.compose import compose
-        from peftc.config.spec import to_spec
+        from peftc.config.compose import compose, to_spec
 
         argv = [a.replace("{input}", str(made)) for a in args]
         preflight(argv)

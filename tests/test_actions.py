@@ -9,8 +9,7 @@ import pytest
 
 from peftc import tasks
 from peftc.cli.actions import adapter_overrides, hydra_value, input_rows
-from peftc.config.compose import compose
-from peftc.config.spec import to_spec
+from peftc.config.compose import compose, to_spec
 from peftc.errors import ConfigError, DataError
 
 

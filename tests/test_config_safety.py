@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 import peftc
-from peftc.config.compose import compose
+from peftc.config.compose import compose, to_spec
 from peftc.config.safety import ALLOWED_RESOLVERS, ENV_RESOLVERS
-from peftc.config.spec import to_spec
 from tests.helpers import run_cli
 
 CANARY = "canary-7f3a9c-do-not-write"

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from peftc import tasks
-from peftc.config.compose import compose
-from peftc.config.spec import to_spec
+from peftc.config.compose import compose, to_spec
 from peftc.errors import ConfigError, DataError
 from peftc.planning.model_source import load_tokenizer
 
@@ -113,7 +112,7 @@ def test_truncation_and_padding_follow_the_data_settings(tmp_path: Path) -> None
 
 
 def test_builtin_datasets_have_fixed_disjoint_splits() -> None:
-    from peftc.training.data import BUILTIN_DIR
+    from peftc.tasks.data import BUILTIN_DIR
 
     for path in sorted(BUILTIN_DIR.glob("*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -126,7 +125,7 @@ def test_builtin_datasets_have_fixed_disjoint_splits() -> None:
 def test_builtin_datasets_are_what_the_generator_writes() -> None:
     import importlib.util
 
-    from peftc.training.data import BUILTIN_DIR
+    from peftc.tasks.data import BUILTIN_DIR
 
     spec = importlib.util.spec_from_file_location(
         "make_builtin_data", BUILTIN_DIR.parents[2] / "tools" / "make_builtin_data.py"

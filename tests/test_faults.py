@@ -147,8 +147,7 @@ def test_resuming_into_another_plan_is_refused_before_anything_loads(
     killed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from peftc.cli.run import execute
-    from peftc.config.compose import compose
-    from peftc.config.spec import to_spec
+    from peftc.config.compose import compose, to_spec
 
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("nothing may be loaded before the fingerprint check")
@@ -165,8 +164,7 @@ def test_resuming_into_another_plan_is_refused_before_anything_loads(
 @pytest.mark.slow
 def test_checkpoints_hold_only_trainable_state_and_are_small(tmp_path: Path) -> None:
     from peftc.cli.run import execute
-    from peftc.config.compose import compose
-    from peftc.config.spec import to_spec
+    from peftc.config.compose import compose, to_spec
 
     overrides = [
         "model.config.hidden_size=256",

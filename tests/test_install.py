@@ -3,9 +3,13 @@ ranges pyproject.toml keeps for library users, and the README's test command is 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -61,3 +65,34 @@ def test_ci_runs_the_readme_test_command_and_both_install_from_the_constraints()
     for command in (test_command, run_command):
         installs = [part for part in command.split("&&") if "pip install" in part]
         assert installs and all("-c constraints.txt" in part for part in installs), command
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs_and_plans_from_another_directory(tmp_path: Path) -> None:
+    # conf/ lives at the top of the repository; the wheel must carry it as peftc.conf.
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+    wheel = next(wheels.glob("peftc-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "peftc", "dry_run=true", f"hydra.run.dir={elsewhere / 'run'}"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trainable params" in result.stdout
+    assert (
+        str(target)
+        in subprocess.run(
+            [sys.executable, "-c", "import peftc.conf; print(peftc.conf.__file__)"],
+            env={**os.environ, "PYTHONPATH": str(target)},
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )

@@ -24,9 +24,8 @@ import peftc
 from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, describe
 from peftc.errors import ConfigError
 from peftc.methods import get as get_method
-from peftc.methods.base import TargetRequest
 from peftc.planning.graph import graph_of
-from peftc.planning.targets import resolve_targets
+from peftc.planning.targets import TargetRequest, resolve_targets
 
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

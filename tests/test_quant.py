@@ -151,7 +151,7 @@ RANDOM_INIT = {
 def dequantize_in_place(model: nn.Module) -> None:
     """Replace every quantized Linear (adapter layers' base layers included) by an nn.Linear
     holding its dequantized weight."""
-    from peftc.runtime.model import _replace_module
+    from peftc.planning.graph import replace_module
 
     for path, module in list(model.named_modules()):
         backend = backend_of(module)
@@ -160,7 +160,7 @@ def dequantize_in_place(model: nn.Module) -> None:
             plain.weight.data = backend.dequantize(module)
             if module.bias is not None:
                 plain.bias.data = module.bias.data.float()
-            _replace_module(model, path, plain.requires_grad_(False))
+            replace_module(model, path, plain.requires_grad_(False))
 
 
 @pytest.mark.parametrize("backend", ["bnb_nf4", "bnb_int8"])

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import peftc
+from peftc.planning.graph import replace_module
 from peftc.quant.base import backend_of
-from peftc.runtime.model import _replace_module
 from tests.helpers import max_diff, run_cli, token_batch
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
         plain.weight.data = backend.dequantize(module)
         if module.bias is not None:
             plain.bias.data = module.bias.data.float()
-        _replace_module(model, path, plain.requires_grad_(False))
+        replace_module(model, path, plain.requires_grad_(False))
     return model
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 import peftc
-from peftc.config.compose import compose
-from peftc.config.spec import RunSpec, to_spec
+from peftc.config.compose import compose, to_spec
+from peftc.config.spec import RunSpec
 from peftc.errors import ConfigError, PlanError
 
 BAD_OVERRIDES = [
@@ -73,7 +73,7 @@ def test_lists_become_tuples_in_the_spec() -> None:
 
 
 def test_every_schema_field_has_a_description() -> None:
-    from peftc.config.compose import import_registries
+    from peftc.config.registry import import_registries
     from peftc.config.spec import _SCHEMAS
 
     import_registries()

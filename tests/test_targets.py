@@ -106,8 +106,7 @@ def test_everything_excluded_is_an_error() -> None:
 
 
 def test_unknown_model_type_without_targets_names_the_key() -> None:
-    from peftc.config.compose import compose
-    from peftc.config.spec import to_spec
+    from peftc.config.compose import compose, to_spec
     from peftc.planning.planner import plan as make_plan
 
     run = to_spec(

@@ -145,7 +145,7 @@ def _predict(model: Any, task: Any, run: RunSpec, tokenizer: Any, output_dir: Pa
 
 def input_rows(run: RunSpec, task: Any) -> list[dict[str, Any]]:
     """The rows to predict on, from `input` (text / mapping / list) or `input_file`."""
-    from peftc.training.data import read_inputs
+    from peftc.tasks.data import read_inputs
 
     check = _input_check(task)
     if run.input_file is not None:
@@ -189,7 +189,7 @@ def _shortened(prediction: Mapping[str, Any]) -> dict[str, Any]:
 def sample_predictions(model: Any, run: RunSpec, tokenizer: Any, count: int) -> list[dict]:
     """Predictions for the first `count` validation rows (made from their input fields)."""
     from peftc.tasks.base import method_fields
-    from peftc.training.data import load_splits
+    from peftc.tasks.data import load_splits
 
     task = tasks.for_spec(run.task)
     # method fields (a mapped task_id column) are read so data.columns stays valid; predictions use inputs only
@@ -208,7 +208,7 @@ def predict_rows(model: Any, task: Any, rows: Sequence[Mapping[str, Any]], token
 
 
 def write_predictions(output_dir: Path, predictions: Sequence[Mapping[str, Any]]) -> Path:
-    from peftc.cli.run import write_text_atomic
+    from peftc.files.atomic import write_text_atomic
 
     path = Path(output_dir) / PREDICTIONS_FILE
     write_text_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
@@ -216,6 +216,6 @@ def write_predictions(output_dir: Path, predictions: Sequence[Mapping[str, Any]]
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    from peftc.cli.run import write_text_atomic
+    from peftc.files.atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

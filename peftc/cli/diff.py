@@ -1,6 +1,6 @@
 """Plan diff: what changes between two override sets, before anything loads.
 
-    python -m peftc.cli.diff peft.r=8 -- peft.r=16 peft.target_modules=all-linear
+    python -m peftc.diff peft.r=8 -- peft.r=16 peft.target_modules=all-linear
 
 Compiles both (meta device, no weights) and shows the config keys that differ, the adapted
 sites added / removed / changed, the trainable-parameter and memory deltas, and whether an
@@ -79,7 +79,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def adapter_load_problems(a: Plan, b: Plan) -> list[str]:
     """Why an adapter file written for one plan would not load strictly into the other."""
-    from peftc.files.adapter_files import saved_layout
+    from peftc.planning.layout import saved_layout
 
     if a.peft_type != b.peft_type:
         return [f"different methods: {a.method} ({a.peft_type}) vs {b.method} ({b.peft_type})"]
@@ -118,8 +118,7 @@ def render_diff(diff: PlanDiff) -> list[Any]:
     from rich.markup import escape
     from rich.table import Table
 
-    from peftc.planning.plan import group_sites
-    from peftc.planning.render import human_bytes
+    from peftc.planning.render import group_sites, human_bytes
 
     a, b = diff.a, diff.b
     out: list[Any] = [f"plan diff  A {a.fingerprint} ({a.method})  →  B {b.fingerprint} ({b.method})"]
@@ -179,21 +178,22 @@ def _signed(delta: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m peftc.cli.diff <overrides A> -- <overrides B>`."""
+    """`python -m peftc.diff <overrides A> -- <overrides B>`."""
     from rich.console import Console
 
-    import peftc
+    from peftc.config.compose import compose, to_spec
     from peftc.errors import PeftcError
+    from peftc.planning import planner
 
     args = sys.argv[1:] if argv is None else argv
     if "--" not in args or args in (["-h"], ["--help"]):
-        print(__doc__.split("\n\n")[0] + "\n\nusage: python -m peftc.cli.diff <overrides A> -- <overrides B>")
+        print(__doc__.split("\n\n")[0] + "\n\nusage: python -m peftc.diff <overrides A> -- <overrides B>")
         return 0 if args in (["-h"], ["--help"]) else 2
     cut = args.index("--")
     plans = []
     for side, overrides in (("A", args[:cut]), ("B", args[cut + 1 :])):
         try:
-            plans.append(peftc.compile(overrides))
+            plans.append(planner.plan(to_spec(compose(overrides))))
         except PeftcError as exc:
             print(f"error: {side}: {exc}", file=sys.stderr)
             return exc.exit_code

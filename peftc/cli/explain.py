@@ -30,7 +30,8 @@ def explain(overrides: Sequence[str]) -> list[Provenance]:
     from hydra._internal.utils import create_config_search_path
     from hydra.types import RunMode
 
-    from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, compose, import_registries
+    from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, compose
+    from peftc.config.registry import import_registries
 
     composed = compose(overrides)  # also turns a bad override into a ConfigError first
     import_registries()

@@ -16,8 +16,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, import_registries
-from peftc.config.spec import RunSpec, to_spec
+from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, to_spec
+from peftc.config.registry import import_registries
+from peftc.config.spec import RunSpec
 from peftc.errors import PeftcError
 
 # Hydra flags that take a value, and flags that stop before any job runs.

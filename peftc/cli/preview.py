@@ -78,7 +78,8 @@ def preview_table(rows: list[PreviewRow]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    from peftc.cli.sweep import parse_overrides, swept_keys
+    from peftc.cli.sweep import swept_keys
+    from peftc.cli.sweep_rows import parse_overrides
     from peftc.planning.memory import GIB, budget_verdict
     from peftc.planning.render import human_bytes, human_count
 

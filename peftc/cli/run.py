@@ -24,7 +24,7 @@ METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 
-__all__ = ["execute", "is_global_zero", "train", "write_text_atomic"]
+__all__ = ["execute", "is_global_zero", "train"]
 
 
 def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:

@@ -19,6 +19,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from peftc.cli.sweep_rows import metric_of, parse_overrides
+
 JOB_FILE = "job_summary.json"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PNG = "sweep_summary.png"
@@ -89,16 +91,6 @@ def job_row(job_return: Any, job_num: int, wall_time_s: float) -> dict[str, Any]
     return row
 
 
-def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
-    """{'peft.r': '8', 'peft': 'lora'} from ['peft.r=8', 'peft=lora'] (+/++ prefixes dropped)."""
-    pairs = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and not key.startswith("~"):
-            pairs[key.lstrip("+")] = value
-    return pairs
-
-
 def swept_keys(override_lists: Sequence[Sequence[str]]) -> list[str]:
     """Override keys whose value differs between jobs, in command-line order."""
     parsed = [parse_overrides(job) for job in override_lists]
@@ -143,11 +135,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in columns})
-
-
-def metric_of(row: dict[str, Any], metric: str) -> float | None:
-    value = row.get(metric)
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def print_table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> None:

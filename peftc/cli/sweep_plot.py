@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peftc.cli.sweep import metric_of, parse_overrides
+from peftc.cli.sweep_rows import metric_of, parse_overrides
 
 
 def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> bool:

@@ -8,10 +8,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from peftc.config.spec import unknown_key_error
+from peftc.config.registry import import_registries
+from peftc.config.safety import CODE_KEYS, check_config, code_key_error
+from peftc.config.spec import RunSpec, reject_unknown_keys, unknown_key_error, validate
 from peftc.errors import ConfigError, did_you_mean
 
 CONFIG_MODULE = "peftc.conf"
@@ -73,8 +75,6 @@ def _omegaconf_error(cause: OmegaConfBaseException, outer: str) -> ConfigError:
     message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         name = getattr(cause, "key", None) or key.rsplit(".", 1)[-1]
-        from peftc.config.safety import CODE_KEYS, code_key_error
-
         if str(name) in CODE_KEYS:
             return code_key_error(key)
         return unknown_key_error(key, str(name), schema if dataclasses.is_dataclass(schema) else None)
@@ -138,11 +138,20 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) ->
             restore_gh_from_backup(backup)
 
 
-def import_registries() -> None:
-    """Import every method, task and quantization module so their schemas are registered."""
-    import peftc.methods
-    import peftc.quant
-    import peftc.tasks
-
-    for registry in (peftc.methods.REGISTRY, peftc.tasks.REGISTRY, peftc.quant.REGISTRY):
-        registry.all()
+def to_spec(cfg: DictConfig) -> RunSpec:
+    """Convert a composed config into a sealed RunSpec and run every semantic check."""
+    check_config(cfg)
+    reject_unknown_keys(cfg, RunSpec, "")
+    try:
+        spec = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise compose_error(exc) from exc
+    if not isinstance(spec, RunSpec):
+        raise ConfigError(
+            "<root>",
+            type(spec).__name__,
+            "the config does not extend run_schema",
+            "start from peftc's conf/config.yaml",
+        )
+    validate(spec)
+    return spec

@@ -18,10 +18,10 @@ INTERNAL_NAMES = frozenset({"base_layer", "base_model", "modules_to_save", "orig
 
 def reserved_names() -> frozenset[str]:
     """Method tensor prefixes ('lora'), adapter containers ('lora_A', ...) and peftc internals."""
-    from peftc import methods
+    from peftc.config.registry import METHODS
 
     names = set(INTERNAL_NAMES)
-    for method in methods.all_methods().values():
+    for method in METHODS.all().values():
         if method.tensor_prefix:
             names.add(method.tensor_prefix.rstrip("_"))
         if method.layer_class is not None:

@@ -1,8 +1,9 @@
-"""A registry of pluggable parts (methods, tasks, quantization backends).
+"""The registries of pluggable parts (methods, tasks, quantization backends).
 
-Each part is a class in its own module of a package; the module registers it with the
-package's `register` decorator, and modules are imported on first use, so adding a part is
-one file (plus its YAML) and nothing else names it.
+Each part is a class in its own module (or subpackage) of a plug-in package; the module
+registers it with the package's `register` decorator. The registries live here, at the bottom
+of the pipeline, so that every stage finds a plug-in by name: a registry imports its package by
+name on first use, and nothing above the plug-ins' own layer names a plug-in module.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from peftc.config.spec import register_schema
-from peftc.errors import ConfigError, did_you_mean
+from peftc.errors import AdapterFileError, ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from peftc.methods.base import Method
+    from peftc.quant.base import QuantBackend
+    from peftc.tasks.base import Task
 
 T = TypeVar("T")
 
@@ -66,3 +72,31 @@ class Registry(Generic[T]):
         for info in pkgutil.iter_modules(module.__path__):
             if info.name not in self.skip and not info.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{info.name}")
+
+
+METHODS: Registry[Method] = Registry("peft", "peftc.methods", skip=("base", "common", "defaults"))
+TASKS: Registry[Task] = Registry("task", "peftc.tasks", skip=("base", "common", "data", "lm_loss"))
+QUANT_BACKENDS: Registry[QuantBackend] = Registry("quant", "peftc.quant")
+
+
+def import_registries() -> None:
+    """Import every method, task and quantization module so their schemas are registered."""
+    for registry in (METHODS, TASKS, QUANT_BACKENDS):
+        registry.all()
+
+
+def method_for_peft_type(peft_type: str, source: str = "adapter_config.json") -> Method:
+    method = METHODS.find(lambda m: m.peft_type == peft_type)
+    if method is None:
+        known = sorted(m.peft_type for m in METHODS.all().values())
+        hint = did_you_mean(str(peft_type), known) or "supported: " + ", ".join(known)
+        raise AdapterFileError(source, f"peft_type {peft_type!r} is not supported by peftc", hint)
+    return method
+
+
+def task_for_task_type(task_type: str | None, source: str = "adapter_config.json") -> Task:
+    task = TASKS.find(lambda t: t.task_type == task_type)
+    if task is None:
+        known = sorted(t.task_type for t in TASKS.all().values())
+        raise AdapterFileError(source, f"task_type {task_type!r} is not supported", "supported: " + ", ".join(known))
+    return task

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from peftc.errors import ConfigError, did_you_mean
 
@@ -420,29 +419,6 @@ def check_adapter_name(key: str, name: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Composed config -> sealed spec
-
-
-def to_spec(cfg: DictConfig) -> RunSpec:
-    """Convert a composed config into a sealed RunSpec and run every semantic check."""
-    from peftc.config.safety import check_config
-
-    check_config(cfg)
-    reject_unknown_keys(cfg, RunSpec, "")
-    try:
-        spec = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        from peftc.config.compose import compose_error
-
-        raise compose_error(exc) from exc
-    if not isinstance(spec, RunSpec):
-        raise ConfigError(
-            "<root>",
-            type(spec).__name__,
-            "the config does not extend run_schema",
-            "start from peftc's conf/config.yaml",
-        )
-    validate(spec)
-    return spec
 
 
 def validate(node: SpecNode, key: str = "", run: RunSpec | None = None, *, cross: bool = True) -> None:

@@ -22,86 +22,51 @@ from peftc.errors import AdapterFileError
 from peftc.files.atomic import atomic_directory, recover
 from peftc.files.tensorfile import TensorEntry, load_tensors, read_header
 
+# The layout is planned (peftc.planning.layout); these files write and read it. Re-exported
+# because every reader of adapter files needs the names.
+from peftc.planning.layout import (
+    _ST_DTYPES as _ST_DTYPES,
+)
+from peftc.planning.layout import (
+    ADAPTER_DTYPE as ADAPTER_DTYPE,
+)
+from peftc.planning.layout import (
+    CONFIG_NAME as CONFIG_NAME,
+)
+from peftc.planning.layout import (
+    MODEL_PREFIX as MODEL_PREFIX,
+)
+from peftc.planning.layout import (
+    PICKLE_NAME as PICKLE_NAME,
+)
+from peftc.planning.layout import (
+    PLAN_NAME as PLAN_NAME,
+)
+from peftc.planning.layout import (
+    PROMPT_MODEL_PREFIX as PROMPT_MODEL_PREFIX,
+)
+from peftc.planning.layout import (
+    WEIGHTS_NAME as WEIGHTS_NAME,
+)
+from peftc.planning.layout import (
+    model_prefix as model_prefix,
+)
+from peftc.planning.layout import (
+    safetensors_size as safetensors_size,
+)
+from peftc.planning.layout import (
+    saved_layout as saved_layout,
+)
+from peftc.planning.layout import (
+    unfrozen_saved_name as unfrozen_saved_name,
+)
+
 if TYPE_CHECKING:
     import torch
 
     from peftc.planning.plan import Plan
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PLAN_NAME = "peftc_plan.json"
-MODEL_PREFIX = "base_model.model."
-# Prompt-learning PeftModels hold the transformers model directly as `base_model` (no tuner
-# wrapper), so peft saves their modules_to_save (e.g. a classifier head) one level up.
-PROMPT_MODEL_PREFIX = "base_model."
-_ST_DTYPES = {
-    "float32": ("F32", 4),
-    "bfloat16": ("BF16", 2),
-    "float16": ("F16", 2),
-    "float64": ("F64", 8),
-}
-ADAPTER_DTYPE = "float32"
 
-
-# ------------------------------------------------------------------------------- file layout
-def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor the adapter file will hold: saved name -> (shape, dtype)."""
-    from peftc import methods
-    from peftc.methods.base import base_weight_shape
-
-    layout: dict[str, tuple[tuple[int, ...], str]] = {}
-    MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
-    for site in plan.sites:
-        for suffix, shape in site.tensors.items():
-            layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
-        if site.options.get("save_base_weight"):
-            layout[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = (base_weight_shape(site), plan.model.dtype)
-    for module in plan.modules_to_save:
-        for name, shape in module.tensors.items():
-            layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
-    for name, shape in plan.unfrozen.items():
-        layout[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, name)}"] = (tuple(shape), plan.model.dtype)
-    if plan.prompt is not None:
-        method = methods.get(plan.method)
-        for name, shape in method.saved_prompt_tensors(plan.prompt).items():
-            layout[name] = (tuple(shape), ADAPTER_DTYPE)
-    return layout
-
-
-def model_prefix(plan: Plan) -> str:
-    """Where peft saves tensors of base-model modules for this plan's method."""
-    return PROMPT_MODEL_PREFIX if plan.prompt is not None else MODEL_PREFIX
-
-
-def unfrozen_saved_name(plan: Plan, name: str) -> str:
-    """peft saves a trained base parameter of an adapted module under its wrapper's `base_layer`."""
-    module, _, pname = name.rpartition(".")
-    return f"{module}.base_layer.{pname}" if plan.site(module) is not None else name
-
-
-def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
-    """Exact byte size of a safetensors file with these tensors (format metadata included)."""
-    entries = sorted(layout.items(), key=lambda kv: (-_ST_DTYPES[kv[1][1]][1], kv[0]))
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, (shape, dtype) in entries:
-        code, size = _ST_DTYPES[dtype]
-        count = 1
-        for dim in shape:
-            count *= dim
-        header[name] = {
-            "dtype": code,
-            "shape": list(shape),
-            "data_offsets": [offset, offset + count * size],
-        }
-        offset += count * size
-    text = json.dumps(header, separators=(",", ":"))
-    padded = len(text) + (-len(text)) % 8
-    return 8 + padded + offset
-
-
-# ------------------------------------------------------------------------------------ saving
 def write_adapter_files(
     directory: Path,
     config: Mapping[str, Any],

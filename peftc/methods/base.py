@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from peftc.planning.graph import WrapsModule
+from peftc.planning.targets import TargetRequest
+
 if TYPE_CHECKING:
     from peftc.config.spec import RunSpec, SpecNode
     from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -25,17 +28,6 @@ if TYPE_CHECKING:
     from peftc.tasks.base import Task
 
 PEFT_COMPAT_VERSION = "0.21.2"  # the peft release whose file layout and config fields we write
-
-
-@dataclass(frozen=True)
-class TargetRequest:
-    """What a method asks the planner to resolve, and which config keys to blame."""
-
-    target_modules: Any  # None (model-type default) | "all-linear" | regex str | list of names
-    exclude_modules: Any = None
-    layers_to_transform: tuple[int, ...] | None = None
-    layers_pattern: tuple[str, ...] | None = None
-    key: str = "peft.target_modules"
 
 
 @dataclass(frozen=True)
@@ -212,18 +204,11 @@ def saves_embedding_weight(targets: Any, module: ModuleInfo, graph: ModelGraph) 
     return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
 
 
-def base_weight_shape(site: Site) -> tuple[int, ...]:
-    """Shape of the wrapped layer's weight (Linear stores (out, in); Conv1D and Embedding (in, out))."""
-    if site.kind in ("embedding", "conv1d_hf"):
-        return (site.in_features, site.out_features)
-    return (site.out_features, site.in_features)
-
-
 # ------------------------------------------------------------------------------------------
 # Injectable adapter layers
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(WrapsModule, nn.Module):
     """Wraps one base layer and holds the named adapters of one method at that site.
 
     Subclasses declare `adapter_containers` (attributes that are ModuleDict/ParameterDict keyed
@@ -239,6 +224,7 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_containers: ClassVar[tuple[str, ...]] = ()
+    wrapped_attribute = "base_layer"
 
     def __init__(self, base_layer: nn.Module, kind: str) -> None:
         super().__init__()
@@ -504,8 +490,10 @@ class AdapterLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(WrapsModule, nn.Module):
     """Keeps the original module frozen and trains a full copy per adapter (peft's modules_to_save)."""
+
+    wrapped_attribute = "original_module"
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()

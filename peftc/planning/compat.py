@@ -65,18 +65,18 @@ def _set(*names: str) -> frozenset[str]:
 def _head_missing(ctx: Context) -> bool:
     """The task has a head peft keeps trainable, but the model built for it has none of those
     names (e.g. T5ForSequenceClassification's classification_head) and the user named none."""
-    from peftc import tasks
+    from peftc.config.registry import TASKS
 
-    heads = tasks.get(ctx.task).head_modules
+    heads = TASKS.get(ctx.task).head_modules
     if not heads or any(ctx.graph.module(h) is not None for h in heads):
         return False
     return not getattr(ctx.run.peft, "modules_to_save", None)
 
 
 def _method_cannot_wrap_quantized(ctx: Context) -> bool:
-    from peftc import methods
+    from peftc.config.registry import METHODS
 
-    method = methods.get(ctx.method)  # prompt methods wrap no base layer: any quantization works
+    method = METHODS.get(ctx.method)  # prompt methods wrap no base layer: any quantization works
     return ctx.quant != "none" and method.kind == "injectable" and not method.wraps_quantized
 
 
@@ -118,10 +118,9 @@ def _missing(module: str) -> bool:
 
 
 def _init_rewrites_quantized_base(ctx: Context) -> bool:
-    from peftc.methods.lora.init import BASE_MUTATING, init_family
+    from peftc.config.registry import METHODS
 
-    init = getattr(ctx.run.peft, "init_lora_weights", True)
-    return ctx.quant != "none" and init_family(init) in BASE_MUTATING
+    return ctx.quant != "none" and METHODS.get(ctx.method).rewrites_base(ctx.run.peft)
 
 
 RULES: list[Rule] = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from torch import nn
@@ -184,14 +184,15 @@ def graph_of(model: nn.Module, facts: ModelFacts | None = None) -> ModelGraph:
     )
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+class WrapsModule:
+    """Marks peftc's wrappers (adapter layers, modules_to_save): the graph of a model that holds
+    them is the graph of the model they wrap, so planning a second adapter sees the base."""
 
-    if isinstance(module, AdapterLayer):
-        return module.base_layer
-    if isinstance(module, ModulesToSaveWrapper):
-        return module.original_module
-    return module
+    wrapped_attribute: ClassVar[str]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, module.wrapped_attribute) if isinstance(module, WrapsModule) else module
 
 
 def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -307,3 +308,10 @@ def layer_index(path: str, layers_pattern: tuple[str, ...] | None = None) -> int
         if part.isdigit():
             return int(part)
     return None
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at the dotted `path` of `root` (for injection, unloading and quantization)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, child, new)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from peftc.config.spec import RunSpec, plain
+from peftc.planning.layout import numel
+from peftc.planning.memory import MemoryEstimate
 
 PLAN_FORMAT = 1
 # Run-level switches that do not change what is trained.
@@ -31,13 +31,6 @@ _RUN_ONLY_KEYS = (
     "input_file",
     "predict_samples",
 )
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= int(dim)
-    return count
 
 
 @dataclass(frozen=True)
@@ -127,30 +120,6 @@ class QuantPlan:
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
-    """Training-memory estimate in bytes, by component (see peftc.planning.memory for the model)."""
-
-    base_weights: int
-    adapter_weights: int
-    gradients: int
-    optimizer_state: int
-    activations: int
-    prefix_kv: int = 0  # prefix tuning's per-layer key/value prefixes, expanded over the batch
-    notes: tuple[str, ...] = ()
-
-    @property
-    def total(self) -> int:
-        return (
-            self.base_weights
-            + self.adapter_weights
-            + self.gradients
-            + self.optimizer_state
-            + self.activations
-            + self.prefix_kv
-        )
-
-
-@dataclass(frozen=True)
 class Plan:
     method: str
     peft_type: str
@@ -209,10 +178,10 @@ class Plan:
         """The method's settings as its adapter_config.json records them (resolved: null
         target_modules become the names the planner chose), so that two spellings of the same
         adapter (`target_modules=null` and the model's default list) share a fingerprint."""
-        from peftc import methods
+        from peftc.config.registry import METHODS
 
         try:
-            return _jsonable(methods.get(self.method).peft_config(self.spec.peft, self))
+            return _jsonable(METHODS.get(self.method).peft_config(self.spec.peft, self))
         except NotImplementedError:
             return raw
 
@@ -249,47 +218,3 @@ def _jsonable(value: Any) -> Any:
 def _digest(body: Any) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def group_sites(sites: tuple[Site, ...]) -> list[tuple[str, list[Site]]]:
-    """Sites that differ only by their layer index, as ('model.layers.{0-31}.self_attn.q_proj', sites)."""
-    groups: dict[tuple[Any, ...], list[Site]] = defaultdict(list)
-    for site in sites:
-        pattern = re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "#", site.path)
-        key = (
-            pattern,
-            site.kind,
-            site.in_features,
-            site.out_features,
-            tuple(sorted(site.tensors.items())),
-            tuple(sorted((k, str(v)) for k, v in site.options.items())),
-        )
-        groups[key].append(site)
-    result = []
-    for key, members in groups.items():
-        indices = [_first_index(s.path) for s in members]
-        label = (
-            key[0].replace("#", "{" + _ranges(indices) + "}", 1).replace("#", "*")
-            if None not in indices and len(members) > 1
-            else members[0].path
-        )
-        result.append((label, members))
-    return result
-
-
-def _first_index(path: str) -> int | None:
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-    return int(match.group(1)) if match else None
-
-
-def _ranges(indices: list[int]) -> str:
-    values = sorted(set(indices))
-    parts, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)

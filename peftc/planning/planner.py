@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from peftc import methods, quant, tasks
 from peftc.config.names import check_adapter_name_fits
+from peftc.config.registry import METHODS, QUANT_BACKENDS, TASKS
 from peftc.errors import PlanError, did_you_mean
-from peftc.files import adapter_files
-from peftc.planning import compat, memory
+from peftc.planning import compat, layout, memory
 from peftc.planning.graph import ModelGraph, meta_graph
 from peftc.planning.plan import ModelRef, Plan, SavedModule, Site
 from peftc.planning.quantization import annotate_sites, plan_quantization
@@ -27,9 +26,9 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     graph of a live model to plan onto it (loading adapters). `strict_targets=False` accepts
     target entries that match nothing (peft's tolerance, for adapters written elsewhere).
     """
-    method = methods.for_spec(run.peft)
-    task = tasks.for_spec(run.task)
-    backend = quant.for_spec(run.quant)
+    method = METHODS.for_spec(run.peft)
+    task = TASKS.for_spec(run.task)
+    backend = QUANT_BACKENDS.for_spec(run.quant)
     context = compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run)
     compat.check(context)
     backend.check_available()
@@ -107,7 +106,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
 def _with_bytes(draft: Plan) -> Plan:
     from dataclasses import replace
 
-    return replace(draft, adapter_bytes=adapter_files.safetensors_size(adapter_files.saved_layout(draft)))
+    return replace(draft, adapter_bytes=layout.safetensors_size(layout.saved_layout(draft)))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

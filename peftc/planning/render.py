@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from peftc.planning.plan import Plan
+    from peftc.planning.plan import Plan, Site
 
 
 def human_bytes(n: float) -> str:
@@ -32,7 +34,6 @@ def plan_renderables(plan: Plan) -> list[Any]:
     from rich.table import Table
 
     from peftc.planning.memory import GIB, budget_verdict
-    from peftc.planning.plan import group_sites
 
     title = f"peftc plan  {plan.method} ({plan.peft_type}) · {plan.task} ({plan.task_type}) · {plan.model.name} [{plan.model.model_class}, {plan.model.dtype}]"
     out: list[Any] = [title]
@@ -147,7 +148,7 @@ def _quantization_lines(plan: Plan) -> list[str]:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    from peftc.planning.plan import numel
+    from peftc.planning.layout import numel
 
     return numel(shape)
 
@@ -169,3 +170,47 @@ def print_plan(plan: Plan) -> None:
     console = Console(width=max(120, Console().width))
     for item in plan_renderables(plan):
         console.print(item)
+
+
+def group_sites(sites: tuple[Site, ...]) -> list[tuple[str, list[Site]]]:
+    """Sites that differ only by their layer index, as ('model.layers.{0-31}.self_attn.q_proj', sites)."""
+    groups: dict[tuple[Any, ...], list[Site]] = defaultdict(list)
+    for site in sites:
+        pattern = re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "#", site.path)
+        key = (
+            pattern,
+            site.kind,
+            site.in_features,
+            site.out_features,
+            tuple(sorted(site.tensors.items())),
+            tuple(sorted((k, str(v)) for k, v in site.options.items())),
+        )
+        groups[key].append(site)
+    result = []
+    for key, members in groups.items():
+        indices = [_first_index(s.path) for s in members]
+        label = (
+            key[0].replace("#", "{" + _ranges(indices) + "}", 1).replace("#", "*")
+            if None not in indices and len(members) > 1
+            else members[0].path
+        )
+        result.append((label, members))
+    return result
+
+
+def _first_index(path: str) -> int | None:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(match.group(1)) if match else None
+
+
+def _ranges(indices: list[int]) -> str:
+    values = sorted(set(indices))
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)

@@ -12,10 +12,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from peftc.errors import ConfigError, PlanError, did_you_mean
-from peftc.methods.base import Method, TargetRequest
 from peftc.planning.graph import LINEAR_KINDS, ModelGraph, ModuleInfo, layer_index
+
+if TYPE_CHECKING:
+    from peftc.methods.base import Method
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """What a method asks the planner to resolve, and which config keys to blame."""
+
+    target_modules: Any  # None (model-type default) | "all-linear" | regex str | list of names
+    exclude_modules: Any = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    key: str = "peft.target_modules"
+
 
 # peft's spelling (DUMMY_TARGET_MODULES) for "no adapter layers": train only modules_to_save,
 # e.g. a classification head alone. Written as is in adapter_config.json, so peft loads it too.

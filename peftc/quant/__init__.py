@@ -1,12 +1,12 @@
-"""The quantization-backend registry (`quant=` group): one module per backend."""
+"""The quantization-backend plug-ins (`quant=` group): one module per backend."""
 
 from __future__ import annotations
 
-from peftc.config.registry import Registry
-from peftc.quant.base import QuantBackend
+from peftc.config.registry import QUANT_BACKENDS as REGISTRY
 
-REGISTRY: Registry[QuantBackend] = Registry("quant", __name__)
 register = REGISTRY.register
 get = REGISTRY.get
 for_spec = REGISTRY.for_spec
 all_backends = REGISTRY.all
+
+__all__ = ["REGISTRY", "all_backends", "for_spec", "get", "register"]

@@ -142,9 +142,9 @@ def _installed(module: str) -> bool:
 
 def backend_of(module: nn.Module) -> QuantBackend | None:
     """The backend that quantized this live layer, or None for a plain layer."""
-    from peftc import quant
+    from peftc.config.registry import QUANT_BACKENDS
 
-    for backend in quant.all_backends().values():
+    for backend in QUANT_BACKENDS.all().values():
         if backend.owns(module):
             return backend
     return None

@@ -67,7 +67,7 @@ class Bnb4bit(QuantBackend):
         import torch
         from torch import nn
 
-        from peftc.runtime.model import _replace_module
+        from peftc.planning.graph import replace_module
 
         for path in paths:
             old = model.get_submodule(path)
@@ -94,7 +94,7 @@ class Bnb4bit(QuantBackend):
             # eval-mode forward runs (an inference-only layout): outputs then change by ~5e-3
             # and the next training step fails. Validation runs in eval mode, so keep one layout.
             layer.support_avx512bf16_for_cpu = False
-            _replace_module(model, path, layer.to(old.weight.device))  # .to() quantizes
+            replace_module(model, path, layer.to(old.weight.device))  # .to() quantizes
         return model
 
     def _owns(self, module: nn.Module) -> bool:

@@ -53,7 +53,7 @@ class BnbInt8(QuantBackend):
         import bitsandbytes as bnb
         from torch import nn
 
-        from peftc.runtime.model import _replace_module
+        from peftc.planning.graph import replace_module
 
         for path in paths:
             old = model.get_submodule(path)
@@ -68,7 +68,7 @@ class BnbInt8(QuantBackend):
             layer.weight = bnb.nn.Int8Params(old.weight.data, requires_grad=False, has_fp16_weights=False)
             if old.bias is not None:
                 layer.bias = nn.Parameter(old.bias.data, requires_grad=False)
-            _replace_module(model, path, layer.to(old.weight.device))  # .to() quantizes
+            replace_module(model, path, layer.to(old.weight.device))  # .to() quantizes
         return model
 
     def _owns(self, module: nn.Module) -> bool:

@@ -66,13 +66,13 @@ class Quanto(QuantBackend):
         from optimum.quanto import qtypes
         from optimum.quanto.nn import quantize_module
 
-        from peftc.runtime.model import _replace_module
+        from peftc.planning.graph import replace_module
 
         for path in paths:
             layer = quantize_module(model.get_submodule(path), weights=qtypes[self.qtype])
             layer.freeze()
             layer.weight.requires_grad_(False)  # quanto's straight-through weights would get a .grad
-            _replace_module(model, path, layer)
+            replace_module(model, path, layer)
         return model
 
     def _owns(self, module: nn.Module) -> bool:

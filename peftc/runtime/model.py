@@ -19,6 +19,8 @@ from torch import nn
 from peftc.config.spec import check_adapter_name
 from peftc.errors import ConfigError, PlanError
 from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+from peftc.planning.graph import replace_module
+from peftc.runtime.injection import inject
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan
@@ -87,8 +89,6 @@ class PeftcModel(nn.Module):
     # --------------------------------------------------------------------------- lifecycle
     def add_adapter(self, name: str, plan: Plan, *, init: bool = True) -> None:
         """Inject a planned adapter under `name` (not activated; see set_adapter)."""
-        from peftc.runtime.materialize import inject
-
         check_adapter_name("adapter_name", name)
         if name in self.plans:
             raise ConfigError(
@@ -307,9 +307,9 @@ class PeftcModel(nn.Module):
 
     def _unwrap(self) -> nn.Module:
         for path, layer in list(self.adapter_layers()):
-            _replace_module(self.base_model, path, layer.base_layer)
+            replace_module(self.base_model, path, layer.base_layer)
         for path, wrapper in list(self.saved_modules()):
-            _replace_module(
+            replace_module(
                 self.base_model,
                 path,
                 wrapper.current() if not wrapper.disabled else wrapper.original_module,
@@ -322,10 +322,10 @@ class PeftcModel(nn.Module):
     def _remove_empty_layers(self) -> None:
         for path, layer in list(self.adapter_layers()):
             if not layer.adapter_names:
-                _replace_module(self.base_model, path, layer.base_layer)
+                replace_module(self.base_model, path, layer.base_layer)
         for path, wrapper in list(self.saved_modules()):
             if not len(wrapper.modules_to_save):
-                _replace_module(self.base_model, path, wrapper.original_module)
+                replace_module(self.base_model, path, wrapper.original_module)
 
     # ---------------------------------------------------------------------------- counting
     def trainable_parameters(self) -> int:
@@ -393,9 +393,3 @@ def _warn_requantized(layers: list[AdapterLayer]) -> None:
         QuantizedMergeWarning,
         stacklevel=3,
     )
-
-
-def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, new)

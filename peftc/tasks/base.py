@@ -49,7 +49,7 @@ class Task:
         return None
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
-        from peftc.training.data import load_splits
+        from peftc.tasks.data import load_splits
 
         extra = method_fields(run)
         train_rows, val_rows = load_splits(

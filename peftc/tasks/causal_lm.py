@@ -16,8 +16,8 @@ from peftc.errors import DataError
 from peftc.tasks import register
 from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
 from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
+from peftc.tasks.data import load_splits
 from peftc.tasks.lm_loss import next_token_loss
-from peftc.training.data import load_splits
 
 
 @dataclass

@@ -112,7 +112,7 @@ class SeqCls(LabelledTask):
 
 def head_rows(tensors: Mapping[str, torch.Tensor], heads: Sequence[str]) -> int | None:
     """Output size of a saved classification head (`...<head>.weight` rows), if one was saved."""
-    from peftc.files.adapter_files import MODEL_PREFIX, PROMPT_MODEL_PREFIX
+    from peftc.planning.layout import MODEL_PREFIX, PROMPT_MODEL_PREFIX
 
     for head in heads:
         for prefix in (MODEL_PREFIX, PROMPT_MODEL_PREFIX):  # prompt methods save heads one level up

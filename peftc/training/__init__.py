@@ -1,1 +1,1 @@
-"""Stage 5, training: the LightningModule, fit, and reading datasets."""
+"""Stage 5, training: the LightningModule around a PeftcModel, its callbacks, and fit."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
-from peftc.methods.adalora.method import AdaLoraLayer
+from peftc.methods.adalora.layer import AdaLoraLayer
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan

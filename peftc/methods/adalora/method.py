@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.adalora.layer import AdaLoraLayer, orthogonal_penalty
+from peftc.methods.base import Method
 from peftc.methods.common import LayeredTargetsSpec, number, target_fields, target_kwargs
 from peftc.methods.defaults import ADALORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -87,76 +86,6 @@ class AdaLoraSpec(LayeredTargetsSpec):
                 f"leaves no budgeting phase: tinit must be < total_step - tfinal = trainer.max_steps ({total}) - {key}.tfinal ({self.tfinal})",
                 f"lower {key}.tinit or {key}.tfinal, or raise trainer.max_steps",
             )
-
-
-class AdaLoraLayer(AdapterLayer):
-    adapter_containers = ("lora_A", "lora_B", "lora_E")
-
-    def __init__(self, base_layer: nn.Module, kind: str) -> None:
-        super().__init__(base_layer, kind)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_E = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-
-    def create_adapter(self, name: str, site: Site, init: bool) -> None:
-        options = site.options
-        device = self.base_layer.weight.device
-        a = torch.randn(site.tensors["lora_A"], device=device)
-        e = torch.randn(site.tensors["lora_E"], device=device)
-        b = torch.randn(site.tensors["lora_B"], device=device)
-        if init and options["init"]:
-            nn.init.zeros_(e)
-            nn.init.normal_(a, mean=0.0, std=0.02)
-            nn.init.normal_(b, mean=0.0, std=0.02)
-        self.lora_A[name], self.lora_E[name], self.lora_B[name] = nn.Parameter(a), nn.Parameter(e), nn.Parameter(b)
-        self.lora_dropout[name] = nn.Dropout(options["dropout"]) if options["dropout"] > 0 else nn.Identity()
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        if name in self.lora_dropout:
-            del self.lora_dropout[name]
-
-    def _scale(self, name: str) -> float:
-        options = self.site_options[name]
-        return options["scaling"] / (options["ranknum"] + 1e-5)
-
-    def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(a.dtype))
-        if self.kind == "conv2d":
-            base = self.base_layer
-            update = F.conv2d(x, self.delta_weight(name), None, base.stride, base.padding, base.dilation, base.groups)
-            return result + update.to(result.dtype)
-        return result + ((x @ (a * e).T @ b.T) * self._scale(name)).to(result.dtype)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self._scale(name)
-        if self.kind == "conv2d":
-            return delta.reshape(self.base_layer.weight.shape)
-        return delta.T if self.kind == "conv1d_hf" else delta
-
-    @torch.no_grad()
-    def keep_triplets(self, name: str, keep: list[bool]) -> None:
-        """Cut the adapter to the kept (A row, E entry, B column) triplets."""
-        index = torch.tensor(keep, dtype=torch.bool, device=self.lora_E[name].device)
-        for container, sliced in (
-            (self.lora_A, self.lora_A[name][index]),
-            (self.lora_E, self.lora_E[name][index]),
-            (self.lora_B, self.lora_B[name][:, index]),
-        ):
-            container[name] = nn.Parameter(sliced.clone(), requires_grad=container[name].requires_grad)
-        self.site_options[name]["r"] = int(index.sum())
-
-
-def orthogonal_penalty(layers: list[AdaLoraLayer], name: str) -> torch.Tensor | None:
-    """Mean over every A and B of ||A A^T - I||_F and ||B^T B - I||_F."""
-    terms = []
-    for layer in layers:
-        for gram in (layer.lora_A[name] @ layer.lora_A[name].T, layer.lora_B[name].T @ layer.lora_B[name]):
-            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-            terms.append(torch.norm(gram - eye, p="fro"))
-    return torch.stack(terms).mean() if terms else None
 
 
 @register

@@ -129,7 +129,7 @@ class AdaptionPrompt(Method):
     mergeable = False
 
     def target_request(self, spec: AdaptionPromptSpec) -> Any:
-        from peftc.methods.base import TargetRequest
+        from peftc.planning.targets import TargetRequest
 
         # peft names one attention module (matched as a dotted suffix), never a regex.
         targets = None if spec.target_modules is None else [spec.target_modules]

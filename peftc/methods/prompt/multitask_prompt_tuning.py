@@ -73,7 +73,7 @@ class MultitaskPromptTuningSpec(PromptTuningSpec):
 
 def source_file(path: str) -> Path:
     """The safetensors file of a source adapter (a directory means its adapter_model.safetensors)."""
-    from peftc.files.adapter_files import PICKLE_NAME, WEIGHTS_NAME
+    from peftc.planning.layout import PICKLE_NAME, WEIGHTS_NAME
 
     file = Path(path).expanduser()
     if file.is_dir():

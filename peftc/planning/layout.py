@@ -1,0 +1,105 @@
+"""The saved layout of a plan: every tensor the adapter file will hold, under peft's names, and
+the file's exact size, known before anything is built (the planner reports it, files/ writes it).
+
+Tensor names follow peft's saved format: `base_model.model.<module path>.<tensor suffix>` with
+the adapter name removed (`...q_proj.lora_A.weight`), modules_to_save under the wrapped
+module's own name, prompt encoders as `prompt_embeddings`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peftc.planning.plan import Plan, Site
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PLAN_NAME = "peftc_plan.json"
+MODEL_PREFIX = "base_model.model."
+# Prompt-learning PeftModels hold the transformers model directly as `base_model` (no tuner
+# wrapper), so peft saves their modules_to_save (e.g. a classifier head) one level up.
+PROMPT_MODEL_PREFIX = "base_model."
+_ST_DTYPES = {
+    "float32": ("F32", 4),
+    "bfloat16": ("BF16", 2),
+    "float16": ("F16", 2),
+    "float64": ("F64", 8),
+}
+ADAPTER_DTYPE = "float32"
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+def base_weight_shape(site: Site) -> tuple[int, ...]:
+    """Shape of the wrapped layer's weight (Linear stores (out, in); Conv1D and Embedding (in, out))."""
+    if site.kind in ("embedding", "conv1d_hf"):
+        return (site.in_features, site.out_features)
+    return (site.out_features, site.in_features)
+
+
+# ------------------------------------------------------------------------------- file layout
+def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor the adapter file will hold: saved name -> (shape, dtype)."""
+    from peftc.config.registry import METHODS
+
+    layout: dict[str, tuple[tuple[int, ...], str]] = {}
+    MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
+    for site in plan.sites:
+        for suffix, shape in site.tensors.items():
+            layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
+        if site.options.get("save_base_weight"):
+            layout[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = (base_weight_shape(site), plan.model.dtype)
+    for module in plan.modules_to_save:
+        for name, shape in module.tensors.items():
+            layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
+    for name, shape in plan.unfrozen.items():
+        layout[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, name)}"] = (tuple(shape), plan.model.dtype)
+    if plan.prompt is not None:
+        method = METHODS.get(plan.method)
+        for name, shape in method.saved_prompt_tensors(plan.prompt).items():
+            layout[name] = (tuple(shape), ADAPTER_DTYPE)
+    return layout
+
+
+def model_prefix(plan: Plan) -> str:
+    """Where peft saves tensors of base-model modules for this plan's method."""
+    return PROMPT_MODEL_PREFIX if plan.prompt is not None else MODEL_PREFIX
+
+
+def unfrozen_saved_name(plan: Plan, name: str) -> str:
+    """peft saves a trained base parameter of an adapted module under its wrapper's `base_layer`."""
+    module, _, pname = name.rpartition(".")
+    return f"{module}.base_layer.{pname}" if plan.site(module) is not None else name
+
+
+def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """Exact byte size of a safetensors file with these tensors (format metadata included)."""
+    entries = sorted(layout.items(), key=lambda kv: (-_ST_DTYPES[kv[1][1]][1], kv[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in entries:
+        code, size = _ST_DTYPES[dtype]
+        count = 1
+        for dim in shape:
+            count *= dim
+        header[name] = {
+            "dtype": code,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + count * size],
+        }
+        offset += count * size
+    text = json.dumps(header, separators=(",", ":"))
+    padded = len(text) + (-len(text)) % 8
+    return 8 + padded + offset
+
+
+# ------------------------------------------------------------------------------------ saving

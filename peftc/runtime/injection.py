@@ -1,0 +1,92 @@
+"""Injection: one planned adapter added to a live model, transactionally (all sites or none)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peftc.config.registry import METHODS
+from peftc.errors import PlanError
+from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+from peftc.planning.graph import replace_module
+
+if TYPE_CHECKING:
+    from peftc.planning.graph import ModuleInfo
+    from peftc.planning.plan import Plan
+    from peftc.runtime.model import PeftcModel
+
+
+def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> None:
+    """Add one adapter to the model exactly as planned, or leave the model unchanged."""
+    from peftc.config.names import check_adapter_name_fits
+    from peftc.planning.graph import graph_of
+
+    method = METHODS.get(plan.method)
+    base = model.base_model
+    graph = graph_of(base)
+    check_adapter_name_fits("adapter_name", name, (m.path for m in graph.modules))
+    for site in plan.sites:
+        _check_site_fits(site, graph.module(site.path), plan)
+    new_layers: dict[str, AdapterLayer] = {}
+    extended: list[AdapterLayer] = []
+    new_wrappers: dict[str, ModulesToSaveWrapper] = {}
+    extended_wrappers: list[ModulesToSaveWrapper] = []
+    try:
+        for site in plan.sites:
+            current = base.get_submodule(site.path)
+            if isinstance(current, AdapterLayer):
+                if not isinstance(current, method.layer_class):
+                    raise PlanError(
+                        "peft",
+                        plan.method,
+                        f"{site.path} already carries a {type(current).__name__} adapter",
+                        "one method per module: delete the other adapter first",
+                    )
+                current.add_adapter(name, site, init=init)
+                extended.append(current)
+            else:
+                layer = method.layer_class(current, site.kind)
+                layer.add_adapter(name, site, init=init)
+                new_layers[site.path] = layer
+        for saved in plan.modules_to_save:
+            current = base.get_submodule(saved.path)
+            if isinstance(current, ModulesToSaveWrapper):
+                current.add_adapter(name)
+                extended_wrappers.append(current)
+            else:
+                wrapper = ModulesToSaveWrapper(current)
+                wrapper.add_adapter(name)
+                new_wrappers[saved.path] = wrapper
+        encoder = method.create_prompt_encoder(plan.prompt, plan.spec.peft, base) if plan.prompt is not None else None
+    except BaseException:
+        for layer in extended:
+            layer.delete_adapter(name)
+        for wrapper in extended_wrappers:
+            wrapper.delete_adapter(name)
+        raise
+    for path, layer in new_layers.items():
+        replace_module(base, path, layer)
+    for path, wrapper in new_wrappers.items():
+        replace_module(base, path, wrapper)
+    if encoder is not None:
+        model.prompt_encoders[name] = encoder
+
+
+def _check_site_fits(site: object, module: ModuleInfo | None, plan: Plan) -> None:
+    if module is None:
+        raise PlanError(
+            "model",
+            plan.model.name,
+            f"the plan adapts {site.path}, which this model does not have",
+            "plan against this model (peftc.compile with the same model) or load the matching base",
+        )
+    if (module.kind, module.in_features, module.out_features) != (
+        site.kind,
+        site.in_features,
+        site.out_features,
+    ):
+        raise PlanError(
+            "model",
+            plan.model.name,
+            f"{site.path} is {module.class_name} {module.in_features}→{module.out_features} here but {site.module_class} {site.in_features}→{site.out_features} in the plan",
+            "the adapter was made for a different base model",
+        )
