@@ -40,15 +40,91 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_cli(
-    args: Sequence[str], cwd: str | os.PathLike[str], timeout: int = 300, env: dict[str, str] | None = None
+    args: Sequence[str],
+    cwd: str | os.PathLike[str],
+    timeout: int = 300,
+    env: dict[str, str] | None = None,
+    *,
+    fresh_process: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    # PYTHONPATH: run this checkout's peftc even when another copy is pip-installed.
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "peftc", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
-    )
+    """`python -m peftc ARGS` in `cwd`: exit status, stdout and stderr.
+
+    In this process by default (the interpreter and torch/transformers/lightning imports are
+    most of a small run's time); `fresh_process=True` where a new interpreter is the point:
+    import-time messages, processes the run spawns itself (DDP, launchers), a default run end
+    to end."""
+    if fresh_process:
+        # PYTHONPATH: run this checkout's peftc even when another copy is pip-installed.
+        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath, **(env or {})}
+        full_env.pop("HYDRA_FULL_ERROR", None)
+        return subprocess.run(
+            [sys.executable, "-m", "peftc", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
+    return _run_cli_here(list(args), Path(cwd), env or {})
+
+
+# Python's default warning filters (what a fresh `python -m peftc` starts with), so that a run in
+# this process shows on stderr the warnings a user would see, not pytest's captured ones.
+_DEFAULT_WARNING_FILTERS = (
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+)
+
+
+def _run_cli_here(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from peftc.cli.main import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, saved_env = sys.argv[:], os.getcwd(), dict(os.environ)
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    status = 0
+    os.environ.update({"HF_HUB_OFFLINE": "1", **env})
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    sys.argv = ["peftc", *args]
+    os.chdir(cwd)
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in _DEFAULT_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module)
+            warnings.showwarning = _show_warning_on_current_stderr
+            try:
+                main()
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        GlobalHydra.instance().clear()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    return subprocess.CompletedProcess(["peftc", *args], status, stdout.getvalue(), stderr.getvalue())
+
+
+def _show_warning_on_current_stderr(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    import warnings
+
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def peft_lora_config(plan: Plan, **extra: Any) -> Any:

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 def test_default_run_trains_and_leaves_a_peft_adapter(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    result = run_cli(["peft=lora", "task=causal_lm", "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    result = run_cli(
+        ["peft=lora", "task=causal_lm", "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, fresh_process=True
+    )
     assert result.returncode == 0, result.stderr
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()

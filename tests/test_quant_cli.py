@@ -58,6 +58,7 @@ def test_every_backend_trains_from_the_cli_and_its_adapter_loads_back(tmp_path: 
         ],
         cwd=tmp_path,
         timeout=600,
+        fresh_process=True,  # import-time backend messages show only in a new interpreter
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not noise_lines(result.stdout + result.stderr)
@@ -85,7 +86,7 @@ def test_every_backend_trains_from_the_cli_and_its_adapter_loads_back(tmp_path: 
 
 
 def test_unquantized_runs_print_no_backend_import_noise(tmp_path: Path) -> None:
-    result = run_cli(["dry_run=true", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    result = run_cli(["dry_run=true", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, fresh_process=True)
     assert result.returncode == 0, result.stderr
     assert not noise_lines(result.stdout + result.stderr)
 

@@ -56,6 +56,7 @@ def test_ddp_on_two_cpu_processes_saves_one_adapter_equal_to_one_process(tmp_pat
         [*common, "trainer=ddp_cpu", "data.batch_size=4", f"hydra.run.dir={tmp_path / 'ddp'}"],
         cwd=tmp_path,
         timeout=600,
+        fresh_process=True,  # Lightning starts the second rank by re-running this command
     )
     assert ddp.returncode == 0, ddp.stderr
     run_dir = tmp_path / "ddp"
