@@ -3,8 +3,10 @@
 One swept key: the metric as a line over its values, trainable parameters as bars on a second
 axis.
 Two: one line per value of the second key. More: one point per job, labelled by its values.
-matplotlib is an optional dependency (`pip install 'peftc[plot]'`); without it the CSV and the
-terminal table are still written and a one-line message says how to get the plot.
+The metric axis never zooms in so far that noise looks like a result: it spans at least
+`MIN_RELATIVE_SPAN` of the metric's size, and the title states the measured range.
+matplotlib is a dependency of peftc; where it is missing anyway the CSV and the terminal table
+are still written and a one-line message says how to get the plot.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from peftc.cli.sweep_rows import metric_of, parse_overrides
+
+# The smallest metric-axis span, relative to the metric's magnitude: a 0.004 difference in a
+# loss of 5.4 stays a flat line instead of filling the plot.
+MIN_RELATIVE_SPAN = 0.05
 
 
 def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> bool:
@@ -23,7 +29,7 @@ def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: P
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("sweep plot skipped: matplotlib is not installed (pip install 'peftc[plot]')")
+        print("sweep plot skipped: matplotlib is not installed (pip install matplotlib)")
         return False
     if all(metric_of(r, metric) is None for r in rows):
         metric = "train_loss"
@@ -46,11 +52,14 @@ def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: P
         labels = [" ".join(f"{k}={v.get(k, '')}" for k in keys) or str(r.get("job")) for r, v in zip(rows, values)]
         _draw(ax, params_ax, list(range(len(rows))), rows, metric, "C0", metric, 0.0, 0.8)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    measured = [m for m in (metric_of(r, metric) for r in rows) if m is not None]
+    if measured:
+        ax.set_ylim(*metric_limits(measured))
     ax.set_ylabel(metric)
     params_ax.set_ylabel("trainable params (bars)")
     ax.set_zorder(params_ax.get_zorder() + 1)  # the metric lines above the bars
     ax.patch.set_visible(False)
-    ax.set_title(f"{metric} vs {', '.join(keys) or 'job'}")
+    ax.set_title(f"{metric} vs {', '.join(keys) or 'job'}{range_note(measured)}", fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -89,3 +98,20 @@ def _ordered(items: list[str]) -> list[str]:
         return sorted(distinct, key=float)
     except ValueError:
         return distinct
+
+
+def metric_limits(values: list[float]) -> tuple[float, float]:
+    """Metric-axis limits: the values with a margin, and never narrower than MIN_RELATIVE_SPAN
+    of their magnitude (centred on them), so small differences look small."""
+    low, high = min(values), max(values)
+    centre = (low + high) / 2
+    span = max((high - low) * 1.2, MIN_RELATIVE_SPAN * max(abs(centre), 1e-12))
+    return centre - span / 2, centre + span / 2
+
+
+def range_note(values: list[float]) -> str:
+    """' (range 5.482-5.486, spread 0.004)' for the title; empty for fewer than two values."""
+    if len(values) < 2:
+        return ""
+    low, high = min(values), max(values)
+    return f" (range {low:.4g}–{high:.4g}, spread {high - low:.2g})"
