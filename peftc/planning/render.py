@@ -39,9 +39,11 @@ def plan_renderables(plan: Plan) -> list[Any]:
     out: list[Any] = [title]
     out.extend(_quantization_lines(plan))
     if plan.sites:
+        groups = group_sites(plan.sites)
         table = Table(title=f"{len(plan.sites)} adapted modules", title_justify="left", show_lines=False)
+        # Module names are what tells the rows apart: the other columns wrap before they shrink.
+        table.add_column("module", min_width=max(len(label) for label, _ in groups), overflow="fold")
         for column, justify in (
-            ("module", "left"),
             ("kind", "left"),
             ("in→out", "right"),
             ("sites", "right"),
@@ -49,7 +51,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
             ("params", "right"),
         ):
             table.add_column(column, justify=justify)
-        for label, members in group_sites(plan.sites):
+        for label, members in groups:
             first = members[0]
             quantized = first.options.get("base_quant")
             table.add_row(
@@ -88,7 +90,8 @@ def plan_renderables(plan: Plan) -> list[Any]:
             out.append(f"prompt enters as: {p.options['injection']}")
     if plan.modules_to_save:
         table = Table(title="modules trained in full and saved (modules_to_save)", title_justify="left")
-        for column in ("module", "class", "why", "params"):
+        table.add_column("module", min_width=max(len(m.path) for m in plan.modules_to_save), overflow="fold")
+        for column in ("class", "why", "params"):
             table.add_column(column)
         for m in plan.modules_to_save:
             table.add_row(m.path, m.module_class, m.reason, f"{m.params:,}")
@@ -165,11 +168,23 @@ def render_plan(plan: Plan, width: int = 140) -> str:
 
 
 def print_plan(plan: Plan) -> None:
+    """The plan on stdout: as wide as the terminal, or, written to a file or a pipe, as wide as its
+    content needs (nothing is cut for a reader who cannot widen the window)."""
     from rich.console import Console
 
-    console = Console(width=max(120, Console().width))
-    for item in plan_renderables(plan):
+    items = plan_renderables(plan)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(120, _natural_width(items)))
+    for item in items:
         console.print(item)
+
+
+def _natural_width(items: list[Any]) -> int:
+    from rich.console import Console
+
+    wide = Console(width=1000, file=io.StringIO())
+    return max(wide.measure(item).maximum for item in items)
 
 
 def group_sites(sites: tuple[Site, ...]) -> list[tuple[str, list[Site]]]:
