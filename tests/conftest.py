@@ -34,9 +34,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def config_only_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: str) -> str:
-    """A model directory with config.json but no weights: anything that loads weights fails."""
+    """A model directory with config.json and its tokenizer but no weights: anything that loads
+    weights fails."""
     import shutil
 
     path = tmp_path_factory.mktemp("config_only")
-    shutil.copy(os.path.join(tiny_llama_dir, "config.json"), path / "config.json")
+    for name in os.listdir(tiny_llama_dir):
+        if name == "config.json" or name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tiny_llama_dir, name), path / name)
     return str(path)

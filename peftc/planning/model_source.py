@@ -236,15 +236,90 @@ class _seeded:
         self._fork.__exit__(*exc)
 
 
+def tokenizer_source(model: ModelSpec) -> str:
+    """Where the tokenizer comes from: model.tokenizer, else the model's own directory (or hub
+    id), else peftc's offline byte tokenizer for a config-built model."""
+    source = model.tokenizer
+    if source is not None and str(source).startswith(PACKAGE_SCHEME):
+        return package_directory(str(source), "model.tokenizer")
+    if source is not None:
+        return os.path.expanduser(str(source))
+    return str(BYTE_TOKENIZER) if model.is_config_built else _resolve_source(model)
+
+
+# What a saved tokenizer directory holds besides tokenizer_config.json when it has no
+# tokenizer.json (slow tokenizers: WordPiece, BPE, SentencePiece).
+_VOCABULARY_FILES = ("vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer(model: ModelSpec, vocab_size: int | None) -> None:
+    """Before anything loads: the tokenizer exists and its token ids fit the model's embeddings
+    (reads tokenizer.json or vocab.txt only; a hub id is not checked here)."""
+    source = tokenizer_source(model)
+    if not os.path.isdir(source):
+        if model.tokenizer is not None and source.startswith(("/", ".", "~")):
+            raise ConfigError("model.tokenizer", model.tokenizer, "no such directory", "give a tokenizer directory")
+        return
+    key, value = (
+        ("model.tokenizer", model.tokenizer)
+        if model.tokenizer is not None
+        else ("model.name_or_path", model.name_or_path)
+    )
+    files = set(os.listdir(source))
+    if "tokenizer.json" not in files and not ("tokenizer_config.json" in files and files & set(_VOCABULARY_FILES)):
+        raise ConfigError(
+            key,
+            value,
+            "has no tokenizer (tokenizer.json, or tokenizer_config.json with its vocabulary file)",
+            "save one there with tokenizer.save_pretrained(DIR), or set model.tokenizer=DIR to a directory that has one",
+        )
+    size = _tokenizer_vocabulary_size(Path(source))
+    if not (vocab_size and size and size > vocab_size):
+        return
+    if model.tokenizer is None and model.is_config_built:
+        raise ConfigError(
+            "model.config.vocab_size",
+            vocab_size,
+            f"is below the {size} token ids of peftc's byte-level tokenizer",
+            f"set model.config.vocab_size={size} or more, or give model.tokenizer",
+        )
+    raise ConfigError(
+        key,
+        value,
+        f"has a tokenizer with {size} token ids but the model embeds only {vocab_size} (config vocab_size)",
+        "use the tokenizer the model was trained with (set model.tokenizer), or resize the model's embeddings",
+    )
+
+
+def _tokenizer_vocabulary_size(directory: Path) -> int | None:
+    """1 + the largest token id a tokenizer can produce, read from its files without loading it."""
+    if (directory / "tokenizer.json").is_file():
+        try:
+            data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None  # transformers reports an unreadable tokenizer when it loads it
+        vocab = (data.get("model") or {}).get("vocab") if isinstance(data, dict) else None
+        ids = (
+            list(vocab.values())
+            if isinstance(vocab, dict)
+            else list(range(len(vocab)))
+            if isinstance(vocab, list)
+            else []
+        )
+        ids += [t.get("id", -1) for t in data.get("added_tokens") or [] if isinstance(t, dict)]
+        ids = [i for i in ids if isinstance(i, int)]
+        return max(ids) + 1 if ids else None
+    if (directory / "vocab.txt").is_file():
+        with open(directory / "vocab.txt", encoding="utf-8", errors="replace") as fh:
+            return sum(1 for _ in fh)
+    return None
+
+
 def load_tokenizer(model: ModelSpec) -> Any:
     """The tokenizer for the base model; config-built models use peftc's offline byte tokenizer."""
     from transformers import AutoTokenizer
 
-    source = model.tokenizer
-    if source is not None and str(source).startswith(PACKAGE_SCHEME):
-        source = package_directory(str(source), "model.tokenizer")
-    if source is None:
-        source = str(BYTE_TOKENIZER) if model.is_config_built else _resolve_source(model)
+    source = tokenizer_source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from peftc.config.names import check_adapter_name_fits
 from peftc.config.registry import METHODS, QUANT_BACKENDS, TASKS
 from peftc.errors import PlanError, did_you_mean
-from peftc.planning import compat, layout, memory
+from peftc.planning import compat, layout, memory, model_source
 from peftc.planning.graph import ModelGraph, meta_graph
 from peftc.planning.plan import ModelRef, Plan, SavedModule, Site
 from peftc.planning.quantization import annotate_sites, plan_quantization
@@ -34,6 +34,8 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     backend.check_available()
     if graph is None:
         graph = meta_graph(run.model, task.auto_class_name, task.config_overrides(run.task))
+        # Planning from the config is the run's path: its tokenizer must exist and fit, now.
+        model_source.check_tokenizer(run.model, graph.facts.vocab_size)
     compat.check(compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph))
     check_adapter_name_fits("adapter_name", run.adapter_name, (m.path for m in graph.modules))
     method.check_run(run.peft, run, graph)

@@ -1,0 +1,65 @@
+"""Bring your own model: its tokenizer is checked when the plan is compiled (present, and its token
+ids fit the model's embeddings), before anything is loaded or written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc.errors import ConfigError
+from tests.helpers import run_cli
+
+
+def copy_model(source: str, target: Path, *, tokenizer: bool) -> Path:
+    target.mkdir()
+    for name in Path(source).iterdir():
+        if tokenizer or not name.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(name, target / name.name)
+    return target
+
+
+def test_a_model_directory_without_a_tokenizer_is_refused_by_the_dry_run(tiny_llama_dir: str, tmp_path: Path) -> None:
+    bare = copy_model(tiny_llama_dir, tmp_path / "bare", tokenizer=False)
+    with pytest.raises(ConfigError, match="has no tokenizer") as caught:
+        peftc.compile(["model=hf", f"model.name_or_path={bare}"])
+    assert caught.value.key == "model.name_or_path" and "model.tokenizer=DIR" in str(caught.value)
+
+
+def test_a_tokenizer_elsewhere_is_taken_from_model_tokenizer(tiny_llama_dir: str, tmp_path: Path) -> None:
+    bare = copy_model(tiny_llama_dir, tmp_path / "bare", tokenizer=False)
+    plan = peftc.compile(["model=hf", f"model.name_or_path={bare}", f"model.tokenizer={tiny_llama_dir}"])
+    assert plan.trainable_params > 0
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_llama_dir: str, tmp_path: Path) -> None:
+    big = tmp_path / "big_tokenizer"
+    big.mkdir()
+    vocab = {f"t{i}": i for i in range(300)}
+    (big / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "WordLevel", "vocab": vocab}, "added_tokens": []})
+    )
+    with pytest.raises(ConfigError, match="300 token ids but the model embeds only 260") as caught:
+        peftc.compile(["model=hf", f"model.name_or_path={tiny_llama_dir}", f"model.tokenizer={big}"])
+    assert caught.value.key == "model.tokenizer"
+
+
+def test_a_config_built_model_too_small_for_the_byte_tokenizer_names_its_vocab_size() -> None:
+    with pytest.raises(ConfigError, match="below the 260 token ids") as caught:
+        peftc.compile(["model.config.vocab_size=100"])
+    assert caught.value.key == "model.config.vocab_size"
+
+
+def test_the_cli_refuses_a_missing_tokenizer_in_one_line_and_writes_nothing(
+    tiny_llama_dir: str, tmp_path: Path
+) -> None:
+    bare = copy_model(tiny_llama_dir, tmp_path / "bare", tokenizer=False)
+    run_dir = tmp_path / "run"
+    result = run_cli(["model=hf", f"model.name_or_path={bare}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "has no tokenizer" in errors[0] and "Traceback" not in result.stderr
+    assert not (run_dir / "plan.json").exists()
