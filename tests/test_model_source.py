@@ -63,3 +63,16 @@ def test_the_cli_refuses_a_missing_tokenizer_in_one_line_and_writes_nothing(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "has no tokenizer" in errors[0] and "Traceback" not in result.stderr
     assert not (run_dir / "plan.json").exists()
+
+
+def test_pickle_weights_are_never_loaded(tiny_llama_dir: str, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = copy_model(tiny_llama_dir, tmp_path / "pickled", tokenizer=True)
+    weights = pickled / "model.safetensors"
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ConfigError, match=r"only pickle weights \(pytorch_model.bin\)") as caught:
+        peftc.compile(["model=hf", f"model.name_or_path={pickled}"])
+    assert "convert them to safetensors" in str(caught.value)

@@ -150,6 +150,16 @@ def _check_model_dir(model: ModelSpec, source: str) -> str:
             "directory has no config.json",
             "point it at a saved transformers model (save_pretrained output)",
         )
+    files = os.listdir(source)
+    pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")) and "model" in f)
+    if pickled and not any(f.endswith(".safetensors") for f in files):
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            f"holds only pickle weights ({pickled[0]}), which peftc never loads (unpickling can run code)",
+            "convert them to safetensors where you trust the file: "
+            "AutoModel.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors",
+        )
     return source
 
 
@@ -206,6 +216,7 @@ def build_model(
             revision=model.revision,
             dtype=dtype,
             trust_remote_code=False,
+            use_safetensors=True,  # never unpickle weights
         )
     except OSError as exc:
         raise ConfigError(
