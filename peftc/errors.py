@@ -36,6 +36,10 @@ class AdapterFileError(PeftcError):
         super().__init__(f"{message}; {hint}" if hint else message)
 
 
+class MergeError(PeftcError, ValueError):
+    """Adapters that cannot be folded into the base weights (a ValueError too, as in peft)."""
+
+
 class DataError(PeftcError):
     """A dataset file or row cannot be used for the configured task."""
 

@@ -51,10 +51,16 @@ def _model_and_run(run: RunSpec) -> tuple[Any, RunSpec]:
         return materialize(plan).eval(), run
     from peftc.files.load import load_adapter
 
-    model = load_adapter(run.adapter)
+    task = tasks.for_spec(run.task)
+    model = load_adapter(run.adapter, task=task.name)  # the task only says which class rebuilds a task-less base
     plan = model.plan_of("default")
     saved = plan.spec
-    task = tasks.for_spec(run.task)
+    if plan.task_type is None:  # saved without a task: the task given (or inferred), if the model fits it
+        _check_labels_fit(model.base_model, run)
+        print(
+            f"adapter {run.adapter}: {plan.method} on {saved.model.label} ({plan.model.model_class}), task={task.name}"
+        )
+        return model, run.replace(model=saved.model)
     if type(saved.task) is not task.schema:
         raise ConfigError(
             "task",
@@ -85,10 +91,42 @@ def adapter_overrides(overrides: Sequence[str]) -> list[str]:
     directory = Path(str(adapter)).expanduser()
     config = adapter_files.read_config(directory)
     task = tasks.for_task_type(config.get("task_type"), str(directory / adapter_files.CONFIG_NAME))
+    if task.task_type is None:
+        return [f"task={_task_of_base(directory).name}", *overrides]
     saved = ((adapter_files.read_plan(directory) or {}).get("spec") or {}).get("task") or {}
     known = {f.name for f in dataclasses.fields(task.schema)}
     settings = [f"task.{k}={hydra_value(v)}" for k, v in saved.items() if k in known]
     return [f"task={task.name}", *settings, *overrides]
+
+
+def _task_of_base(directory: Path) -> Any:
+    """The task of an adapter saved without a task type: the one its base model's class has."""
+    from peftc.files.provenance import base_model_task
+
+    task = base_model_task(directory)
+    if task is None:
+        raise ConfigError(
+            "task",
+            None,
+            f"the adapter in {directory} was saved without a task type (task_type null) and its base model's "
+            "class has no head peftc knows",
+            "pass the task, e.g. task=causal_lm or task=feature_extraction",
+        )
+    return task
+
+
+def _check_labels_fit(model: Any, run: RunSpec) -> None:
+    """A task-less adapter's base keeps its own head (load_adapter checked its class against the
+    task): a label set must have as many labels as that head has rows."""
+    heads = getattr(getattr(model, "config", None), "num_labels", None)
+    labels = getattr(run.task, "labels", None)
+    if labels is not None and heads is not None and len(labels) != heads:
+        raise ConfigError(
+            "task.labels",
+            list(labels),
+            f"has {len(labels)} labels but the head of the adapter's base model has {heads}",
+            f"give its {heads} labels in class-index order",
+        )
 
 
 def hydra_value(value: Any) -> str:

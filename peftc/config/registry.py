@@ -95,8 +95,9 @@ def method_for_peft_type(peft_type: str, source: str = "adapter_config.json") ->
 
 
 def task_for_task_type(task_type: str | None, source: str = "adapter_config.json") -> Task:
+    """The task of an adapter file; a null task_type is the model as it is (tasks/as_is.py)."""
     task = TASKS.find(lambda t: t.task_type == task_type)
     if task is None:
-        known = sorted(t.task_type for t in TASKS.all().values())
+        known = sorted(str(t.task_type).replace("None", "null") for t in TASKS.all().values())
         raise AdapterFileError(source, f"task_type {task_type!r} is not supported", "supported: " + ", ".join(known))
     return task

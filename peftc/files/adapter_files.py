@@ -119,11 +119,22 @@ def weights_path(directory: str | os.PathLike[str]) -> Path:
         if (Path(directory) / PICKLE_NAME).is_file():
             raise AdapterFileError(
                 str(Path(directory) / PICKLE_NAME),
-                "pickle adapter files are never loaded (unpickling can run arbitrary code)",
-                "convert it to adapter_model.safetensors with a tool you trust",
+                "pickle adapter files are never loaded (unpickling can run arbitrary code); convert to safetensors",
+                f"if you trust the file: {conversion_command(Path(directory))}",
             )
         raise AdapterFileError(str(path), "missing")
     return path
+
+
+def conversion_command(directory: Path) -> str:
+    """One shell line that turns adapter_model.bin into adapter_model.safetensors. torch's
+    weights_only loader refuses pickled code, so the line cannot run a payload either."""
+    source, target = (str(directory / name) for name in (PICKLE_NAME, WEIGHTS_NAME))
+    code = (
+        "import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load({source!r}, weights_only=True), {target!r}, metadata={{'format': 'pt'}})"
+    )
+    return f'python -c "{code}"'
 
 
 def read_tensor_header(directory: str | os.PathLike[str]) -> dict[str, TensorEntry]:

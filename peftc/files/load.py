@@ -4,8 +4,11 @@ The adapter_config.json is screened (fields that could carry code are refused, u
 dropped with a warning) and becomes a spec, which is validated and planned against the live
 base model. The safetensors header is checked against the plan before any tensor data is read
 (and before any adapter memory is allocated): missing, unexpected or mis-shaped tensors are
-errors by default (strict); `strict=False` loads what fits and records a `LoadReport` in
-`model.load_reports[name]`. Non-finite values and non-float tensors are always errors.
+errors by default (strict); `strict=False` loads what fits, records a `LoadReport` in
+`model.load_reports[name]` and warns with the name of every tensor it could not use (a lenient
+load is never silently wrong). Non-finite values and non-float tensors are always errors.
+An adapter saved without a task type (`"task_type": null`) is the model as it is
+(tasks/as_is.py): no head handling, the base model keeps its class.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from peftc import methods, tasks
 from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, check_adapter_name, validate
 from peftc.errors import AdapterFileError, ConfigError
 from peftc.files import adapter_files
+from peftc.files.provenance import model_as_is_class, named_base, warn_if_other_base
 from peftc.files.screening import screen
 from peftc.files.tensorfile import FLOAT_DTYPES, TensorEntry, load_tensors
 from peftc.planning import planner
@@ -56,6 +60,17 @@ class LoadReport:
         ]
         return ", ".join(p for p in parts if p) or "all tensors loaded"
 
+    def details(self) -> str:
+        """Every tensor the load could not use, by name: what a lenient load warns with."""
+        parts = [
+            f"missing (kept at their initial values): {', '.join(self.missing)}" if self.missing else "",
+            f"ignored, not part of this adapter: {', '.join(self.unexpected)}" if self.unexpected else "",
+            "ignored, wrong shape: " + ", ".join(f"{key} {found} != {wanted}" for key, found, wanted in self.mismatched)
+            if self.mismatched
+            else "",
+        ]
+        return "; ".join(p for p in parts if p) or "all tensors loaded"
+
 
 def load_adapter(
     base_or_directory: nn.Module | str | os.PathLike[str],
@@ -64,13 +79,17 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
     strict: bool = True,
+    task: str | None = None,
 ) -> PeftcModel:
     """Load an adapter directory onto a base model (or, given only a directory, onto the base
     model it names: peftc's saved plan if present, else `base_model_name_or_path`).
 
     Passing a PeftcModel adds the adapter beside the ones it has (not activated if others are).
     Nothing is changed unless the whole adapter loads. `strict=False` tolerates missing,
-    unexpected and mis-shaped tensors and reports them in `model.load_reports[adapter_name]`.
+    unexpected and mis-shaped tensors, warns with their names and reports them in
+    `model.load_reports[adapter_name]`. `task` only matters for an adapter saved without a task
+    type that is rebuilt from a directory whose config does not name the model class: the task
+    (e.g. "causal_lm") whose model class to build.
     """
     if directory is None:
         directory, base = base_or_directory, None
@@ -84,17 +103,20 @@ def load_adapter(
     raw = adapter_files.read_config(directory)
     method = methods.for_peft_type(raw["peft_type"], source)
     config = screen(raw, source, method.schema)
-    task = tasks.for_task_type(config.get("task_type"), source)
+    adapter_task = tasks.for_task_type(config.get("task_type"), source)
+    _check_task_fits_method(method, adapter_task, source)
     header = adapter_files.read_tensor_header(directory)
     peft_spec = _peft_spec(method, config, source)
-    saved_model, task_spec, data_spec = _saved_specs(directory, task)
-    if saved_model is None:
-        task_spec = task.spec_from_saved(task_spec, header)  # e.g. a peft-saved head's label count (shapes only)
+    saved_model, task_spec, data_spec = _saved_specs(directory, adapter_task)
+    if saved_model is None:  # e.g. a peft-saved head's label count (shapes only)
+        task_spec = adapter_task.spec_from_saved(task_spec, header)
     model_spec = None
     if base is None:
-        base, model_spec = _base_for(directory, config, task, saved_model, task_spec)
+        base, model_spec = _base_for(directory, config, adapter_task, saved_model, task_spec, as_task=task)
         base = _quantized_like_saved(directory, base)
     live = base.base_model if isinstance(base, PeftcModel) else base
+    if model_spec is None:
+        warn_if_other_base(config.get("base_model_name_or_path"), live, source)
     run = RunSpec(
         peft=peft_spec,
         task=task_spec,
@@ -116,7 +138,12 @@ def load_adapter(
     fill(model, adapter_name, tensors)
     model.load_reports[adapter_name] = report
     if report:
-        warnings.warn(f"{weights}: loaded leniently: {report.summary()}", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{weights}: loaded leniently ({report.summary()}); outputs may differ from the saved adapter's. "
+            f"{report.details()}",
+            UserWarning,
+            stacklevel=2,
+        )
     if previous:
         model.set_adapter(previous)
     if not is_trainable:
@@ -251,25 +278,30 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any, Dat
 
 
 def _base_for(
-    directory: Path, config: dict[str, Any], task: Any, spec: ModelSpec | None, task_spec: Any
+    directory: Path,
+    config: dict[str, Any],
+    task: Any,
+    spec: ModelSpec | None,
+    task_spec: Any,
+    *,
+    as_task: str | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
     """The base model the adapter names, built with the task's head, and the spec it came from."""
     from peftc.planning import model_source
 
-    if spec is None:
-        name = config.get("base_model_name_or_path")
-        if not name:
-            raise AdapterFileError(
-                str(directory / adapter_files.CONFIG_NAME),
-                "names no base model (base_model_name_or_path)",
-                "pass the base model: peftc.load_adapter(base_model, directory)",
-            )
-        spec = ModelSpec(name=name, name_or_path=name, revision=config.get("revision"))
-        try:
-            validate(spec, "adapter_config")
-        except ConfigError as exc:
-            raise AdapterFileError(str(directory / adapter_files.CONFIG_NAME), f"invalid value: {exc}") from exc
-    return model_source.build_model(spec, task.auto_class_name, task.config_overrides(task_spec)), spec
+    spec = spec or named_base(directory, config)
+    auto_class_name = model_as_is_class(directory, spec, as_task) if task.task_type is None else task.auto_class_name
+    return model_source.build_model(spec, auto_class_name, task.config_overrides(task_spec)), spec
+
+
+def _check_task_fits_method(method: Any, task: Any, source: str) -> None:
+    """Prompt methods need a task: peft's task-less PeftModel never calls the prompt encoder."""
+    if task.task_type is None and method.kind == "prompt":
+        raise AdapterFileError(
+            source,
+            f"is a {method.peft_type} adapter with task_type null, which peft itself runs without its prompt",
+            "set task_type in adapter_config.json to the task it was trained for, e.g. CAUSAL_LM",
+        )
 
 
 def _model_spec(model: nn.Module, config: dict[str, Any]) -> ModelSpec:

@@ -10,17 +10,18 @@ cubic budget schedule from init_r to target_r per module between tinit and
 total_step - tfinal, the least important triplets masked (E = 0). total_step is
 trainer.max_steps. When training ends the masks become `rank_pattern`, the adapter is cut to
 the kept triplets and re-planned, so the saved files are peft's pruned AdaLoRA layout.
+`bias` trains base biases as LoRA's does ('all' / 'lora_only'; peft's AdaLoraConfig inherits it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
+from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.adalora.layer import AdaLoraLayer, orthogonal_penalty
@@ -51,6 +52,11 @@ class AdaLoraSpec(LayeredTargetsSpec):
     beta2: float = param(0.85, "EMA factor of the uncertainty scores.", _open_unit)
     orth_reg_weight: float = param(0.5, "Weight of the orthogonal regulariser added to the loss.", at_least(0.0))
     init_lora_weights: bool = param(True, "true: E = 0 (no-op); false: A, E, B ~ N(0, 1) (not a no-op).")
+    bias: str = param(
+        "none",
+        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'lora_only' (biases of adapted modules).",
+        one_of("none", "all", "lora_only"),
+    )
     rank_pattern: Any = param(
         None, "Written by training: {module path.lora_E: keep-mask of init_r booleans}. Not set by hand."
     )
@@ -128,6 +134,20 @@ class AdaLora(Method):
             module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
         )
 
+    def plan_unfrozen(self, spec: AdaLoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
+        """bias='all': every base bias; 'lora_only': the biases of the adapted modules (as LoRA,
+        since peft's AdaLoraConfig inherits LoraConfig's bias)."""
+        if spec.bias == "none":
+            return {}
+        adapted = {s.path for s in sites}
+        return {
+            f"{module.path}.bias" if module.path else "bias": shape
+            for module in graph.modules
+            if spec.bias == "all" or module.path in adapted
+            for pname, shape in module.params
+            if pname == "bias"
+        }
+
     # ---------------------------------------------------------------------------- training
     def extra_loss(self, model: PeftcModel, adapter_name: str) -> torch.Tensor | None:
         weight = model.plan_of(adapter_name).spec.peft.orth_reg_weight
@@ -152,7 +172,7 @@ class AdaLora(Method):
             "lora_alpha": number(spec.lora_alpha),
             "lora_dropout": spec.lora_dropout,
             "fan_in_fan_out": any(s.kind == "conv1d_hf" for s in plan.sites),
-            "bias": "none",
+            "bias": spec.bias,
             "use_dora": False,
             "init_lora_weights": spec.init_lora_weights,
             "init_r": spec.init_r,
@@ -184,6 +204,7 @@ class AdaLora(Method):
             beta2=float(config.get("beta2", 0.85)),
             orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
             init_lora_weights=bool(config.get("init_lora_weights", True)),
+            bias=config.get("bias") or "none",
             rank_pattern={_pattern_key(k): list(v) for k, v in pattern.items()} if pattern else None,
             total_step=config.get("total_step"),
         )

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftc.errors import MergeError
 from peftc.methods.base import AdapterLayer
 from peftc.methods.lora import dora
 from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
@@ -260,11 +261,11 @@ class LoraLayer(AdapterLayer):
     # --------------------------------------------------------------------------- merging
     def check_mergeable(self, names: Sequence[str]) -> None:
         if self.kind in CONV_FUNCTIONS and self.base_layer.groups > 1:
-            raise ValueError(
+            raise MergeError(
                 f"LoRA on a grouped {type(self.base_layer).__name__} (groups>1) cannot be merged (as in peft)"
             )
         if any(self._has_lora_bias(n) for n in names) and getattr(self.base_layer, "bias", None) is None:
-            raise ValueError("lora_bias adapters cannot be merged into a layer without a bias (as in peft)")
+            raise MergeError("lora_bias adapters cannot be merged into a layer without a bias (as in peft)")
 
     def merge_targets(self, names: Sequence[str]) -> tuple[str, ...]:
         return ("weight", "bias") if any(self._has_lora_bias(n) for n in names) else ("weight",)
