@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import pickle
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -244,3 +245,17 @@ def test_our_adapter_with_unknown_peft_fields_still_loads_in_peft(trained) -> No
     assert set(config) <= peft_fields()["LORA"]
     assert peft_lora_config(plan).r == config["r"]
     PeftModel.from_pretrained(copy.deepcopy(base), good)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_adapter_directories_follow_the_users_umask(trained, tmp_path: Path, umask: int) -> None:
+    plan, base, _ = trained
+    model = peftc.materialize(plan, base_model=copy.deepcopy(base))
+    previous = os.umask(umask)
+    try:
+        model.save_adapter(tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
+    for file in (tmp_path / "adapter").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name

@@ -42,8 +42,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield staging
+        # mkdtemp makes 0700 and some writers (safetensors) 0600: what is saved is an ordinary
+        # directory of ordinary files, with the user's umask.
+        mask = _umask()
         for path in sorted(staging.rglob("*"), reverse=True):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
             fsync(path)
+        os.chmod(staging, 0o777 & ~mask)
         fsync(staging)
         _swap_into_place(staging, target)
         fsync(target.parent)
