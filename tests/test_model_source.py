@@ -76,3 +76,41 @@ def test_pickle_weights_are_never_loaded(tiny_llama_dir: str, tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"only pickle weights \(pytorch_model.bin\)") as caught:
         peftc.compile(["model=hf", f"model.name_or_path={pickled}"])
     assert "convert them to safetensors" in str(caught.value)
+
+
+def test_loading_a_checkpoint_emits_no_load_report_for_a_new_head() -> None:
+    """transformers' LOAD REPORT lists the new task head as MISSING on every run: only noise."""
+    import logging
+
+    from peftc.planning import model_source
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logging.getLogger("transformers.modeling_utils").addHandler(handler)
+    try:
+        plan = peftc.compile(["model=minilm", "task=seq_cls"])
+        model_source.build_model(plan.spec.model, "AutoModelForSequenceClassification")
+    finally:
+        logging.getLogger("transformers.modeling_utils").removeHandler(handler)
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+
+
+def test_base_weights_missing_from_the_checkpoint_are_a_warning_naming_them(
+    tiny_llama_dir: str, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from peftc.planning import model_source
+
+    partial = copy_model(tiny_llama_dir, tmp_path / "partial", tokenizer=True)
+    weights = load_file(partial / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    plan = peftc.compile(["model=hf", f"model.name_or_path={partial}"])
+    with pytest.warns(UserWarning, match=r"1 base-model weights are not in the checkpoint .*layers\.0\.mlp\.down_proj"):
+        model_source.build_model(plan.spec.model, "AutoModelForCausalLM")

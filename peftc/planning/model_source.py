@@ -210,14 +210,16 @@ def build_model(
         built.name_or_path = model.label
         return built.to(device).eval()
     try:
-        loaded = cls.from_pretrained(
-            _resolve_source(model),
-            config=config,
-            revision=model.revision,
-            dtype=dtype,
-            trust_remote_code=False,
-            use_safetensors=True,  # never unpickle weights
-        )
+        with _quiet_loading():
+            loaded, info = cls.from_pretrained(
+                _resolve_source(model),
+                config=config,
+                revision=model.revision,
+                dtype=dtype,
+                trust_remote_code=False,
+                use_safetensors=True,  # never unpickle weights
+                output_loading_info=True,
+            )
     except OSError as exc:
         raise ConfigError(
             "model.name_or_path",
@@ -227,7 +229,53 @@ def build_model(
         ) from exc
     except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # truncated, size mismatch, ...
         raise unusable_model_error(model, "the weights", exc) from exc
+    _warn_missing_base_weights(loaded, info.get("missing_keys", ()), model)
     return loaded.to(device).eval()
+
+
+class _quiet_loading:
+    """transformers' weight-loading progress bar and LOAD REPORT table: a new task head is always
+    'MISSING' (the plan already says it starts untrained), so the table only repeats the plan.
+    What matters in it is reported by `_warn_missing_base_weights`. (A filter, not a higher
+    level: transformers 5.25 checks tensor-parallel plans, and warns, when that logger's level
+    is raised.)"""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._logger = hf_logging.get_logger("transformers.modeling_utils")
+        self._filter = _DropLoadReport()
+        self._logger.addFilter(self._filter)
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: Any) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._logger.removeFilter(self._filter)
+        if self._bars:
+            hf_logging.enable_progress_bar()
+
+
+class _DropLoadReport:
+    def filter(self, record: Any) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _warn_missing_base_weights(loaded: Any, missing: Any, model: ModelSpec) -> None:
+    """Weights of the base model itself (not a new head) that the checkpoint lacks start random:
+    the user must know. A head outside the base model (`classifier`, `score`) is expected."""
+    import warnings
+
+    prefix = getattr(loaded, "base_model_prefix", "") or ""
+    inside = sorted(k for k in missing if prefix and k.startswith(prefix + "."))
+    if inside:
+        shown = ", ".join(inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+        warnings.warn(
+            f"model.name_or_path={model.name_or_path}: {len(inside)} base-model weights are not in the checkpoint "
+            f"and start random: {shown}",
+            stacklevel=3,
+        )
 
 
 class _seeded:
