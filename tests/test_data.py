@@ -16,6 +16,7 @@ from peftc.planning.model_source import load_tokenizer
 def datasets(overrides: list[str]) -> tuple[list, list]:
     run = to_spec(compose(overrides))
     task = tasks.for_spec(run.task)
+    run = run.replace(task=task.with_data_settings(run))  # as the planner does
     return task.datasets(run, load_tokenizer(run.model))
 
 
@@ -24,7 +25,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-SEQ_CLS = ["task=seq_cls", "model=tiny_bert"]
+SEQ_CLS = ["task=seq_cls", "model=tiny_bert", "task.labels=[negative,positive]"]
 
 
 def test_jsonl_with_a_column_mapping_becomes_labelled_examples(tmp_path: Path) -> None:
@@ -135,3 +136,64 @@ def test_builtin_datasets_are_what_the_generator_writes() -> None:
     for name in tool.GENERATORS:
         shipped = [json.loads(line) for line in (BUILTIN_DIR / f"{name}.jsonl").read_text().splitlines()]
         assert shipped == list(tool.rows(name)), f"{name}.jsonl is stale: run python tools/make_builtin_data.py"
+
+
+def test_unset_labels_are_the_training_splits_own_sorted_and_printed_in_the_plan(tmp_path: Path) -> None:
+    import peftc
+    from peftc.planning.render import render_plan
+
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\nawful,bad\nnice,good\nmeh,bad\ngreat,good\nso-so,fine\n")
+    plan = peftc.compile(
+        ["task=seq_cls", "model=tiny_bert", "data.source=csv", f"data.path={path}", "data.val_fraction=0"]
+    )
+    assert list(plan.spec.task.labels) == ["bad", "fine", "good"]
+    assert "labels: [bad, fine, good] (3 classes" in render_plan(plan)
+    head = next(m for m in plan.modules_to_save if m.path == "classifier")
+    assert head.tensors["weight"][0] == 3  # the head is sized by the inferred set
+
+
+def test_integer_labels_sort_as_numbers(tmp_path: Path) -> None:
+    import peftc
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": n} for t, n in zip("abcd", (10, 2, 2, 10))])
+    plan = peftc.compile(["task=seq_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}"])
+    assert list(plan.spec.task.labels) == ["2", "10"]
+
+
+def test_training_data_with_one_label_is_refused_at_compile_time(tmp_path: Path) -> None:
+    import peftc
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": "good"} for t in "abcd"])
+    with pytest.raises(ConfigError, match=r"task.labels: is unset and the training data has 1 distinct label"):
+        peftc.compile(["task=seq_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}"])
+
+
+def test_unset_tags_put_o_first(tmp_path: Path) -> None:
+    import peftc
+
+    rows = [{"tokens": "Ann ate figs", "tags": "NAME O FOOD"}, {"tokens": "a red fox", "tags": "O COLOR ANIMAL"}]
+    path, val = write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "v.jsonl", rows[:1])
+    overrides = ["task=token_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}", f"data.val_path={val}"]
+    plan = peftc.compile(overrides)
+    assert list(plan.spec.task.labels) == ["O", "ANIMAL", "COLOR", "FOOD", "NAME"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "problem"),
+    [("   ", r"'review' is empty"), ({"en": "good"}, r"'review' is an object \(\{\"en\": \"good\"\}\), not text")],
+)
+def test_a_text_cell_that_is_empty_or_an_object_names_the_row(tmp_path: Path, cell: object, problem: str) -> None:
+    rows = [{"review": "fine", "label": "positive"}, {"review": cell, "label": "negative"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=rf"d.jsonl row 2: {problem}"):
+        datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.columns={text: review}"])
+
+
+def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.warns(
+        UserWarning, match=r"the validation split has only 5 examples, so its metrics move in steps of 20%"
+    ):
+        datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.25"])

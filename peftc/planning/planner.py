@@ -28,6 +28,9 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     """
     method = METHODS.for_spec(run.peft)
     task = TASKS.for_spec(run.task)
+    resolved_task = task.with_data_settings(run)
+    if resolved_task is not run.task:
+        run = run.replace(task=resolved_task)
     backend = QUANT_BACKENDS.for_spec(run.quant)
     context = compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run)
     compat.check(context)

@@ -37,6 +37,11 @@ def plan_renderables(plan: Plan) -> list[Any]:
 
     title = f"peftc plan  {plan.method} ({plan.peft_type}) · {plan.task} ({plan.task_type}) · {plan.model.name} [{plan.model.model_class}, {plan.model.dtype}]"
     out: list[Any] = [title]
+    labels = getattr(plan.spec.task, "labels", None)
+    if labels is not None:
+        from rich.markup import escape
+
+        out.append(escape(f"labels: [{', '.join(map(str, labels))}] ({len(labels)} classes, in class-index order)"))
     out.extend(_quantization_lines(plan))
     if plan.sites:
         groups = group_sites(plan.sites)

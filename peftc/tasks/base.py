@@ -39,6 +39,11 @@ class Task:
         """transformers config fields this task needs (e.g. num_labels for a classifier)."""
         return {}
 
+    def with_data_settings(self, run: RunSpec) -> Any:
+        """The task spec with what the user left unset taken from the training data (e.g. the
+        label set); planned before the model graph, whose head it may size."""
+        return run.task
+
     def spec_from_saved(self, spec: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         """The task spec that fits a saved adapter's tensors (e.g. a head's label count) when
         no peftc plan was saved beside it (adapters the peft package wrote)."""

@@ -112,9 +112,16 @@ def label_config(labels: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def labels_for_count(labels: Sequence[str], count: int) -> tuple[str, ...]:
+def sorted_labels(labels: set[str]) -> list[str]:
+    """Label names in a stable order: numerically when they are all integers, else as text."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def labels_for_count(labels: Sequence[str] | None, count: int) -> tuple[str, ...]:
     """Keep a label set that has `count` entries, else transformers' default names LABEL_i."""
-    if len(labels) == count:
+    if labels is not None and len(labels) == count:
         return tuple(labels)
     return tuple(f"LABEL_{i}" for i in range(count))
 

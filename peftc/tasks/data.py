@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from typing import Any
 from peftc.config.spec import DataSpec
 from peftc.errors import ConfigError, DataError, did_you_mean
 from peftc.planning.model_source import ASSETS
+
+# Below this many validation examples a run warns that its validation metrics are coarse.
+FEW_VALIDATION_EXAMPLES = 20
 
 BUILTIN_DIR = ASSETS / "data"
 RowCheck = Callable[[Mapping[str, Any]], "str | None"]  # returns the problem with a row, if any
@@ -64,6 +68,12 @@ def load_splits(
             train, val = _split(rows, spec.val_fraction, seed, str(path))
     if spec.limit_examples is not None:
         train = train[: spec.limit_examples]
+    if 0 < len(val) < FEW_VALIDATION_EXAMPLES:
+        warnings.warn(
+            f"{path}: the validation split has only {len(val)} examples, so its metrics move in steps of "
+            f"{1 / len(val):.0%}; use more (data.val_fraction or data.val_path)",
+            stacklevel=2,
+        )
     return train, val
 
 
@@ -174,6 +184,9 @@ def _select(
                     f"missing column {column!r} (task field {field!r})",
                     f"set data.columns.{field}=<column>; {hint}",
                 )
+            problem = _cell_problem(row[column], column)
+            if problem:
+                raise DataError(f"{source} row {number}", problem, "fix the row or remove it")
             selected[field] = row[column]
         for field, default in optional.items():
             value = row.get(columns.get(field, field))
@@ -185,6 +198,16 @@ def _select(
         if "split" in row:
             selected["split"] = row["split"]
         yield selected
+
+
+def _cell_problem(value: Any, column: str) -> str | None:
+    """Text fields hold text: an empty cell trains on nothing, and an object is a file from
+    another schema. (Lists are left to the task: tagging rows carry token and tag lists.)"""
+    if isinstance(value, str) and not value.strip():
+        return f"{column!r} is empty"
+    if isinstance(value, dict):
+        return f"{column!r} is an object ({json.dumps(value)[:60]}), not text"
+    return None
 
 
 def _integer(value: Any, field: str, where: str) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from peftc.config.spec import RunSpec, SpecNode, param
+from peftc.errors import ConfigError
 from peftc.tasks import register
 from peftc.tasks.base import Task
 from peftc.tasks.common import (
@@ -26,6 +27,7 @@ from peftc.tasks.common import (
     label_index,
     label_problem,
     labels_for_count,
+    sorted_labels,
     to_device,
     token_fields,
     tokenize,
@@ -43,6 +45,26 @@ class LabelledTask(Task):
     def config_overrides(self, spec: Any) -> dict[str, Any]:
         return label_config(spec.labels)
 
+    def with_data_settings(self, run: RunSpec) -> Any:
+        if run.task.labels is not None:
+            return run.task
+        from peftc.tasks.data import load_splits
+
+        train, _ = load_splits(run.data, self.fields, seed=run.seed)
+        labels = self.labels_in(train)
+        if len(labels) < 2:
+            raise ConfigError(
+                "task.labels",
+                None,
+                f"is unset and the training data has {len(labels)} distinct label(s) {labels}",
+                "a classifier needs at least two: check data.columns, or set task.labels=[...]",
+            )
+        return run.task.replace(labels=labels)
+
+    def labels_in(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The distinct labels of these rows, sorted (numerically when they are all numbers)."""
+        return sorted_labels({str(row["label"]) for row in rows})
+
     def spec_from_saved(self, spec: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         count = head_rows(tensors, HEADS)
         return spec if count is None else spec.replace(labels=labels_for_count(spec.labels, count))
@@ -53,13 +75,15 @@ class LabelledTask(Task):
 
 @dataclass
 class SeqClsSpec(SpecNode):
-    labels: list[str] = param(
-        ["negative", "positive"],
-        "The label set, in class-index order; data labels are names from it (or indices 0..n-1).",
+    labels: list[str] | None = param(
+        None,
+        "The label set, in class-index order; data labels are names from it (or indices 0..n-1). "
+        "null: the distinct labels of the training split, sorted.",
     )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
-        check_labels(f"{key}.labels", self.labels)
+        if self.labels is not None:
+            check_labels(f"{key}.labels", self.labels)
 
 
 @register

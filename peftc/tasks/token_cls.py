@@ -28,6 +28,7 @@ from peftc.tasks.common import (
     label_index,
     label_problem,
     pad,
+    sorted_labels,
     to_device,
     token_fields,
     tokenize,
@@ -37,13 +38,15 @@ from peftc.tasks.seq_cls import LabelledTask
 
 @dataclass
 class TokenClsSpec(SpecNode):
-    labels: list[str] = param(
-        ["O", "ANIMAL", "COLOR", "FOOD", "NAME", "NUMBER"],
-        "The tag set, in class-index order; data tags are names from it (or indices 0..n-1).",
+    labels: list[str] | None = param(
+        None,
+        "The tag set, in class-index order; data tags are names from it (or indices 0..n-1). "
+        "null: the distinct tags of the training split, sorted, with 'O' first.",
     )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
-        check_labels(f"{key}.labels", self.labels)
+        if self.labels is not None:
+            check_labels(f"{key}.labels", self.labels)
 
 
 def words(value: Any) -> list[str]:
@@ -59,6 +62,10 @@ class TokenCls(LabelledTask):
     primary_metric = "val_macro_f1"
     fields = ("tokens", "tags")
     input_fields = ("tokens",)
+
+    def labels_in(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        tags = sorted_labels({tag for row in rows for tag in words(row["tags"])})
+        return ["O", *(t for t in tags if t != "O")] if "O" in tags else tags  # "outside" first, as in CoNLL
 
     def check_row(self, row: Mapping[str, Any], spec: TokenClsSpec) -> str | None:
         tokens, tags = words(row["tokens"]), words(row["tags"])
