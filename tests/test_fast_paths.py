@@ -77,6 +77,39 @@ def test_dropout_in_training_takes_the_general_path() -> None:
         assert layer(x.requires_grad_(True)).grad_fn.name().startswith("LowRankLinear")
 
 
+def test_lora_under_bf16_autocast_stays_fused_and_matches_peft_within_bf16_rounding() -> None:
+    """Lightning's bf16-mixed: float32 adapters over a float32 base under autocast. The fused node
+    runs its GEMMs in bf16 as peft's module-by-module forward does, and hands float32 gradients
+    to the float32 adapters (it once crashed mixing bf16 products with float32 factors)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from peftc.files.load import fill
+
+    plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
+    ours_base, theirs_base = twin_bases(plan)
+    theirs = get_peft_model(theirs_base, peft_lora_config(plan)).train()
+    ours = peftc.materialize(plan, base_model=ours_base).train()
+    fill(ours, "default", get_peft_model_state_dict(theirs))
+    ids = token_batch()
+    losses = []
+    for model in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probe = adapted_layers(ours)[0](torch.zeros(1, ours.base_model.config.hidden_size))
+    assert probe.grad_fn.name().startswith("LowRankLinear") and probe.dtype == torch.bfloat16
+    assert abs(losses[0] - losses[1]) <= 1e-2 * abs(losses[1])
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(ours_grads) == len(theirs_grads) > 0
+    for name, grad in ours_grads.items():
+        (match,) = [g for n, g in theirs_grads.items() if n.endswith(name.split("base_model.", 1)[-1])]
+        assert grad.dtype == torch.float32, name
+        assert (grad - match).norm() <= 0.05 * match.norm(), name
+
+
 def test_lora_training_gradients_match_peft() -> None:
     from peft import get_peft_model, get_peft_model_state_dict
 

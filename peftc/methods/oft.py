@@ -189,13 +189,13 @@ class OFTLayer(AdapterLayer):
         return self._rotate(name, result) if self.kind == "embedding" else result
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return self._apply(weight, self.blocks(name).float())
+        return self._rotate_weight(weight, self.blocks(name).float())
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         inverse = torch.linalg.inv(self.blocks(name).double())
-        return self._apply(weight.double(), inverse).to(weight.dtype)
+        return self._rotate_weight(weight.double(), inverse).to(weight.dtype)
 
-    def _apply(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _rotate_weight(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """Linear: W (out, in) -> W blockdiag(M)^T; embedding: E (num, dim) -> E blockdiag(M)."""
         count, size = blocks.shape[0], blocks.shape[-1]
         split = weight.reshape(weight.shape[0], count, size)

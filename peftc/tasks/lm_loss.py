@@ -92,7 +92,15 @@ def next_token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tupl
     count = targets.new_tensor(targets.numel())
     if type(head) is nn.Linear:
         need_grad = torch.is_grad_enabled()
-        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, need_grad), count
+        kind = hidden.device.type
+        if kind == "meta" or not torch.is_autocast_enabled(kind):
+            return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, need_grad), count
+        # Under autocast (bf16-mixed): the head's GEMMs in autocast's dtype, as F.linear would run
+        # them, and the node itself with autocast off (its in-place products must not mix dtypes).
+        dtype = torch.get_autocast_dtype(kind)
+        bias = head.bias.to(dtype) if head.bias is not None else None
+        with torch.autocast(kind, enabled=False):
+            return LinearCrossEntropy.apply(hidden.to(dtype), head.weight.to(dtype), bias, targets, need_grad), count
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum"), count
 
 

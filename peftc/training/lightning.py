@@ -269,14 +269,14 @@ def fit(
     )
     callbacks = [*methods.get(plan.method).callbacks(model, plan), checkpointing]
     trainer = build_trainer(plan, output_dir, callbacks)
-    with ranks_rerun_this_job(output_dir):
+    with ranks_rerun_this_job(output_dir), without_kv_cache(model):
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
-    if checkpointing.interrupted_at is not None:
-        raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if val_loader is not None:
-        for result in trainer.validate(module, val_loader, verbose=False):
-            metrics.update({k: float(v) for k, v in result.items()})
+        if checkpointing.interrupted_at is not None:
+            raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if val_loader is not None:
+            for result in trainer.validate(module, val_loader, verbose=False):
+                metrics.update({k: float(v) for k, v in result.items()})
     metrics["steps"] = float(trainer.global_step)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The next job of a multirun starts its own ranks; a live group would hang it.
@@ -298,6 +298,22 @@ def compile_blocks(model: torch.nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+@contextmanager
+def without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Run with `use_cache=False` in every transformers config of the model (then restore them).
+    Training has no use for a KV cache, and a cache object reaching a compiled block changes
+    its guards every step (Dynamo recompiled each step on 'layers[i].keys' strides)."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {key: config.use_cache for key, config in configs.items()}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config.use_cache = saved[key]
 
 
 @contextmanager

@@ -13,6 +13,12 @@ The same numbers as the module-by-module computation up to float rounding (the p
 summed in another order). Used when the layer is a plain nn.Linear without hooks, the
 adapters apply no dropout (p = 0, or eval mode) and all tensors share the activations' dtype;
 other cases take the general path.
+
+Under autocast (Lightning's bf16-mixed / 16-mixed) the inputs are cast to the autocast dtype
+first, outside the autograd node, and the node runs with autocast off: every product is then
+the lower-precision GEMM autocast would have run for peft's module-by-module forward, while the
+casts' backward hands float32 gradients to the float32 adapter weights (autocast inside the node
+would cast its GEMMs but not the in-place accumulation, and mix dtypes).
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        if autocast_dtype(grad_output.device) is None:
+            return LowRankLinear._backward(ctx, grad_output)
+        with torch.autocast(grad_output.device.type, enabled=False):  # all saved tensors share one dtype
+            return LowRankLinear._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
         flat, weight, *rest = ctx.saved_tensors
         count = len(ctx.scalings)
         factors, products = rest[: 2 * count], rest[2 * count :]
@@ -91,9 +104,26 @@ def fused_linear(
     x: torch.Tensor, layer: nn.Linear, scalings: Sequence[float], factors: Sequence[torch.Tensor]
 ) -> torch.Tensor | None:
     """y = layer(x) + sum s_i B_i A_i x through LowRankLinear, or None when the dtypes differ
-    (the general path then casts as peft does)."""
-    weight = layer.weight
-    dtype = x.dtype
-    if weight.dtype != dtype or any(f.dtype != dtype for f in factors) or x.device != weight.device:
+    outside autocast (the general path then casts as peft does)."""
+    weight, bias = layer.weight, layer.bias
+    if x.device != weight.device:
         return None
-    return LowRankLinear.apply(x, weight, layer.bias, tuple(scalings), *factors)
+    dtype = autocast_dtype(x.device) if x.dtype != torch.float64 else None  # autocast leaves float64 alone
+    if dtype is None:
+        if weight.dtype != x.dtype or any(f.dtype != x.dtype for f in factors):
+            return None
+        return LowRankLinear.apply(x, weight, bias, tuple(scalings), *factors)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    factors = [f.to(dtype) for f in factors]
+    with torch.autocast(x.device.type, enabled=False):
+        return LowRankLinear.apply(x, weight, bias, tuple(scalings), *factors)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on this device, or None outside autocast
+    (and on devices autocast does not know, such as meta)."""
+    kind = device.type
+    if kind == "meta" or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)

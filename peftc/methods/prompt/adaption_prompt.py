@@ -56,10 +56,14 @@ class AdaptionPromptLayer(AdapterLayer):
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
         ref = next(self.base_layer.parameters())
         dtype = ref.dtype if ref.is_floating_point() else torch.float32
-        prompt = torch.empty(site.tensors["adaption_prompt"], device=ref.device, dtype=dtype)
-        self.adaption_prompt[name] = nn.Parameter(prompt.normal_())
+        # Drawn in the base dtype as peft draws it (the same numbers), then kept in float32 over a
+        # half-precision base, as peft's autocast_adapter_dtype keeps its other adapters: the
+        # optimizer's updates must not round away in bf16 (peft 0.21 leaves this one in bf16).
+        master = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        prompt = torch.empty(site.tensors["adaption_prompt"], device=ref.device, dtype=dtype).normal_()
+        self.adaption_prompt[name] = nn.Parameter(prompt.to(master))
         self.adaption_gate[name] = nn.Parameter(
-            torch.zeros(site.tensors["adaption_gate"], device=ref.device, dtype=dtype)
+            torch.zeros(site.tensors["adaption_gate"], device=ref.device, dtype=master)
         )
 
     def merge(self, names: Sequence[str] | None = None) -> list[str]:
@@ -84,7 +88,7 @@ class AdaptionPromptLayer(AdapterLayer):
     def adapter_output(self, name: str, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
         opts = self.site_options[name]
         heads, kv_heads, head_dim = opts["num_heads"], opts["kv_heads"], opts["head_dim"]
-        attn, prompt = self.base_layer, self.adaption_prompt[name]
+        attn, prompt = self.base_layer, self.adaption_prompt[name].to(hidden.dtype)  # float32 over a bf16 base
         batch, length = hidden.shape[:2]
         if opts["layout"] == "gpt2":
             embed = attn.embed_dim
