@@ -33,6 +33,7 @@ from peftc.files.checkpoints import (
     set_rng_state,
     spec_changes,
 )
+from peftc.training.progress import progress_callback
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan
@@ -150,7 +151,7 @@ def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Train
         loggers = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="")
     else:
         loggers = False
-    progress = spec.progress_bar if spec.progress_bar is not None else sys.stderr.isatty()
+    progress = progress_callback(spec.progress_bar, spec.log_every_n_steps)
     return L.Trainer(
         accelerator=spec.accelerator,
         devices=spec.devices,
@@ -160,9 +161,9 @@ def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Train
         max_steps=spec.max_steps,
         max_epochs=spec.max_epochs if spec.max_epochs is not None else -1,
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=[*callbacks, progress] if progress is not None else callbacks,
         enable_checkpointing=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=progress is not None,
         enable_model_summary=False,
         log_every_n_steps=spec.log_every_n_steps,
         gradient_clip_val=spec.gradient_clip_val,
@@ -244,6 +245,9 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").propagate = False
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # A small dataset has fewer batches per epoch than log_every_n_steps: logging still happens
+    # every n global steps, across epochs, so the warning only alarms.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 
 
 def fit(
