@@ -49,6 +49,16 @@ class DataError(PeftcError):
         super().__init__(f"{message}; {hint}" if hint else message)
 
 
+class TrainingDiverged(PeftcError):
+    """The loss or the trained adapter is not finite: the run stops and saves nothing, so a
+    previous adapter in the output directory is left as it was."""
+
+    exit_code = 1  # the input was valid; the run failed
+
+    def __init__(self, what: str, hint: str = "lower trainer.lr, or set trainer.gradient_clip_val") -> None:
+        super().__init__(f"training diverged: {what}; nothing was saved; {hint}")
+
+
 class RunInterrupted(PeftcError):
     """Training stopped on SIGTERM after writing a checkpoint at a step boundary."""
 

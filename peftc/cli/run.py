@@ -84,12 +84,24 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
     if run.predict_samples:
         # what the trained model predicts before saving: a reloaded adapter must predict the same
         write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
+    check_finite_adapter(model, plan)
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
         merged = merged_model(model, plan)
         merged.save_pretrained(output_dir / MERGED_DIR)
         tokenizer.save_pretrained(output_dir / MERGED_DIR)
     return metrics
+
+
+def check_finite_adapter(model: Any, plan: Plan) -> None:
+    """Never save NaN or inf tensors (over a good adapter, in the worst case)."""
+    import torch
+
+    from peftc.errors import TrainingDiverged
+
+    for name, tensor in model.adapter_state_dict(plan.adapter_name).items():
+        if not torch.isfinite(tensor).all():
+            raise TrainingDiverged(f"the trained tensor {name} holds non-finite values")
 
 
 def is_global_zero() -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftc import methods, quant, tasks
-from peftc.errors import ConfigError, RunInterrupted
+from peftc.errors import ConfigError, RunInterrupted, TrainingDiverged
 from peftc.files.checkpoints import (
     AtomicCheckpointIO,
     ResumableLoader,
@@ -69,6 +69,15 @@ class PeftcLightningModule(L.LightningModule):
             batch_size=_batch_size(batch),
         )
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Checked at the logging interval, where the loss is read anyway (a check every step
+        # would make the GPU wait for each step's loss).
+        step = self.trainer.global_step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        due = step % max(1, self.trainer.log_every_n_steps) == 0 and isinstance(loss, torch.Tensor)
+        if due and not torch.isfinite(loss.detach()).item():
+            raise TrainingDiverged(f"the training loss is {loss.item()} at step {step}")
 
     def on_validation_epoch_start(self) -> None:
         self._totals = defaultdict(float)
