@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from peftc.config.spec import RunSpec
 from peftc.files.atomic import write_text_atomic
+from peftc.files.run_lock import run_lock
 from peftc.planning import planner
 from peftc.planning.plan import Plan
 from peftc.planning.render import print_plan
@@ -48,11 +50,13 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     }
     if run.dry_run:
         return {**summary, "status": "planned"}
-    metrics = train(plan, output_dir)
-    summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
-    if not is_global_zero():
-        return summary
-    write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    # plan.json, the adapter and metrics.json all come from this run (ranks > 0 write nothing).
+    with run_lock(output_dir) if lead else nullcontext():
+        metrics = train(plan, output_dir)
+        summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
+        if not is_global_zero():
+            return summary
+        write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
     print(f"done in {summary['wall_time_s']:.1f}s: {shown}\nadapter saved to {output_dir / ADAPTER_DIR}")
     return summary

@@ -1,0 +1,55 @@
+"""One run per output directory: a second run into a directory another run is writing is refused
+(naming the holder), so plan.json, the adapter and the metrics there always come from one run.
+
+An advisory `flock` on `.peftc.lock`: the kernel releases it when the holder exits, however it
+exits, so a killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from peftc.errors import PeftcError
+
+LOCK_FILE = ".peftc.lock"
+
+
+class OutputDirBusy(PeftcError):
+    """Another run holds the output directory."""
+
+
+@contextmanager
+def run_lock(output_dir: Path) -> Iterator[None]:
+    """Hold the output directory's lock for the duration of the block, or refuse."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputDirBusy(
+                f"output_dir={output_dir}: another run is writing there ({_holder(path)}); "
+                "wait for it to finish or give this run another output_dir"
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
