@@ -27,6 +27,7 @@ def test_the_lock_is_released_when_its_run_ends(tmp_path: Path) -> None:
     output = tmp_path / "run"
     first = run_cli(["trainer.max_steps=2", f"output_dir={output}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
+    assert not (output / LOCK_FILE).exists()  # a finished run leaves nothing of the lock
     with run_lock(output):  # taken at once: the finished run holds nothing
         pass
 
@@ -44,6 +45,6 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
         holder.wait(timeout=30)
     finally:
         holder.kill()
-    assert (output / LOCK_FILE).exists()
+    assert (output / LOCK_FILE).exists()  # the holder's name stays; its lock went with it
     with run_lock(output):
         pass

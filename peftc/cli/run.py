@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,10 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     }
     if run.dry_run:
         return {**summary, "status": "planned"}
-    # plan.json, the adapter and metrics.json all come from this run (ranks > 0 write nothing).
-    with run_lock(output_dir) if lead else nullcontext():
-        metrics = train(plan, output_dir)
+    # plan.json, the adapter and metrics.json all come from this run: it holds the directory's
+    # lock from its first write (train takes it) to its last.
+    with ExitStack() as writing:
+        metrics = train(plan, output_dir, writing)
         summary.update(status="trained", wall_time_s=round(time.perf_counter() - started, 3), **metrics)
         if not is_global_zero():
             return summary
@@ -62,7 +63,9 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def train(plan: Plan, output_dir: Path) -> dict[str, float]:
+def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
+    """Materialize, fit and save; the output directory's lock joins `writing` before the first
+    file is written (so a run refused or failing earlier writes nothing)."""
     import lightning as L
 
     from peftc.cli.actions import sample_predictions, write_predictions
@@ -80,7 +83,7 @@ def train(plan: Plan, output_dir: Path) -> dict[str, float]:
     loaders = dataloaders(plan, tokenizer)
     model = materialize(plan)
     if is_global_zero():  # under a multi-process strategy only rank 0 writes
-        output_dir.mkdir(parents=True, exist_ok=True)
+        writing.enter_context(run_lock(output_dir))
         write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
     metrics = fit(model, plan, output_dir, loaders, resume)
     if not is_global_zero():

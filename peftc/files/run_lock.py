@@ -1,8 +1,9 @@
 """One run per output directory: a second run into a directory another run is writing is refused
 (naming the holder), so plan.json, the adapter and the metrics there always come from one run.
 
-An advisory `flock` on `.peftc.lock`: the kernel releases it when the holder exits, however it
-exits, so a killed run never leaves a stale lock behind.
+An advisory `flock` on the directory itself: the kernel releases it when the holder exits, however
+it exits, so a killed run never leaves a stale lock behind. While it holds the lock a run names
+itself in `.peftc.lock` (removed when it finishes) so that a refused run can say who holds it.
 """
 
 from __future__ import annotations
@@ -29,20 +30,21 @@ class OutputDirBusy(PeftcError):
 def run_lock(output_dir: Path) -> Iterator[None]:
     """Hold the output directory's lock for the duration of the block, or refuse."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(output_dir, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputDirBusy(
-                f"output_dir={output_dir}: another run is writing there ({_holder(path)}); "
+                f"output_dir={output_dir}: another run is writing there ({_holder(output_dir / LOCK_FILE)}); "
                 "wait for it to finish or give this run another output_dir"
             ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        yield
+        (output_dir / LOCK_FILE).write_text(json.dumps(holder))
+        try:
+            yield
+        finally:
+            (output_dir / LOCK_FILE).unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the lock
 
