@@ -1,6 +1,6 @@
 """Reliability figures (issue 9): the bad-input catalogue by kind, and a kill/resume experiment.
 
-    python experiments/reliability.py [--steps 40] [--every 5]
+    python experiments/reliability.py [--steps 40] [--every 5] [--catalogue-only]
 
 The experiment trains the default tiny Llama (lora_dropout=0.1, deterministic, one thread) three
 times through the CLI: uninterrupted; SIGKILLed right after its first checkpoint and resumed;
@@ -25,15 +25,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+# What each kind of the catalogue feeds peftc (tests/test_bad_inputs.py).
+KINDS = {
+    "override": "command-line overrides",
+    "yaml": "YAML files in a user --config-dir",
+    "code": "code execution and secrets: _target_ in hydra.*, Hydra's pickle rerun, environment reads",
+    "non_finite": "inf/nan in float settings",
+    "environment": "what this machine cannot run: accelerator, devices, precision, logger package, seed",
+    "model_dir": "model directories",
+    "dataset": "dataset files",
+    "adapter_file": "adapter directories and their files",
+    "api": "adapter names and the model API",
+    "write": "writes that fail over a previous adapter",
+    "resume": "resuming from checkpoints",
+}
+
+
 def catalogue() -> None:
     from tests.test_bad_inputs import CASES
 
     kinds = collections.Counter(case.kind for case in CASES)
     errors = collections.Counter(case.error.__name__ for case in CASES)
     print(f"bad-input catalogue: {len(CASES)} cases")
-    print("| kind | cases |\n|---|---|")
+    print("| kind | what | cases |\n|---|---|---|")
     for kind, count in sorted(kinds.items()):
-        print(f"| {kind} | {count} |")
+        print(f"| {kind} | {KINDS.get(kind, '')} | {count} |")
     print("\nexpected errors: " + ", ".join(f"{name} {count}" for name, count in errors.most_common()))
 
 
@@ -125,9 +141,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--catalogue-only", action="store_true", help="print the catalogue table and stop")
     options = parser.parse_args()
     catalogue()
-    resume_experiment(options.steps, options.every)
+    if not options.catalogue_only:
+        resume_experiment(options.steps, options.every)
 
 
 if __name__ == "__main__":

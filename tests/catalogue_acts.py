@@ -48,6 +48,70 @@ def cli(*args: str) -> Callable[[World, Any], Any]:
     return act
 
 
+def cli_entry(*args: str) -> Callable[[World, Any], Any]:
+    """`python -m peftc ARGS` through the real entry point (Hydra included), run in the world's
+    inputs dir with HYDRA_FULL_ERROR=1 so that a refusal surfaces as the exception itself."""
+
+    def act(world: World, made: Any) -> Any:
+        import contextlib
+        import os
+        import sys
+
+        from hydra.core.global_hydra import GlobalHydra
+
+        from peftc.cli.main import main
+
+        argv = ["peftc", *(a.replace("{input}", str(made)) for a in args)]
+        GlobalHydra.instance().clear()
+        try:
+            with (
+                mock.patch.object(sys, "argv", argv),
+                mock.patch.dict(os.environ, {"HYDRA_FULL_ERROR": "1", "HF_HUB_OFFLINE": "1"}),
+                contextlib.chdir(world.inputs),
+            ):
+                return main()
+        finally:
+            GlobalHydra.instance().clear()
+
+    return act
+
+
+def with_cuda_devices(count: int, act: Callable[[World, Any], Any]) -> Callable[[World, Any], Any]:
+    """Run `act` as on a machine with `count` CUDA devices (the catalogue must not depend on the
+    machine running it)."""
+
+    def on_this_machine(world: World, made: Any) -> Any:
+        with mock.patch("peftc.planning.compat.cuda_device_count", lambda: count):
+            return act(world, made)
+
+    return on_this_machine
+
+
+def without_package(names: str, act: Callable[[World, Any], Any]) -> Callable[[World, Any], Any]:
+    """Run `act` as on a machine where the packages `names` (comma-separated) are not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = set(names.split(","))
+
+    def act_without(world: World, made: Any) -> Any:
+        with mock.patch("importlib.util.find_spec", lambda n, *a: None if n in missing else real(n, *a)):
+            return act(world, made)
+
+    return act_without
+
+
+def write_pickle(world: World) -> Path:
+    """A pickle whose loading creates the world's SENTINEL file."""
+    import pickle
+
+    from tests.catalogue import Payload
+
+    path = world.inputs / "config.pickle"
+    path.write_bytes(pickle.dumps(Payload(world.root / "SENTINEL")))
+    return path
+
+
 def load_into_model(**kwargs: Any) -> Callable[[World, Any], Any]:
     """Load the setup's adapter dir as a second adapter of the world's model."""
     return lambda world, directory: peftc.load_adapter(world.model, directory, **{"adapter_name": "second", **kwargs})

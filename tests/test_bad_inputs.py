@@ -40,6 +40,7 @@ from tests.catalogue import (
 )
 from tests.catalogue_acts import (
     cli,
+    cli_entry,
     crash_between_renames,
     drop_peft_type,
     dup_offsets,
@@ -60,14 +61,19 @@ from tests.catalogue_acts import (
     set_dtype,
     shape_lie,
     user_config,
+    with_cuda_devices,
+    without_package,
     write_file,
+    write_pickle,
 )
 
 
 @dataclass(frozen=True)
 class Bad:
     id: str
-    kind: str  # override | yaml | model_dir | dataset | adapter_file | api | write | resume
+    # override | yaml | code (code execution, secrets) | non_finite | environment | model_dir | dataset |
+    # adapter_file | api | write | resume
+    kind: str
     act: Callable[[World, Any], Any]
     error: type[BaseException]
     fragment: str
@@ -75,6 +81,14 @@ class Bad:
 
 
 LORA_YAML = "defaults:\n  - /schema/peft/lora@_here_\n  - _self_\n"
+# A Hydra callback that creates a file when Hydra instantiates it (proof that code ran).
+GLOBAL_CALLBACK_YAML = "# @package _global_\nhydra:\n  callbacks:\n    x:\n" + "".join(
+    f"      {line}\n" for line in ("_target_: builtins.open", "file: PWNED", "mode: w")
+)
+DECODED_ENV = "name: ${oc.decode:'\\${oc.${oc.decode:env}:HOME}'}\n"  # the name oc.env is built while resolving
+NEVER = "never instantiates"
+ENV = "environment variable"
+GPU = "no CUDA GPU is visible"
 STORY = '{"text": "Once upon a time there was a small robot who liked to count the stars."}\n'
 
 # One row per bad input: id, kind, what is done, the error type, a fragment of its message, and
@@ -162,6 +176,96 @@ CASES = [
         user_config("model", "mine", "defaults:\n  - tiny_llama\n  - _self_\nname: ${oc.env:HOME}\n")),
     Bad("yaml-model-code", "yaml", cli("--config-dir", "{input}", "model=mine"), ConfigError, "never instantiates",
         user_config("model", "mine", "defaults:\n  - tiny_llama\n  - _self_\nconfig:\n  _target_: os.system\n")),
+    # --- code execution and secrets: hydra.* settings, Hydra flags, built resolver names ------------
+    Bad("hydra-callback-target", "code", cli_entry("dry_run=true", "+hydra.callbacks.x._target_=builtins.open",
+        "+hydra.callbacks.x.file=PWNED", "+hydra.callbacks.x.mode=w"), ConfigError, NEVER),
+    Bad("hydra-callback-target-as-mapping", "code",
+        cli_entry("dry_run=true", "+hydra.callbacks.x={_target_: builtins.open, file: PWNED, mode: w}"), ConfigError,
+        NEVER),
+    Bad("hydra-callback-partial", "code", cli_entry("dry_run=true", "+hydra.callbacks.x._partial_=true"), ConfigError,
+        NEVER),
+    Bad("hydra-callback-args", "code", cli_entry("dry_run=true", "+hydra.callbacks.x._args_=[PWNED]"), ConfigError,
+        NEVER),
+    Bad("hydra-packaged-callback-retargeted", "code",
+        cli_entry("dry_run=true", "hydra.callbacks.sweep_summary._target_=builtins.exec"), ConfigError, NEVER),
+    Bad("hydra-launcher-retargeted", "code", cli_entry("dry_run=true", "hydra.launcher._target_=os.system"),
+        ConfigError, NEVER),
+    Bad("hydra-sweeper-retargeted", "code", cli_entry("dry_run=true", "hydra.sweeper._target_=builtins.exec"),
+        ConfigError, NEVER),
+    Bad("hydra-logging-handler-class", "code",
+        cli_entry("dry_run=true", "hydra.job_logging.handlers.console.class=os.system"), ConfigError, NEVER),
+    Bad("hydra-callback-in-user-yaml", "code", cli_entry("dry_run=true", "--config-dir", "{input}", "+experiment=evil"),
+        ConfigError, "evil.yaml", user_config("experiment", "evil", GLOBAL_CALLBACK_YAML)),
+    Bad("hydra-launcher-in-user-yaml", "code",
+        cli_entry("dry_run=true", "--config-dir", "{input}", "hydra/launcher=evil"), ConfigError, NEVER,
+        user_config("hydra/launcher", "evil", "_target_: os.system\n")),
+    Bad("hydra-logging-factory-in-user-yaml", "code",
+        cli_entry("dry_run=true", "--config-dir", "{input}", "hydra/job_logging=evil"), ConfigError, NEVER,
+        user_config("hydra/job_logging", "evil", "version: 1\nformatters:\n  x:\n    '()': os.system\n")),
+    Bad("hydra-callback-recursive", "code", cli_entry("dry_run=true", "+hydra.callbacks.x._recursive_=false"),
+        ConfigError, NEVER),
+    Bad("hydra-callback-preflight", "code", cli("+hydra.callbacks.x._target_=builtins.open"), ConfigError, NEVER),
+    Bad("experimental-rerun-pickle", "code", cli_entry("--experimental-rerun", "{input}"), ConfigError,
+        "never loads pickles", write_pickle),
+    Bad("env-in-hydra-run-dir", "code", cli_entry("dry_run=true", "hydra.run.dir='${oc.env:HOME}/run'"), ConfigError,
+        ENV),
+    Bad("env-in-hydra-job-name", "code", cli("hydra.job.name='${oc.env:HOME}'"), ConfigError, ENV),
+    Bad("env-copied-by-hydra", "code", cli_entry("dry_run=true", "hydra.job.env_copy=[HOME]"), ConfigError,
+        "copies an environment variable"),
+    Bad("unknown-resolver-in-hydra", "code", cli("hydra.job.name='${peftc_nope:x}'"), ConfigError, "does not allow"),
+    Bad("env-printed-by-cfg", "code", cli_entry("--cfg", "job", "--resolve", "model.name='${oc.env:HOME}'"),
+        ConfigError, ENV),
+    Bad("resolver-name-built-by-interpolation", "code", cli("model.name='${oc.${oc.decode:env}:HOME}'"), ConfigError,
+        "builds a resolver name"),
+    Bad("env-resolver-built-while-decoding", "code", cli("--config-dir", "{input}", "model=mine"), ConfigError, ENV,
+        user_config("model", "mine", "defaults:\n  - tiny_llama\n  - _self_\n" + DECODED_ENV)),
+    # --- non-finite numbers: refused for every float of every schema ---------------------------------
+    Bad("lr-inf", "non_finite", cli("trainer.lr=inf"), ConfigError, "must be a finite number"),
+    Bad("weight-decay-inf", "non_finite", cli("trainer.weight_decay=inf"), ConfigError, "must be a finite number"),
+    Bad("grad-clip-inf", "non_finite", cli("trainer.gradient_clip_val=inf"), ConfigError, "must be a finite number"),
+    Bad("val-check-interval-nan", "non_finite", cli("trainer.val_check_interval=nan"), ConfigError,
+        "must be a finite number"),
+    Bad("alpha-inf", "non_finite", cli("peft.lora_alpha=inf"), ConfigError, "must be a finite number"),
+    Bad("alpha-pattern-inf", "non_finite", cli("peft.alpha_pattern={q_proj: inf}"), ConfigError,
+        "peft.alpha_pattern.q_proj=inf"),
+    Bad("adalora-orth-reg-inf", "non_finite", cli("peft=adalora", "peft.orth_reg_weight=inf"), ConfigError,
+        "must be a finite number"),
+    Bad("oft-eps-inf", "non_finite", cli("peft=oft", "peft.eps=inf"), ConfigError, "must be a finite number"),
+    Bad("model-config-inf", "non_finite", cli("+model.config.rope_theta=inf"), ConfigError, "must be a finite number"),
+    Bad("memory-budget-inf", "non_finite", cli("budget.memory_gb=inf"), ConfigError, "must be a finite number"),
+    Bad("yaml-lr-inf", "non_finite", cli("--config-dir", "{input}", "trainer=mine"), ConfigError,
+        "trainer.lr=inf", user_config("trainer", "mine", "defaults:\n  - cpu\n  - _self_\nlr: .inf\n")),
+    # --- what this machine can run: Lightning's own checks, made at compile time --------------------
+    Bad("accelerator-gpu-without-cuda", "environment", with_cuda_devices(0, cli("trainer.accelerator=gpu")),
+        ConfigError, GPU),
+    Bad("accelerator-cuda-without-cuda", "environment", with_cuda_devices(0, cli("trainer.accelerator=cuda")),
+        ConfigError, GPU),
+    Bad("accelerator-gpu-without-cuda-dry-run", "environment",
+        with_cuda_devices(0, cli_entry("trainer.accelerator=gpu", "dry_run=true")), ConfigError, GPU),
+    Bad("accelerator-tpu-without-xla", "environment", without_package("torch_xla", cli("trainer.accelerator=tpu")),
+        ConfigError, "torch_xla"),
+    Bad("accelerator-typo", "environment", cli("trainer.accelerator=gpuu"), ConfigError, "did you mean 'gpu'"),
+    Bad("devices-text", "environment", cli("trainer.devices=abc"), ConfigError, "must be a device count"),
+    Bad("devices-zero", "environment", cli("trainer.devices=0"), ConfigError, "must be a device count"),
+    Bad("devices-ids-on-cpu", "environment", cli("trainer.devices=[0,1]"), ConfigError, "number of processes"),
+    Bad("devices-more-gpus-than-here", "environment",
+        with_cuda_devices(1, cli("trainer.accelerator=gpu", "trainer.devices=4")), ConfigError,
+        "this machine has 1 CUDA device"),
+    Bad("devices-gpu-id-not-here", "environment",
+        with_cuda_devices(2, cli("trainer.accelerator=gpu", "trainer.devices=[3]")), ConfigError,
+        "more CUDA devices than this machine has"),
+    Bad("precision-fp16-amp-on-cpu", "environment", cli("trainer.precision=16-mixed"), ConfigError,
+        "does not run on CPU"),
+    Bad("precision-underscore", "environment", cli("trainer.precision=transformer_engine"), ConfigError,
+        "did you mean 'transformer-engine'"),
+    Bad("precision-transformer-engine-missing", "environment",
+        without_package("transformer_engine", cli("trainer.precision=transformer-engine")), ConfigError,
+        "transformer_engine package"),
+    Bad("logger-package-missing", "environment",
+        without_package("tensorboard,tensorboardX", cli("trainer.logger=tensorboard")), ConfigError,
+        "pip install tensorboard"),
+    Bad("seed-negative", "environment", cli("seed=-1"), ConfigError, "must be in [0, 4294967295]"),
+    Bad("seed-above-numpy-range", "environment", cli("seed=4294967296"), ConfigError, "must be in [0, 4294967295]"),
     # --- model directories ---------------------------------------------------------------------
     Bad("model-dir-missing", "model_dir", cli("model=hf", "model.name_or_path=/no/such/model"), ConfigError,
         "no such directory"),
@@ -201,8 +305,8 @@ CASES = [
         "is not a field of this task", write_file("d.jsonl", STORY * 20)),
     Bad("data-too-few-rows", "dataset", cli("data.source=jsonl", "data.path={input}", "data.val_fraction=0.5"),
         DataError, "cannot be split", write_file("d.jsonl", STORY)),
-    Bad("data-unknown-label", "dataset", cli("task=seq_cls", "data.source=jsonl", "data.path={input}"), DataError,
-        "is not in the label set", write_file("d.jsonl", '{"text": "fine", "label": "maybe"}\n' * 30)),
+    Bad("data-unknown-label", "dataset", cli("task=seq_cls", "task.labels=[negative,positive]", "data.source=jsonl", "data.path={input}"),
+        DataError, "is not in the label set", write_file("d.jsonl", '{"text": "fine", "label": "maybe"}\n' * 30)),
     Bad("data-too-short-for-a-block", "dataset", cli("data.source=jsonl", "data.path={input}", "data.max_length=512"),
         DataError, "cannot fill one block", write_file("d.jsonl", STORY * 3)),
     # --- adapter directories and their files --------------------------------------------------------
@@ -300,6 +404,10 @@ CASES = [
         lambda world: world.good),
     Bad("load-name-empty", "api", load_into_model(adapter_name=""), ConfigError, "not a valid adapter name",
         lambda world: world.good),
+    Bad("load-name-trailing-newline", "api", load_into_model(adapter_name="second\n"), ConfigError,
+        "not a valid adapter name", lambda world: world.good),
+    Bad("add-name-trailing-newline", "api", lambda world, _: world.model.add_adapter("second\n", world.plan),
+        ConfigError, "not a valid adapter name"),
     Bad("add-name-module", "api", lambda world, _: world.model.add_adapter("mlp", world.plan), PlanError,
         "is also a module name"),
     Bad("add-name-duplicate", "api", lambda world, _: world.model.add_adapter("default", world.plan), ConfigError,

@@ -17,7 +17,9 @@ def test_default_run_trains_and_leaves_a_peft_adapter(tmp_path: Path) -> None:
     from peft import PeftModel
 
     result = run_cli(
-        ["peft=lora", "task=causal_lm", "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, fresh_process=True
+        ["peft=lora", "task=causal_lm", "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        fresh_process=True,
     )
     assert result.returncode == 0, result.stderr
     adapter = tmp_path / "adapter"
@@ -74,3 +76,25 @@ def test_bad_input_is_one_message_and_exit_status_2(tmp_path: Path, args: list[s
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.accelerator=gpu"], "error: trainer.accelerator='gpu': no CUDA GPU is visible on this machine"),
+        (
+            ["trainer.precision=16-mixed"],
+            "error: trainer.precision='16-mixed': fp16 mixed precision does not run on CPU",
+        ),
+        (["trainer.devices=abc"], "error: trainer.devices='abc': must be a device count"),
+        (["seed=-1"], "error: seed=-1: must be in [0, 4294967295]"),
+    ],
+)
+def test_what_this_machine_cannot_run_is_one_line_and_writes_nothing(
+    overrides: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("peftc.planning.compat.cuda_device_count", lambda: 0)
+    result = run_cli(overrides, cwd=tmp_path)  # in this process: the patch applies
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/.hydra, no plan.json

@@ -66,3 +66,107 @@ def test_a_training_run_writes_the_environment_nowhere(tmp_path: Path) -> None:
     assert result.returncode == 2 and "environment variable" in result.stderr
     assert CANARY not in result.stdout + result.stderr
     assert not refused.exists()
+
+
+# --------------------------------------------------------------------- hydra.* and provenance
+def test_peftcs_and_hydras_packaged_targets_are_allowed() -> None:
+    from peftc.config.provenance import check_sources
+
+    check_sources([])  # the sweep-summary callback, Hydra's basic launcher and sweeper
+    check_sources(["hydra/launcher=peftc_joblib", "hydra.callbacks.sweep_summary.metric=val_acc"])
+
+
+def test_a_packaged_target_set_again_on_the_command_line_is_refused() -> None:
+    """Provenance, not the key or the value: the very same class named by an override is refused."""
+    from peftc.config.provenance import check_sources
+
+    with pytest.raises(peftc.ConfigError, match=r"never instantiates.*source: command line") as info:
+        check_sources(["hydra.callbacks.sweep_summary._target_=peftc.cli.sweep.SweepSummary"])
+    assert info.value.key == "hydra.callbacks.sweep_summary._target_"
+
+
+def test_a_hydra_target_in_a_user_config_dir_names_the_file(tmp_path: Path) -> None:
+    from peftc.config.provenance import check_sources
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "shared.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: builtins.open\n      file: PWNED\n"
+    )
+    with pytest.raises(peftc.ConfigError, match="never instantiates") as info:
+        check_sources([f"hydra.searchpath=[file://{tmp_path}]", "+experiment=shared"])
+    assert f"source: {tmp_path}/experiment/shared.yaml" in str(info.value)
+
+
+def test_a_hydra_callback_on_the_command_line_never_runs(tmp_path: Path) -> None:
+    args = ["dry_run=true", "+hydra.callbacks.x._target_=builtins.open", "+hydra.callbacks.x.file=PWNED"]
+    result = run_cli([*args, "+hydra.callbacks.x.mode=w"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: hydra.callbacks.x._target_") and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no PWNED, no outputs/
+
+
+def test_experimental_rerun_is_refused_before_the_pickle_is_read(tmp_path: Path) -> None:
+    import pickle
+
+    from tests.catalogue import Payload
+
+    (tmp_path / "config.pickle").write_bytes(pickle.dumps(Payload(tmp_path / "SENTINEL")))
+    result = run_cli(["--experimental-rerun", "config.pickle"], cwd=tmp_path)
+    assert result.returncode == 2 and "never loads pickles" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.pickle"]
+
+
+def test_printing_the_resolved_config_does_not_read_the_environment(tmp_path: Path) -> None:
+    result = run_cli(
+        ["--cfg", "job", "--resolve", "model.name='${oc.env:PEFTC_CANARY}'"], cwd=tmp_path, env={"PEFTC_CANARY": CANARY}
+    )
+    assert result.returncode == 2 and "environment variable" in result.stderr
+    assert CANARY not in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------ interpolation grammar
+@pytest.mark.parametrize(
+    ("text", "called"),
+    [
+        ("${model.model_type}", []),
+        ("tiny-${oc.select:model.name,x}", ["oc.select"]),
+        ("${oc.select:'${oc.env:X}',2}", ["oc.env", "oc.select"]),  # inside a quoted argument
+        ("${oc.${oc.decode:env}:X}", [None, "oc.decode"]),  # a name built by interpolation
+        ("\\${oc.env:X}", []),  # escaped: plain text
+    ],
+)
+def test_called_resolvers_are_read_from_omegaconfs_parse_tree(text: str, called: list[str | None]) -> None:
+    from peftc.config.safety import called_resolvers
+
+    assert sorted(called_resolvers(text), key=str) == sorted(called, key=str)
+
+
+def test_a_resolver_name_built_by_interpolation_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEFTC_CANARY", CANARY)
+    with pytest.raises(peftc.ConfigError, match="builds a resolver name") as info:
+        peftc.compile(["model.name='${oc.${oc.decode:env}:PEFTC_CANARY}'"])
+    assert CANARY not in str(info.value)
+
+
+def test_an_environment_read_built_while_resolving_is_caught_by_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text names only oc.decode; the oc.env call it builds exists only while resolving."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("PEFTC_CANARY", CANARY)
+    cfg = compose([])
+    cfg.model.name = "${oc.decode:'\\${oc.${oc.decode:env}:PEFTC_CANARY}'}"
+    assert OmegaConf.to_container(cfg.model, resolve=True)["name"] == CANARY  # what the guard prevents
+    with pytest.raises(peftc.ConfigError, match="environment variable") as info:
+        to_spec(cfg)
+    assert info.value.key == "model.name" and CANARY not in str(info.value)
+
+
+def test_the_guard_restores_the_registered_resolvers() -> None:
+    from omegaconf.basecontainer import BaseContainer
+
+    from peftc.config.safety import guarded_resolvers
+
+    before = BaseContainer._resolvers
+    with guarded_resolvers():
+        assert "oc.env" in BaseContainer._resolvers  # present, but refusing
+    assert BaseContainer._resolvers is before and "oc.env" in before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -82,3 +83,92 @@ def test_every_schema_field_has_a_description() -> None:
             if group == "run" or schema is RunSpec:
                 continue
             assert field.metadata.get("help"), f"{group}/{name}.{field.name} has no description"
+
+
+def _float_fields() -> list[tuple[str, str, str]]:
+    """(group, option, field) for every float field of every registered schema."""
+    from peftc.config.registry import import_registries
+    from peftc.config.spec import GROUPS, schemas
+
+    import_registries()
+    return sorted(
+        (group, option, f.name)
+        for group in GROUPS
+        for option, schema in schemas(group).items()
+        for f in dataclasses.fields(schema)
+        if "float" in str(f.type) and "list" not in str(f.type)
+    )
+
+
+FLOAT_FIELDS = _float_fields()
+
+
+def test_the_schemas_have_float_fields_to_guard() -> None:
+    assert len(FLOAT_FIELDS) >= 15 and ("trainer", "base", "lr") in FLOAT_FIELDS
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize(("group", "option", "name"), FLOAT_FIELDS, ids=["/".join(f) for f in FLOAT_FIELDS])
+def test_every_float_of_every_schema_refuses_non_finite_numbers(
+    group: str, option: str, name: str, number: float
+) -> None:
+    from peftc.config.spec import schemas, validate
+
+    schema = schemas(group)[option]
+    node = schema(**{name: number}) if group != "model" else schema(model_type="llama", **{name: number})
+    with pytest.raises(ConfigError, match="must be a finite number") as info:
+        validate(node, group, cross=False)
+    assert info.value.key == f"{group}.{name}"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.lr=inf", "peft.lora_alpha=nan", "trainer.betas=[0.9,inf]", "peft.alpha_pattern={q_proj: -inf}"],
+)
+def test_non_finite_numbers_are_refused_in_scalars_lists_and_mappings(override: str) -> None:
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        to_spec(compose([override]))
+
+
+@pytest.mark.parametrize("name", ["default\n", "default\r\n", "a\nb", " default"])
+def test_adapter_names_must_match_entirely(name: str) -> None:
+    from peftc.config.spec import check_adapter_name
+
+    with pytest.raises(ConfigError, match="not a valid adapter name"):
+        check_adapter_name("adapter_name", name)
+
+
+def test_accelerator_names_are_lightnings() -> None:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from peftc.config.lightning_values import ACCELERATORS
+
+    assert set(ACCELERATORS) == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
+
+
+def test_precision_names_are_lightnings() -> None:
+    import typing
+
+    from lightning.fabric.plugins.precision import precision as lightning_precision
+
+    from peftc.config.lightning_values import PRECISION_ALIASES, PRECISIONS
+
+    assert set(PRECISIONS) == set(typing.get_args(lightning_precision._PRECISION_INPUT_STR))
+    assert PRECISION_ALIASES == lightning_precision._PRECISION_INPUT_STR_ALIAS_CONVERSION
+
+
+@pytest.mark.parametrize(
+    ("devices", "accepted"),
+    [(1, True), (-1, True), ("auto", True), ("2", True), ("0,1", True), ([0, 1], True)]
+    + [(0, False), ("0", False), ([], False), ("abc", False), (True, False), ([0, 0], False), (1.5, False)],
+)
+def test_devices_accept_what_lightning_accepts(devices: object, accepted: bool) -> None:
+    from peftc.config.lightning_values import lightning_devices
+
+    assert (lightning_devices(devices) is None) is accepted
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seeds_outside_numpys_range_are_refused(seed: int) -> None:
+    with pytest.raises(ConfigError, match=r"seed=.*must be in \[0, 4294967295\]"):
+        to_spec(compose([f"seed={seed}"]))

@@ -2,13 +2,16 @@
 
 Before Hydra runs, every job's overrides are composed and checked, so a typo, a wrong type or
 an out-of-range value is one clean message on stderr and exit status 2, with no traceback
-(set HYDRA_FULL_ERROR=1 for one) and nothing written.
+(set HYDRA_FULL_ERROR=1 for one) and nothing written. The check covers what Hydra itself will
+act on (`hydra.*`: callbacks, launchers, logging), what this machine can run (accelerator,
+devices, precision), and refuses Hydra's pickle-based rerun before Hydra reads the file.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from omegaconf import DictConfig
 from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, to_spec
 from peftc.config.registry import import_registries
 from peftc.config.spec import RunSpec
-from peftc.errors import PeftcError
+from peftc.errors import ConfigError, PeftcError
 
 # Hydra flags that take a value, and flags that stop before any job runs.
 _VALUE_FLAGS = {
@@ -52,22 +55,51 @@ _INSPECT_FLAGS = {
     "-sc",
 }
 
+# Inspect flags that compose (and with --resolve, resolve) the config: still no code, no environment.
+_SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i"}
+
 
 def main() -> None:
     import_registries()
     argv = sys.argv[1:]
     try:
+        refuse_pickle_flags(argv)
         argv = with_adapter_task(argv)
     except PeftcError as exc:
         fail(exc)
     sys.argv[1:] = argv
-    if not any(a.split("=")[0] in _INSPECT_FLAGS for a in argv):
-        try:
+    try:
+        if not any(a.split("=")[0] in _INSPECT_FLAGS for a in argv):
             preflight(argv)
-        except PeftcError as exc:
-            fail(exc)
+        elif any(a.split("=")[0] in _SHOW_CONFIG_FLAGS for a in argv):
+            check_safety(argv)
+    except PeftcError as exc:
+        fail(exc)
     hydra_main()
     report_failed_jobs()
+
+
+def refuse_pickle_flags(argv: list[str]) -> None:
+    """Hydra's --experimental-rerun unpickles a file (running whatever it holds) before any check."""
+    for index, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag == "--experimental-rerun":
+            value = inline or (argv[index + 1] if index + 1 < len(argv) else None)
+            raise ConfigError(
+                "--experimental-rerun",
+                value,
+                "loads a pickle file, which runs whatever code it holds; peftc never loads pickles",
+                "rerun with the overrides a run saved in its .hydra/overrides.yaml (plain YAML)",
+            )
+
+
+def check_safety(argv: list[str]) -> None:
+    """The config safety check alone (for --cfg/--info, which print the config but run no job)."""
+    from peftc.config.provenance import check_sources
+
+    overrides, _ = split_argv(argv)
+    search, config_name = search_options(argv)
+    check_sources([*search, *hydra_settings(argv), *overrides], config_name)
 
 
 def with_adapter_task(argv: list[str]) -> list[str]:
@@ -90,7 +122,10 @@ def preflight(argv: list[str]) -> None:
     """
     overrides, multirun = split_argv(argv)
     search, config_name = search_options(argv)
-    jobs = [check_job(job, search, config_name) for job in (expand_jobs(overrides) if multirun else [overrides])]
+    settings = hydra_settings(argv)
+    jobs = [
+        check_job(job, search, config_name, settings) for job in (expand_jobs(overrides) if multirun else [overrides])
+    ]
     valid = [job.spec for job in jobs if job.spec is not None]
     if any(spec.explain for spec in valid):
         from peftc.cli.explain import print_explanations
@@ -115,9 +150,20 @@ class CheckedJob:
     error: PeftcError | None
 
 
-def check_job(overrides: list[str], search: list[str] = (), config_name: str = CONFIG_NAME) -> CheckedJob:
+def check_job(
+    overrides: list[str], search: Sequence[str] = (), config_name: str = CONFIG_NAME, settings: Sequence[str] = ()
+) -> CheckedJob:
+    """Compose and validate one job. The whole config Hydra will run, `hydra.*` (with the
+    command line's hydra `settings`) included, is checked for code and environment reads first;
+    then the spec, and the compatibility rules that need no model (strategies, this machine)."""
+    from peftc.config.provenance import check_sources
+    from peftc.planning.compat import check_spec
+
     try:
-        return CheckedJob(overrides, to_spec(compose([*search, *overrides], config_name=config_name)), None)
+        check_sources([*search, *settings, *overrides], config_name)
+        spec = to_spec(compose([*search, *overrides], config_name=config_name))
+        check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
+        return CheckedJob(overrides, spec, None)
     except PeftcError as exc:
         return CheckedJob(overrides, None, exc)
 
@@ -150,6 +196,21 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool]:
         elif not arg.lstrip("+~").startswith(("hydra.", "hydra/", "hydra=")):
             overrides.append(arg)
     return overrides, multirun
+
+
+def hydra_settings(argv: list[str]) -> list[str]:
+    """The command line's hydra.* overrides and hydra/ group choices (search paths aside: see
+    search_options), which split_argv leaves out of the job overrides."""
+    settings, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("-"):
+            skip = arg in _VALUE_FLAGS and "=" not in arg
+        elif arg.lstrip("+~").startswith(("hydra.", "hydra/", "hydra=")) and "hydra.searchpath=" not in arg:
+            settings.append(arg)
+    return settings
 
 
 def search_options(argv: list[str]) -> tuple[list[str], str]:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from peftc.config.registry import import_registries
-from peftc.config.safety import CODE_KEYS, check_config, code_key_error
+from peftc.config.safety import CODE_KEYS, check_config, check_resolver, code_key_error, guarded_resolvers
 from peftc.config.spec import RunSpec, reject_unknown_keys, unknown_key_error, validate
 from peftc.errors import ConfigError, did_you_mean
 
@@ -142,10 +142,13 @@ def to_spec(cfg: DictConfig) -> RunSpec:
     """Convert a composed config into a sealed RunSpec and run every semantic check."""
     check_config(cfg)
     reject_unknown_keys(cfg, RunSpec, "")
-    try:
-        spec = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        raise compose_error(exc) from exc
+    with guarded_resolvers() as refused:
+        try:
+            spec = OmegaConf.to_object(cfg)
+        except OmegaConfBaseException as exc:
+            if refused:  # a resolver built at resolution time (oc.decode, oc.create) that is not allowed
+                check_resolver(getattr(exc, "full_key", None) or "config", None, refused[0])
+            raise compose_error(exc) from exc
     if not isinstance(spec, RunSpec):
         raise ConfigError(
             "<root>",

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from peftc.config.lightning_values import ACCELERATORS, PRECISION_ALIASES, PRECISIONS, lightning_devices
 from peftc.errors import ConfigError, did_you_mean
 
 GROUPS = ("peft", "task", "quant", "model", "data", "trainer")
@@ -264,14 +265,14 @@ class DataSpec(SpecNode):
 
 @dataclass
 class TrainerSpec(SpecNode):
-    accelerator: str = param("cpu", "Lightning accelerator (cpu, gpu, auto, ...).")
-    devices: Any = param(1, "Lightning devices: a count, a list of ids, or 'auto'.")
+    accelerator: str = param("cpu", "Lightning accelerator (cpu, gpu, cuda, mps, tpu, auto).", one_of(*ACCELERATORS))
+    devices: Any = param(1, "Lightning devices: a count, a list of ids, or 'auto'.", lightning_devices)
     strategy: str = param("auto", "Lightning strategy (auto, ddp, fsdp, deepspeed_stage_2, ...).")
     num_nodes: int = param(1, "Number of nodes for multi-node strategies.", at_least(1))
     precision: str = param(
         "32-true",
-        "Lightning precision (32-true, bf16-mixed, 16-mixed, bf16-true).",
-        one_of("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
+        "Lightning precision (32-true, bf16-mixed, 16-mixed, bf16-true, 16-true, 64-true, transformer-engine).",
+        one_of(*PRECISIONS, *PRECISION_ALIASES),
     )
     max_steps: int = param(40, "Optimizer steps to train for (-1: bounded by max_epochs).", at_least(-1))
     max_epochs: int | None = param(None, "Epoch limit (null: only max_steps counts).", at_least(1))
@@ -302,6 +303,11 @@ class TrainerSpec(SpecNode):
         "Write checkpoints/last.ckpt (trainable tensors + optimizer state) every N optimizer steps; 0: only on SIGTERM.",
         at_least(0),
     )
+
+    @property
+    def precision_name(self) -> str:
+        """The precision under Lightning's full name (its aliases '32', 'bf16', ... resolved)."""
+        return PRECISION_ALIASES.get(self.precision, self.precision)
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.max_steps == -1 and self.max_epochs is None:
@@ -346,7 +352,12 @@ class RunSpec(SpecNode):
     model: Any = MISSING
     data: Any = MISSING
     trainer: Any = MISSING
-    seed: int = param(0, "Global seed for data order, dropout and adapter initialisation.")
+    seed: int = param(
+        0,
+        "Global seed for data order, dropout and adapter initialisation.",
+        # numpy's seed range; Lightning's seed_everything raises outside it, after plan.json is written
+        in_range(0, 2**32 - 1, high_open=False),
+    )
     dry_run: bool = param(False, "Print the plan and exit without loading weights.")
     output_dir: str | None = param(
         None, "Where the run writes adapter/, plan.json and metrics; null: Hydra's run directory."
@@ -403,12 +414,12 @@ ConfigStore.instance().store(name="run_schema", node=RunSpec)
 for _group, _schema in (("model", ModelSpec), ("data", DataSpec), ("trainer", TrainerSpec)):
     register_schema(_group, "base", _schema)
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_ADAPTER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 def check_adapter_name(key: str, name: str) -> None:
     """Adapter names become key segments and folder names: no dots, slashes or empties."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
         raise ConfigError(
             key,
             name,
@@ -432,6 +443,7 @@ def validate(node: SpecNode, key: str = "", run: RunSpec | None = None, *, cross
         if isinstance(value, SpecNode):
             validate(value, full_key, run, cross=cross)
             continue
+        check_finite(full_key, value)
         check = f.metadata.get("check")
         if check is not None:
             try:
@@ -442,6 +454,23 @@ def validate(node: SpecNode, key: str = "", run: RunSpec | None = None, *, cross
                 raise ConfigError(full_key, value, problem)
     if cross:
         node.cross_check(key or "<root>", run)
+
+
+def check_finite(key: str, value: Any) -> None:
+    """inf and nan are refused in every number of every schema (scalars, lists, mappings such
+    as rank/alpha patterns and model.config): one would train nothing or turn the adapter's
+    tensors into NaN, and no range check can be relied on to catch it (nan fails every comparison)."""
+    pending = [(key, value)]  # a loop, not recursion: a mapping read from a file may nest deeply
+    while pending:
+        key, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                key, value, "must be a finite number (inf and nan are not allowed)", "give a finite value"
+            )
+        if isinstance(value, (list, tuple, ListConfig)):
+            pending.extend((f"{key}.{index}", item) for index, item in reversed(list(enumerate(value))))
+        elif isinstance(value, (dict, DictConfig)):
+            pending.extend((f"{key}.{name}", item) for name, item in reversed(list(value.items())))
 
 
 def reject_unknown_keys(cfg: Any, schema: type | None, key: str) -> None:

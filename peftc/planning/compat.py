@@ -117,6 +117,142 @@ def _missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
+# ----------------------------------------------------------------- what this machine can run
+# Lightning checks these only when it builds the Trainer, after plan.json is written; they are
+# read here from torch and the installed packages, without importing Lightning.
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # NVML count: does not initialise CUDA
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return torch.backends.mps.is_available()
+
+
+def accelerator_here(accelerator: str) -> str:
+    """The accelerator Lightning would pick for this name on this machine ('none': not available)."""
+    if accelerator == "auto":  # Lightning's order: tpu, mps, cuda, cpu
+        if not _missing("torch_xla"):
+            return "tpu"
+        return "mps" if _mps_available() else "cuda" if cuda_device_count() else "cpu"
+    if accelerator == "gpu":
+        return "mps" if _mps_available() else "cuda" if cuda_device_count() else "none"
+    available = {
+        "cpu": True,
+        "cuda": cuda_device_count() > 0,
+        "mps": _mps_available(),
+        "tpu": not _missing("torch_xla"),
+    }
+    return accelerator if available.get(accelerator, False) else "none"
+
+
+def _accelerator_missing(*names: str) -> Callable[[Context], bool]:
+    return lambda ctx: ctx.run.trainer.accelerator in names and accelerator_here(ctx.run.trainer.accelerator) == "none"
+
+
+def _cpu_devices_not_a_count(ctx: Context) -> bool:
+    """On CPU, Lightning's devices is a number of processes: a list of ids or -1 is refused."""
+    devices = ctx.run.trainer.devices
+    if accelerator_here(ctx.run.trainer.accelerator) != "cpu" or devices == "auto":
+        return False
+    return not (isinstance(devices, int) and devices >= 1) and not (isinstance(devices, str) and devices.isdigit())
+
+
+def requested_devices(devices: object) -> tuple[int, int] | None:
+    """(how many devices, the highest id + 1) that a `devices` value asks for; None: all/auto."""
+    if isinstance(devices, str):
+        if devices.strip() in ("auto", "-1"):
+            return None
+        ids = [int(part) for part in devices.split(",") if part.strip()]
+        return (ids[0], ids[0]) if len(ids) == 1 else (len(ids), max(ids) + 1)
+    if isinstance(devices, int):
+        return None if devices == -1 else (devices, devices)
+    ids = [int(i) for i in devices]
+    return len(ids), max(ids) + 1
+
+
+def _too_few_gpus(ctx: Context) -> bool:
+    wanted = requested_devices(ctx.run.trainer.devices)
+    if wanted is None or accelerator_here(ctx.run.trainer.accelerator) != "cuda":
+        return False
+    return max(wanted) > cuda_device_count()
+
+
+def _gpus_here() -> str:
+    count = cuda_device_count()
+    return f"this machine has {count} CUDA device{'s' if count != 1 else ''}"
+
+
+def _fp16_amp_on_cpu(ctx: Context) -> bool:
+    return ctx.run.trainer.precision_name == "16-mixed" and accelerator_here(ctx.run.trainer.accelerator) == "cpu"
+
+
+def _transformer_engine_missing(ctx: Context) -> bool:
+    return ctx.run.trainer.precision_name.startswith("transformer-engine") and _missing("transformer_engine")
+
+
+def _tensorboard_missing(ctx: Context) -> bool:
+    """Lightning's TensorBoardLogger writes through tensorboard or tensorboardX."""
+    return ctx.run.trainer.logger == "tensorboard" and _missing("tensorboard") and _missing("tensorboardX")
+
+
+ENVIRONMENT_RULES: list[Rule] = [
+    Rule(
+        key="trainer.accelerator",
+        reason="no CUDA GPU is visible on this machine (torch.cuda.device_count() is 0)",
+        suggestion="use trainer.accelerator=cpu here (or auto: the best one found), or run where a GPU is",
+        when=_accelerator_missing("gpu", "cuda"),
+    ),
+    Rule(
+        key="trainer.accelerator",
+        reason="TPUs need the torch_xla package, which is not installed",
+        suggestion="use trainer.accelerator=cpu, gpu or auto, or install torch_xla on a TPU machine",
+        when=_accelerator_missing("tpu"),
+    ),
+    Rule(
+        key="trainer.accelerator",
+        reason="Apple's MPS backend is not available on this machine",
+        suggestion="use trainer.accelerator=cpu, or auto to take the best one found",
+        when=_accelerator_missing("mps"),
+    ),
+    Rule(
+        key="trainer.devices",
+        reason="on CPU, devices is a number of processes, and Lightning refuses a list of ids or -1 there",
+        suggestion="give a count such as trainer.devices=2",
+        when=_cpu_devices_not_a_count,
+    ),
+    Rule(
+        key="trainer.devices",
+        reason="asks for more CUDA devices than this machine has",
+        suggestion="lower trainer.devices, list existing ids (e.g. [0]), or use trainer.devices=-1 for all",
+        when=_too_few_gpus,
+    ),
+    Rule(
+        key="trainer.precision",
+        reason="fp16 mixed precision does not run on CPU (Lightning would switch to bf16-mixed without asking)",
+        suggestion="use trainer.precision=bf16-mixed on CPU, or 16-mixed with trainer.accelerator=gpu",
+        when=_fp16_amp_on_cpu,
+    ),
+    Rule(
+        key="trainer.precision",
+        reason="needs NVIDIA's transformer_engine package, which is not installed",
+        suggestion="pip install transformer_engine (CUDA GPUs only), or use trainer.precision=bf16-mixed",
+        when=_transformer_engine_missing,
+    ),
+    Rule(
+        key="trainer.logger",
+        reason="the tensorboard logger needs the tensorboard package, which is not installed",
+        suggestion="pip install tensorboard, or use trainer.logger=csv",
+        when=_tensorboard_missing,
+    ),
+]
+
+
 def _init_rewrites_quantized_base(ctx: Context) -> bool:
     from peftc.config.registry import METHODS
 
@@ -148,6 +284,7 @@ RULES: list[Rule] = [
         suggestion="use trainer=ddp_cpu on CPU, or trainer.accelerator=gpu with DeepSpeed",
         when=lambda ctx: ctx.strategy.startswith("deepspeed") and _on_cpu(ctx),
     ),
+    *ENVIRONMENT_RULES,
     Rule(
         key="quant",
         reason="the chosen peft method's layer has not been made to wrap quantized layers "
@@ -240,6 +377,15 @@ def unsupported_head(model_type: str, auto_class_name: str) -> ConfigError:
     )
 
 
+def check_spec(run: RunSpec) -> None:
+    """The refusals that need no model graph, for a spec alone (the CLI runs them before Hydra
+    starts a job, so a run that cannot work here leaves nothing behind)."""
+    from peftc.config.registry import METHODS, QUANT_BACKENDS, TASKS
+
+    names = (METHODS.for_spec(run.peft).name, TASKS.for_spec(run.task).name, QUANT_BACKENDS.for_spec(run.quant).name)
+    check(Context(*names, run.trainer.strategy, run))
+
+
 def check(ctx: Context) -> None:
     """Raise the first refusal that applies (spec-level rules when ctx.graph is None)."""
     for rule in RULES:
@@ -248,6 +394,8 @@ def check(ctx: Context) -> None:
             suggestion = rule.suggestion
             if rule.key == "trainer.strategy" and ctx.strategy not in STRATEGIES:
                 suggestion = did_you_mean(ctx.strategy, STRATEGIES) or suggestion
+            if rule.when is _too_few_gpus:
+                suggestion = f"{_gpus_here()}; {suggestion}"
             raise ConfigError(rule.key, value, rule.reason, suggestion)
 
 
@@ -260,4 +408,6 @@ def _value(ctx: Context, key: str) -> object:
     node: object = ctx.run
     for part in key.split("."):
         node = getattr(node, part, None)
+    if isinstance(node, tuple):  # sealed specs hold lists as tuples; show what the user wrote
+        return list(node)
     return None if hasattr(node, "__dataclass_fields__") else node
