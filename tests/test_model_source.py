@@ -114,3 +114,10 @@ def test_base_weights_missing_from_the_checkpoint_are_a_warning_naming_them(
     plan = peftc.compile(["model=hf", f"model.name_or_path={partial}"])
     with pytest.warns(UserWarning, match=r"1 base-model weights are not in the checkpoint .*layers\.0\.mlp\.down_proj"):
         model_source.build_model(plan.spec.model, "AutoModelForCausalLM")
+
+
+def test_a_path_on_a_config_built_model_says_to_use_model_hf(tiny_llama_dir: str) -> None:
+    with pytest.raises(ConfigError, match=r"is set on model=tiny_llama, which is built from a config") as caught:
+        peftc.compile([f"model.name_or_path={tiny_llama_dir}"])
+    assert caught.value.key == "model.name_or_path"
+    assert f"use model=hf model.name_or_path={tiny_llama_dir}" in str(caught.value)

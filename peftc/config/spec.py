@@ -193,6 +193,16 @@ class ModelSpec(SpecNode):
                 "no model given",
                 "set model.name_or_path=<dir or hub id>, or pick a built-in model such as model=tiny_llama",
             )
+        if self.name_or_path is not None and self.model_type is not None:
+            # A config-built option (tiny_llama) with a path would load the path and silently
+            # apply the option's config on top, under the option's name.
+            raise ConfigError(
+                f"{key}.name_or_path",
+                self.name_or_path,
+                f"is set on model={self.name or self.model_type}, which is built from a config (model_type "
+                f"{self.model_type}), not loaded",
+                f"to load a model from a directory or hub id, use model=hf {key}.name_or_path={self.name_or_path}",
+            )
         if self.name_or_path is not None and not str(self.name_or_path).strip():
             raise ConfigError(
                 f"{key}.name_or_path",
