@@ -141,6 +141,12 @@ def preflight(argv: list[str]) -> None:
             if multirun:
                 job.error.args = (f"sweep job ({' '.join(job.overrides) or 'defaults'}): {job.error}",)
             raise job.error
+    if not multirun and valid and valid[0].action == "train":
+        # A plan error, found before Hydra creates a run directory, leaves nothing behind. (In a
+        # sweep it stays the job's row of the summary, and the sweep goes on.)
+        from peftc.planning import planner
+
+        planner.plan(valid[0])
 
 
 @dataclass
@@ -265,20 +271,49 @@ def hydra_main(cfg: DictConfig) -> Any:
     from peftc.cli.run import execute
 
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    single = hydra_cfg.mode != RunMode.MULTIRUN
     try:
         run = to_spec(cfg)
-        output_dir = Path(run.output_dir) if run.output_dir else Path(hydra_cfg.runtime.output_dir)
-        return execute(run, output_dir)
+        output_dir = Path(run.output_dir) if run.output_dir else run_dir
+        summary = execute(run, output_dir)
+        if single and run.dry_run:
+            discard_unused_run_dir(run_dir)  # a dry run writes nothing
+        return summary
     except PeftcError as exc:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if not single:
             print(f"error: {exc}", file=sys.stderr)
             return {"status": "failed", "error": str(exc)}
+        discard_unused_run_dir(run_dir)  # a run that failed before writing leaves nothing
         fail(exc)
     except Exception as exc:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         # One broken job is a row of the sweep summary, not the end of the sweep.
         return failed_job(exc, Path(hydra_cfg.runtime.output_dir))
+
+
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """Remove the run directory Hydra made for this job when the job wrote nothing into it:
+    only Hydra's `.hydra/` record and an empty (or absent) log are there. Empty parents
+    (`outputs/<date>/`) go too."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return
+    entries = {p.name: p for p in run_dir.iterdir()}
+    log = entries.pop("peftc.log", None)
+    hydra_record = entries.pop(".hydra", None)
+    if entries or (log is not None and log.stat().st_size > 0):
+        return
+    if hydra_record is not None:
+        shutil.rmtree(hydra_record, ignore_errors=True)
+    if log is not None:
+        log.unlink(missing_ok=True)
+    for directory in (run_dir, *run_dir.parents):
+        if directory == Path.cwd() or any(directory.iterdir()):
+            break
+        directory.rmdir()
 
 
 def failed_job(exc: Exception, job_dir: Path) -> dict[str, Any]:

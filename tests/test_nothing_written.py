@@ -1,0 +1,41 @@
+"""'Nothing is written' is true: a dry run, a plan error and a data error leave no run directory
+(no `.hydra/`, no empty `peftc.log`); a run that trains keeps its directory, and its log exists
+only when something was logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+
+def everything_in(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["dry_run=true"], 0),
+        (["peft.target_modules=[q_prj]"], 2),
+        (["data.source=csv", "data.path=empty.csv"], 2),
+    ],
+    ids=["dry-run", "plan-error", "data-error"],
+)
+def test_a_run_that_writes_nothing_leaves_no_run_directory(tmp_path: Path, args: list[str], status: int) -> None:
+    (tmp_path / "empty.csv").write_text("text\n")
+    before = everything_in(tmp_path)
+    result = run_cli(args, cwd=tmp_path)  # Hydra's default outputs/<date>/<time>/
+    assert result.returncode == status, result.stderr
+    assert everything_in(tmp_path) == before
+
+
+def test_a_trained_run_keeps_its_directory_and_no_empty_log(tmp_path: Path) -> None:
+    result = run_cli(["trainer.max_steps=2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / ".hydra").is_dir()
+    log = run_dir / "peftc.log"
+    assert not log.exists() or log.stat().st_size > 0
