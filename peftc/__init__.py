@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from peftc.errors import AdapterFileError, ConfigError, DataError, PeftcError, PlanError
 from peftc.noise import silence_import_noise
+from peftc.version import __version__
 
 silence_import_noise()
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan
 
-__version__ = "0.1.0"
 __all__ = [
     "compile",
     "materialize",

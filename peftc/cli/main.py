@@ -62,6 +62,8 @@ _SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i"}
 def main() -> None:
     import_registries()
     argv = sys.argv[1:]
+    if answered_here(argv):
+        return
     try:
         refuse_pickle_flags(argv)
         argv = with_adapter_task(argv)
@@ -100,6 +102,23 @@ def check_safety(argv: list[str]) -> None:
     overrides, _ = split_argv(argv)
     search, config_name = search_options(argv)
     check_sources([*search, *hydra_settings(argv), *overrides], config_name)
+
+
+def answered_here(argv: list[str]) -> bool:
+    """`--version` and `--help [group=option ...]` are peftc's own pages (Hydra's help is at
+    --hydra-help); True when one was printed."""
+    from peftc.cli.help import help_text, version_text
+
+    if "--version" in argv:
+        print(version_text())
+        return True
+    if "--help" in argv or "-h" in argv:
+        try:
+            print(help_text([a for a in argv if not a.startswith("-")]))
+        except PeftcError as exc:
+            fail(exc)
+        return True
+    return False
 
 
 def with_adapter_task(argv: list[str]) -> list[str]:

@@ -1,0 +1,40 @@
+"""`--help` is peftc's page, written from the schemas (groups, options, each key's help), and
+`--help peft=lora` lists one option's keys with their values; `--version` prints peftc's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import peftc
+from tests.helpers import run_cli
+
+
+def test_help_lists_the_groups_with_their_options_and_the_run_keys_with_their_help(tmp_path: Path) -> None:
+    result = run_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "  peft     adalora," in text and "lora*" in text and "  model    hf, minilm," in text
+    assert "schema" not in text  # Hydra's internal schema groups stay internal
+    assert "  dry_run = False\n      Print the plan and exit without loading weights." in text
+    assert "  budget.memory_gb = null" in text
+    assert not list(tmp_path.iterdir())  # help writes nothing
+
+
+def test_help_for_an_option_lists_its_keys_with_the_values_they_would_take(tmp_path: Path) -> None:
+    result = run_cli(["--help", "peft=lora", "peft.r=16"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("peft=lora (LoraSpec):")
+    assert "  peft.r = 16\n      Rank of the update B A." in result.stdout
+
+
+def test_help_for_an_unknown_option_is_one_error_line(tmp_path: Path) -> None:
+    result = run_cli(["--help", "peft=lorra"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.startswith("error: peft='lorra': no such peft option") and "did you mean 'lora'" in result.stderr
+    )
+
+
+def test_version_is_peftcs(tmp_path: Path) -> None:
+    result = run_cli(["--version"], cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"peftc {peftc.__version__}"
