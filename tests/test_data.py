@@ -197,3 +197,33 @@ def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> 
         UserWarning, match=r"the validation split has only 5 examples, so its metrics move in steps of 20%"
     ):
         datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.25"])
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("text,label\nfine,positive\nbad,negative\nok,positive\nno,negative\n".encode("utf-8-sig"))
+    train, val = datasets([*SEQ_CLS, "data.source=csv", f"data.path={path}", "data.val_fraction=0.25"])
+    assert len(train) + len(val) == 4  # '\ufefftext' would be a missing 'text' column
+
+
+def test_a_long_csv_field_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text("text,label\n" + "x" * 200_000 + ",positive\nshort,negative\n")
+    train, _ = datasets([*SEQ_CLS, "data.source=csv", f"data.path={path}", "data.val_fraction=0"])
+    assert len(train) == 2
+
+
+def test_a_deeply_nested_json_line_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "fine", "label": 0}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl:2: JSON nested too deeply"):
+        datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}"])
+
+
+def test_prediction_input_suffixes_are_case_insensitive(tmp_path: Path) -> None:
+    from peftc.tasks.data import read_inputs
+
+    path = tmp_path / "INPUTS.CSV"
+    path.write_text("text\nhello\nworld\n")
+    rows = read_inputs(path, ("text",), {})
+    assert [r["text"] for r in rows] == ["hello", "world"]

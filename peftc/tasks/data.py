@@ -18,6 +18,8 @@ from peftc.config.spec import DataSpec
 from peftc.errors import ConfigError, DataError, did_you_mean
 from peftc.planning.model_source import ASSETS
 
+# Longest CSV field read (long documents are legitimate training text).
+MAX_FIELD_CHARS = 1 << 30
 # Below this many validation examples a run warns that its validation metrics are coarse.
 FEW_VALIDATION_EXAMPLES = 20
 
@@ -109,8 +111,10 @@ def _read(path: Path, fmt: str, key: str = "data.path") -> list[dict[str, Any]]:
 
 def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with path.open(newline="", encoding="utf-8") as fh:
+    # utf-8-sig: Excel and Windows tools start UTF-8 files with a byte-order mark.
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         if fmt == "csv":
+            csv.field_size_limit(MAX_FIELD_CHARS)  # the csv module's default refuses fields over 128 KiB
             reader = csv.DictReader(fh)
             if not reader.fieldnames:
                 raise DataError(str(path), "the file is empty (no header row)")
@@ -120,6 +124,10 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
+            except RecursionError:
+                raise DataError(
+                    f"{path}:{number}", "JSON nested too deeply", "each line must be one flat JSON object"
+                ) from None
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{path}:{number}",
@@ -138,7 +146,7 @@ def read_inputs(
     """Rows to predict on from a file: .jsonl/.csv with the task's input fields (after the
     data.columns mapping), or .txt with one value of the first input field per line."""
     path = Path(path).expanduser()
-    if path.suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise ConfigError("input_file", str(path), "no such file", "give an existing .txt, .jsonl or .csv file")
         lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
@@ -150,7 +158,7 @@ def read_inputs(
             )
         rows = [{fields[0]: line} for line in lines]
         return list(_select(rows, fields, {}, str(path), check))
-    fmt = "csv" if path.suffix == ".csv" else "jsonl"
+    fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
     mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
     return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check))
 
