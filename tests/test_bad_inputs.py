@@ -112,6 +112,11 @@ CASES = [
     Bad("exclude-typo", "override", cli("peft.exclude_modules=[o_prj]"), PlanError, "excludes nothing"),
     Bad("modules-to-save-typo", "override", cli("peft.modules_to_save=[lm_haed]"), PlanError, "did you mean"),
     Bad("huge-rank", "override", never_load_base(cli("peft.r=1000000000")), PlanError, "more than this machine"),
+    # Absurd model sizes are refused from the config alone (building their meta graph grew without bound).
+    Bad("absurd-layer-count", "override", cli("model.config.num_hidden_layers=1000000000", "dry_run=true"),
+        ConfigError, "asks for more than 10,000 layers"),
+    Bad("absurd-width", "override", cli("model.config.hidden_size=100000000", "dry_run=true"), ConfigError,
+        "beyond any that can be trained"),
     Bad("max-steps-zero", "override", cli("trainer.max_steps=0"), ConfigError, "must be positive"),
     Bad("betas-one", "override", cli("trainer.betas=[0.9]"), ConfigError, "two numbers"),
     Bad("batch-size-zero", "override", cli("data.batch_size=0"), ConfigError, "must be >= 1"),

@@ -277,6 +277,7 @@ def meta_graph(model: ModelSpec, auto_class_name: str, extra_config: dict[str, A
     from peftc.planning.model_source import head_class, hf_config
 
     config = hf_config(model, extra_config)
+    check_buildable(facts_of(config))
     # The dtype is part of the key: the same config in bfloat16 has half the parameter bytes.
     key = (auto_class_name, model.dtype, json.dumps(config.to_dict(), sort_keys=True, default=str))
     if key not in _META_GRAPHS:
@@ -289,6 +290,35 @@ def meta_graph(model: ModelSpec, auto_class_name: str, extra_config: dict[str, A
 
 
 _META_GRAPHS: dict[tuple[str, str, str], ModelGraph] = {}
+
+# Beyond these a config describes no model anyone trains (the largest have ~2e12 parameters and
+# ~200 layers), and building its graph, even on the meta device, would take minutes and memory
+# without bound (one Python module object per layer part).
+MAX_LAYERS = 10_000
+MAX_PARAMETERS = 10**14
+
+
+def check_buildable(facts: ModelFacts) -> None:
+    """Refuse, before building anything, a config whose model could not exist anywhere."""
+    from peftc.errors import ConfigError
+
+    layers = (facts.num_layers or 0) + (facts.num_decoder_layers or 0)
+    if layers > MAX_LAYERS:
+        raise ConfigError(
+            "model.config.num_hidden_layers",
+            layers,
+            f"asks for more than {MAX_LAYERS:,} layers, which no trainable model has",
+            "use a real layer count (hundreds at most)",
+        )
+    hidden, inner, vocab = facts.hidden_size or 0, facts.intermediate_size or 0, facts.vocab_size or 0
+    estimate = max(layers, 1) * (4 * hidden * hidden + 3 * hidden * inner) + 2 * vocab * hidden
+    if estimate > MAX_PARAMETERS:
+        raise ConfigError(
+            "model.config",
+            f"hidden_size={hidden}, intermediate_size={inner}, vocab_size={vocab}, layers={layers}",
+            f"describes a model of about {estimate:.1e} parameters, beyond any that can be trained ({MAX_PARAMETERS:.0e})",
+            "check the sizes in model.config",
+        )
 
 
 def layer_index(path: str, layers_pattern: tuple[str, ...] | None = None) -> int | None:
