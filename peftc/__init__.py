@@ -37,6 +37,13 @@ __all__ = [
 
 def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public name is part of the design
     """Hydra overrides -> validated Plan (builds the model graph on the meta device only)."""
+    if isinstance(overrides, str):  # a str is a Sequence of one-letter overrides
+        raise ConfigError(
+            "overrides",
+            overrides,
+            "is one string; peftc.compile takes a list of overrides",
+            f"peftc.compile({overrides.split()!r})",
+        )
     from peftc.config.compose import compose, to_spec
     from peftc.planning import planner
 

@@ -415,6 +415,8 @@ CASES = [
         ConfigError, "not a valid adapter name"),
     Bad("add-name-module", "api", lambda world, _: world.model.add_adapter("mlp", world.plan), PlanError,
         "is also a module name"),
+    Bad("compile-one-string", "api", lambda world, _: peftc.compile("peft=lora peft.r=4"), ConfigError,
+        "is one string; peftc.compile takes a list of overrides; peftc.compile(['peft=lora', 'peft.r=4'])"),
     Bad("add-name-duplicate", "api", lambda world, _: world.model.add_adapter("default", world.plan), ConfigError,
         "already exists"),
     Bad("set-adapter-twice", "api", lambda world, _: world.model.set_adapter(["default", "default"]), ConfigError,
