@@ -259,3 +259,13 @@ def test_saved_adapter_directories_follow_the_users_umask(trained, tmp_path: Pat
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
     for file in (tmp_path / "adapter").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
+
+
+def test_saving_through_a_symlinked_directory_keeps_the_link(trained, tmp_path: Path) -> None:
+    plan, base, _ = trained
+    model = peftc.materialize(plan, base_model=copy.deepcopy(base))
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    model.save_adapter(link)
+    assert link.is_symlink() and (tmp_path / "real" / "adapter_model.safetensors").is_file()

@@ -112,6 +112,13 @@ CASES = [
     Bad("exclude-typo", "override", cli("peft.exclude_modules=[o_prj]"), PlanError, "excludes nothing"),
     Bad("modules-to-save-typo", "override", cli("peft.modules_to_save=[lm_haed]"), PlanError, "did you mean"),
     Bad("huge-rank", "override", never_load_base(cli("peft.r=1000000000")), PlanError, "more than this machine"),
+    # Output directories a run could not write: refused before anything loads.
+    Bad("output-dir-is-a-file", "write", cli("trainer.max_steps=1", "output_dir={input}"), ConfigError,
+        "is a file, not a directory", write_file("notadir", "x")),
+    Bad("output-dir-name-too-long", "write", cli("trainer.max_steps=1", "output_dir=runs/" + "x" * 300), ConfigError,
+        "the filesystem allows 255"),
+    Bad("save-adapter-onto-a-file", "api", lambda world, inp: world.model.save_adapter(inp), AdapterFileError,
+        "is a file, not a directory", write_file("adapter_here", "notes")),
     # Absurd model sizes are refused from the config alone (building their meta graph grew without bound).
     Bad("absurd-layer-count", "override", cli("model.config.num_hidden_layers=1000000000", "dry_run=true"),
         ConfigError, "asks for more than 10,000 layers"),

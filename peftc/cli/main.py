@@ -166,6 +166,27 @@ def preflight(argv: list[str]) -> None:
         from peftc.planning import planner
 
         planner.plan(valid[0])
+        if valid[0].output_dir and not valid[0].dry_run:
+            check_output_dir(valid[0].output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """An output directory the run could not write, refused before anything loads."""
+    path = Path(output_dir).expanduser()
+    limit = 255  # NAME_MAX of Linux filesystems
+    long_part = next((part for part in path.parts if len(part.encode()) > limit), None)
+    if long_part is not None:
+        raise ConfigError(
+            "output_dir", output_dir, f"has a name of {len(long_part.encode())} bytes; the filesystem allows {limit}",
+            "use a shorter directory name",
+        )  # fmt: skip
+    if path.exists() and not path.is_dir():
+        raise ConfigError("output_dir", output_dir, "is a file, not a directory", "give a directory path")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            "output_dir", output_dir, f"cannot be written ({existing} is not writable)", "choose a writable directory"
+        )
 
 
 @dataclass

@@ -218,6 +218,11 @@ def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
 
     for name in names:
         model.plan_of(name)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AdapterFileError(str(directory), "is a file, not a directory", "save the adapter to a directory path")
+    if directory.is_symlink():
+        directory = directory.resolve()  # replace what the link points to, never the link itself
     try:
         with atomic_directory(directory) as staging:
             for name in names:
