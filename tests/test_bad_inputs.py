@@ -91,6 +91,13 @@ ENV = "environment variable"
 GPU = "no CUDA GPU is visible"
 STORY = '{"text": "Once upon a time there was a small robot who liked to count the stars."}\n'
 
+
+def _write_header(path: Path, header: bytes) -> None:
+    """A safetensors file whose header is these bytes (padded to 8) and no data."""
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+
+
 # One row per bad input: id, kind, what is done, the error type, a fragment of its message, and
 # the setup that builds the bad input inside the world.
 # fmt: off
@@ -330,6 +337,16 @@ CASES = [
         adapter_variant(lambda d: (d / "adapter_config.json").write_text("{"))),
     Bad("adapter-config-a-list", "adapter_file", load_into_model(), AdapterFileError, "must hold a JSON object",
         adapter_variant(lambda d: (d / "adapter_config.json").write_text("[]"))),
+    Bad("adapter-config-nested-100k", "adapter_file", load_into_model(), AdapterFileError, "JSON nested too deeply",
+        adapter_variant(lambda d: (d / "adapter_config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"))),
+    Bad("safetensors-header-nested-100k", "adapter_file", load_into_model(), AdapterFileError, "nested too deeply",
+        adapter_variant(lambda d: _write_header(d / "adapter_model.safetensors", b"[" * 100_000 + b"]" * 100_000))),
+    Bad("adapter-config-not-utf8", "adapter_file", load_into_model(), AdapterFileError, "is not UTF-8 text",
+        adapter_variant(lambda d: (d / "adapter_config.json").write_bytes(b'{"peft_type": "LORA\xff"}'))),
+    Bad("peftc-plan-not-utf8", "adapter_file", load_into_model(), AdapterFileError, "peftc_plan.json: is not UTF-8",
+        adapter_variant(lambda d: (d / "peftc_plan.json").write_bytes(b'{"format": 1, "x": "\xfe"}'))),
+    Bad("peftc-plan-a-list", "adapter_file", load_into_model(), AdapterFileError, "must hold a JSON object, not a list",
+        adapter_variant(lambda d: (d / "peftc_plan.json").write_text("[1, 2]"))),
     Bad("adapter-no-peft-type", "adapter_file", load_into_model(), AdapterFileError, "has no 'peft_type'",
         adapter_variant(drop_peft_type)),
     Bad("adapter-unknown-peft-type", "adapter_file", load_into_model(), AdapterFileError, "did you mean 'LORA'",

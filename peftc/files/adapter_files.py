@@ -100,12 +100,7 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
             "missing",
             "an adapter directory holds adapter_config.json and adapter_model.safetensors",
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterFileError(str(path), "must hold a JSON object")
+    config = read_json_object(path)
     refuse_code(config, str(path))
     if "peft_type" not in config:
         raise AdapterFileError(str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter")
@@ -151,10 +146,23 @@ def read_plan(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(directory) / PLAN_NAME
     if not path.is_file():
         return None
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold one object: anything else (not UTF-8, not JSON, nested past
+    what the parser can follow, an array) is one AdapterFileError naming the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterFileError(str(path), f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8 JSON") from exc
     except json.JSONDecodeError as exc:
         raise AdapterFileError(str(path), f"not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise AdapterFileError(str(path), "JSON nested too deeply to read") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(str(path), f"must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 # ------------------------------------------------------------------------- model <-> tensors

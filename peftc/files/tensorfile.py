@@ -90,6 +90,8 @@ def _parse_json(source: str, raw: bytes) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFileError(source, f"header is not valid JSON ({exc})", _CORRUPT) from exc
+    except RecursionError:
+        raise AdapterFileError(source, "header JSON is nested too deeply to read", _CORRUPT) from None
     if not isinstance(header, dict):
         raise AdapterFileError(source, "header is not a JSON object", _CORRUPT)
     return header
