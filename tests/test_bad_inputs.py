@@ -119,6 +119,11 @@ CASES = [
     Bad("exclude-typo", "override", cli("peft.exclude_modules=[o_prj]"), PlanError, "excludes nothing"),
     Bad("modules-to-save-typo", "override", cli("peft.modules_to_save=[lm_haed]"), PlanError, "did you mean"),
     Bad("huge-rank", "override", never_load_base(cli("peft.r=1000000000")), PlanError, "more than this machine"),
+    # Values nested past what Hydra's and OmegaConf's parsers can follow (a RecursionError before).
+    Bad("override-list-nested-3000", "override", cli("peft.target_modules=" + "[" * 3000 + "]" * 3000), ConfigError,
+        "peft.target_modules: is nested too deeply to parse"),
+    Bad("override-mapping-nested-3000", "override", cli("+model.config.x=" + "{a:" * 3000 + "1" + "}" * 3000),
+        ConfigError, "is nested too deeply to parse"),
     # Output directories a run could not write: refused before anything loads.
     Bad("output-dir-is-a-file", "write", cli("trainer.max_steps=1", "output_dir={input}"), ConfigError,
         "is a file, not a directory", write_file("notadir", "x")),

@@ -104,6 +104,15 @@ def check_safety(argv: list[str]) -> None:
     check_sources([*search, *hydra_settings(argv), *overrides], config_name)
 
 
+def too_deep(argv: list[str]) -> ConfigError:
+    """The override nested past what the config parsers can follow, named."""
+    deepest = max(argv, key=lambda a: a.count("[") + a.count("{"), default="")
+    key = deepest.split("=", 1)[0]
+    return ConfigError(
+        key, None, "is nested too deeply to parse", "flatten the value (lists and mappings a few levels deep)"
+    )
+
+
 def answered_here(argv: list[str]) -> bool:
     """`--version` and `--help [group=option ...]` are peftc's own pages (Hydra's help is at
     --hydra-help); True when one was printed."""
@@ -133,6 +142,15 @@ def with_adapter_task(argv: list[str]) -> list[str]:
 
 
 def preflight(argv: list[str]) -> None:
+    """`check_jobs`, with a value nested past what the parsers follow refused by name (Hydra's
+    and OmegaConf's parsers recurse once per nesting level)."""
+    try:
+        check_jobs(argv)
+    except RecursionError:
+        raise too_deep(argv) from None
+
+
+def check_jobs(argv: list[str]) -> None:
     """Compose and validate every job of this invocation before anything runs (with the user's
     config directories and primary config name, as Hydra will).
 
