@@ -98,3 +98,17 @@ def test_what_this_machine_cannot_run_is_one_line_and_writes_nothing(
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/.hydra, no plan.json
+
+
+def test_a_primary_config_in_a_user_config_dir_runs_as_in_hydra(tmp_path: Path) -> None:
+    """`--config-dir D --config-name experiment`, experiment.yaml extending peftc's config."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "experiment.yaml").write_text(
+        "defaults:\n  - config\n  - _self_\ntrainer:\n  max_steps: 2\npeft:\n  r: 4\n"
+    )
+    run = tmp_path / "run"
+    result = run_cli(["--config-dir", str(conf), "--config-name", "experiment", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["spec"]["trainer"]["max_steps"] == 2 and plan["spec"]["peft"]["r"] == 4

@@ -128,6 +128,7 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) ->
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
+            _add_config_dirs(searchpath_dirs(overrides))
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise compose_error(exc) from exc
@@ -136,6 +137,35 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) ->
     finally:
         if backup is not None:
             restore_gh_from_backup(backup)
+
+
+def searchpath_dirs(overrides: Sequence[str]) -> list[str]:
+    """The directories of `hydra.searchpath=[...]` overrides (how `--config-dir` reaches here)."""
+    dirs: list[str] = []
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if key == "hydra.searchpath":
+            dirs += [d.strip().strip("'\"") for d in value.strip("[]").split(",") if d.strip()]
+    return dirs
+
+
+def _add_config_dirs(dirs: Sequence[str]) -> None:
+    """Add user config directories to the search path as Hydra's `--config-dir` does (before
+    the schema source), so that a primary config (`--config-name`) there is found too; a
+    `hydra.searchpath` override alone only reaches group options."""
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not dirs:
+        return
+    from hydra._internal.config_repository import ConfigRepository
+
+    loader = GlobalHydra.instance().hydra.config_loader
+    for directory in dirs:
+        loader.get_search_path().prepend(
+            provider="command-line", path=directory, anchor=SearchPathQuery(provider="schema")
+        )
+    loader.repository = ConfigRepository(config_search_path=loader.get_search_path())  # built from the path once
 
 
 def to_spec(cfg: DictConfig) -> RunSpec:

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, compose_error, yaml_error
+from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, compose_error, searchpath_dirs, yaml_error
 from peftc.config.safety import check_config
 
 # Config sources shipped inside installed packages: peftc's conf/, Hydra's own, the structured
@@ -62,7 +62,7 @@ def compose_with_sources(overrides: Sequence[str], config_name: str = CONFIG_NAM
     from peftc.config.registry import import_registries
 
     import_registries()
-    loader = _recording_loader()
+    loader = _recording_loader(searchpath_dirs(overrides))
     try:
         config = loader.load_configuration(config_name, list(overrides), RunMode.RUN)
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -74,11 +74,12 @@ def compose_with_sources(overrides: Sequence[str], config_name: str = CONFIG_NAM
     return Composition(config, _replay(defaults, repo, parsed, set(config.hydra.runtime.choices)))
 
 
-def _recording_loader() -> Any:
+def _recording_loader(config_dirs: Sequence[str] = ()) -> Any:
     """Hydra's config loader, keeping the defaults list it composed the config from (composing
     once tells both the config and where each part came from)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
 
     class RecordingLoader(ConfigLoaderImpl):
         composed: tuple[list[Any], Any] = ([], None)
@@ -87,7 +88,10 @@ def _recording_loader() -> Any:
             self.composed = (defaults, repo)
             return super()._compose_config_from_defaults_list(defaults=defaults, repo=repo)
 
-    return RecordingLoader(config_search_path=create_config_search_path(f"pkg://{CONFIG_MODULE}"))
+    search_path = create_config_search_path(f"pkg://{CONFIG_MODULE}")
+    for directory in config_dirs:  # as --config-dir: a primary config there is found too
+        search_path.prepend(provider="command-line", path=directory, anchor=SearchPathQuery(provider="schema"))
+    return RecordingLoader(config_search_path=search_path)
 
 
 def _replay(defaults: list[Any], repo: Any, parsed: list[Any], groups: set[str]) -> dict[str, Source]:
