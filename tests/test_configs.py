@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import peftc
 from peftc.config.compose import CONFIG_MODULE
+from peftc.errors import ConfigError
 
 # Wherever the config package is installed from (conf/ at the top of a checkout).
 CONF = Path(importlib.import_module(CONFIG_MODULE).__file__).parent
@@ -25,6 +27,8 @@ NEEDS = {("model", "hf"): ["model.name_or_path={tiny_llama_dir}"]}
 # (the defaults are task=causal_lm, model=tiny_llama).
 TASK_OF_MODEL = {"tiny_t5": "seq2seq_lm", "tiny_bert": "seq_cls", "minilm": "seq_cls"}
 MODEL_OF_TASK = {"seq2seq_lm": "tiny_t5"}
+# Options for hardware this machine may lack.
+NEEDS_CUDA = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "fsdp")}
 
 
 def with_partner(group: str, option: str) -> list[str]:
@@ -51,6 +55,11 @@ def test_every_shipped_option_compiles(group: str, option: str, tiny_llama_dir: 
     ]
     if group == "data":
         overrides.append(f"task={option}" if (CONF / "task" / f"{option}.yaml").exists() else "task=causal_lm")
+    if (group, option) in NEEDS_CUDA and not torch.cuda.is_available():
+        # The GPU presets on a machine without one: refused in one line when compiled.
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+            peftc.compile(overrides)
+        return
     plan = peftc.compile(overrides)
     assert plan.trainable_params > 0
 
