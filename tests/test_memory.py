@@ -82,3 +82,21 @@ def test_estimate_is_within_stated_error_of_measured_peak_rss(config: str) -> No
 
     result = measure_in_subprocess(CONFIGS[config], steps=2, live=True)
     assert abs(result["error"]) <= TOLERANCE, result
+
+
+def test_the_estimate_follows_the_trainers_precision() -> None:
+    """Mixed precision: 16-bit activations, float32 adapters and optimizer state; bf16-true:
+    everything trained in 16 bits."""
+    import peftc
+
+    full, mixed, true16 = (
+        peftc.compile([f"trainer.precision={p}"]).memory for p in ("32-true", "bf16-mixed", "bf16-true")
+    )
+    assert mixed.activations < full.activations and true16.activations == mixed.activations
+    assert (mixed.gradients, mixed.optimizer_state, mixed.adapter_weights) == (
+        full.gradients,
+        full.optimizer_state,
+        full.adapter_weights,
+    )
+    assert (true16.gradients * 2, true16.optimizer_state * 2) == (full.gradients, full.optimizer_state)
+    assert any("bf16-mixed: activations in 16 bits" in note for note in mixed.notes)

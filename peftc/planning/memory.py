@@ -96,7 +96,7 @@ def estimate(
     sequence for input-side prompts or adds per-layer key/value prefixes for prefix tuning.
     """
     facts = graph.facts
-    act_bytes = DTYPE_BYTES.get(run.model.dtype, 4)
+    act_bytes, train_bytes = precision_bytes(run)
     prefix = prefix_tokens(prompt)
     input_prompt = (prompt.num_virtual_tokens if prompt is not None else prompt_tokens) if not prefix else 0
     batch, seq = run.data.batch_size, run.data.max_length + input_prompt
@@ -120,11 +120,16 @@ def estimate(
     notes = ["per device; activations assume fused attention kernels (the math path also stores batch x heads x seq^2)"]
     if run.trainer.gradient_checkpointing:
         notes.append("gradient checkpointing: block inputs kept, one block recomputed at a time")
+    precision = str(run.trainer.precision)
+    if precision.endswith("-mixed"):
+        notes.append(f"{precision}: activations in 16 bits; adapters, gradients and optimizer state in float32")
+    elif train_bytes < FP32:
+        notes.append(f"{precision}: the whole model, its gradients and optimizer state in 16 bits")
     parts = {
         "base_weights": base_bytes,
-        "adapter_weights": added_bytes,
-        "gradients": trainable_params * FP32,
-        "optimizer_state": trainable_params * ADAMW_MOMENTS * FP32,
+        "adapter_weights": added_bytes * train_bytes // FP32,
+        "gradients": trainable_params * train_bytes,
+        "optimizer_state": trainable_params * ADAMW_MOMENTS * train_bytes,
     }
     world = _world_size(run)
     sharded = _SHARDED.get(_strategy_family(run.trainer.strategy), ())
@@ -132,6 +137,18 @@ def estimate(
         parts = {k: (v + world - 1) // world if k in sharded else v for k, v in parts.items()}
         notes.append(f"{run.trainer.strategy}: {', '.join(sharded)} divided over {world} processes")
     return MemoryEstimate(**parts, activations=blocks + logits, prefix_kv=prefix_kv, notes=tuple(notes))
+
+
+def precision_bytes(run: RunSpec) -> tuple[int, int]:
+    """(bytes per activation, bytes per trainable value) under the trainer's precision: mixed
+    precision keeps float32 adapters (peft's autocast_adapter_dtype) and stores 16-bit
+    activations; `*-true` runs everything in its dtype; 32-true follows model.dtype."""
+    precision = str(run.trainer.precision)
+    if precision.startswith(("bf16", "16")):
+        return 2, (2 if precision.endswith("-true") else FP32)
+    if precision.startswith("64"):
+        return 8, 8
+    return DTYPE_BYTES.get(run.model.dtype, 4), FP32
 
 
 def _logit_bytes(run: RunSpec, positions: int, vocab: int) -> int:
