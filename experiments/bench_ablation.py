@@ -8,7 +8,7 @@ in turn, the first one alternating each round; a variant only chooses the code p
 the same work on the same weights:
 - "peftc": the fused LoRA node (methods/lowrank.py) and the chunked loss (tasks/lm_loss.py);
 - "no fused LoRA": LoraLayer takes the general module-by-module path;
-- "no chunked loss": the loss is transformers' own (model(**batch).loss, full logits);
+- "no chunked loss": the loss is transformers' own (model(**batch).loss with model.chunked_loss=False, full logits);
 - "neither": both off, i.e. what the code computed before issue 8.
 Step time is the median over the timed steps; step MiB as in bench_train.py.
 """
@@ -45,11 +45,20 @@ def no_chunked_loss() -> Iterator[None]:
     from peftc.tasks.causal_lm import CausalLm
 
     original = CausalLm.training_loss
-    CausalLm.training_loss = lambda self, model, batch: model(**batch).loss
+    CausalLm.training_loss = lambda self, model, batch: _full_logits_loss(model, batch)
     try:
         yield
     finally:
         CausalLm.training_loss = original
+
+
+def _full_logits_loss(model: object, batch: dict) -> object:
+    """transformers' own loss: since issue 17 model(**batch).loss is chunked unless switched off."""
+    model.chunked_loss = False
+    try:
+        return model(**batch).loss
+    finally:
+        model.chunked_loss = True
 
 
 VARIANTS: dict[str, tuple[Callable[[], object], ...]] = {

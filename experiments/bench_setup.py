@@ -61,17 +61,18 @@ CONFIGS: dict[str, tuple[str, ...]] = {
 QUICK_CONFIGS = ("lora all-linear",)
 
 
-def model_overrides() -> list[str]:
-    config = (
-        "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in MINI_LLAMA.items()) + "}"
-    )
-    return ["model=tiny_llama", "model.name=mini_llama", f"model.config={config}", "data.max_length=256"]
+def model_overrides(shape: dict[str, Any] = MINI_LLAMA, seq: int = SEQ, name: str = "mini_llama") -> list[str]:
+    """peftc overrides for a config-built Llama of this shape (default: mini-Llama, sequence 256)."""
+    config = "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in shape.items()) + "}"
+    return ["model=tiny_llama", f"model.name={name}", f"model.config={config}", f"data.max_length={seq}"]
 
 
-def compile_plan(name: str, total_steps: int = 1000) -> Any:
+def compile_plan(
+    name: str, total_steps: int = 1000, shape: dict[str, Any] = MINI_LLAMA, seq: int = SEQ, extra: tuple[str, ...] = ()
+) -> Any:
     import peftc
 
-    return peftc.compile([*model_overrides(), *CONFIGS[name], f"trainer.max_steps={total_steps}"])
+    return peftc.compile([*model_overrides(shape, seq), *CONFIGS[name], f"trainer.max_steps={total_steps}", *extra])
 
 
 def build_base(plan: Any) -> torch.nn.Module:
@@ -83,9 +84,11 @@ def build_base(plan: Any) -> torch.nn.Module:
     return model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
 
 
-def token_batch(seq: int = SEQ, vocab: int = MINI_LLAMA["vocab_size"], seed: int = 0) -> dict[str, torch.Tensor]:
+def token_batch(
+    seq: int = SEQ, vocab: int = MINI_LLAMA["vocab_size"], seed: int = 0, batch: int = BATCH
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (BATCH, seq), generator=generator)
+    ids = torch.randint(3, vocab, (batch, seq), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -147,6 +150,18 @@ def peftc_side(plan: Any, base: torch.nn.Module, peft_side_model: torch.nn.Modul
 
     after = _peftc_allocator(model, plan) if plan.method == "adalora" else _nothing
     return Side("peftc", model, loss, after)
+
+
+def peftc_api_side(plan: Any, base: torch.nn.Module, peft_side_model: torch.nn.Module, *, chunked: bool = True) -> Side:
+    """peftc trained the way a Python API user trains: `model(**batch).loss` (issue 17)."""
+    side = peftc_side(plan, base, peft_side_model)
+    model = side.model
+    model.chunked_loss = chunked
+
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    return Side("peftc API", model, loss, side.after_step)
 
 
 def peft_side(plan: Any, base: torch.nn.Module) -> Side:

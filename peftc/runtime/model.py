@@ -37,7 +37,20 @@ class PeftcModel(nn.Module):
         self._disabled = False
 
     # ---------------------------------------------------------------------------- running
+    # model(input_ids=..., labels=...) of a causal LM computes transformers' loss in chunks,
+    # without the full logits (made only if read); see lm_loss.forward_with_chunked_loss for
+    # when. False: always transformers' own full-logits loss.
+    chunked_loss: bool = True
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.chunked_loss and kwargs.get("labels") is not None:
+            from peftc.tasks.lm_loss import forward_with_chunked_loss
+
+            return forward_with_chunked_loss(self._run, self.base_model, args, kwargs)
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward, through the active prompt encoder if there is one."""
         encoder = self._active_prompt_encoder()
         if encoder is not None:
             return encoder.forward_model(self.base_model, *args, **kwargs)

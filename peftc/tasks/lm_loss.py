@@ -18,12 +18,17 @@ soft-capping or scaling after the head), the loss is computed from the hidden st
 Otherwise (the model post-processes logits, or never calls its output embedding) the model is
 run again the ordinary way and that model is remembered; the loss is then the same function of
 the full logits. Values agree with transformers' loss to float rounding (~1e-7 relative).
+
+The same loss serves the Python API (`forward_with_chunked_loss`): `model(input_ids=x,
+labels=x).loss` on a PeftcModel, the call peft and HF Trainer users make, when it is exactly
+transformers' ForCausalLMLoss; the logits are then made only if the caller reads them.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -88,7 +93,12 @@ def next_token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tupl
     if not probe.returned_unchanged(logits):
         _POSTPROCESSING_HEADS.add(head)
         return _from_logits(model(**inputs).logits, labels)
-    hidden, targets = _kept_positions(probe.hidden, labels)
+    return loss_from_hidden(head, probe.hidden, labels)
+
+
+def loss_from_hidden(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, counted tokens) of the head applied to the last hidden states (batch, positions, d)."""
+    hidden, targets = _kept_positions(hidden, labels)
     count = targets.new_tensor(targets.numel())
     if type(head) is nn.Linear:
         need_grad = torch.is_grad_enabled()
@@ -177,3 +187,117 @@ class _HeadProbe:
         return logits is self.output or (
             isinstance(logits, torch.Tensor) and logits.shape == self.output.shape and torch.equal(logits, self.output)
         )
+
+
+# ------------------------------------------------------------------------ the Python API call
+# model(input_ids=..., labels=...) on a PeftcModel: the loss users get from peft or the HF
+# Trainer, computed here in chunks when that is exactly transformers' ForCausalLMLoss.
+_FAITHFUL_HEADS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# Heads of models whose output is not a plain CausalLMOutputWithPast (an MoE model adds its router
+# loss to the labels loss): the API call keeps the model's own loss; the task's loss is unaffected.
+_OTHER_OUTPUT_HEADS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# Arguments that change what transformers' loss or logits are: with any of them, its own call.
+_LOSS_CHANGING_ARGUMENTS = ("shift_labels", "ignore_index")
+
+
+def forward_with_chunked_loss(run: Callable[..., Any], model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """`run(*args, **kwargs)`, where `run` calls the causal LM `model` (through any prompt encoder).
+
+    A training-style call (labels given, gradients enabled) of a transformers causal LM whose
+    loss is ForCausalLMLoss, whose head is a plain nn.Linear and whose logits are that head's
+    output unchanged gets the chunked loss: the same value and gradients (shift by one, -100
+    ignored, mean over the counted tokens or sum / num_items_in_batch when given), without the
+    full logits, which are made only if read (lm_output.py). Any other call is `run` unchanged.
+    The first call on a model whose logits turn out post-processed runs again the ordinary way,
+    with the random state rewound so its dropout masks are those of a single call.
+    """
+    head = _chunkable_head(model, args, kwargs)
+    if head is None:
+        return run(*args, **kwargs)
+    inputs = dict(kwargs)
+    labels, items = inputs.pop("labels"), inputs.pop("num_items_in_batch", None)
+    rewind = None if head in _FAITHFUL_HEADS else _random_state_rewinder(head.weight.device)
+    probe = _HeadProbe(head)
+    with probe:
+        output = run(*args, **inputs)
+    plain = _plain_causal_output(output)
+    if not plain or not probe.returned_unchanged(output.logits):
+        (_POSTPROCESSING_HEADS if plain else _OTHER_OUTPUT_HEADS).add(head)
+        if rewind is not None:
+            rewind()
+        return run(*args, **kwargs)
+    _FAITHFUL_HEADS.add(head)
+    total, count = loss_from_hidden(head, probe.hidden, labels)
+    loss = total / (count if items is None else _on_device(items, total.device))
+    from peftc.tasks.lm_output import LazyLogitsCausalLMOutput
+
+    return LazyLogitsCausalLMOutput.deferred(output, loss, _deferred_logits(head, probe.hidden))
+
+
+def _chunkable_head(model: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> nn.Linear | None:
+    """The model's plain linear head when this call may take the chunked loss, else None."""
+    if kwargs.get("labels") is None or len(args) > 1 or not torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling() or any(k in kwargs for k in _LOSS_CHANGING_ARGUMENTS):
+        return None
+    keep = kwargs.get("logits_to_keep", 0)
+    if not (isinstance(keep, int) and keep == 0) or kwargs.get("return_dict") is False:
+        return None
+    if not _uses_causal_lm_loss(model):
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head in _POSTPROCESSING_HEADS or head in _OTHER_OUTPUT_HEADS:
+        return None
+    return head
+
+
+def _uses_causal_lm_loss(model: nn.Module) -> bool:
+    """A decoder-only transformers model whose labels loss is ForCausalLMLoss by its own type
+    (a model without a known loss type also falls back to it, but may compute its own)."""
+    if getattr(model, "loss_type", None) != "ForCausalLM" or not hasattr(model, "get_output_embeddings"):
+        return False
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return model.loss_function is ForCausalLMLoss
+
+
+def _plain_causal_output(output: Any) -> bool:
+    """transformers' own CausalLMOutputWithPast: a subclass (MoE outputs) may add to the loss."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return type(output) is CausalLMOutputWithPast
+
+
+def _on_device(items: Any, device: torch.device) -> Any:
+    return items.to(device) if isinstance(items, torch.Tensor) else items
+
+
+def _deferred_logits(head: nn.Linear, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The head on the hidden states, later, under this call's grad and autocast modes."""
+    kind = hidden.device.type
+    autocast = kind != "meta" and torch.is_autocast_enabled(kind)
+    dtype = torch.get_autocast_dtype(kind) if autocast else None
+    grad = torch.is_grad_enabled()
+
+    def make() -> torch.Tensor:
+        modes = torch.autocast(kind, dtype=dtype, enabled=autocast) if kind != "meta" else nullcontext()
+        with torch.set_grad_enabled(grad), modes:
+            return head(hidden)
+
+    return make
+
+
+def _random_state_rewinder(device: torch.device) -> Callable[[], None]:
+    """A function that puts the CPU and `device`'s random generators back where they are now."""
+    cpu = torch.get_rng_state()
+    module = torch.get_device_module(device.type) if device.type not in ("cpu", "meta") else None
+    accelerator = module.get_rng_state_all() if module is not None and hasattr(module, "get_rng_state_all") else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if accelerator is not None:
+            module.set_rng_state_all(accelerator)
+
+    return rewind

@@ -1,0 +1,57 @@
+"""experiments/bench_gpu.py cannot rot: its CPU smoke run (--tiny) makes every row, with finite
+ratios and losses that agree with peft's, and its markdown table and JSON say the same.
+Timings are not checked (a 2-layer model on a shared CPU measures nothing)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict, str]:
+    import bench_gpu
+
+    out = tmp_path_factory.mktemp("bench") / "rows.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the table; progress goes to stderr
+        rows = bench_gpu.main(["--tiny", "--warmup", "0", "--steps", "1", "--json", str(out)])
+    return rows, json.loads(out.read_text()), printed.getvalue()
+
+
+def test_tiny_run_has_a_row_per_method_and_per_cpu_precision(tiny_run: tuple[list[dict], dict, str]) -> None:
+    import bench_gpu
+
+    rows, saved, _ = tiny_run
+    methods = {r["configuration"] for r in rows if r["precision"] == "32-true"}
+    assert methods >= set(bench_gpu.METHODS)
+    assert any("API call" in r["configuration"] for r in rows)
+    precisions = {r["precision"] for r in rows if r["configuration"] == "lora all-linear"}
+    assert precisions == {"32-true", "bf16-true", "bf16-mixed", "bf16-mixed, bf16 base"}
+    assert saved["skipped"] == ["lora all-linear, 16-mixed: needs CUDA"]
+    assert [(r["configuration"], r["precision"]) for r in saved["rows"]] == [
+        (r["configuration"], r["precision"]) for r in rows
+    ]
+
+
+def test_tiny_run_ratios_are_finite_and_losses_agree_with_peft(tiny_run: tuple[list[dict], dict, str]) -> None:
+    rows, saved, _ = tiny_run
+    for row in rows:
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("peftc_ms", "peft_ms", "ratio", "floor_over_peftc"))
+        bound = 1e-5 if row["precision"] == "32-true" else 5e-2  # both sides train the same numbers
+        assert row["max_loss_rel_diff"] <= bound, row
+    assert set(saved["setup"]["floors_ms"]) == {r["precision"] for r in rows}
+
+
+def test_tiny_run_prints_one_table_line_per_row_and_floor(tiny_run: tuple[list[dict], dict, str]) -> None:
+    rows, saved, printed = tiny_run
+    table = [line for line in printed.splitlines() if line.startswith("| ") and "configuration" not in line]
+    assert len(table) == len(rows) + len(saved["setup"]["floors_ms"])
