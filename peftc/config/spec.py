@@ -193,7 +193,8 @@ class ModelSpec(SpecNode):
                 "no model given",
                 "set model.name_or_path=<dir or hub id>, or pick a built-in model such as model=tiny_llama",
             )
-        if self.name_or_path is not None and self.model_type is not None:
+        # (A saved plan of a config-built model may name it by its own label: that is no path.)
+        if self.name_or_path is not None and self.model_type is not None and self.name_or_path != self.name:
             # A config-built option (tiny_llama) with a path would load the path and silently
             # apply the option's config on top, under the option's name.
             raise ConfigError(
