@@ -33,6 +33,7 @@ from pathlib import Path
 
 BACKENDS = ["none", "bnb_int8", "bnb_nf4", "bnb_fp4", "quanto_int8", "quanto_int4", "torchao_int8"]
 MODEL = [
+    "model=tiny_llama",
     "model.config.hidden_size=512",
     "model.config.intermediate_size=1376",
     "model.config.num_hidden_layers=4",

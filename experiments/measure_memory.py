@@ -26,6 +26,7 @@ from pathlib import Path
 
 # A Llama big enough that the measured memory is the model's, not the allocator's noise.
 MEDIUM_LLAMA = [
+    "model=tiny_llama",
     "model.config.hidden_size=512",
     "model.config.intermediate_size=1376",
     "model.config.num_hidden_layers=4",
@@ -43,6 +44,7 @@ CONFIGS: dict[str, list[str]] = {
 }
 # The two configurations tests/test_memory.py measures (a smaller Llama, to keep CI quick).
 SMALL_LLAMA = [
+    "model=tiny_llama",
     "model.config.hidden_size=256",
     "model.config.intermediate_size=688",
     "model.config.num_hidden_layers=4",

@@ -137,6 +137,7 @@ def big_model_rows() -> list[list[str]]:
     import peftc
 
     shape = [
+        "model=tiny_llama",
         "model.model_type=llama",
         "model.config.hidden_size=8192",
         "model.config.intermediate_size=28672",

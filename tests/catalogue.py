@@ -23,7 +23,7 @@ from peftc.planning.plan import Plan
 from peftc.runtime.model import PeftcModel
 
 # The world's model: 6 blocks, every Linear adapted, so an adapter has 42 sites.
-WORLD_OVERRIDES = ["model.config.num_hidden_layers=6", "peft.target_modules=all-linear", "peft.r=4"]
+WORLD_OVERRIDES = ["model=tiny_llama", "model.config.num_hidden_layers=6", "peft.target_modules=all-linear", "peft.r=4"]
 
 
 @dataclass

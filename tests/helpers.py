@@ -39,6 +39,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+# PiSSA rewrites a pretrained W as W_res + B·A from a float32 SVD: on the default (pretrained demo)
+# base its logits round to ~1.2e-5 of the base's, where a random base stays below 1e-5.
+PISSA_ROUNDING = 3e-5
+
+
 def run_cli(
     args: Sequence[str],
     cwd: str | os.PathLike[str],

@@ -109,7 +109,7 @@ def test_lightning_fit_prunes_ranks_and_the_saved_rank_pattern_loads_in_peft(tmp
     ("overrides", "key"),
     [
         (["trainer.max_steps=-1", "trainer.max_epochs=1"], "trainer.max_steps"),
-        (["peft.tinit=30", "peft.tfinal=10"], "peft.tinit"),
+        (["trainer.max_steps=40", "peft.tinit=30", "peft.tfinal=10"], "peft.tinit"),
         (["peft.target_r=16"], "peft.target_r"),
         (["peft.total_step=100"], "peft.total_step"),
         (["peft.rank_pattern={q_proj: [true]}"], "peft.rank_pattern"),

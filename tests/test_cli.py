@@ -14,22 +14,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_run_trains_and_leaves_a_peft_adapter(tmp_path: Path) -> None:
+    """The README's command exactly: the pretrained demo base learns the stories' plot, and the run
+    shows it in words (the same prompt continued before and after training)."""
     from peft import PeftModel
 
-    result = run_cli(
-        ["peft=lora", "task=causal_lm", "trainer.max_steps=8", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path,
-        fresh_process=True,
-    )
+    result = run_cli(["peft=lora", "task=causal_lm", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, fresh_process=True)
     assert result.returncode == 0, result.stderr
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     plan = json.loads((tmp_path / "plan.json").read_text())
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["steps"] == 8 and metrics["val_loss"] > 0 and metrics["trainable_params"] == plan["trainable_params"]
+    assert metrics["steps"] == 100 and metrics["trainable_params"] == plan["trainable_params"]
+    samples = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("sample "))
+    prompt = "'The golden goat walked to the lake in the evening.' -> "
+    before, after = samples["sample before training"], samples["sample after training"]
+    assert before.startswith(prompt) and after.startswith(prompt)
+    # the base continues with a sentence about another animal; the adapter has learned what comes next
+    assert after.removeprefix(prompt).startswith("' There it found") and not before.removeprefix(prompt).startswith("' There")
     ours = peftc.load_adapter(adapter)  # base rebuilt from the plan saved beside the adapter
-    compiled = peftc.compile(["trainer.max_steps=8"])
-    theirs = PeftModel.from_pretrained(build_base(compiled), adapter).eval()
+    theirs = PeftModel.from_pretrained(build_base(peftc.compile([])), adapter).eval()
     x = token_batch()
     assert max_diff(ours(input_ids=x).logits, theirs(input_ids=x).logits) <= 1e-5
     with ours.disable_adapter():

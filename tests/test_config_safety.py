@@ -44,7 +44,7 @@ def test_env_interpolation_is_refused_without_reading_the_secret(monkeypatch: py
 
 
 def test_other_resolvers_still_work_and_are_plain_values() -> None:
-    plan = peftc.compile(["model.name=tiny-${model.model_type}"])
+    plan = peftc.compile(["model=tiny_llama", "model.name=tiny-${model.model_type}"])
     assert plan.spec.model.name == "tiny-llama"
 
 

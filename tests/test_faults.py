@@ -167,6 +167,7 @@ def test_checkpoints_hold_only_trainable_state_and_are_small(tmp_path: Path) -> 
     from peftc.config.compose import compose, to_spec
 
     overrides = [
+        "model=tiny_llama",
         "model.config.hidden_size=256",
         "model.config.intermediate_size=512",
         "model.config.num_hidden_layers=4",

@@ -49,7 +49,7 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tiny_llama_dir: str, 
 
 def test_a_config_built_model_too_small_for_the_byte_tokenizer_names_its_vocab_size() -> None:
     with pytest.raises(ConfigError, match="below the 260 token ids") as caught:
-        peftc.compile(["model.config.vocab_size=100"])
+        peftc.compile(["model=tiny_llama", "model.config.vocab_size=100"])
     assert caught.value.key == "model.config.vocab_size"
 
 
@@ -118,6 +118,6 @@ def test_base_weights_missing_from_the_checkpoint_are_a_warning_naming_them(
 
 def test_a_path_on_a_config_built_model_says_to_use_model_hf(tiny_llama_dir: str) -> None:
     with pytest.raises(ConfigError, match=r"is set on model=tiny_llama, which is built from a config") as caught:
-        peftc.compile([f"model.name_or_path={tiny_llama_dir}"])
+        peftc.compile(["model=tiny_llama", f"model.name_or_path={tiny_llama_dir}"])
     assert caught.value.key == "model.name_or_path"
     assert f"use model=hf model.name_or_path={tiny_llama_dir}" in str(caught.value)

@@ -112,6 +112,7 @@ def test_unknown_model_type_without_targets_names_the_key() -> None:
     run = to_spec(
         compose(
             [
+                "model=tiny_llama",
                 "model.model_type=mamba",
                 "+model.config.state_size=4",
             ]

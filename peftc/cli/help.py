@@ -16,7 +16,7 @@ from typing import Any
 from peftc.config.compose import CONFIG_MODULE, compose, to_spec
 from peftc.config.spec import GROUPS, RunSpec, SpecNode, describe
 
-USAGE = """usage: python -m peftc [group=option ...] [key=value ...]     train (the default: LoRA, causal LM, tiny Llama)
+USAGE = """usage: python -m peftc [group=option ...] [key=value ...]     train (the default: LoRA, causal LM, tiny pretrained Llama)
        python -m peftc ... dry_run=true                          print the plan, load no weights
        python -m peftc -m key=a,b,c ...                          sweep: one job per value
        python -m peftc --help group=option ...                   the keys of those options, with their values

@@ -85,12 +85,15 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     if is_global_zero():  # under a multi-process strategy only rank 0 writes
         writing.enter_context(run_lock(output_dir))
         write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
+        show_text_sample("before training", model, run, tokenizer)
     metrics = fit(model, plan, output_dir, loaders, resume)
     if not is_global_zero():
         return metrics
     if run.predict_samples:
         # what the trained model predicts before saving: a reloaded adapter must predict the same
-        write_predictions(output_dir, sample_predictions(model, run, tokenizer, run.predict_samples))
+        predictions = sample_predictions(model, run, tokenizer, run.predict_samples)
+        write_predictions(output_dir, predictions)
+        show_text_sample("after training", model, run, tokenizer, predictions[:1])
     check_finite_adapter(model, plan)
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
@@ -98,6 +101,24 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
         merged.save_pretrained(output_dir / MERGED_DIR)
         tokenizer.save_pretrained(output_dir / MERGED_DIR)
     return metrics
+
+
+def show_text_sample(
+    when: str, model: Any, run: Any, tokenizer: Any, predictions: list[dict] | None = None
+) -> None:
+    """Print how the model continues the first validation prompt, before and after training, so a
+    run shows what it learned in words as well as in loss (text-generating tasks only; off with
+    predict_samples=0)."""
+    from peftc import tasks
+    from peftc.cli.actions import sample_predictions
+
+    if not run.predict_samples or not tasks.for_spec(run.task).generates_text:
+        return
+    if predictions is None:
+        predictions = sample_predictions(model, run, tokenizer, 1)
+    for prediction in predictions:
+        prompt = next(v for k, v in prediction.items() if k != "generated")
+        print(f"sample {when}: {prompt!r} -> {prediction['generated']!r}", flush=True)
 
 
 def check_finite_adapter(model: Any, plan: Plan) -> None:

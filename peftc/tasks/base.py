@@ -34,6 +34,7 @@ class Task:
     fields: ClassVar[tuple[str, ...]] = ()  # what a data row carries (data.columns maps file columns to these)
     input_fields: ClassVar[tuple[str, ...]] = ()  # what prediction needs (the rest are targets)
     loss_in_chunks: ClassVar[bool] = False  # the loss never holds all logits at once (the memory estimate)
+    generates_text: ClassVar[bool] = False  # predictions carry "generated" text (shown before/after training)
 
     def config_overrides(self, spec: Any) -> dict[str, Any]:
         """transformers config fields this task needs (e.g. num_labels for a classifier)."""

@@ -26,7 +26,7 @@ class CausalLmSpec(SpecNode):
         True,
         "Concatenate documents (separated by EOS) and cut into blocks of data.max_length; false: one padded example per document.",
     )
-    max_new_tokens: int = param(32, "Tokens generated per prompt at prediction time (greedy).", at_least(1))
+    max_new_tokens: int = param(48, "Tokens generated per prompt at prediction time (greedy).", at_least(1))
 
 
 @register
@@ -40,6 +40,7 @@ class CausalLm(Task):
     loss_in_chunks = True  # next_token_loss (lm_loss.py)
     fields = ("text",)
     input_fields = ("text",)
+    generates_text = True
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
         train_rows, val_rows = load_splits(run.data, ["text"], seed=run.seed, optional=method_fields(run))

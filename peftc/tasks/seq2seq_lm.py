@@ -36,6 +36,7 @@ class Seq2SeqLm(Task):
     primary_metric = "val_perplexity"
     fields = ("source", "target")
     input_fields = ("source",)
+    generates_text = True
 
     def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
         examples = []

@@ -145,9 +145,11 @@ def text_init_fields(config: Mapping[str, Any], inits: tuple[str, ...]) -> dict[
 
 
 def _tokenizer_of(plan: Plan) -> str | None:
-    from peftc.planning.model_source import BYTE_TOKENIZER
+    """What peft loads to tokenize the init text: a directory or hub id it can read (a `pkg:`
+    reference is resolved to its directory, as base_model_name_or_path is)."""
+    from peftc.planning.model_source import PACKAGE_SCHEME, tokenizer_source
 
     model = plan.spec.model
-    if model.tokenizer:
-        return model.tokenizer
-    return str(BYTE_TOKENIZER) if model.is_config_built else model.name_or_path
+    if model.tokenizer or model.is_config_built or str(model.name_or_path).startswith(PACKAGE_SCHEME):
+        return tokenizer_source(model)
+    return model.name_or_path
