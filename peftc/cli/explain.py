@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
+from peftc.config.compose import CONFIG_NAME
+
 
 @dataclass(frozen=True)
 class Provenance:
@@ -17,16 +19,20 @@ class Provenance:
     source: str
 
 
-def explain(overrides: Sequence[str]) -> list[Provenance]:
-    """Every leaf key of the composed config (hydra.* left out) with its value and source."""
-    from peftc.config.compose import compose
+def explain(
+    overrides: Sequence[str], search: Sequence[str] = (), config_name: str = CONFIG_NAME
+) -> list[Provenance]:
+    """Every leaf key of the composed config (hydra.* left out) with its value and source, composed
+    as the run will be: with the user's config directories (`search`) and primary config name."""
+    from peftc.config.compose import compose, hydra_runtime
     from peftc.config.provenance import compose_with_sources
     from peftc.config.safety import guarded_resolvers
 
-    composed = compose(overrides)  # also turns a bad override into a ConfigError first
-    composition = compose_with_sources(overrides)
-    with guarded_resolvers():
-        values = OmegaConf.to_container(composed, resolve=True)
+    every = [*search, *overrides]
+    composed = compose(every, config_name=config_name, with_hydra=True)  # a bad override: a ConfigError first
+    composition = compose_with_sources(every, config_name)
+    with hydra_runtime(composed) as job, guarded_resolvers():
+        values = OmegaConf.to_container(job, resolve=True)
     flat = _flatten(values)
     return [Provenance(k, v, composition.source(k).label) for k, v in flat.items()]
 
@@ -42,7 +48,9 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: list(data) if isinstance(data, (list, ListConfig)) else data}
 
 
-def print_explanations(jobs: Sequence[Sequence[str]]) -> None:
+def print_explanations(
+    jobs: Sequence[Sequence[str]], search: Sequence[str] = (), config_name: str = CONFIG_NAME
+) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -54,6 +62,6 @@ def print_explanations(jobs: Sequence[Sequence[str]]) -> None:
         )
         for column in ("key", "value", "source"):
             table.add_column(column)
-        for item in explain(overrides):
+        for item in explain(overrides, search, config_name):
             table.add_row(item.key, escape(repr(item.value)), escape(item.source))
         console.print(table)

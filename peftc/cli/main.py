@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, to_spec
+from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, hydra_runtime, to_spec
 from peftc.config.registry import import_registries
 from peftc.config.spec import RunSpec
 from peftc.errors import ConfigError, PeftcError
@@ -160,14 +160,13 @@ def check_jobs(argv: list[str]) -> None:
     overrides, multirun = split_argv(argv)
     search, config_name = search_options(argv)
     settings = hydra_settings(argv)
-    jobs = [
-        check_job(job, search, config_name, settings) for job in (expand_jobs(overrides) if multirun else [overrides])
-    ]
+    each = expand_jobs(overrides) if multirun else [overrides]
+    jobs = [check_job(job, search, config_name, settings, i if multirun else None) for i, job in enumerate(each)]
     valid = [job.spec for job in jobs if job.spec is not None]
     if any(spec.explain for spec in valid):
         from peftc.cli.explain import print_explanations
 
-        print_explanations([job.overrides for job in jobs])
+        print_explanations([job.overrides for job in jobs], search, config_name)
         sys.exit(0)
     if multirun and (any(spec.dry_run for spec in valid) or _asks_dry_run(overrides)):
         from peftc.cli.preview import preview
@@ -215,17 +214,23 @@ class CheckedJob:
 
 
 def check_job(
-    overrides: list[str], search: Sequence[str] = (), config_name: str = CONFIG_NAME, settings: Sequence[str] = ()
+    overrides: list[str],
+    search: Sequence[str] = (),
+    config_name: str = CONFIG_NAME,
+    settings: Sequence[str] = (),
+    job_num: int | None = None,
 ) -> CheckedJob:
-    """Compose and validate one job. The whole config Hydra will run, `hydra.*` (with the
-    command line's hydra `settings`) included, is checked for code and environment reads first;
-    then the spec, and the compatibility rules that need no model (strategies, this machine)."""
+    """Compose and validate one job (number `job_num` of a sweep). The whole config Hydra will
+    run, `hydra.*` (with the command line's hydra `settings`) included, is checked for code and
+    environment reads first; then the spec, with `${hydra:...}` resolved as in the job, and the
+    compatibility rules that need no model (strategies, this machine)."""
     from peftc.config.provenance import check_sources
     from peftc.planning.compat import check_spec
 
     try:
         check_sources([*search, *settings, *overrides], config_name)
-        spec = to_spec(compose([*search, *overrides], config_name=config_name))
+        with hydra_runtime(compose([*search, *overrides], config_name=config_name, with_hydra=True), job_num) as cfg:
+            spec = to_spec(cfg)
         check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
         return CheckedJob(overrides, spec, None)
     except PeftcError as exc:

@@ -3,12 +3,14 @@ errors translated into ConfigError (key, bad value, what would work, a close mat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from peftc.config.registry import import_registries
@@ -110,11 +112,12 @@ def _missing_option_error(exc: Any) -> ConfigError:
     return ConfigError(group, option, f"no such {group} option", "; ".join(x for x in (hint, allowed) if x))
 
 
-def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) -> DictConfig:
+def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME, with_hydra: bool = False) -> DictConfig:
     """Compose peftc's config with Hydra overrides, translating errors into ConfigError.
 
     User config directories join through a `hydra.searchpath=[file://DIR]` override. Safe to
-    call inside a running Hydra app: the global Hydra state is saved and restored.
+    call inside a running Hydra app: the global Hydra state is saved and restored. `with_hydra`
+    keeps the `hydra` node (for `hydra_runtime`).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -129,7 +132,7 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) ->
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
             _add_config_dirs(searchpath_dirs(overrides))
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as exc:
         raise compose_error(exc) from exc
     except YAMLError as exc:
@@ -137,6 +140,49 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME) ->
     finally:
         if backup is not None:
             restore_gh_from_backup(backup)
+
+
+@contextlib.contextmanager
+def hydra_runtime(cfg: DictConfig, job_num: int | None = None) -> Iterator[DictConfig]:
+    """The job's config (without `hydra`) with `${hydra:...}` resolvable as in the job Hydra will
+    run, for checks made before Hydra starts: the composed `hydra` node is installed as Hydra's
+    config, its runtime.output_dir being the run directory (or sweep directory + job number) that
+    Hydra will create. The previous Hydra config is restored afterwards."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if "hydra" not in cfg:
+        yield cfg
+        return
+    _fill_runtime(cfg, job_num)
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    instance.set_config(cfg)
+    job = cfg.copy()
+    with open_dict(job):
+        del job["hydra"]
+    try:
+        yield job
+    finally:
+        instance.cfg = previous
+
+
+def _fill_runtime(cfg: DictConfig, job_num: int | None) -> None:
+    """What Hydra sets when a job starts; left missing where the user's run/sweep directory itself
+    cannot be resolved (its own error comes when it is used)."""
+    hydra = cfg.hydra
+    with open_dict(hydra):
+        try:
+            if job_num is None:
+                directory = str(hydra.run.dir)
+            else:
+                hydra.job.num = job_num
+                directory = os.path.join(str(hydra.sweep.dir), str(hydra.sweep.subdir))
+        except OmegaConfBaseException:
+            return
+        if OmegaConf.is_missing(hydra.runtime, "output_dir"):
+            hydra.runtime.output_dir = os.path.abspath(directory)
+        if OmegaConf.is_missing(hydra.runtime, "cwd"):
+            hydra.runtime.cwd = os.getcwd()
 
 
 def searchpath_dirs(overrides: Sequence[str]) -> list[str]:

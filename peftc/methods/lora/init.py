@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # used with fullmatch: "$" would pass a trailing newline
 # Initialisations that rewrite the base weight (the adapter starts as part of W).
 BASE_MUTATING = ("pissa", "olora")
 
@@ -31,14 +31,14 @@ def init_family(init: object) -> str:
         return "default"
     if init is False:
         return "none"
-    if init == "pissa" or (isinstance(init, str) and PISSA_NITER.match(init)):
+    if init == "pissa" or (isinstance(init, str) and PISSA_NITER.fullmatch(init)):
         return "pissa"
     return str(init)
 
 
 def is_valid_init(init: object) -> bool:
     return init in (True, False, "gaussian", "pissa", "olora", "orthogonal") or (
-        isinstance(init, str) and PISSA_NITER.match(init) is not None
+        isinstance(init, str) and PISSA_NITER.fullmatch(init) is not None
     )
 
 
@@ -56,7 +56,7 @@ def reset_default(lora_a: nn.Module, lora_b: nn.Module, init: object, r: int) ->
 @torch.no_grad()
 def pissa(rows: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) from the principal singular triplets of `rows` (float32, out x in)."""
-    match = PISSA_NITER.match(init)
+    match = PISSA_NITER.fullmatch(init)
     if match is None:
         v, s, uh = torch.linalg.svd(rows, full_matrices=False)
         v_r, s_r, uh_r = v[:, :r], s[:r] / scaling, uh[:r]

@@ -1,0 +1,44 @@
+"""Hydra idioms that users copy from Hydra's docs work in peftc as they do in Hydra, the checks
+made before Hydra starts (preflight, explain) included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftc.cli.main import check_job
+from tests.helpers import run_cli
+
+QUICK = ["trainer.max_steps=1", "predict_samples=0", "trainer.logger=none"]
+
+
+def test_output_dir_under_hydras_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [*QUICK, "output_dir=${hydra:runtime.output_dir}/x", f"hydra.run.dir={run_dir}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "x" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "x" / "plan.json").is_file()
+
+
+def test_a_sweep_job_resolves_the_idiom_to_its_own_directory(tmp_path: Path) -> None:
+    job = check_job(
+        ["output_dir=${hydra:runtime.output_dir}/y", f"hydra.sweep.dir={tmp_path}"], job_num=3
+    )
+    assert job.error is None and job.spec is not None
+    assert job.spec.output_dir == str(tmp_path / "3" / "y")
+
+
+def test_explain_composes_with_the_users_config_dir_and_config_name(tmp_path: Path) -> None:
+    configs = tmp_path / "cfg"
+    configs.mkdir()
+    (configs / "experiment.yaml").write_text(
+        "defaults:\n  - config\n  - override peft: ia3\n  - _self_\ntrainer:\n  max_steps: 7\n"
+    )
+    args = ["--config-dir", str(configs), "--config-name", "experiment", "explain=true"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
+    assert "conf/peft/ia3.yaml" in rows["peft.target_modules"]
+    max_steps = rows["trainer.max_steps"].split("│")
+    assert max_steps[2].strip() == "7" and "cpu.yaml" not in max_steps[3]  # the experiment's, not the trainer's
