@@ -188,6 +188,8 @@ CASES = [
         user_config("peft", "mine", LORA_YAML + "rr: 4\n")),
     Bad("yaml-wrong-type", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "expected int",
         user_config("peft", "mine", LORA_YAML + "r: many\n")),
+    Bad("yaml-init-trailing-newline", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError,
+        "peft.init_lora_weights", user_config("peft", "mine", LORA_YAML + 'init_lora_weights: "pissa_niter_3\\n"\n')),
     Bad("yaml-target", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "never instantiates",
         user_config("peft", "mine", LORA_YAML + "_target_: os.system\n")),
     Bad("yaml-python-tag", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "Python-object YAML tag",
@@ -327,6 +329,12 @@ CASES = [
     Bad("data-column-for-no-field", "dataset",
         cli("data.source=jsonl", "data.path={input}", "data.columns={label: body}"), ConfigError,
         "is not a field of this task", write_file("d.jsonl", STORY * 20)),
+    # A list where text belongs: str() would have trained on "['a', 'b']".
+    Bad("data-text-is-a-list", "dataset", cli("data.source=jsonl", "data.path={input}"), DataError,
+        "d.jsonl row 21: 'text' is a list", write_file("d.jsonl", STORY * 20 + '{"text": ["Once", "upon"]}\n')),
+    Bad("data-label-is-a-list", "dataset", cli("task=seq_cls", "data.source=jsonl", "data.path={input}"), DataError,
+        "'label' is a list", write_file("d.jsonl", '{"text": "fine", "label": "good"}\n{"text": "bad", "label": "bad"}\n' * 10
+                                        + '{"text": "so-so", "label": ["good", "bad"]}\n')),
     Bad("data-too-few-rows", "dataset", cli("data.source=jsonl", "data.path={input}", "data.val_fraction=0.5"),
         DataError, "cannot be split", write_file("d.jsonl", STORY)),
     Bad("data-unknown-label", "dataset", cli("task=seq_cls", "task.labels=[negative,positive]", "data.source=jsonl", "data.path={input}"),

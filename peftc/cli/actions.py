@@ -187,7 +187,7 @@ def input_rows(run: RunSpec, task: Any) -> list[dict[str, Any]]:
 
     check = _input_check(task)
     if run.input_file is not None:
-        return read_inputs(run.input_file, task.input_fields, run.data.columns, check)
+        return read_inputs(run.input_file, task.input_fields, run.data.columns, check, lists=task.list_fields)
     values = list(run.input) if isinstance(run.input, (list, tuple)) else [run.input]
     rows = []
     for number, value in enumerate(values, start=1):
@@ -231,7 +231,7 @@ def sample_predictions(model: Any, run: RunSpec, tokenizer: Any, count: int) -> 
 
     task = tasks.for_spec(run.task)
     # method fields (a mapped task_id column) are read so data.columns stays valid; predictions use inputs only
-    _, val_rows = load_splits(run.data, task.fields, seed=run.seed, optional=method_fields(run))
+    _, val_rows = load_splits(run.data, task.fields, seed=run.seed, optional=method_fields(run), lists=task.list_fields)
     rows = task.sample_inputs(val_rows[:count])
     return predict_rows(model, task, rows, tokenizer, run) if rows else []
 

@@ -33,6 +33,7 @@ class Task:
     primary_metric: ClassVar[str] = "val_loss"
     fields: ClassVar[tuple[str, ...]] = ()  # what a data row carries (data.columns maps file columns to these)
     input_fields: ClassVar[tuple[str, ...]] = ()  # what prediction needs (the rest are targets)
+    list_fields: ClassVar[tuple[str, ...]] = ()  # fields whose cells may be lists (the rest hold text)
     loss_in_chunks: ClassVar[bool] = False  # the loss never holds all logits at once (the memory estimate)
     generates_text: ClassVar[bool] = False  # predictions carry "generated" text (shown before/after training)
 
@@ -59,7 +60,12 @@ class Task:
 
         extra = method_fields(run)
         train_rows, val_rows = load_splits(
-            run.data, self.fields, seed=run.seed, check=lambda row: self.check_row(row, run.task), optional=extra
+            run.data,
+            self.fields,
+            seed=run.seed,
+            check=lambda row: self.check_row(row, run.task),
+            optional=extra,
+            lists=self.list_fields,
         )
         return tuple(carry_fields(rows, self.encode(rows, run, tokenizer), extra) for rows in (train_rows, val_rows))
 

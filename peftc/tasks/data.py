@@ -10,7 +10,7 @@ import csv
 import json
 import random
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,15 @@ def load_splits(
     seed: int = 0,
     check: RowCheck | None = None,
     optional: Mapping[str, Any] | None = None,
+    lists: Collection[str] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, validation) rows carrying exactly `fields` (plus 'split' for built-ins).
 
     `check` is the task's row validation (e.g. a label outside the label set); its problem is
     raised as a DataError naming the file and the row. `optional` fields ({name: default}, e.g.
     a method's task_id) are read when the row has the (mapped) column, else take the default.
+    Cells hold text (or numbers); only the `lists` fields may hold lists (token classification's
+    words and tags).
     """
     if spec.source == "builtin":
         path = BUILTIN_DIR / f"{spec.name}.jsonl"
@@ -54,16 +57,16 @@ def load_splits(
                 "no such built-in dataset",
                 did_you_mean(str(spec.name), names) or "available: " + ", ".join(names),
             )
-        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check, optional))
+        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check, optional, lists))
         train = [r for r in rows if r.get("split", "train") == "train"]
         val = [r for r in rows if r.get("split") == "validation"]
     else:
         path = Path(str(spec.path)).expanduser()
-        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional))
+        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional, lists))
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
             val = list(
-                _select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check, optional)
+                _select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check, optional, lists)
             )
             train = rows
         else:
@@ -141,7 +144,11 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
 
 
 def read_inputs(
-    path: str | Path, fields: Sequence[str], columns: Mapping[str, str] | None = None, check: RowCheck | None = None
+    path: str | Path,
+    fields: Sequence[str],
+    columns: Mapping[str, str] | None = None,
+    check: RowCheck | None = None,
+    lists: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """Rows to predict on from a file: .jsonl/.csv with the task's input fields (after the
     data.columns mapping), or .txt with one value of the first input field per line."""
@@ -157,10 +164,10 @@ def read_inputs(
                 str(path), f"a .txt file gives one field per line but this task needs {', '.join(fields)}", "use .jsonl"
             )
         rows = [{fields[0]: line} for line in lines]
-        return list(_select(rows, fields, {}, str(path), check))
+        return list(_select(rows, fields, {}, str(path), check, lists=lists))
     fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
     mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
-    return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check))
+    return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check, lists=lists))
 
 
 def _select(
@@ -170,6 +177,7 @@ def _select(
     source: str,
     check: RowCheck | None = None,
     optional: Mapping[str, Any] | None = None,
+    lists: Collection[str] = (),
 ) -> Iterator[dict[str, Any]]:
     optional = dict(optional or {})
     unknown = set(columns) - set(fields) - set(optional)
@@ -192,7 +200,7 @@ def _select(
                     f"missing column {column!r} (task field {field!r})",
                     f"set data.columns.{field}=<column>; {hint}",
                 )
-            problem = _cell_problem(row[column], column)
+            problem = _cell_problem(row[column], column, field in lists)
             if problem:
                 raise DataError(f"{source} row {number}", problem, "fix the row or remove it")
             selected[field] = row[column]
@@ -208,13 +216,16 @@ def _select(
         yield selected
 
 
-def _cell_problem(value: Any, column: str) -> str | None:
-    """Text fields hold text: an empty cell trains on nothing, and an object is a file from
-    another schema. (Lists are left to the task: tagging rows carry token and tag lists.)"""
+def _cell_problem(value: Any, column: str, list_allowed: bool = False) -> str | None:
+    """Text fields hold text: an empty cell trains on nothing, and an object or a list (where the
+    task does not take one) is a file from another schema, which str() would silently turn
+    into "['a', 'b']" training text."""
     if isinstance(value, str) and not value.strip():
         return f"{column!r} is empty"
     if isinstance(value, dict):
         return f"{column!r} is an object ({json.dumps(value)[:60]}), not text"
+    if isinstance(value, list) and not list_allowed:
+        return f"{column!r} is a list ({json.dumps(value)[:60]}), not text"
     return None
 
 

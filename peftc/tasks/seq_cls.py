@@ -50,7 +50,7 @@ class LabelledTask(Task):
             return run.task
         from peftc.tasks.data import load_splits
 
-        train, _ = load_splits(run.data, self.fields, seed=run.seed)
+        train, _ = load_splits(run.data, self.fields, seed=run.seed, lists=self.list_fields)
         labels = self.labels_in(train)
         if len(labels) < 2:
             raise ConfigError(
