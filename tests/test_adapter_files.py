@@ -200,6 +200,41 @@ def test_a_save_killed_between_renames_is_recovered_on_load_and_on_next_save(tra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_a_save_replaces_only_the_adapters_own_files(trained, tmp_path: Path) -> None:
+    """A tokenizer saved into the directory first, notes, another tool's subfolder and a link
+    survive a save (peft's save_pretrained leaves them too); the adapter's files are replaced."""
+    plan, base, good = trained
+    target = copy_adapter(good, tmp_path / "adapter")
+    (target / "tokenizer.json").write_text('{"version": "1.0"}')
+    (target / "notes.txt").write_text("lr 3e-3 looked best")
+    os.chmod(target / "notes.txt", 0o600)
+    (target / "eval").mkdir()
+    (target / "eval" / "scores.csv").write_text("step,loss\n")
+    (target / "latest").symlink_to("notes.txt")
+    stale = target / "adapter_model.safetensors"
+    stale.write_bytes(b"not the adapter")
+    model = peftc.load_adapter(copy.deepcopy(base), good)
+    model.save_adapter(target)
+    model.save_adapter(target)  # twice: the second swap carries the same files again
+    assert (target / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert (target / "notes.txt").read_text() == "lr 3e-3 looked best"
+    assert (target / "notes.txt").stat().st_mode & 0o777 == 0o600
+    assert (target / "eval" / "scores.csv").read_text() == "step,loss\n"
+    assert os.readlink(target / "latest") == "notes.txt"
+    assert stale.read_bytes() == (good / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no staging leftovers"
+
+
+def test_the_next_write_clears_temp_files_of_dead_writers_only(tmp_path: Path) -> None:
+    dead = tmp_path / ".plan.json.tmp-999999-abc123"  # pid 999999: a writer killed mid-write
+    live = tmp_path / f".metrics.json.tmp-{os.getpid()}-def456"  # a writer still running
+    dead.write_text("{")
+    live.write_text("{")
+    atomic.write_text_atomic(tmp_path / "plan.json", "{}\n")
+    assert not dead.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "plan.json"]
+
+
 def test_exchange_swaps_directories_in_one_step(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -117,9 +117,12 @@ def test_sigkill_mid_training_then_resume_gives_the_bit_identical_adapter(
     uninterrupted: Path, killed: Path, tmp_path: Path
 ) -> None:
     checkpoint = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    half_written = killed / "checkpoints" / ".last.ckpt.tmp-999999-k1ll3d"  # a checkpoint save killed mid-write
+    half_written.write_bytes(b"half a checkpoint")
     resumed = tmp_path / "resumed"
     code, stderr = finish(start_cli([*RESUMABLE, f"resume={killed}"], resumed))
     assert code == 0, stderr[-3000:]
+    assert not half_written.exists(), "resuming cleans the dead writer's temp file"
     assert logged_steps(resumed)[0] >= checkpoint["global_step"], "the resumed run must start at the checkpoint"
     assert logged_steps(resumed)[-1] == logged_steps(uninterrupted)[-1]
     assert_bit_identical(adapter_tensors(uninterrupted), adapter_tensors(resumed))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc.config.spec import RunSpec
-from peftc.files.atomic import write_text_atomic
+from peftc.files.atomic import remove_dead_temps, write_text_atomic
 from peftc.files.run_lock import run_lock
 from peftc.planning import planner
 from peftc.planning.plan import Plan
@@ -78,6 +78,7 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     resume = find_checkpoint(run.resume) if run.resume else None
     if resume is not None:
         check_resumable(resume, plan.fingerprint, run.to_dict())
+        remove_dead_temps(resume.parent)  # a checkpoint save killed mid-write left its temp file
     L.seed_everything(run.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(run.model)
     loaders = dataloaders(plan, tokenizer)

@@ -221,7 +221,9 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
-    """Write adapters atomically: `default` at the root, every other name in a subfolder."""
+    """Write adapters atomically: `default` at the root, every other name in a subfolder. Only
+    the adapters' own files are replaced; the directory's other files stay (as peft's
+    save_pretrained leaves them)."""
     from safetensors import SafetensorError
 
     for name in names:
@@ -232,7 +234,7 @@ def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
     if directory.is_symlink():
         directory = directory.resolve()  # replace what the link points to, never the link itself
     try:
-        with atomic_directory(directory) as staging:
+        with atomic_directory(directory, keep_others=True) as staging:
             for name in names:
                 plan = model.plan_of(name)
                 tensors = adapter_tensors(model, name)

@@ -34,8 +34,13 @@ _AT_FDCWD = -100
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Stage files in a temp dir beside `target`; on success replace `target` in one step."""
+def atomic_directory(target: Path, *, keep_others: bool = False) -> Iterator[Path]:
+    """Stage files in a temp dir beside `target`; on success replace `target` in one step.
+
+    `keep_others`: the writer owns only the files it stages; whatever else `target` holds (a
+    tokenizer saved there first, notes, another adapter's subfolder) is carried into the new
+    copy unchanged, by hard links, so the step replaces only the writer's own files.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
@@ -48,13 +53,41 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         for path in sorted(staging.rglob("*"), reverse=True):
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
             fsync(path)
+        if keep_others and target.is_dir():
+            carry_over(target, staging)  # after the chmod: linked files keep their own modes
         os.chmod(staging, 0o777 & ~mask)
         fsync(staging)
         _swap_into_place(staging, target)
+        if keep_others and staging.is_dir():
+            carry_over(staging, target)  # what another process added while we staged
         fsync(target.parent)
     finally:
         # After a successful exchange `staging` holds the previous target; either way it goes.
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def carry_over(old: Path, new: Path) -> None:
+    """Put every entry of `old` that `new` lacks into `new` (hard-linked, copied where the file
+    system cannot link); directories present in both are merged the same way."""
+    for entry in old.iterdir():
+        twin = new / entry.name
+        if entry.is_symlink():
+            if not twin.exists() and not twin.is_symlink():
+                os.symlink(os.readlink(entry), twin)
+        elif entry.is_dir():
+            if not twin.exists():
+                shutil.copytree(entry, twin, symlinks=True, copy_function=_link_or_copy)
+            elif twin.is_dir() and not twin.is_symlink():
+                carry_over(entry, twin)
+        elif not twin.exists() and not twin.is_symlink():
+            _link_or_copy(entry, twin)
+
+
+def _link_or_copy(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
@@ -140,7 +173,8 @@ def write_file_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     a temp file beside the target, which is fsynced and renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_dead_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; these are ordinary files
         with os.fdopen(fd, "wb") as fh:
@@ -152,6 +186,15 @@ def write_file_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync(path.parent)
+
+
+def remove_dead_temps(directory: Path) -> None:
+    """Delete the temp files that killed writers left in `directory` (`.<name>.tmp-<pid>-*` of
+    processes that no longer run): the next write there, or a resume from there, cleans up."""
+    with contextlib.suppress(OSError):
+        for entry in Path(directory).glob(".*.tmp-*"):
+            if entry.is_file() and not entry.is_symlink() and not _owner_alive(entry.name):
+                entry.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
