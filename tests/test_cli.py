@@ -30,7 +30,9 @@ def test_default_run_trains_and_leaves_a_peft_adapter(tmp_path: Path) -> None:
     before, after = samples["sample before training"], samples["sample after training"]
     assert before.startswith(prompt) and after.startswith(prompt)
     # the base continues with a sentence about another animal; the adapter has learned what comes next
-    assert after.removeprefix(prompt).startswith("' There it found") and not before.removeprefix(prompt).startswith("' There")
+    assert after.removeprefix(prompt).startswith("' There it found") and not before.removeprefix(prompt).startswith(
+        "' There"
+    )
     ours = peftc.load_adapter(adapter)  # base rebuilt from the plan saved beside the adapter
     theirs = PeftModel.from_pretrained(build_base(peftc.compile([])), adapter).eval()
     x = token_batch()

@@ -13,18 +13,14 @@ QUICK = ["trainer.max_steps=1", "predict_samples=0", "trainer.logger=none"]
 
 def test_output_dir_under_hydras_run_directory(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(
-        [*QUICK, "output_dir=${hydra:runtime.output_dir}/x", f"hydra.run.dir={run_dir}"], cwd=tmp_path
-    )
+    result = run_cli([*QUICK, "output_dir=${hydra:runtime.output_dir}/x", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (run_dir / "x" / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "x" / "plan.json").is_file()
 
 
 def test_a_sweep_job_resolves_the_idiom_to_its_own_directory(tmp_path: Path) -> None:
-    job = check_job(
-        ["output_dir=${hydra:runtime.output_dir}/y", f"hydra.sweep.dir={tmp_path}"], job_num=3
-    )
+    job = check_job(["output_dir=${hydra:runtime.output_dir}/y", f"hydra.sweep.dir={tmp_path}"], job_num=3)
     assert job.error is None and job.spec is not None
     assert job.spec.output_dir == str(tmp_path / "3" / "y")
 

@@ -19,9 +19,7 @@ class Provenance:
     source: str
 
 
-def explain(
-    overrides: Sequence[str], search: Sequence[str] = (), config_name: str = CONFIG_NAME
-) -> list[Provenance]:
+def explain(overrides: Sequence[str], search: Sequence[str] = (), config_name: str = CONFIG_NAME) -> list[Provenance]:
     """Every leaf key of the composed config (hydra.* left out) with its value and source, composed
     as the run will be: with the user's config directories (`search`) and primary config name."""
     from peftc.config.compose import compose, hydra_runtime

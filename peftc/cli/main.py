@@ -19,7 +19,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, VERSION_BASE, compose, hydra_runtime, to_spec
+from peftc.config.compose import (
+    CONFIG_MODULE,
+    CONFIG_NAME,
+    VERSION_BASE,
+    check_search_path,
+    compose,
+    hydra_runtime,
+    to_spec,
+)
 from peftc.config.registry import import_registries
 from peftc.config.spec import RunSpec
 from peftc.errors import ConfigError, PeftcError
@@ -55,8 +63,8 @@ _INSPECT_FLAGS = {
     "-sc",
 }
 
-# Inspect flags that compose (and with --resolve, resolve) the config: still no code, no environment.
-_SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i"}
+# Inspect flags that compose (and with --resolve or a help template, resolve) the config: still no code, no environment.
+_SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i", "--hydra-help"}
 
 
 def main() -> None:
@@ -66,6 +74,7 @@ def main() -> None:
         return
     try:
         refuse_pickle_flags(argv)
+        check_search_path(*search_options(argv))  # before anything (Hydra's help included) composes
         argv = with_adapter_task(argv)
     except PeftcError as exc:
         fail(exc)

@@ -104,9 +104,7 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     return metrics
 
 
-def show_text_sample(
-    when: str, model: Any, run: Any, tokenizer: Any, predictions: list[dict] | None = None
-) -> None:
+def show_text_sample(when: str, model: Any, run: Any, tokenizer: Any, predictions: list[dict] | None = None) -> None:
     """Print how the model continues the first validation prompt, before and after training, so a
     run shows what it learned in words as well as in loss (text-generating tasks only; off with
     predict_samples=0)."""

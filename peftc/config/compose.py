@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -127,6 +128,7 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME, wi
     from yaml import YAMLError
 
     import_registries()
+    check_search_path(overrides, config_name)
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
@@ -193,6 +195,47 @@ def searchpath_dirs(overrides: Sequence[str]) -> list[str]:
         if key == "hydra.searchpath":
             dirs += [d.strip().strip("'\"") for d in value.strip("[]").split(",") if d.strip()]
     return dirs
+
+
+def check_search_path(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> None:
+    """Every config search-path entry is a directory. Hydra's other schemes import Python code
+    to find configs (`pkg://X` imports package X, running its __init__; `structured://X` imports
+    module X), so a search path from the command line, or from a user's primary config (the one
+    place Hydra reads `hydra.searchpath` from a file), is refused unless it is `file://` or a
+    plain path. Runs before anything composes."""
+    dirs = searchpath_dirs(overrides)
+    for entry in dirs:
+        _check_search_entry(entry, "hydra.searchpath")
+    for entry in dirs:
+        primary = Path(entry.removeprefix("file://")) / f"{config_name}.yaml"
+        for listed in _primary_search_path(primary):
+            _check_search_entry(listed, f"{primary}: hydra.searchpath")
+
+
+def _check_search_entry(entry: str, key: str) -> None:
+    scheme = entry.split("://", 1)[0] if "://" in entry else "file"
+    if scheme != "file":
+        target = entry.split("://", 1)[1]
+        raise ConfigError(
+            key,
+            entry,
+            f"makes Hydra import the Python module {target!r} (running its code) to look for configs",
+            "give a config directory: --config-dir DIR or hydra.searchpath=[file://DIR]",
+        )
+
+
+def _primary_search_path(path: Path) -> list[str]:
+    """`hydra.searchpath` of a user's primary config file, read as plain YAML (unreadable files
+    are left to the composition, which names their problem)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return []
+    hydra = data.get("hydra") if isinstance(data, dict) else None
+    listed = hydra.get("searchpath") if isinstance(hydra, dict) else None
+    return [str(e) for e in listed] if isinstance(listed, list) else [str(listed)] if listed else []
 
 
 def _add_config_dirs(dirs: Sequence[str]) -> None:

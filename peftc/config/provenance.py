@@ -18,7 +18,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from peftc.config.compose import CONFIG_MODULE, CONFIG_NAME, compose_error, searchpath_dirs, yaml_error
+from peftc.config.compose import (
+    CONFIG_MODULE,
+    CONFIG_NAME,
+    check_search_path,
+    compose_error,
+    searchpath_dirs,
+    yaml_error,
+)
 from peftc.config.safety import check_config
 
 # Config sources shipped inside installed packages: peftc's conf/, Hydra's own, the structured
@@ -62,6 +69,7 @@ def compose_with_sources(overrides: Sequence[str], config_name: str = CONFIG_NAM
     from peftc.config.registry import import_registries
 
     import_registries()
+    check_search_path(overrides, config_name)
     loader = _recording_loader(searchpath_dirs(overrides))
     try:
         config = loader.load_configuration(config_name, list(overrides), RunMode.RUN)
