@@ -246,6 +246,8 @@ CASES = [
         "never loads pickles", write_pickle),
     Bad("env-in-hydra-run-dir", "code", cli_entry("dry_run=true", "hydra.run.dir='${oc.env:HOME}/run'"), ConfigError,
         ENV),
+    Bad("launcher-setup-shell-commands", "code", cli_entry("dry_run=true", "+hydra.launcher.setup=['curl x | sh']"),
+        ConfigError, "is a shell command the launcher would run"),
     Bad("env-in-hydra-help-template", "code", cli_entry("--hydra-help", "hydra.hydra_help.template='${oc.env:HOME}'"),
         ConfigError, ENV),
     Bad("env-in-hydra-job-name", "code", cli("hydra.job.name='${oc.env:HOME}'"), ConfigError, ENV),

@@ -38,6 +38,9 @@ LOGGING_SECTIONS = ("hydra.job_logging.", "hydra.hydra_logging.")
 RAW_OVERRIDES = ("hydra.overrides.", "hydra.job.override_dirname")
 ENV_RESOLVERS = frozenset({"oc.env", "env"})
 ENV_COPY = "hydra.job.env_copy."  # Hydra copies these variables' values into hydra.job.env_set
+# A launcher setting made of shell commands (hydra-submitit-launcher writes these lines into the
+# job's sbatch script).
+SHELL_KEY = "hydra.launcher.setup"
 # OmegaConf's and Hydra's built-in resolvers; none of them evaluates code.
 ALLOWED_RESOLVERS = frozenset(
     {"oc.create", "oc.decode", "oc.deprecated", "oc.dict.keys", "oc.dict.values", "oc.select", "hydra", "now"}
@@ -64,6 +67,13 @@ def check_config(cfg: Any, composition: Composition | None = None) -> None:
         packaged = source is not None and source.packaged
         if _is_code_key(key, name) and not packaged:
             raise code_key_error(key, _label(source))
+        if (key == SHELL_KEY or key.startswith(SHELL_KEY + ".")) and raw not in (None, []) and not packaged:
+            raise ConfigError(
+                key,
+                raw,
+                _with_source("is a shell command the launcher would run", _label(source)),
+                "prepare the job's environment yourself (a module load or venv in your own sbatch setup)",
+            )
         if key.startswith(ENV_COPY) and not packaged:
             raise ConfigError(
                 key,
