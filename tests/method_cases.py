@@ -277,6 +277,14 @@ CASES = [
     ),
     # peft cannot merge LoRA into a grouped convolution (its delta has the wrong shape); nor can we
     Case("lora", "conv", conv_spec=(("target_modules", ("grouped",)), ("r", 4)), perturb=True, mergeable=False),
+    # DoRA there too, with peft's norm of a grouped update (B viewed as (out/groups, r) times A)
+    Case(
+        "lora",
+        "conv",
+        conv_spec=(("target_modules", ("grouped",)), ("r", 4), ("use_dora", True)),
+        perturb=True,
+        mergeable=False,
+    ),
 ]
 IDS = [case.id for case in CASES]
 

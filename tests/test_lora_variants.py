@@ -67,7 +67,6 @@ def test_invalid_lora_options_are_named_config_errors(overrides: list[str], key:
     [
         ({"target_modules": ["conv"], "init_lora_weights": "pissa"}, "peft.init_lora_weights"),
         ({"target_modules": ["grouped"], "r": 3}, "peft.r"),
-        ({"target_modules": ["grouped"], "r": 4, "use_dora": True}, "peft.use_dora"),
     ],
 )
 def test_conv_combinations_peft_refuses_are_plan_errors(spec: dict[str, Any], key: str) -> None:

@@ -218,8 +218,9 @@ def test_safe_merge_refuses_a_broken_adapter_and_keeps_weights_bit_identical(met
     _, layer = list(model.adapter_layers())[-1]
     with torch.no_grad():
         next(layer.adapter_parameters(plan.adapter_name)).view(-1)[0] = float("nan")
-    with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights") as refused:  # peft's type and words
         model.merge_and_unload(safe_merge=True)
+    assert isinstance(refused.value, peftc.PeftcError), "a deliberate refusal is a PeftcError"
     after = base_weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(layer.merged_adapters for _, layer in model.adapter_layers())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peftc.config.spec import check_adapter_name
-from peftc.errors import ConfigError, PlanError
+from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
 from peftc.planning.graph import replace_module
 from peftc.runtime.injection import inject
@@ -287,7 +287,7 @@ class PeftcModel(nn.Module):
         if safe_merge:
             for path, layer in layers:
                 if not layer.merge_is_finite(names):
-                    raise ValueError(
+                    raise MergeError(
                         f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken (at {path})"
                     )
         for _, layer in layers:

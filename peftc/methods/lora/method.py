@@ -314,8 +314,6 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
     groups = module.get("groups", 1) if is_conv else 1
     if groups > 1 and r % groups:
         raise PlanError("peft.r", r, f"must be divisible by groups={groups} of {where} (peft)")
-    if groups > 1 and spec.use_dora:
-        raise PlanError("peft.use_dora", True, f"DoRA does not support grouped convolutions ({where})")
 
 
 def _plain_list(value: Any) -> Any:
