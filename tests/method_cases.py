@@ -215,6 +215,8 @@ CASES = [
     Case("lora", "tiny_gpt2", ("peft.bias=lora_only", "peft.target_modules=all-linear"), perturb=True),
     Case("lora", "tiny_gpt2", ("peft.lora_bias=true",), perturb=True),
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
+    Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
+    Case("oft", "tiny_bert", ("peft.bias=oft_only", "peft.target_modules=[query,key]"), perturb=True),
     # Convolutions (tests/conv_model.py: conv 3x3, pointwise 1x1, grouped 3x3 groups=2, seq Conv1d k3, head Linear)
     Case(
         "ia3",

@@ -16,7 +16,8 @@ from peftc.config.spec import SpecNode, as_list, param
 from peftc.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftc.planning.plan import Plan
+    from peftc.planning.graph import ModelGraph
+    from peftc.planning.plan import Plan, Site
 
 
 @dataclass
@@ -36,6 +37,22 @@ class LayeredTargetsSpec(TargetsSpec):
         None,
         "Name of the ModuleList holding the layers (e.g. 'layers', 'h'), used with layers_to_transform.",
     )
+
+
+def trained_biases(mode: str, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
+    """The base biases peft's `bias` setting trains (and saves) beside an adapter: 'none'; 'all'
+    (every bias of the model); '<method>_only' (e.g. 'lora_only', 'oft_only': the adapted
+    modules' biases)."""
+    if mode == "none":
+        return {}
+    adapted = {s.path for s in sites}
+    return {
+        f"{module.path}.bias" if module.path else "bias": shape
+        for module in graph.modules
+        if mode == "all" or module.path in adapted
+        for pname, shape in module.params
+        if pname == "bias"
+    }
 
 
 def pattern_value(path: str, patterns: Mapping[str, Any], default: Any) -> Any:

@@ -17,18 +17,18 @@ divide a layer is refused at plan time, naming the nearest valid sizes, unless
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
+from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
-from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs
+from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
@@ -51,6 +51,11 @@ class OFTSpec(LayeredTargetsSpec):
     )
     num_cayley_neumann_terms: int = param(5, "Terms of the Neumann series.", at_least(1))
     init_weights: bool = param(True, "true: Q = 0, R = I (no-op); false: Q ~ N(0, 0.1) (not a no-op).")
+    bias: str = param(
+        "none",
+        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'oft_only' (biases of adapted modules).",
+        one_of("none", "all", "oft_only"),
+    )
     adjust_block_size: bool = param(
         False,
         "When r / oft_block_size does not divide a layer: false refuses the plan; true adjusts it per layer to the nearest divisor (peft's behaviour).",
@@ -251,6 +256,9 @@ class OFT(Method):
             module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
         )
 
+    def plan_unfrozen(self, spec: OFTSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
+        return trained_biases(spec.bias, graph, sites)
+
     def peft_config(self, spec: OFTSpec, plan: Plan) -> dict[str, Any]:
         return {
             **target_fields(spec, plan, LORA_TARGETS),
@@ -258,7 +266,7 @@ class OFT(Method):
             "oft_block_size": spec.oft_block_size,
             "module_dropout": spec.module_dropout,
             "fan_in_fan_out": False,
-            "bias": "none",
+            "bias": spec.bias,
             "init_weights": spec.init_weights,
             "coft": spec.coft,
             "eps": spec.eps,
@@ -276,10 +284,6 @@ class OFT(Method):
                 "OFT adapter without 'oft_block_size' (written by peft < 0.14, an incompatible format)",
                 "retrain the adapter with a current peft or peftc",
             )
-        if config.get("bias", "none") != "none":
-            from peftc.errors import AdapterFileError
-
-            raise AdapterFileError("adapter_config.json", f"OFT bias={config['bias']!r} is not supported by peftc")
         return OFTSpec(
             **target_kwargs(config),
             r=int(config.get("r", 0)),
@@ -291,5 +295,6 @@ class OFT(Method):
             use_cayley_neumann=bool(config.get("use_cayley_neumann", True)),
             num_cayley_neumann_terms=int(config.get("num_cayley_neumann_terms", 5)),
             init_weights=bool(config.get("init_weights", True)),
+            bias=config.get("bias") or "none",
             adjust_block_size=True,  # peft wrote it: its per-layer adjustment applies
         )

@@ -26,7 +26,7 @@ from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.adalora.layer import AdaLoraLayer, orthogonal_penalty
 from peftc.methods.base import Method
-from peftc.methods.common import LayeredTargetsSpec, number, target_fields, target_kwargs
+from peftc.methods.common import LayeredTargetsSpec, number, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import ADALORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
@@ -135,18 +135,7 @@ class AdaLora(Method):
         )
 
     def plan_unfrozen(self, spec: AdaLoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
-        """bias='all': every base bias; 'lora_only': the biases of the adapted modules (as LoRA,
-        since peft's AdaLoraConfig inherits LoraConfig's bias)."""
-        if spec.bias == "none":
-            return {}
-        adapted = {s.path for s in sites}
-        return {
-            f"{module.path}.bias" if module.path else "bias": shape
-            for module in graph.modules
-            if spec.bias == "all" or module.path in adapted
-            for pname, shape in module.params
-            if pname == "bias"
-        }
+        return trained_biases(spec.bias, graph, sites)  # peft's AdaLoraConfig inherits LoraConfig's bias
 
     # ---------------------------------------------------------------------------- training
     def extra_loss(self, model: PeftcModel, adapter_name: str) -> torch.Tensor | None:

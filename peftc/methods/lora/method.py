@@ -26,7 +26,7 @@ from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import Method, saves_embedding_weight
 from peftc.methods.common import number as _number
-from peftc.methods.common import pattern_value
+from peftc.methods.common import pattern_value, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
@@ -177,18 +177,7 @@ class Lora(Method):
         )
 
     def plan_unfrozen(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
-        """bias='all': every base bias; 'lora_only': the biases of the adapted modules."""
-        if spec.bias == "none":
-            return {}
-        adapted = {s.path for s in sites}
-        unfrozen = {}
-        for module in graph.modules:
-            if spec.bias == "lora_only" and module.path not in adapted:
-                continue
-            for pname, shape in module.params:
-                if pname == "bias":
-                    unfrozen[f"{module.path}.bias" if module.path else "bias"] = shape
-        return unfrozen
+        return trained_biases(spec.bias, graph, sites)
 
     def rewrites_base(self, spec: LoraSpec) -> bool:
         return init_family(spec.init_lora_weights) in BASE_MUTATING
