@@ -20,7 +20,7 @@ import peftc
 from peftc.files import atomic
 from peftc.files.screening import peft_fields, peft_table_version
 from tests.catalogue import Payload, edit_tensors, write_pickle_adapter
-from tests.helpers import build_base, peft_lora_config
+from tests.helpers import build_base, peft_lora_config, token_batch
 
 OVERRIDES = ["peft.target_modules=[q_proj,v_proj]", "peft.init_lora_weights=false"]
 
@@ -182,6 +182,34 @@ def test_lenient_load_still_refuses_non_finite_values(trained, tmp_path: Path) -
     edit_tensors(lambda t: t[sorted(t)[0]].view(-1).__setitem__(0, float("nan")))(directory)
     with pytest.raises(peftc.AdapterFileError, match="NaN or Inf"):
         peftc.load_adapter(copy.deepcopy(base), directory, strict=False)
+
+
+# ---------------------------------------------------------------------------------- hub ids
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """adapter=<org/name> as peft takes it: the snapshot huggingface_hub keeps in its cache."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    plan, base, good = trained
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-lora"
+    shutil.copytree(good, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no local someone/ directory
+    from_hub = peftc.load_adapter(copy.deepcopy(base), "someone/tiny-lora")
+    local = peftc.load_adapter(copy.deepcopy(base), good)
+    x = token_batch()
+    assert torch.equal(from_hub(input_ids=x).logits, local(input_ids=x).logits)
+    with pytest.raises(peftc.AdapterFileError, match="neither a local directory nor a hub adapter") as missing:
+        peftc.load_adapter(copy.deepcopy(base), "someone/not-cached")
+    assert str(missing.value).startswith("someone/not-cached: ") and "\n" not in str(missing.value)
 
 
 # ------------------------------------------------------------------------------ atomic writes

@@ -88,7 +88,7 @@ def adapter_overrides(overrides: Sequence[str]) -> list[str]:
     adapter = next((o.value() for o in parsed if o.key_or_group == "adapter"), None)
     if adapter is None or any(o.key_or_group == "task" for o in parsed):
         return list(overrides)
-    directory = Path(str(adapter)).expanduser()
+    directory = adapter_files.adapter_directory(str(adapter))
     config = adapter_files.read_config(directory)
     task = tasks.for_task_type(config.get("task_type"), str(directory / adapter_files.CONFIG_NAME))
     if task.task_type is None:

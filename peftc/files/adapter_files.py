@@ -85,6 +85,32 @@ def write_adapter_files(
 
 
 # ----------------------------------------------------------------------------------- reading
+# `org/name`: how the Hugging Face Hub names a repository.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def adapter_directory(value: str | os.PathLike[str]) -> Path:
+    """Where an adapter's files are: a local directory, or for a hub id (`org/name`, when no
+    such local path or parent directory exists) its snapshot in the Hugging Face cache, which
+    `huggingface_hub` downloads when online and reads from the cache when offline
+    (HF_HUB_OFFLINE=1). Only the adapter's own files are fetched; nothing is unpickled."""
+    path = Path(value).expanduser()
+    text = str(value)
+    if path.exists() or path.parent.exists() or not HUB_ID.fullmatch(text):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PLAN_NAME, "README.md"]))
+    except Exception as exc:  # not cached while offline, no such repository, no network: one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdapterFileError(
+            text,
+            f"is neither a local directory nor a hub adapter that could be fetched ({reason})",
+            "give the adapter's directory, or the hub id of an adapter in the Hugging Face cache",
+        ) from exc
+
+
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """adapter_config.json as a dict, after refusing fields that could carry code."""
     from peftc.files.screening import refuse_code

@@ -98,7 +98,7 @@ def load_adapter(
     check_adapter_name("adapter_name", adapter_name)
     if isinstance(base, PeftcModel) and adapter_name in base.plans:
         raise ConfigError("adapter_name", adapter_name, "an adapter with this name already exists", "pick another name")
-    directory = Path(directory)
+    directory = adapter_files.adapter_directory(directory)
     source = str(directory / adapter_files.CONFIG_NAME)
     raw = adapter_files.read_config(directory)
     method = methods.for_peft_type(raw["peft_type"], source)
