@@ -393,3 +393,33 @@ def test_a_saved_adapter_loads_back_onto_a_quantized_base(backend: str, tmp_path
         assert loaded.plan_of("default").quantization.backend == backend
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=x).logits, expected)
+
+
+# ------------------------------------------------------------------------ quantize on load
+@pytest.mark.parametrize("option", ["bnb_nf4", "bnb_fp4"])
+def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
+    option: str, tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QLoRA's point: the unquantized model never exists in memory. The layers transformers'
+    loader quantizes are exactly the planned ones, stored bit for bit as peftc's own quantizing
+    pass stores them."""
+    overrides = [f"quant={option}", "model=hf", f"model.name_or_path={tiny_llama_dir}", "peft.target_modules=all-linear"]
+    plan = peftc.compile(overrides)
+    backend = quant.for_spec(plan.spec.quant)
+    after_building = load_base_model(peftc.compile([*overrides[:1], "model=tiny_llama", *overrides[3:]]))
+
+    def built_whole_first(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checkpoint was loaded whole, then quantized")
+
+    monkeypatch.setattr(type(backend), "quantize", built_whole_first)
+    on_load = load_base_model(plan)
+    quantized = {path for path, module in on_load.named_modules() if backend.owns(module)}
+    assert quantized == set(plan.quantization.modules) and "lm_head" not in quantized
+    for path in plan.quantization.modules:
+        ours, theirs = on_load.get_submodule(path), after_building.get_submodule(path)
+        assert torch.equal(ours.weight.data, theirs.weight.data), path
+        assert ours.support_avx512bf16_for_cpu is False  # one weight layout in train and eval mode
+    x = token_batch()
+    assert torch.equal(on_load(input_ids=x).logits, after_building(input_ids=x).logits)
+    model = materialize(plan, on_load)  # and adapters go on top as usual
+    assert model.trainable_parameters() == plan.trainable_params

@@ -195,8 +195,13 @@ def build_model(
     extra_config: dict[str, Any] | None = None,
     *,
     device: str | torch.device = "cpu",
+    quantization_config: Any = None,
 ) -> PreTrainedModel:
-    """Instantiate the base model with real weights (config-built: seeded random init)."""
+    """Instantiate the base model with real weights (config-built: seeded random init).
+
+    `quantization_config` (a transformers quantization config; loaded models only) quantizes
+    each weight as its checkpoint shard is read, straight onto `device`: the unquantized model
+    never exists in memory."""
     import torch
     from safetensors import SafetensorError
 
@@ -219,6 +224,11 @@ def build_model(
                 trust_remote_code=False,
                 use_safetensors=True,  # never unpickle weights
                 output_loading_info=True,
+                **(
+                    {"quantization_config": quantization_config, "device_map": {"": str(device)}}
+                    if quantization_config
+                    else {}
+                ),
             )
     except OSError as exc:
         raise ConfigError(
@@ -230,7 +240,7 @@ def build_model(
     except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # truncated, size mismatch, ...
         raise unusable_model_error(model, "the weights", exc) from exc
     _warn_missing_base_weights(loaded, info.get("missing_keys", ()), model)
-    return loaded.to(device).eval()
+    return (loaded if quantization_config else loaded.to(device)).eval()  # quantized: already placed
 
 
 class _quiet_loading:

@@ -97,6 +97,15 @@ class QuantBackend:
         """Quantize exactly the modules at `paths` of a loaded model, in place."""
         return model
 
+    def on_load_config(self, spec: Any, model_dtype: str, skip: list[str]) -> Any | None:
+        """transformers' quantization config that quantizes while loading a checkpoint (every
+        weight-bearing module but `skip`), so that the whole model never exists unquantized in
+        memory; None: this backend quantizes after loading (`quantize`)."""
+        return None
+
+    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
+        """Settings `quantize` gives its layers, applied to layers that transformers quantized."""
+
     # ------------------------------------------------------------------ live quantized layers
     library: ClassVar[str] = ""  # top-level module whose presence in sys.modules `owns` needs
 

@@ -97,6 +97,22 @@ class Bnb4bit(QuantBackend):
             replace_module(model, path, layer.to(old.weight.device))  # .to() quantizes
         return model
 
+    def on_load_config(self, spec: Bnb4bitSpec, model_dtype: str, skip: list[str]) -> Any:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype or model_dtype),
+            bnb_4bit_use_double_quant=spec.double_quant,
+            llm_int8_skip_modules=skip,  # transformers' name for "keep these unquantized", 4-bit too
+        )
+
+    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
+        for path in paths:
+            model.get_submodule(path).support_avx512bf16_for_cpu = False  # see quantize
+
     def _owns(self, module: nn.Module) -> bool:
         import bitsandbytes as bnb
 

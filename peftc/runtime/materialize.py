@@ -8,7 +8,7 @@ built before the model is touched, and a failure undoes what was added.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -76,13 +76,50 @@ def check_fits_in_memory(plan: Plan, *, loading_base: bool) -> None:
 
 
 def load_base_model(plan: Plan) -> nn.Module:
-    """The base model the plan was made for: built or loaded, quantized, ready to wrap."""
+    """The base model the plan was made for: built or loaded, quantized, ready to wrap.
+
+    A loaded checkpoint is quantized while transformers reads it, where the backend can (the
+    whole unquantized model never sits in memory: QLoRA's point); a config-built model, or a
+    backend that cannot, is quantized after it is built."""
     run = plan.spec
     task = tasks.get(plan.task)
-    base = model_source.build_model(run.model, task.auto_class_name, task.config_overrides(run.task))
-    if plan.quantization is not None and plan.quantization.modules:
-        base = quant.for_spec(run.quant).quantize(run.quant, base, plan.quantization.modules)
+    overrides = task.config_overrides(run.task)
+    quantized = plan.quantization.modules if plan.quantization is not None else ()
+    backend = quant.for_spec(run.quant) if quantized else None
+    on_load = None
+    if backend is not None and not run.model.is_config_built:
+        on_load = backend.on_load_config(run.quant, run.model.dtype, _kept_unquantized(plan, task, overrides))
+    base = model_source.build_model(run.model, task.auto_class_name, overrides, quantization_config=on_load)
+    if on_load is not None:
+        _check_quantized_as_planned(base, backend, quantized)
+        backend.after_load(base, quantized)
+    elif backend is not None:
+        base = backend.quantize(run.quant, base, quantized)
     return prepare_for_training(base, run.quant, run.trainer)
+
+
+def _kept_unquantized(plan: Plan, task: Any, overrides: dict[str, Any]) -> list[str]:
+    """Every module transformers' quantizers would convert (Linear, GPT-2's Conv1D) that the plan
+    keeps unquantized, by full path."""
+    from peftc.planning.graph import meta_graph
+
+    graph = meta_graph(plan.spec.model, task.auto_class_name, overrides)
+    planned = set(plan.quantization.modules)
+    return [m.path for m in graph.modules if m.path and m.kind in ("linear", "conv1d_hf") and m.path not in planned]
+
+
+def _check_quantized_as_planned(base: nn.Module, backend: Any, planned: tuple[str, ...]) -> None:
+    """transformers decided which modules to convert from our skip list: they must be the plan's."""
+    done = {path for path, module in base.named_modules() if backend.owns(module)}
+    if done != set(planned):
+        extra, missing = sorted(done - set(planned)), sorted(set(planned) - done)
+        raise PlanError(
+            "quant",
+            backend.name,
+            f"internal error (peftc's, please report it): loading quantized {len(done)} modules where the plan has "
+            f"{len(planned)} (unplanned: {extra[:3]}, not quantized: {missing[:3]})",
+            "quantize after loading meanwhile: load the model yourself and pass it to peftc.materialize",
+        )
 
 
 def _check_counts(model: PeftcModel, plan: Plan, name: str) -> None:
