@@ -74,10 +74,10 @@ def run_path(path: str, checkpoint: str) -> dict[str, float]:
         "quant.float32_unquantized=false",
     ]
     plan = peftc.compile(overrides)
+    import threading
+
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
-
-    import threading
 
     baseline = rss_kib("RssAnon")
     peak = [baseline]
