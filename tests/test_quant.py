@@ -403,7 +403,12 @@ def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
     """QLoRA's point: the unquantized model never exists in memory. The layers transformers'
     loader quantizes are exactly the planned ones, stored bit for bit as peftc's own quantizing
     pass stores them."""
-    overrides = [f"quant={option}", "model=hf", f"model.name_or_path={tiny_llama_dir}", "peft.target_modules=all-linear"]
+    overrides = [
+        f"quant={option}",
+        "model=hf",
+        f"model.name_or_path={tiny_llama_dir}",
+        "peft.target_modules=all-linear",
+    ]
     plan = peftc.compile(overrides)
     backend = quant.for_spec(plan.spec.quant)
     after_building = load_base_model(peftc.compile([*overrides[:1], "model=tiny_llama", *overrides[3:]]))
