@@ -71,6 +71,16 @@ class BnbInt8(QuantBackend):
             replace_module(model, path, layer.to(old.weight.device))  # .to() quantizes
         return model
 
+    def on_load_config(self, spec: BnbInt8Spec, model_dtype: str, skip: list[str]) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=spec.threshold,
+            llm_int8_has_fp16_weight=False,
+            llm_int8_skip_modules=skip,
+        )
+
     def _owns(self, module: nn.Module) -> bool:
         import bitsandbytes as bnb
 

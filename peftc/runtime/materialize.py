@@ -94,7 +94,7 @@ def load_base_model(plan: Plan) -> nn.Module:
         _check_quantized_as_planned(base, backend, quantized)
         backend.after_load(base, quantized)
     elif backend is not None:
-        base = backend.quantize(run.quant, base, quantized)
+        base = backend.quantize(run.quant, base, quantized).eval()  # new layers start in train mode
     return prepare_for_training(base, run.quant, run.trainer)
 
 
