@@ -40,6 +40,34 @@ def test_eval_on_a_saved_adapter_gives_the_training_run_metrics(trained: Path, t
     assert evaluated["examples"] == 200
 
 
+def test_eval_reads_the_data_the_run_was_trained_on(tmp_path: Path) -> None:
+    """A run on the user's CSV (labels bad/good): eval on its adapter evaluates that CSV, not the
+    built-in set, says so, and gets the training run's validation metrics; an override still wins."""
+    reviews = tmp_path / "reviews.csv"
+    rows = "".join(f"great thing {i},good\nawful thing {i},bad\n" for i in range(20))
+    reviews.write_text("text,label\n" + rows)
+    run_dir = tmp_path / "run"
+    trained = run_cli(
+        ["task=seq_cls", "model=tiny_bert", "data.source=csv", f"data.path={reviews}", "trainer.max_steps=2",
+         "predict_samples=0", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    evaluated = tmp_path / "eval"
+    result = run_cli(["action=eval", f"adapter={run_dir / 'adapter'}", f"hydra.run.dir={evaluated}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"data: csv {reviews} (as trained)" in result.stdout
+    at_training = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["val_accuracy"] == pytest.approx(at_training["val_accuracy"], abs=1e-6)
+    other = tmp_path / "other.csv"
+    other.write_text("text,label\n" + "fine,good\nbad,bad\n" * 15)
+    result = run_cli(["action=eval", f"adapter={run_dir / 'adapter'}", f"data.path={other}",
+                      f"hydra.run.dir={tmp_path / 'eval2'}"], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"data: csv {other}\n" in result.stdout
+
+
 def test_predict_from_a_file_repeats_the_predictions_made_before_saving(trained: Path, tmp_path: Path) -> None:
     before = [json.loads(line) for line in (trained / "predictions.jsonl").read_text().splitlines()]
     inputs = tmp_path / "inputs.txt"

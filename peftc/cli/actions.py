@@ -71,6 +71,8 @@ def _model_and_run(run: RunSpec) -> tuple[Any, RunSpec]:
     # The head fixes some task settings (the label set): keep the adapter's when the run differs.
     task_spec = run.task if task.config_overrides(run.task) == task.config_overrides(saved.task) else saved.task
     print(f"adapter {run.adapter}: {plan.method} on {saved.model.label} ({plan.model.model_class}), task={task.name}")
+    if run.action == "eval":
+        print(f"data: {describe_data(run.data)}{' (as trained)' if run.data == saved.data else ''}")
     return model, run.replace(task=task_spec, model=saved.model)
 
 
@@ -93,10 +95,21 @@ def adapter_overrides(overrides: Sequence[str]) -> list[str]:
     task = tasks.for_task_type(config.get("task_type"), str(directory / adapter_files.CONFIG_NAME))
     if task.task_type is None:
         return [f"task={_task_of_base(directory).name}", *overrides]
-    saved = ((adapter_files.read_plan(directory) or {}).get("spec") or {}).get("task") or {}
+    spec = (adapter_files.read_plan(directory) or {}).get("spec") or {}
     known = {f.name for f in dataclasses.fields(task.schema)}
-    settings = [f"task.{k}={hydra_value(v)}" for k, v in saved.items() if k in known]
-    return [f"task={task.name}", *settings, *overrides]
+    settings = [f"task.{k}={hydra_value(v)}" for k, v in (spec.get("task") or {}).items() if k in known]
+    return [f"task={task.name}", *settings, *data_settings(spec.get("data") or {}), *overrides]
+
+
+def data_settings(saved: Mapping[str, Any]) -> list[str]:
+    """The data the run was trained with (file, columns, split, lengths), as overrides placed
+    before the user's, which win: eval and predict read what the adapter learned from."""
+    import dataclasses
+
+    from peftc.config.spec import DataSpec
+
+    known = {f.name for f in dataclasses.fields(DataSpec)}
+    return [f"data.{k}={hydra_value(v)}" for k, v in saved.items() if k in known]
 
 
 def _task_of_base(directory: Path) -> Any:
@@ -127,6 +140,14 @@ def _check_labels_fit(model: Any, run: RunSpec) -> None:
             f"has {len(labels)} labels but the head of the adapter's base model has {heads}",
             f"give its {heads} labels in class-index order",
         )
+
+
+def describe_data(data: Any) -> str:
+    """Which examples a run reads, in a few words."""
+    if data.source == "builtin":
+        return f"built-in {data.name}"
+    where = f"{data.source} {data.path}" + (f" (validation: {data.val_path})" if data.val_path else "")
+    return where + (f", columns {dict(data.columns)}" if data.columns else "")
 
 
 def hydra_value(value: Any) -> str:
