@@ -6,6 +6,7 @@ model = peftc.materialize(plan)                 # or materialize(plan, base_mode
 model.save_adapter("out/")                      # PEFT layout, loadable by the peft package
 model = peftc.load_adapter(base_model, "out/")  # ours and peft-saved adapters alike
 merged = model.merge_and_unload()
+result = peftc.train(["peft.r=8"], output_dir="runs/r8")  # what `python -m peftc peft.r=8` does
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from peftc.version import __version__
 silence_import_noise()
 
 if TYPE_CHECKING:
+    import os
+
+    from peftc.cli.run import TrainResult
     from peftc.planning.plan import Plan
 
 __all__ = [
     "compile",
+    "train",
     "materialize",
     "load_adapter",
     "PeftcError",
@@ -48,6 +53,33 @@ def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public n
     from peftc.planning import planner
 
     return planner.plan(to_spec(compose(overrides)))
+
+
+def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | None = None) -> TrainResult:
+    """Train as `python -m peftc OVERRIDES` does (the same checks, files and printed lines) from
+    Python: no sys.argv, no Hydra app. Writes to `output_dir`, else the config's output_dir,
+    else outputs/<date>/<time> under the working directory, as the CLI's default."""
+    import datetime
+    from pathlib import Path
+
+    from peftc.cli.main import check_output_dir
+    from peftc.cli.run import TrainResult, execute
+    from peftc.planning.compat import check_spec
+
+    plan = compile(overrides)
+    run = plan.spec
+    if run.action != "train" or run.dry_run:
+        key, value = ("action", run.action) if run.action != "train" else ("dry_run", True)
+        raise ConfigError(
+            key, value, "peftc.train trains", "peftc.compile(overrides) gives the plan alone; the CLI runs eval/predict"
+        )
+    check_spec(run)
+    now = datetime.datetime.now()
+    target = Path(output_dir or run.output_dir or Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}")
+    check_output_dir(str(target))
+    summary = execute(run, target)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, float) and k != "wall_time_s"}
+    return TrainResult(output_dir=target, adapter_dir=target / "adapter", plan=plan, metrics=metrics)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,17 @@ METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 
-__all__ = ["execute", "is_global_zero", "train"]
+__all__ = ["TrainResult", "execute", "is_global_zero", "train"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `peftc.train` leaves: where, the adapter, the plan it executed, the final metrics."""
+
+    output_dir: Path
+    adapter_dir: Path
+    plan: Plan
+    metrics: dict[str, float]
 
 
 def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
