@@ -214,6 +214,9 @@ CASES = [
     Case("lora", "tiny_gpt2", ("peft.bias=all", "peft.modules_to_save=[ln_f]"), perturb=True),
     Case("lora", "tiny_gpt2", ("peft.bias=lora_only", "peft.target_modules=all-linear"), perturb=True),
     Case("lora", "tiny_gpt2", ("peft.lora_bias=true",), perturb=True),
+    # trainable tokens: new special tokens' rows trained in full beside the adapter
+    Case("lora", "tiny_llama", ("peft.trainable_token_indices=[13,51,176]",), perturb=True),  # in token_batch()
+    Case("lora", "tiny_bert", ("task=seq_cls", "peft.trainable_token_indices={word_embeddings: [13,51]}"), perturb=True),
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("peft.bias=oft_only", "peft.target_modules=[query,key]"), perturb=True),
@@ -378,7 +381,9 @@ def base_weights(model: PeftcModel) -> dict[str, torch.Tensor]:
 
 
 # Adapter tensors of every method, in peft's and our state dicts (left out of base_state).
-_ADAPTER_TENSOR = re.compile(r"\.(lora_|ia3_l|hada_|lokr_|oft_R|ranknum)|modules_to_save\.|original_module\.")
+_ADAPTER_TENSOR = re.compile(
+    r"\.(lora_|ia3_l|hada_|lokr_|oft_R|ranknum)|modules_to_save\.|original_module\.|token_adapter\.(default|trainable)"
+)
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -387,7 +392,8 @@ def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     prefix = "base_model.model." if isinstance(model, PeftModel) else "base_model."
     return {
-        name.removeprefix(prefix).replace(".base_layer", ""): tensor
+        # peft wraps a trainable-tokens embedding twice (<emb>.token_adapter.base_layer.weight)
+        name.removeprefix(prefix).replace(".token_adapter.base_layer", "").replace(".base_layer", ""): tensor
         for name, tensor in model.state_dict().items()
         if not _ADAPTER_TENSOR.search(name)
     }

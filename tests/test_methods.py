@@ -150,7 +150,7 @@ def test_merge_unmerge_disable_unload(case: Case) -> None:
     assert max_diff(output(ours, case), adapted) <= case.tolerance
     restored = output(ours.unload(), case)
     assert max_diff(restored, output(theirs.unload(), case)) <= case.tolerance
-    if not touches_base(pair.plan):
+    if not touches_base(pair.plan) and not pair.plan.modules_to_save:  # unload keeps trained copies (peft)
         assert max_diff(restored, base_output) <= case.tolerance
 
 

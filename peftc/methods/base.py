@@ -80,6 +80,14 @@ class Method:
     def plan_site(self, spec: Any, module: ModuleInfo, graph: ModelGraph) -> Site:
         raise NotImplementedError(f"{self.name} does not adapt modules")
 
+    def extra_sites(self, spec: Any, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
+        """Sites beside the target modules' (LoRA's trainable tokens); default: none."""
+        return ()
+
+    def layer_type(self, site: Site) -> type[AdapterLayer]:
+        """The adapter layer class that wraps this site's module."""
+        return self.layer_class
+
     def select_targets(self, spec: Any, modules: Sequence[ModuleInfo], graph: ModelGraph) -> list[ModuleInfo]:
         """Narrow the resolved target modules further (e.g. only the last N layers); default: all."""
         return list(modules)

@@ -56,6 +56,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         )
         modules = method.select_targets(run.peft, modules, graph)
         sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
+        sites += method.extra_sites(run.peft, graph, sites)
     quantization = plan_quantization(backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved])
     sites = annotate_sites(sites, quantization)
     prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None

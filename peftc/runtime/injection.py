@@ -33,8 +33,9 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
     try:
         for site in plan.sites:
             current = base.get_submodule(site.path)
+            layer_type = method.layer_type(site)
             if isinstance(current, AdapterLayer):
-                if not isinstance(current, method.layer_class):
+                if not isinstance(current, layer_type):
                     raise PlanError(
                         "peft",
                         plan.method,
@@ -44,7 +45,7 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
                 current.add_adapter(name, site, init=init)
                 extended.append(current)
             else:
-                layer = method.layer_class(current, site.kind)
+                layer = layer_type(current, site.kind)
                 layer.add_adapter(name, site, init=init)
                 new_layers[site.path] = layer
         for saved in plan.modules_to_save:

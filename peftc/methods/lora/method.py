@@ -24,11 +24,12 @@ from typing import Any
 from peftc.config.spec import RunSpec, SpecNode, as_list, at_least, greater_than, in_range, mapping_of, one_of, param
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
-from peftc.methods.base import Method, saves_embedding_weight
+from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.common import number as _number
 from peftc.methods.common import pattern_value, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.lora import combine as lora_combine
+from peftc.methods.lora import tokens
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
 from peftc.methods.lora.layer import CONV_FUNCTIONS, LoraLayer
@@ -39,7 +40,6 @@ from peftc.planning.plan import Plan, Site
 # would load with the wrong numbers, so it is refused instead.
 UNSUPPORTED_FIELDS = (
     "layer_replication",
-    "trainable_token_indices",
     "target_parameters",
     "use_qalora",
     "alora_invocation_tokens",
@@ -95,9 +95,16 @@ class LoraSpec(SpecNode):
         None, "Per-module lora_alpha overrides {regex: alpha}.", mapping_of((int, float), "alphas")
     )
     modules_to_save: Any = param(None, "Extra modules trained in full and saved whole (e.g. a new head).")
+    trainable_token_indices: Any = param(
+        None,
+        "Embedding rows trained in full (new special tokens): a list of token ids (the input embedding), "
+        "or {embedding module: [ids]}.",
+    )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         self._check_init(key)
+        if self.trainable_token_indices is not None:
+            tokens.check_indices(self.trainable_token_indices)
         for pattern, rank in (self.rank_pattern or {}).items():
             if not isinstance(rank, int) or rank < 1:
                 raise ConfigError(f"{key}.rank_pattern.{pattern}", rank, "must be >= 1")
@@ -176,6 +183,28 @@ class Lora(Method):
             module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
         )
 
+    def extra_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
+        extra = tokens.token_sites(spec.trainable_token_indices, graph, init=spec.init_lora_weights is not False)
+        adapted = {s.path for s in sites}
+        saved = set(self.modules_to_save(spec))
+        for site in extra:
+            if site.path in adapted:
+                raise PlanError(
+                    tokens.KEY,
+                    site.path,
+                    "is also a LoRA target",
+                    "adapt the embedding one way: exclude it from peft.target_modules",
+                )
+            if site.path in saved or site.path.rsplit(".", 1)[-1] in saved:
+                raise PlanError(
+                    tokens.KEY, site.path, "is also in peft.modules_to_save, which trains the whole embedding (peft refuses both)",
+                    "keep one of them",
+                )  # fmt: skip
+        return extra
+
+    def layer_type(self, site: Site) -> type[AdapterLayer]:
+        return tokens.TrainableTokensLayer if tokens.is_token_site(site) else LoraLayer
+
     def plan_unfrozen(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         return trained_biases(spec.bias, graph, sites)
 
@@ -185,6 +214,13 @@ class Lora(Method):
     def weighted_adapter_spec(
         self, names: Sequence[str], plans: Sequence[Plan], combination_type: str, svd_rank: int | None
     ) -> LoraSpec:
+        if any(tokens.is_token_site(s) for plan in plans for s in plan.sites):
+            raise ConfigError(
+                "adapters",
+                list(names),
+                "carry trainable tokens, which peftc does not combine",
+                "combine adapters without them",
+            )
         return lora_combine.weighted_spec(names, plans, combination_type, svd_rank)
 
     def peft_config(self, spec: LoraSpec, plan: Plan) -> dict[str, Any]:
@@ -205,6 +241,7 @@ class Lora(Method):
             "lora_bias": spec.lora_bias,
             "use_dora": spec.use_dora,
             "modules_to_save": as_list(spec.modules_to_save),
+            "trainable_token_indices": plain_tokens(spec.trainable_token_indices),
         }
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoraSpec:
@@ -240,6 +277,7 @@ class Lora(Method):
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             modules_to_save=config.get("modules_to_save"),
+            trainable_token_indices=config.get("trainable_token_indices"),
         )
 
 
@@ -305,6 +343,15 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
         raise PlanError("peft.r", r, f"must be divisible by groups={groups} of {where} (peft)")
 
 
+def plain_tokens(value: Any) -> Any:
+    """trainable_token_indices as JSON: a list, or {module: list} (as the user gave it, as peft writes it)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): list(v) for k, v in value.items()}
+    return list(value)
+
+
 def _plain_list(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -312,7 +359,7 @@ def _plain_list(value: Any) -> Any:
 def _jsonable_targets(targets: Any, plan: Plan | None) -> Any:
     """peft writes target_modules as a list (or a regex string); null becomes the resolved names."""
     if targets is None and plan is not None:
-        return sorted({s.path.rsplit(".", 1)[-1] for s in plan.sites})
+        return sorted({s.path.rsplit(".", 1)[-1] for s in plan.sites if not tokens.is_token_site(s)})
     if isinstance(targets, (list, tuple)):
         return list(targets)
     return targets
