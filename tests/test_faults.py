@@ -120,7 +120,7 @@ def test_sigkill_mid_training_then_resume_gives_the_bit_identical_adapter(
     half_written = killed / "checkpoints" / ".last.ckpt.tmp-999999-k1ll3d"  # a checkpoint save killed mid-write
     half_written.write_bytes(b"half a checkpoint")
     resumed = tmp_path / "resumed"
-    code, stderr = finish(start_cli([*RESUMABLE, f"resume={killed}"], resumed))
+    code, stderr = finish(start_cli([*RESUMABLE, f"resume={killed}", f"output_dir={resumed}"], resumed))
     assert code == 0, stderr[-3000:]
     assert not half_written.exists(), "resuming cleans the dead writer's temp file"
     assert logged_steps(resumed)[0] >= checkpoint["global_step"], "the resumed run must start at the checkpoint"
@@ -140,7 +140,9 @@ def test_sigterm_checkpoints_at_the_next_step_boundary_and_resumes_exactly(unint
     assert f"stopped by SIGTERM after step {step}" in stderr and 5 <= step < 40
     assert not (run_dir / "adapter").exists(), "an interrupted run must not look finished"
     resumed = tmp_path / "resumed"
-    code, stderr = finish(start_cli([*RESUMABLE, f"resume={run_dir / 'checkpoints' / 'last.ckpt'}"], resumed))
+    code, stderr = finish(
+        start_cli([*RESUMABLE, f"resume={run_dir / 'checkpoints' / 'last.ckpt'}", f"output_dir={resumed}"], resumed)
+    )
     assert code == 0, stderr[-3000:]
     assert_bit_identical(adapter_tensors(uninterrupted), adapter_tensors(resumed))
 

@@ -75,7 +75,7 @@ def main() -> None:
     try:
         refuse_pickle_flags(argv)
         check_search_path(*search_options(argv))  # before anything (Hydra's help included) composes
-        argv = with_adapter_task(argv)
+        argv = with_adapter_task(with_resumed_run(argv))
     except PeftcError as exc:
         fail(exc)
     sys.argv[1:] = argv
@@ -137,6 +137,17 @@ def answered_here(argv: list[str]) -> bool:
             fail(exc)
         return True
     return False
+
+
+def with_resumed_run(argv: list[str]) -> list[str]:
+    """With `resume=RUN`, the run's own overrides come back before the ones given (peftc.cli.resume)."""
+    if not any(a.lstrip("+").startswith("resume=") for a in argv):
+        return argv
+    from peftc.cli.resume import resume_overrides
+
+    overrides, _ = split_argv(argv)
+    flags = [a for a in argv if a not in overrides]
+    return flags + resume_overrides(overrides)
 
 
 def with_adapter_task(argv: list[str]) -> list[str]:
@@ -341,10 +352,12 @@ def hydra_main(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
 
     from peftc.cli.run import execute
+    from peftc.files.checkpoints import RUN_OVERRIDES
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     single = hydra_cfg.mode != RunMode.MULTIRUN
+    recorded = RUN_OVERRIDES.set(tuple(hydra_cfg.overrides.task))  # checkpoints record them for resume=
     try:
         run = to_spec(cfg)
         output_dir = Path(run.output_dir) if run.output_dir else run_dir
@@ -363,6 +376,8 @@ def hydra_main(cfg: DictConfig) -> Any:
             raise
         # One broken job is a row of the sweep summary, not the end of the sweep.
         return failed_job(exc, Path(hydra_cfg.runtime.output_dir))
+    finally:
+        RUN_OVERRIDES.reset(recorded)
 
 
 def discard_unused_run_dir(run_dir: Path) -> None:

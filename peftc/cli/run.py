@@ -88,7 +88,7 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     run = plan.spec
     resume = find_checkpoint(run.resume) if run.resume else None
     if resume is not None:
-        check_resumable(resume, plan.fingerprint, run.to_dict())
+        check_resumable(resume, run.to_dict())
         remove_dead_temps(resume.parent)  # a checkpoint save killed mid-write left its temp file
     L.seed_everything(run.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(run.model)

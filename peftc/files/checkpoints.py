@@ -9,8 +9,10 @@ write goes to a temp file beside the target, is fsynced and renamed, so a kill m
 the previous checkpoint.
 
 Resuming (`resume=<checkpoint or run dir>`) first reads the checkpoint memory-mapped and compares
-fingerprints: a checkpoint of another plan is refused before the base model or any tensor is
-loaded. The data order is a function of (seed, epoch) and the sampler skips the batches the
+its spec with the run's: a checkpoint of another plan is refused before the base model or any
+tensor is loaded. What does not change what is trained may differ (`RESUMABLE_CHANGES`: a larger
+max_steps, the checkpoint interval, the logger). The checkpoint also records the run's command-line
+overrides (`peftc_overrides`), which `resume=` replays (peftc.cli.resume). The data order is a function of (seed, epoch) and the sampler skips the batches the
 checkpoint already consumed, so a resumed run continues with exactly the batches, dropout masks
 and optimizer state an uninterrupted run would have had.
 """
@@ -22,6 +24,7 @@ import random
 import signal
 import threading
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,24 @@ from peftc.files.atomic import write_file_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
+# What a resumed run may change: how long it trains, how it reports and where, not what it trains.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "trainer.max_steps",
+        "trainer.checkpoint_every_n_steps",
+        "trainer.logger",
+        "trainer.log_every_n_steps",
+        "trainer.progress_bar",
+        "resume",
+        "output_dir",
+        "dry_run",
+        "explain",
+        "predict_samples",
+        "budget.memory_gb",
+    }
+)
+# The command-line overrides of the job being run (set by the CLI), recorded in its checkpoints.
+RUN_OVERRIDES: ContextVar[tuple[str, ...] | None] = ContextVar("peftc_run_overrides", default=None)
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -178,30 +199,42 @@ def find_checkpoint(value: str) -> Path:
     )
 
 
-def check_resumable(path: Path, fingerprint: str, spec: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint written for another plan. Reads it memory-mapped with the safe
-    unpickler: no tensor data is read and nothing is loaded into any model."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # any unreadable file: torch raises many types here
-        raise ConfigError("resume", str(path), f"cannot be read as a checkpoint ({type(exc).__name__})") from exc
+def check_resumable(path: Path, spec: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint written for another plan, or one the run would not train past. Reads it
+    memory-mapped with the safe unpickler: no tensor data is read and nothing is loaded into any model."""
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "peftc_fingerprint" not in checkpoint:
         raise ConfigError("resume", str(path), "is not a peftc checkpoint (no peftc_fingerprint)")
-    if checkpoint["peftc_fingerprint"] != fingerprint:
-        changes = spec_changes(checkpoint.get("peftc_spec") or {}, spec)
+    changes = spec_changes(checkpoint.get("peftc_spec") or {}, spec)
+    if changes:
         raise ConfigError(
             "resume",
             str(path),
-            "was written by a different plan" + (f" ({changes})" if changes else ""),
-            "resume with the config that wrote it, or start a new run without resume",
+            f"was written by a different plan ({changes})",
+            "resume with the config that wrote it (resume= restores it; a larger trainer.max_steps, the "
+            "checkpoint interval and the logger may change), or start a new run without resume",
         )
+    step, last = int(checkpoint.get("global_step") or 0), (spec.get("trainer") or {}).get("max_steps")
+    if last is not None and 0 <= last <= step:
+        raise ConfigError(
+            "trainer.max_steps", last, f"trains no further than the checkpoint, which is at step {step}",
+            f"give a larger trainer.max_steps to train longer, e.g. trainer.max_steps={step * 2}",
+        )  # fmt: skip
+
+
+def read_checkpoint(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # any unreadable file: torch raises many types here
+        raise ConfigError("resume", str(path), f"cannot be read as a checkpoint ({type(exc).__name__})") from exc
 
 
 def spec_changes(before: Mapping[str, Any], after: Mapping[str, Any], limit: int = 3) -> str:
-    """'trainer.lr: 0.003 -> 0.001, ...' for the keys that differ between two plain specs."""
+    """'trainer.lr: 0.003 -> 0.001, ...' for the keys that differ between two plain specs and
+    change what a resumed run trains ('' when none do)."""
     flat_before, flat_after = _flatten(before), _flatten(after)
     keys = sorted(k for k in set(flat_before) | set(flat_after) if flat_before.get(k) != flat_after.get(k))
-    keys = [k for k in keys if k not in ("resume", "output_dir", "dry_run")]
+    keys = [k for k in keys if k not in RESUMABLE_CHANGES]
     shown = [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}" for k in keys[:limit]]
     return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 

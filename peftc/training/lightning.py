@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from peftc import methods, quant, tasks
 from peftc.errors import ConfigError, RunInterrupted, TrainingDiverged
 from peftc.files.checkpoints import (
+    RUN_OVERRIDES,
     AtomicCheckpointIO,
     ResumableLoader,
     ResumableSampler,
@@ -114,12 +115,13 @@ class PeftcLightningModule(L.LightningModule):
         checkpoint["peftc_fingerprint"] = self.plan.fingerprint
         checkpoint["peftc_adapter_fingerprint"] = self.plan.adapter_fingerprint
         checkpoint["peftc_spec"] = self.plan.spec.to_dict()
+        checkpoint["peftc_overrides"] = list(RUN_OVERRIDES.get() or ()) or None
         checkpoint["peftc_rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this before loading any state into the module: refuse a foreign plan.
-        if checkpoint.get("peftc_fingerprint") != self.plan.fingerprint:
-            changes = spec_changes(checkpoint.get("peftc_spec") or {}, self.plan.spec.to_dict())
+        changes = spec_changes(checkpoint.get("peftc_spec") or {}, self.plan.spec.to_dict())
+        if "peftc_fingerprint" not in checkpoint or changes:
             raise ConfigError("resume", None, f"the checkpoint was written by a different plan ({changes})")
         if "peftc_rng" in checkpoint:
             set_rng_state(checkpoint["peftc_rng"])

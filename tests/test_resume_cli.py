@@ -1,0 +1,59 @@
+"""resume=RUN as users use it: the run's config comes back, the run continues in its own
+directory, and only what does not change what is trained may differ."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+RUN = ["peft.r=4", "peft.lora_dropout=0.1", "trainer.checkpoint_every_n_steps=3", "predict_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("resume") / "run"
+    result = run_cli([*RUN, "trainer.max_steps=6", f"hydra.run.dir={run}"], cwd=run.parent)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_resume_with_more_steps_continues_the_run_as_if_it_had_been_longer(six_steps: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        ["resume=" + str(six_steps), "trainer.max_steps=9", f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "with the run's overrides: peft.r=4 peft.lora_dropout=0.1" in result.stdout
+    plan = json.loads((six_steps / "plan.json").read_text())  # the same run directory, its config restored
+    assert plan["spec"]["peft"]["r"] == 4 and plan["spec"]["trainer"]["max_steps"] == 9
+    assert json.loads((six_steps / "metrics.json").read_text())["steps"] == 9
+    longer = tmp_path / "nine"
+    result = run_cli([*RUN, "trainer.max_steps=9", f"hydra.run.dir={longer}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    resumed = load_file(six_steps / "adapter" / "adapter_model.safetensors")
+    uninterrupted = load_file(longer / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "bit-identical to a 9-step run"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("peft.r=8", "was written by a different plan (peft.r: 4 -> 8)"),
+        ("trainer.max_steps=2", "trains no further than the checkpoint"),
+    ],
+)
+def test_resume_refuses_what_changes_the_run_in_one_line(
+    six_steps: Path, tmp_path: Path, change: str, message: str
+) -> None:
+    before = {p: p.stat().st_mtime_ns for p in six_steps.rglob("*") if p.is_file()}
+    result = run_cli(["resume=" + str(six_steps), change, f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in six_steps.rglob("*") if p.is_file()} == before
