@@ -137,3 +137,44 @@ def test_a_bad_label_in_user_data_stops_the_run_with_file_and_row(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert f"error: {data} row 3: label 'meh' is not in the label set ['bad', 'good']" in result.stderr
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_merge_writes_a_model_transformers_loads_with_the_adapters_outputs(trained: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import peftc
+    from tests.helpers import max_diff, token_batch
+
+    result = run_cli(["action=merge", f"adapter={trained / 'adapter'}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Writing model shards" not in result.stderr  # no progress-bar noise
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("good")["input_ids"]
+    adapted = peftc.load_adapter(trained / "adapter").eval()
+    x = token_batch()
+    with torch.no_grad():
+        assert max_diff(merged(input_ids=x).logits, adapted(input_ids=x).logits) <= 1e-5
+        with adapted.disable_adapter():
+            assert max_diff(merged(input_ids=x).logits, adapted(input_ids=x).logits) > 1e-4, "the adapter was merged"
+
+
+def test_export_is_an_uploadable_adapter_with_a_model_card(trained: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    import peftc
+    from tests.helpers import build_base, max_diff, token_batch
+
+    result = run_cli(["action=export", f"adapter={trained / 'adapter'}", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    export = tmp_path / "export"
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: ")
+    accuracy = json.loads((trained / "metrics.json").read_text())["val_accuracy"]
+    assert f"| val_accuracy | {accuracy:.4g} |" in card and "PeftModel.from_pretrained" in card
+    adapted = peftc.load_adapter(trained / "adapter").eval()
+    theirs = PeftModel.from_pretrained(build_base(adapted.plan_of("default")), export).eval()
+    x = token_batch()
+    with torch.no_grad():
+        assert max_diff(theirs(input_ids=x).logits, adapted(input_ids=x).logits) <= 1e-5

@@ -131,6 +131,8 @@ CASES = [
         cli("peft.trainable_token_indices=[1]", "peft.modules_to_save=[embed_tokens]"), PlanError, "peft refuses both"),
     Bad("tokens-on-tied-embedding", "override", cli("model=tiny_gpt2", "peft.trainable_token_indices=[5]"), PlanError,
         "peft.modules_to_save=[wte]"),
+    Bad("merge-without-adapter", "override", cli("action=merge"), ConfigError, "action=merge needs the adapter to merge"),
+    Bad("export-without-adapter", "override", cli("action=export"), ConfigError, "give adapter=RUN/adapter"),
     Bad("huge-rank", "override", never_load_base(cli("peft.r=1000000000")), PlanError, "more than this machine"),
     # Values nested past what Hydra's and OmegaConf's parsers can follow (a RecursionError before).
     Bad("override-list-nested-3000", "override", cli("peft.target_modules=" + "[" * 3000 + "]" * 3000), ConfigError,

@@ -22,12 +22,17 @@ METRICS_FILE = "metrics.json"
 
 
 def run_action(run: RunSpec, output_dir: Path) -> dict[str, Any]:
-    """action=eval or action=predict; returns the summary row (metrics, or the prediction count)."""
+    """action=eval|predict|merge|export; returns the summary row (metrics, the prediction count,
+    or where the merged model / export was written)."""
     import torch
 
     from peftc.planning.model_source import load_tokenizer
 
     model, run = _model_and_run(run)
+    if run.action in ("merge", "export"):
+        from peftc.cli import export
+
+        return export.merge(model, run, output_dir) if run.action == "merge" else export.export(model, run, output_dir)
     tokenizer = load_tokenizer(run.model)
     task = tasks.for_spec(run.task)
     output_dir.mkdir(parents=True, exist_ok=True)

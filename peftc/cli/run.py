@@ -109,8 +109,11 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     check_finite_adapter(model, plan)
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
+        from peftc.planning.model_source import without_progress_bars
+
         merged = merged_model(model, plan)
-        merged.save_pretrained(output_dir / MERGED_DIR)
+        with without_progress_bars():
+            merged.save_pretrained(output_dir / MERGED_DIR)
         tokenizer.save_pretrained(output_dir / MERGED_DIR)
     return metrics
 

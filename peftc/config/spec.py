@@ -386,12 +386,13 @@ class RunSpec(SpecNode):
     )
     action: str = param(
         "train",
-        "train: fit and save an adapter; eval: metrics on the validation split; predict: run on `input`/`input_file`.",
-        one_of("train", "eval", "predict"),
+        "train: fit and save an adapter; eval: metrics on the validation split; predict: run on `input`/`input_file`; "
+        "merge: write the base with `adapter` folded in (loadable by from_pretrained); export: `adapter` with a model card, ready to upload.",
+        one_of("train", "eval", "predict", "merge", "export"),
     )
     adapter: str | None = param(
         None,
-        "Saved adapter directory for action=eval|predict (its base model, head and task are rebuilt from it); null: the plan's untrained adapter.",
+        "Saved adapter directory (or hub id) for action=eval|predict|merge|export (its base model, head and task are rebuilt from it); null: the plan's untrained adapter (eval, predict).",
     )
     input: Any = param(None, "What action=predict runs on: a text, a {field: value} mapping, or a list of them.")
     input_file: str | None = param(
@@ -406,8 +407,12 @@ class RunSpec(SpecNode):
             raise ConfigError(
                 "adapter",
                 self.adapter,
-                "is only read by action=eval or action=predict",
+                "is only read by action=eval, predict, merge or export",
                 "add action=eval or action=predict",
+            )
+        if self.action in ("merge", "export") and self.adapter is None:
+            raise ConfigError(
+                "adapter", None, f"action={self.action} needs the adapter to {self.action}", "give adapter=RUN/adapter"
             )
         if self.action == "predict" and self.input is None and self.input_file is None:
             raise ConfigError(

@@ -9,11 +9,13 @@ enabled and packages are located without being imported: a config cannot run cod
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -241,6 +243,20 @@ def build_model(
         raise unusable_model_error(model, "the weights", exc) from exc
     _warn_missing_base_weights(loaded, info.get("missing_keys", ()), model)
     return (loaded if quantization_config else loaded.to(device)).eval()  # quantized: already placed
+
+
+@contextlib.contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """transformers' shard progress bars off (saving a merged model prints one per save)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 class _quiet_loading:
