@@ -216,7 +216,9 @@ CASES = [
     Case("lora", "tiny_gpt2", ("peft.lora_bias=true",), perturb=True),
     # trainable tokens: new special tokens' rows trained in full beside the adapter
     Case("lora", "tiny_llama", ("peft.trainable_token_indices=[13,51,176]",), perturb=True),  # in token_batch()
-    Case("lora", "tiny_bert", ("task=seq_cls", "peft.trainable_token_indices={word_embeddings: [13,51]}"), perturb=True),
+    Case(
+        "lora", "tiny_bert", ("task=seq_cls", "peft.trainable_token_indices={word_embeddings: [13,51]}"), perturb=True
+    ),
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("peft.bias=oft_only", "peft.target_modules=[query,key]"), perturb=True),

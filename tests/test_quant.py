@@ -359,7 +359,7 @@ def test_merging_into_a_4bit_base_is_refused_and_changes_nothing(backend: str) -
 def test_save_merged_folds_the_adapter_into_the_unquantized_base(backend: str, tmp_path) -> None:
     from peft import PeftModel
 
-    from peftc.cli.run import merged_model
+    from peftc.cli.export import merged_model
     from tests.helpers import build_base
 
     plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])

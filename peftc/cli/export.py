@@ -20,13 +20,13 @@ from peftc import tasks
 from peftc.config.spec import RunSpec
 from peftc.files import adapter_files
 from peftc.files.atomic import atomic_directory
+from peftc.planning.plan import Plan
 
 MERGED_DIR = "merged"
 EXPORT_DIR = "export"
 
 
 def merge(model: Any, run: RunSpec, output_dir: Path) -> dict[str, Any]:
-    from peftc.cli.run import merged_model
     from peftc.planning.model_source import load_tokenizer, without_progress_bars
 
     plan = model.plan_of("default")
@@ -37,6 +37,27 @@ def merge(model: Any, run: RunSpec, output_dir: Path) -> dict[str, Any]:
         load_tokenizer(run.model).save_pretrained(staging)
     print(f"merged model saved to {target} (load it with {tasks.get(plan.task).auto_class_name}.from_pretrained)")
     return {"status": "merged", "merged": str(target)}
+
+
+def merged_model(model: Any, plan: Plan) -> Any:
+    """The trained adapter folded into a plain transformers model.
+
+    A quantized base is not merged into (requantizing rounds the update; 4-bit backends refuse):
+    the adapter goes into the unquantized base rebuilt from `model.*` instead, which is exact.
+    """
+    if plan.quantization is None or not plan.quantization.modules:
+        return model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
+    from peftc import tasks
+    from peftc.files.load import fill
+    from peftc.planning import model_source
+    from peftc.runtime.materialize import materialize
+
+    tensors = {k: t.detach().clone() for k, t in model.adapter_state_dict(plan.adapter_name).items()}
+    task = tasks.get(plan.task)
+    base = model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+    plain = materialize(plan, base.requires_grad_(False), adapter_name=plan.adapter_name, init=False)
+    fill(plain, plan.adapter_name, tensors)
+    return plain.merge_and_unload(safe_merge=True)
 
 
 def export(model: Any, run: RunSpec, output_dir: Path) -> dict[str, Any]:

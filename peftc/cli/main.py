@@ -352,7 +352,7 @@ def hydra_main(cfg: DictConfig) -> Any:
     from hydra.types import RunMode
 
     from peftc.cli.run import execute
-    from peftc.files.checkpoints import RUN_OVERRIDES
+    from peftc.config.compose import RUN_OVERRIDES
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

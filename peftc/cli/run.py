@@ -109,6 +109,7 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     check_finite_adapter(model, plan)
     model.save_adapter(output_dir / ADAPTER_DIR, [plan.adapter_name])
     if run.save_merged:
+        from peftc.cli.export import merged_model
         from peftc.planning.model_source import without_progress_bars
 
         merged = merged_model(model, plan)
@@ -160,24 +161,3 @@ def is_global_zero() -> bool:
         if getattr(rank_zero_only, "rank", 0) != 0:
             return False
     return all(os.environ.get(var, "0") == "0" for var in ("RANK", "NODE_RANK", "LOCAL_RANK"))
-
-
-def merged_model(model: Any, plan: Plan) -> Any:
-    """The trained adapter folded into a plain transformers model.
-
-    A quantized base is not merged into (requantizing rounds the update; 4-bit backends refuse):
-    the adapter goes into the unquantized base rebuilt from `model.*` instead, which is exact.
-    """
-    if plan.quantization is None or not plan.quantization.modules:
-        return model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
-    from peftc import tasks
-    from peftc.files.load import fill
-    from peftc.planning import model_source
-    from peftc.runtime.materialize import materialize
-
-    tensors = {k: t.detach().clone() for k, t in model.adapter_state_dict(plan.adapter_name).items()}
-    task = tasks.get(plan.task)
-    base = model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
-    plain = materialize(plan, base.requires_grad_(False), adapter_name=plan.adapter_name, init=False)
-    fill(plain, plan.adapter_name, tensors)
-    return plain.merge_and_unload(safe_merge=True)

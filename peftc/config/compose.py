@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from peftc.config.safety import CODE_KEYS, check_config, check_resolver, code_ke
 from peftc.config.spec import RunSpec, reject_unknown_keys, unknown_key_error, validate
 from peftc.errors import ConfigError, did_you_mean
 
+# The command-line overrides of the job being run (set by the CLI; checkpoints record them so that
+# resume= can replay them).
+RUN_OVERRIDES: ContextVar[tuple[str, ...] | None] = ContextVar("peftc_run_overrides", default=None)
 CONFIG_MODULE = "peftc.conf"
 CONFIG_NAME = "config"
 VERSION_BASE = "1.3"

@@ -24,7 +24,6 @@ import random
 import signal
 import threading
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,6 @@ RESUMABLE_CHANGES = frozenset(
         "budget.memory_gb",
     }
 )
-# The command-line overrides of the job being run (set by the CLI), recorded in its checkpoints.
-RUN_OVERRIDES: ContextVar[tuple[str, ...] | None] = ContextVar("peftc_run_overrides", default=None)
 
 
 # ---------------------------------------------------------------------------------- writing

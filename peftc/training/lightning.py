@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftc import methods, quant, tasks
+from peftc.config.compose import RUN_OVERRIDES
 from peftc.errors import ConfigError, RunInterrupted, TrainingDiverged
 from peftc.files.checkpoints import (
-    RUN_OVERRIDES,
     AtomicCheckpointIO,
     ResumableLoader,
     ResumableSampler,
