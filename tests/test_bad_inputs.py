@@ -365,6 +365,12 @@ CASES = [
     Bad("data-label-is-a-list", "dataset", cli("task=seq_cls", "data.source=jsonl", "data.path={input}"), DataError,
         "'label' is a list", write_file("d.jsonl", '{"text": "fine", "label": "good"}\n{"text": "bad", "label": "bad"}\n' * 10
                                         + '{"text": "so-so", "label": ["good", "bad"]}\n')),
+    Bad("data-format-for-another-task", "dataset", cli("task=seq_cls", "data.format=prompt_response"), ConfigError,
+        "is read by task=causal_lm only"),
+    Bad("data-prompt-response-without-response", "dataset",
+        cli("data.source=jsonl", "data.path={input}", "data.format=prompt_response"), DataError,
+        "d.jsonl row 1: missing column 'response'", write_file("d.jsonl", '{"prompt": "Q?", "answer": "A."}\n' * 20)),
+    Bad("data-format-typo", "dataset", cli("data.format=prompt_reponse"), ConfigError, "did you mean 'prompt_response'"),
     Bad("data-too-few-rows", "dataset", cli("data.source=jsonl", "data.path={input}", "data.val_fraction=0.5"),
         DataError, "cannot be split", write_file("d.jsonl", STORY)),
     Bad("data-unknown-label", "dataset", cli("task=seq_cls", "task.labels=[negative,positive]", "data.source=jsonl", "data.path={input}"),

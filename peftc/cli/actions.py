@@ -257,7 +257,8 @@ def sample_predictions(model: Any, run: RunSpec, tokenizer: Any, count: int) -> 
 
     task = tasks.for_spec(run.task)
     # method fields (a mapped task_id column) are read so data.columns stays valid; predictions use inputs only
-    _, val_rows = load_splits(run.data, task.fields, seed=run.seed, optional=method_fields(run), lists=task.list_fields)
+    fields = task.data_fields(run)
+    _, val_rows = load_splits(run.data, fields, seed=run.seed, optional=method_fields(run), lists=task.list_fields)
     rows = task.sample_inputs(val_rows[:count])
     return predict_rows(model, task, rows, tokenizer, run) if rows else []
 

@@ -229,6 +229,12 @@ class DataSpec(SpecNode):
         one_of("builtin", "jsonl", "csv"),
     )
     name: str | None = param(None, "Name of the built-in dataset (source=builtin).")
+    format: str = param(
+        "text",
+        "Row layout for task=causal_lm: text (one `text` field, all tokens trained), prompt_response "
+        "(`prompt` + `response`, the loss on the response only unless task.train_on_prompt).",
+        one_of("text", "prompt_response"),
+    )
     path: str | None = param(None, "Path of a local JSONL/CSV file (source=jsonl|csv).")
     val_path: str | None = param(
         None, "Optional separate validation file; otherwise `val_fraction` of `path` is held out."

@@ -203,6 +203,13 @@ def _tensorboard_missing(ctx: Context) -> bool:
 
 ENVIRONMENT_RULES: list[Rule] = [
     Rule(
+        key="data.format",
+        reason="is read by task=causal_lm only (the other tasks have their own fields)",
+        suggestion="leave data.format=text, or use task=causal_lm",
+        task=frozenset({"seq2seq_lm", "seq_cls", "token_cls", "question_ans", "feature_extraction"}),
+        when=lambda ctx: ctx.run.data.format != "text",
+    ),
+    Rule(
         key="trainer.accelerator",
         reason="no CUDA GPU is visible on this machine (torch.cuda.device_count() is 0)",
         suggestion="use trainer.accelerator=cpu here (or auto: the best one found), or run where a GPU is",

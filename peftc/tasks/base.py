@@ -51,6 +51,10 @@ class Task:
         no peftc plan was saved beside it (adapters the peft package wrote)."""
         return spec
 
+    def data_fields(self, run: RunSpec) -> tuple[str, ...]:
+        """The fields a data row of this run carries (`fields`, unless the data format says otherwise)."""
+        return self.fields
+
     def check_row(self, row: Mapping[str, Any], spec: Any) -> str | None:
         """What is wrong with one data row for this task (None: nothing)."""
         return None
@@ -61,7 +65,7 @@ class Task:
         extra = method_fields(run)
         train_rows, val_rows = load_splits(
             run.data,
-            self.fields,
+            self.data_fields(run),
             seed=run.seed,
             check=lambda row: self.check_row(row, run.task),
             optional=extra,

@@ -27,6 +27,10 @@ class CausalLmSpec(SpecNode):
         "Concatenate documents (separated by EOS) and cut into blocks of data.max_length; false: one padded example per document.",
     )
     max_new_tokens: int = param(48, "Tokens generated per prompt at prediction time (greedy).", at_least(1))
+    train_on_prompt: bool = param(
+        False,
+        "data.format=prompt_response: also train on the prompt tokens (false: the loss covers the response only).",
+    )
 
 
 @register
@@ -42,12 +46,39 @@ class CausalLm(Task):
     input_fields = ("text",)
     generates_text = True
 
+    def data_fields(self, run: RunSpec) -> tuple[str, ...]:
+        return ("text",) if run.data.format == "text" else ("prompt", "response")
+
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
-        train_rows, val_rows = load_splits(run.data, ["text"], seed=run.seed, optional=method_fields(run))
+        fields = self.data_fields(run)
+        train_rows, val_rows = load_splits(run.data, fields, seed=run.seed, optional=method_fields(run))
+        encode = self._examples if run.data.format == "text" else self._prompt_response_examples
         return tuple(
-            self._examples(rows, run, tokenizer, split)
-            for rows, split in ((train_rows, "train"), (val_rows, "validation"))
+            encode(rows, run, tokenizer, split) for rows, split in ((train_rows, "train"), (val_rows, "validation"))
         )
+
+    def _prompt_response_examples(
+        self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any, split: str
+    ) -> list[dict[str, list[int]]]:
+        """prompt + response + EOS per row; labels mask the prompt (unless task.train_on_prompt).
+        Packing puts whole examples into blocks of up to data.max_length (never splits one)."""
+        if not rows:
+            return []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        length, extra = run.data.max_length, method_fields(run)
+        examples = []
+        for row in rows:
+            prompt = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
+            response = tokenizer(str(row["response"]), add_special_tokens=False)["input_ids"] + eos
+            masked = prompt if run.task.train_on_prompt else [IGNORE_INDEX] * len(prompt)
+            ids, labels = prompt + response, masked + response
+            if run.data.truncation:
+                ids, labels = ids[:length], labels[:length]
+            examples.append({"input_ids": ids, "labels": labels})
+        if not run.task.packing:
+            return carry_fields(rows, examples, extra)
+        tags = shared_fields(rows, extra, f"data ({split})")
+        return [{**block, **tags} for block in _pack_whole(examples, length)]
 
     def _examples(
         self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any, split: str
@@ -78,7 +109,10 @@ class CausalLm(Task):
         ids = [e["input_ids"] for e in examples]
         input_ids = pad(ids, pad_id(tokenizer), pad_to)
         mask = pad([[1] * len(i) for i in ids], 0, pad_to)
-        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        if all("labels" in e for e in examples):  # prompt_response: the prompt is masked already
+            labels = pad([e["labels"] for e in examples], IGNORE_INDEX, pad_to)
+        else:
+            labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
@@ -98,7 +132,9 @@ class CausalLm(Task):
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     def sample_inputs(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """The first sentence of each document as the prompt to continue."""
+        """The first sentence of each document (or a row's prompt) as the prompt to continue."""
+        if rows and "prompt" in rows[0]:
+            return [{"text": str(row["prompt"])} for row in rows]
         firsts = [str(row["text"]).split(". ")[0] for row in rows]
         return [{"text": first if first.endswith(".") else first + "."} for first in firsts]
 
@@ -120,3 +156,18 @@ class CausalLm(Task):
             new_tokens = generated[0, len(ids) :]
             out.append({"text": row["text"], "generated": tokenizer.decode(new_tokens, skip_special_tokens=True)})
         return out
+
+
+def _pack_whole(examples: Sequence[Mapping[str, list[int]]], length: int) -> list[dict[str, list[int]]]:
+    """Greedy packing of whole examples, in order, into blocks of at most `length` tokens."""
+    blocks: list[dict[str, list[int]]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "labels": []}
+    for example in examples:
+        if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > length:
+            blocks.append(current)
+            current = {"input_ids": [], "labels": []}
+        current["input_ids"] = current["input_ids"] + list(example["input_ids"])
+        current["labels"] = current["labels"] + list(example["labels"])
+    if current["input_ids"]:
+        blocks.append(current)
+    return blocks

@@ -1,0 +1,75 @@
+"""data.format=prompt_response for causal_lm: the loss covers the response (the prompt is masked
+unless task.train_on_prompt), and packing never splits an example."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc import tasks
+from peftc.planning.model_source import load_tokenizer
+from peftc.tasks.common import IGNORE_INDEX
+from tests.helpers import run_cli
+
+ROWS = [{"prompt": f"Q{i}: what does the cat say? A:", "response": f" meow {i}."} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def examples(qa_file: Path, *overrides: str) -> tuple[list, object, object]:
+    plan = peftc.compile(["data.source=jsonl", f"data.path={qa_file}", "data.format=prompt_response", *overrides])
+    tokenizer = load_tokenizer(plan.spec.model)
+    task = tasks.get(plan.task)
+    train, _ = task.datasets(plan.spec, tokenizer)
+    return train, task, tokenizer
+
+
+def test_the_prompt_is_masked_and_the_response_with_its_eos_is_trained(qa_file: Path) -> None:
+    train, task, tokenizer = examples(qa_file, "task.packing=false")
+    batch = task.collate(train[:4], tokenizer)
+    for row, ids, labels in zip(train[:4], batch["input_ids"].tolist(), batch["labels"].tolist()):
+        text = tokenizer.decode(row["input_ids"])
+        prompt = next(r["prompt"] for r in ROWS if text.startswith(r["prompt"]))
+        cut = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        trained = [t for t in labels if t != IGNORE_INDEX]
+        assert labels[:cut] == [IGNORE_INDEX] * cut
+        assert trained == ids[cut : cut + len(trained)] and trained[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(trained, skip_special_tokens=True) == text[len(prompt) :].removesuffix("</s>")
+
+
+def test_train_on_prompt_trains_every_token(qa_file: Path) -> None:
+    train, task, tokenizer = examples(qa_file, "task.packing=false", "task.train_on_prompt=true")
+    assert all(example["labels"] == example["input_ids"] for example in train)
+
+
+def test_packing_puts_whole_examples_into_blocks(qa_file: Path) -> None:
+    unpacked, _, _ = examples(qa_file, "task.packing=false", "data.max_length=128")
+    packed, _, _ = examples(qa_file, "data.max_length=128")
+    assert len(packed) < len(unpacked) and all(len(b["input_ids"]) <= 128 for b in packed)
+    # each block is consecutive whole examples, in order, and every example is in one block
+    pending = iter(unpacked)
+    for block in packed:
+        ids, labels = [], []
+        while len(ids) < len(block["input_ids"]):
+            example = next(pending)
+            ids, labels = ids + example["input_ids"], labels + example["labels"]
+        assert (ids, labels) == (block["input_ids"], block["labels"])
+    assert next(pending, None) is None
+
+
+def test_the_cli_trains_on_prompt_response_rows_and_refuses_the_format_elsewhere(qa_file: Path, tmp_path: Path) -> None:
+    args = ["data.source=jsonl", f"data.path={qa_file}", "data.format=prompt_response", "trainer.max_steps=2"]
+    result = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sample after training: 'Q" in result.stdout  # the prompt is what gets continued
+    refused = run_cli(["task=seq_cls", "data.format=prompt_response", f"hydra.run.dir={tmp_path / 'no'}"], cwd=tmp_path)
+    assert refused.returncode == 2 and "data.format='prompt_response': is read by task=causal_lm only" in refused.stderr
+    assert not (tmp_path / "no").exists()
