@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from peftc.tasks import register
 from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
 from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
 from peftc.tasks.data import load_splits
+from peftc.tasks.generation import GenerationSpec, generate_kwargs
 from peftc.tasks.lm_loss import next_token_loss
 
 
@@ -26,7 +27,8 @@ class CausalLmSpec(SpecNode):
         True,
         "Concatenate documents (separated by EOS) and cut into blocks of data.max_length; false: one padded example per document.",
     )
-    max_new_tokens: int = param(48, "Tokens generated per prompt at prediction time (greedy).", at_least(1))
+    max_new_tokens: int = param(48, "Tokens generated per prompt at prediction time.", at_least(1))
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
     train_on_prompt: bool = param(
         False,
         "data.format=prompt_response: also train on the prompt tokens (false: the loss covers the response only).",
@@ -149,9 +151,8 @@ class CausalLm(Task):
             generated = model.generate(
                 **batch,
                 max_new_tokens=run.task.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
                 pad_token_id=pad_id(tokenizer),
+                **generate_kwargs(run.task.generation, run.seed),
             )
             new_tokens = generated[0, len(ids) :]
             out.append({"text": row["text"], "generated": tokenizer.decode(new_tokens, skip_special_tokens=True)})

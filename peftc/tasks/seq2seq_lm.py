@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,12 +18,14 @@ from peftc.config.spec import RunSpec, SpecNode, at_least, param
 from peftc.tasks import register
 from peftc.tasks.base import Task
 from peftc.tasks.common import IGNORE_INDEX, batches, encoded_batch, pad, to_device, token_fields, tokenize
+from peftc.tasks.generation import GenerationSpec, generate_kwargs
 
 
 @dataclass
 class Seq2SeqLmSpec(SpecNode):
     max_target_length: int = param(64, "Target tokens per example after truncation.", at_least(1))
-    max_new_tokens: int = param(32, "Tokens generated per input at prediction time (greedy).", at_least(1))
+    max_new_tokens: int = param(32, "Tokens generated per input at prediction time.", at_least(1))
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
 
 
 @register
@@ -82,8 +84,7 @@ class Seq2SeqLm(Task):
             generated = model.generate(
                 **to_device(self.collate(chunk, tokenizer), model),
                 max_new_tokens=run.task.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
+                **generate_kwargs(run.task.generation, run.seed),
             )
             out.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
         return [{"source": r["source"], "generated": text} for r, text in zip(rows, out)]
