@@ -320,6 +320,15 @@ class TrainerSpec(SpecNode):
         "Write checkpoints/last.ckpt (trainable tensors + optimizer state) every N optimizer steps; 0: only on SIGTERM.",
         at_least(0),
     )
+    early_stopping_patience: int | None = param(
+        None,
+        "Stop once the task's primary validation metric has not improved for this many validation checks "
+        "(see val_check_interval); null: train to max_steps.",
+        at_least(1),
+    )
+    save_best: bool = param(
+        False, "Save the adapter of the best validation check (the task's primary metric), not the last step's."
+    )
 
     @property
     def precision_name(self) -> str:

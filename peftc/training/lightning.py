@@ -283,12 +283,17 @@ def fit(
         train_loader if isinstance(train_loader, ResumableLoader) else None,
     )
     callbacks = [*methods.get(plan.method).callbacks(model, plan), checkpointing]
+    best = BestAdapter(model, plan.adapter_name, task.primary_metric) if val_loader is not None else None
+    callbacks += validation_callbacks(plan.spec.trainer, task.primary_metric, best)
     trainer = build_trainer(plan, output_dir, callbacks)
     with ranks_rerun_this_job(output_dir), without_kv_cache(model):
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
         if checkpointing.interrupted_at is not None:
             raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if best is not None and plan.spec.trainer.save_best and best.restore():
+            metrics.update({f"best_{task.primary_metric}": best.value, "best_step": float(best.step)})
+            print(f"best {task.primary_metric}={best.value:.4g} at step {best.step}: its adapter is the one saved")
         if val_loader is not None:
             for result in trainer.validate(module, val_loader, verbose=False):
                 metrics.update({k: float(v) for k, v in result.items()})
@@ -298,6 +303,60 @@ def fit(
         torch.distributed.destroy_process_group()
     model.eval()
     return metrics
+
+
+def metric_mode(metric: str) -> str:
+    """Whether a lower ('min': losses, perplexity) or higher ('max': accuracy, F1, recall) value is better."""
+    return "min" if "loss" in metric or "perplexity" in metric else "max"
+
+
+def validation_callbacks(spec: Any, metric: str, best: BestAdapter | None) -> list[Any]:
+    """Early stopping on the task's primary metric, and the best adapter's keeper."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    callbacks: list[Any] = []
+    if spec.early_stopping_patience is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor=metric,
+                mode=metric_mode(metric),
+                patience=spec.early_stopping_patience,
+                check_on_train_epoch_end=False,  # after each validation check, not per epoch
+                verbose=False,
+            )
+        )
+    if spec.save_best and best is not None:
+        callbacks.append(best)
+    return callbacks
+
+
+class BestAdapter(L.Callback):
+    """Keeps a copy of the adapter's tensors at its best validation check (trainer.save_best)."""
+
+    def __init__(self, model: PeftcModel, name: str, metric: str) -> None:
+        self.model, self.name, self.metric, self.mode = model, name, metric, metric_mode(metric)
+        self.value: float | None = None
+        self.step = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        value = float(value)
+        better = self.value is None or (value < self.value if self.mode == "min" else value > self.value)
+        if better:
+            self.value, self.step = value, trainer.global_step
+            self.tensors = {k: t.detach().clone() for k, t in self.model.adapter_state_dict(self.name).items()}
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Put the best tensors back into the adapter; False when no validation check ran."""
+        if not self.tensors:
+            return False
+        for key, tensor in self.model.adapter_state_dict(self.name).items():
+            tensor.copy_(self.tensors[key])
+        return True
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
