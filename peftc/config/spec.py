@@ -176,6 +176,10 @@ class ModelSpec(SpecNode):
         None,
         "Tokenizer directory or hub id; null means the model's own, or peftc's byte-level tokenizer for config-built models.",
     )
+    chat_template: str | None = param(
+        None,
+        "Jinja chat template (the text, or a file holding it) for data.format=chat; null: the tokenizer's own.",
+    )
     revision: str | None = param(None, "Hub revision of a pretrained model.")
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
@@ -232,8 +236,9 @@ class DataSpec(SpecNode):
     format: str = param(
         "text",
         "Row layout for task=causal_lm: text (one `text` field, all tokens trained), prompt_response "
-        "(`prompt` + `response`, the loss on the response only unless task.train_on_prompt).",
-        one_of("text", "prompt_response"),
+        "(`prompt` + `response`, the loss on the response only unless task.train_on_prompt), chat "
+        "(`messages`: [{role, content}, ...] rendered with the chat template, the loss on assistant turns).",
+        one_of("text", "prompt_response", "chat"),
     )
     path: str | None = param(None, "Path of a local JSONL/CSV file (source=jsonl|csv).")
     val_path: str | None = param(

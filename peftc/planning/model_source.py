@@ -416,7 +416,21 @@ def load_tokenizer(model: ModelSpec) -> Any:
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.chat_template:
+        tokenizer.chat_template = _template_text(model.chat_template)
     return tokenizer
+
+
+def _template_text(value: str) -> str:
+    """model.chat_template: a file holding the template, or the template itself."""
+    path = Path(os.path.expanduser(value))
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise ConfigError(
+            "model.chat_template", value, "is neither a file nor a Jinja template", "give the template text or its file"
+        )
+    return value
 
 
 @functools.lru_cache(maxsize=1)

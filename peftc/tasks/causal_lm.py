@@ -13,7 +13,7 @@ import torch
 
 from peftc.config.spec import RunSpec, SpecNode, at_least, param
 from peftc.errors import DataError
-from peftc.tasks import register
+from peftc.tasks import chat, register
 from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
 from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
 from peftc.tasks.data import load_splits
@@ -48,13 +48,21 @@ class CausalLm(Task):
     input_fields = ("text",)
     generates_text = True
 
+    list_fields = ("messages",)  # data.format=chat: a row's conversation
+
     def data_fields(self, run: RunSpec) -> tuple[str, ...]:
-        return ("text",) if run.data.format == "text" else ("prompt", "response")
+        return {"text": ("text",), "prompt_response": ("prompt", "response"), "chat": ("messages",)}[run.data.format]
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
         fields = self.data_fields(run)
-        train_rows, val_rows = load_splits(run.data, fields, seed=run.seed, optional=method_fields(run))
-        encode = self._examples if run.data.format == "text" else self._prompt_response_examples
+        train_rows, val_rows = load_splits(
+            run.data, fields, seed=run.seed, optional=method_fields(run), lists=self.list_fields
+        )
+        encode = {
+            "text": self._examples,
+            "prompt_response": self._prompt_response_examples,
+            "chat": self._chat_examples,
+        }[run.data.format]
         return tuple(
             encode(rows, run, tokenizer, split) for rows, split in ((train_rows, "train"), (val_rows, "validation"))
         )
@@ -67,16 +75,45 @@ class CausalLm(Task):
         if not rows:
             return []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        length, extra = run.data.max_length, method_fields(run)
         examples = []
         for row in rows:
             prompt = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
             response = tokenizer(str(row["response"]), add_special_tokens=False)["input_ids"] + eos
             masked = prompt if run.task.train_on_prompt else [IGNORE_INDEX] * len(prompt)
-            ids, labels = prompt + response, masked + response
-            if run.data.truncation:
-                ids, labels = ids[:length], labels[:length]
-            examples.append({"input_ids": ids, "labels": labels})
+            examples.append({"input_ids": prompt + response, "labels": masked + response})
+        return self._finish_masked(examples, rows, run, split)
+
+    def _chat_examples(
+        self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any, split: str
+    ) -> list[dict[str, list[int]]]:
+        """Conversations rendered with the chat template; the loss on assistant turns (all tokens
+        with task.train_on_prompt)."""
+        if not rows:
+            return []
+        chat.check_template(tokenizer)
+        examples = []
+        for number, row in enumerate(rows, start=1):
+            where = f"{run.data.path or 'data'} ({split} split, example {number})"
+            example = chat.encode(chat.check_messages(row["messages"], where), tokenizer, where)
+            if run.task.train_on_prompt:
+                example["labels"] = list(example["input_ids"])
+            examples.append(example)
+        return self._finish_masked(examples, rows, run, split)
+
+    def _finish_masked(
+        self, examples: list[dict[str, list[int]]], rows: Sequence[Mapping[str, Any]], run: RunSpec, split: str
+    ) -> list[dict[str, list[int]]]:
+        """Truncation and packing of examples that carry their own labels."""
+        length, extra = run.data.max_length, method_fields(run)
+        if run.data.truncation:
+            examples = [{k: v[:length] for k, v in e.items()} for e in examples]
+        for number, example in enumerate(examples, start=1):
+            if all(label == IGNORE_INDEX for label in example["labels"]):
+                raise DataError(
+                    f"{run.data.path or 'data'} ({split} split, example {number})",
+                    f"has no token to learn from within data.max_length={length} (the prompt fills it)",
+                    "raise data.max_length or shorten the prompt",
+                )
         if not run.task.packing:
             return carry_fields(rows, examples, extra)
         tags = shared_fields(rows, extra, f"data ({split})")
@@ -137,6 +174,8 @@ class CausalLm(Task):
         """The first sentence of each document (or a row's prompt) as the prompt to continue."""
         if rows and "prompt" in rows[0]:
             return [{"text": str(row["prompt"])} for row in rows]
+        if rows and "messages" in rows[0]:  # the conversation before its last answer
+            return [{"messages": row["messages"]} for row in rows]
         firsts = [str(row["text"]).split(". ")[0] for row in rows]
         return [{"text": first if first.endswith(".") else first + "."} for first in firsts]
 
@@ -144,7 +183,8 @@ class CausalLm(Task):
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
         out = []
         for row in rows:  # one prompt at a time: no padding inside a decoder's context
-            ids = tokenizer(str(row["text"]), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id or 0]
+            text = chat.prompt_text(row["messages"], tokenizer) if "messages" in row else str(row["text"])
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id or 0]
             batch = to_device(
                 {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, model
             )
@@ -155,7 +195,7 @@ class CausalLm(Task):
                 **generate_kwargs(run.task.generation, run.seed),
             )
             new_tokens = generated[0, len(ids) :]
-            out.append({"text": row["text"], "generated": tokenizer.decode(new_tokens, skip_special_tokens=True)})
+            out.append({"text": text, "generated": tokenizer.decode(new_tokens, skip_special_tokens=True)})
         return out
 
 

@@ -1,0 +1,97 @@
+"""data.format=chat for causal_lm: conversations rendered with the chat template, the loss on the
+assistant turns only; a tokenizer without a template and malformed conversations are named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc import tasks
+from peftc.planning.model_source import load_tokenizer
+from peftc.tasks.common import IGNORE_INDEX
+from tests.helpers import run_cli
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+ANIMALS = ("cat", "dog", "owl")
+
+
+def conversation(i: int) -> dict:
+    animal = ANIMALS[i % 3]
+    return {
+        "messages": [
+            {"role": "user", "content": f"What does the {animal} say?"},
+            {"role": "assistant", "content": f"The {animal} says hello."},
+            {"role": "user", "content": "Again?"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("chat")
+    (directory / "chat.jsonl").write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(60)))
+    (directory / "chat.jinja").write_text(TEMPLATE)
+    return directory
+
+
+def overrides(chat_dir: Path, *extra: str) -> list[str]:
+    return [
+        "data.source=jsonl",
+        f"data.path={chat_dir / 'chat.jsonl'}",
+        "data.format=chat",
+        f"model.chat_template={chat_dir / 'chat.jinja'}",
+        "data.max_length=128",
+        *extra,
+    ]
+
+
+def test_only_the_assistant_turns_are_trained(chat_dir: Path) -> None:
+    plan = peftc.compile(overrides(chat_dir, "task.packing=false"))
+    tokenizer = load_tokenizer(plan.spec.model)
+    train, _ = tasks.get(plan.task).datasets(plan.spec, tokenizer)
+    for example in train[:5]:
+        text = tokenizer.decode(example["input_ids"])
+        trained = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+        animal = next(a for a in ANIMALS if f"the {a} say?" in text)
+        assert trained == f"The {animal} says hello.\nHello.\n"  # both answers, no question, no role marker
+
+
+def test_a_tokenizer_without_a_chat_template_is_named(chat_dir: Path) -> None:
+    plan = peftc.compile([o for o in overrides(chat_dir) if not o.startswith("model.chat_template")])
+    with pytest.raises(peftc.ConfigError, match="model.chat_template: data.format=chat needs a chat template"):
+        tasks.get(plan.task).datasets(plan.spec, load_tokenizer(plan.spec.model))
+
+
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ([{"role": "user", "content": "Hi"}], "has no assistant message to learn from"),
+        ([{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "message 1 has role 'robot'"),
+        ("Hi", "'messages' must be a non-empty list"),
+    ],
+)
+def test_malformed_conversations_are_named(chat_dir: Path, tmp_path: Path, messages: object, problem: str) -> None:
+    rows = [conversation(i) for i in range(30)] + [{"messages": messages}]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli([*overrides(chat_dir, f"data.path={data}"), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2 and problem in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_learns_the_answers(chat_dir: Path, tmp_path: Path) -> None:
+    result = run_cli([*overrides(chat_dir, "trainer.max_steps=60"), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    before = next(line for line in result.stdout.splitlines() if line.startswith("sample before training"))
+    assert not before.split(" -> ")[1].startswith("'Hello.")
+    after = next(line for line in result.stdout.splitlines() if line.startswith("sample after training"))
+    prompt, answer = after.split(" -> ")
+    # the conversation up to its last answer, which the adapter has learned
+    assert prompt.endswith("says hello.\\n<|user|>Again?\\n<|assistant|>'") and answer.startswith("'Hello.")
