@@ -88,6 +88,22 @@ def one_of(*choices: Any) -> Check:
 # Sealed spec nodes
 
 
+def spec_from_dict(schema: type, data: Any) -> Any:
+    """A spec rebuilt from its plain dict (a saved plan's), nested specs included. Keys the
+    schema does not have are dropped and missing ones take their defaults, so plans written by
+    an older or newer peftc still load."""
+    kwargs = {}
+    for spec_field in dataclasses.fields(schema):
+        if spec_field.name not in data:
+            continue
+        value = data[spec_field.name]
+        nested = spec_field.default_factory
+        if isinstance(nested, type) and issubclass(nested, SpecNode) and isinstance(value, dict):
+            value = spec_from_dict(nested, value)
+        kwargs[spec_field.name] = value
+    return schema(**kwargs)
+
+
 class SpecNode:
     """Base of every schema. Instances are sealed after construction (lists become tuples).
 

@@ -13,7 +13,6 @@ An adapter saved without a task type (`"task_type": null`) is the model as it is
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from peftc import methods, tasks
-from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, check_adapter_name, validate
+from peftc.config.spec import DataSpec, ModelSpec, RunSpec, TrainerSpec, check_adapter_name, spec_from_dict, validate
 from peftc.errors import AdapterFileError, ConfigError
 from peftc.files import adapter_files
 from peftc.files.provenance import model_as_is_class, named_base, warn_if_other_base
@@ -262,10 +261,9 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any, Dat
     saved = (adapter_files.read_plan(directory) or {}).get("spec", {})
     refuse_code(saved, source)
     try:
-        model = ModelSpec(**saved["model"]) if isinstance(saved.get("model"), dict) else None
-        task_spec = task.schema(**saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
-        data_fields = {f.name for f in dataclasses.fields(DataSpec)}
-        data = DataSpec(**{k: v for k, v in (saved.get("data") or {}).items() if k in data_fields})
+        model = spec_from_dict(ModelSpec, saved["model"]) if isinstance(saved.get("model"), dict) else None
+        task_spec = spec_from_dict(task.schema, saved["task"]) if isinstance(saved.get("task"), dict) else task.schema()
+        data = spec_from_dict(DataSpec, saved.get("data") or {})
         if model is not None:
             validate(model, "spec.model")
         validate(task_spec, "spec.task", cross=False)

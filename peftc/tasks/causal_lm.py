@@ -28,7 +28,10 @@ class CausalLmSpec(SpecNode):
         "Concatenate documents (separated by EOS) and cut into blocks of data.max_length; false: one padded example per document.",
     )
     max_new_tokens: int = param(48, "Tokens generated per prompt at prediction time.", at_least(1))
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    generation: GenerationSpec = field(
+        default_factory=GenerationSpec,
+        metadata={"help": "How predictions generate: task.generation.* (greedy by default)."},
+    )
     train_on_prompt: bool = param(
         False,
         "data.format=prompt_response: also train on the prompt tokens (false: the loss covers the response only).",

@@ -25,7 +25,10 @@ from peftc.tasks.generation import GenerationSpec, generate_kwargs
 class Seq2SeqLmSpec(SpecNode):
     max_target_length: int = param(64, "Target tokens per example after truncation.", at_least(1))
     max_new_tokens: int = param(32, "Tokens generated per input at prediction time.", at_least(1))
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    generation: GenerationSpec = field(
+        default_factory=GenerationSpec,
+        metadata={"help": "How predictions generate: task.generation.* (greedy by default)."},
+    )
 
 
 @register
