@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def question(rng: random.Random) -> dict:
     facts["found"] = f"{facts['count']} {facts['food']}"
     template, slot = rng.choice(QUESTIONS)
     return {"question": template.format(**facts), "context": context, "answer": facts[slot]}
+
+
+def instruction(rng: random.Random) -> dict:
+    """A prompt/response pair (data=instructions): one story sentence, a question, its answer."""
+    facts = story_facts(rng)
+    facts["count"] = rng.randint(2, 9)
+    facts["found"] = f"{facts['count']} {facts['food']}"
+    shown = f"The {facts['color']} {facts['animal']} walked to {facts['place']} and found {facts['found']}."
+    template, slot = rng.choice([q for q in QUESTIONS if q[1] in ("place", "found", "color", "animal")])
+    return {"prompt": f"{shown}\nQuestion: {template.format(**facts)}\nAnswer:", "response": f" {facts[slot]}."}
 
 
 # --------------------------------------------------------------------------- token_cls
@@ -192,6 +203,7 @@ GENERATORS: dict[str, tuple[Callable[[random.Random], dict], int, int]] = {
     "token_cls": (tagged_sentence, 400, 40),
     "question_ans": (question, 400, 40),
     "feature_extraction": (paraphrase, 400, 64),
+    "instructions": (instruction, 400, 40),
 }
 
 
@@ -210,7 +222,7 @@ def rows(name: str, seed: int = 1234) -> Iterator[dict]:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    for name in GENERATORS:
+    for name in sys.argv[1:] or GENERATORS:
         path = OUT / f"{name}.jsonl"
         with path.open("w") as fh:
             for row in rows(name):
