@@ -73,3 +73,14 @@ def test_the_cli_trains_on_prompt_response_rows_and_refuses_the_format_elsewhere
     refused = run_cli(["task=seq_cls", "data.format=prompt_response", f"hydra.run.dir={tmp_path / 'no'}"], cwd=tmp_path)
     assert refused.returncode == 2 and "data.format='prompt_response': is read by task=causal_lm only" in refused.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_the_built_in_instructions_are_prompt_response_rows() -> None:
+    plan = peftc.compile(["data=instructions"])
+    assert plan.spec.data.format == "prompt_response"
+    tokenizer = load_tokenizer(plan.spec.model)
+    train, val = tasks.get(plan.task).datasets(plan.spec, tokenizer)
+    assert train and val
+    for block in train[:3]:
+        trained = tokenizer.decode([t for t in block["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+        assert "Question:" not in trained and trained.startswith(" ") and trained.rstrip().endswith(".")
