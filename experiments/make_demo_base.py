@@ -26,6 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "peftc" / "assets"
 TARGET = ASSETS / "demo_llama"
+# A minimal chat template (Zephyr's layout), so data.format=chat works on the demo base as on
+# instruction-tuned checkpoints: each turn ends with EOS, which the assistant turns learn to emit.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo"]
 ANIMALS = ["cat", "dog", "duck", "fox", "owl", "bear", "goat", "horse", "mouse", "rabbit", "fish"]
@@ -142,6 +148,7 @@ def main() -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(args.out)
     (args.out / "README.md").write_text(
         "Tiny Llama (hidden 64, 2 layers, byte vocabulary) pretrained by experiments/make_demo_base.py\n"

@@ -192,7 +192,11 @@ def evaluate(model: Any, task: Any, examples: Sequence[Any], tokenizer: Any, run
     model.eval()
     for chunk in batches(list(examples), run.data.eval_batch_size or run.data.batch_size):
         batch = to_device(task.collate(chunk, tokenizer, pad_to), model)
-        for key, value in task.validation_stats(model, batch, run.task).items():
+        stats = {
+            **task.validation_stats(model, batch, run.task),
+            **task.generation_stats(model, batch, run.task, tokenizer),
+        }
+        for key, value in stats.items():
             totals[key] += float(value)
     return {k: float(v) for k, v in task.metrics(totals).items()}
 

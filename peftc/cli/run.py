@@ -98,7 +98,7 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
         writing.enter_context(run_lock(output_dir))
         write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")
         show_text_sample("before training", model, run, tokenizer)
-    metrics = fit(model, plan, output_dir, loaders, resume)
+    metrics = fit(model, plan, output_dir, loaders, resume, tokenizer)
     if not is_global_zero():
         return metrics
     if run.predict_samples:

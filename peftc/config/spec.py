@@ -245,8 +245,9 @@ class ModelSpec(SpecNode):
 class DataSpec(SpecNode):
     source: str = param(
         "builtin",
-        "Where examples come from: a dataset shipped with peftc, or a local file.",
-        one_of("builtin", "jsonl", "csv"),
+        "Where examples come from: a dataset shipped with peftc, a local JSONL/CSV file, or hf: the Hugging "
+        "Face datasets library (a parquet/arrow/json/csv file, a save_to_disk directory or a hub dataset id).",
+        one_of("builtin", "jsonl", "csv", "hf"),
     )
     name: str | None = param(None, "Name of the built-in dataset (source=builtin).")
     format: str = param(
@@ -256,9 +257,22 @@ class DataSpec(SpecNode):
         "(`messages`: [{role, content}, ...] rendered with the chat template, the loss on assistant turns).",
         one_of("text", "prompt_response", "chat"),
     )
-    path: str | None = param(None, "Path of a local JSONL/CSV file (source=jsonl|csv).")
+    path: str | None = param(
+        None,
+        "Path of a local JSONL/CSV file (source=jsonl|csv); for source=hf a data file, a save_to_disk "
+        "directory, a directory of data files, or a hub dataset id (org/name; offline: the local cache).",
+    )
     val_path: str | None = param(
-        None, "Optional separate validation file; otherwise `val_fraction` of `path` is held out."
+        None, "Optional separate validation file (source=jsonl|csv); otherwise `val_fraction` of `path` is held out."
+    )
+    split: str = param("train", "The split to train on (source=hf).")
+    val_split: str | None = param(
+        None, "The split to validate on (source=hf), e.g. validation; null: hold out val_fraction of `split`."
+    )
+    subset: str | None = param(None, "The dataset's configuration (source=hf), for sets that have several.")
+    streaming: bool = param(
+        False,
+        "Read only the rows the run uses, lazily (source=hf; needs limit_examples), instead of the whole split.",
     )
     columns: Any = param(
         None,
@@ -288,17 +302,46 @@ class DataSpec(SpecNode):
     eval_batch_size: int | None = param(None, "Examples per validation batch; null = batch_size.", at_least(1))
     num_workers: int = param(0, "DataLoader worker processes.", at_least(0))
     limit_examples: int | None = param(None, "Use only the first N training examples (quick runs).", at_least(1))
+    limit_val_examples: int | None = param(None, "Use only the first N validation examples.", at_least(1))
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.source == "builtin" and not self.name:
             raise ConfigError(f"{key}.name", self.name, "a built-in dataset needs a name", "e.g. data=causal_lm")
-        if self.source in ("jsonl", "csv") and not self.path:
+        if self.source in ("jsonl", "csv", "hf") and not self.path:
             raise ConfigError(
                 f"{key}.path",
                 self.path,
-                f"source={self.source} needs a file",
+                f"source={self.source} needs a file"
+                + (", a directory or a hub dataset id" if self.source == "hf" else ""),
                 "set data.path=<file>",
             )
+        if self.source != "hf":
+            self._check_hf_only(key)
+        elif self.val_path:
+            raise ConfigError(
+                f"{key}.val_path",
+                self.val_path,
+                "is for source=jsonl|csv",
+                "with source=hf name the split: data.val_split=<split>",
+            )
+        elif self.streaming and self.limit_examples is None:
+            raise ConfigError(
+                f"{key}.streaming",
+                True,
+                "reads only the rows the run uses, so it needs their number",
+                "set data.limit_examples=<training rows>, or data.streaming=false to read the whole split",
+            )
+
+    def _check_hf_only(self, key: str) -> None:
+        """split, val_split, subset and streaming mean something only to the datasets library."""
+        for name, unset in (("split", "train"), ("val_split", None), ("subset", None), ("streaming", False)):
+            if getattr(self, name) != unset:
+                raise ConfigError(
+                    f"{key}.{name}",
+                    getattr(self, name),
+                    f"is read by data.source=hf only (source is {self.source})",
+                    f"use data.source=hf, or drop {key}.{name}",
+                )
 
 
 @dataclass
@@ -329,7 +372,15 @@ class TrainerSpec(SpecNode):
     )
     limit_val_batches: Any = param(None, "Validation batches per check (int) or fraction (float); null: all.")
     log_every_n_steps: int = param(5, "Log training metrics every N steps.", at_least(1))
-    logger: str = param("csv", "Metrics logger.", one_of("csv", "tensorboard", "none"))
+    logger: str = param(
+        "csv",
+        "Metrics tracker: csv (logs/metrics.csv), tensorboard, wandb (WANDB_MODE=offline logs locally), mlflow "
+        "(MLFLOW_TRACKING_URI, else a local store in the run directory), or none.",
+        one_of("csv", "tensorboard", "wandb", "mlflow", "none"),
+    )
+    tracker_project: str = param(
+        "peftc", "W&B project / MLflow experiment the run is logged under (trainer.logger=wandb|mlflow)."
+    )
     progress_bar: bool | None = param(None, "Show a progress bar; null: only when stderr is a terminal.")
     deterministic: bool = param(False, "Ask torch for deterministic algorithms (slower, reproducible).")
     gradient_checkpointing: bool = param(False, "Recompute activations in backward to save memory.")
@@ -338,7 +389,8 @@ class TrainerSpec(SpecNode):
     )
     checkpoint_every_n_steps: int = param(
         50,
-        "Write checkpoints/last.ckpt (trainable tensors + optimizer state) every N optimizer steps; 0: only on SIGTERM.",
+        "Write checkpoints/last.ckpt (trainable tensors + optimizer state) every N optimizer steps and after "
+        "the last; 0: only on SIGTERM or Ctrl-C.",
         at_least(0),
     )
     early_stopping_patience: int | None = param(

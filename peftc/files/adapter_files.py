@@ -60,6 +60,7 @@ from peftc.planning.layout import (
 from peftc.planning.layout import (
     unfrozen_saved_name as unfrozen_saved_name,
 )
+from peftc.planning.model_source import HUB_ID
 
 if TYPE_CHECKING:
     import torch
@@ -85,8 +86,6 @@ def write_adapter_files(
 
 
 # ----------------------------------------------------------------------------------- reading
-# `org/name`: how the Hugging Face Hub names a repository.
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def adapter_directory(value: str | os.PathLike[str]) -> Path:

@@ -7,9 +7,12 @@ model graph. Methods, tasks and backends add their rows here, not scattered vali
 
 from __future__ import annotations
 
+import netrc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from peftc.errors import ConfigError, did_you_mean
 
@@ -201,7 +204,44 @@ def _tensorboard_missing(ctx: Context) -> bool:
     return ctx.run.trainer.logger == "tensorboard" and _missing("tensorboard") and _missing("tensorboardX")
 
 
+def _tracker_missing(logger: str, module: str) -> Callable[[Context], bool]:
+    return lambda ctx: ctx.run.trainer.logger == logger and _missing(module)
+
+
+def _wandb_without_login(ctx: Context) -> bool:
+    """wandb.init fails mid-run (after the model is built) without a login unless it logs offline."""
+    if ctx.run.trainer.logger != "wandb" or _missing("wandb"):
+        return False
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return False
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is None  # where `wandb login` keeps the key
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+def _sacrebleu_missing(ctx: Context) -> bool:
+    return bool(getattr(ctx.run.task, "eval_with_generate", False)) and _missing("sacrebleu")
+
+
+def _datasets_missing(ctx: Context) -> bool:
+    return ctx.run.data.source == "hf" and _missing("datasets")
+
+
 ENVIRONMENT_RULES: list[Rule] = [
+    Rule(
+        key="task.eval_with_generate",
+        reason="BLEU is sacreBLEU's, and the sacrebleu package is not installed",
+        suggestion="pip install 'peftc[metrics]', or leave task.eval_with_generate=false",
+        when=_sacrebleu_missing,
+    ),
+    Rule(
+        key="data.source",
+        reason="source=hf reads through Hugging Face's datasets package, which is not installed",
+        suggestion="pip install 'peftc[datasets]', or use data.source=jsonl|csv",
+        when=_datasets_missing,
+    ),
     Rule(
         key="data.format",
         reason="is read by task=causal_lm only (the other tasks have their own fields)",
@@ -254,8 +294,26 @@ ENVIRONMENT_RULES: list[Rule] = [
     Rule(
         key="trainer.logger",
         reason="the tensorboard logger needs the tensorboard package, which is not installed",
-        suggestion="pip install tensorboard, or use trainer.logger=csv",
+        suggestion="pip install 'peftc[tensorboard]', or use trainer.logger=csv",
         when=_tensorboard_missing,
+    ),
+    Rule(
+        key="trainer.logger",
+        reason="the wandb logger needs the wandb package, which is not installed",
+        suggestion="pip install 'peftc[wandb]', or use trainer.logger=csv",
+        when=_tracker_missing("wandb", "wandb"),
+    ),
+    Rule(
+        key="trainer.logger",
+        reason="wandb has no login here (no WANDB_API_KEY, no `wandb login` entry in ~/.netrc)",
+        suggestion="run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline to log locally (wandb sync later)",
+        when=_wandb_without_login,
+    ),
+    Rule(
+        key="trainer.logger",
+        reason="the mlflow logger needs the mlflow package, which is not installed",
+        suggestion="pip install 'peftc[mlflow]', or use trainer.logger=csv",
+        when=_tracker_missing("mlflow", "mlflow"),
     ),
 ]
 

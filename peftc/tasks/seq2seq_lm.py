@@ -2,7 +2,10 @@
 
 Loss: cross-entropy of the target tokens given the source (teacher forcing; the model shifts
 the labels right to build decoder inputs). Metrics: target-token loss and perplexity
-exp(sum of token losses / target tokens). Prediction generates greedily from the source.
+exp(sum of token losses / target tokens); with task.eval_with_generate also what generation gives:
+corpus BLEU (sacreBLEU's, from n-gram counts summed over every batch and rank, so it equals
+sacreBLEU on the whole split) and exact match. Prediction generates from the source
+(task.generation: greedy by default).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from peftc.tasks.generation import GenerationSpec, generate_kwargs
 class Seq2SeqLmSpec(SpecNode):
     max_target_length: int = param(64, "Target tokens per example after truncation.", at_least(1))
     max_new_tokens: int = param(32, "Tokens generated per input at prediction time.", at_least(1))
+    eval_with_generate: bool = param(
+        False,
+        "Validation also generates from each source and scores it against the target: val_bleu (sacreBLEU, "
+        "corpus) and val_exact_match (slower validation; needs peftc[metrics]).",
+    )
     generation: GenerationSpec = field(
         default_factory=GenerationSpec,
         metadata={"help": "How predictions generate: task.generation.* (greedy by default)."},
@@ -73,11 +81,41 @@ class Seq2SeqLm(Task):
         )
         return {"loss_sum": loss_sum.detach(), "tokens": (labels != IGNORE_INDEX).sum()}
 
+    def generation_stats(
+        self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any, tokenizer: Any
+    ) -> dict[str, torch.Tensor]:
+        """BLEU's sufficient statistics and exact matches of what the model generates for the batch."""
+        if not spec.eval_with_generate:
+            return {}
+        from sacrebleu.metrics import BLEU
+
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        devices = [inputs["input_ids"].device] if inputs["input_ids"].is_cuda else []
+        with torch.random.fork_rng(devices=devices):  # sampling here must not move training's random stream
+            kwargs = generate_kwargs(spec.generation, seed=0)
+            generated = model.generate(**inputs, max_new_tokens=spec.max_new_tokens, **kwargs)
+        hypotheses = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        labels = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, tokenizer.pad_token_id)
+        references = [t.strip() for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        score = BLEU().corpus_score(hypotheses, [references])
+        stats = {f"bleu_correct_{n}": torch.tensor(c) for n, c in enumerate(score.counts, start=1)}
+        stats.update({f"bleu_total_{n}": torch.tensor(t) for n, t in enumerate(score.totals, start=1)})
+        stats.update(
+            bleu_sys_len=torch.tensor(score.sys_len),
+            bleu_ref_len=torch.tensor(score.ref_len),
+            exact=torch.tensor(sum(h == r for h, r in zip(hypotheses, references))),
+            generated=torch.tensor(len(hypotheses)),
+        )
+        return stats
+
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
         if not totals.get("tokens"):
             return {}
         loss = totals["loss_sum"] / totals["tokens"]
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+        if totals.get("generated"):
+            out.update(val_bleu=corpus_bleu(totals), val_exact_match=totals["exact"] / totals["generated"])
+        return out
 
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
@@ -91,3 +129,18 @@ class Seq2SeqLm(Task):
             )
             out.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
         return [{"source": r["source"], "generated": text} for r, text in zip(rows, out)]
+
+
+def corpus_bleu(totals: Mapping[str, float]) -> float:
+    """sacreBLEU's corpus BLEU (its default exp smoothing) from n-gram counts summed over batches."""
+    from sacrebleu.metrics import BLEU
+
+    order = range(1, 5)
+    score = BLEU.compute_bleu(
+        [int(totals[f"bleu_correct_{n}"]) for n in order],
+        [int(totals[f"bleu_total_{n}"]) for n in order],
+        int(totals["bleu_sys_len"]),
+        int(totals["bleu_ref_len"]),
+        smooth_method="exp",
+    )
+    return float(score.score)

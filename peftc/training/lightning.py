@@ -35,6 +35,7 @@ from peftc.files.checkpoints import (
     spec_changes,
 )
 from peftc.training.progress import progress_callback
+from peftc.training.trackers import make_logger, trackers_closed
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan
@@ -43,11 +44,12 @@ if TYPE_CHECKING:
 
 
 class PeftcLightningModule(L.LightningModule):
-    def __init__(self, model: PeftcModel, task: Task, plan: Plan) -> None:
+    def __init__(self, model: PeftcModel, task: Task, plan: Plan, tokenizer: Any = None) -> None:
         super().__init__()
         self.model = model
         self.task = task
         self.plan = plan
+        self.tokenizer = tokenizer  # for tasks scored on generated text
         self.method = methods.get(plan.method)
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._totals: dict[str, float] = defaultdict(float)
@@ -84,7 +86,11 @@ class PeftcLightningModule(L.LightningModule):
         self._totals = defaultdict(float)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        for key, value in self.task.validation_stats(self.model, batch, self.plan.spec.task).items():
+        spec = self.plan.spec.task
+        stats = self.task.validation_stats(self.model, batch, spec)
+        if self.tokenizer is not None:
+            stats.update(self.task.generation_stats(self.model, batch, spec, self.tokenizer))
+        for key, value in stats.items():
             self._totals[key] += float(value)
 
     def on_validation_epoch_end(self) -> None:
@@ -151,17 +157,6 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
 def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Trainer:
     """The Lightning Trainer for a plan (checkpoints only through peftc's StepCheckpoint)."""
     spec = plan.spec.trainer
-    loggers: Any
-    if spec.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        loggers = CSVLogger(save_dir=str(output_dir), name="logs", version="")
-    elif spec.logger == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version="")
-    else:
-        loggers = False
     progress = progress_callback(spec.progress_bar, spec.log_every_n_steps)
     return L.Trainer(
         accelerator=spec.accelerator,
@@ -171,7 +166,7 @@ def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Train
         precision=spec.precision,
         max_steps=spec.max_steps,
         max_epochs=spec.max_epochs if spec.max_epochs is not None else -1,
-        logger=loggers,
+        logger=make_logger(plan.spec, output_dir),
         callbacks=[*callbacks, progress] if progress is not None else callbacks,
         enable_checkpointing=False,
         enable_progress_bar=progress is not None,
@@ -267,13 +262,15 @@ def fit(
     output_dir: Path,
     loaders: tuple[DataLoader, DataLoader | None],
     resume: Path | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, float]:
     """Train the plan's adapter (from a checkpoint when `resume` is given); returns the final
-    train and validation metrics. Raises RunInterrupted after a SIGTERM checkpoint."""
+    train and validation metrics (with the `tokenizer`, also those scored on generated text).
+    Raises RunInterrupted after a SIGTERM checkpoint."""
     quiet_lightning()
     model.train()
     task = tasks.get(plan.task)
-    module = PeftcLightningModule(model, task, plan)
+    module = PeftcLightningModule(model, task, plan, tokenizer)
     if plan.spec.trainer.compile:
         compile_blocks(model)
     train_loader, val_loader = loaders
@@ -286,10 +283,11 @@ def fit(
     best = BestAdapter(model, plan.adapter_name, task.primary_metric) if val_loader is not None else None
     callbacks += validation_callbacks(plan.spec.trainer, task.primary_metric, best)
     trainer = build_trainer(plan, output_dir, callbacks)
-    with ranks_rerun_this_job(output_dir), without_kv_cache(model):
+    with ranks_rerun_this_job(output_dir), without_kv_cache(model), trackers_closed(trainer):
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
         if checkpointing.interrupted_at is not None:
-            raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir)
+            signal_name = checkpointing.stop_signal.name if checkpointing.stop_signal else "SIGTERM"
+            raise RunInterrupted(checkpointing.path, checkpointing.interrupted_at, output_dir, signal_name)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if best is not None and plan.spec.trainer.save_best and best.restore():
             metrics.update({f"best_{task.primary_metric}": best.value, "best_step": float(best.step)})

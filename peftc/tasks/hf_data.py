@@ -1,0 +1,136 @@
+"""data.source=hf: examples read with the Hugging Face `datasets` library.
+
+`data.path` is a local data file (.parquet, .arrow, .json/.jsonl, .csv), a directory written by
+`save_to_disk`, a directory of data files (with or without a dataset card naming configs), or a
+hub dataset id (`org/name`), whose data files `huggingface_hub` takes from its local cache when
+offline (HF_HUB_OFFLINE=1) or downloads when online; nothing is executed (no loading scripts).
+`data.split` picks the training split, `data.val_split` the validation one, `data.subset` the
+configuration. With `data.streaming=true` only the rows the run uses are read, lazily, from the
+files. Rows come back as plain dicts holding only the columns the task reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from peftc.config.spec import DataSpec
+from peftc.errors import ConfigError, DataError, did_you_mean
+from peftc.planning.model_source import HUB_ID
+
+# Builder of `datasets` for each data file suffix.
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+# Files fetched for a hub dataset: its data and its card (which names configs and splits).
+HUB_DATA_PATTERNS = [f"*{suffix}" for suffix in FILE_BUILDERS] + ["README.md"]
+
+
+def read_hf_splits(
+    spec: DataSpec, columns: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+    """(train rows, validation rows or None when no data.val_split, the source's name for messages)."""
+    source = _local_source(spec)
+    train = _rows(_split(spec, source, spec.split, "data.split"), columns, _train_rows_wanted(spec))
+    val = None
+    if spec.val_split is not None:
+        val = _rows(_split(spec, source, spec.val_split, "data.val_split"), columns, spec.limit_val_examples)
+    return train, val, str(spec.path)
+
+
+def _train_rows_wanted(spec: DataSpec) -> int | None:
+    """Rows to read when streaming: data.limit_examples for training, plus the share held out
+    for validation when there is no validation split (so training still gets its N rows)."""
+    if not spec.streaming or spec.limit_examples is None:
+        return None
+    if spec.val_split is not None or spec.val_fraction <= 0:
+        return spec.limit_examples
+    return math.ceil(spec.limit_examples / (1 - spec.val_fraction))
+
+
+def _local_source(spec: DataSpec) -> Path:
+    """A local path for data.path: as given, or a hub dataset's snapshot in the HF cache."""
+    text = str(spec.path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if not HUB_ID.fullmatch(text) or path.parent.exists():
+        raise ConfigError(
+            "data.path",
+            text,
+            "no such file or directory",
+            "give a .parquet/.arrow/.jsonl/.json/.csv file, a save_to_disk directory or a hub dataset id (org/name)",
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, repo_type="dataset", allow_patterns=HUB_DATA_PATTERNS))
+    except Exception as exc:  # not cached while offline, no such dataset, no network: one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            text,
+            f"is not a local dataset and could not be fetched from the hub ({reason})",
+            "give a local file or directory, or a hub dataset id in the Hugging Face cache",
+        ) from exc
+
+
+def _split(spec: DataSpec, source: Path, split: str, key: str) -> Iterable[dict[str, Any]]:
+    """One split of the dataset at `source`, as a Dataset (or an IterableDataset when streaming)."""
+    splits = _open(spec, source)
+    if split not in splits:
+        names = list(splits)
+        raise ConfigError(
+            key, split, f"{source} has no such split", did_you_mean(split, names) or f"splits: {', '.join(names)}"
+        )
+    return splits[split]
+
+
+def _open(spec: DataSpec, source: Path) -> Any:
+    """The dataset's splits ({name: Dataset}); every error of the library becomes one line."""
+    import datasets
+
+    datasets.disable_progress_bars()  # peftc prints its own one-line progress
+    try:
+        if _is_saved_dataset(source):
+            loaded = datasets.load_from_disk(str(source))
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+            if spec.streaming:
+                return {name: split.to_iterable_dataset() for name, split in splits.items()}
+            return splits
+        if source.is_file():
+            builder = FILE_BUILDERS.get(source.suffix.lower())
+            if builder is None:
+                raise ConfigError(
+                    "data.path",
+                    str(source),
+                    f"is not a data file datasets reads ({source.suffix or 'no suffix'})",
+                    f"use one of {', '.join(FILE_BUILDERS)}",
+                )
+            return datasets.load_dataset(builder, data_files=str(source), streaming=spec.streaming)
+        return datasets.load_dataset(str(source), name=spec.subset, streaming=spec.streaming)
+    except ConfigError:
+        raise
+    except Exception as exc:  # datasets raises ValueError, FileNotFoundError, ArrowInvalid, ...
+        lines = str(exc).strip().splitlines()
+        raise DataError(
+            str(source), f"datasets could not read it ({lines[0] if lines else type(exc).__name__})"
+        ) from exc
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _rows(split: Any, columns: Sequence[str], limit: int | None) -> list[dict[str, Any]]:
+    """The split's rows with only `columns` (those it has: a missing one is named by the caller
+    against its row), the first `limit` of them when given."""
+    names = split.column_names or []  # an IterableDataset may not know its columns before reading
+    if names:
+        split = split.select_columns([c for c in columns if c in names])
+    if limit is not None:
+        return [dict(row) for row in itertools.islice(split, limit)]
+    if hasattr(split, "to_list"):
+        return split.to_list()
+    return [dict(row) for row in split]

@@ -1,0 +1,147 @@
+"""data.source=hf: parquet/arrow files, save_to_disk directories and hub datasets through the
+datasets library, with the same row checks and one-line errors as JSONL/CSV files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+import peftc
+from peftc.config.compose import compose, to_spec
+from peftc.errors import ConfigError, DataError
+from peftc.tasks.common import IGNORE_INDEX
+from peftc.tasks.data import load_splits
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*the validation split has only:UserWarning")
+
+PROMPT_RESPONSE = ["data.source=hf", "data.format=prompt_response", "task.packing=false"]
+
+
+def pairs(n: int, start: int = 0) -> list[dict]:
+    return [{"instruction": f"Say {i}.", "output": f"{i}!", "id": i} for i in range(start, start + n)]
+
+
+def splits(*overrides: str) -> tuple[list, list]:
+    run = to_spec(compose([*PROMPT_RESPONSE, "data.columns={prompt: instruction, response: output}", *overrides]))
+    return load_splits(run.data, ("prompt", "response"), seed=run.seed)
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "pairs.parquet"
+    Dataset.from_list(pairs(200)).to_parquet(str(path))
+    return path
+
+
+def test_a_parquet_file_is_read_with_the_column_mapping_and_a_held_out_split(parquet: Path) -> None:
+    train, val = splits(f"data.path={parquet}", "data.val_fraction=0.25")
+    assert (len(train), len(val)) == (150, 50)
+    assert {r["prompt"] for r in train + val} == {f"Say {i}." for i in range(200)}
+    assert set(train[0]) == {"prompt", "response"}  # only the task's fields; 'id' is not read
+
+
+def test_a_save_to_disk_directory_gives_its_named_splits(tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(pairs(30)), "dev": Dataset.from_list(pairs(12, start=100))}).save_to_disk(
+        str(saved)
+    )
+    train, val = splits(f"data.path={saved}", "data.val_split=dev", "data.limit_val_examples=5")
+    assert [r["prompt"] for r in train] == [f"Say {i}." for i in range(30)]
+    assert [r["prompt"] for r in val] == [f"Say {i}." for i in range(100, 105)]
+    with pytest.raises(ConfigError, match=r"data.val_split='deev': .* has no such split; did you mean 'dev'"):
+        splits(f"data.path={saved}", "data.val_split=deev")
+
+
+def test_a_hub_id_reads_the_datasets_files_from_the_hugging_face_cache_offline(
+    parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--someone--pairs"
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    shutil.copy(parquet, repo / "snapshots" / commit / "data" / "train-00000-of-00001.parquet")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no local someone/ directory
+    train, val = splits("data.path=someone/pairs")
+    assert len(train) + len(val) == 200
+    with pytest.raises(DataError, match="^someone/missing: is not a local dataset and could not be fetched"):
+        splits("data.path=someone/missing")
+
+
+def test_streaming_reads_only_the_rows_the_run_uses(parquet: Path) -> None:
+    train, val = splits(
+        f"data.path={parquet}", "data.streaming=true", "data.limit_examples=16", "data.val_fraction=0.25"
+    )
+    assert len(train) == 16 and len(val) == 6  # 22 rows read, the first ones, a quarter held out
+    assert {r["prompt"] for r in train + val} == {f"Say {i}." for i in range(22)}
+
+
+def test_chat_rows_from_parquet_train_only_the_assistant_turns(tmp_path: Path) -> None:
+    path = tmp_path / "chat.parquet"
+    messages = [
+        [{"role": "user", "content": f"Hi {i}?"}, {"role": "assistant", "content": f"Hello {i}."}] for i in range(12)
+    ]
+    Dataset.from_list([{"messages": m} for m in messages]).to_parquet(str(path))
+    plan = peftc.compile(["data.source=hf", f"data.path={path}", "data.format=chat", "task.packing=false"])
+    from peftc import tasks
+    from peftc.planning.model_source import load_tokenizer
+
+    tokenizer = load_tokenizer(plan.spec.model)  # demo_llama's own chat template
+    train, _ = tasks.get(plan.task).datasets(plan.spec, tokenizer)
+    trained = [t for t, label in zip(train[0]["input_ids"], train[0]["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained).startswith("Hello ") and "Hi " not in tokenizer.decode(trained)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.columns={prompt: question, response: output}"],
+            r"pairs.parquet \[train\] row 1: missing column 'question'",
+        ),
+        (["data.split=test"], r"data.split='test': .*pairs.parquet has no such split; splits: train"),
+        (["data.streaming=true"], r"data.streaming=True: reads only the rows the run uses, so it needs their number"),
+        (["data.val_path=x.parquet"], r"data.val_path='x.parquet': is for source=jsonl\|csv"),
+    ],
+)
+def test_bad_hf_settings_are_one_line_naming_the_key_or_the_row(
+    parquet: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises((ConfigError, DataError), match=message) as error:
+        splits(f"data.path={parquet}", *overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_a_file_datasets_cannot_read_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"^.*broken.parquet: datasets could not read it \("):
+        splits(f"data.path={broken}")
+    with pytest.raises(ConfigError, match=r"data.path=.*notes.txt': is not a data file datasets reads \(.txt\)"):
+        (tmp_path / "notes.txt").write_text("hi")
+        splits(f"data.path={tmp_path / 'notes.txt'}")
+
+
+def test_hf_only_keys_are_refused_for_file_sources() -> None:
+    with pytest.raises(ConfigError, match=r"data.subset='en': is read by data.source=hf only \(source is jsonl\)"):
+        to_spec(compose(["data.source=jsonl", "data.path=x.jsonl", "data.subset=en"]))
+
+
+def test_a_missing_datasets_package_is_named_at_compile_time(monkeypatch: pytest.MonkeyPatch, parquet: Path) -> None:
+    from peftc.planning import compat
+
+    real = compat._missing
+    monkeypatch.setattr(compat, "_missing", lambda module: module == "datasets" or real(module))
+    with pytest.raises(
+        ConfigError,
+        match=r"data.source='hf': .*datasets package, which is not installed; pip install 'peftc\[datasets\]'",
+    ):
+        peftc.compile(["data.source=hf", f"data.path={parquet}", "dry_run=true"])

@@ -1,0 +1,119 @@
+"""trainer.logger=tensorboard|wandb|mlflow: a short run's metrics and config reach each tracker's
+own local store (W&B offline, MLflow's local store); a tracker that cannot work is refused at
+compile time, before anything is written."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc.errors import ConfigError
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+RUN = ["trainer.max_steps=4", "trainer.log_every_n_steps=1", "predict_samples=0", "peft.r=4"]
+
+
+def train_with(logger: str, tmp_path: Path, env: dict[str, str] | None = None) -> Path:
+    run_dir = tmp_path / "run"
+    result = run_cli([*RUN, f"trainer.logger={logger}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_tensorboard_gets_the_training_and_validation_metrics(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = train_with("tensorboard", tmp_path)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [0, 1, 2, 3]
+    assert "val_loss" in events.Tags()["scalars"]
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a .wandb file: wandb's 7-byte header, then LevelDB's log format
+    (32 KiB blocks of records with a 7-byte header: crc, length, type 1 full / 2 first / 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_offline_logs_metrics_and_the_config_locally(tmp_path: Path) -> None:
+    run_dir = train_with("wandb", tmp_path, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    (record_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = {}
+    for record in wandb_records(record_file):
+        records.setdefault(record.WhichOneof("record_type"), []).append(record)
+    logged = [item.key or "/".join(item.nested_key) for r in records["history"] for item in r.history.item]
+    config = {item.key: item.value_json for r in records["config"] for item in r.config.update}
+    assert logged.count("train_loss") == 4 and "val_loss" in logged
+    assert '"r":4' in config["peft"], "the run's config is the W&B run's config"
+    assert records["run"][0].run.project == "peftc" and records["run"][0].run.display_name.endswith("run")
+    assert "exit" in records, "the W&B run was finished when training ended"
+
+
+def test_mlflow_logs_to_a_local_store_in_the_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = train_with("mlflow", tmp_path)
+    client = MlflowClient((run_dir / "mlruns").as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "peftc"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2, 3]
+    assert run.data.params["peft/r"] == "4" and "val_loss" in run.data.metrics
+
+
+@pytest.mark.parametrize(
+    ("logger", "module"), [("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard")]
+)
+def test_a_missing_tracker_package_is_one_error_at_compile_time(
+    logger: str, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftc.planning import compat
+
+    real = compat._missing
+    monkeypatch.setattr(compat, "_missing", lambda name: name in (module, "tensorboardX") or real(name))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(
+        ConfigError, match=rf"trainer.logger='{logger}': .*not installed; pip install 'peftc\[{logger}\]'"
+    ):
+        peftc.compile([f"trainer.logger={logger}"])
+
+
+def test_wandb_without_a_login_and_not_offline_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # wandb login's key would be there
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = run_cli(["trainer.logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "trainer.logger='wandb': wandb has no login here" in result.stderr and "WANDB_MODE=offline" in result.stderr
+    assert not (tmp_path / "run").exists()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.delenv("NETRC")
+    assert peftc.compile(["trainer.logger=wandb"]).spec.trainer.logger == "wandb"
