@@ -60,14 +60,15 @@ class TrainingDiverged(PeftcError):
 
 
 class RunInterrupted(PeftcError):
-    """Training stopped on SIGTERM after writing a checkpoint at a step boundary."""
+    """Training stopped on SIGTERM or Ctrl-C after writing a checkpoint at a step boundary."""
 
-    exit_code = 143  # 128 + SIGTERM, what a shell reports for a terminated job
-
-    def __init__(self, checkpoint: object, step: int, output_dir: object) -> None:
+    def __init__(self, checkpoint: object, step: int, output_dir: object, signal_name: str = "SIGTERM") -> None:
         self.checkpoint, self.step = checkpoint, step
+        # what a shell reports for a job ended by the signal: 128 + its number
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+        stopped_by = "Ctrl-C" if signal_name == "SIGINT" else signal_name
         super().__init__(
-            f"training stopped by SIGTERM after step {step}; checkpoint saved to {checkpoint}; "
+            f"training stopped by {stopped_by} after step {step}; checkpoint saved to {checkpoint}; "
             f"resume with resume={output_dir}"
         )
 

@@ -18,26 +18,29 @@ RUN = ["peft.r=4", "peft.lora_dropout=0.1", "trainer.checkpoint_every_n_steps=3"
 
 
 @pytest.fixture(scope="module")
-def six_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def seven_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of 7 steps, checkpointed at 3, 6 and after its last step."""
     run = tmp_path_factory.mktemp("resume") / "run"
-    result = run_cli([*RUN, "trainer.max_steps=6", f"hydra.run.dir={run}"], cwd=run.parent)
+    result = run_cli([*RUN, "trainer.max_steps=7", f"hydra.run.dir={run}"], cwd=run.parent)
     assert result.returncode == 0, result.stderr
     return run
 
 
-def test_resume_with_more_steps_continues_the_run_as_if_it_had_been_longer(six_steps: Path, tmp_path: Path) -> None:
+def test_resume_with_more_steps_continues_the_run_as_if_it_had_been_longer(seven_steps: Path, tmp_path: Path) -> None:
+    last = torch.load(seven_steps / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 7, "a finished run keeps a checkpoint of its last step, not only of step 6"
     result = run_cli(
-        ["resume=" + str(six_steps), "trainer.max_steps=9", f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path
+        ["resume=" + str(seven_steps), "trainer.max_steps=9", f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "with the run's overrides: peft.r=4 peft.lora_dropout=0.1" in result.stdout
-    plan = json.loads((six_steps / "plan.json").read_text())  # the same run directory, its config restored
+    plan = json.loads((seven_steps / "plan.json").read_text())  # the same run directory, its config restored
     assert plan["spec"]["peft"]["r"] == 4 and plan["spec"]["trainer"]["max_steps"] == 9
-    assert json.loads((six_steps / "metrics.json").read_text())["steps"] == 9
+    assert json.loads((seven_steps / "metrics.json").read_text())["steps"] == 9
     longer = tmp_path / "nine"
     result = run_cli([*RUN, "trainer.max_steps=9", f"hydra.run.dir={longer}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    resumed = load_file(six_steps / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(seven_steps / "adapter" / "adapter_model.safetensors")
     uninterrupted = load_file(longer / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "bit-identical to a 9-step run"
@@ -51,9 +54,9 @@ def test_resume_with_more_steps_continues_the_run_as_if_it_had_been_longer(six_s
     ],
 )
 def test_resume_refuses_what_changes_the_run_in_one_line(
-    six_steps: Path, tmp_path: Path, change: str, message: str
+    seven_steps: Path, tmp_path: Path, change: str, message: str
 ) -> None:
-    before = {p: p.stat().st_mtime_ns for p in six_steps.rglob("*") if p.is_file()}
-    result = run_cli(["resume=" + str(six_steps), change, f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in seven_steps.rglob("*") if p.is_file()}
+    result = run_cli(["resume=" + str(seven_steps), change, f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr
-    assert {p: p.stat().st_mtime_ns for p in six_steps.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in seven_steps.rglob("*") if p.is_file()} == before

@@ -3,10 +3,10 @@
 A checkpoint (Lightning's format, loadable with `torch.load(weights_only=True)`) holds only the
 trainable tensors, the optimizer and scheduler state, the loop progress, the data position and
 the RNG states, plus `peftc_fingerprint` (the plan's fingerprint) and `peftc_spec`. It is written
-to `<output>/checkpoints/last.ckpt` every `trainer.checkpoint_every_n_steps` optimizer steps and
-at the first step boundary after SIGTERM (then the run stops and exits with status 143). Each
-write goes to a temp file beside the target, is fsynced and renamed, so a kill mid-write leaves
-the previous checkpoint.
+to `<output>/checkpoints/last.ckpt` every `trainer.checkpoint_every_n_steps` optimizer steps, after
+the last one (so a finished run can train longer) and at the first step boundary after SIGTERM or
+Ctrl-C (then the run stops and exits with status 143 or 130). Each write goes to a temp file
+beside the target, is fsynced and renamed, so a kill mid-write leaves the previous checkpoint.
 
 Resuming (`resume=<checkpoint or run dir>`) first reads the checkpoint memory-mapped and compares
 its spec with the run's: a checkpoint of another plan is refused before the base model or any
@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "trainer.max_steps",
         "trainer.checkpoint_every_n_steps",
         "trainer.logger",
+        "trainer.tracker_project",
         "trainer.log_every_n_steps",
         "trainer.progress_bar",
         "resume",
@@ -65,40 +66,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StepCheckpoint(Callback):
-    """Save last.ckpt every N optimizer steps, and at the next step boundary after SIGTERM.
+    """Save last.ckpt every N optimizer steps and after the last one, and at the next step boundary
+    after SIGTERM or a first Ctrl-C (SIGINT); the run then stops, resumable. A second Ctrl-C stops
+    at once. (N = 0: only on a signal.)
 
-    While training runs this callback owns SIGTERM: the handler only sets a flag, and the flag
-    is acted on after the optimizer step, never mid-step or mid-accumulation. (Lightning's own
-    handler would raise at the end of any batch, racing the checkpoint; Lightning#21407.)
+    While training runs this callback owns both signals: the handler only records the signal,
+    which is acted on after the optimizer step, never mid-step or mid-accumulation. (Lightning's
+    own SIGTERM handler would raise at the end of any batch, racing the checkpoint, Lightning#21407;
+    on Ctrl-C Lightning stops without saving anything.)
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, directory: Path, every_n_steps: int, loader: ResumableLoader | None) -> None:
         self.path = Path(directory) / CHECKPOINT_DIR / LAST
         self.every_n_steps = every_n_steps
         self.loader = loader
         self.interrupted_at: int | None = None
-        self.sigterm = False
+        self.stop_signal: signal.Signals | None = None
         self._seen_step = 0
-        self._previous_handler: Any = None
+        self._previous_handlers: dict[int, Any] = {}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._seen_step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._restore_handler()
+        self._restore_handlers()
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.sigterm = True
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step
+        self.stop_signal = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            print(
+                "\nCtrl-C: stopping after this step with a checkpoint (press Ctrl-C again to stop at once)", flush=True
+            )
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.loader is not None:
@@ -107,8 +119,12 @@ class StepCheckpoint(Callback):
         if step == self._seen_step:
             return  # mid gradient accumulation: not a step boundary
         self._seen_step = step
-        stop = self.sigterm
-        if stop or (self.every_n_steps and step % self.every_n_steps == 0):
+        stop = self.stop_signal is not None
+        # The last step too, so `resume=RUN trainer.max_steps=<more>` trains a finished run longer;
+        # saved here, at the step boundary (after training ends Lightning's loop state would
+        # count the epoch as done, and a resumed run would start a new one).
+        last = trainer.max_steps > 0 and step >= trainer.max_steps
+        if stop or (self.every_n_steps and (step % self.every_n_steps == 0 or last)):
             trainer.save_checkpoint(self.path)
         if stop:
             self.interrupted_at = step
