@@ -3,7 +3,8 @@ the peft package (the oracle). tests/test_methods.py holds one test body per beh
 
 A case is (method, model, overrides): Hydra overrides for a model= option, or spec fields
 (`spec_fields`) for a custom test model (`CUSTOM_MODELS`: the convolutional one of
-tests/conv_model.py, the mixture-of-experts one of tests/moe_model.py); `task=seq_cls` in the
+tests/conv_model.py, the mixture-of-experts one of tests/moe_model.py, the attention one of
+tests/attention_model.py); `task=seq_cls` in the
 overrides trains a classifier. The oracle's config is built by peft itself from OUR
 adapter_config.json (`peft.get_peft_config`), so each case also checks our config mapping.
 Both models start from the same base weights and the same seed (so inits that rewrite the base,
@@ -30,12 +31,13 @@ from peftc.files import adapter_files
 from peftc.files.load import fill
 from peftc.planning.plan import Plan
 from peftc.runtime.model import PeftcModel
+from tests.attention_model import TinyAttention, sequences
 from tests.conv_model import TinyConvNet, images, plan_for
 from tests.helpers import build_base, token_batch
 from tests.moe_model import TinyMoE, features
 
 # Plain nn.Modules planned from spec fields: name -> (model class, its input batch)
-CUSTOM_MODELS = {"conv": (TinyConvNet, images), "moe": (TinyMoE, features)}
+CUSTOM_MODELS = {"conv": (TinyConvNet, images), "moe": (TinyMoE, features), "mha": (TinyAttention, sequences)}
 
 # The field that makes a fresh adapter a non-identity (peft's init_weights=False equivalent).
 RANDOM_INIT = {
@@ -46,6 +48,11 @@ RANDOM_INIT = {
     "oft": "init_weights",
     "adalora": "init_lora_weights",
 }
+
+# peft 0.21.2 adds an attention's out_proj update twice in its forward (huggingface/peft#3774),
+# and peftc with it (peftc/methods/lora/attention.py), but only one of the two carries gradients:
+# peft's out_proj gradients are half those of the function both compute.
+MHA_GRADIENTS = "peft 0.21 MultiheadAttention: out_proj's update counted twice, its gradient once"
 
 # peft keeps some adapter bookkeeping as frozen Parameters that peftc keeps as plain numbers.
 PEFT_ONLY_PARAMS = ("ranknum",)  # AdaLoRA: the initial rank, used in the scaling
@@ -323,6 +330,23 @@ CASES = [
     ),
     # null target_modules keep the model type's defaults beside the parameters, as in peft
     Case("lora", "tiny_llama", ("peft.target_parameters=[mlp.down_proj.weight]",), perturb=True),
+    # nn.MultiheadAttention: in_proj on the attention's site, out_proj nested inside it (peft's
+    # layout); peft ignores dropout there (it merges around the call) and trains out_proj's bias
+    # with lora_only
+    Case(
+        "lora",
+        "mha",
+        spec_fields=(("target_modules", ("attn",)), ("r", 2)),
+        perturb=True,
+        peft_gradients_wrong=MHA_GRADIENTS,
+    ),
+    Case(
+        "lora",
+        "mha",
+        spec_fields=(("target_modules", ("attn", "head")), ("lora_dropout", 0.1), ("bias", "lora_only")),
+        perturb=True,
+        peft_gradients_wrong=MHA_GRADIENTS,
+    ),
 ]
 IDS = [case.id for case in CASES]
 

@@ -4,8 +4,8 @@ tests/method_cases.py and run through every test of tests/test_methods.py agains
 
 Here: DoRA's magnitude init, that every initialisation starts as the base model, the refusals
 (named config and plan errors, peft features refused on load), half-precision merges
-restoring the weights bit for bit, and target_parameters beyond the harness (stacked
-adapters, what peft refuses beside it). (The grouped-conv merge refusal is the harness's
+restoring the weights bit for bit, target_parameters beyond the harness (stacked adapters,
+what peft refuses beside it), and nn.MultiheadAttention's gradients and refusals. (The grouped-conv merge refusal is the harness's
 `mergeable=False` case.)
 """
 
@@ -23,7 +23,7 @@ from peftc.files import adapter_files
 from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import PISSA_ROUNDING, build_base, max_diff, token_batch
-from tests.method_cases import CASES, oracle_config, output, paired
+from tests.method_cases import CASES, oracle_config, output, paired, peft_state
 from tests.moe_model import TinyMoE
 
 
@@ -180,3 +180,47 @@ def test_adapters_on_other_parameters_of_a_wrapped_module_are_refused() -> None:
     assert all(layer.adapter_names == ["default"] for _, layer in model.adapter_layers())
     with pytest.raises(peftc.ConfigError, match="do not combine"):
         model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+
+
+# ------------------------------------------------------------------- nn.MultiheadAttention
+ATTENTION_CASE = next(c for c in CASES if c.model == "mha")
+
+
+def test_attention_gradients_are_peft_s_with_out_proj_counted_as_often_as_its_update() -> None:
+    """peft 0.21.2 adds out_proj's update twice but differentiates it once (the harness marks its
+    gradients wrong); peftc's gradients are those of the function both compute: twice peft's."""
+    pair = paired(ATTENTION_CASE)
+    for model in (pair.ours, pair.theirs):
+        ATTENTION_CASE.loss(model.train()).backward()
+    ours = {k: t.grad for k, t in pair.ours.adapter_state_dict("default").items()}
+    theirs = {k: t.grad for k, t in peft_state(pair.theirs, params=True).items()}
+    assert ours.keys() == theirs.keys()
+    for key, grad in ours.items():
+        factor = 2.0 if ".out_proj." in key else 1.0
+        assert max_diff(grad, factor * theirs[key]) <= 1e-5 * max(1.0, theirs[key].abs().max().item()), key
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "fragment"),
+    [
+        ({"use_dora": True}, "peft.use_dora", "peft does not implement DoRA there"),
+        ({"lora_bias": True}, "peft.lora_bias", "ignores B's bias"),
+        ({"init_lora_weights": "orthogonal"}, "peft.init_lora_weights", "true, false and gaussian"),
+        ({"target_modules": ["out_proj"]}, "peft.target_modules", "never calls it"),
+    ],
+)
+def test_attention_combinations_peft_refuses_are_named(fields: dict[str, Any], key: str, fragment: str) -> None:
+    from tests.attention_model import TinyAttention
+
+    with pytest.raises(peftc.PlanError) as info:
+        plan_for(TinyAttention(), LoraSpec(**{"target_modules": ["attn"], **fields}))
+    assert str(info.value).startswith(key) and fragment in str(info.value)
+
+
+def test_attention_with_keys_of_another_size_is_refused_like_peft() -> None:
+    from tests.attention_model import TinyAttention
+
+    model = TinyAttention()
+    model.attn = torch.nn.MultiheadAttention(8, 2, kdim=6, vdim=6)
+    with pytest.raises(peftc.PlanError, match="keys/values of another size"):
+        plan_for(model, LoraSpec(target_modules=["attn"]))

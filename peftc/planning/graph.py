@@ -141,6 +141,8 @@ def _shapes(module: nn.Module, kind: str) -> tuple[int | None, int | None, tuple
             ("dilation", tuple(module.dilation)),
         )
         return module.in_channels, module.out_channels, extra
+    if kind == "mha":  # in_proj: E -> 3E (q, k, v packed)
+        return module.embed_dim, 3 * module.embed_dim, (("same_embed_dim", module._qkv_same_embed_dim),)
     return None, None, ()
 
 

@@ -30,7 +30,7 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
         if site.kind == "parameter":
             _check_parameter_fits(site, graph, plan)
         else:
-            _check_site_fits(site, graph.module(site.path), plan)
+            _check_site_fits(site, graph.module(site.module_path), plan)
     new_layers: dict[str, AdapterLayer] = {}
     extended: list[AdapterLayer] = []
     new_wrappers: dict[str, ModulesToSaveWrapper] = {}

@@ -10,7 +10,8 @@ adapter is an exact no-op. Variants and options, all with peft 0.21.2's semantic
   `lora_bias`: B gets its own bias;
 - sites: nn.Linear, GPT-2's Conv1D (W stored (in, out)), nn.Embedding, nn.Conv1d/2d/3d
   (A copies the base conv's kernel, B is 1x1); raw parameters such as MoE expert stacks
-  (`target_parameters`, parameters.py); trainable embedding rows (`trainable_token_indices`, tokens.py).
+  (`target_parameters`, parameters.py); nn.MultiheadAttention (in_proj and out_proj, attention.py);
+  trainable embedding rows (`trainable_token_indices`, tokens.py).
 The layer is lora_layer.py; adapters are combined (add_weighted_adapter) in lora_combine.py.
 """
 
@@ -29,8 +30,8 @@ from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.common import number as _number
 from peftc.methods.common import pattern_value, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.lora import attention, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
-from peftc.methods.lora import parameters, tokens
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
 from peftc.methods.lora.layer import CONV_FUNCTIONS, LoraLayer
@@ -163,7 +164,7 @@ class Lora(Method):
     peft_type = "LORA"
     schema = LoraSpec
     layer_class = LoraLayer
-    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", *CONV_FUNCTIONS})
+    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", attention.KIND, *CONV_FUNCTIONS})
     default_targets = LORA_TARGETS
     tensor_prefix = "lora_"
     wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
@@ -172,6 +173,10 @@ class Lora(Method):
         r = pattern_value(module.path, spec.rank_pattern or {}, spec.r)
         alpha = pattern_value(module.path, spec.alpha_pattern or {}, spec.lora_alpha)
         _check_site(spec, module, r)
+        if module.kind == attention.KIND:
+            attention.check_site(spec, module)
+        else:
+            attention.check_not_out_proj(module, graph)
         scaling = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
         options: dict[str, Any] = {
             "r": r,
@@ -208,7 +213,8 @@ class Lora(Method):
             )
 
     def extra_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
-        return parameters.parameter_sites(spec, graph, sites) + self._token_sites(spec, graph, sites)
+        extra = attention.out_proj_sites(sites, graph) + parameters.parameter_sites(spec, graph, sites)
+        return extra + self._token_sites(spec, graph, sites)
 
     def _token_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
         extra = tokens.token_sites(spec.trainable_token_indices, graph, init=spec.init_lora_weights is not False)
@@ -232,6 +238,8 @@ class Lora(Method):
     def layer_type(self, site: Site) -> type[AdapterLayer]:
         if parameters.is_parameter_site(site):
             return parameters.ParamLoraLayer
+        if site.kind == attention.KIND:
+            return attention.MhaLoraLayer
         return tokens.TrainableTokensLayer if tokens.is_token_site(site) else LoraLayer
 
     def plan_unfrozen(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
@@ -250,11 +258,11 @@ class Lora(Method):
                 "carry trainable tokens, which peftc does not combine",
                 "combine adapters without them",
             )
-        if any(parameters.is_parameter_site(s) for plan in plans for s in plan.sites):
+        if any(parameters.is_parameter_site(s) or s.kind == attention.KIND for plan in plans for s in plan.sites):
             raise ConfigError(
                 "adapters",
                 list(names),
-                "target parameters (target_parameters), which peft and peftc do not combine",
+                "target parameters or MultiheadAttention, which peftc does not combine (peft: not parameters)",
                 "combine adapters without them",
             )
         return lora_combine.weighted_spec(names, plans, combination_type, svd_rank)
@@ -397,7 +405,12 @@ def _plain_list(value: Any) -> Any:
 def _jsonable_targets(targets: Any, plan: Plan | None) -> Any:
     """peft writes target_modules as a list (or a regex string); null becomes the resolved names."""
     if targets is None and plan is not None:
-        modules = [s for s in plan.sites if not tokens.is_token_site(s) and not parameters.is_parameter_site(s)]
+        # what the user targets: not peft's wrapper-internal sites (an attention's out_proj) or others
+        modules = [
+            s
+            for s in plan.sites
+            if s.path == s.module_path and not tokens.is_token_site(s) and not parameters.is_parameter_site(s)
+        ]
         return sorted({s.path.rsplit(".", 1)[-1] for s in modules})
     if isinstance(targets, (list, tuple)):
         return list(targets)
