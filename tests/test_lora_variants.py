@@ -178,7 +178,9 @@ def test_adapters_on_other_parameters_of_a_wrapped_module_are_refused() -> None:
         model.add_adapter("other", other)
     assert model.adapter_names == ["default"]
     assert all(layer.adapter_names == ["default"] for _, layer in model.adapter_layers())
-    with pytest.raises(peftc.ConfigError, match="do not combine"):
+    with pytest.raises(
+        peftc.ConfigError, match="target parameters or MultiheadAttention, which peftc does not combine"
+    ):
         model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
 
 
