@@ -2,7 +2,9 @@
 the peft package (the oracle). tests/test_methods.py holds one test body per behaviour.
 
 A case is (method, model, overrides): Hydra overrides for a model= option, or spec fields
-(`conv_spec`) for the convolutional test model of tests/conv_model.py; `task=seq_cls` in the
+(`spec_fields`) for a custom test model (`CUSTOM_MODELS`: the convolutional one of
+tests/conv_model.py, the mixture-of-experts one of tests/moe_model.py, the attention one of
+tests/attention_model.py); `task=seq_cls` in the
 overrides trains a classifier. The oracle's config is built by peft itself from OUR
 adapter_config.json (`peft.get_peft_config`), so each case also checks our config mapping.
 Both models start from the same base weights and the same seed (so inits that rewrite the base,
@@ -29,8 +31,13 @@ from peftc.files import adapter_files
 from peftc.files.load import fill
 from peftc.planning.plan import Plan
 from peftc.runtime.model import PeftcModel
+from tests.attention_model import TinyAttention, sequences
 from tests.conv_model import TinyConvNet, images, plan_for
 from tests.helpers import build_base, token_batch
+from tests.moe_model import TinyMoE, features
+
+# Plain nn.Modules planned from spec fields: name -> (model class, its input batch)
+CUSTOM_MODELS = {"conv": (TinyConvNet, images), "moe": (TinyMoE, features), "mha": (TinyAttention, sequences)}
 
 # The field that makes a fresh adapter a non-identity (peft's init_weights=False equivalent).
 RANDOM_INIT = {
@@ -42,6 +49,11 @@ RANDOM_INIT = {
     "adalora": "init_lora_weights",
 }
 
+# peft 0.21.2 adds an attention's out_proj update twice in its forward (huggingface/peft#3774),
+# and peftc with it (peftc/methods/lora/attention.py), but only one of the two carries gradients:
+# peft's out_proj gradients are half those of the function both compute.
+MHA_GRADIENTS = "peft 0.21 MultiheadAttention: out_proj's update counted twice, its gradient once"
+
 # peft keeps some adapter bookkeeping as frozen Parameters that peftc keeps as plain numbers.
 PEFT_ONLY_PARAMS = ("ranknum",)  # AdaLoRA: the initial rank, used in the scaling
 
@@ -49,9 +61,9 @@ PEFT_ONLY_PARAMS = ("ranknum",)  # AdaLoRA: the initial rank, used in the scalin
 @dataclass(frozen=True)
 class Case:
     method: str
-    model: str  # a model= option, or "conv" for tests.conv_model.TinyConvNet
+    model: str  # a model= option, or a CUSTOM_MODELS name
     overrides: tuple[str, ...] = ()
-    conv_spec: tuple[tuple[str, Any], ...] = ()  # spec fields for model="conv" (tuples: hashable)
+    spec_fields: tuple[tuple[str, Any], ...] = ()  # spec fields for a custom model (tuples: hashable)
     tolerance: float = 1e-5  # float32 outputs, ours vs peft's
     perturb: bool = False  # move the trainable tensors off their init (inits that are no-ops or rewrite the base)
     mergeable: bool = True  # False: merging must be refused (as peft refuses it)
@@ -59,12 +71,12 @@ class Case:
 
     @property
     def id(self) -> str:
-        fields = [f"{k}={v}" for k, v in self.conv_spec]
+        fields = [f"{k}={v}" for k, v in self.spec_fields]
         return " ".join([self.method, self.model, *self.overrides, *fields])
 
     @property
-    def conv(self) -> bool:
-        return self.model == "conv"
+    def custom(self) -> bool:
+        return self.model in CUSTOM_MODELS
 
     @property
     def classifies(self) -> bool:
@@ -74,14 +86,14 @@ class Case:
         return _compiled(self)
 
     def base(self, plan: Plan) -> torch.nn.Module:
-        return TinyConvNet() if self.conv else build_base(plan)
+        return CUSTOM_MODELS[self.model][0]() if self.custom else build_base(plan)
 
     def inputs(self) -> torch.Tensor:
-        return images() if self.conv else token_batch()
+        return CUSTOM_MODELS[self.model][1]() if self.custom else token_batch()
 
     def loss(self, model: torch.nn.Module) -> torch.Tensor:
         x = self.inputs()
-        if self.conv:
+        if self.custom:
             return model(input_ids=x).square().mean()
         return model(input_ids=x, labels=torch.arange(x.shape[0]) % 2 if self.classifies else x).loss
 
@@ -89,9 +101,9 @@ class Case:
 @functools.cache
 def _compiled(case: Case) -> Plan:  # plans are immutable; composing dominates a pairing's cost
     init = RANDOM_INIT[case.method]
-    if case.conv:
+    if case.custom:
         schema = methods.get(case.method).schema
-        return plan_for(TinyConvNet(), schema(**{init: False, **dict(case.conv_spec)}))
+        return plan_for(CUSTOM_MODELS[case.model][0](), schema(**{init: False, **dict(case.spec_fields)}))
     return peftc.compile([f"peft={case.method}", f"model={case.model}", f"peft.{init}=false", *case.overrides])
 
 
@@ -226,71 +238,114 @@ CASES = [
     Case(
         "ia3",
         "conv",
-        conv_spec=(
+        spec_fields=(
             ("target_modules", ("conv", "pointwise", "grouped")),
             ("feedforward_modules", ("pointwise", "grouped")),
         ),
     ),
-    Case("loha", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "grouped", "seq", "head")), ("r", 2))),
+    Case("loha", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "grouped", "seq", "head")), ("r", 2))),
     Case(
         "loha",
         "conv",
-        conv_spec=(("target_modules", ("conv", "pointwise", "seq")), ("r", 2), ("use_effective_conv2d", True)),
+        spec_fields=(("target_modules", ("conv", "pointwise", "seq")), ("r", 2), ("use_effective_conv2d", True)),
         # peft's HadaWeightCP.backward builds the w1a/w2a gradients from the other factor's core;
         # central finite differences agree with peftc's (autograd) gradients to 1e-12
         peft_gradients_wrong="peft 0.21 LoHa CP-form backward (HadaWeightCP) mixes the two factors",
     ),
-    Case("lokr", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "grouped", "seq")), ("r", 1))),
+    Case("lokr", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "grouped", "seq")), ("r", 1))),
     # (not "seq": peft 0.21 cannot run LoKr's CP form on a Conv1d, a torch.kron stride quirk peftc avoids)
     Case(
         "lokr",
         "conv",
-        conv_spec=(
+        spec_fields=(
             ("target_modules", ("conv", "pointwise")),
             ("r", 1),
             ("decompose_both", True),
             ("use_effective_conv2d", True),
         ),
     ),
-    Case("lokr", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "seq")), ("r", 8))),  # full W2
+    Case("lokr", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "seq")), ("r", 8))),  # full W2
     Case(
         "adalora",
         "conv",
-        conv_spec=(
+        spec_fields=(
             ("target_modules", ("conv", "pointwise", "head")),
             ("init_r", 4),
             ("target_r", 2),
             ("lora_alpha", 0.1),
         ),
     ),
-    Case("lora", "conv", conv_spec=(("target_modules", ("conv", "pointwise", "seq")), ("r", 4)), perturb=True),
+    Case("lora", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "seq")), ("r", 4)), perturb=True),
     Case(
         "lora",
         "conv",
-        conv_spec=(("target_modules", ("conv", "seq", "head")), ("use_dora", True), ("bias", "all")),
+        spec_fields=(("target_modules", ("conv", "seq", "head")), ("use_dora", True), ("bias", "all")),
         perturb=True,
     ),
     Case(
         "lora",
         "conv",
-        conv_spec=(("target_modules", ("conv", "pointwise")), ("lora_bias", True), ("r", 2)),
+        spec_fields=(("target_modules", ("conv", "pointwise")), ("lora_bias", True), ("r", 2)),
         perturb=True,
     ),
     Case(
         "lora",
         "conv",
-        conv_spec=(("target_modules", ("volume", "pointwise")), ("use_dora", True), ("r", 2)),
+        spec_fields=(("target_modules", ("volume", "pointwise")), ("use_dora", True), ("r", 2)),
         perturb=True,
     ),
     # peft cannot merge LoRA into a grouped convolution (its delta has the wrong shape); nor can we
-    Case("lora", "conv", conv_spec=(("target_modules", ("grouped",)), ("r", 4)), perturb=True, mergeable=False),
+    Case("lora", "conv", spec_fields=(("target_modules", ("grouped",)), ("r", 4)), perturb=True, mergeable=False),
     # DoRA there too, with peft's norm of a grouped update (B viewed as (out/groups, r) times A)
     Case(
         "lora",
         "conv",
-        conv_spec=(("target_modules", ("grouped",)), ("r", 4), ("use_dora", True)),
+        spec_fields=(("target_modules", ("grouped",)), ("r", 4), ("use_dora", True)),
         perturb=True,
         mergeable=False,
+    ),
+    # Raw parameters (target_parameters; tests/moe_model.py): an (experts, out, in) stack whose two
+    # parameters nest peft's wrappers; gpt-oss's (experts, in, out) stack, a raw 2-D weight and an
+    # nn.Linear's weight beside a module target, with bias=lora_only (peft trains that Linear's bias)
+    Case(
+        "lora",
+        "moe",
+        spec_fields=(
+            ("target_modules", ()),
+            ("target_parameters", ("experts.gate_up_proj", "experts.down_proj")),
+            ("r", 2),
+        ),
+        perturb=True,
+    ),
+    Case(
+        "lora",
+        "moe",
+        spec_fields=(
+            ("target_modules", ("router",)),
+            ("target_parameters", ("shared.down_proj", "mixer.weight", "head.weight")),
+            ("use_rslora", True),
+            ("bias", "lora_only"),
+        ),
+        perturb=True,
+    ),
+    # null target_modules keep the model type's defaults beside the parameters, as in peft
+    Case("lora", "tiny_llama", ("peft.target_parameters=[mlp.down_proj.weight]",), perturb=True),
+    # nn.MultiheadAttention: in_proj on the attention's site, out_proj nested inside it (peft's
+    # layout); peft ignores dropout there (it merges around the call) and trains out_proj's bias
+    # with lora_only
+    Case(
+        "lora",
+        "mha",
+        spec_fields=(("target_modules", ("attn",)), ("r", 2)),
+        perturb=True,
+        peft_gradients_wrong=MHA_GRADIENTS,
+    ),
+    Case(
+        "lora",
+        "mha",
+        spec_fields=(("target_modules", ("attn", "head")), ("lora_dropout", 0.1), ("bias", "lora_only")),
+        perturb=True,
+        peft_gradients_wrong=MHA_GRADIENTS,
     ),
 ]
 IDS = [case.id for case in CASES]
@@ -308,7 +363,7 @@ def oracle_config(plan: Plan, case: Case) -> object:
     from peft import get_peft_config
 
     config = {**adapter_files.adapter_config(plan), "inference_mode": False}
-    if case.conv:
+    if case.custom:
         config["task_type"] = None  # a plain nn.Module: peft's task wrappers expect a transformers model
     return get_peft_config(config)
 
@@ -364,7 +419,7 @@ def peft_state(model: Any, params: bool = False, adapter_name: str = "default") 
 def output(model: torch.nn.Module, case: Case) -> torch.Tensor:
     with torch.no_grad():
         result = model(input_ids=case.inputs())
-    return result if case.conv else result.logits
+    return result if case.custom else result.logits
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:

@@ -3,8 +3,9 @@ PiSSA/OLoRA/orthogonal, bias, lora_bias, conv sites and a classifier, are in
 tests/method_cases.py and run through every test of tests/test_methods.py against peft).
 
 Here: DoRA's magnitude init, that every initialisation starts as the base model, the refusals
-(named config and plan errors, peft features refused on load), and half-precision merges
-restoring the weights bit for bit. (The grouped-conv merge refusal is the harness's
+(named config and plan errors, peft features refused on load), half-precision merges
+restoring the weights bit for bit, target_parameters beyond the harness (stacked adapters,
+what peft refuses beside it), and nn.MultiheadAttention's gradients and refusals. (The grouped-conv merge refusal is the harness's
 `mergeable=False` case.)
 """
 
@@ -22,6 +23,8 @@ from peftc.files import adapter_files
 from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import PISSA_ROUNDING, build_base, max_diff, token_batch
+from tests.method_cases import CASES, oracle_config, output, paired, peft_state
+from tests.moe_model import TinyMoE
 
 
 # ------------------------------------------------------------------------------ targeted facts
@@ -104,3 +107,122 @@ def test_peft_features_peftc_lacks_are_refused_on_load(tmp_path: Path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "layer_replication": [[0, 1]]}))
     with pytest.raises(peftc.AdapterFileError, match="layer_replication"):
         peftc.load_adapter(build_base(plan), tmp_path)
+
+
+# ------------------------------------------------------------------- target_parameters (MoE)
+EXPERT_CASE = next(
+    c for c in CASES if dict(c.spec_fields).get("target_parameters") == ("experts.gate_up_proj", "experts.down_proj")
+)
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "fragment"),
+    [
+        ({"lora_dropout": 0.1}, "peft.lora_dropout", "peft refuses"),
+        ({"use_dora": True}, "peft.use_dora", "peft refuses"),
+        ({"lora_bias": True}, "peft.lora_bias", "peft refuses"),
+        ({"init_lora_weights": "pissa"}, "peft.init_lora_weights", "true, false and gaussian"),
+        ({"target_parameters": []}, "peft.target_parameters", "non-empty list"),
+        ({"target_parameters": ["experts.gate_up"]}, "peft.target_parameters", "did you mean 'experts.gate_up_proj'"),
+        ({"target_parameters": ["mixer"]}, "peft.target_parameters", "name its parameter, e.g. mixer.weight"),
+        (
+            {"target_parameters": ["router.weight"], "target_modules": ["router"]},
+            "peft.target_parameters",
+            "also a LoRA target",
+        ),
+    ],
+)
+def test_target_parameters_misuse_is_named(fields: dict[str, Any], key: str, fragment: str) -> None:
+    spec = {"target_modules": [], "target_parameters": ["experts.gate_up_proj"], **fields}
+    with pytest.raises(peftc.ConfigError) as info:
+        plan_for(TinyMoE(), LoraSpec(**spec))
+    assert str(info.value).startswith(key) and fragment in str(info.value)
+
+
+def test_parameters_peft_cannot_wrap_are_plan_errors() -> None:
+    with pytest.raises(peftc.PlanError, match="2-D and 3-D"):
+        plan_for(TinyConvNet(), LoraSpec(target_modules=[], target_parameters=["conv.weight"]))  # 4-D
+    model = TinyMoE()
+    model.temperature = torch.nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(peftc.PlanError, match="TinyMoE itself"):
+        plan_for(model, LoraSpec(target_modules=[], target_parameters=["temperature"]))
+
+
+def test_target_parameters_over_a_quantized_base_are_refused() -> None:
+    with pytest.raises(peftc.ConfigError, match="unquantized models only, not with quant=quanto_int8"):
+        peftc.compile(["quant=quanto_int8", "peft.target_parameters=[down_proj.weight]"])
+
+
+def test_two_adapters_on_expert_stacks_stack_like_peft() -> None:
+    from peft import get_peft_model_state_dict
+
+    from peftc.files.load import fill
+
+    pair = paired(EXPERT_CASE)
+    torch.manual_seed(1)
+    pair.theirs.add_adapter("other", oracle_config(pair.plan, EXPERT_CASE))
+    pair.ours.add_adapter("other", pair.plan)
+    fill(pair.ours, "other", get_peft_model_state_dict(pair.theirs, adapter_name="other"))
+    pair.theirs.base_model.set_adapter(["default", "other"])
+    pair.ours.set_adapter(["default", "other"])
+    both = output(pair.ours, EXPERT_CASE)
+    assert max_diff(both, output(pair.theirs, EXPERT_CASE)) <= 1e-5
+    pair.ours.set_adapter("default")
+    assert max_diff(both, output(pair.ours, EXPERT_CASE)) > 1e-3  # the second adapter counts
+
+
+def test_adapters_on_other_parameters_of_a_wrapped_module_are_refused() -> None:
+    model = peftc.materialize(EXPERT_CASE.compile(), base_model=TinyMoE())
+    other = plan_for(TinyMoE(), LoraSpec(target_modules=[], target_parameters=["experts.gate_up_proj"]))
+    with pytest.raises(peftc.PlanError, match="must target the same parameters"):
+        model.add_adapter("other", other)
+    assert model.adapter_names == ["default"]
+    assert all(layer.adapter_names == ["default"] for _, layer in model.adapter_layers())
+    with pytest.raises(
+        peftc.ConfigError, match="target parameters or MultiheadAttention, which peftc does not combine"
+    ):
+        model.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+
+
+# ------------------------------------------------------------------- nn.MultiheadAttention
+ATTENTION_CASE = next(c for c in CASES if c.model == "mha")
+
+
+def test_attention_gradients_are_peft_s_with_out_proj_counted_as_often_as_its_update() -> None:
+    """peft 0.21.2 adds out_proj's update twice but differentiates it once (the harness marks its
+    gradients wrong); peftc's gradients are those of the function both compute: twice peft's."""
+    pair = paired(ATTENTION_CASE)
+    for model in (pair.ours, pair.theirs):
+        ATTENTION_CASE.loss(model.train()).backward()
+    ours = {k: t.grad for k, t in pair.ours.adapter_state_dict("default").items()}
+    theirs = {k: t.grad for k, t in peft_state(pair.theirs, params=True).items()}
+    assert ours.keys() == theirs.keys()
+    for key, grad in ours.items():
+        factor = 2.0 if ".out_proj." in key else 1.0
+        assert max_diff(grad, factor * theirs[key]) <= 1e-5 * max(1.0, theirs[key].abs().max().item()), key
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "fragment"),
+    [
+        ({"use_dora": True}, "peft.use_dora", "peft does not implement DoRA there"),
+        ({"lora_bias": True}, "peft.lora_bias", "ignores B's bias"),
+        ({"init_lora_weights": "orthogonal"}, "peft.init_lora_weights", "true, false and gaussian"),
+        ({"target_modules": ["out_proj"]}, "peft.target_modules", "never calls it"),
+    ],
+)
+def test_attention_combinations_peft_refuses_are_named(fields: dict[str, Any], key: str, fragment: str) -> None:
+    from tests.attention_model import TinyAttention
+
+    with pytest.raises(peftc.PlanError) as info:
+        plan_for(TinyAttention(), LoraSpec(**{"target_modules": ["attn"], **fields}))
+    assert str(info.value).startswith(key) and fragment in str(info.value)
+
+
+def test_attention_with_keys_of_another_size_is_refused_like_peft() -> None:
+    from tests.attention_model import TinyAttention
+
+    model = TinyAttention()
+    model.attn = torch.nn.MultiheadAttention(8, 2, kdim=6, vdim=6)
+    with pytest.raises(peftc.PlanError, match="keys/values of another size"):
+        plan_for(model, LoraSpec(target_modules=["attn"]))

@@ -63,7 +63,7 @@ def test_oft_adjust_block_size_follows_peft_per_layer() -> None:
 
 
 class _Lm:
-    conv = False
+    custom = False
 
 
 _LM = _Lm()

@@ -67,7 +67,7 @@ def test_gradients_match_peft(case: Case) -> None:
         loss = case.loss(model)
         # peft adds AdaLoRA's regulariser to a model output's .loss (a bare tensor has none);
         # peftc's training step adds the method's extra_loss
-        penalty = extra(model, pair.plan.adapter_name) if model is pair.ours and not case.conv else None
+        penalty = extra(model, pair.plan.adapter_name) if model is pair.ours and not case.custom else None
         (loss if penalty is None else loss + penalty).backward()
     ours = {k: t.grad for k, t in pair.ours.adapter_state_dict(pair.plan.adapter_name).items() if t.requires_grad}
     theirs = {k: t.grad for k, t in peft_state(pair.theirs, params=True).items() if t.requires_grad}
@@ -107,14 +107,14 @@ def test_adapters_load_both_ways(case: Case, tmp_path: Path) -> None:
     pair = paired(case)
     expected = output(pair.theirs, case)
     pair.ours.save_adapter(tmp_path / "ours")
-    config = oracle_config(pair.plan, case) if case.conv else None  # peft would wrap a task model
+    config = oracle_config(pair.plan, case) if case.custom else None  # peft would wrap a task model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)  # pissa_niter draws again when the residual is derived from the base
         loaded_in_peft = PeftModel.from_pretrained(case.base(pair.plan), tmp_path / "ours", config=config).eval()
     assert max_diff(output(loaded_in_peft, case), expected) <= case.tolerance
     pair.theirs.save_pretrained(tmp_path / "theirs")
-    if case.conv:  # peft writes task_type null for a plain module; say which task ours plans for
+    if case.custom:  # peft writes task_type null for a plain module; say which task ours plans for
         path = tmp_path / "theirs" / adapter_files.CONFIG_NAME
         path.write_text(json.dumps({**json.loads(path.read_text()), "task_type": "CAUSAL_LM"}))
     torch.manual_seed(0)

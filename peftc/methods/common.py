@@ -45,7 +45,7 @@ def trained_biases(mode: str, graph: ModelGraph, sites: Sequence[Site]) -> dict[
     modules' biases)."""
     if mode == "none":
         return {}
-    adapted = {s.path for s in sites}
+    adapted = {s.module_path for s in sites}
     return {
         f"{module.path}.bias" if module.path else "bias": shape
         for module in graph.modules

@@ -141,6 +141,8 @@ def _shapes(module: nn.Module, kind: str) -> tuple[int | None, int | None, tuple
             ("dilation", tuple(module.dilation)),
         )
         return module.in_channels, module.out_channels, extra
+    if kind == "mha":  # in_proj: E -> 3E (q, k, v packed)
+        return module.embed_dim, 3 * module.embed_dim, (("same_embed_dim", module._qkv_same_embed_dim),)
     return None, None, ()
 
 
@@ -155,6 +157,8 @@ def graph_of(model: nn.Module, facts: ModelFacts | None = None) -> ModelGraph:
         own = list(module.named_parameters(recurse=False))
         for _, p in own:
             params.setdefault(id(p), p)
+        if getattr(module, "is_transposed", None) is True:  # MoE experts stored (experts, in, out)
+            extra += (("is_transposed", True),)
         bias = getattr(module, "bias", None)
         modules.append(
             ModuleInfo(
@@ -192,7 +196,10 @@ class WrapsModule:
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, module.wrapped_attribute) if isinstance(module, WrapsModule) else module
+    # Wrappers can nest (LoRA wraps a module once per targeted parameter, as peft does).
+    while isinstance(module, WrapsModule):
+        module = getattr(module, module.wrapped_attribute)
+    return module
 
 
 def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:

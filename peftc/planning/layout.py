@@ -76,9 +76,11 @@ def model_prefix(plan: Plan) -> str:
 
 
 def unfrozen_saved_name(plan: Plan, name: str) -> str:
-    """peft saves a trained base parameter of an adapted module under its wrapper's `base_layer`."""
+    """peft saves a trained base parameter of an adapted module under its (innermost) wrapper's
+    `base_layer`."""
     module, _, pname = name.rpartition(".")
-    return f"{module}.base_layer.{pname}" if plan.site(module) is not None else name
+    wrappers = [s.path for s in plan.sites if s.module_path == module]
+    return f"{max(wrappers, key=len)}.base_layer.{pname}" if wrappers else name
 
 
 def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:

@@ -53,6 +53,13 @@ class Site:
     def params(self) -> int:
         return sum(numel(s) for s in self.tensors.values())
 
+    @property
+    def module_path(self) -> str:
+        """The adapted module's path in the base model. peft nests wrappers (one per targeted
+        parameter of a module: `experts.base_layer`), and a site's path is its wrapper's, as
+        peft saves it."""
+        return self.path.replace(".base_layer", "")
+
 
 @dataclass(frozen=True)
 class PromptPlan:

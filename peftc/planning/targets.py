@@ -31,6 +31,9 @@ class TargetRequest:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     key: str = "peft.target_modules"
+    # The method adapts something besides modules (LoRA's target_parameters): then an empty
+    # list, or null on a model type without defaults, means "no module" instead of an error.
+    modules_optional: bool = False
 
 
 # peft's spelling (DUMMY_TARGET_MODULES) for "no adapter layers": train only modules_to_save,
@@ -63,8 +66,12 @@ def resolve_targets(
     _check_names_type("peft.exclude_modules", request.exclude_modules)
     if targets == NO_TARGETS:
         return _no_targets(key, protected)
+    if request.modules_optional and (targets == [] or targets == ()):
+        return []
     if targets is None:
         targets = list(method.default_targets.get(graph.model_type, ()))
+        if not targets and request.modules_optional:
+            return []
         if not targets:
             raise PlanError(
                 key,

@@ -10,8 +10,10 @@ from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
 from peftc.planning.graph import replace_module
 
 if TYPE_CHECKING:
-    from peftc.planning.graph import ModuleInfo
-    from peftc.planning.plan import Plan
+    from torch import nn
+
+    from peftc.planning.graph import ModelGraph, ModuleInfo
+    from peftc.planning.plan import Plan, Site
     from peftc.runtime.model import PeftcModel
 
 
@@ -25,14 +27,17 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
     graph = graph_of(base)
     check_adapter_name_fits("adapter_name", name, (m.path for m in graph.modules))
     for site in plan.sites:
-        _check_site_fits(site, graph.module(site.path), plan)
+        if site.kind == "parameter":
+            _check_parameter_fits(site, graph, plan)
+        else:
+            _check_site_fits(site, graph.module(site.module_path), plan)
     new_layers: dict[str, AdapterLayer] = {}
     extended: list[AdapterLayer] = []
     new_wrappers: dict[str, ModulesToSaveWrapper] = {}
     extended_wrappers: list[ModulesToSaveWrapper] = []
     try:
         for site in plan.sites:
-            current = base.get_submodule(site.path)
+            current = _pending_module(base, site.path, new_layers)
             layer_type = method.layer_type(site)
             if isinstance(current, AdapterLayer):
                 if not isinstance(current, layer_type):
@@ -70,6 +75,33 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
         replace_module(base, path, wrapper)
     if encoder is not None:
         model.prompt_encoders[name] = encoder
+
+
+def _pending_module(base: nn.Module, path: str, new_layers: dict[str, AdapterLayer]) -> nn.Module:
+    """The module at `path` as it will be once the layers made so far replace theirs: a wrapper
+    planned inside another (peft nests one per targeted parameter, `experts.base_layer`) wraps
+    what the outer one wraps."""
+    module = base
+    walked = ""
+    for part in path.split("."):
+        walked = f"{walked}.{part}" if walked else part
+        module = new_layers[walked] if walked in new_layers else module.get_submodule(part)
+    return module
+
+
+def _check_parameter_fits(site: Site, graph: ModelGraph, plan: Plan) -> None:
+    module_path, name = site.options["module"], site.options["parameter"]
+    module = graph.module(module_path)
+    shape = dict(module.params).get(name) if module is not None else None
+    planned = tuple(site.options["shape"])
+    if shape is None or tuple(shape) != planned:
+        found = f"is {tuple(shape)} here" if shape is not None else "is missing here"
+        raise PlanError(
+            "model",
+            plan.model.name,
+            f"the plan adapts the parameter {module_path}.{name} of shape {planned}, which {found}",
+            "the adapter was made for a different base model",
+        )
 
 
 def _check_site_fits(site: object, module: ModuleInfo | None, plan: Plan) -> None:

@@ -319,7 +319,8 @@ class PeftcModel(nn.Module):
         return self._unwrap()
 
     def _unwrap(self) -> nn.Module:
-        for path, layer in list(self.adapter_layers()):
+        # innermost first: wrappers nest (one per targeted parameter of a module)
+        for path, layer in reversed(list(self.adapter_layers())):
             replace_module(self.base_model, path, layer.base_layer)
         for path, wrapper in list(self.saved_modules()):
             replace_module(
@@ -333,7 +334,7 @@ class PeftcModel(nn.Module):
         return self.base_model
 
     def _remove_empty_layers(self) -> None:
-        for path, layer in list(self.adapter_layers()):
+        for path, layer in reversed(list(self.adapter_layers())):
             if not layer.adapter_names:
                 replace_module(self.base_model, path, layer.base_layer)
         for path, wrapper in list(self.saved_modules()):

@@ -9,7 +9,9 @@ adapter is an exact no-op. Variants and options, all with peft 0.21.2's semantic
 - `bias`: train the base biases of every module ('all') or of the adapted ones ('lora_only');
   `lora_bias`: B gets its own bias;
 - sites: nn.Linear, GPT-2's Conv1D (W stored (in, out)), nn.Embedding, nn.Conv1d/2d/3d
-  (A copies the base conv's kernel, B is 1x1).
+  (A copies the base conv's kernel, B is 1x1); raw parameters such as MoE expert stacks
+  (`target_parameters`, parameters.py); nn.MultiheadAttention (in_proj and out_proj, attention.py);
+  trainable embedding rows (`trainable_token_indices`, tokens.py).
 The layer is lora_layer.py; adapters are combined (add_weighted_adapter) in lora_combine.py.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from peftc.config.spec import RunSpec, SpecNode, as_list, at_least, greater_than, in_range, mapping_of, one_of, param
@@ -28,19 +30,19 @@ from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.common import number as _number
 from peftc.methods.common import pattern_value, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.lora import attention, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
-from peftc.methods.lora import tokens
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
 from peftc.methods.lora.layer import CONV_FUNCTIONS, LoraLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
+from peftc.planning.targets import TargetRequest
 
 # adapter_config.json fields of LoRA features peftc does not implement: a file that uses one
 # would load with the wrong numbers, so it is refused instead.
 UNSUPPORTED_FIELDS = (
     "layer_replication",
-    "target_parameters",
     "use_qalora",
     "alora_invocation_tokens",
     "use_bdlora",
@@ -100,11 +102,18 @@ class LoraSpec(SpecNode):
         "Embedding rows trained in full (new special tokens): a list of token ids (the input embedding), "
         "or {embedding module: [ids]}.",
     )
+    target_parameters: Any = param(
+        None,
+        "Raw parameters to adapt (MoE expert weights): names or dotted suffixes, e.g. [experts.gate_up_proj]; "
+        "a 3-D (experts, out, in) stack gets a rank-r update per expert.",
+    )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         self._check_init(key)
         if self.trainable_token_indices is not None:
             tokens.check_indices(self.trainable_token_indices)
+        if self.target_parameters is not None:
+            parameters.check_spec(self, key)
         for pattern, rank in (self.rank_pattern or {}).items():
             if not isinstance(rank, int) or rank < 1:
                 raise ConfigError(f"{key}.rank_pattern.{pattern}", rank, "must be >= 1")
@@ -155,7 +164,7 @@ class Lora(Method):
     peft_type = "LORA"
     schema = LoraSpec
     layer_class = LoraLayer
-    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", *CONV_FUNCTIONS})
+    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", attention.KIND, *CONV_FUNCTIONS})
     default_targets = LORA_TARGETS
     tensor_prefix = "lora_"
     wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
@@ -164,6 +173,10 @@ class Lora(Method):
         r = pattern_value(module.path, spec.rank_pattern or {}, spec.r)
         alpha = pattern_value(module.path, spec.alpha_pattern or {}, spec.lora_alpha)
         _check_site(spec, module, r)
+        if module.kind == attention.KIND:
+            attention.check_site(spec, module)
+        else:
+            attention.check_not_out_proj(module, graph)
         scaling = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
         options: dict[str, Any] = {
             "r": r,
@@ -183,7 +196,27 @@ class Lora(Method):
             module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
         )
 
+    def target_request(self, spec: LoraSpec) -> TargetRequest:
+        # With target_parameters, target_modules may adapt nothing ([], or null without defaults), as in peft.
+        return replace(super().target_request(spec), modules_optional=bool(spec.target_parameters))
+
+    def check_run(self, spec: LoraSpec, run: RunSpec, graph: ModelGraph) -> None:
+        from peftc.config.registry import QUANT_BACKENDS
+
+        backend = QUANT_BACKENDS.for_spec(run.quant).name
+        if spec.target_parameters and backend != "none":
+            raise ConfigError(
+                parameters.KEY,
+                list(spec.target_parameters),
+                f"peftc adapts raw parameters of unquantized models only, not with quant={backend}",
+                "use quant=none, or target modules instead",
+            )
+
     def extra_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
+        extra = attention.out_proj_sites(sites, graph) + parameters.parameter_sites(spec, graph, sites)
+        return extra + self._token_sites(spec, graph, sites)
+
+    def _token_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
         extra = tokens.token_sites(spec.trainable_token_indices, graph, init=spec.init_lora_weights is not False)
         adapted = {s.path for s in sites}
         saved = set(self.modules_to_save(spec))
@@ -203,6 +236,10 @@ class Lora(Method):
         return extra
 
     def layer_type(self, site: Site) -> type[AdapterLayer]:
+        if parameters.is_parameter_site(site):
+            return parameters.ParamLoraLayer
+        if site.kind == attention.KIND:
+            return attention.MhaLoraLayer
         return tokens.TrainableTokensLayer if tokens.is_token_site(site) else LoraLayer
 
     def plan_unfrozen(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
@@ -219,6 +256,13 @@ class Lora(Method):
                 "adapters",
                 list(names),
                 "carry trainable tokens, which peftc does not combine",
+                "combine adapters without them",
+            )
+        if any(parameters.is_parameter_site(s) or s.kind == attention.KIND for plan in plans for s in plan.sites):
+            raise ConfigError(
+                "adapters",
+                list(names),
+                "target parameters or MultiheadAttention, which peftc does not combine (peft: not parameters)",
                 "combine adapters without them",
             )
         return lora_combine.weighted_spec(names, plans, combination_type, svd_rank)
@@ -242,6 +286,7 @@ class Lora(Method):
             "use_dora": spec.use_dora,
             "modules_to_save": as_list(spec.modules_to_save),
             "trainable_token_indices": plain_tokens(spec.trainable_token_indices),
+            "target_parameters": _plain_list(spec.target_parameters),
         }
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoraSpec:
@@ -278,6 +323,7 @@ class Lora(Method):
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             modules_to_save=config.get("modules_to_save"),
             trainable_token_indices=config.get("trainable_token_indices"),
+            target_parameters=config.get("target_parameters") or None,  # peft reads [] as none
         )
 
 
@@ -359,7 +405,13 @@ def _plain_list(value: Any) -> Any:
 def _jsonable_targets(targets: Any, plan: Plan | None) -> Any:
     """peft writes target_modules as a list (or a regex string); null becomes the resolved names."""
     if targets is None and plan is not None:
-        return sorted({s.path.rsplit(".", 1)[-1] for s in plan.sites if not tokens.is_token_site(s)})
+        # what the user targets: not peft's wrapper-internal sites (an attention's out_proj) or others
+        modules = [
+            s
+            for s in plan.sites
+            if s.path == s.module_path and not tokens.is_token_site(s) and not parameters.is_parameter_site(s)
+        ]
+        return sorted({s.path.rsplit(".", 1)[-1] for s in modules})
     if isinstance(targets, (list, tuple)):
         return list(targets)
     return targets

@@ -1,0 +1,132 @@
+"""LoRA on nn.MultiheadAttention, as peft's lora.MultiheadAttention: the packed q/k/v projection
+`in_proj_weight` (3E, E) gets A (r, E) and B (3E, r) on the attention module's site; the output
+projection gets an ordinary LoRA Linear site at `<attention>.base_layer.out_proj`, with the same
+rank and alpha (where peft puts it, so saved names and the live tree are peft's).
+
+torch's attention reads both weights directly and never calls out_proj's forward, so the
+attention layer runs the module with W + dW for both (functional_call; peft merges and unmerges
+around the call, the same numbers). As there, lora_dropout is not applied (nothing calls an input
+through the adapter). peft 0.21.2 adds out_proj's update twice, in the forward and in merges
+(W + 2 s B A; huggingface/peft#3774 fixes it upstream): its adapters were trained that way, so
+the out_proj site's scaling is doubled to load and run them with peft's outputs. peft refuses
+DoRA and q/k/v of different sizes; peftc also refuses inits beyond true/false/gaussian and
+lora_bias (peft drops B's bias on in_proj), and targeting an attention's out_proj on its own
+(the attention never calls it: the adapter would do nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.func import functional_call
+
+from peftc.errors import PlanError
+from peftc.methods.lora.layer import LoraLayer
+from peftc.planning.plan import Site
+
+if TYPE_CHECKING:
+    from peftc.planning.graph import ModelGraph, ModuleInfo
+
+KIND = "mha"
+PEFT_OUT_PROJ_REPEATS = 2  # peft 0.21.2 adds out_proj's update twice (huggingface/peft#3774)
+
+
+def check_site(spec: Any, module: ModuleInfo) -> None:
+    """What peft refuses on an attention module, and what peftc does not implement there."""
+    where = f"{module.path} (MultiheadAttention)"
+    if not module.get("same_embed_dim", True):
+        raise PlanError(
+            "peft.target_modules",
+            module.leaf_name,
+            f"{where} has keys/values of another size than queries; peft adapts only equal ones",
+        )
+    refused = {
+        "use_dora": (spec.use_dora, "peft does not implement DoRA there", "false"),
+        "lora_bias": (spec.lora_bias, "peft ignores B's bias on in_proj, so peftc refuses it", "false"),
+    }
+    for field, (value, why, fix) in refused.items():
+        if value:
+            raise PlanError(f"peft.{field}", value, f"does not work on {where}: {why}", f"set peft.{field}={fix}")
+    if spec.init_lora_weights not in (True, False, "gaussian"):
+        raise PlanError(
+            "peft.init_lora_weights",
+            spec.init_lora_weights,
+            f"peftc implements only true, false and gaussian on {where}",
+            "use one of them, or exclude the attention module",
+        )
+
+
+def check_not_out_proj(module: ModuleInfo, graph: ModelGraph) -> None:
+    parent = graph.module(module.path.rpartition(".")[0])
+    if parent is not None and parent.kind == KIND and module.leaf_name == "out_proj":
+        raise PlanError(
+            "peft.target_modules",
+            module.leaf_name,
+            f"{module.path} is the output projection of a MultiheadAttention, which never calls it: an adapter there does nothing",
+            f"target the attention module ({parent.leaf_name}) instead, which adapts out_proj too; or exclude {module.path}",
+        )
+
+
+def out_proj_sites(sites: Sequence[Site], graph: ModelGraph) -> tuple[Site, ...]:
+    """The out_proj Linear site of every attention site (same rank and alpha, peft's nesting)."""
+    extra = []
+    for site in sites:
+        if site.kind != KIND:
+            continue
+        out_proj = graph.module(f"{site.path}.out_proj")
+        options = {**site.options, "scaling": site.options["scaling"] * PEFT_OUT_PROJ_REPEATS}
+        r, width = options["r"], out_proj.in_features
+        tensors = {"lora_A.weight": (r, width), "lora_B.weight": (out_proj.out_features, r)}
+        path = f"{site.path}.base_layer.out_proj"
+        extra.append(replace(site, path=path, kind="linear", module_class=out_proj.class_name, in_features=width, out_features=out_proj.out_features, tensors=tensors, options=options))  # fmt: skip
+    return tuple(extra)
+
+
+class MhaLoraLayer(LoraLayer):
+    """LoRA on an attention's in_proj_weight; runs the attention with out_proj's adapter too."""
+
+    def _creation_device(self) -> torch.device | None:
+        device = self.base_layer.in_proj_weight.device
+        return device if device.type == "meta" else None
+
+    def create_adapter(self, name: str, site: Site, init: bool) -> None:
+        super().create_adapter(name, site, init)
+        device = self._weight().device
+        if device.type != "meta":  # drawn on the CPU as peft draws them, then beside the weights
+            self.lora_A[name].to(device)
+            self.lora_B[name].to(device)
+
+    def _weight(self) -> torch.nn.Parameter:
+        return self.base_layer.in_proj_weight
+
+    _base_weight = _weight
+
+    def merge_targets(self, names: Sequence[str]) -> tuple[str, ...]:
+        return ("in_proj_weight",)
+
+    def unmerge(self) -> None:
+        # out_proj's adapter belongs to this one: undo both (peft's MultiheadAttention.unmerge)
+        super().unmerge()
+        out_proj = self.base_layer.out_proj
+        if isinstance(out_proj, LoraLayer):
+            out_proj.unmerge()
+
+    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled or self.merged_adapters or not self.active_adapters:
+            return super().forward(query, *args, **kwargs)
+        return functional_call(self.base_layer, self._adapted_weights(), (query, *args), kwargs)
+
+    def _adapted_weights(self) -> dict[str, torch.Tensor]:
+        weight = self._weight()
+        weights = {"in_proj_weight": weight + sum(self.delta_weight(n) for n in self.active_adapters).to(weight.dtype)}
+        out_proj = self.base_layer.out_proj
+        names = (
+            [n for n in self.active_adapters if n in out_proj.adapter_names] if isinstance(out_proj, LoraLayer) else []
+        )
+        if names:
+            base = out_proj.base_layer.weight
+            weights["out_proj.base_layer.weight"] = base + sum(out_proj.delta_weight(n) for n in names).to(base.dtype)
+        return weights
