@@ -319,7 +319,7 @@ CASES = [
         "transformer_engine package"),
     Bad("logger-package-missing", "environment",
         without_package("tensorboard,tensorboardX", cli("trainer.logger=tensorboard")), ConfigError,
-        "pip install tensorboard"),
+        "pip install 'peftc[tensorboard]'"),
     Bad("seed-negative", "environment", cli("seed=-1"), ConfigError, "must be in [0, 4294967295]"),
     Bad("seed-above-numpy-range", "environment", cli("seed=4294967296"), ConfigError, "must be in [0, 4294967295]"),
     # --- model directories ---------------------------------------------------------------------
