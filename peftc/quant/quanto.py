@@ -58,6 +58,7 @@ def group_size(in_features: int) -> int | None:
 
 class Quanto(QuantBackend):
     qtype: ClassVar[str]  # quanto's weight qtype name
+    hf_weights: ClassVar[str]  # the same qtype under transformers' QuantoConfig name
     extra = "quant"
     packages = (("optimum.quanto", "optimum-quanto"),)
     library = "optimum.quanto"
@@ -74,6 +75,13 @@ class Quanto(QuantBackend):
             layer.weight.requires_grad_(False)  # quanto's straight-through weights would get a .grad
             replace_module(model, path, layer)
         return model
+
+    def on_load_config(self, spec: Any, model_dtype: str, skip: list[str]) -> Any:
+        from transformers import QuantoConfig
+
+        # transformers builds the same quanto QLinear and freezes it as each weight is read:
+        # measured bit-identical to `quantize` (codes, scales, shifts, logits) for int8 and int4.
+        return QuantoConfig(weights=self.hf_weights, modules_to_not_convert=skip)
 
     def _owns(self, module: nn.Module) -> bool:
         from optimum.quanto.nn import QLinear
@@ -100,6 +108,7 @@ class QuantoInt8(Quanto):
     name = "quanto_int8"
     schema = QuantoInt8Spec
     qtype = "qint8"
+    hf_weights = "int8"
     storage = "int8"
 
     def weight_bytes(self, spec: Any, module: ModuleInfo, dtype: str) -> dict[str, int]:
@@ -115,6 +124,7 @@ class QuantoInt4(Quanto):
     merge_refusal = FOUR_BIT_MERGE_REFUSAL
     schema = QuantoInt4Spec
     qtype = "qint4"
+    hf_weights = "int4"
     storage = "int4"
 
     def weight_bytes(self, spec: Any, module: ModuleInfo, dtype: str) -> dict[str, int]:

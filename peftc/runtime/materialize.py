@@ -78,9 +78,9 @@ def check_fits_in_memory(plan: Plan, *, loading_base: bool) -> None:
 def load_base_model(plan: Plan) -> nn.Module:
     """The base model the plan was made for: built or loaded, quantized, ready to wrap.
 
-    A loaded checkpoint is quantized while transformers reads it, where the backend can (the
-    whole unquantized model never sits in memory: QLoRA's point); a config-built model, or a
-    backend that cannot, is quantized after it is built."""
+    A loaded checkpoint is quantized while transformers reads it, where the backend gives a
+    transformers quantization config (every shipped backend does: the whole unquantized model
+    never sits in memory, QLoRA's point); a config-built model is quantized after it is built."""
     run = plan.spec
     task = tasks.get(plan.task)
     overrides = task.config_overrides(run.task)
