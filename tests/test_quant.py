@@ -434,7 +434,26 @@ def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
         for mine, reference in zip(ours_stored, theirs_stored):
             assert mine.dtype == reference.dtype and torch.equal(mine, reference), path
         assert getattr(ours, "support_avx512bf16_for_cpu", False) is False  # one 4-bit layout in train and eval mode
+    for name, buffer in after_building.named_buffers():
+        loaded = on_load.get_buffer(name)
+        assert (loaded.dtype, loaded.device) == (buffer.dtype, buffer.device) and torch.equal(loaded, buffer), name
     x = token_batch()
     assert torch.equal(on_load(input_ids=x).logits, after_building(input_ids=x).logits)
     model = materialize(plan, on_load)  # and adapters go on top as usual
     assert model.trainable_parameters() == plan.trainable_params
+
+
+@pytest.mark.parametrize("option", ["quanto_int8", "quanto_int4"])
+def test_quanto_layers_quantized_while_loading_keep_their_scales_in_the_model_dtype(
+    option: str, tiny_llama_dir: str
+) -> None:
+    """transformers leaves quanto's activation scales float32 in a bf16 model; peftc's own pass
+    keeps them in the weight's dtype, and loading must give the same model."""
+    plan = peftc.compile(
+        [f"quant={option}", "model=hf", f"model.name_or_path={tiny_llama_dir}", "model.dtype=bfloat16"]
+        + ["quant.float32_unquantized=false"]
+    )
+    base = load_base_model(plan)
+    for path in plan.quantization.modules:
+        layer = base.get_submodule(path)
+        assert layer.input_scale.dtype == layer.output_scale.dtype == torch.bfloat16, path

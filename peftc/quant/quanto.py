@@ -83,6 +83,17 @@ class Quanto(QuantBackend):
         # measured bit-identical to `quantize` (codes, scales, shifts, logits) for int8 and int4.
         return QuantoConfig(weights=self.hf_weights, modules_to_not_convert=skip)
 
+    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
+        import torch
+
+        for path in paths:
+            layer = model.get_submodule(path)
+            # transformers sets these activation scales (unused: weights-only) as float32 CPU
+            # tensors; quanto's own layers, as `quantize` makes them, hold them in the weight's
+            # dtype on its device, where `.to(dtype)` and state_dict expect them.
+            one = torch.ones((), dtype=layer.weight.dtype, device=layer.weight.device)
+            layer.input_scale, layer.output_scale = one, one.clone()
+
     def _owns(self, module: nn.Module) -> bool:
         from optimum.quanto.nn import QLinear
 
