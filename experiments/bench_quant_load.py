@@ -1,13 +1,15 @@
 """Loading a checkpoint into a QLoRA model (issue #14): peak memory and time, peftc beside
 transformers + peft, each in a fresh process on the same bf16 checkpoint.
 
-    python experiments/bench_quant_load.py [--hidden 1024 --layers 12 --repeats 3 --checkpoint-dtype bfloat16]
+    python experiments/bench_quant_load.py [--quant bnb_nf4|quanto_int8|torchao_int8]
+        [--hidden 1024 --layers 12 --repeats 3 --checkpoint-dtype bfloat16]
 
-Paths measured (bnb nf4, double quantization, compute in bfloat16, LoRA r=8 on q,v):
-  peftc         `peftc.materialize(plan)` with model=hf quant=bnb_nf4: quantized while transformers
+Paths measured (LoRA r=8 on q,v; --quant bnb_nf4: double quantization, compute in bfloat16;
+quanto_int8: int8 weights, scale per row; torchao_int8: Int8WeightOnlyConfig):
+  peftc         `peftc.materialize(plan)` with model=hf quant=<quant>: quantized while transformers
                 reads the checkpoint (the default now)
   peftc-after   the previous path: the whole model loaded in bf16, then quantized
-  hf+peft       `from_pretrained(quantization_config=BitsAndBytesConfig(...))` + `get_peft_model`
+  hf+peft       `from_pretrained(quantization_config=<transformers' config for it>)` + `get_peft_model`
 Peak memory is the process's peak anonymous RSS (RssAnon sampled every 5 ms) minus its value after
 the imports: what loading allocates. (VmHWM is no use here: safetensors maps the checkpoint, so
 every path "peaks" at about the file's size in page cache.) Both libraries keep every unquantized
@@ -57,8 +59,34 @@ def make_checkpoint(directory: Path, hidden: int, layers: int, dtype: str) -> in
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def run_path(path: str, checkpoint: str) -> dict[str, float]:
+# What each --quant option needs: its library (imported before the memory baseline), its peftc
+# overrides, and transformers' own quantization config for the hf+peft path.
+LIBRARIES = {"bnb_nf4": "bitsandbytes", "quanto_int8": "optimum.quanto", "torchao_int8": "torchao"}
+QUANT_OVERRIDES = {"bnb_nf4": ["quant.compute_dtype=bfloat16"], "quanto_int8": [], "torchao_int8": []}
+
+
+def transformers_config(quant: str) -> object:
+    import torch
+    from transformers import BitsAndBytesConfig, QuantoConfig, TorchAoConfig
+
+    if quant == "quanto_int8":
+        return QuantoConfig(weights="int8")
+    if quant == "torchao_int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def run_path(path: str, checkpoint: str, quant: str) -> dict[str, float]:
     """In this (fresh) process: import, then load one way; memory and time of the load alone."""
+    import importlib
+
     import torch  # noqa: F401  (imports before the baseline)
     import transformers  # noqa: F401
 
@@ -69,15 +97,16 @@ def run_path(path: str, checkpoint: str) -> dict[str, float]:
         f"model.name_or_path={checkpoint}",
         "model.dtype=bfloat16",
         "model.tokenizer=pkg:peftc/assets/byte_tokenizer",
-        "quant=bnb_nf4",
-        "quant.compute_dtype=bfloat16",
+        f"quant={quant}",
+        *QUANT_OVERRIDES[quant],
         "quant.float32_unquantized=false",
     ]
     plan = peftc.compile(overrides)
     import threading
 
-    import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
+
+    importlib.import_module(LIBRARIES[quant])
 
     baseline = rss_kib("RssAnon")
     peak = [baseline]
@@ -104,16 +133,10 @@ def run_path(path: str, checkpoint: str) -> dict[str, float]:
     else:
         import torch
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
         base = AutoModelForCausalLM.from_pretrained(
-            checkpoint, quantization_config=config, dtype=torch.bfloat16, device_map={"": "cpu"}
+            checkpoint, quantization_config=transformers_config(quant), dtype=torch.bfloat16, device_map={"": "cpu"}
         )
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     seconds = time.perf_counter() - start
@@ -130,7 +153,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--one", nargs=2, metavar=("PATH", "CHECKPOINT"), help=argparse.SUPPRESS)
+    parser.add_argument("--quant", default="bnb_nf4", choices=sorted(LIBRARIES))
+    parser.add_argument("--one", nargs=3, metavar=("PATH", "CHECKPOINT", "QUANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_path(*args.one)))
@@ -140,15 +164,15 @@ def main() -> None:
         size = make_checkpoint(checkpoint, args.hidden, args.layers, args.checkpoint_dtype)
         bf16 = size // (2 if args.checkpoint_dtype == "float32" else 1)
         print(
-            f"checkpoint: hidden {args.hidden}, {args.layers} layers, {args.checkpoint_dtype} safetensors "
-            f"{size / 2**20:.0f} MiB (bf16: {bf16 / 2**20:.0f} MiB), loaded as bf16"
+            f"quant={args.quant}; checkpoint: hidden {args.hidden}, {args.layers} layers, {args.checkpoint_dtype} "
+            f"safetensors {size / 2**20:.0f} MiB (bf16: {bf16 / 2**20:.0f} MiB), loaded as bf16"
         )
         rows = {}
         for path in ("peftc", "peftc-after", "hf+peft"):
             runs = []
             for _ in range(args.repeats):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--one", path, str(checkpoint)],
+                    [sys.executable, __file__, "--one", path, str(checkpoint), args.quant],
                     capture_output=True,
                     text=True,
                     check=True,

@@ -20,7 +20,7 @@ import peftc
 from peftc import quant
 from peftc.methods.lora.method import LoraLayer
 from peftc.planning.plan import Site
-from peftc.quant.base import backend_of
+from peftc.quant.base import backend_of, leaf_tensors
 from peftc.runtime.materialize import load_base_model, materialize
 from tests.helpers import max_diff, token_batch
 
@@ -396,13 +396,18 @@ def test_a_saved_adapter_loads_back_onto_a_quantized_base(backend: str, tmp_path
 
 
 # ------------------------------------------------------------------------ quantize on load
-@pytest.mark.parametrize("option", ["bnb_nf4", "bnb_fp4", "bnb_int8"])
+def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The plain tensors a quantized layer's weight is stored in (codes, scales, shifts)."""
+    return leaf_tensors(module.weight.data)
+
+
+@pytest.mark.parametrize("option", BACKENDS)
 def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
     option: str, tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """QLoRA's point: the unquantized model never exists in memory. The layers transformers'
     loader quantizes are exactly the planned ones, stored bit for bit as peftc's own quantizing
-    pass stores them."""
+    pass stores them, in the planned bytes."""
     overrides = [
         f"quant={option}",
         "model=hf",
@@ -420,11 +425,35 @@ def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
     on_load = load_base_model(plan)
     quantized = {path for path, module in on_load.named_modules() if backend.owns(module)}
     assert quantized == set(plan.quantization.modules) and "lm_head" not in quantized
+    assert base_bytes_measured(on_load) == plan.quantization.bytes_by_dtype
     for path in plan.quantization.modules:
         ours, theirs = on_load.get_submodule(path), after_building.get_submodule(path)
-        assert torch.equal(ours.weight.data, theirs.weight.data), path
+        assert type(ours) is type(theirs) and type(ours.weight.data) is type(theirs.weight.data), path
+        ours_stored, theirs_stored = stored_tensors(ours), stored_tensors(theirs)
+        assert len(ours_stored) == len(theirs_stored), path
+        for mine, reference in zip(ours_stored, theirs_stored):
+            assert mine.dtype == reference.dtype and torch.equal(mine, reference), path
         assert getattr(ours, "support_avx512bf16_for_cpu", False) is False  # one 4-bit layout in train and eval mode
+    for name, buffer in after_building.named_buffers():
+        loaded = on_load.get_buffer(name)
+        assert (loaded.dtype, loaded.device) == (buffer.dtype, buffer.device) and torch.equal(loaded, buffer), name
     x = token_batch()
     assert torch.equal(on_load(input_ids=x).logits, after_building(input_ids=x).logits)
     model = materialize(plan, on_load)  # and adapters go on top as usual
     assert model.trainable_parameters() == plan.trainable_params
+
+
+@pytest.mark.parametrize("option", ["quanto_int8", "quanto_int4"])
+def test_quanto_layers_quantized_while_loading_keep_their_scales_in_the_model_dtype(
+    option: str, tiny_llama_dir: str
+) -> None:
+    """transformers leaves quanto's activation scales float32 in a bf16 model; peftc's own pass
+    keeps them in the weight's dtype, and loading must give the same model."""
+    plan = peftc.compile(
+        [f"quant={option}", "model=hf", f"model.name_or_path={tiny_llama_dir}", "model.dtype=bfloat16"]
+        + ["quant.float32_unquantized=false"]
+    )
+    base = load_base_model(plan)
+    for path in plan.quantization.modules:
+        layer = base.get_submodule(path)
+        assert layer.input_scale.dtype == layer.output_scale.dtype == torch.bfloat16, path

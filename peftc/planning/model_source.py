@@ -203,9 +203,12 @@ def build_model(
 ) -> PreTrainedModel:
     """Instantiate the base model with real weights (config-built: seeded random init).
 
-    `quantization_config` (a transformers quantization config; loaded models only) quantizes
-    each weight as its checkpoint shard is read, straight onto `device`: the unquantized model
-    never exists in memory."""
+    A loaded model goes straight onto `device` (transformers' `device_map`) when it is
+    quantized or `device` is not the CPU; `quantization_config` (a transformers quantization
+    config; loaded models only) quantizes each weight as its checkpoint shard is read: the
+    unquantized model never exists in memory. (transformers >= 5 always builds the model empty
+    and streams the shards in, so there is no `low_cpu_mem_usage` to ask for: it drops that
+    argument.)"""
     import torch
     from safetensors import SafetensorError
 
@@ -218,6 +221,7 @@ def build_model(
         built.config._name_or_path = model.label
         built.name_or_path = model.label
         return built.to(device).eval()
+    placement = _placement(device, quantization_config)
     try:
         with _quiet_loading():
             loaded, info = cls.from_pretrained(
@@ -228,11 +232,7 @@ def build_model(
                 trust_remote_code=False,
                 use_safetensors=True,  # never unpickle weights
                 output_loading_info=True,
-                **(
-                    {"quantization_config": quantization_config, "device_map": {"": str(device)}}
-                    if quantization_config
-                    else {}
-                ),
+                **placement,
             )
     except OSError as exc:
         raise ConfigError(
@@ -244,7 +244,14 @@ def build_model(
     except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # truncated, size mismatch, ...
         raise unusable_model_error(model, "the weights", exc) from exc
     _warn_missing_base_weights(loaded, info.get("missing_keys", ()), model)
-    return (loaded if quantization_config else loaded.to(device)).eval()  # quantized: already placed
+    return (loaded if placement else loaded.to(device)).eval()  # placed while loading: already there
+
+
+def _placement(device: str | torch.device, quantization_config: Any) -> dict[str, Any]:
+    """from_pretrained's arguments that load (and quantize) every weight onto `device`."""
+    if quantization_config is not None:
+        return {"quantization_config": quantization_config, "device_map": {"": str(device)}}
+    return {"device_map": {"": str(device)}} if str(device) != "cpu" else {}
 
 
 @contextlib.contextmanager

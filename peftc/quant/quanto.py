@@ -58,6 +58,7 @@ def group_size(in_features: int) -> int | None:
 
 class Quanto(QuantBackend):
     qtype: ClassVar[str]  # quanto's weight qtype name
+    hf_weights: ClassVar[str]  # the same qtype under transformers' QuantoConfig name
     extra = "quant"
     packages = (("optimum.quanto", "optimum-quanto"),)
     library = "optimum.quanto"
@@ -74,6 +75,24 @@ class Quanto(QuantBackend):
             layer.weight.requires_grad_(False)  # quanto's straight-through weights would get a .grad
             replace_module(model, path, layer)
         return model
+
+    def on_load_config(self, spec: Any, model_dtype: str, skip: list[str]) -> Any:
+        from transformers import QuantoConfig
+
+        # transformers builds the same quanto QLinear and freezes it as each weight is read:
+        # measured bit-identical to `quantize` (codes, scales, shifts, logits) for int8 and int4.
+        return QuantoConfig(weights=self.hf_weights, modules_to_not_convert=skip)
+
+    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
+        import torch
+
+        for path in paths:
+            layer = model.get_submodule(path)
+            # transformers sets these activation scales (unused: weights-only) as float32 CPU
+            # tensors; quanto's own layers, as `quantize` makes them, hold them in the weight's
+            # dtype on its device, where `.to(dtype)` and state_dict expect them.
+            one = torch.ones((), dtype=layer.weight.dtype, device=layer.weight.device)
+            layer.input_scale, layer.output_scale = one, one.clone()
 
     def _owns(self, module: nn.Module) -> bool:
         from optimum.quanto.nn import QLinear
@@ -100,6 +119,7 @@ class QuantoInt8(Quanto):
     name = "quanto_int8"
     schema = QuantoInt8Spec
     qtype = "qint8"
+    hf_weights = "int8"
     storage = "int8"
 
     def weight_bytes(self, spec: Any, module: ModuleInfo, dtype: str) -> dict[str, int]:
@@ -115,6 +135,7 @@ class QuantoInt4(Quanto):
     merge_refusal = FOUR_BIT_MERGE_REFUSAL
     schema = QuantoInt4Spec
     qtype = "qint4"
+    hf_weights = "int4"
     storage = "int4"
 
     def weight_bytes(self, spec: Any, module: ModuleInfo, dtype: str) -> dict[str, int]:

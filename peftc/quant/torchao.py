@@ -44,6 +44,13 @@ class TorchaoInt8(QuantBackend):
         _quantize(model, lambda module, fqn: fqn in wanted)
         return model
 
+    def on_load_config(self, spec: Any, model_dtype: str, skip: list[str]) -> Any:
+        from transformers import TorchAoConfig
+
+        # transformers runs torchao's quantize_ with this same config on each Linear as its
+        # weight is read: measured bit-identical to `quantize` (qdata, scales, logits).
+        return TorchAoConfig(_weight_config(), modules_to_not_convert=skip)
+
     def _owns(self, module: nn.Module) -> bool:
         from torch import nn
         from torchao.utils import TorchAOBaseTensor
@@ -63,10 +70,17 @@ class TorchaoInt8(QuantBackend):
         return add_bytes(*(tensor_bytes(t) for t in leaf_tensors(module.weight)))
 
 
-def _quantize(model: nn.Module, filter_fn: Any) -> None:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def _weight_config() -> Any:
+    """The one torchao config both paths use (after building and while loading)."""
+    from torchao.quantization import Int8WeightOnlyConfig
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=filter_fn)
+    return Int8WeightOnlyConfig()
+
+
+def _quantize(model: nn.Module, filter_fn: Any) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(model, _weight_config(), filter_fn=filter_fn)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is not None:

@@ -19,7 +19,11 @@ from peftc.quant.prepare import prepare_for_training
 from peftc.runtime.model import PeftcModel
 
 if TYPE_CHECKING:
+    from peftc.config.spec import TrainerSpec
     from peftc.planning.plan import Plan
+
+# Lightning strategies that train in this one process on one device.
+SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
 
 
 def materialize(
@@ -78,9 +82,9 @@ def check_fits_in_memory(plan: Plan, *, loading_base: bool) -> None:
 def load_base_model(plan: Plan) -> nn.Module:
     """The base model the plan was made for: built or loaded, quantized, ready to wrap.
 
-    A loaded checkpoint is quantized while transformers reads it, where the backend can (the
-    whole unquantized model never sits in memory: QLoRA's point); a config-built model, or a
-    backend that cannot, is quantized after it is built."""
+    A loaded checkpoint is quantized while transformers reads it, where the backend gives a
+    transformers quantization config (every shipped backend does: the whole unquantized model
+    never sits in memory, QLoRA's point); a config-built model is quantized after it is built."""
     run = plan.spec
     task = tasks.get(plan.task)
     overrides = task.config_overrides(run.task)
@@ -89,13 +93,50 @@ def load_base_model(plan: Plan) -> nn.Module:
     on_load = None
     if backend is not None and not run.model.is_config_built:
         on_load = backend.on_load_config(run.quant, run.model.dtype, _kept_unquantized(plan, task, overrides))
-    base = model_source.build_model(run.model, task.auto_class_name, overrides, quantization_config=on_load)
+    base = model_source.build_model(
+        run.model, task.auto_class_name, overrides, device=load_device(run.trainer), quantization_config=on_load
+    )
     if on_load is not None:
         _check_quantized_as_planned(base, backend, quantized)
         backend.after_load(base, quantized)
     elif backend is not None:
         base = backend.quantize(run.quant, base, quantized).eval()  # new layers start in train mode
     return prepare_for_training(base, run.quant, run.trainer)
+
+
+def load_device(trainer: TrainerSpec) -> str:
+    """Where the base is loaded: the one CUDA device a single-device run trains on, else "cpu".
+
+    Loaded there, transformers quantizes each weight on the device as its shard is read (bnb
+    int8 weights quantized on the CPU cannot move to a GPU afterwards) and the host never holds
+    the whole model. Several devices or nodes, and multi-process strategies (ddp, fsdp,
+    deepspeed, even on one GPU), stay on the CPU for Lightning to place: the model is built
+    before Lightning starts the other processes, so every rank would load onto the same GPU, and
+    FSDP shards an unsharded model it is handed on the host."""
+    from peftc.planning.compat import accelerator_here
+
+    if trainer.strategy not in SINGLE_DEVICE_STRATEGIES or trainer.num_nodes != 1:
+        return "cpu"
+    if accelerator_here(trainer.accelerator) != "cuda":  # also: no GPU here for a plan made on one
+        return "cpu"
+    index = single_cuda_index(trainer.devices)
+    return "cpu" if index is None else f"cuda:{index}"
+
+
+def single_cuda_index(devices: Any) -> int | None:
+    """The CUDA device id a Lightning `devices` value selects when it selects exactly one
+    (Lightning's reading: 1 or "1" is a count, the first GPU; [3] or "3," are ids), else None
+    ("auto" and -1 take every visible GPU)."""
+    if isinstance(devices, int):
+        return 0 if devices == 1 else None
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            ids = [part.strip() for part in text.split(",") if part.strip()]
+            return int(ids[0]) if len(ids) == 1 else None
+        return 0 if text == "1" else None
+    ids = list(devices)
+    return int(ids[0]) if len(ids) == 1 else None
 
 
 def _kept_unquantized(plan: Plan, task: Any, overrides: dict[str, Any]) -> list[str]:
