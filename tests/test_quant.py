@@ -199,9 +199,11 @@ def test_initialisations_that_rewrite_the_base_are_refused_on_a_quantized_base()
         peftc.compile(["quant=bnb_int8", "peft.init_lora_weights=pissa"])
 
 
-def test_quanto_int4_refuses_float32_activations_into_a_bf16_base() -> None:
-    with pytest.raises(peftc.ConfigError, match=r"quant.float32_unquantized=True: quanto's int4 bfloat16 kernel"):
-        peftc.compile(["quant=quanto_int4", "model.dtype=bfloat16", "quant.float32_unquantized=true"])
+@pytest.mark.parametrize(("backend", "failure"), [("quanto_int4", "int4 bfloat16 kernel"), ("quanto_int8", "int8 layers")])
+def test_quanto_refuses_float32_norms_beside_a_bf16_base(backend: str, failure: str) -> None:
+    with pytest.raises(peftc.ConfigError, match=rf"quant.float32_unquantized=True: quanto's {failure}"):
+        peftc.compile([f"quant={backend}", "model.dtype=bfloat16", "quant.float32_unquantized=true"])
+    assert not peftc.compile([f"quant={backend}", "model.dtype=bfloat16"]).spec.quant.float32_unquantized
 
 
 # ---------------------------------------------------------------------------- numerics

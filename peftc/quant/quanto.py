@@ -26,13 +26,11 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class QuantoInt8Spec(QuantizedSpec):
-    """Weights as int8, one scale per output row."""
+class QuantoSpec(QuantizedSpec):
+    """What both quanto widths share: float32 norms need a float32 model."""
 
-
-@dataclass
-class QuantoInt4Spec(QuantizedSpec):
-    """Weights as packed int4 with a scale and a shift per group of up to 128 columns."""
+    # What goes wrong in a 16-bit model when the unquantized layers are made float32.
+    FLOAT32_MIX_FAILURE: ClassVar[str] = ""
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         super().cross_check(key, run)
@@ -40,9 +38,28 @@ class QuantoInt4Spec(QuantizedSpec):
             raise ConfigError(
                 f"{key}.float32_unquantized",
                 True,
-                f"quanto's int4 {run.model.dtype} kernel rejects the float32 activations that float32 norms produce",
+                self.FLOAT32_MIX_FAILURE.format(dtype=run.model.dtype),
                 f"set {key}.float32_unquantized=false (the shipped quanto_int4 default) or model.dtype=float32",
             )
+
+
+@dataclass
+class QuantoInt8Spec(QuantoSpec):
+    """Weights as int8, one scale per output row."""
+
+    FLOAT32_MIX_FAILURE: ClassVar[str] = (
+        "quanto's int8 layers keep {dtype} outputs beside float32 norms, and attention then gets query, key "
+        "and value of different dtypes (the first training step fails)"
+    )
+
+
+@dataclass
+class QuantoInt4Spec(QuantoSpec):
+    """Weights as packed int4 with a scale and a shift per group of up to 128 columns."""
+
+    FLOAT32_MIX_FAILURE: ClassVar[str] = (
+        "quanto's int4 {dtype} kernel rejects the float32 activations that float32 norms produce"
+    )
 
 
 def group_size(in_features: int) -> int | None:
