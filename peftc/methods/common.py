@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peftc.config.spec import SpecNode, as_list, param
-from peftc.errors import ConfigError
+from peftc.errors import AdapterFileError, ConfigError
 
 if TYPE_CHECKING:
     from peftc.planning.graph import ModelGraph
@@ -119,3 +119,31 @@ def target_kwargs(config: Mapping[str, Any], layered: bool = True) -> dict[str, 
         kwargs["layers_to_transform"] = config.get("layers_to_transform")
         kwargs["layers_pattern"] = config.get("layers_pattern")
     return kwargs
+
+
+# peft's LoraConfig fields (AdaLoraConfig inherits them) of LoRA features peftc does not
+# implement: an adapter_config.json that uses one would load with the wrong numbers.
+UNIMPLEMENTED_LORA_FIELDS = (
+    "layer_replication",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+    "megatron_config",
+    "ensure_weight_tying",
+)
+
+
+def refuse_unimplemented(config: Mapping[str, Any], fields: Sequence[str], method: str) -> None:
+    """Refuse an adapter_config.json that sets (to anything but peft's falsy default) a field
+    whose feature peftc does not implement for this method, naming the fields."""
+    used = {key: config[key] for key in fields if config.get(key)}
+    if used:
+        raise AdapterFileError(
+            "adapter_config.json",
+            f"uses {method} features peftc does not implement: {used}",
+            "load it with the peft package",
+        )

@@ -26,13 +26,35 @@ from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.adalora.layer import AdaLoraLayer, orthogonal_penalty
 from peftc.methods.base import Method
-from peftc.methods.common import LayeredTargetsSpec, number, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import (
+    UNIMPLEMENTED_LORA_FIELDS,
+    LayeredTargetsSpec,
+    number,
+    refuse_unimplemented,
+    target_fields,
+    target_kwargs,
+    trained_biases,
+)
 from peftc.methods.defaults import ADALORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
 if TYPE_CHECKING:
     from peftc.runtime.model import PeftcModel
+
+
+# AdaLoraConfig inherits every LoraConfig field. peft's AdaLoRA honours some through the LoRA
+# model code it inherits (layer replication, trainable tokens, target parameters, weight tying)
+# and refuses DoRA and LoftQ itself; peftc implements none of them for AdaLoRA, so a file that
+# sets one is refused rather than loaded with other numbers. (use_rslora, alpha_pattern,
+# lora_bias and r are read by neither: AdaLoRA's scaling is lora_alpha / init_r.)
+ADALORA_UNIMPLEMENTED_FIELDS = (
+    *UNIMPLEMENTED_LORA_FIELDS,
+    "use_dora",
+    "loftq_config",
+    "trainable_token_indices",
+    "target_parameters",
+)
 
 
 def _open_unit(value: float) -> str | None:
@@ -179,6 +201,7 @@ class AdaLora(Method):
         }
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> AdaLoraSpec:
+        refuse_unimplemented(config, ADALORA_UNIMPLEMENTED_FIELDS, "AdaLoRA")
         pattern = config.get("rank_pattern")
         return AdaLoraSpec(
             **target_kwargs(config),

@@ -27,8 +27,8 @@ from peftc.config.spec import RunSpec, SpecNode, as_list, at_least, greater_than
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
+from peftc.methods.common import UNIMPLEMENTED_LORA_FIELDS, pattern_value, refuse_unimplemented, trained_biases
 from peftc.methods.common import number as _number
-from peftc.methods.common import pattern_value, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.lora import attention, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
@@ -39,20 +39,6 @@ from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 from peftc.planning.targets import TargetRequest
 
-# adapter_config.json fields of LoRA features peftc does not implement: a file that uses one
-# would load with the wrong numbers, so it is refused instead.
-UNSUPPORTED_FIELDS = (
-    "layer_replication",
-    "use_qalora",
-    "alora_invocation_tokens",
-    "use_bdlora",
-    "arrow_config",
-    "kasa_config",
-    "velora_config",
-    "monteclora_config",
-    "megatron_config",
-    "ensure_weight_tying",
-)
 # Initialisations peft can write whose trained adapter is a plain LoRA over the untouched base.
 PLAIN_ON_LOAD = ("eva",)
 
@@ -290,13 +276,7 @@ class Lora(Method):
         }
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoraSpec:
-        unsupported = {k: config[k] for k in UNSUPPORTED_FIELDS if config.get(k)}
-        if unsupported:
-            raise AdapterFileError(
-                "adapter_config.json",
-                f"uses LoRA features peftc does not implement: {unsupported}",
-                "load it with the peft package",
-            )
+        refuse_unimplemented(config, UNIMPLEMENTED_LORA_FIELDS, "LoRA")
         init = config.get("init_lora_weights", True)
         if init in PLAIN_ON_LOAD:
             init = True

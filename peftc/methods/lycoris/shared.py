@@ -110,7 +110,9 @@ class LycorisLayer(AdapterLayer):
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         options = self.site_options[name]
-        if self.training and options["module_dropout"] > 0 and torch.rand(1).item() <= options["module_dropout"]:
+        # peft draws the module-dropout number on every training step, also with module_dropout=0:
+        # drawing it likewise keeps the rank-dropout masks after it on peft's random stream
+        if self.training and torch.rand(1).item() <= options["module_dropout"]:
             return result
         delta = self.delta_weight(name)
         if self.training and options["rank_dropout"] > 0:
