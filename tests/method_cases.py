@@ -49,6 +49,7 @@ RANDOM_INIT: dict[str, str | None] = {
     "lokr": "init_weights",
     "oft": "init_weights",
     "adalora": "init_lora_weights",
+    "ln_tuning": None,  # the copies start equal to the base layers
 }
 
 # Methods whose default init is the identity only up to float32 rounding, with the tolerance of
@@ -249,6 +250,15 @@ CASES = [
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("peft.bias=oft_only", "peft.target_modules=[query,key]"), perturb=True),
+    # LN tuning: trained copies of the norms (RMSNorm; LayerNorm with bias; a classifier's norms)
+    Case("ln_tuning", "tiny_llama", perturb=True),
+    Case("ln_tuning", "tiny_gpt2", perturb=True),
+    Case(
+        "ln_tuning",
+        "tiny_bert",
+        ("task=seq_cls", "peft.target_modules=[LayerNorm]", "peft.exclude_modules=[embeddings.LayerNorm]"),
+        perturb=True,
+    ),
     # Convolutions (tests/conv_model.py: conv 3x3, pointwise 1x1, grouped 3x3 groups=2, seq Conv1d k3, head Linear)
     Case(
         "ia3",
@@ -396,6 +406,7 @@ STACK_CASES = [
         ("peft.target_modules=[v_proj,o_proj]", *_ADALORA_SMALL),
         inference_mode=True,
     ),
+    StackCase(Case("ln_tuning", "tiny_llama", perturb=True), (), one_active=True),
 ]
 
 
