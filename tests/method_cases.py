@@ -50,11 +50,14 @@ RANDOM_INIT: dict[str, str | None] = {
     "oft": "init_weights",
     "adalora": "init_lora_weights",
     "ln_tuning": None,  # the copies start equal to the base layers
+    "hra": "init_weights",
 }
 
 # Methods whose default init is the identity only up to float32 rounding, with the tolerance of
 # their no-op check (every other method's default init is checked bit-exact).
-NO_OP_TOLERANCE: dict[str, float] = {}
+NO_OP_TOLERANCE: dict[str, float] = {
+    "hra": 1e-4,  # its reflections cancel in equal pairs: (I - 2 u u^T)^2 = I, but not bit for bit
+}
 
 # peft 0.21.2 adds an attention's out_proj update twice in its forward (huggingface/peft#3774),
 # and peftc with it (peftc/methods/lora/attention.py), but only one of the two carries gradients:
@@ -259,6 +262,20 @@ CASES = [
         ("task=seq_cls", "peft.target_modules=[LayerNorm]", "peft.exclude_modules=[embeddings.LayerNorm]"),
         perturb=True,
     ),
+    # HRA: W H with H a chain of Householder reflections (or one from Gram-Schmidt vectors)
+    Case("hra", "tiny_llama"),
+    Case(
+        "hra",
+        "tiny_llama",
+        (
+            "peft.apply_GS=true",
+            "peft.r=4",
+            "peft.target_modules=[q_proj,o_proj,down_proj]",
+            "peft.layers_to_transform=[1]",
+            "peft.modules_to_save=[lm_head]",
+        ),
+    ),
+    Case("hra", "tiny_bert", ("task=seq_cls", "peft.bias=hra_only"), perturb=True),
     # Convolutions (tests/conv_model.py: conv 3x3, pointwise 1x1, grouped 3x3 groups=2, seq Conv1d k3, head Linear)
     Case(
         "ia3",
@@ -290,6 +307,8 @@ CASES = [
         ),
     ),
     Case("lokr", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "seq")), ("r", 8))),  # full W2
+    Case("hra", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "head")), ("r", 4))),
+    Case("hra", "conv", spec_fields=(("target_modules", ("conv", "pointwise")), ("r", 4), ("apply_GS", True))),
     Case(
         "adalora",
         "conv",
@@ -407,6 +426,7 @@ STACK_CASES = [
         inference_mode=True,
     ),
     StackCase(Case("ln_tuning", "tiny_llama", perturb=True), (), one_active=True),
+    StackCase(Case("hra", "tiny_llama"), ("peft.target_modules=[v_proj,o_proj]",)),
 ]
 
 
