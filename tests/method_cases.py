@@ -11,7 +11,8 @@ Both models start from the same base weights and the same seed (so inits that re
 PiSSA and OLoRA, rewrite it identically). Adapters start from peft's non-identity init
 (`RANDOM_INIT`), or for cases marked `perturb` from their own init moved as training would, and
 our adapter receives peft's weights, so the two models hold the same numbers. To cover a new
-method or option, add a case; to cover a new method, also add its non-identity init.
+method or option, add a case; to cover a new method, also add its non-identity init (RANDOM_INIT)
+and a second adapter beside a first (STACK_CASES).
 """
 
 from __future__ import annotations
@@ -39,14 +40,23 @@ from tests.moe_model import TinyMoE, features
 # Plain nn.Modules planned from spec fields: name -> (model class, its input batch)
 CUSTOM_MODELS = {"conv": (TinyConvNet, images), "moe": (TinyMoE, features), "mha": (TinyAttention, sequences)}
 
-# The field that makes a fresh adapter a non-identity (peft's init_weights=False equivalent).
-RANDOM_INIT = {
+# The field that makes a fresh adapter a non-identity (peft's init_weights=False equivalent);
+# None for a method whose config has no such field: its cases must `perturb`.
+RANDOM_INIT: dict[str, str | None] = {
     "lora": "init_lora_weights",
     "ia3": "init_ia3_weights",
     "loha": "init_weights",
     "lokr": "init_weights",
     "oft": "init_weights",
     "adalora": "init_lora_weights",
+    "ln_tuning": None,  # the copies start equal to the base layers
+    "hra": "init_weights",
+}
+
+# Methods whose default init is the identity only up to float32 rounding, with the tolerance of
+# their no-op check (every other method's default init is checked bit-exact).
+NO_OP_TOLERANCE: dict[str, float] = {
+    "hra": 1e-4,  # its reflections cancel in equal pairs: (I - 2 u u^T)^2 = I, but not bit for bit
 }
 
 # peft 0.21.2 adds an attention's out_proj update twice in its forward (huggingface/peft#3774),
@@ -98,13 +108,22 @@ class Case:
         return model(input_ids=x, labels=torch.arange(x.shape[0]) % 2 if self.classifies else x).loss
 
 
+def random_init_overrides(method: str) -> list[str]:
+    """The Hydra overrides that start a fresh adapter of `method` off the identity (none if it has no such field)."""
+    init = RANDOM_INIT[method]
+    return [f"peft.{init}=false"] if init else []
+
+
 @functools.cache
 def _compiled(case: Case) -> Plan:  # plans are immutable; composing dominates a pairing's cost
     init = RANDOM_INIT[case.method]
     if case.custom:
         schema = methods.get(case.method).schema
-        return plan_for(CUSTOM_MODELS[case.model][0](), schema(**{init: False, **dict(case.spec_fields)}))
-    return peftc.compile([f"peft={case.method}", f"model={case.model}", f"peft.{init}=false", *case.overrides])
+        fields = {init: False} if init else {}
+        return plan_for(CUSTOM_MODELS[case.model][0](), schema(**fields, **dict(case.spec_fields)))
+    return peftc.compile(
+        [f"peft={case.method}", f"model={case.model}", *random_init_overrides(case.method), *case.overrides]
+    )
 
 
 CASES = [
@@ -234,6 +253,29 @@ CASES = [
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("peft.bias=oft_only", "peft.target_modules=[query,key]"), perturb=True),
+    # LN tuning: trained copies of the norms (RMSNorm; LayerNorm with bias; a classifier's norms)
+    Case("ln_tuning", "tiny_llama", perturb=True),
+    Case("ln_tuning", "tiny_gpt2", perturb=True),
+    Case(
+        "ln_tuning",
+        "tiny_bert",
+        ("task=seq_cls", "peft.target_modules=[LayerNorm]", "peft.exclude_modules=[embeddings.LayerNorm]"),
+        perturb=True,
+    ),
+    # HRA: W H with H a chain of Householder reflections (or one from Gram-Schmidt vectors)
+    Case("hra", "tiny_llama"),
+    Case(
+        "hra",
+        "tiny_llama",
+        (
+            "peft.apply_GS=true",
+            "peft.r=4",
+            "peft.target_modules=[q_proj,o_proj,down_proj]",
+            "peft.layers_to_transform=[1]",
+            "peft.modules_to_save=[lm_head]",
+        ),
+    ),
+    Case("hra", "tiny_bert", ("task=seq_cls", "peft.bias=hra_only"), perturb=True),
     # Convolutions (tests/conv_model.py: conv 3x3, pointwise 1x1, grouped 3x3 groups=2, seq Conv1d k3, head Linear)
     Case(
         "ia3",
@@ -265,6 +307,8 @@ CASES = [
         ),
     ),
     Case("lokr", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "seq")), ("r", 8))),  # full W2
+    Case("hra", "conv", spec_fields=(("target_modules", ("conv", "pointwise", "head")), ("r", 4))),
+    Case("hra", "conv", spec_fields=(("target_modules", ("conv", "pointwise")), ("r", 4), ("apply_GS", True))),
     Case(
         "adalora",
         "conv",
@@ -349,6 +393,41 @@ CASES = [
     ),
 ]
 IDS = [case.id for case in CASES]
+
+
+@dataclass(frozen=True)
+class StackCase:
+    """A second adapter of the same method beside `first`'s, run alone and then with the first."""
+
+    first: Case
+    second: tuple[str, ...]  # the second adapter's overrides, on the first's model
+    # peft refuses to run the two adapters together (LN tuning runs one at a time); ours must too
+    one_active: bool = False
+    inference_mode: bool = False  # peft adds the second adapter frozen (it trains one AdaLoRA adapter at a time)
+
+    @property
+    def id(self) -> str:
+        return self.first.method
+
+    def second_plan(self) -> Plan:
+        return Case(self.first.method, self.first.model, self.second).compile()
+
+
+# A small AdaLoRA alpha keeps its N(0, 1) random update the size of the base weights (see CASES).
+_ADALORA_SMALL = ("peft.lora_alpha=0.01",)
+STACK_CASES = [
+    *(
+        StackCase(Case(method, "tiny_llama"), ("peft.target_modules=[v_proj,o_proj]",))
+        for method in ("ia3", "loha", "lokr", "lora", "oft")
+    ),
+    StackCase(
+        Case("adalora", "tiny_llama", _ADALORA_SMALL),
+        ("peft.target_modules=[v_proj,o_proj]", *_ADALORA_SMALL),
+        inference_mode=True,
+    ),
+    StackCase(Case("ln_tuning", "tiny_llama", perturb=True), (), one_active=True),
+    StackCase(Case("hra", "tiny_llama"), ("peft.target_modules=[v_proj,o_proj]",)),
+]
 
 
 @dataclass
@@ -437,10 +516,13 @@ def base_weights(model: PeftcModel) -> dict[str, torch.Tensor]:
     }
 
 
-# Adapter tensors of every method, in peft's and our state dicts (left out of base_state).
-_ADAPTER_TENSOR = re.compile(
-    r"\.(lora_|ia3_l|hada_|lokr_|oft_R|ranknum)|modules_to_save\.|original_module\.|token_adapter\.(default|trainable)"
-)
+@functools.cache
+def _adapter_tensor() -> re.Pattern[str]:
+    """Adapter tensors of every registered method (peft names them by the method's prefix: lora_A,
+    hada_w1, ...), in peft's and our state dicts: what base_state leaves out."""
+    prefixes = sorted({m.tensor_prefix for m in methods.all_methods().values() if m.kind == "injectable"} - {""})
+    names = "|".join(map(re.escape, [*prefixes, *PEFT_ONLY_PARAMS]))
+    return re.compile(rf"\.({names})|modules_to_save\.|original_module\.|token_adapter\.(default|trainable)")
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -452,7 +534,7 @@ def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         # peft wraps a trainable-tokens embedding twice (<emb>.token_adapter.base_layer.weight)
         name.removeprefix(prefix).replace(".token_adapter.base_layer", "").replace(".base_layer", ""): tensor
         for name, tensor in model.state_dict().items()
-        if not _ADAPTER_TENSOR.search(name)
+        if not _adapter_tensor().search(name)
     }
 
 

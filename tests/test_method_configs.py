@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import peftc
-from peftc.errors import ConfigError, PlanError
+from peftc.errors import ConfigError, MergeError, PlanError
 from tests.helpers import build_base, run_cli
 from tests.method_cases import oracle_config
 
@@ -30,6 +30,12 @@ from tests.method_cases import oracle_config
         (["peft=loha", "peft.rank_pattern={q_proj: 0}"], "peft.rank_pattern.q_proj"),
         (["peft=loha", "peft.alpha_pattern={q_proj: -1}"], "peft.alpha_pattern.q_proj"),
         (["peft=adalora", "peft.target_modules=[q_proj]", "peft.exclude_modules=[q_prj]"], "peft.exclude_modules"),
+        (["peft=hra", "peft.r=7"], "peft.r"),  # odd: the default init cannot pair the reflections
+        (["peft=hra", "peft.r=66", "peft.apply_GS=true", "peft.init_weights=false"], "peft.r"),  # > 64 inputs
+        (["peft=hra", "peft.bias=lora_only"], "peft.bias"),
+        (["peft=hra", "peft.target_modules=[embed_tokens]"], "peft.target_modules"),  # Linear and Conv2d only
+        (["peft=ln_tuning", "peft.target_modules=[q_proj]"], "peft.target_modules"),  # norms only
+        (["peft=ln_tuning", "model=tiny_bert"], "peft.target_modules"),  # no default table entry for bert
     ],
 )
 def test_config_errors_name_the_key(overrides: list[str], key: str) -> None:
@@ -88,3 +94,24 @@ def test_the_cli_refuses_adalora_without_a_step_count(tmp_path) -> None:
     result = run_cli(["peft=adalora", "trainer.max_steps=-1", "trainer.max_epochs=1", "dry_run=true"], cwd=tmp_path)
     assert result.returncode == 2
     assert "trainer.max_steps" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("target", ["grouped", "seq"])
+def test_hra_refuses_convolutions_peft_cannot_run(target: str) -> None:
+    """A grouped Conv2d (peft raises) and a Conv1d (peft: not supported) are refused by name."""
+    from peftc import methods
+    from tests.conv_model import TinyConvNet, plan_for
+
+    spec = methods.get("hra").schema(target_modules=(target,), r=2)
+    with pytest.raises(PlanError, match=target) as error:
+        plan_for(TinyConvNet(), spec)
+    assert error.value.key == "peft.target_modules"
+
+
+def test_ln_tuning_merges_one_adapter_at_a_time_like_peft() -> None:
+    plan = peftc.compile(["peft=ln_tuning"])
+    model = peftc.materialize(plan, base_model=build_base(plan))
+    model.add_adapter("other", plan)
+    with pytest.raises(MergeError, match="one adapter at a time"):
+        model.merge_adapter(["default", "other"])
+    assert not any(layer.merged_adapters for _, layer in model.adapter_layers())

@@ -1,0 +1,203 @@
+"""HRA (Householder reflection adaptation): y = (W H) x + b with H a chain of r reflections,
+H = (I - 2 u_1 u_1^T) (I - 2 u_2 u_2^T) ... (I - 2 u_r u_r^T), u_i the normalized columns of the
+trainable `hra_u` (in_features x r; for Conv2d, in_channels * k * k over the flattened kernel).
+With `apply_GS` the columns are Gram-Schmidt orthonormalized first (Q) and H = I - 2 Q Q^T.
+
+As peft 0.21.2's HRALinear/HRAConv2d: the default init draws r/2 columns and repeats each once,
+so the reflections cancel in pairs (H = I up to float32 rounding); an odd r cannot pair them, and
+peft then warns and starts from a random H, which peftc refuses instead. Several active adapters
+multiply their H in order. Merging sets W <- W H; unmerging multiplies by the reflections in
+reverse order (H^T = H^-1; the Gram-Schmidt H is its own inverse). Convolutions run with the base
+layer's own settings; peft passes only stride[0] and padding[0], so kernels, strides and padding
+that differ per axis, dilation and groups, which it would compute differently or not at all, are
+refused at plan time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftc.config.spec import RunSpec, at_least, one_of, param
+from peftc.errors import ConfigError, PlanError
+from peftc.methods import register
+from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs, trained_biases
+from peftc.methods.defaults import LORA_TARGETS
+from peftc.planning.graph import ModelGraph, ModuleInfo
+from peftc.planning.plan import Plan, Site
+
+
+@dataclass
+class HRASpec(LayeredTargetsSpec):
+    r: int = param(8, "Number of Householder reflections per layer (even, for the default init).", at_least(1))
+    apply_GS: bool = param(False, "Gram-Schmidt orthonormalize the reflection vectors first: H = I - 2 Q Q^T.")
+    init_weights: bool = param(
+        True, "true: reflections in equal pairs, H = I (a no-op up to rounding); false: random (not a no-op)."
+    )
+    bias: str = param(
+        "none",
+        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'hra_only' (biases of adapted modules).",
+        one_of("none", "all", "hra_only"),
+    )
+
+    def cross_check(self, key: str, run: RunSpec | None) -> None:
+        if self.init_weights and self.r % 2:
+            raise ConfigError(
+                f"{key}.r",
+                self.r,
+                "must be even with init_weights=true: the default init pairs reflections so that they cancel",
+                f"use {key}.r={self.r + 1}, or {key}.init_weights=false for a random start (not a no-op)",
+            )
+
+
+def reflected_size(spec: HRASpec, module: ModuleInfo) -> int:
+    """The length of each reflection vector: in_features, or in_channels * k * k for Conv2d."""
+    if module.kind == "linear":
+        size = module.in_features
+    else:
+        check_plain_conv(module)
+        size = module.in_features * math.prod(module.get("kernel_size"))
+    if spec.apply_GS and spec.r > size:
+        raise PlanError(
+            "peft.r",
+            spec.r,
+            f"exceeds {size}, the reflected size of {module.path}: Gram-Schmidt runs out of directions (NaN)",
+            f"use peft.r <= {size}, or peft.apply_GS=false",
+        )
+    return size
+
+
+def check_plain_conv(module: ModuleInfo) -> None:
+    """Refuse what peft's HRAConv2d gets wrong: it sizes u by kernel_size[0]^2 and convolves with
+    stride[0], padding[0] only (no dilation), and it refuses groups > 1."""
+    settings = {name: module.get(name) for name in ("kernel_size", "stride", "padding", "dilation")}
+    uneven = [name for name, value in settings.items() if isinstance(value, str) or len(set(value)) > 1]
+    if uneven or module.get("groups") != 1 or set(settings["dilation"]) != {1}:
+        problem = f"has {'/'.join(uneven)} unequal across axes" if uneven else "is grouped or dilated"
+        raise PlanError(
+            "peft.target_modules",
+            module.leaf_name,
+            f"matches {module.path}, a Conv2d that {problem} ({settings}, groups={module.get('groups')})",
+            "HRA adapts Conv2d layers with square kernels, one stride and padding, no dilation, groups=1 (as peft)",
+        )
+
+
+# ---------------------------------------------------------------------------- the reflections
+def chained_reflections(vectors: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """(I - 2 u_1 u_1^T) ... (I - 2 u_r u_r^T) over the normalized columns (reverse: H^T)."""
+    units = vectors / vectors.norm(dim=0)
+    product = torch.eye(vectors.shape[0], device=vectors.device, dtype=vectors.dtype)
+    order = range(units.shape[1] - 1, -1, -1) if reverse else range(units.shape[1])
+    for i in order:
+        unit = units[:, i].view(-1, 1)
+        product = product - 2 * product @ unit @ unit.t()  # peft's order of operations, for its rounding
+    return product
+
+
+def gram_schmidt_reflection(vectors: torch.Tensor) -> torch.Tensor:
+    """I - 2 Q Q^T, Q the Gram-Schmidt orthonormalization of the columns (its own inverse)."""
+    basis = [(vectors[:, 0] / vectors[:, 0].norm()).view(-1, 1)]
+    for i in range(1, vectors.shape[1]):
+        column = vectors[:, i].view(-1, 1)
+        for unit in basis:
+            column = column - (unit.t() @ column) * unit
+        basis.append((column / column.norm()).view(-1, 1))
+    q = torch.cat(basis, dim=1)
+    return torch.eye(vectors.shape[0], device=vectors.device, dtype=vectors.dtype) - 2 * q @ q.t()
+
+
+class HRALayer(AdapterLayer):
+    adapter_containers = ("hra_u",)
+
+    def __init__(self, base_layer: nn.Module, kind: str) -> None:
+        super().__init__(base_layer, kind)
+        self.hra_u = nn.ParameterDict()
+
+    def create_adapter(self, name: str, site: Site, init: bool) -> None:
+        size, rank = site.tensors["hra_u"]
+        device = self.base_layer.weight.device
+        # An odd r (only from a loaded file: compiling refuses it) starts random, as in peft.
+        if init and site.options["init"] and rank % 2 == 0:
+            half = torch.empty(size, rank // 2, device=device)
+            nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+            vectors = torch.repeat_interleave(half, 2, dim=1)  # equal neighbours: each pair cancels
+        else:
+            vectors = torch.empty(size, rank, device=device)
+            nn.init.kaiming_uniform_(vectors, a=math.sqrt(5))
+        self.hra_u[name] = nn.Parameter(vectors)
+
+    def reflection(self, name: str, reverse: bool = False) -> torch.Tensor:
+        vectors = self.hra_u[name]
+        if self.site_options[name]["apply_GS"]:
+            return gram_schmidt_reflection(vectors)
+        return chained_reflections(vectors, reverse)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled or self.merged_adapters or not self.active_adapters:
+            return super().forward(x, *args, **kwargs)
+        rotation = self.reflection(self.active_adapters[0])
+        for name in self.active_adapters[1:]:
+            rotation = rotation @ self.reflection(name)
+        weight = self._rotated(self.base_layer.weight.to(rotation.dtype), rotation)
+        bias = self.base_layer.bias
+        bias = bias.to(rotation.dtype) if bias is not None else None
+        inputs = x.to(rotation.dtype)
+        if self.kind == "linear":
+            return F.linear(inputs, weight, bias).to(x.dtype)
+        return self.base_layer._conv_forward(inputs, weight, bias).to(x.dtype)
+
+    def _rotated(self, weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """W H over W's input dimension (a convolution's flattened in_channels x kernel)."""
+        return (weight.reshape(weight.shape[0], -1) @ rotation).view(weight.shape)
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._rotated(weight, self.reflection(name))
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._rotated(weight, self.reflection(name, reverse=True))
+
+
+@register
+class HRA(Method):
+    name = "hra"
+    peft_type = "HRA"
+    schema = HRASpec
+    layer_class = HRALayer
+    supported_kinds = frozenset({"linear", "conv2d"})
+    default_targets = LORA_TARGETS  # peft copies LoRA's table for HRA
+    tensor_prefix = "hra_"
+
+    def plan_site(self, spec: HRASpec, module: ModuleInfo, graph: ModelGraph) -> Site:
+        tensors = {"hra_u": (reflected_size(spec, module), spec.r)}
+        options = {"apply_GS": spec.apply_GS, "init": spec.init_weights}
+        return Site(
+            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+        )
+
+    def plan_unfrozen(self, spec: HRASpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
+        return trained_biases(spec.bias, graph, sites)
+
+    def peft_config(self, spec: HRASpec, plan: Plan) -> dict[str, Any]:
+        return {
+            **target_fields(spec, plan, LORA_TARGETS),
+            "r": spec.r,
+            "apply_GS": spec.apply_GS,
+            "init_weights": spec.init_weights,
+            "bias": spec.bias,
+        }
+
+    def spec_from_peft_config(self, config: Mapping[str, Any]) -> HRASpec:
+        return HRASpec(
+            **target_kwargs(config),
+            r=int(config.get("r", 8)),
+            apply_GS=bool(config.get("apply_GS", False)),
+            init_weights=bool(config.get("init_weights", True)),
+            bias=config.get("bias") or "none",
+        )
