@@ -13,7 +13,10 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (the default: -n 2 in pyproject.toml) the workers share the cores; each gets
+# its share of threads so that two workers do not fight over two cores with four threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
 warnings.filterwarnings("ignore", message=r".*fan_in_fan_out.*")
 
 
