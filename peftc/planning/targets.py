@@ -48,6 +48,7 @@ KIND_NAMES = {
     "conv2d": "Conv2d",
     "conv3d": "Conv3d",
     "mha": "MultiheadAttention",
+    "norm": "LayerNorm/RMSNorm",
 }
 
 
