@@ -73,6 +73,12 @@ class RunInterrupted(PeftcError):
         )
 
 
+def first_line(exc: BaseException) -> str:
+    """A library's exception as one line for a user: its message's first line, else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def format_problem(key: str, value: object, problem: str, hint: str | None) -> str:
     shown = f"{key}={value!r}: " if value is not None else f"{key}: "
     return shown + problem + (f"; {hint}" if hint else "")

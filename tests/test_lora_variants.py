@@ -22,7 +22,7 @@ import peftc
 from peftc.files import adapter_files
 from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
-from tests.helpers import ROUNDING_INITS, PISSA_ROUNDING, build_base, max_diff, token_batch
+from tests.helpers import PISSA_ROUNDING, ROUNDING_INITS, build_base, max_diff, token_batch
 from tests.method_cases import CASES, oracle_config, output, paired, peft_state
 from tests.moe_model import TinyMoE
 

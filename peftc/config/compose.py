@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from peftc.config.registry import import_registries
 from peftc.config.safety import CODE_KEYS, check_config, check_resolver, code_key_error, guarded_resolvers
 from peftc.config.spec import RunSpec, reject_unknown_keys, unknown_key_error, validate
-from peftc.errors import ConfigError, did_you_mean
+from peftc.errors import ConfigError, did_you_mean, first_line
 
 # The command-line overrides of the job being run (set by the CLI; checkpoints record them so that
 # resume= can replay them).
@@ -44,7 +44,7 @@ def compose_error(exc: BaseException) -> ConfigError:
         )
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf_error(cause, str(exc))
-    return ConfigError("config", None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return ConfigError("config", None, first_line(exc))
 
 
 def _root_cause(exc: BaseException) -> BaseException:

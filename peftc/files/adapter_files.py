@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftc.errors import AdapterFileError
+from peftc.errors import AdapterFileError, first_line
 from peftc.files.atomic import atomic_directory, recover
 from peftc.files.tensorfile import TensorEntry, load_tensors, read_header
 
@@ -102,10 +102,9 @@ def adapter_directory(value: str | os.PathLike[str]) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, PLAN_NAME, "README.md"]))
     except Exception as exc:  # not cached while offline, no such repository, no network: one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdapterFileError(
             text,
-            f"is neither a local directory nor a hub adapter that could be fetched ({reason})",
+            f"is neither a local directory nor a hub adapter that could be fetched ({first_line(exc)})",
             "give the adapter's directory, or the hub id of an adapter in the Hugging Face cache",
         ) from exc
 

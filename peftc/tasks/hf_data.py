@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc.config.spec import DataSpec
-from peftc.errors import ConfigError, DataError, did_you_mean
+from peftc.errors import ConfigError, DataError, did_you_mean, first_line
 from peftc.planning.model_source import HUB_ID
 
 # Builder of `datasets` for each data file suffix.
@@ -67,10 +67,9 @@ def _local_source(spec: DataSpec) -> Path:
     try:
         return Path(snapshot_download(text, repo_type="dataset", allow_patterns=HUB_DATA_PATTERNS))
     except Exception as exc:  # not cached while offline, no such dataset, no network: one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             text,
-            f"is not a local dataset and could not be fetched from the hub ({reason})",
+            f"is not a local dataset and could not be fetched from the hub ({first_line(exc)})",
             "give a local file or directory, or a hub dataset id in the Hugging Face cache",
         ) from exc
 
@@ -112,10 +111,7 @@ def _open(spec: DataSpec, source: Path) -> Any:
     except ConfigError:
         raise
     except Exception as exc:  # datasets raises ValueError, FileNotFoundError, ArrowInvalid, ...
-        lines = str(exc).strip().splitlines()
-        raise DataError(
-            str(source), f"datasets could not read it ({lines[0] if lines else type(exc).__name__})"
-        ) from exc
+        raise DataError(str(source), f"datasets could not read it ({first_line(exc)})") from exc
 
 
 def _is_saved_dataset(path: Path) -> bool:
