@@ -199,7 +199,9 @@ def test_initialisations_that_rewrite_the_base_are_refused_on_a_quantized_base()
         peftc.compile(["quant=bnb_int8", "peft.init_lora_weights=pissa"])
 
 
-@pytest.mark.parametrize(("backend", "failure"), [("quanto_int4", "int4 bfloat16 kernel"), ("quanto_int8", "int8 layers")])
+@pytest.mark.parametrize(
+    ("backend", "failure"), [("quanto_int4", "int4 bfloat16 kernel"), ("quanto_int8", "int8 layers")]
+)
 def test_quanto_refuses_float32_norms_beside_a_bf16_base(backend: str, failure: str) -> None:
     with pytest.raises(peftc.ConfigError, match=rf"quant.float32_unquantized=True: quanto's {failure}"):
         peftc.compile([f"quant={backend}", "model.dtype=bfloat16", "quant.float32_unquantized=true"])
