@@ -16,9 +16,7 @@ from typing import Any
 from peftc import tasks
 from peftc.config.spec import RunSpec, plain
 from peftc.errors import ConfigError, DataError
-
-PREDICTIONS_FILE = "predictions.jsonl"
-METRICS_FILE = "metrics.json"
+from peftc.files.run_dir import METRICS_FILE, PREDICTIONS_FILE
 
 
 def run_action(run: RunSpec, output_dir: Path) -> dict[str, Any]:

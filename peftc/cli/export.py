@@ -20,9 +20,9 @@ from peftc import tasks
 from peftc.config.spec import RunSpec
 from peftc.files import adapter_files
 from peftc.files.atomic import atomic_directory
+from peftc.files.run_dir import MERGED_DIR, METRICS_FILE
 from peftc.planning.plan import Plan
 
-MERGED_DIR = "merged"
 EXPORT_DIR = "export"
 
 
@@ -77,7 +77,7 @@ def export(model: Any, run: RunSpec, output_dir: Path) -> dict[str, Any]:
 
 def _run_metrics(adapter_dir: Path) -> dict[str, Any]:
     """metrics.json of the run that saved the adapter (RUN/adapter -> RUN/metrics.json), if there."""
-    path = adapter_dir.parent / "metrics.json"
+    path = adapter_dir.parent / METRICS_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError):

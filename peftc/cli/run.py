@@ -17,15 +17,11 @@ from typing import Any
 
 from peftc.config.spec import RunSpec
 from peftc.files.atomic import remove_dead_temps, write_text_atomic
+from peftc.files.run_dir import ADAPTER_DIR, MERGED_DIR, METRICS_FILE, PLAN_FILE
 from peftc.files.run_lock import run_lock
 from peftc.planning import planner
 from peftc.planning.plan import Plan
 from peftc.planning.render import print_plan
-
-PLAN_FILE = "plan.json"
-METRICS_FILE = "metrics.json"
-ADAPTER_DIR = "adapter"
-MERGED_DIR = "merged"
 
 __all__ = ["TrainResult", "execute", "is_global_zero", "train"]
 

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -486,8 +486,6 @@ class RunSpec(SpecNode):
     input_file: str | None = param(
         None, "A .jsonl/.csv (task fields, data.columns applies) or .txt (one input per line) file for action=predict."
     )
-
-    GROUP_FIELDS: ClassVar[tuple[str, ...]] = GROUPS
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         check_adapter_name("adapter_name", self.adapter_name)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftc.errors import AdapterFileError, first_line
 from peftc.files.atomic import atomic_directory, recover
-from peftc.files.tensorfile import TensorEntry, load_tensors, read_header
+from peftc.files.tensorfile import TensorEntry, read_header
 
 # The layout is planned (peftc.planning.layout); these files write and read it. Re-exported
 # because every reader of adapter files needs the names.
@@ -159,11 +159,6 @@ def conversion_command(directory: Path) -> str:
 def read_tensor_header(directory: str | os.PathLike[str]) -> dict[str, TensorEntry]:
     """Names, dtypes and shapes of the stored tensors, checked, without reading tensor data."""
     return read_header(weights_path(directory))
-
-
-def read_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    path = weights_path(directory)
-    return load_tensors(path, list(read_header(path)))
 
 
 def read_plan(directory: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from peftc.config.safety import CODE_KEYS  # the Hydra instantiate keys, refused in configs too
 from peftc.errors import AdapterFileError
 
 FIELD_TABLE = Path(__file__).resolve().parents[1] / "assets" / "peft_config_fields.json"
@@ -26,7 +27,6 @@ FIELD_TABLE = Path(__file__).resolve().parents[1] / "assets" / "peft_config_fiel
 COMMON_FIELDS = frozenset(
     {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 )
-CODE_KEYS = frozenset({"_target_", "_partial_", "_args_"})  # Hydra instantiate keys
 LOADER_KWARGS = frozenset({"tokenizer_kwargs", "model_kwargs", "trust_remote_code_kwargs", "loader_kwargs"})
 PATH_SUFFIXES = ("_path", "_name_or_path", "_dir", "_file")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")

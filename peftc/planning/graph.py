@@ -33,16 +33,6 @@ class ModuleInfo:
     has_children: bool = False
 
     @property
-    def num_params(self) -> int:
-        total = 0
-        for _, shape in self.params:
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
-
-    @property
     def leaf_name(self) -> str:
         return self.path.rsplit(".", 1)[-1]
 

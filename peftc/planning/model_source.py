@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BYTE_TOKENIZER = ASSETS / "byte_tokenizer"
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 PACKAGE_SCHEME = "pkg:"
 # `org/name`: how the Hugging Face Hub names a repository (models, adapters, datasets).
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -113,13 +112,6 @@ def package_directory(reference: str, key: str = "model.name_or_path") -> str:
     if not target.is_dir():
         raise ConfigError(key, reference, f"{target} is not a directory", "check the sub-path inside the package")
     return str(target)
-
-
-def local_source(name_or_path: str | None) -> str | None:
-    """A `pkg:` reference resolved to its directory; anything else unchanged."""
-    if name_or_path is not None and str(name_or_path).startswith(PACKAGE_SCHEME):
-        return package_directory(str(name_or_path))
-    return name_or_path
 
 
 def _resolve_source(model: ModelSpec) -> str:
