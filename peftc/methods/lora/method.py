@@ -18,16 +18,22 @@ The layer is lora_layer.py; adapters are combined (add_weighted_adapter) in lora
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from peftc.config.spec import RunSpec, SpecNode, as_list, at_least, greater_than, in_range, mapping_of, one_of, param
+from peftc.config.spec import RunSpec, as_list, at_least, greater_than, in_range, mapping_of, one_of, param
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
-from peftc.methods.common import UNIMPLEMENTED_LORA_FIELDS, pattern_value, refuse_unimplemented, trained_biases
+from peftc.methods.common import (
+    UNIMPLEMENTED_LORA_FIELDS,
+    LayeredTargetsSpec,
+    check_patterns,
+    pattern_value,
+    refuse_unimplemented,
+    trained_biases,
+)
 from peftc.methods.common import number as _number
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.lora import attention, parameters, tokens
@@ -44,20 +50,10 @@ PLAIN_ON_LOAD = ("eva",)
 
 
 @dataclass
-class LoraSpec(SpecNode):
+class LoraSpec(LayeredTargetsSpec):
     r: int = param(8, "Rank of the update B A.", at_least(1))
     lora_alpha: float = param(8, "Scale numerator: the update is multiplied by lora_alpha / r.", greater_than(0))
     lora_dropout: float = param(0.0, "Dropout on the adapter's input.", in_range(0.0, 1.0))
-    target_modules: Any = param(
-        None,
-        "Modules to adapt: a list of names or dotted suffixes, a full-match regex string, 'all-linear', or null for the model type's default.",
-    )
-    exclude_modules: Any = param(None, "Modules never adapted: list of names/suffixes or a regex string.")
-    layers_to_transform: Any = param(None, "Only adapt these layer indices (int or list).")
-    layers_pattern: Any = param(
-        None,
-        "Name of the ModuleList holding the layers (e.g. 'layers', 'h'), used with layers_to_transform.",
-    )
     use_rslora: bool = param(False, "Rank-stabilised scaling lora_alpha / sqrt(r).")
     init_lora_weights: Any = param(
         True,
@@ -82,7 +78,6 @@ class LoraSpec(SpecNode):
     alpha_pattern: Any = param(
         None, "Per-module lora_alpha overrides {regex: alpha}.", mapping_of((int, float), "alphas")
     )
-    modules_to_save: Any = param(None, "Extra modules trained in full and saved whole (e.g. a new head).")
     trainable_token_indices: Any = param(
         None,
         "Embedding rows trained in full (new special tokens): a list of token ids (the input embedding), "
@@ -100,21 +95,7 @@ class LoraSpec(SpecNode):
             tokens.check_indices(self.trainable_token_indices)
         if self.target_parameters is not None:
             parameters.check_spec(self, key)
-        for pattern, rank in (self.rank_pattern or {}).items():
-            if not isinstance(rank, int) or rank < 1:
-                raise ConfigError(f"{key}.rank_pattern.{pattern}", rank, "must be >= 1")
-        for pattern, alpha in (self.alpha_pattern or {}).items():
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ConfigError(f"{key}.alpha_pattern.{pattern}", alpha, "alphas must be > 0")
-        for name, patterns in (
-            ("rank_pattern", self.rank_pattern or {}),
-            ("alpha_pattern", self.alpha_pattern or {}),
-        ):
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError(f"{key}.{name}", pattern, f"is not a valid regex ({exc})") from exc
+        check_patterns(key, self.rank_pattern, self.alpha_pattern)
         if self.lora_bias and self.use_dora:
             raise ConfigError(
                 f"{key}.lora_bias", True, "is not supported with DoRA (peft)", f"set {key}.use_dora=false"
