@@ -102,3 +102,29 @@ def test_a_config_built_base_is_built_on_the_training_device(two_gpus: None, mon
     with pytest.raises(StoppedLoading):
         load_base_model(plan)
     assert asked["device"] == "cuda:0"  # then quantized there: bnb int8 weights cannot move later
+
+
+def test_a_base_bound_for_the_gpu_is_held_against_the_gpus_memory(two_gpus: None, monkeypatch) -> None:
+    """Not the host's: a 70B QLoRA base fits a GPU on a host with less RAM, and the other way round."""
+    from types import SimpleNamespace
+
+    from peftc.planning import model_source
+    from peftc.runtime import materialize
+
+    plan = peftc.compile(["trainer=gpu"])
+    need = plan.memory.base_weights + plan.memory.adapter_weights
+
+    def fake_gpu(total: int) -> None:
+        monkeypatch.setattr("torch.cuda.get_device_properties", lambda index: SimpleNamespace(total_memory=total))
+
+    def never_built(*args: object, **kwargs: object) -> None:
+        raise StoppedLoading
+
+    monkeypatch.setattr(model_source, "build_model", never_built)
+    monkeypatch.setattr(materialize, "physical_memory", lambda: need // 2)  # the host alone would refuse
+    fake_gpu(need * 2)
+    with pytest.raises(StoppedLoading):
+        peftc.materialize(plan)
+    fake_gpu(need // 2)
+    with pytest.raises(peftc.PlanError, match=r"more than GPU 0's 0.0 GiB of memory"):
+        peftc.materialize(plan)

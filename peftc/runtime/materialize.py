@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from peftc import quant, tasks
@@ -65,18 +66,28 @@ def physical_memory() -> int | None:
 
 
 def check_fits_in_memory(plan: Plan, *, loading_base: bool) -> None:
-    """Refuse, before allocating anything, weights that cannot fit in this machine's memory
-    (e.g. peft.r=1000000000): otherwise the allocation kills the process or swaps it to a halt."""
+    """Refuse, before allocating anything, weights that cannot fit in the memory they go to (e.g.
+    peft.r=1000000000): otherwise the allocation kills the process or swaps it to a halt. A base
+    loaded onto the training GPU (load_device) is held against that GPU's memory, not the host's."""
     need = plan.memory.adapter_weights + (plan.memory.base_weights if loading_base else 0)
-    have = physical_memory()
+    device = load_device(plan.spec.trainer) if loading_base else "cpu"
+    have, where = device_memory(device)
     if have is not None and need > have:
         raise PlanError(
             "peft",
             plan.method,
             f"the weights need {need / 2**30:,.1f} GiB ({plan.trainable_params:,} adapter parameters), "
-            f"more than this machine's {have / 2**30:,.1f} GiB of memory",
+            f"more than {where}'s {have / 2**30:,.1f} GiB of memory",
             "lower peft.r or target fewer modules; dry_run=true shows the plan",
         )
+
+
+def device_memory(device: str) -> tuple[int | None, str]:
+    """(bytes of memory, its name in a message) of "cpu" (this machine's RAM) or "cuda:N"."""
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
+    return physical_memory(), "this machine"
 
 
 def load_base_model(plan: Plan) -> nn.Module:
