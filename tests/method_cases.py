@@ -247,6 +247,8 @@ CASES = [
     Case("lora", "tiny_gpt2", ("peft.lora_bias=true",), perturb=True),
     # trainable tokens: new special tokens' rows trained in full beside the adapter
     Case("lora", "tiny_llama", ("peft.trainable_token_indices=[13,51,176]",), perturb=True),  # in token_batch()
+    # on GPT-2's tied embedding: peft ties lm_head's rows to the embedding's, saved once
+    Case("lora", "tiny_gpt2", ("peft.trainable_token_indices=[13,51,176]",), perturb=True),
     Case(
         "lora", "tiny_bert", ("task=seq_cls", "peft.trainable_token_indices={word_embeddings: [13,51]}"), perturb=True
     ),

@@ -100,6 +100,21 @@ def test_half_precision_merge_unmerge_restores_the_weights_bit_for_bit() -> None
     assert all(torch.equal(before[k], v) for k, v in base_tensors().items())
 
 
+def test_tied_trainable_tokens_merge_into_the_shared_weight_and_unmerge_bit_for_bit() -> None:
+    """On GPT-2's tied embedding the head follows the embedding's rows; in bfloat16 a merge writes
+    them into the one shared weight and an unmerge of both layers leaves it exactly as it was."""
+    plan = peftc.compile(["model=tiny_gpt2", "peft.trainable_token_indices=[13,51]", "peft.init_lora_weights=false"])
+    base = build_base(plan).to(torch.bfloat16)
+    shared = base.get_input_embeddings().weight
+    before = shared.detach().clone()
+    model = peftc.materialize(plan, base_model=base)
+    assert base.lm_head.base_layer.weight is shared, "the head still shares the embedding's weight"
+    model.merge_adapter()
+    assert not torch.equal(shared[[13, 51]], before[[13, 51]]) and torch.equal(shared[:13], before[:13])
+    model.unmerge_adapter()  # the head unmerges after the embedding: it must not restore merged rows
+    assert torch.equal(shared, before)
+
+
 def test_peft_features_peftc_lacks_are_refused_on_load(tmp_path: Path) -> None:
     plan = peftc.compile([])
     model = peftc.materialize(plan)

@@ -199,6 +199,7 @@ CASES = [
     ),
     FieldCase("lora", {"layers_to_transform": [1], "layers_pattern": "layers"}, model="llama"),
     FieldCase("lora", {"trainable_token_indices": [3, 7]}, model="llama"),
+    FieldCase("lora", {"trainable_token_indices": {"wte": [3, 7]}}, model="gpt2"),  # tied to lm_head
     FieldCase("lora", {"fan_in_fan_out": True}, model="gpt2"),
     FieldCase(
         "lora",

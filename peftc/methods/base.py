@@ -263,6 +263,11 @@ class AdapterLayer(WrapsModule, nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
+    def share_adapter(self, name: str, owner: AdapterLayer) -> None:
+        """Use the tensors of adapter `name` at another site (`owner`), for a site planned with a
+        'shares_with' option (peft's trainable tokens on an output head tied to the embedding)."""
+        raise NotImplementedError(f"{type(self).__name__} does not share adapters between sites")
+
     def combine_adapters(
         self, name: str, sources: Sequence[str], weights: Sequence[float], combination_type: str, **options: Any
     ) -> None:

@@ -53,6 +53,7 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
                 layer = layer_type(current, site.kind)
                 layer.add_adapter(name, site, init=init)
                 new_layers[site.path] = layer
+        _share_between_sites(base, plan, name, new_layers)
         for saved in plan.modules_to_save:
             current = base.get_submodule(saved.path)
             if isinstance(current, ModulesToSaveWrapper):
@@ -75,6 +76,15 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
         replace_module(base, path, wrapper)
     if encoder is not None:
         model.prompt_encoders[name] = encoder
+
+
+def _share_between_sites(base: nn.Module, plan: Plan, name: str, new_layers: dict[str, AdapterLayer]) -> None:
+    """Hand a site planned to share another site's tensors the layer that holds them."""
+    for site in plan.sites:
+        owner_path = site.options.get("shares_with")
+        if owner_path is not None:
+            layer = _pending_module(base, site.path, new_layers)
+            layer.share_adapter(name, _pending_module(base, owner_path, new_layers))
 
 
 def _pending_module(base: nn.Module, path: str, new_layers: dict[str, AdapterLayer]) -> nn.Module:
