@@ -340,6 +340,16 @@ CASES = [
         spec_fields=(("target_modules", ("volume", "pointwise")), ("use_dora", True), ("r", 2)),
         perturb=True,
     ),
+    # OFT on Conv2d, peft's forward: a 1x1 conv is a plain input rotation (merges); over a 3x3
+    # kernel peft folds rotated, overlapping patches back (no weight gives that: merging is refused)
+    Case("oft", "conv", spec_fields=(("target_modules", ("pointwise",)), ("oft_block_size", 4)), perturb=True),
+    Case(
+        "oft",
+        "conv",
+        spec_fields=(("target_modules", ("conv", "grouped")), ("oft_block_size", 4)),
+        perturb=True,
+        mergeable=False,
+    ),
     # peft cannot merge LoRA into a grouped convolution (its delta has the wrong shape); nor can we
     Case("lora", "conv", spec_fields=(("target_modules", ("grouped",)), ("r", 4)), perturb=True, mergeable=False),
     # DoRA there too, with peft's norm of a grouped update (B viewed as (out/groups, r) times A)

@@ -49,6 +49,26 @@ def test_an_oft_block_size_that_does_not_divide_a_layer_suggests_divisors() -> N
         peftc.compile(["peft=oft", "peft.oft_block_size=24"])
 
 
+@pytest.mark.parametrize(
+    ("conv", "fragment"),
+    [
+        ({"kernel_size": (3, 1), "padding": (1, 0)}, "square kernels only"),
+        ({"kernel_size": 3, "padding": 2, "dilation": 2}, "dilated Conv2d"),
+    ],
+)
+def test_oft_refuses_the_conv2d_peft_cannot_rotate(conv: dict[str, object], fragment: str) -> None:
+    from torch import nn
+
+    from peftc.methods.oft import OFTSpec
+    from tests.conv_model import TinyConvNet, plan_for
+
+    model = TinyConvNet()
+    model.conv = nn.Conv2d(4, 8, **conv)
+    with pytest.raises(PlanError, match=fragment) as error:
+        plan_for(model, OFTSpec(target_modules=["conv"], oft_block_size=4))
+    assert "peft.exclude_modules=[conv]" in str(error.value)
+
+
 def test_oft_adjust_block_size_follows_peft_per_layer() -> None:
     from peft import get_peft_model
 

@@ -177,6 +177,29 @@ def test_unmergeable_adapters_refuse_to_merge_and_leave_weights_untouched(case: 
     assert not any(layer.merged_adapters for _, layer in ours.adapter_layers())
 
 
+def test_peft_s_oft_on_a_3x3_conv_is_no_weight_so_peftc_copies_its_forward_and_refuses_merging(
+    tmp_path: Path,
+) -> None:
+    """Why OFT over a k > 1 Conv2d is unmergeable (peftc/methods/oft.py): in peft 0.21 even the
+    identity rotation changes the outputs, and its own merge disagrees with its forward. When a
+    peft release fixes this, this test fails and the merge refusal can go."""
+    import peft
+
+    from tests.conv_model import TinyConvNet, images
+
+    x = images()
+    config = peft.OFTConfig(target_modules=["conv"], oft_block_size=4, r=0)  # R = I
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on the conv layer
+        theirs = peft.get_peft_model(TinyConvNet(), config).eval()
+        theirs.save_pretrained(tmp_path)
+        identity = theirs(x)
+        ours = peftc.load_adapter(TinyConvNet(), tmp_path).eval()
+        assert max_diff(identity, TinyConvNet()(x)) > 1e-2, "R = I is not a no-op in peft's conv forward"
+        assert max_diff(theirs.merge_and_unload()(x), identity) > 1e-2, "peft's merged weight is not its forward"
+    assert max_diff(ours(x), identity) <= 1e-5, "peftc gives peft's outputs"
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_optimizer_steps_change_only_what_the_plan_trains(case: Case) -> None:
     pair = paired(case)

@@ -10,7 +10,17 @@ use (in place, as peft does). Q = 0 gives R = I: the default init is an exact no
 
 Merging multiplies W by R^T block by block; unmerging multiplies by (R^-1)^T computed in float64,
 so merge -> unmerge restores W to float32 rounding even when the series makes R not exactly
-orthogonal. Exactly one of r / oft_block_size is non-zero (peft's rule); a size that does not
+orthogonal.
+
+Conv2d follows peft 0.21 exactly (its `OFTRotationModule.forward`): the input is cut into k x k
+patches (stride 1, no padding), each patch's C*k*k values are rotated, and the patches are put
+back with F.fold, which sums where patches overlap, after a reshape that does not invert the
+unfold's layout; the base convolution then runs on the result. For k > 1 that map is not the
+rotation of the weight: even R = I changes the input, and peft's own merged weight gives other
+outputs than its forward. The map is deterministic and well defined, so peftc reproduces it
+(an adapter peft trained gives peft's outputs) and refuses to merge it by name, as it copies
+peft's LoRA-on-MultiheadAttention double count. A 1 x 1 convolution has no overlaps: it is a
+plain input rotation and merges. Exactly one of r / oft_block_size is non-zero (peft's rule); a size that does not
 divide a layer is refused at plan time, naming the nearest valid sizes, unless
 `adjust_block_size=true` asks for peft's silent per-layer adjustment.
 """
@@ -22,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
-from peftc.errors import ConfigError, PlanError
+from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs, trained_biases
@@ -188,10 +199,41 @@ class OFTLayer(AdapterLayer):
         return rotated.reshape(x.shape).to(x.dtype)
 
     def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d":
+            return self._rotate_patches(name, x)
         return x if self.kind == "embedding" else self._rotate(name, x)
+
+    def _rotate_patches(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """peft 0.21's conv input transform, step for step (see the module docstring): its final
+        reshape reads the (C, H', W', k, k) patches as (C*k*k, H'*W') columns, so it is copied
+        rather than written as F.unfold's inverse."""
+        k = self.site_options[name]["kernel"]
+        batch, channels, height, width = x.shape
+        out_h, out_w = height - k + 1, width - k + 1
+        patches = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5)
+        rotated = self._rotate(name, patches.reshape(batch * out_h * out_w, channels * k * k))
+        columns = rotated.reshape(batch, out_h, out_w, channels, k, k).permute(0, 3, 1, 2, 4, 5)
+        columns = columns.reshape(batch, channels * k * k, out_h * out_w)
+        return F.fold(columns, output_size=(height, width), kernel_size=(k, k))
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return self._rotate(name, result) if self.kind == "embedding" else result
+
+    def check_mergeable(self, names: Sequence[str]) -> None:
+        if self.kind != "conv2d":
+            return
+        kernel, groups = self.base_layer.kernel_size[0], self.base_layer.groups
+        if kernel > 1:
+            raise MergeError(
+                f"OFT on a Conv2d with kernel_size {kernel} cannot be merged: peft 0.21's forward rotates "
+                "overlapping input patches and folds them back (summing the overlaps), which no merged weight "
+                "gives (peft's own merge changes the outputs); keep the adapter unmerged, or target 1x1 convolutions"
+            )
+        if groups > 1:
+            raise MergeError(
+                f"OFT on a grouped Conv2d (groups={groups}) cannot be merged (peft's merge fails on its weight "
+                "shape); keep the adapter unmerged"
+            )
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self._rotate_weight(weight, self.blocks(name).float())
@@ -221,13 +263,30 @@ def _drop_blocks(rotation: torch.Tensor, share: float) -> torch.Tensor:
     return (1 - mask) * rotation + mask * eye
 
 
+def _square_kernel(module: ModuleInfo) -> int:
+    """The kernel size of a Conv2d peft's OFT can rotate: square (peft sizes the rotation as
+    C*k[0]*k[0] and fails on other kernels) and undilated (peft refuses dilation)."""
+    height, width = module.get("kernel_size")
+    if height != width:
+        raise PlanError(
+            "peft.target_modules", module.path, f"is a Conv2d with kernel_size {(height, width)}; OFT rotates square "
+            "kernels only (peft fails on others)", f"exclude it: peft.exclude_modules=[{module.leaf_name}]",
+        )  # fmt: skip
+    if max(module.get("dilation")) > 1:
+        raise PlanError(
+            "peft.target_modules", module.path, "is a dilated Conv2d, which OFT cannot adapt (as in peft)",
+            f"exclude it: peft.exclude_modules=[{module.leaf_name}]",
+        )  # fmt: skip
+    return height
+
+
 @register
 class OFT(Method):
     name = "oft"
     peft_type = "OFT"
     schema = OFTSpec
     layer_class = OFTLayer
-    supported_kinds = frozenset({"linear", "embedding"})
+    supported_kinds = frozenset({"linear", "embedding", "conv2d"})
     default_targets = LORA_TARGETS  # peft copies LoRA's table for OFT
     tensor_prefix = "oft_"
     wraps_quantized = True  # base(R x); merges rotate the weight via merged_weight
@@ -235,7 +294,8 @@ class OFT(Method):
     def plan_site(self, spec: OFTSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
         embedding = module.kind == "embedding"
         size = module.out_features if embedding else module.in_features
-        blocks, block_size = block_layout(spec, size, module.path)
+        kernel = _square_kernel(module) if module.kind == "conv2d" else 1
+        blocks, block_size = block_layout(spec, size * kernel * kernel, module.path)
         rows = 1 if spec.block_share else blocks
         suffix = "oft_embedding_R.weight" if embedding else "oft_R.weight"
         options = {
@@ -249,6 +309,8 @@ class OFT(Method):
             "module_dropout": spec.module_dropout,
             "init": spec.init_weights,
         }
+        if module.kind == "conv2d":
+            options["kernel"] = kernel
         if saves_embedding_weight(spec.target_modules, module, graph):
             options["save_base_weight"] = True
         tensors = {suffix: (rows, block_size * (block_size - 1) // 2)}
