@@ -31,6 +31,7 @@ class PeftcModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.prompt_encoders = nn.ModuleDict()
+        self.shared_tensors = nn.ModuleDict()  # adapter name -> its shared tensors (Plan.shared)
         self.plans: dict[str, Plan] = {}
         self.active_adapters: list[str] = []
         self.load_reports: dict[str, Any] = {}  # adapter name -> adapters.LoadReport of its load
@@ -175,6 +176,8 @@ class PeftcModel(nn.Module):
             wrapper.delete_adapter(name)
         if name in self.prompt_encoders:
             del self.prompt_encoders[name]
+        if name in self.shared_tensors:
+            del self.shared_tensors[name]
         for param_name in self.plans[name].unfrozen:
             self.base_model.get_parameter(param_name).requires_grad_(False)
         del self.plans[name]
