@@ -35,6 +35,11 @@ from tests.method_cases import oracle_config
         (["peft=hra", "peft.bias=lora_only"], "peft.bias"),
         (["peft=hra", "peft.target_modules=[embed_tokens]"], "peft.target_modules"),  # Linear and Conv2d only
         (["peft=ln_tuning", "peft.target_modules=[q_proj]"], "peft.target_modules"),  # norms only
+        (["peft=vera", "peft.exclude_modules=[q_proj]"], "peft.exclude_modules"),  # not a VeraConfig field
+        (["peft=vera", "peft.projection_prng_key=1.5"], "peft.projection_prng_key"),
+        (["peft=vera", "peft.vera_dropout=1.0"], "peft.vera_dropout"),
+        (["peft=vera", "peft.bias=lora_only"], "peft.bias"),
+        (["peft=vera", "peft.target_modules=[embed_tokens]"], "peft.target_modules"),  # Linear and Conv1D only
         (["peft=ln_tuning", "model=tiny_bert"], "peft.target_modules"),  # no default table entry for bert
     ],
 )
