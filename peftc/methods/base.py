@@ -296,12 +296,10 @@ class AdapterLayer(WrapsModule, nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.site_options)
 
-    def add_adapter(self, name: str, site: Site, *, init: bool = True, shared: nn.Module | None = None) -> None:
+    def add_adapter(self, name: str, site: Site, *, init: bool = True) -> None:
         if name in self.site_options:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         self.site_options[name] = dict(site.options)
-        if shared is not None:
-            self.shared_holders[name] = shared
         self.create_adapter(name, site, init)
         ref = self.base_layer.weight if hasattr(self.base_layer, "weight") else None
         for param in self.adapter_parameters(name):
@@ -317,6 +315,10 @@ class AdapterLayer(WrapsModule, nn.Module):
         self.site_options.pop(name, None)
         self.shared_holders.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def attach_shared(self, name: str, holder: nn.Module) -> None:
+        """Give adapter `name` (about to be added) its shared tensors: `holder`'s buffers."""
+        self.shared_holders[name] = holder
 
     def shared_tensor(self, name: str, tensor: str) -> torch.Tensor:
         """One of adapter `name`'s shared tensors, looked up on each call (moving the model to

@@ -49,11 +49,13 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
                         f"{site.path} already carries a {type(current).__name__} adapter",
                         "one method per module: delete the other adapter first",
                     )
-                current.add_adapter(name, site, init=init, shared=shared)
+                _attach(current, name, shared)
+                current.add_adapter(name, site, init=init)
                 extended.append(current)
             else:
                 layer = layer_type(current, site.kind)
-                layer.add_adapter(name, site, init=init, shared=shared)
+                _attach(layer, name, shared)
+                layer.add_adapter(name, site, init=init)
                 new_layers[site.path] = layer
         for saved in plan.modules_to_save:
             current = base.get_submodule(saved.path)
@@ -79,6 +81,11 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
         model.prompt_encoders[name] = encoder
     if shared is not None:
         model.shared_tensors[name] = shared
+
+
+def _attach(layer: AdapterLayer, name: str, shared: nn.Module | None) -> None:
+    if shared is not None:
+        layer.attach_shared(name, shared)
 
 
 def shared_holder(method: Method, plan: Plan, base: nn.Module) -> nn.Module | None:
