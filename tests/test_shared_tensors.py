@@ -18,6 +18,7 @@ from peftc import methods
 from peftc.files.adapter_files import saved_layout
 from peftc.files.load import fill
 from peftc.planning.plan import Plan, SharedTensor
+from peftc.planning.render import render_plan
 from tests.helpers import build_base
 
 SAVED = SharedTensor("proj_in", (2, 3), saved=True, options={"seed": 7})
@@ -61,6 +62,8 @@ def test_the_plan_lists_shared_tensors_and_the_layout_saves_only_saved_ones(lora
     added = set(saved_layout(plan)) - set(saved_layout(lora_plan))
     assert added == {"base_model.proj_in"}
     assert plan.adapter_fingerprint != lora_plan.adapter_fingerprint
+    text = render_plan(plan, width=140)
+    assert "proj_in (2, 3), frozen, saved once" in text and "proj_out (4,), frozen, not saved" in text
 
 
 def test_shared_tensors_are_created_once_and_every_layer_reads_the_same_ones(
