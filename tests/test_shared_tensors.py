@@ -15,6 +15,7 @@ import torch
 
 import peftc
 from peftc import methods
+from peftc.errors import ConfigError
 from peftc.files.adapter_files import saved_layout
 from peftc.files.load import fill
 from peftc.planning.plan import Plan, SharedTensor
@@ -95,3 +96,15 @@ def test_deleting_the_adapter_drops_its_shared_tensors(shared_plan: Plan) -> Non
     model.delete_adapter("other")
     assert list(model.shared_tensors) == ["default"]
     assert all("other" not in layer.shared_holders for _, layer in model.adapter_layers())
+
+
+def test_an_adapter_beside_another_must_create_its_shared_tensors_alike(shared_plan: Plan) -> None:
+    model = peftc.materialize(shared_plan, base_model=build_base(shared_plan))
+    reseeded = dataclasses.replace(SAVED, options={"seed": 8})
+    other = dataclasses.replace(
+        shared_plan, shared=(reseeded, UNSAVED), spec=shared_plan.spec.replace(adapter_name="other")
+    )
+    with pytest.raises(ConfigError) as refused:
+        model.add_adapter("other", other)
+    assert refused.value.key == "peft.seed"
+    assert list(model.shared_tensors) == ["default"]
