@@ -142,7 +142,8 @@ class Vera(Method):
     def plan_shared(self, spec: VeraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[SharedTensor, ...]:
         largest_in = max(site.in_features for site in sites)
         largest_out = max(site.out_features for site in sites)
-        options = {"projection_prng_key": spec.projection_prng_key}
+        # named by the spec fields that set them: adapters beside each other must agree (peft's rule)
+        options = {"projection_prng_key": spec.projection_prng_key, "save_projection": spec.save_projection}
         return (
             SharedTensor("vera_A", (spec.r, largest_in), spec.save_projection, options),
             SharedTensor("vera_B", (largest_out, spec.r), spec.save_projection, options),
