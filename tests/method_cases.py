@@ -51,6 +51,7 @@ RANDOM_INIT: dict[str, str | None] = {
     "adalora": "init_lora_weights",
     "ln_tuning": None,  # the copies start equal to the base layers
     "hra": "init_weights",
+    "vera": "init_weights",
 }
 
 # Methods whose default init is the identity only up to float32 rounding, with the tolerance of
@@ -278,6 +279,22 @@ CASES = [
         ),
     ),
     Case("hra", "tiny_bert", ("task=seq_cls", "peft.bias=hra_only"), perturb=True),
+    # VeRA: frozen random A, B shared by all layers (sliced per layer), trained vectors lambda_b, lambda_d
+    Case("vera", "tiny_llama", ("peft.r=8",)),
+    Case(
+        "vera",
+        "tiny_llama",
+        (
+            "peft.r=4",
+            "peft.save_projection=false",  # A and B drawn again from the key: ours must equal peft's
+            "peft.projection_prng_key=3",
+            "peft.target_modules=[q_proj,up_proj,down_proj]",  # in/out sizes differ: each layer's slices
+            "peft.layers_to_transform=[1]",
+            "peft.modules_to_save=[lm_head]",
+        ),
+    ),
+    Case("vera", "tiny_gpt2", ("peft.r=4", "peft.vera_dropout=0.1", "peft.bias=all"), perturb=True),  # Conv1D
+    Case("vera", "tiny_bert", ("task=seq_cls", "peft.r=4", "peft.bias=vera_only", "peft.d_initial=0.5"), perturb=True),
     # Convolutions (tests/conv_model.py: conv 3x3, pointwise 1x1, grouped 3x3 groups=2, seq Conv1d k3, head Linear)
     Case(
         "ia3",
@@ -439,6 +456,7 @@ STACK_CASES = [
     ),
     StackCase(Case("ln_tuning", "tiny_llama", perturb=True), (), one_active=True),
     StackCase(Case("hra", "tiny_llama"), ("peft.target_modules=[v_proj,o_proj]",)),
+    StackCase(Case("vera", "tiny_llama", ("peft.r=8",)), ("peft.r=8", "peft.target_modules=[v_proj,o_proj]")),
 ]
 
 
@@ -502,7 +520,7 @@ def peft_state(model: Any, params: bool = False, adapter_name: str = "default") 
     """
     from peft import get_peft_model_state_dict
 
-    state = dict(model.named_parameters()) if params else None
+    state = model.state_dict(keep_vars=True) if params else None  # buffers too: VeRA's saved projections
     tensors = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name)
     return {k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k}
 

@@ -35,6 +35,11 @@ from tests.method_cases import oracle_config
         (["peft=hra", "peft.bias=lora_only"], "peft.bias"),
         (["peft=hra", "peft.target_modules=[embed_tokens]"], "peft.target_modules"),  # Linear and Conv2d only
         (["peft=ln_tuning", "peft.target_modules=[q_proj]"], "peft.target_modules"),  # norms only
+        (["peft=vera", "peft.exclude_modules=[q_proj]"], "peft.exclude_modules"),  # not a VeraConfig field
+        (["peft=vera", "peft.projection_prng_key=1.5"], "peft.projection_prng_key"),
+        (["peft=vera", "peft.vera_dropout=1.0"], "peft.vera_dropout"),
+        (["peft=vera", "peft.bias=lora_only"], "peft.bias"),
+        (["peft=vera", "peft.target_modules=[embed_tokens]"], "peft.target_modules"),  # Linear and Conv1D only
         (["peft=ln_tuning", "model=tiny_bert"], "peft.target_modules"),  # no default table entry for bert
     ],
 )
@@ -135,3 +140,26 @@ def test_ln_tuning_merges_one_adapter_at_a_time_like_peft() -> None:
     with pytest.raises(MergeError, match="one adapter at a time"):
         model.merge_adapter(["default", "other"])
     assert not any(layer.merged_adapters for _, layer in model.adapter_layers())
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("peft.projection_prng_key=1", "peft.projection_prng_key"),
+        ("peft.save_projection=false", "peft.save_projection"),
+    ],
+)
+def test_vera_adapters_beside_each_other_share_key_and_saving_like_peft(override: str, key: str) -> None:
+    from peft import get_peft_model
+
+    first = peftc.compile(["peft=vera", "peft.r=4"])
+    second = peftc.compile(["peft=vera", "peft.r=4", override, "adapter_name=other"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(build_base(first), oracle_config(first, _LM))
+        with pytest.raises(ValueError, match="PRNG initialisation key must be the same|saved for all adapters or none"):
+            theirs.add_adapter("other", oracle_config(second, _LM))
+    ours = peftc.materialize(first, base_model=build_base(first))
+    with pytest.raises(ConfigError) as refused:
+        ours.add_adapter("other", second)
+    assert refused.value.key == key

@@ -46,6 +46,9 @@ from peftc.planning.layout import (
     PROMPT_MODEL_PREFIX as PROMPT_MODEL_PREFIX,
 )
 from peftc.planning.layout import (
+    SHARED_PREFIX as SHARED_PREFIX,
+)
+from peftc.planning.layout import (
     WEIGHTS_NAME as WEIGHTS_NAME,
 )
 from peftc.planning.layout import (
@@ -234,6 +237,9 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
             tensors[f"{MODEL_PREFIX}{module.path}.{pname}"] = tensor
     for pname in plan.unfrozen:
         tensors[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, pname)}"] = base.get_parameter(pname)
+    for shared in plan.shared:
+        if shared.saved:
+            tensors[SHARED_PREFIX + shared.name] = model.shared_tensors[name].get_buffer(shared.name)
     if plan.prompt is not None:
         tensors.update(methods.get(plan.method).prompt_tensors(model.prompt_encoders[name]))
     return tensors

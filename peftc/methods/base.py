@@ -24,7 +24,7 @@ from peftc.planning.targets import TargetRequest
 if TYPE_CHECKING:
     from peftc.config.spec import RunSpec, SpecNode
     from peftc.planning.graph import ModelGraph, ModuleInfo
-    from peftc.planning.plan import Plan, PromptPlan, Site
+    from peftc.planning.plan import Plan, PromptPlan, SharedTensor, Site
     from peftc.tasks.base import Task
 
 PEFT_COMPAT_VERSION = "0.21.2"  # the peft release whose file layout and config fields we write
@@ -83,6 +83,16 @@ class Method:
     def extra_sites(self, spec: Any, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
         """Sites beside the target modules' (LoRA's trainable tokens); default: none."""
         return ()
+
+    def plan_shared(self, spec: Any, graph: ModelGraph, sites: Sequence[Site]) -> tuple[SharedTensor, ...]:
+        """Tensors of the adapter as a whole, which every site reads (VeRA's shared random
+        projections, sized by the largest site); default: none."""
+        return ()
+
+    def create_shared(self, spec: Any, shared: Sequence[SharedTensor]) -> dict[str, torch.Tensor]:
+        """The planned shared tensors' values, by name; created together, because one random
+        generator may draw them in turn."""
+        raise NotImplementedError(f"{self.name} declares no shared tensors")
 
     def layer_type(self, site: Site) -> type[AdapterLayer]:
         """The adapter layer class that wraps this site's module."""
@@ -242,6 +252,9 @@ class AdapterLayer(WrapsModule, nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.site_options: dict[str, dict[str, Any]] = {}
+        # Per adapter, the module holding its shared tensors as buffers (owned and registered by
+        # the PeftcModel; a plain dict here, so that state dicts hold them once, not per layer).
+        self.shared_holders: dict[str, nn.Module] = {}
         # Pre-merge copies of the base tensors a merge changes, kept only where add/subtract
         # cannot restore them exactly (half-precision weights): unmerge then restores bit-exactly.
         self._premerge: dict[str, torch.Tensor] = {}
@@ -305,7 +318,17 @@ class AdapterLayer(WrapsModule, nn.Module):
             if name in container:
                 del container[name]
         self.site_options.pop(name, None)
+        self.shared_holders.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def attach_shared(self, name: str, holder: nn.Module) -> None:
+        """Give adapter `name` (about to be added) its shared tensors: `holder`'s buffers."""
+        self.shared_holders[name] = holder
+
+    def shared_tensor(self, name: str, tensor: str) -> torch.Tensor:
+        """One of adapter `name`'s shared tensors, looked up on each call (moving the model to
+        another device replaces the buffer)."""
+        return self.shared_holders[name].get_buffer(tensor)
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = [n for n in names if n in self.site_options]

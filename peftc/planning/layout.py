@@ -23,6 +23,8 @@ MODEL_PREFIX = "base_model.model."
 # Prompt-learning PeftModels hold the transformers model directly as `base_model` (no tuner
 # wrapper), so peft saves their modules_to_save (e.g. a classifier head) one level up.
 PROMPT_MODEL_PREFIX = "base_model."
+# peft keeps a method's model-level tensors on its tuner model (VeRA's `base_model.vera_A`).
+SHARED_PREFIX = "base_model."
 _ST_DTYPES = {
     "float32": ("F32", 4),
     "bfloat16": ("BF16", 2),
@@ -63,6 +65,9 @@ def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
             layout[f"{MODEL_PREFIX}{module.path}.{name}"] = (tuple(shape), plan.model.dtype)
     for name, shape in plan.unfrozen.items():
         layout[f"{MODEL_PREFIX}{unfrozen_saved_name(plan, name)}"] = (tuple(shape), plan.model.dtype)
+    for shared in plan.shared:
+        if shared.saved:
+            layout[SHARED_PREFIX + shared.name] = (tuple(shared.shape), ADAPTER_DTYPE)
     if plan.prompt is not None:
         method = METHODS.get(plan.method)
         for name, shape in method.saved_prompt_tensors(plan.prompt).items():

@@ -94,6 +94,18 @@ class SavedModule:
 
 
 @dataclass(frozen=True)
+class SharedTensor:
+    """A tensor of the adapter as a whole, not of one site (VeRA's random projections): its
+    method creates it once from `options`, every site's layer reads it, and the adapter file
+    holds it once, at `base_model.<name>`, when `saved` (otherwise loading recreates it)."""
+
+    name: str
+    shape: tuple[int, ...]
+    saved: bool
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelRef:
     name: str
     name_or_path: str | None
@@ -145,6 +157,7 @@ class Plan:
     spec: RunSpec
     warnings: tuple[str, ...] = ()
     quantization: QuantPlan | None = None
+    shared: tuple[SharedTensor, ...] = ()  # model-level tensors the method declares (see SharedTensor)
 
     @property
     def trainable_percent(self) -> float:
@@ -160,7 +173,7 @@ class Plan:
     # ----------------------------------------------------------------------------------- data
     def to_dict(self) -> dict[str, Any]:
         data = {"format": PLAN_FORMAT}
-        data.update({k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()})
+        data.update({k: plain(v) if k == "spec" else _jsonable(v) for k, v in self._fields().items()})
         data["trainable_percent"] = round(self.trainable_percent, 6)
         data["memory"]["total"] = self.memory.total
         from peftc.planning.memory import budget_verdict
@@ -175,11 +188,16 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        body = {k: plain(v) if k == "spec" else _jsonable(v) for k, v in self.__dict__.items()}
+        body = {k: plain(v) if k == "spec" else _jsonable(v) for k, v in self._fields().items()}
         for key in _RUN_ONLY_KEYS:
             body["spec"].pop(key, None)
         body["spec"]["peft"] = self._method_config(body["spec"]["peft"])
         return _digest(body)
+
+    def _fields(self) -> dict[str, Any]:
+        """The plan's fields; `shared` only when a method declares shared tensors, so that the
+        plans (and fingerprints) of every other method read as before it existed."""
+        return {k: v for k, v in self.__dict__.items() if k != "shared" or v}
 
     def _method_config(self, raw: dict[str, Any]) -> Any:
         """The method's settings as its adapter_config.json records them (resolved: null
@@ -203,6 +221,8 @@ class Plan:
             "modules_to_save": [[m.path, m.tensors] for m in self.modules_to_save],
             "unfrozen": self.unfrozen,
         }
+        if self.shared:
+            body["shared"] = [[t.name, t.shape, t.saved] for t in self.shared]
         return _digest(_jsonable(body))
 
     # ------------------------------------------------------------------------------ display

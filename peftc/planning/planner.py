@@ -9,7 +9,7 @@ from peftc.config.registry import METHODS, QUANT_BACKENDS, TASKS
 from peftc.errors import PlanError, did_you_mean
 from peftc.planning import compat, layout, memory, model_source
 from peftc.planning.graph import ModelGraph, meta_graph
-from peftc.planning.plan import ModelRef, Plan, SavedModule, Site
+from peftc.planning.plan import ModelRef, Plan, SavedModule, SharedTensor, Site
 from peftc.planning.quantization import annotate_sites, plan_quantization
 from peftc.planning.targets import resolve_targets
 
@@ -45,6 +45,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
 
     saved = _modules_to_save(method, task, run, graph, strict=strict_targets)
     sites: tuple[Site, ...] = ()
+    shared: tuple[SharedTensor, ...] = ()
     if method.kind == "injectable":
         protected = [m.path for m in saved]
         modules = resolve_targets(
@@ -57,6 +58,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         modules = method.select_targets(run.peft, modules, graph)
         sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
         sites += method.extra_sites(run.peft, graph, sites)
+        shared = method.plan_shared(run.peft, graph, sites)
     quantization = plan_quantization(backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved])
     sites = annotate_sites(sites, quantization)
     prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
@@ -105,6 +107,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         ),
         spec=run,
         quantization=quantization,
+        shared=shared,
     )
     return _with_bytes(draft)
 

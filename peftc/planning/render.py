@@ -104,6 +104,10 @@ def plan_renderables(plan: Plan) -> list[Any]:
     if plan.unfrozen:
         count = sum(_numel(s) for s in plan.unfrozen.values())
         out.append(f"base parameters made trainable: {len(plan.unfrozen)} tensors, {count:,} params")
+    for shared in plan.shared:
+        # Frozen and once per model: not in the trainable count, in the file only when saved.
+        where = "saved once with the adapter" if shared.saved else "not saved: recreated when loading"
+        out.append(f"shared by every site: {shared.name} {tuple(shared.shape)}, frozen, {where}")
     mem = plan.memory
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="bold")

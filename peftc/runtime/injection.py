@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from peftc.config.registry import METHODS
 from peftc.errors import PlanError
 from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
 from peftc.planning.graph import replace_module
 
 if TYPE_CHECKING:
-    from torch import nn
-
+    from peftc.methods.base import Method
     from peftc.planning.graph import ModelGraph, ModuleInfo
     from peftc.planning.plan import Plan, Site
     from peftc.runtime.model import PeftcModel
@@ -31,6 +32,7 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
             _check_parameter_fits(site, graph, plan)
         else:
             _check_site_fits(site, graph.module(site.module_path), plan)
+    shared = shared_holder(method, plan, base)
     new_layers: dict[str, AdapterLayer] = {}
     extended: list[AdapterLayer] = []
     new_wrappers: dict[str, ModulesToSaveWrapper] = {}
@@ -47,10 +49,12 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
                         f"{site.path} already carries a {type(current).__name__} adapter",
                         "one method per module: delete the other adapter first",
                     )
+                _attach(current, name, shared)
                 current.add_adapter(name, site, init=init)
                 extended.append(current)
             else:
                 layer = layer_type(current, site.kind)
+                _attach(layer, name, shared)
                 layer.add_adapter(name, site, init=init)
                 new_layers[site.path] = layer
         _share_between_sites(base, plan, name, new_layers)
@@ -76,6 +80,26 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
         replace_module(base, path, wrapper)
     if encoder is not None:
         model.prompt_encoders[name] = encoder
+    if shared is not None:
+        model.shared_tensors[name] = shared
+
+
+def _attach(layer: AdapterLayer, name: str, shared: nn.Module | None) -> None:
+    if shared is not None:
+        layer.attach_shared(name, shared)
+
+
+def shared_holder(method: Method, plan: Plan, base: nn.Module) -> nn.Module | None:
+    """The plan's shared tensors, created once, as non-persistent buffers of one module (the
+    adapter files save them, at peft's names; checkpoints of the model need not)."""
+    if not plan.shared:
+        return None
+    holder = nn.Module()
+    reference = next((p for p in base.parameters() if p.device.type != "meta"), None)
+    for tensor_name, tensor in method.create_shared(plan.spec.peft, plan.shared).items():
+        device = reference.device if reference is not None else tensor.device
+        holder.register_buffer(tensor_name, tensor.to(device), persistent=False)
+    return holder
 
 
 def _share_between_sites(base: nn.Module, plan: Plan, name: str, new_layers: dict[str, AdapterLayer]) -> None:

@@ -31,6 +31,7 @@ class PeftcModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.prompt_encoders = nn.ModuleDict()
+        self.shared_tensors = nn.ModuleDict()  # adapter name -> its shared tensors (Plan.shared)
         self.plans: dict[str, Plan] = {}
         self.active_adapters: list[str] = []
         self.load_reports: dict[str, Any] = {}  # adapter name -> adapters.LoadReport of its load
@@ -128,6 +129,8 @@ class PeftcModel(nn.Module):
                 f"adapter {owners[0]!r} already trains base parameters; only one adapter per model may (peft)",
                 "set peft.bias=none for all adapters but one",
             )
+        for other in self.plans.values():
+            _check_same_shared_options(plan, other)
         if self.plans and any(methods.get(p.method).rewrites_base(p.spec.peft) for p in [plan, *self.plans.values()]):
             warnings.warn(
                 f"adding adapter {name!r}: an adapter initialised from the base weights (PiSSA/OLoRA) changed them, "
@@ -175,6 +178,8 @@ class PeftcModel(nn.Module):
             wrapper.delete_adapter(name)
         if name in self.prompt_encoders:
             del self.prompt_encoders[name]
+        if name in self.shared_tensors:
+            del self.shared_tensors[name]
         for param_name in self.plans[name].unfrozen:
             self.base_model.get_parameter(param_name).requires_grad_(False)
         del self.plans[name]
@@ -368,6 +373,21 @@ class PeftcModel(nn.Module):
 
         names = check_unique("adapter_names", adapter_names) if adapter_names is not None else self.adapter_names
         return save_adapters(self, Path(directory), names)
+
+
+def _check_same_shared_options(plan: Plan, other: Plan) -> None:
+    """peft's rule for shared tensors (VeRA's projections): adapters beside each other create
+    them alike (one seed, all saved or none). Options are named by the spec fields that set them."""
+    theirs = {t.name: t.options for t in other.shared}
+    for tensor in plan.shared:
+        for option, value in tensor.options.items():
+            if tensor.name in theirs and option in theirs[tensor.name] and theirs[tensor.name][option] != value:
+                raise ConfigError(
+                    f"peft.{option}",
+                    value,
+                    f"differs from {theirs[tensor.name][option]!r}, the other adapter's (peft: the same for all adapters)",
+                    f"set peft.{option}={theirs[tensor.name][option]!r}",
+                )
 
 
 class QuantizedMergeWarning(UserWarning):
