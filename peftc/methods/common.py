@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftc.config.spec import SpecNode, as_list, param
+from peftc.config.spec import SpecNode, as_list, one_of, param
 from peftc.errors import AdapterFileError, ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +36,16 @@ class LayeredTargetsSpec(TargetsSpec):
     layers_pattern: Any = param(
         None,
         "Name of the ModuleList holding the layers (e.g. 'layers', 'h'), used with layers_to_transform.",
+    )
+
+
+def bias_param(method: str) -> Any:
+    """peft's `bias` setting of a method: which base biases train (and are saved) beside it."""
+    return param(
+        "none",
+        f"Base biases trained with the adapter: 'none', 'all' (every bias of the model), '{method}_only' "
+        "(biases of adapted modules).",
+        one_of("none", "all", f"{method}_only"),
     )
 
 

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.config.spec import RunSpec, at_least, one_of, param
+from peftc.config.spec import RunSpec, at_least, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method
-from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
@@ -41,11 +41,7 @@ class HRASpec(LayeredTargetsSpec):
     init_weights: bool = param(
         True, "true: reflections in equal pairs, H = I (a no-op up to rounding); false: random (not a no-op)."
     )
-    bias: str = param(
-        "none",
-        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'hra_only' (biases of adapted modules).",
-        one_of("none", "all", "hra_only"),
-    )
+    bias: str = bias_param("hra")
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         if self.init_weights and self.r % 2:

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
+from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
 from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
-from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
@@ -62,11 +62,7 @@ class OFTSpec(LayeredTargetsSpec):
     )
     num_cayley_neumann_terms: int = param(5, "Terms of the Neumann series.", at_least(1))
     init_weights: bool = param(True, "true: Q = 0, R = I (no-op); false: Q ~ N(0, 0.1) (not a no-op).")
-    bias: str = param(
-        "none",
-        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'oft_only' (biases of adapted modules).",
-        one_of("none", "all", "oft_only"),
-    )
+    bias: str = bias_param("oft")
     adjust_block_size: bool = param(
         False,
         "When r / oft_block_size does not divide a layer: false refuses the plan; true adjusts it per layer to the nearest divisor (peft's behaviour).",

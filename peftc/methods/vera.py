@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.config.spec import RunSpec, at_least, in_range, one_of, param
+from peftc.config.spec import RunSpec, at_least, in_range, param
 from peftc.errors import ConfigError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method
-from peftc.methods.common import LayeredTargetsSpec, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, SharedTensor, Site
@@ -46,11 +46,7 @@ class VeraSpec(LayeredTargetsSpec):
     )
     vera_dropout: float = param(0.0, "Dropout on the adapter's input.", in_range(0.0, 1.0))
     d_initial: float = param(0.1, "Initial value of every lambda_d entry (with init_weights=true).")
-    bias: str = param(
-        "none",
-        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'vera_only' (biases of adapted modules).",
-        one_of("none", "all", "vera_only"),
-    )
+    bias: str = bias_param("vera")
     init_weights: bool = param(
         True, "true: lambda_b = 0, lambda_d = d_initial (a no-op); false: lambda_b = 1, lambda_d random (not a no-op)."
     )

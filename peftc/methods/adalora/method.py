@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
+from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.adalora.layer import AdaLoraLayer, orthogonal_penalty
@@ -29,6 +29,7 @@ from peftc.methods.base import Method
 from peftc.methods.common import (
     UNIMPLEMENTED_LORA_FIELDS,
     LayeredTargetsSpec,
+    bias_param,
     number,
     refuse_unimplemented,
     target_fields,
@@ -74,11 +75,7 @@ class AdaLoraSpec(LayeredTargetsSpec):
     beta2: float = param(0.85, "EMA factor of the uncertainty scores.", _open_unit)
     orth_reg_weight: float = param(0.5, "Weight of the orthogonal regulariser added to the loss.", at_least(0.0))
     init_lora_weights: bool = param(True, "true: E = 0 (no-op); false: A, E, B ~ N(0, 1) (not a no-op).")
-    bias: str = param(
-        "none",
-        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'lora_only' (biases of adapted modules).",
-        one_of("none", "all", "lora_only"),
-    )
+    bias: str = bias_param("lora")
     rank_pattern: Any = param(
         None, "Written by training: {module path.lora_E: keep-mask of init_r booleans}. Not set by hand."
     )

@@ -22,13 +22,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from peftc.config.spec import RunSpec, as_list, at_least, greater_than, in_range, mapping_of, one_of, param
+from peftc.config.spec import RunSpec, as_list, at_least, greater_than, in_range, mapping_of, param
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
 from peftc.methods.common import (
     UNIMPLEMENTED_LORA_FIELDS,
     LayeredTargetsSpec,
+    bias_param,
     check_patterns,
     pattern_value,
     refuse_unimplemented,
@@ -64,11 +65,7 @@ class LoraSpec(LayeredTargetsSpec):
     use_dora: bool = param(
         False, "DoRA: learn a per-output-row magnitude m; W' = m (W + s B A) / ||W + s B A|| (norm detached)."
     )
-    bias: str = param(
-        "none",
-        "Base biases trained with the adapter: 'none', 'all' (every bias of the model), 'lora_only' (biases of adapted modules).",
-        one_of("none", "all", "lora_only"),
-    )
+    bias: str = bias_param("lora")
     lora_bias: bool = param(False, "Give B its own trainable bias (merged into the base bias).")
     rank_pattern: Any = param(
         None,
