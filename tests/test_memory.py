@@ -3,6 +3,7 @@ peak RSS of real training steps (in subprocesses, so other tests' memory does no
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +34,13 @@ def test_trainable_state_is_weights_grads_and_two_adamw_moments() -> None:
     plan = peftc.compile(["peft.r=16"])
     assert plan.memory.gradients == 4 * plan.trainable_params
     assert plan.memory.optimizer_state == 2 * plan.memory.gradients
+
+
+def test_shared_tensors_count_as_adapter_memory_but_not_as_trained_state() -> None:
+    plan = peftc.compile(["peft=vera", "peft.r=32"])
+    shared = sum(memory.FP32 * math.prod(t.shape) for t in plan.shared)
+    assert shared > 0 and plan.memory.adapter_weights == 4 * plan.trainable_params + shared
+    assert plan.memory.gradients == 4 * plan.trainable_params  # VeRA's projections are frozen
 
 
 def test_budget_verdict_says_whether_it_fits_and_by_how_much() -> None:

@@ -100,7 +100,8 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             run,
             graph,
             base_bytes,
-            adapter_params * memory.FP32 + saved_params * dtype_bytes,
+            # shared tensors (VeRA's projections) are float32 buffers beside the adapter: memory, not trained
+            (adapter_params + sum(_numel(t.shape) for t in shared)) * memory.FP32 + saved_params * dtype_bytes,
             adapter_params + saved_params + unfrozen_params,
             prompt=prompt,
             sites=sites,
