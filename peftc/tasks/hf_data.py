@@ -32,10 +32,11 @@ def read_hf_splits(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
     """(train rows, validation rows or None when no data.val_split, the source's name for messages)."""
     source = _local_source(spec)
-    train = _rows(_split(spec, source, spec.split, "data.split"), columns, _train_rows_wanted(spec))
+    splits = _open(spec, source)  # once: both splits come from the same load
+    train = _rows(_split(splits, source, spec.split, "data.split"), columns, _train_rows_wanted(spec))
     val = None
     if spec.val_split is not None:
-        val = _rows(_split(spec, source, spec.val_split, "data.val_split"), columns, spec.limit_val_examples)
+        val = _rows(_split(splits, source, spec.val_split, "data.val_split"), columns, spec.limit_val_examples)
     return train, val, str(spec.path)
 
 
@@ -74,9 +75,8 @@ def _local_source(spec: DataSpec) -> Path:
         ) from exc
 
 
-def _split(spec: DataSpec, source: Path, split: str, key: str) -> Iterable[dict[str, Any]]:
-    """One split of the dataset at `source`, as a Dataset (or an IterableDataset when streaming)."""
-    splits = _open(spec, source)
+def _split(splits: Any, source: Path, split: str, key: str) -> Iterable[dict[str, Any]]:
+    """One of the dataset's splits, as a Dataset (or an IterableDataset when streaming)."""
     if split not in splits:
         names = list(splits)
         raise ConfigError(
