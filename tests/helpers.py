@@ -220,3 +220,20 @@ def peft_pair(overrides: Sequence[str]) -> tuple[Plan, Any, torch.nn.Module]:
         own = {k: v.detach().clone() for k, v in ours.adapter_state_dict("default").items()}
         fill(ours, "default", {**own, **get_peft_model_state_dict(theirs)})
     return plan, ours, theirs
+
+
+def offline_hub_snapshot(tmp_path: Path, monkeypatch: Any, repo_dir: str) -> Path:
+    """An empty snapshot of `repo_dir` (e.g. 'models--org--name', 'datasets--org--name') in a Hugging
+    Face cache under tmp_path that huggingface_hub reads offline, as it keeps downloads; fill it and
+    ask for org/name. The working directory moves to tmp_path, so no local org/ directory shadows it."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / repo_dir
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return repo / "snapshots" / commit

@@ -191,18 +191,10 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_offline(
     """adapter=<org/name> as peft takes it: the snapshot huggingface_hub keeps in its cache."""
     import shutil
 
-    from huggingface_hub import constants
+    from tests.helpers import offline_hub_snapshot
 
     plan, base, good = trained
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-lora"
-    shutil.copytree(good, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)  # no local someone/ directory
+    shutil.copytree(good, offline_hub_snapshot(tmp_path, monkeypatch, "models--someone--tiny-lora"))
     from_hub = peftc.load_adapter(copy.deepcopy(base), "someone/tiny-lora")
     local = peftc.load_adapter(copy.deepcopy(base), good)
     x = token_batch()

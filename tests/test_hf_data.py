@@ -14,6 +14,7 @@ from peftc.config.compose import compose, to_spec
 from peftc.errors import ConfigError, DataError
 from peftc.tasks.common import IGNORE_INDEX
 from peftc.tasks.data import load_splits
+from tests.helpers import offline_hub_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*the validation split has only:UserWarning")
 
@@ -58,18 +59,9 @@ def test_a_save_to_disk_directory_gives_its_named_splits(tmp_path: Path) -> None
 def test_a_hub_id_reads_the_datasets_files_from_the_hugging_face_cache_offline(
     parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from huggingface_hub import constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "datasets--someone--pairs"
-    (repo / "snapshots" / commit / "data").mkdir(parents=True)
-    shutil.copy(parquet, repo / "snapshots" / commit / "data" / "train-00000-of-00001.parquet")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)  # no local someone/ directory
+    data = offline_hub_snapshot(tmp_path, monkeypatch, "datasets--someone--pairs") / "data"
+    data.mkdir(parents=True)
+    shutil.copy(parquet, data / "train-00000-of-00001.parquet")
     train, val = splits("data.path=someone/pairs")
     assert len(train) + len(val) == 200
     with pytest.raises(DataError, match="^someone/missing: is not a local dataset and could not be fetched"):
