@@ -102,8 +102,8 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
 
     import peftc
     from peftc.config.compose import compose, to_spec
-    from peftc.files import adapter_files
     from peftc.planning import graph, planner
+    from peftc.planning.layout import config_to_write
 
     hf_config = AutoConfig.for_model("llama", **shape, tie_word_embeddings=False)
     overrides = overrides_for(shape, targets, rank, method)
@@ -119,7 +119,7 @@ def measure(name: str, shape: dict[str, int], targets: str, repeats: int, rank: 
     inject_s, ours = timed_on_fresh(
         lambda: copy.deepcopy(meta_model), lambda m: peftc.materialize(plan, base_model=m), repeats
     )
-    peft_config = {**adapter_files.adapter_config(plan), "inference_mode": False}
+    peft_config = {**config_to_write(plan.adapter_config), "inference_mode": False}
 
     def peft_once() -> object:
         with torch.device("meta"):

@@ -124,9 +124,9 @@ def peft_model(plan: Any, base: torch.nn.Module) -> torch.nn.Module:
     """peft's model for the plan, its config built by peft from peftc's adapter_config.json."""
     from peft import get_peft_config, get_peft_model
 
-    from peftc.files import adapter_files
+    from peftc.planning.layout import config_to_write
 
-    return get_peft_model(base, get_peft_config({**adapter_files.adapter_config(plan), "inference_mode": False}))
+    return get_peft_model(base, get_peft_config({**config_to_write(plan.adapter_config), "inference_mode": False}))
 
 
 def peftc_side(plan: Any, base: torch.nn.Module, peft_side_model: torch.nn.Module | None = None) -> Side:

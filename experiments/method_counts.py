@@ -64,7 +64,7 @@ def count_row(method: str, model: str, overrides: list[str] | dict, label: str |
 
     import peftc
     from peftc import methods
-    from peftc.files import adapter_files
+    from peftc.planning.layout import config_to_write
     from tests.conv_model import TinyConvNet, plan_for
     from tests.helpers import build_base
 
@@ -77,7 +77,7 @@ def count_row(method: str, model: str, overrides: list[str] | dict, label: str |
     else:
         plan = peftc.compile([f"peft={method}", f"model={model}", *overrides])
         base = build_base(plan)
-    config = {**adapter_files.adapter_config(plan), "inference_mode": False}
+    config = {**config_to_write(plan.adapter_config), "inference_mode": False}
     if model == "conv":
         config["task_type"] = None
     theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
@@ -142,15 +142,15 @@ def round_trip_row(label: str, dtype_name: str, size: int) -> str:
 
     import peftc
     from peftc import methods
-    from peftc.files import adapter_files
     from peftc.files.load import fill
+    from peftc.planning.layout import config_to_write
     from tests.conv_model import plan_for
 
     base = linear_base(size, dtype_name)
     original = base.lin.weight.detach().clone()
     method, fields, factor = ROUND_TRIP[label]
     plan = plan_for(base, methods.get(method).schema(target_modules=["lin"], **fields))
-    config = {**adapter_files.adapter_config(plan), "inference_mode": False, "task_type": None}
+    config = {**config_to_write(plan.adapter_config), "inference_mode": False, "task_type": None}
     theirs = get_peft_model(copy.deepcopy(base), get_peft_config(config))
     with torch.no_grad():
         for _, param in theirs.named_parameters():

@@ -14,6 +14,7 @@ import torch
 
 from peftc import tasks
 from peftc.planning import model_source
+from peftc.planning.layout import config_to_write
 from peftc.planning.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,9 +171,7 @@ def peft_config_from_plan(plan: Plan) -> Any:
     (so the test also checks that our config fields mean the same thing to peft)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from peftc.files import adapter_files
-
-    fields = dict(adapter_files.adapter_config(plan))
+    fields = config_to_write(plan.adapter_config)
     fields["inference_mode"] = False
     return PEFT_TYPE_TO_CONFIG_MAPPING[fields.pop("peft_type")](**fields)
 

@@ -28,8 +28,8 @@ import torch
 
 import peftc
 from peftc import methods
-from peftc.files import adapter_files
 from peftc.files.load import fill
+from peftc.planning.layout import config_to_write
 from peftc.planning.plan import Plan
 from peftc.runtime.model import PeftcModel
 from tests.attention_model import TinyAttention, sequences
@@ -471,7 +471,7 @@ def oracle_config(plan: Plan, case: Case) -> object:
     """peft's config for a plan, built by peft from the adapter_config.json we would write."""
     from peft import get_peft_config
 
-    config = {**adapter_files.adapter_config(plan), "inference_mode": False}
+    config = {**config_to_write(plan.adapter_config), "inference_mode": False}
     if case.custom:
         config["task_type"] = None  # a plain nn.Module: peft's task wrappers expect a transformers model
     return get_peft_config(config)

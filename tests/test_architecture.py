@@ -249,3 +249,37 @@ def test_a_dry_run_imports_no_trainer_and_no_quantization_backend(tmp_path: Path
     baseline = loaded_heavy("baseline")
     for quant in ("none", "bnb_nf4", "quanto_int8"):
         assert loaded_heavy(quant, str(tmp_path / quant)) <= baseline, quant
+
+
+def test_every_method_keeps_exactly_one_of_the_two_contracts_and_fills_it() -> None:
+    """Injectable or prompt, never a switch inside one class: each registered method subclasses
+    one contract, implements every hook that contract leaves open, and has none of the other's."""
+    from peftc import methods
+    from peftc.methods.base import InjectableMethod, PromptMethod
+    from peftc.methods.layer import AdapterLayer
+
+    required = {
+        InjectableMethod: ("plan_site", "peft_config", "spec_from_peft_config"),
+        PromptMethod: (
+            "plan_prompt",
+            "saved_prompt_tensors",
+            "create_prompt_encoder",
+            "prompt_tensors",
+            "load_prompt_tensors",
+            "peft_config",
+            "spec_from_peft_config",
+        ),
+    }
+    for name, method in methods.all_methods().items():
+        contract = InjectableMethod if isinstance(method, InjectableMethod) else PromptMethod
+        other = PromptMethod if contract is InjectableMethod else InjectableMethod
+        assert isinstance(method, contract) and not isinstance(method, other), name
+        assert method.kind == contract.kind, name
+        unfilled = [hook for hook in required[contract] if getattr(type(method), hook) is getattr(contract, hook)]
+        assert not unfilled, f"{name} leaves {unfilled} of {contract.__name__} open"
+        foreign = [hook for hook in required[other] if hook not in required[contract]]
+        assert not [hook for hook in foreign if hasattr(method, hook)], f"{name} carries the other contract's hooks"
+        if contract is InjectableMethod:
+            assert issubclass(method.layer_class, AdapterLayer), name
+            if type(method).plan_shared is not InjectableMethod.plan_shared:
+                assert type(method).create_shared is not InjectableMethod.create_shared, name

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftc
-from peftc.methods.base import AdapterLayer
+from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora.layer import LoraLayer
 from peftc.tasks import get as get_task
 from peftc.tasks import lm_loss

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import peftc
-from peftc.files import adapter_files
 from peftc.files.load import fill
 from peftc.methods.lora.method import LoraSpec
+from peftc.planning.layout import config_to_write
 from peftc.planning.plan import Plan
 from tests.conv_model import TinyConvNet, images, plan_for
 from tests.helpers import PISSA_ROUNDING, build_base, max_diff, token_batch
@@ -35,7 +35,7 @@ def plans(*names: str) -> dict[str, Plan]:
 def peft_config(plan: Plan) -> Any:
     from peft import get_peft_config
 
-    return get_peft_config({**adapter_files.adapter_config(plan), "inference_mode": False})
+    return get_peft_config({**config_to_write(plan.adapter_config), "inference_mode": False})
 
 
 def several(*names: str) -> tuple[dict[str, Plan], Any, Any]:

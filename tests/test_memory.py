@@ -56,19 +56,22 @@ def test_budget_verdict_says_whether_it_fits_and_by_how_much() -> None:
         peftc.compile(["budget.memory_gb=-1"])
 
 
-def _prompt(width: int, tokens: int = 8) -> PromptPlan:
-    return PromptPlan("test", tokens, 32, 2, 2, 1, {"embedding.weight": (tokens, width)})
+def _prompt(width: int, tokens: int = 8, prefix_kv: bool = False) -> PromptPlan:
+    return PromptPlan("test", tokens, 32, 2, 2, 1, {"embedding.weight": (tokens, width)}, prefix_kv=prefix_kv)
 
 
 def test_prefix_tuning_adds_key_values_per_layer_and_input_prompts_lengthen_the_sequence() -> None:
     plan = peftc.compile(["data.batch_size=4"])
     run, graph = plan.spec, meta_graph(plan.spec.model, "AutoModelForCausalLM", {})
     args = (run, graph, plan.memory.base_weights, 0, 0)
-    prefix = memory.estimate(*args, prompt=_prompt(width=2 * 2 * 32))  # layers x 2 x kv width
+    prefix = memory.estimate(*args, prompt=_prompt(width=2 * 2 * 32, prefix_kv=True))  # layers x 2 x kv width
     prompt = memory.estimate(*args, prompt=_prompt(width=64))
     plain = memory.estimate(*args)
     assert prefix.prefix_kv == 4 * 8 * 2 * 2 * 32 * 4 and prompt.prefix_kv == 0
     assert prefix.activations > plain.activations and prompt.activations > plain.activations
+    assert (
+        peftc.compile(["peft=prefix_tuning"]).prompt.prefix_kv and not peftc.compile(["peft=p_tuning"]).prompt.prefix_kv
+    )
 
 
 def test_sharding_strategies_divide_what_they_shard() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 import peftc
 from peftc.errors import ConfigError, MergeError, PlanError
+from peftc.planning.layout import config_to_write
 from tests.helpers import build_base, run_cli
 from tests.method_cases import oracle_config
 
@@ -109,7 +110,7 @@ def test_gpt2_conv1d_is_refused_like_peft(method: str) -> None:
         peftc.compile([f"peft={method}", "model=tiny_gpt2"])
     assert error.value.key == "peft.target_modules"
     plan = peftc.compile([f"peft={method}", "model=tiny_gpt2", "peft.target_modules=[lm_head]"])
-    config = {**peftc.files.adapter_files.adapter_config(plan), "inference_mode": False, "target_modules": ["c_attn"]}
+    config = {**config_to_write(plan.adapter_config), "inference_mode": False, "target_modules": ["c_attn"]}
     with pytest.raises((TypeError, ValueError)), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         get_peft_model(build_base(plan), get_peft_config(config))

@@ -65,3 +65,44 @@ def test_planning_loads_no_weights(config_only_dir: str) -> None:
     # The directory has config.json only: any attempt to read weights would fail.
     plan = peftc.compile(["model=hf", f"model.name_or_path={config_only_dir}"])
     assert plan.model.model_class == "LlamaForCausalLM" and plan.trainable_params == 3584
+
+
+def test_the_plan_is_the_truth_saving_and_fingerprinting_call_no_method_code(tmp_path, monkeypatch) -> None:
+    """adapter_config.json is resolved once, by the planner: afterwards the plan's data alone
+    fingerprints, renders and saves it, and the file written is the plan's config."""
+    from peftc import methods
+    from peftc.planning.layout import config_to_write
+
+    plan = peftc.compile(["peft.target_modules=null", "budget.memory_gb=8"])
+    model = peftc.materialize(plan)
+    fingerprint = plan.fingerprint
+
+    def no_more_calls(*args, **kwargs):
+        raise AssertionError("method code called after planning")
+
+    monkeypatch.setattr(type(methods.get("lora")), "peft_config", no_more_calls)
+    assert plan.fingerprint == fingerprint and json.loads(plan.to_json())["memory"]["budget"]["fits"] is True
+    assert "fits in budget.memory_gb=8" in str(plan)
+    model.save_adapter(tmp_path / "a")
+    written = json.loads((tmp_path / "a" / adapter_files.CONFIG_NAME).read_text())
+    assert written == json.loads(json.dumps(config_to_write(plan.adapter_config)))
+    # resolved (null became the names the planner chose) and portable (the plan names the
+    # packaged base `pkg:`; only the file on disk names this machine's directory)
+    assert plan.adapter_config["target_modules"] == written["target_modules"] == ["q_proj", "v_proj"]
+    assert plan.adapter_config["base_model_name_or_path"].startswith("pkg:")
+    assert os.path.isdir(written["base_model_name_or_path"])
+
+
+def test_generic_settings_are_typed_site_fields_the_method_options_only_its_own() -> None:
+    plan = peftc.compile(["peft.lora_dropout=0.1", "peft.target_modules=[embed_tokens,q_proj]"])
+    embed, query = plan.site("model.embed_tokens"), plan.site("model.layers.0.self_attn.q_proj")
+    assert query.dropout == 0.1 and not query.save_base_weight and embed.save_base_weight
+    assert not {"dropout", "save_base_weight", "base_quant", "shares_with"} & set(query.options)
+    assert peftc.compile(["quant=quanto_int8"]).sites[0].base_quant == "int8"
+    tied = peftc.compile(["model=tiny_gpt2", "peft.trainable_token_indices=[1, 2]"])
+    assert tied.site("lm_head").shares_with == "transformer.wte" and tied.site("transformer.wte").shares_with is None
+    parameters = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[]", "peft.target_parameters=[c_attn.weight]"])
+    target = parameters.sites[0].parameter
+    assert (target.module, target.name, target.shape) == ("transformer.h.0.attn.c_attn", "weight", (64, 192))
+    prompt = peftc.compile(["peft=prefix_tuning"]).prompt
+    assert prompt.prefix_kv and "key/value positions" in prompt.injection and "injection" not in prompt.options

@@ -81,7 +81,7 @@ def test_quantized_plan_is_smaller_and_keeps_the_output_head() -> None:
     assert plan.quantization.skipped == ("lm_head",)
     assert len(plan.quantization.modules) == 14 and "lm_head" not in plan.quantization.modules
     assert plan.model.base_bytes < full.model.base_bytes
-    assert all(site.options["base_quant"] == "nf4" for site in plan.sites)
+    assert all(site.base_quant == "nf4" for site in plan.sites)
     assert "Linear (nf4)" in str(plan) and "base quantization: bnb_nf4" in str(plan)
 
 
@@ -91,7 +91,7 @@ def test_skip_modules_keep_those_layers_plain() -> None:
     assert kept == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}  # and lm_head is quantized
     assert "lm_head" in plan.quantization.modules
     down = plan.site("model.layers.0.mlp.down_proj")
-    assert "base_quant" not in down.options and plan.site("model.layers.0.mlp.up_proj").options["base_quant"] == "int8"
+    assert down.base_quant is None and plan.site("model.layers.0.mlp.up_proj").base_quant == "int8"
     model = materialize(plan)
     assert type(model.base_model.get_submodule("model.layers.0.mlp.down_proj").base_layer) is nn.Linear
     assert backend_of(model.base_model.get_submodule("model.layers.0.mlp.up_proj").base_layer) is not None

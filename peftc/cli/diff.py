@@ -46,7 +46,7 @@ def diff_plans(a: Plan, b: Plan) -> PlanDiff:
     changed = tuple(
         (sites_a[p], sites_b[p])
         for p in sites_a
-        if p in sites_b and (sites_a[p].tensors != sites_b[p].tensors or sites_a[p].options != sites_b[p].options)
+        if p in sites_b and (sites_a[p].tensors != sites_b[p].tensors or sites_a[p].settings != sites_b[p].settings)
     )
     problems = adapter_load_problems(a, b)
     return PlanDiff(
@@ -106,10 +106,11 @@ def _site_change(a: Site, b: Site) -> str:
         for name in dict.fromkeys([*a.tensors, *b.tensors])
         if a.tensors.get(name) != b.tensors.get(name)
     ]
+    settings_a, settings_b = a.settings, b.settings
     parts += [
-        f"{key} {a.options.get(key)!r} → {b.options.get(key)!r}"
-        for key in dict.fromkeys([*a.options, *b.options])
-        if a.options.get(key) != b.options.get(key)
+        f"{key} {settings_a.get(key)!r} → {settings_b.get(key)!r}"
+        for key in dict.fromkeys([*settings_a, *settings_b])
+        if settings_a.get(key) != settings_b.get(key)
     ]
     return "; ".join(parts)
 

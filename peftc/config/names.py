@@ -22,10 +22,11 @@ def reserved_names() -> frozenset[str]:
 
     names = set(INTERNAL_NAMES)
     for method in METHODS.all().values():
+        if method.kind != "injectable":
+            continue  # a prompt encoder lives under prompt_encoders, not beside model modules
         if method.tensor_prefix:
             names.add(method.tensor_prefix.rstrip("_"))
-        if method.layer_class is not None:
-            names.update(method.layer_class.adapter_containers)
+        names.update(method.layer_class.adapter_containers)
     return frozenset(names)
 
 

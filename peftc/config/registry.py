@@ -74,7 +74,7 @@ class Registry(Generic[T]):
                 importlib.import_module(f"{self.package}.{info.name}")
 
 
-METHODS: Registry[Method] = Registry("peft", "peftc.methods", skip=("base", "common", "defaults"))
+METHODS: Registry[Method] = Registry("peft", "peftc.methods", skip=("base", "common", "defaults", "layer"))
 TASKS: Registry[Task] = Registry("task", "peftc.tasks", skip=("base", "common", "data", "lm_loss"))
 QUANT_BACKENDS: Registry[QuantBackend] = Registry("quant", "peftc.quant")
 

@@ -51,6 +51,7 @@ from peftc.planning.layout import (
 from peftc.planning.layout import (
     WEIGHTS_NAME as WEIGHTS_NAME,
 )
+from peftc.planning.layout import config_to_write
 from peftc.planning.layout import (
     model_prefix as model_prefix,
 )
@@ -188,35 +189,6 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- model <-> tensors
-def adapter_config(plan: Plan) -> dict[str, Any]:
-    """adapter_config.json for a plan: peft's common fields plus the method's own."""
-    from peftc import methods
-    from peftc.methods.base import PEFT_COMPAT_VERSION
-
-    method = methods.get(plan.method)
-    config: dict[str, Any] = {
-        "peft_type": plan.peft_type,
-        "task_type": plan.task_type,
-        # A `pkg:` model is written as its directory so the peft package can load the base too.
-        "base_model_name_or_path": _portable_base(plan),
-        "revision": plan.spec.model.revision,
-        "inference_mode": True,
-        "auto_mapping": None,
-        "peft_version": PEFT_COMPAT_VERSION,
-    }
-    config.update(method.peft_config(plan.spec.peft, plan))
-    return config
-
-
-def _portable_base(plan: Plan) -> str | None:
-    from peftc.planning.model_source import PACKAGE_SCHEME, package_directory
-
-    name = plan.model.name_or_path or plan.model.name
-    if name and name.startswith(PACKAGE_SCHEME):
-        return package_directory(name)
-    return name
-
-
 def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
     """One adapter's tensors from a PeftcModel, under peft's saved names."""
     from peftc import methods
@@ -229,7 +201,7 @@ def adapter_tensors(model: Any, name: str) -> dict[str, torch.Tensor]:
         layer = base.get_submodule(site.path)
         for suffix, tensor in layer.adapter_tensors(name).items():
             tensors[f"{MODEL_PREFIX}{site.path}.{suffix}"] = tensor
-        if site.options.get("save_base_weight"):
+        if site.save_base_weight:
             tensors[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = layer.base_layer.weight
     for module in plan.modules_to_save:
         wrapper = base.get_submodule(module.path)
@@ -266,7 +238,7 @@ def save_adapters(model: Any, directory: Path, names: list[str]) -> Path:
                 check_layout(plan, tensors)
                 write_adapter_files(
                     staging if name == "default" else staging / name,
-                    adapter_config(plan),
+                    config_to_write(plan.adapter_config),
                     tensors,
                     plan,
                 )

@@ -27,9 +27,10 @@ from torch import nn
 from peftc.config.spec import RunSpec, at_least, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.base import InjectableMethod
 from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -161,7 +162,7 @@ class HRALayer(AdapterLayer):
 
 
 @register
-class HRA(Method):
+class HRA(InjectableMethod):
     name = "hra"
     peft_type = "HRA"
     schema = HRASpec

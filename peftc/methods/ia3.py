@@ -22,9 +22,10 @@ from torch import nn
 from peftc.config.spec import RunSpec, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.base import InjectableMethod
 from peftc.methods.common import TargetsSpec, jsonable, target_fields, target_kwargs
 from peftc.methods.defaults import IA3_FEEDFORWARD, IA3_TARGETS
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -157,7 +158,7 @@ def _safe_divisor(vector: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class IA3(Method):
+class IA3(InjectableMethod):
     name = "ia3"
     peft_type = "IA3"
     schema = IA3Spec

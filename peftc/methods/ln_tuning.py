@@ -22,8 +22,9 @@ from torch import nn
 
 from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.base import InjectableMethod
 from peftc.methods.common import TargetsSpec, target_fields, target_kwargs
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -124,7 +125,7 @@ class LNTuningLayer(AdapterLayer):
 
 
 @register
-class LNTuning(Method):
+class LNTuning(InjectableMethod):
     name = "ln_tuning"
     peft_type = "LN_TUNING"
     schema = LNTuningSpec

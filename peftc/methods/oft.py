@@ -38,9 +38,10 @@ from torch import nn
 from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
 from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
+from peftc.methods.base import InjectableMethod, saves_embedding_weight
 from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -277,7 +278,7 @@ def _square_kernel(module: ModuleInfo) -> int:
 
 
 @register
-class OFT(Method):
+class OFT(InjectableMethod):
     name = "oft"
     peft_type = "OFT"
     schema = OFTSpec
@@ -307,11 +308,16 @@ class OFT(Method):
         }
         if module.kind == "conv2d":
             options["kernel"] = kernel
-        if saves_embedding_weight(spec.target_modules, module, graph):
-            options["save_base_weight"] = True
         tensors = {suffix: (rows, block_size * (block_size - 1) // 2)}
         return Site(
-            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+            module.path,
+            module.kind,
+            module.class_name,
+            module.in_features,
+            module.out_features,
+            tensors,
+            options,
+            save_base_weight=saves_embedding_weight(spec.target_modules, module, graph),
         )
 
     def plan_unfrozen(self, spec: OFTSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:

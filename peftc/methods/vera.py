@@ -27,9 +27,10 @@ from torch import nn
 from peftc.config.spec import RunSpec, at_least, in_range, param
 from peftc.errors import ConfigError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.base import InjectableMethod
 from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, SharedTensor, Site
 
@@ -89,7 +90,7 @@ class VeraLayer(AdapterLayer):
             lambda_d.fill_(options["d_initial"])
         self.vera_lambda_b[name] = nn.Parameter(lambda_b)
         self.vera_lambda_d[name] = nn.Parameter(lambda_d)
-        self.vera_dropout[name] = nn.Dropout(options["dropout"]) if options["dropout"] > 0 else nn.Identity()
+        self.vera_dropout[name] = nn.Dropout(site.dropout) if site.dropout > 0 else nn.Identity()
 
     def projections(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices of the shared A (r x in) and B (out x r)."""
@@ -114,7 +115,7 @@ class VeraLayer(AdapterLayer):
 
 
 @register
-class Vera(Method):
+class Vera(InjectableMethod):
     name = "vera"
     peft_type = "VERA"
     schema = VeraSpec
@@ -128,11 +129,17 @@ class Vera(Method):
         options = {
             "init": spec.init_weights,
             "d_initial": spec.d_initial,
-            "dropout": spec.vera_dropout,
             "features": (module.in_features, module.out_features),  # its slice of A and B
         }
         return Site(
-            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+            module.path,
+            module.kind,
+            module.class_name,
+            module.in_features,
+            module.out_features,
+            tensors,
+            options,
+            dropout=spec.vera_dropout,
         )
 
     def plan_shared(self, spec: VeraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[SharedTensor, ...]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan, Site
 
+PEFT_COMPAT_VERSION = "0.21.2"  # the peft release whose file layout and config fields we write
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -58,7 +59,7 @@ def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
     for site in plan.sites:
         for suffix, shape in site.tensors.items():
             layout[f"{MODEL_PREFIX}{site.path}.{suffix}"] = (tuple(shape), ADAPTER_DTYPE)
-        if site.options.get("save_base_weight"):
+        if site.save_base_weight:
             layout[f"{MODEL_PREFIX}{site.path}.base_layer.weight"] = (base_weight_shape(site), plan.model.dtype)
     for module in plan.modules_to_save:
         for name, shape in module.tensors.items():
@@ -110,3 +111,30 @@ def safetensors_size(layout: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
 
 
 # ------------------------------------------------------------------------------------ saving
+
+
+def adapter_config(plan: Plan, method_fields: Mapping[str, Any]) -> dict[str, Any]:
+    """adapter_config.json for a plan: peft's common fields, then the method's own (resolved by
+    the method against the plan's sites). The planner stores it in the plan; save writes it."""
+    return {
+        "peft_type": plan.peft_type,
+        "task_type": plan.task_type,
+        "base_model_name_or_path": plan.model.name_or_path or plan.model.name,
+        "revision": plan.spec.model.revision,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "peft_version": PEFT_COMPAT_VERSION,
+        **method_fields,
+    }
+
+
+def config_to_write(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan's adapter_config as written to disk: a base shipped inside peftc (`pkg:...`) is
+    named by its directory on this machine, so that the peft package can load the base too. The
+    plan keeps the portable name (plans must not depend on where peftc is installed)."""
+    from peftc.planning.model_source import PACKAGE_SCHEME, package_directory
+
+    base = config.get("base_model_name_or_path")
+    if isinstance(base, str) and base.startswith(PACKAGE_SCHEME):
+        return {**config, "base_model_name_or_path": package_directory(base)}
+    return dict(config)

@@ -185,7 +185,7 @@ def _site_copies_per_token(sites: tuple[Site, ...], act_bytes: int, inner: int |
         width = site.in_features or 0
         if inner and width == inner:
             total += width * act_bytes
-        if float(site.options.get("dropout", 0) or 0) > 0:
+        if site.dropout > 0:
             total += width * (act_bytes + 1)
         if act_bytes != FP32:
             total += width * FP32
@@ -202,14 +202,10 @@ def _kv_width(graph: ModelGraph) -> int:
 def prefix_tokens(prompt: PromptPlan | None) -> int:
     """Virtual tokens that enter as per-layer key/value prefixes (prefix tuning), else 0.
 
-    A prefix encoder's output row holds every layer's key and value (num_layers x 2 x
-    token_dim wide); an input-side prompt's rows are token_dim wide."""
+    An input-side prompt lengthens the sequence instead."""
     if prompt is None:
         return 0
-    kv_row = prompt.num_layers * 2 * prompt.token_dim
-    if prompt.options.get("prefix_kv") or any(shape and shape[-1] == kv_row for shape in prompt.tensors.values()):
-        return prompt.num_virtual_tokens
-    return 0
+    return prompt.num_virtual_tokens if prompt.prefix_kv else 0
 
 
 def _strategy_family(strategy: str) -> str:

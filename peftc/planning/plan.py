@@ -1,7 +1,8 @@
 """The plan: plain, frozen, JSON-serializable data that says exactly what will be trained.
 
-The dry run, the trainable-parameter count, what gets injected and what gets saved all come
-from one Plan. `fingerprint` hashes the canonical JSON of everything that shapes the run;
+The dry run, the trainable-parameter count, what gets injected and what gets saved (tensors and
+adapter_config.json) all come from one Plan, which the planner fills once; nothing here calls
+method code. `fingerprint` hashes the canonical JSON of the stored data that shapes the run;
 `adapter_fingerprint` hashes only what shapes the adapter's tensors (two plans with the same
 adapter fingerprint produce interchangeable adapter files).
 """
@@ -17,7 +18,8 @@ from peftc.config.spec import RunSpec, plain
 from peftc.planning.layout import numel
 from peftc.planning.memory import MemoryEstimate
 
-PLAN_FORMAT = 1
+# 2: adapter_config and typed site/prompt fields stored (1: recomputed from the spec)
+PLAN_FORMAT = 2
 # Run-level switches that do not change what is trained.
 _RUN_ONLY_KEYS = (
     "dry_run",
@@ -34,11 +36,21 @@ _RUN_ONLY_KEYS = (
 
 
 @dataclass(frozen=True)
+class ParameterTarget:
+    """A targeted nn.Parameter (peft's target_parameters): its module, its name, its shape."""
+
+    module: str
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Site:
     """One adapted module: where it is, what it wraps, and the tensors the adapter adds there.
 
     `tensors` maps peft's per-site tensor suffix (e.g. 'lora_A.weight') to its shape;
-    `options` holds the resolved per-site settings the layer needs (rank, scaling, ...).
+    `options` holds the method's own resolved settings, which only its layer reads (rank,
+    scaling, ...). What code outside the method reads is a typed field.
     """
 
     path: str
@@ -48,10 +60,22 @@ class Site:
     out_features: int | None
     tensors: dict[str, tuple[int, ...]]
     options: dict[str, Any] = field(default_factory=dict)
+    dropout: float = 0.0  # dropout on the adapter's input (the memory estimate counts its copy)
+    save_base_weight: bool = False  # the file holds the base weight too (peft: targeted embeddings)
+    base_quant: str | None = None  # the quantized base layer's storage format (set by planning)
+    shares_with: str | None = None  # the site whose adapter tensors this one uses (tied heads)
+    parameter: ParameterTarget | None = None  # the nn.Parameter a 'parameter' site adapts
 
     @property
     def params(self) -> int:
         return sum(numel(s) for s in self.tensors.values())
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Its resolved settings, the method's and the typed ones, for grouping and diffs (the
+        adapted parameter is left out: its path and shape show in the site's path and tensors)."""
+        typed = ("dropout", "save_base_weight", "base_quant", "shares_with")
+        return {**self.options, **{name: getattr(self, name) for name in typed}}
 
     @property
     def module_path(self) -> str:
@@ -73,6 +97,8 @@ class PromptPlan:
     num_transformer_submodules: int
     tensors: dict[str, tuple[int, ...]]
     options: dict[str, Any] = field(default_factory=dict)
+    injection: str = ""  # one line for the plan: where the prompt enters the model
+    prefix_kv: bool = False  # enters as per-layer key/value prefixes (prefix tuning), not embeddings
 
     @property
     def params(self) -> int:
@@ -158,6 +184,10 @@ class Plan:
     warnings: tuple[str, ...] = ()
     quantization: QuantPlan | None = None
     shared: tuple[SharedTensor, ...] = ()  # model-level tensors the method declares (see SharedTensor)
+    # adapter_config.json as save writes it: peft's common fields and the method's own, resolved
+    # (a null target_modules is the list of names the planner chose)
+    adapter_config: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, float | bool] | None = None  # the estimate against budget.memory_gb, when set
 
     @property
     def trainable_percent(self) -> float:
@@ -176,9 +206,7 @@ class Plan:
         data.update({k: plain(v) if k == "spec" else _jsonable(v) for k, v in self._fields().items()})
         data["trainable_percent"] = round(self.trainable_percent, 6)
         data["memory"]["total"] = self.memory.total
-        from peftc.planning.memory import budget_verdict
-
-        data["memory"]["budget"] = budget_verdict(self)
+        data["memory"]["budget"] = data.pop("budget")
         data["fingerprint"] = self.fingerprint
         data["adapter_fingerprint"] = self.adapter_fingerprint
         return data
@@ -188,27 +216,18 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
+        """The stored data, less run-only switches and the raw method spec: its resolved form is
+        the adapter_config (so `target_modules=null` and the list it resolves to are one plan)."""
         body = {k: plain(v) if k == "spec" else _jsonable(v) for k, v in self._fields().items()}
         for key in _RUN_ONLY_KEYS:
             body["spec"].pop(key, None)
-        body["spec"]["peft"] = self._method_config(body["spec"]["peft"])
+        del body["spec"]["peft"], body["budget"]
         return _digest(body)
 
     def _fields(self) -> dict[str, Any]:
         """The plan's fields; `shared` only when a method declares shared tensors, so that the
         plans (and fingerprints) of every other method read as before it existed."""
         return {k: v for k, v in self.__dict__.items() if k != "shared" or v}
-
-    def _method_config(self, raw: dict[str, Any]) -> Any:
-        """The method's settings as its adapter_config.json records them (resolved: null
-        target_modules become the names the planner chose), so that two spellings of the same
-        adapter (`target_modules=null` and the model's default list) share a fingerprint."""
-        from peftc.config.registry import METHODS
-
-        try:
-            return _jsonable(METHODS.get(self.method).peft_config(self.spec.peft, self))
-        except NotImplementedError:
-            return raw
 
     @property
     def adapter_fingerprint(self) -> str:

@@ -63,10 +63,9 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     sites = annotate_sites(sites, quantization)
     prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
     # A module saved whole trains its own copy; its base parameters are not also unfrozen in place.
+    in_place = method.plan_unfrozen(run.peft, graph, sites) if method.kind == "injectable" else {}
     unfrozen = {
-        name: shape
-        for name, shape in method.plan_unfrozen(run.peft, graph, sites).items()
-        if not any(name.startswith(m.path + ".") for m in saved)
+        name: shape for name, shape in in_place.items() if not any(name.startswith(m.path + ".") for m in saved)
     }
 
     adapter_params = sum(s.params for s in sites) + (prompt.params if prompt else 0)
@@ -110,13 +109,17 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         quantization=quantization,
         shared=shared,
     )
-    return _with_bytes(draft)
+    return _completed(draft, method)
 
 
-def _with_bytes(draft: Plan) -> Plan:
+def _completed(draft: Plan, method: Method) -> Plan:
+    """The draft with what is derived from it: the file's size, adapter_config.json (the method
+    resolves its fields against the planned sites, once, here) and the budget verdict."""
     from dataclasses import replace
 
-    return replace(draft, adapter_bytes=layout.safetensors_size(layout.saved_layout(draft)))
+    draft = replace(draft, adapter_bytes=layout.safetensors_size(layout.saved_layout(draft)))
+    config = layout.adapter_config(draft, method.peft_config(draft.spec.peft, draft))
+    return replace(draft, adapter_config=config, budget=memory.budget_verdict(draft))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -53,12 +53,9 @@ def plan_quantization(
 
 
 def annotate_sites(sites: tuple[Site, ...], quantization: QuantPlan) -> tuple[Site, ...]:
-    """Mark the sites whose base layer is quantized (options['base_quant'] = the storage format)."""
+    """Mark the sites whose base layer is quantized (`base_quant`: the storage format)."""
     quantized = set(quantization.modules)
-    return tuple(
-        replace(site, options={**site.options, "base_quant": quantization.storage}) if site.path in quantized else site
-        for site in sites
-    )
+    return tuple(replace(site, base_quant=quantization.storage) if site.path in quantized else site for site in sites)
 
 
 def _kept(spec: Any, graph: ModelGraph, candidates: list[ModuleInfo], protected: Iterable[str]) -> set[str]:

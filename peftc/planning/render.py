@@ -58,7 +58,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
             table.add_column(column, justify=justify)
         for label, members in groups:
             first = members[0]
-            quantized = first.options.get("base_quant")
+            quantized = first.base_quant
             table.add_row(
                 label,
                 f"{first.module_class} ({quantized})" if quantized else first.module_class,
@@ -91,8 +91,8 @@ def plan_renderables(plan: Plan) -> list[Any]:
             f"{p.params:,}",
         )
         out.append(table)
-        if p.options.get("injection"):
-            out.append(f"prompt enters as: {p.options['injection']}")
+        if p.injection:
+            out.append(f"prompt enters as: {p.injection}")
     if plan.modules_to_save:
         table = Table(title="modules trained in full and saved (modules_to_save)", title_justify="left")
         table.add_column("module", min_width=max(len(m.path) for m in plan.modules_to_save), overflow="fold")
@@ -207,7 +207,7 @@ def group_sites(sites: tuple[Site, ...]) -> list[tuple[str, list[Site]]]:
             site.in_features,
             site.out_features,
             tuple(sorted(site.tensors.items())),
-            tuple(sorted((k, str(v)) for k, v in site.options.items())),
+            tuple(sorted((k, str(v)) for k, v in site.settings.items())),
         )
         groups[key].append(site)
     result = []

@@ -8,7 +8,7 @@ from torch import nn
 
 from peftc.config.registry import METHODS
 from peftc.errors import PlanError
-from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+from peftc.methods.layer import AdapterLayer, ModulesToSaveWrapper
 from peftc.planning.graph import replace_module
 
 if TYPE_CHECKING:
@@ -105,10 +105,9 @@ def shared_holder(method: Method, plan: Plan, base: nn.Module) -> nn.Module | No
 def _share_between_sites(base: nn.Module, plan: Plan, name: str, new_layers: dict[str, AdapterLayer]) -> None:
     """Hand a site planned to share another site's tensors the layer that holds them."""
     for site in plan.sites:
-        owner_path = site.options.get("shares_with")
-        if owner_path is not None:
+        if site.shares_with is not None:
             layer = _pending_module(base, site.path, new_layers)
-            layer.share_adapter(name, _pending_module(base, owner_path, new_layers))
+            layer.share_adapter(name, _pending_module(base, site.shares_with, new_layers))
 
 
 def _pending_module(base: nn.Module, path: str, new_layers: dict[str, AdapterLayer]) -> nn.Module:
@@ -124,10 +123,9 @@ def _pending_module(base: nn.Module, path: str, new_layers: dict[str, AdapterLay
 
 
 def _check_parameter_fits(site: Site, graph: ModelGraph, plan: Plan) -> None:
-    module_path, name = site.options["module"], site.options["parameter"]
+    module_path, name, planned = site.parameter.module, site.parameter.name, site.parameter.shape
     module = graph.module(module_path)
     shape = dict(module.params).get(name) if module is not None else None
-    planned = tuple(site.options["shape"])
     if shape is None or tuple(shape) != planned:
         found = f"is {tuple(shape)} here" if shape is not None else "is missing here"
         raise PlanError(

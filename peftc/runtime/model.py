@@ -18,7 +18,7 @@ from torch import nn
 
 from peftc.config.spec import check_adapter_name
 from peftc.errors import ConfigError, MergeError, PlanError
-from peftc.methods.base import AdapterLayer, ModulesToSaveWrapper
+from peftc.methods.layer import AdapterLayer, ModulesToSaveWrapper
 from peftc.planning.graph import replace_module
 from peftc.runtime.injection import inject
 

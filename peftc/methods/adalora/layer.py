@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.methods.base import AdapterLayer
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.plan import Site
 
 
@@ -32,7 +32,7 @@ class AdaLoraLayer(AdapterLayer):
             nn.init.normal_(a, mean=0.0, std=0.02)
             nn.init.normal_(b, mean=0.0, std=0.02)
         self.lora_A[name], self.lora_E[name], self.lora_B[name] = nn.Parameter(a), nn.Parameter(e), nn.Parameter(b)
-        self.lora_dropout[name] = nn.Dropout(options["dropout"]) if options["dropout"] > 0 else nn.Identity()
+        self.lora_dropout[name] = nn.Dropout(site.dropout) if site.dropout > 0 else nn.Identity()
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)

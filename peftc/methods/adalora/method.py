@@ -25,7 +25,7 @@ from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.adalora.layer import AdaLoraLayer, orthogonal_penalty
-from peftc.methods.base import Method
+from peftc.methods.base import InjectableMethod
 from peftc.methods.common import (
     UNIMPLEMENTED_LORA_FIELDS,
     LayeredTargetsSpec,
@@ -114,7 +114,7 @@ class AdaLoraSpec(LayeredTargetsSpec):
 
 
 @register
-class AdaLora(Method):
+class AdaLora(InjectableMethod):
     name = "adalora"
     peft_type = "ADALORA"
     schema = AdaLoraSpec
@@ -146,11 +146,17 @@ class AdaLora(Method):
             "r": r,
             "ranknum": spec.init_r,
             "scaling": spec.lora_alpha,
-            "dropout": spec.lora_dropout,
             "init": spec.init_lora_weights,
         }
         return Site(
-            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+            module.path,
+            module.kind,
+            module.class_name,
+            module.in_features,
+            module.out_features,
+            tensors,
+            options,
+            dropout=spec.lora_dropout,
         )
 
     def plan_unfrozen(self, spec: AdaLoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.errors import MergeError
-from peftc.methods.base import AdapterLayer
+from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import dora
 from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
 from peftc.methods.lora.lowrank import fused_linear, plain_linear
@@ -64,7 +64,7 @@ class LoraLayer(AdapterLayer):
         opts = site.options
         r, scaling = opts["r"], opts["scaling"]
         self.scaling[name] = scaling
-        self.lora_dropout[name] = nn.Dropout(opts["dropout"]) if opts["dropout"] > 0 else nn.Identity()
+        self.lora_dropout[name] = nn.Dropout(site.dropout) if site.dropout > 0 else nn.Identity()
         if self.kind == "embedding":
             self._create_embedding(name, site, init and opts["init"] is not False)
         elif self.kind in CONV_FUNCTIONS:

@@ -25,7 +25,7 @@ from typing import Any
 from peftc.config.spec import RunSpec, as_list, at_least, greater_than, in_range, mapping_of, param
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method, saves_embedding_weight
+from peftc.methods.base import InjectableMethod, saves_embedding_weight
 from peftc.methods.common import (
     UNIMPLEMENTED_LORA_FIELDS,
     LayeredTargetsSpec,
@@ -37,6 +37,7 @@ from peftc.methods.common import (
 )
 from peftc.methods.common import number as _number
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import attention, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
@@ -123,7 +124,7 @@ class LoraSpec(LayeredTargetsSpec):
 
 
 @register
-class Lora(Method):
+class Lora(InjectableMethod):
     name = "lora"
     peft_type = "LORA"
     schema = LoraSpec
@@ -146,18 +147,23 @@ class Lora(Method):
             "r": r,
             "alpha": alpha,
             "scaling": scaling,
-            "dropout": spec.lora_dropout,
             "init": spec.init_lora_weights,
         }
         if spec.use_dora:
             options["dora"] = True
         if spec.lora_bias:
             options["lora_bias"] = True
-        if saves_embedding_weight(spec.target_modules, module, graph):
-            options["save_base_weight"] = True
         tensors = site_tensors(module, r, dora=spec.use_dora, lora_bias=spec.lora_bias)
         return Site(
-            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
+            module.path,
+            module.kind,
+            module.class_name,
+            module.in_features,
+            module.out_features,
+            tensors,
+            options,
+            dropout=spec.lora_dropout,
+            save_base_weight=saves_embedding_weight(spec.target_modules, module, graph),
         )
 
     def target_request(self, spec: LoraSpec) -> TargetRequest:

@@ -29,10 +29,10 @@ from torch import nn
 from torch.func import functional_call
 
 from peftc.errors import ConfigError, PlanError, did_you_mean
-from peftc.methods.base import AdapterLayer
 from peftc.methods.common import pattern_value
+from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora.init import reset_default
-from peftc.planning.plan import Site
+from peftc.planning.plan import ParameterTarget, Site
 
 if TYPE_CHECKING:
     from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -147,15 +147,13 @@ def _site(spec: Any, module: ModuleInfo, name: str, depth: int) -> Site:
         "alpha": alpha,
         "scaling": alpha / math.sqrt(r) if spec.use_rslora else alpha / r,
         "init": spec.init_lora_weights,
-        "module": module.path,
-        "parameter": name,
-        "shape": tuple(shape),
         "experts": experts,
         "in_first": in_first,
     }
     tensors = {"lora_A.weight": (r * experts, in_features), "lora_B.weight": (out_features, r * experts)}
     path = module.path + ".base_layer" * depth
-    return Site(path, KIND, module.class_name, in_features, out_features, tensors, options)
+    target = ParameterTarget(module.path, name, tuple(shape))
+    return Site(path, KIND, module.class_name, in_features, out_features, tensors, options, parameter=target)
 
 
 def is_parameter_site(site: Site) -> bool:
@@ -177,12 +175,12 @@ class ParamLoraLayer(AdapterLayer):
         self.in_first = False
 
     def add_adapter(self, name: str, site: Site, *, init: bool = True) -> None:
-        self._check_same_parameter(site.options)  # before anything is recorded
+        self._check_same_parameter(site.parameter)  # before anything is recorded
         super().add_adapter(name, site, init=init)
 
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
         opts = site.options
-        self.parameter_name, self.num_experts, self.in_first = opts["parameter"], opts["experts"], opts["in_first"]
+        self.parameter_name, self.num_experts, self.in_first = site.parameter.name, opts["experts"], opts["in_first"]
         self.scaling[name] = opts["scaling"]
         rank = opts["r"] * self.num_experts
         device = self._weight().device
@@ -197,12 +195,12 @@ class ParamLoraLayer(AdapterLayer):
             a, b = a.to(device), b.to(device)
         self.lora_A[name], self.lora_B[name] = a, b
 
-    def _check_same_parameter(self, opts: dict[str, Any]) -> None:
-        if self.parameter_name and opts["parameter"] != self.parameter_name:
+    def _check_same_parameter(self, target: ParameterTarget) -> None:
+        if self.parameter_name and target.name != self.parameter_name:
             raise PlanError(
                 KEY,
-                f"{opts['module']}.{opts['parameter']}",
-                f"this wrapper of {opts['module']} adapts {self.parameter_name!r}; every adapter of a model "
+                f"{target.module}.{target.name}",
+                f"this wrapper of {target.module} adapts {self.parameter_name!r}; every adapter of a model "
                 "must target the same parameters (peft)",
                 "give this adapter the same target_parameters as the others",
             )

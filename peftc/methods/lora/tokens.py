@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.errors import ConfigError, PlanError, did_you_mean
-from peftc.methods.base import AdapterLayer
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Site
 
 KEY = "peft.trainable_token_indices"
 CONTAINER = "token_adapter"
 SUFFIX = f"{CONTAINER}.trainable_tokens_delta"
-SHARES_WITH = "shares_with"  # a site option: the path of the site whose rows this one uses
 
 
 def check_indices(value: Any) -> None:
@@ -146,8 +145,10 @@ def _refuse_untied_sharing(module: ModuleInfo, tokens: list[int], graph: ModelGr
 
 
 def _tied_head_site(head: ModuleInfo, tokens: list[int], embedding: str, init: bool) -> Site:
-    options = {"token_indices": tuple(tokens), "init": init, SHARES_WITH: embedding}
-    return Site(head.path, head.kind, head.class_name, head.in_features, head.out_features, {}, options)
+    options = {"token_indices": tuple(tokens), "init": init}
+    return Site(
+        head.path, head.kind, head.class_name, head.in_features, head.out_features, {}, options, shares_with=embedding
+    )
 
 
 def is_token_site(site: Site) -> bool:
@@ -174,7 +175,7 @@ class TrainableTokensLayer(AdapterLayer):
         indices = torch.tensor(site.options["token_indices"], dtype=torch.long, device=weight.device)
         originals = weight.detach()[indices].clone()
         self._indices[name], self._originals[name] = indices, originals
-        if SHARES_WITH in site.options:
+        if site.shares_with is not None:
             return  # the rows arrive with share_adapter
         values = originals.clone() if init and site.options.get("init", True) else torch.randn_like(originals)
         self.token_adapter[name] = nn.Parameter(values)

@@ -25,7 +25,7 @@ from torch import nn
 
 from peftc.config.spec import RunSpec, at_least, greater_than, in_range, mapping_of, param
 from peftc.errors import ConfigError
-from peftc.methods.base import AdapterLayer, Method
+from peftc.methods.base import InjectableMethod
 from peftc.methods.common import (
     LayeredTargetsSpec,
     check_patterns,
@@ -35,6 +35,7 @@ from peftc.methods.common import (
     target_kwargs,
 )
 from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -132,7 +133,7 @@ class LycorisLayer(AdapterLayer):
         return keep.view(-1, *[1] * (delta.dim() - 1))
 
 
-class LycorisMethod(Method):
+class LycorisMethod(InjectableMethod):
     """Planning and files of a LyCORIS method; subclasses give `site_tensors` and their fields."""
 
     supported_kinds = frozenset({"linear", "conv1d", "conv2d"})

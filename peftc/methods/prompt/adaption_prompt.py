@@ -28,7 +28,8 @@ from torch import nn
 from peftc.config.spec import SpecNode, at_least, param
 from peftc.errors import PlanError
 from peftc.methods import register
-from peftc.methods.base import AdapterLayer, Method, not_mergeable
+from peftc.methods.base import InjectableMethod, not_mergeable
+from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -122,7 +123,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class AdaptionPrompt(Method):
+class AdaptionPrompt(InjectableMethod):
     name = "adaption_prompt"
     peft_type = "ADAPTION_PROMPT"
     schema = AdaptionPromptSpec

@@ -37,7 +37,7 @@ from peftc.methods.prompt.prompt_tuning import (
     text_init_config,
     text_init_fields,
 )
-from peftc.methods.prompt.shared import PromptMethod, PromptShapes
+from peftc.methods.prompt.shared import PromptLearningMethod, PromptShapes
 from peftc.planning.plan import Plan, PromptPlan
 
 SOURCE_INITS = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
@@ -165,7 +165,7 @@ class MultitaskPromptEmbedding(VirtualTokenEncoder):
 
 
 @register
-class MultitaskPromptTuning(PromptMethod):
+class MultitaskPromptTuning(PromptLearningMethod):
     name = "multitask_prompt_tuning"
     peft_type = "MULTITASK_PROMPT_TUNING"
     schema = MultitaskPromptTuningSpec

@@ -21,7 +21,7 @@ from torch import nn
 from peftc.config.spec import RunSpec, at_least, in_range, one_of, param
 from peftc.methods import register
 from peftc.methods.prompt.encoder import VirtualTokenEncoder
-from peftc.methods.prompt.shared import PromptLearningSpec, PromptMethod, PromptShapes
+from peftc.methods.prompt.shared import PromptLearningMethod, PromptLearningSpec, PromptShapes
 from peftc.planning.plan import Plan, PromptPlan
 
 MLP_LAYERS = 2  # peft's default encoder_num_layers; the MLP ignores any other value (with a warning)
@@ -114,7 +114,7 @@ class PromptEncoderMLP(VirtualTokenEncoder):
 
 
 @register
-class PTuning(PromptMethod):
+class PTuning(PromptLearningMethod):
     name = "p_tuning"
     peft_type = "P_TUNING"
     schema = PTuningSpec

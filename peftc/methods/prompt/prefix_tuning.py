@@ -20,7 +20,7 @@ from torch import nn
 from peftc.config.spec import at_least, one_of, param
 from peftc.methods import register
 from peftc.methods.prompt.kv_prefix import PrefixEncoder
-from peftc.methods.prompt.shared import PromptLearningSpec, PromptMethod, PromptShapes
+from peftc.methods.prompt.shared import PromptLearningMethod, PromptLearningSpec, PromptShapes
 from peftc.planning.plan import Plan, PromptPlan
 
 
@@ -70,7 +70,7 @@ class PrefixTable(PrefixEncoder):
 
 
 @register
-class PrefixTuning(PromptMethod):
+class PrefixTuning(PromptLearningMethod):
     name = "prefix_tuning"
     peft_type = "PREFIX_TUNING"
     schema = PrefixTuningSpec

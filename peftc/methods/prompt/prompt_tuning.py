@@ -20,7 +20,7 @@ from peftc.config.spec import RunSpec, one_of, param
 from peftc.errors import ConfigError
 from peftc.methods import register
 from peftc.methods.prompt.encoder import VirtualTokenEncoder
-from peftc.methods.prompt.shared import PromptLearningSpec, PromptMethod, PromptShapes
+from peftc.methods.prompt.shared import PromptLearningMethod, PromptLearningSpec, PromptShapes
 from peftc.planning.plan import Plan, PromptPlan
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -100,7 +100,7 @@ class PromptEmbedding(VirtualTokenEncoder):
 
 
 @register
-class PromptTuning(PromptMethod):
+class PromptTuning(PromptLearningMethod):
     name = "prompt_tuning"
     peft_type = "PROMPT_TUNING"
     schema = PromptTuningSpec

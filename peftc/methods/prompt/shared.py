@@ -21,7 +21,7 @@ import torch
 
 from peftc.config.spec import SpecNode, as_list, at_least, param
 from peftc.errors import PlanError
-from peftc.methods.base import Method
+from peftc.methods.base import PromptMethod
 from peftc.planning.plan import PromptPlan
 
 if TYPE_CHECKING:
@@ -82,11 +82,11 @@ def prompt_shapes(graph: ModelGraph, task: Task, *, prefix: bool) -> PromptShape
     return PromptShapes(kv_heads * head_dim, layers, kv_heads, head_dim, submodules)
 
 
-class PromptMethod(Method):
-    """A method whose adapter is a prompt encoder; subclasses give the encoder and its tensors."""
+class PromptLearningMethod(PromptMethod):
+    """peft's prompt-learning family (prompt, p-, prefix and multitask prompt tuning): virtual
+    tokens from an encoder whose shapes derive from the model config; subclasses give the
+    encoder and its tensors."""
 
-    kind = "prompt"
-    mergeable = False
     uses_prefix: ClassVar[bool] = False  # key/value prefixes instead of virtual-token embeddings
     encoder_class: ClassVar[type[PromptEncoder]]
 
@@ -119,7 +119,6 @@ class PromptMethod(Method):
             "is_encoder_decoder": graph.facts.is_encoder_decoder,
             "head_dim": shapes.head_dim,
             "inference_mode": spec.inference_mode,
-            "injection": self.injection(spec, shapes, graph),
             **self.encoder_options(spec, shapes, run),
         }
         return PromptPlan(
@@ -131,6 +130,8 @@ class PromptMethod(Method):
             num_transformer_submodules=shapes.num_transformer_submodules,
             tensors=self.encoder_tensors(spec, shapes, total),
             options=options,
+            injection=self.injection(spec, shapes, graph),
+            prefix_kv=self.uses_prefix,
         )
 
     def injection(self, spec: Any, shapes: PromptShapes, graph: ModelGraph) -> str:
