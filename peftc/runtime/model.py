@@ -125,7 +125,7 @@ class PeftcModel(nn.Module):
         if plan.unfrozen and owners:
             raise ConfigError(
                 "peft.bias",
-                plan.spec.peft.bias if hasattr(plan.spec.peft, "bias") else "trained base parameters",
+                plan.adapter_config.get("bias", "trained base parameters"),
                 f"adapter {owners[0]!r} already trains base parameters; only one adapter per model may (peft)",
                 "set peft.bias=none for all adapters but one",
             )
