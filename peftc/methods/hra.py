@@ -174,9 +174,7 @@ class HRA(InjectableMethod):
     def plan_site(self, spec: HRASpec, module: ModuleInfo, graph: ModelGraph) -> Site:
         tensors = {"hra_u": (reflected_size(spec, module), spec.r)}
         options = {"apply_GS": spec.apply_GS, "init": spec.init_weights}
-        return Site(
-            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
-        )
+        return Site.for_module(module, tensors, options)
 
     def plan_unfrozen(self, spec: HRASpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         return trained_biases(spec.bias, graph, sites)

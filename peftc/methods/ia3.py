@@ -185,15 +185,7 @@ class IA3(InjectableMethod):
             channels = module.in_features if feedforward else module.out_features
             shape = (1, channels) + (1,) * len(module.get("kernel_size"))
         options = {"feedforward": feedforward, "init": spec.init_ia3_weights}
-        return Site(
-            module.path,
-            module.kind,
-            module.class_name,
-            module.in_features,
-            module.out_features,
-            {"ia3_l": shape},
-            options,
-        )
+        return Site.for_module(module, {"ia3_l": shape}, options)
 
     def peft_config(self, spec: IA3Spec, plan: Plan) -> dict[str, Any]:
         fields = target_fields(spec, plan, IA3_TARGETS)

@@ -143,7 +143,7 @@ class LNTuning(InjectableMethod):
                 "target normalization layers with a weight (elementwise_affine=True)",
             )
         tensors = {f"{CONTAINER}.{pname}": shape for pname, shape in module.params}
-        return Site(module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors)
+        return Site.for_module(module, tensors)
 
     def peft_config(self, spec: LNTuningSpec, plan: Plan) -> dict[str, Any]:
         return target_fields(spec, plan, LN_TUNING_TARGETS)

@@ -309,12 +309,8 @@ class OFT(InjectableMethod):
         if module.kind == "conv2d":
             options["kernel"] = kernel
         tensors = {suffix: (rows, block_size * (block_size - 1) // 2)}
-        return Site(
-            module.path,
-            module.kind,
-            module.class_name,
-            module.in_features,
-            module.out_features,
+        return Site.for_module(
+            module,
             tensors,
             options,
             save_base_weight=saves_embedding_weight(spec.target_modules, module, graph),

@@ -131,12 +131,8 @@ class Vera(InjectableMethod):
             "d_initial": spec.d_initial,
             "features": (module.in_features, module.out_features),  # its slice of A and B
         }
-        return Site(
-            module.path,
-            module.kind,
-            module.class_name,
-            module.in_features,
-            module.out_features,
+        return Site.for_module(
+            module,
             tensors,
             options,
             dropout=spec.vera_dropout,

@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftc.config.spec import RunSpec, plain
 from peftc.planning.layout import numel
 from peftc.planning.memory import MemoryEstimate
+
+if TYPE_CHECKING:
+    from peftc.planning.graph import ModuleInfo
 
 # 2: adapter_config and typed site/prompt fields stored (1: recomputed from the spec)
 PLAN_FORMAT = 2
@@ -65,6 +68,26 @@ class Site:
     base_quant: str | None = None  # the quantized base layer's storage format (set by planning)
     shares_with: str | None = None  # the site whose adapter tensors this one uses (tied heads)
     parameter: ParameterTarget | None = None  # the nn.Parameter a 'parameter' site adapts
+
+    @classmethod
+    def for_module(
+        cls,
+        module: ModuleInfo,
+        tensors: dict[str, tuple[int, ...]],
+        options: dict[str, Any] | None = None,
+        **typed: Any,
+    ) -> Site:
+        """The site adapting `module` as a whole (its path, kind, class and features)."""
+        return cls(
+            module.path,
+            module.kind,
+            module.class_name,
+            module.in_features,
+            module.out_features,
+            tensors,
+            options or {},
+            **typed,
+        )
 
     @property
     def params(self) -> int:

@@ -148,12 +148,8 @@ class AdaLora(InjectableMethod):
             "scaling": spec.lora_alpha,
             "init": spec.init_lora_weights,
         }
-        return Site(
-            module.path,
-            module.kind,
-            module.class_name,
-            module.in_features,
-            module.out_features,
+        return Site.for_module(
+            module,
             tensors,
             options,
             dropout=spec.lora_dropout,

@@ -154,12 +154,8 @@ class Lora(InjectableMethod):
         if spec.lora_bias:
             options["lora_bias"] = True
         tensors = site_tensors(module, r, dora=spec.use_dora, lora_bias=spec.lora_bias)
-        return Site(
-            module.path,
-            module.kind,
-            module.class_name,
-            module.in_features,
-            module.out_features,
+        return Site.for_module(
+            module,
             tensors,
             options,
             dropout=spec.lora_dropout,

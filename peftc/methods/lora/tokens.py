@@ -146,9 +146,7 @@ def _refuse_untied_sharing(module: ModuleInfo, tokens: list[int], graph: ModelGr
 
 def _tied_head_site(head: ModuleInfo, tokens: list[int], embedding: str, init: bool) -> Site:
     options = {"token_indices": tuple(tokens), "init": init}
-    return Site(
-        head.path, head.kind, head.class_name, head.in_features, head.out_features, {}, options, shares_with=embedding
-    )
+    return Site.for_module(head, {}, options, shares_with=embedding)
 
 
 def is_token_site(site: Site) -> bool:

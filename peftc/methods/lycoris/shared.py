@@ -159,9 +159,7 @@ class LycorisMethod(InjectableMethod):
             "init": spec.init_weights,
             **extra,
         }
-        return Site(
-            module.path, module.kind, module.class_name, module.in_features, module.out_features, tensors, options
-        )
+        return Site.for_module(module, tensors, options)
 
     def peft_config(self, spec: Any, plan: Plan) -> dict[str, Any]:
         return {
