@@ -91,6 +91,14 @@ def test_the_plan_is_the_truth_saving_and_fingerprinting_call_no_method_code(tmp
     assert plan.adapter_config["target_modules"] == written["target_modules"] == ["q_proj", "v_proj"]
     assert plan.adapter_config["base_model_name_or_path"].startswith("pkg:")
     assert os.path.isdir(written["base_model_name_or_path"])
+    # a prompt method's saved tensor names are planned too (the file holds encoder outputs)
+    prompt_plan = peftc.compile(["peft=prefix_tuning"])
+    prompt_model = peftc.materialize(prompt_plan)
+    monkeypatch.setattr(type(methods.get("prefix_tuning")), "saved_prompt_tensors", no_more_calls)
+    monkeypatch.setattr(type(methods.get("prefix_tuning")), "peft_config", no_more_calls)
+    prompt_model.save_adapter(tmp_path / "p")
+    assert prompt_plan.prompt.saved == {"prompt_embeddings": (8, 128)}
+    assert os.path.getsize(tmp_path / "p" / adapter_files.WEIGHTS_NAME) == prompt_plan.adapter_bytes
 
 
 def test_generic_settings_are_typed_site_fields_the_method_options_only_its_own() -> None:

@@ -158,7 +158,7 @@ def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None
     plan = model.plan_of(name)
     method = methods.get(plan.method)
     # Prompt tensors are encoder outputs, not parameters: the encoder loads them itself.
-    prompt_names = set(method.saved_prompt_tensors(plan.prompt)) if plan.prompt is not None else set()
+    prompt_names = set(plan.prompt.saved) if plan.prompt is not None else set()
     own = {k: t for k, t in adapter_files.adapter_tensors(model, name).items() if k not in prompt_names}
     with torch.no_grad():
         for key, target in own.items():

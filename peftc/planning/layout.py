@@ -52,8 +52,6 @@ def base_weight_shape(site: Site) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------- file layout
 def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor the adapter file will hold: saved name -> (shape, dtype)."""
-    from peftc.config.registry import METHODS
-
     layout: dict[str, tuple[tuple[int, ...], str]] = {}
     MODEL_PREFIX = model_prefix(plan)  # noqa: N806 (shadows the module constant on purpose)
     for site in plan.sites:
@@ -70,8 +68,7 @@ def saved_layout(plan: Plan) -> dict[str, tuple[tuple[int, ...], str]]:
         if shared.saved:
             layout[SHARED_PREFIX + shared.name] = (tuple(shared.shape), ADAPTER_DTYPE)
     if plan.prompt is not None:
-        method = METHODS.get(plan.method)
-        for name, shape in method.saved_prompt_tensors(plan.prompt).items():
+        for name, shape in plan.prompt.saved.items():
             layout[name] = (tuple(shape), ADAPTER_DTYPE)
     return layout
 

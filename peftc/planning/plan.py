@@ -122,6 +122,7 @@ class PromptPlan:
     options: dict[str, Any] = field(default_factory=dict)
     injection: str = ""  # one line for the plan: where the prompt enters the model
     prefix_kv: bool = False  # enters as per-layer key/value prefixes (prefix tuning), not embeddings
+    saved: dict[str, tuple[int, ...]] = field(default_factory=dict)  # what the file holds (peft's names)
 
     @property
     def params(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from peftc.config.names import check_adapter_name_fits
@@ -62,6 +63,8 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     quantization = plan_quantization(backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved])
     sites = annotate_sites(sites, quantization)
     prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
+    if prompt is not None:  # the encoder saves its output, not its parameters (peft's prompt_embeddings)
+        prompt = replace(prompt, saved=method.saved_prompt_tensors(prompt))
     # A module saved whole trains its own copy; its base parameters are not also unfrozen in place.
     in_place = method.plan_unfrozen(run.peft, graph, sites) if method.kind == "injectable" else {}
     unfrozen = {
@@ -115,8 +118,6 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
 def _completed(draft: Plan, method: Method) -> Plan:
     """The draft with what is derived from it: the file's size, adapter_config.json (the method
     resolves its fields against the planned sites, once, here) and the budget verdict."""
-    from dataclasses import replace
-
     draft = replace(draft, adapter_bytes=layout.safetensors_size(layout.saved_layout(draft)))
     config = layout.adapter_config(draft, method.peft_config(draft.spec.peft, draft))
     return replace(draft, adapter_config=config, budget=memory.budget_verdict(draft))
