@@ -6,7 +6,9 @@ modules of the base model: the planner asks it for target selection and one `Sit
 module (plus model-level shared tensors), and the runtime wraps each module with its
 `AdapterLayer` (peftc/methods/layer.py). A `PromptMethod` adds a prompt encoder instead: the
 planner asks it for a `PromptPlan`, and the runtime builds, saves and loads the encoder through
-it. Generic code asks which contract a method keeps (`isinstance`), never a kind string.
+it. The planner calls the planning hooks once; what they return is stored in the plan, so the
+files and fingerprints need no method code. Code below the plug-ins (planning, config), which
+may not import this module, tells the contracts apart by their `kind` constant.
 """
 
 from __future__ import annotations

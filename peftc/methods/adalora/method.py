@@ -4,7 +4,7 @@
 A (r x in; in x kernel for Conv2d), E (r x 1), B (out x r) start with r = init_r (E = 0, A and B ~ N(0, 0.02): an exact
 no-op); ranknum stays init_r, also after pruning. Training adds the orthogonal regulariser
 orth_reg_weight * mean over A and B of ||A A^T - I||_F and ||B^T B - I||_F to the loss
-(`extra_loss`), and a Lightning callback (`callbacks`, see `_adalora_budget.py`) runs peft's rank
+(`extra_loss`), and a Lightning callback (`callbacks`, see `budget.py`) runs peft's rank
 allocator after every optimizer step: importance scores |p * grad| smoothed by beta1/beta2, a
 cubic budget schedule from init_r to target_r per module between tinit and
 total_step - tfinal, the least important triplets masked (E = 0). total_step is
