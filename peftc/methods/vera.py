@@ -131,12 +131,7 @@ class Vera(InjectableMethod):
             "d_initial": spec.d_initial,
             "features": (module.in_features, module.out_features),  # its slice of A and B
         }
-        return Site.for_module(
-            module,
-            tensors,
-            options,
-            dropout=spec.vera_dropout,
-        )
+        return Site.for_module(module, tensors, options, dropout=spec.vera_dropout)
 
     def plan_shared(self, spec: VeraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[SharedTensor, ...]:
         largest_in = max(site.in_features for site in sites)

@@ -148,12 +148,7 @@ class AdaLora(InjectableMethod):
             "scaling": spec.lora_alpha,
             "init": spec.init_lora_weights,
         }
-        return Site.for_module(
-            module,
-            tensors,
-            options,
-            dropout=spec.lora_dropout,
-        )
+        return Site.for_module(module, tensors, options, dropout=spec.lora_dropout)
 
     def plan_unfrozen(self, spec: AdaLoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         return trained_biases(spec.bias, graph, sites)  # peft's AdaLoraConfig inherits LoraConfig's bias
