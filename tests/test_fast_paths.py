@@ -2,6 +2,9 @@
 
 - LoRA on a plain nn.Linear runs as one fused autograd node (methods/lowrank.py): its output
   and every gradient equal the module-by-module computation, and training gradients equal peft's.
+- LoHa and LoKr on a Linear compute dW x from their factors without forming dW (issue 17):
+  outputs and gradients equal the materialized update's, and peft's under bf16 autocast.
+- DoRA's weight norm ||W + s B A|| comes from the factors without forming B A (issue 17).
 - The causal-LM loss is computed in chunks from the hidden states (tasks/lm_loss.py): loss and
   gradients equal transformers' own loss on the full logits.
 """
@@ -266,3 +269,132 @@ def test_meta_models_get_uninitialised_meta_adapters_of_the_planned_shapes(lora_
     assert {k: v.shape for k, v in adapter.items()} == {k: v.shape for k, v in real.items()}
     assert all(v.is_meta for v in adapter.values())
     assert model.trainable_parameters() == plan.trainable_params
+
+
+# ------------------------------------------------------------------------------ LyCORIS from factors
+def lycoris_model(method: str, overrides: list[str] = ()) -> torch.nn.Module:  # noqa: B006 - read only
+    plan = peftc.compile(
+        [f"peft={method}", "model=tiny_llama", "peft.target_modules=all-linear", "peft.init_weights=false", *overrides]
+    )
+    return peftc.materialize(plan, base_model=build_base(plan))
+
+
+def refuse_to_form_dw(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    from peftc.methods import get
+
+    def formed(self, name):  # noqa: ANN001, ANN202
+        raise AssertionError("dW was formed")
+
+    # LoHa/LoKr form dW in `product`; LoRA forms B A (DoRA's norm) in `_lora_rows`
+    monkeypatch.setattr(get(method).layer_class, "_lora_rows" if method == "lora" else "product", formed)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_lycoris_linear_updates_come_from_the_factors_and_equal_the_formed_update(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftc.methods.lycoris.shared import LycorisLayer
+
+    model = lycoris_model(method, ["peft.r=2"]).train()
+    layers = [m for m in model.modules() if isinstance(m, LycorisLayer)]
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    wide = [layer for layer in layers if layer.base_layer.in_features == 64]
+    results = []
+    for formed in (False, True):
+        with monkeypatch.context() as patch:
+            if formed:
+                patch.setattr(LycorisLayer, "factored_output", lambda self, name, x: None)
+            else:
+                refuse_to_form_dw(patch, method)
+            step = []
+            for layer in wide:
+                layer.zero_grad(set_to_none=True)
+                inputs = x.clone().requires_grad_(True)
+                out = layer(inputs)
+                out.backward(torch.ones_like(out))
+                step += [out.detach(), inputs.grad, *(p.grad for p in layer.parameters() if p.requires_grad)]
+            results.append(step)
+    assert len(results[0]) == len(results[1]) > 0
+    for ours, formed in zip(*results, strict=True):
+        torch.testing.assert_close(ours, formed, rtol=1e-5, atol=1e-6)
+
+
+def test_loha_forms_dw_where_that_is_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """r^2 (in + out) >= in * out: at r=8 on 64-wide projections forming dW costs less."""
+    from peftc.methods.lycoris.loha import hadamard_is_cheaper_factored
+
+    assert hadamard_is_cheaper_factored(4, 64, 64) and not hadamard_is_cheaper_factored(64, 64, 64)
+    model = lycoris_model("loha", ["peft.r=8", "peft.target_modules=[q_proj]"])
+    refuse_to_form_dw(monkeypatch, "loha")
+    with pytest.raises(AssertionError, match="dW was formed"):
+        model(input_ids=token_batch())
+
+
+def adapter_grads(model: nn.Module, ids: torch.Tensor, autocast: bool) -> dict[str, torch.Tensor]:
+    """Adapter gradients of one training step, keyed from the decoder layers down."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # peft draws a module-dropout number per layer and step; so does ours
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n[n.index("layers.") :]: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    # peft keeps DoRA's magnitude in a module: `lora_magnitude_vector.default.weight`
+    return {k.removesuffix(".weight") if "magnitude" in k else k: grad for k, grad in grads.items()}
+
+
+def relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    squared = sum((grads[k] - reference[k]).norm() ** 2 for k in reference)
+    return float((squared / sum(t.norm() ** 2 for t in reference.values())) ** 0.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("loha", ["peft=loha", "peft.init_weights=false", "peft.r=2"]),
+        ("lokr", ["peft=lokr", "peft.init_weights=false", "peft.r=2"]),
+        ("lora", ["peft.use_dora=true", "peft.init_lora_weights=false"]),
+    ],
+    ids=["loha", "lokr", "dora"],
+)
+def test_factored_updates_are_as_close_as_peft_under_bf16_autocast(
+    method: str, settings: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's bf16-mixed: float32 factors over a float32 base under autocast, nothing
+    weight-sized formed (LoHa/LoKr: dW; DoRA: B A for its norm). The factored GEMMs round in
+    other places than peft's formed products, so both are compared with the float32 step: ours
+    must be as close to it as peft's (aggregate over all adapter gradients)."""
+    from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
+
+    from peftc.files.load import fill
+    from peftc.planning.layout import config_to_write
+
+    plan = peftc.compile(["model=tiny_llama", "peft.target_modules=all-linear", *settings])
+    ours_base, theirs_base = twin_bases(plan)
+    config = get_peft_config({**config_to_write(plan.adapter_config), "inference_mode": False})
+    theirs = get_peft_model(theirs_base, config).train()
+    ours = peftc.materialize(plan, base_model=ours_base).train()
+    fill(ours, "default", get_peft_model_state_dict(theirs))
+    refuse_to_form_dw(monkeypatch, method)
+    ids = token_batch()
+    exact = adapter_grads(ours, ids, autocast=False)
+    assert relative_error(adapter_grads(theirs, ids, autocast=False), exact) < 1e-5
+    ours_bf16, theirs_bf16 = adapter_grads(ours, ids, autocast=True), adapter_grads(theirs, ids, autocast=True)
+    assert all(grad.dtype == torch.float32 for grad in ours_bf16.values())
+    theirs_error = relative_error(theirs_bf16, exact)
+    assert 1e-4 < theirs_error < 0.05, "bf16 rounding shows, and is small"
+    assert relative_error(ours_bf16, exact) <= 1.5 * theirs_error
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (12, 5, 3, 3)], ids=["linear", "conv"])
+def test_dora_norm_from_the_factors_equals_the_formed_norm(shape: tuple[int, ...]) -> None:
+    from peftc.methods.lora import dora
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(shape, generator=generator)
+    columns = rows[0].numel()
+    lora_a, lora_b = torch.randn(4, columns, generator=generator), torch.randn(shape[0], 4, generator=generator)
+    formed = dora.row_norm(rows + 0.3 * (lora_b @ lora_a).reshape(shape))
+    torch.testing.assert_close(dora.factored_row_norm(rows, lora_a, lora_b, 0.3), formed, rtol=1e-6, atol=0)
+    low = dora.factored_row_norm(rows.bfloat16(), lora_a.bfloat16(), lora_b.bfloat16(), 0.3)
+    formed_low = dora.row_norm(rows.bfloat16() + 0.3 * (lora_b.bfloat16() @ lora_a.bfloat16()).reshape(shape))
+    assert low.dtype == formed_low.dtype == torch.bfloat16
+    assert (low.float() - formed).abs().max() <= max(2 * (formed_low.float() - formed).abs().max(), 2**-8 * formed.max())

@@ -3,7 +3,8 @@
 The adapted weight is W' = m * (W + s B A) / ||W + s B A||, with the norm taken per output row
 (per output channel for convolutions) and m a trainable magnitude vector, initialised to that
 norm so an untrained adapter is a no-op. As in the paper (section 4.3) and peft, the norm is
-detached: it follows the update but gets no gradient. The forward pass reuses the base output:
+detached: it follows the update but gets no gradient, and it is computed from the factors
+without forming B A (`factored_row_norm`). The forward pass reuses the base output:
     y = base(x) + (m/n - 1) * (W x) + (m/n) * s * B A x,     n = ||W + s B A||.detach()
 (for embeddings, whose "rows" are embedding dimensions, y = (m/n) * (base(x) + s * lookup(A) B^T)).
 Merging folds the rescaling into the weight: W' = (m/n) (W + dW); the norm n is kept so that
@@ -37,10 +38,21 @@ def initial_magnitude(rows: torch.Tensor, lora_rows: torch.Tensor, scaling: floa
     return norm.reshape(magnitude_shape(kind, norm.numel()))
 
 
-def scale(magnitude: torch.Tensor, rows: torch.Tensor, lora_rows: torch.Tensor, scaling: float) -> torch.Tensor:
-    """m / ||W + s B A|| per row, shape (out,); the norm is detached (DoRA section 4.3)."""
-    norm = row_norm(rows + scaling * lora_rows.detach()).detach()
-    return magnitude.reshape(-1) / norm
+@torch.no_grad()
+def factored_row_norm(rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """||W + s B A|| per row without the out x in sum, from
+        ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s <(W A^T)_i, B_i> + s^2 B_i (A A^T) B_i^T:
+    one GEMM reading W (out x r out) and one norm over it, where forming the sum writes and
+    reads three weight-sized tensors. `rows` (out, ...) in row layout, A (r, in...) and B (out, r)
+    as 2-D factors. Summed in float32; returned in the dtype W + s B A would have."""
+    flat = rows.reshape(rows.shape[0], -1)
+    projected = (flat @ lora_a.to(flat.dtype).T).float()  # W A^T, in W's dtype as autocast would
+    a, b = lora_a.float(), lora_b.float()
+    cross = (projected * b).sum(dim=1)
+    update = ((b @ (a @ a.T)) * b).sum(dim=1)
+    base = torch.linalg.vector_norm(flat, dim=1).float().square()
+    squared = base + (2 * scaling) * cross + (scaling * scaling) * update
+    return squared.clamp_min(0).sqrt().to(torch.promote_types(rows.dtype, lora_b.dtype))
 
 
 def output_delta(

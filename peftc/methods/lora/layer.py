@@ -157,14 +157,19 @@ class LoraLayer(AdapterLayer):
 
     _unrows = _rows  # a transpose is its own inverse
 
+    def _lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as 2-D factors in row layout: A (r, in...), B (out, r)."""
+        if self.kind == "embedding":
+            return self.lora_embedding_A[name], self.lora_embedding_B[name]
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        r = a.shape[0]
+        return a.reshape(r, -1), b.reshape(-1, r)
+
     def _lora_rows(self, name: str) -> torch.Tensor:
         """B A in row layout (without the scaling)."""
-        if self.kind == "embedding":
-            return self.lora_embedding_B[name] @ self.lora_embedding_A[name]
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        a, b = self._lora_factors(name)
         if self.kind in CONV_FUNCTIONS:
-            r = a.shape[0]
-            return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self._base_weight().shape)
+            return (b @ a).reshape(self._base_weight().shape)
         return b @ a
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -212,13 +217,13 @@ class LoraLayer(AdapterLayer):
         if name not in self.lora_magnitude_vector:
             return result + (lora_b(lora_a(dropout(x))) * scaling).to(result.dtype)
         # DoRA: reuse the base output when no dropout is applied, else recompute W x on dropped-out x.
-        weight = self._base_weight().to(x.dtype)
+        weight = self._base_weight()
         if isinstance(dropout, nn.Identity) or not self.training:
             base_out = self._without_bias(result)
         else:
             x = dropout(x)
-            base_out = self._bare_forward(x, weight)
-        mag_scale = dora.scale(self.lora_magnitude_vector[name], self._rows(weight), self._lora_rows(name), scaling)
+            base_out = self._bare_forward(x, weight.to(x.dtype))
+        mag_scale = self._dora_scale(name, self._rows(weight))
         channel = 1 if self.kind in CONV_FUNCTIONS else -1
         delta = dora.output_delta(mag_scale, base_out, lora_b(lora_a(x)), scaling, channel)
         return result + delta.to(result.dtype)
@@ -233,8 +238,17 @@ class LoraLayer(AdapterLayer):
         if name not in self.lora_magnitude_vector:
             return result + update.to(result.dtype)
         weight = self._rows(self._base_weight())
-        mag_scale = dora.scale(self.lora_magnitude_vector[name], weight, self._lora_rows(name), scaling)
+        mag_scale = self._dora_scale(name, weight)
         return (mag_scale * result + mag_scale * update).to(result.dtype)
+
+    def _dora_scale(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """m / ||W + s B A|| per row, shape (out,); the norm is detached (DoRA section 4.3)."""
+        lora_a, lora_b = (factor.detach() for factor in self._lora_factors(name))
+        if lora_b.shape[0] == rows.shape[0]:
+            norm = dora.factored_row_norm(rows, lora_a, lora_b, self.scaling[name])
+        else:  # a grouped conv: peft's B A there is a product over each group's rows, reshaped
+            norm = dora.row_norm(rows + self.scaling[name] * self._lora_rows(name).detach()).detach()
+        return self.lora_magnitude_vector[name].reshape(-1) / norm
 
     def _without_bias(self, result: torch.Tensor) -> torch.Tensor:
         bias = getattr(self.base_layer, "bias", None)

@@ -46,11 +46,37 @@ class LoHaLayer(LycorisLayer):
             return torch.einsum("i j k l, j r, i p -> p r k l", core[name], b, a)
         return a @ b
 
+    def factored_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if name in self.hada_t1:
+            return None
+        a1, b1, a2, b2 = (getattr(self, f"hada_w{i}_{side}")[name] for i in (1, 2) for side in ("a", "b"))
+        if not hadamard_is_cheaper_factored(a1.shape[1] * a2.shape[1], b1.shape[1], a1.shape[0]):
+            return None
+        return hadamard_linear(x.to(a1.dtype), a1, b1, a2, b2)
+
     def product(self, name: str) -> torch.Tensor:
         if name in self.hada_t1:
             return self._factor(name, 1) * self._factor(name, 2)
         factors = [getattr(self, f"hada_w{i}_{side}")[name] for i in (1, 2) for side in ("a", "b")]
         return HadamardOfProducts.apply(*factors)
+
+
+def hadamard_is_cheaper_factored(rank_product: int, in_features: int, out_features: int) -> bool:
+    """Whether `hadamard_linear` beats forming dW: per token it does r1 r2 (in + out)
+    multiply-adds against in * out (and forming dW costs 2 r in out more per step)."""
+    return rank_product * (in_features + out_features) < in_features * out_features
+
+
+def hadamard_linear(
+    x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """x ((A1 B1) ⊙ (A2 B2))^T without the out x in product. Entry (o, i) of the Hadamard
+    product is sum_{k,l} A1[o,k] A2[o,l] B1[k,i] B2[l,i]: a rank-(r1 r2) product of the
+    row-wise Kronecker products of the A's (out x r1 r2) and of the B's columns (r1 r2 x in)."""
+    rank_product = a1.shape[1] * a2.shape[1]
+    inputs = (b1[:, None, :] * b2[None, :, :]).reshape(rank_product, -1)
+    outputs = (a1[:, :, None] * a2[:, None, :]).reshape(-1, rank_product)
+    return (x @ inputs.T) @ outputs.T
 
 
 class HadamardOfProducts(torch.autograd.Function):

@@ -86,6 +86,12 @@ class LoKrLayer(LycorisLayer):
             return container[name]
         return getattr(self, f"{full}_a")[name] @ getattr(self, f"{full}_b")[name]
 
+    def factored_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        if name in self.lokr_t2:
+            return None
+        first, second = self._factor(name, "lokr_w1"), self._factor(name, "lokr_w2")
+        return kronecker_linear(x.to(first.dtype), first, second)
+
     def product(self, name: str) -> torch.Tensor:
         first = self._factor(name, "lokr_w1")
         if name in self.lokr_t2:  # CP form: out_k x in_n x kernel
@@ -99,6 +105,19 @@ class LoKrLayer(LycorisLayer):
         # kron views its input; the CP einsum's output can carry strides kron cannot view (a
         # Conv1d core k x 1: peft 0.21 fails there), so hand it a freshly laid-out copy.
         return torch.kron(first, second.clone(memory_format=torch.contiguous_format))
+
+
+def kronecker_linear(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """x (W1 ⊗ W2)^T without forming the Kronecker product: with W1 (a, c), W2 (b, d) and each
+    input row read as a c x d matrix X, the output row is W1 X W2^T read as a x b. Two small
+    GEMMs, (N c, d)(d, b) and (a, c)(c, N b), instead of one (N, c d)(c d, a b)."""
+    (a, c), (b, d) = first.shape, second.shape
+    leading = x.shape[:-1]
+    tokens = x.numel() // (c * d)
+    by_second = (x.reshape(-1, d) @ second.T).reshape(tokens, c, b)
+    by_second = by_second.transpose(0, 1).reshape(c, tokens * b)
+    product = (first @ by_second).reshape(a, tokens, b).transpose(0, 1)
+    return product.reshape(*leading, a * b)
 
 
 @register

@@ -103,6 +103,11 @@ class LycorisLayer(AdapterLayer):
                 nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
             getattr(self, suffix)[name] = nn.Parameter(tensor)
 
+    def factored_output(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """x P^T for a Linear, computed from the factors without forming P; None where forming P
+        is cheaper or the adapter's form has no such path."""
+        return None
+
     def delta_weight(self, name: str) -> torch.Tensor:
         product = self.product(name)
         if self.kind != "linear":  # conv factors span (in / groups) * kernel columns
@@ -115,9 +120,17 @@ class LycorisLayer(AdapterLayer):
         # drawing it likewise keeps the rank-dropout masks after it on peft's random stream
         if self.training and torch.rand(1).item() <= options["module_dropout"]:
             return result
+        if self.kind == "linear":
+            update = self.factored_output(name, x)
+            if update is not None:  # dropping rows of dW is dropping those outputs of dW x
+                update = update * options["scaling"]
+                if self.training and options["rank_dropout"] > 0:
+                    update = update * self._row_mask(options, update.shape[-1], update)
+                return result + update.to(result.dtype)
         delta = self.delta_weight(name)
         if self.training and options["rank_dropout"] > 0:
-            delta = delta * self._row_mask(options, delta)
+            mask = self._row_mask(options, delta.shape[0], delta)
+            delta = delta * mask.view(-1, *[1] * (delta.dim() - 1))
         x = x.to(delta.dtype)
         if self.kind == "linear":
             return result + F.linear(x, delta).to(result.dtype)
@@ -126,11 +139,12 @@ class LycorisLayer(AdapterLayer):
         return result + update.to(result.dtype)
 
     @staticmethod
-    def _row_mask(options: Mapping[str, Any], delta: torch.Tensor) -> torch.Tensor:
-        keep = (torch.rand(delta.shape[0], device=delta.device) > options["rank_dropout"]).to(delta.dtype)
+    def _row_mask(options: Mapping[str, Any], rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Which of dW's `rows` (output features) rank dropout keeps, as peft draws them."""
+        keep = (torch.rand(rows, device=like.device) > options["rank_dropout"]).to(like.dtype)
         if options["rank_dropout_scale"]:
             keep = keep / keep.mean().clamp_min(1e-12)  # all rows dropped: the update is zero anyway
-        return keep.view(-1, *[1] * (delta.dim() - 1))
+        return keep
 
 
 class LycorisMethod(InjectableMethod):
