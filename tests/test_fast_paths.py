@@ -1,7 +1,8 @@
 """The fast paths (issue 8) compute the same numbers as the general paths they replace.
 
-- LoRA on a plain nn.Linear runs as one fused autograd node (methods/lowrank.py): its output
-  and every gradient equal the module-by-module computation, and training gradients equal peft's.
+- LoRA on a plain nn.Linear runs as one fused autograd node (methods/lowrank.py), and so does a
+  single DoRA adapter: output and every gradient equal the module-by-module computation, and
+  training gradients equal peft's.
 - LoHa and LoKr on a Linear compute dW x from their factors without forming dW (issue 17):
   outputs and gradients equal the materialized update's, and peft's under bf16 autocast.
 - DoRA's weight norm ||W + s B A|| comes from the factors without forming B A (issue 17).
@@ -67,6 +68,29 @@ def test_fused_lora_linear_equals_the_general_path_with_two_active_adapters(bias
     assert layer(x).grad_fn.name().startswith("LowRankLinear"), "the fast path must be the one taken"
     for ours, reference in zip(fused, general, strict=True):
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_dora_linear_equals_the_general_path(bias: bool) -> None:
+    """One DoRA adapter on a plain Linear is one node, rescale * (W x + s B A x) + b, with the
+    magnitude's gradient through the rescale; a second active adapter takes the general path."""
+    plan, model = lora_model(["peft.r=4", "peft.lora_alpha=8", "peft.use_dora=true"])
+    model.train()
+    layer = adapted_layers(model)[0]
+    layer.base_layer.weight.requires_grad_(True)
+    if bias:
+        layer.base_layer.bias = nn.Parameter(torch.randn(layer.base_layer.out_features))
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1.5)
+    x = torch.randn(2, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(1))
+    assert layer(x).grad_fn.name().startswith("RescaledLowRankLinear"), "the fast path must be the one taken"
+    fused, general = fused_and_general(layer, x)
+    for ours, reference in zip(fused, general, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    model.add_adapter("second", plan)
+    model.set_adapter(["default", "second"])
+    assert not layer(x).grad_fn.name().startswith(("RescaledLowRankLinear", "LowRankLinear"))
 
 
 def test_dropout_in_training_takes_the_general_path() -> None:
@@ -397,4 +421,6 @@ def test_dora_norm_from_the_factors_equals_the_formed_norm(shape: tuple[int, ...
     low = dora.factored_row_norm(rows.bfloat16(), lora_a.bfloat16(), lora_b.bfloat16(), 0.3)
     formed_low = dora.row_norm(rows.bfloat16() + 0.3 * (lora_b.bfloat16() @ lora_a.bfloat16()).reshape(shape))
     assert low.dtype == formed_low.dtype == torch.bfloat16
-    assert (low.float() - formed).abs().max() <= max(2 * (formed_low.float() - formed).abs().max(), 2**-8 * formed.max())
+    assert (low.float() - formed).abs().max() <= max(
+        2 * (formed_low.float() - formed).abs().max(), 2**-8 * formed.max()
+    )

@@ -24,7 +24,7 @@ from peftc.errors import MergeError
 from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import dora
 from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
-from peftc.methods.lora.lowrank import fused_linear, plain_linear
+from peftc.methods.lora.lowrank import fused_linear, fused_rescaled_linear, plain_linear
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Site
@@ -192,20 +192,29 @@ class LoraLayer(AdapterLayer):
         return fused if fused is not None else super().forward(x, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Plain LoRA on a plain nn.Linear without dropout: one fused node (lowrank.py), or None."""
+        """Plain LoRA adapters, or one DoRA adapter, on a plain nn.Linear without dropout: one
+        fused node (lowrank.py), or None."""
         if self.kind != "linear" or self.disabled or self.merged_adapters or not self.active_adapters:
             return None
         if not plain_linear(self.base_layer):
             return None
-        scalings, factors = [], []
         for name in self.active_adapters:
-            lora_b = self.lora_B[name]
-            if name in self.lora_magnitude_vector or lora_b.bias is not None:
+            if self.lora_B[name].bias is not None:
                 return None
             if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
                 return None
+        dora_names = [name for name in self.active_adapters if name in self.lora_magnitude_vector]
+        if dora_names:
+            if len(self.active_adapters) > 1:
+                return None
+            (name,) = dora_names
+            rescale = self._dora_scale(name, self.base_layer.weight)
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            return fused_rescaled_linear(x, self.base_layer, self.scaling[name], a, b, rescale)
+        scalings, factors = [], []
+        for name in self.active_adapters:
             scalings.append(self.scaling[name])
-            factors += [self.lora_A[name].weight, lora_b.weight]
+            factors += [self.lora_A[name].weight, self.lora_B[name].weight]
         return fused_linear(x, self.base_layer, scalings, factors)
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,52 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, *grad_factors
 
 
+class RescaledLowRankLinear(torch.autograd.Function):
+    """DoRA on nn.Linear: apply(x, weight, bias, s, A, B, rescale) -> rescale * (x W^T + s (x A^T) B^T) + b,
+    with rescale = m / ||W + s B A|| per output (the detached norm is computed outside).
+
+    Equal to peft's W x + b + (rescale - 1) W x + rescale s B A x up to float rounding, in one
+    node: three GEMMs and one elementwise pass forward (peft: five passes over the output), and
+    it keeps x, x A^T and the pre-rescale output for backward (peft: W x and B A x besides).
+    Backward: d rescale = sum over tokens of g * (W x + s B A x), then LowRankLinear's backward
+    for g * rescale."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scaling, lora_a, lora_b, rescale):  # noqa: ANN001, ANN205
+        flat = x.reshape(-1, x.shape[-1])
+        product = torch.mm(flat, lora_a.t())
+        unscaled = torch.mm(flat, weight.t()).addmm_(product, lora_b.t(), alpha=scaling)
+        out = unscaled * rescale if bias is None else torch.addcmul(bias, unscaled, rescale)
+        ctx.scaling, ctx.input_shape = scaling, x.shape
+        ctx.save_for_backward(flat, weight, lora_a, lora_b, rescale, product, unscaled)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        if autocast_dtype(grad_output.device) is None:
+            return RescaledLowRankLinear._backward(ctx, grad_output)
+        with torch.autocast(grad_output.device.type, enabled=False):
+            return RescaledLowRankLinear._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        flat, weight, lora_a, lora_b, rescale, product, unscaled = ctx.saved_tensors
+        needs, scaling = ctx.needs_input_grad, ctx.scaling
+        upstream = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_rescale = (upstream * unscaled).sum(0, dtype=torch.float32).to(rescale.dtype) if needs[6] else None
+        grad = upstream * rescale  # d loss / d (W x + s B A x)
+        through_b = torch.mm(grad, lora_b).mul_(scaling)  # (N, r)
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.mm(grad, weight).addmm_(through_b, lora_a).view(ctx.input_shape)
+        grad_a = torch.mm(through_b.t(), flat) if needs[4] else None
+        grad_b = torch.mm(product.t(), grad).mul_(scaling).t().contiguous() if needs[5] else None
+        grad_weight = torch.mm(grad.t(), flat) if needs[1] else None
+        grad_bias = upstream.sum(0) if needs[2] else None
+        return grad_x, grad_weight, grad_bias, None, grad_a, grad_b, grad_rescale
+
+
 def plain_linear(layer: nn.Module) -> bool:
     """Whether calling `layer` is exactly F.linear(x, weight, bias): an nn.Linear (not a
     subclass with its own forward) holding plain parameters (not a quantized tensor subclass,
@@ -105,19 +151,43 @@ def fused_linear(
 ) -> torch.Tensor | None:
     """y = layer(x) + sum s_i B_i A_i x through LowRankLinear, or None when the dtypes differ
     outside autocast (the general path then casts as peft does)."""
+    return _apply_fused(LowRankLinear, x, layer, tuple(scalings), factors)
+
+
+def fused_rescaled_linear(
+    x: torch.Tensor,
+    layer: nn.Linear,
+    scaling: float,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    rescale: torch.Tensor,
+) -> torch.Tensor | None:
+    """DoRA's y = rescale * (W x + s B A x) + b through RescaledLowRankLinear, or None (as above)."""
+    return _apply_fused(RescaledLowRankLinear, x, layer, scaling, (lora_a, lora_b, rescale))
+
+
+def _apply_fused(
+    node: type[torch.autograd.Function],
+    x: torch.Tensor,
+    layer: nn.Linear,
+    constant: object,
+    tensors: Sequence[torch.Tensor],
+) -> torch.Tensor | None:
+    """node.apply(x, weight, bias, constant, *tensors), all in one dtype: autocast's (cast here,
+    outside the node, so the casts' backward returns float32 gradients), else the input's."""
     weight, bias = layer.weight, layer.bias
     if x.device != weight.device:
         return None
     dtype = autocast_dtype(x.device) if x.dtype != torch.float64 else None  # autocast leaves float64 alone
     if dtype is None:
-        if weight.dtype != x.dtype or any(f.dtype != x.dtype for f in factors):
+        if weight.dtype != x.dtype or any(t.dtype != x.dtype for t in tensors):
             return None
-        return LowRankLinear.apply(x, weight, bias, tuple(scalings), *factors)
+        return node.apply(x, weight, bias, constant, *tensors)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    factors = [f.to(dtype) for f in factors]
+    tensors = [t.to(dtype) for t in tensors]
     with torch.autocast(x.device.type, enabled=False):
-        return LowRankLinear.apply(x, weight, bias, tuple(scalings), *factors)
+        return node.apply(x, weight, bias, constant, *tensors)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
