@@ -3,6 +3,7 @@
     python experiments/bench_gpu.py                    # one GPU: 1.1B Llama shape, 8 x 1024 tokens (< 8 min on an H200)
     python experiments/bench_gpu.py --json gpu.json    # the same, and the rows as JSON
     python experiments/bench_gpu.py --tiny             # CPU smoke run (a 2-layer Llama, seconds; tests/test_bench_gpu.py)
+    python experiments/bench_gpu.py --tiny --layers 22 --steps 1 --warmup 0   # ops per step at 1.1B's depth, on CPU
 
 Model: a config-built Llama of TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 kv heads, vocab 32000), seeded, built once and copied for every side. Each row builds
@@ -29,7 +30,11 @@ step, synchronised on CUDA); ratio = peftc / peft (below 1 is better); "floor / 
 floor ms / peftc ms (1 is the floor itself); step MiB = torch.cuda.max_memory_allocated during
 the step minus what was allocated before it (CPU: the RSS high-water mark above the resident set
 when run as a script with bench_setup.MALLOC_ENV, else n/a); loss diff = the largest relative
-difference between the two sides' losses over all steps (they train the same numbers).
+difference between the two sides' losses over all steps (they train the same numbers); ops =
+the operators one training step dispatches that compute something (views left out: forward,
+backward, optimizer, AdaLoRA's allocator; counted after the timed steps with a TorchDispatchMode):
+on a GPU each is at least one kernel launch, the cost that small-op methods pay per layer
+whatever the width, so the count is meaningful on a CPU too.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_setup as setup  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 LLAMA_1B = {
     **setup.MINI_LLAMA,
@@ -161,6 +167,24 @@ def timed_step(side: setup.Side, batch: dict[str, torch.Tensor], device: torch.d
     return time.perf_counter() - start, math.nan, loss
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched below autograd while it is active, views left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(side: setup.Side, batch: dict[str, torch.Tensor]) -> int:
+    with OpCounter() as counter:
+        side.step(batch)
+    return counter.count
+
+
 def rotate(sides: Sequence[setup.Side], bench: Bench) -> list[dict[str, list[float]]]:
     """Each side's step times, step memory and losses, the first side alternating every round."""
     results = [{"seconds": [], "mib": [], "losses": []} for _ in sides]
@@ -223,6 +247,7 @@ def measure(row: Row, bench: Bench, floors: dict[str, float]) -> dict[str, Any]:
     ours_ms, theirs_ms = median_ms(results[0]["seconds"]), median_ms(results[1]["seconds"])
     ours_mib, theirs_mib = max(results[0]["mib"]), max(results[1]["mib"])
     pairs = zip(results[0]["losses"], results[1]["losses"], strict=True)
+    ours_ops, theirs_ops = ops_per_step(ours, bench.batch), ops_per_step(theirs, bench.batch)
     return {
         "configuration": row.label,
         "precision": row.precision.name,
@@ -236,14 +261,16 @@ def measure(row: Row, bench: Bench, floors: dict[str, float]) -> dict[str, Any]:
         "peft_step_mib": theirs_mib,
         "memory_ratio": ours_mib / theirs_mib if theirs_mib > 0 else math.nan,
         "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in pairs),
+        "peftc_ops": ours_ops,
+        "peft_ops": theirs_ops,
     }
 
 
 # --------------------------------------------------------------------------------- output
 HEADER = (
     "| configuration | precision | trainable | peftc ms | peft ms | ratio | floor / peftc "
-    "| peftc step MiB | peft step MiB | memory ratio | max loss rel. diff |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peftc step MiB | peft step MiB | memory ratio | max loss rel. diff | peftc ops | peft ops |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -256,12 +283,12 @@ def table_row(result: dict[str, Any]) -> str:
         f"| {result['configuration']} | {result['precision']} | {result['trainable']:,} "
         f"| {result['peftc_ms']:.1f} | {result['peft_ms']:.1f} | {result['ratio']:.3f} "
         f"| {result['floor_over_peftc']:.3f} | {mib(result['peftc_step_mib'])} | {mib(result['peft_step_mib'])} "
-        f"| {memory_ratio} | {result['max_loss_rel_diff']:.1e} |"
+        f"| {memory_ratio} | {result['max_loss_rel_diff']:.1e} | {result['peftc_ops']:,} | {result['peft_ops']:,} |"
     )
 
 
 def floor_lines(floors: dict[str, float]) -> list[str]:
-    return [f"| frozen floor | {name} | 0 | {ms:.1f} | | | 1.000 | | | | |" for name, ms in floors.items()]
+    return [f"| frozen floor | {name} | 0 | {ms:.1f} | | | 1.000 | | | | | | |" for name, ms in floors.items()]
 
 
 # ----------------------------------------------------------------------------------- main
@@ -275,6 +302,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default 10; --tiny 2)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8; --tiny 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 32)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, 22 or 2)")
     parser.add_argument("--configs", nargs="+", default=None, help="only rows whose configuration is one of these")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --tiny 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and the setup here")
@@ -284,6 +312,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def make_bench(args: argparse.Namespace) -> Bench:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     shape = TINY_LLAMA if args.tiny else LLAMA_1B
+    if args.layers is not None:
+        shape = {**shape, "num_hidden_layers": args.layers}
     batch, seq = args.batch or (2 if args.tiny else 8), args.seq or (32 if args.tiny else 1024)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     steps = args.steps or (2 if args.tiny else 10)

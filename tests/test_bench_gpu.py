@@ -46,6 +46,7 @@ def test_tiny_run_ratios_are_finite_and_losses_agree_with_peft(tiny_run: tuple[l
     rows, saved, _ = tiny_run
     for row in rows:
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("peftc_ms", "peft_ms", "ratio", "floor_over_peftc"))
+        assert row["peftc_ops"] > 100 and row["peft_ops"] > 100, "a step dispatches hundreds of operators"
         bound = 1e-5 if row["precision"] == "32-true" else 5e-2  # both sides train the same numbers
         assert row["max_loss_rel_diff"] <= bound, row
     assert set(saved["setup"]["floors_ms"]) == {r["precision"] for r in rows}

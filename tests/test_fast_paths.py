@@ -1,7 +1,7 @@
 """The fast paths (issue 8) compute the same numbers as the general paths they replace.
 
-- LoRA on a plain nn.Linear runs as one fused autograd node (methods/lowrank.py), and so does a
-  single DoRA adapter: output and every gradient equal the module-by-module computation, and
+- LoRA on a plain nn.Linear runs as one fused autograd node (methods/lowrank.py), and so do
+  AdaLoRA (factor E ⊙ A) and a single DoRA adapter: output and every gradient equal the module-by-module computation, and
   training gradients equal peft's.
 - LoHa and LoKr on a Linear compute dW x from their factors without forming dW (issue 17):
   outputs and gradients equal the materialized update's, and peft's under bf16 autocast.
@@ -91,6 +91,21 @@ def test_fused_dora_linear_equals_the_general_path(bias: bool) -> None:
     model.add_adapter("second", plan)
     model.set_adapter(["default", "second"])
     assert not layer(x).grad_fn.name().startswith(("RescaledLowRankLinear", "LowRankLinear"))
+
+
+def test_fused_adalora_linear_equals_the_general_path() -> None:
+    """AdaLoRA runs LoRA's node with the factor E ⊙ A; E (and so the pruning) gets its gradient."""
+    plan = peftc.compile(["peft=adalora", "model=tiny_llama", "peft.init_lora_weights=false"])
+    model = peftc.materialize(plan, base_model=build_base(plan)).train()
+    from peftc.methods.adalora.layer import AdaLoraLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, AdaLoraLayer))
+    x = torch.randn(2, 5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(1))
+    assert layer(x).grad_fn.name().startswith("LowRankLinear"), "the fast path must be the one taken"
+    fused, general = fused_and_general(layer, x)
+    assert len(fused) == 5  # output, input grad, A, E, B
+    for ours, reference in zip(fused, general, strict=True):  # N(0, 1) factors: large, cancelling sums
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 
 
 def test_dropout_in_training_takes_the_general_path() -> None:

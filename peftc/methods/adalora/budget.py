@@ -59,14 +59,23 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
+        """peft's update_ipt for every tensor at once (foreach ops: the same arithmetic in the same
+        order, so the same bits, in a few launches instead of ~8 per tensor)."""
         b1, b2 = self.spec.beta1, self.spec.beta2
-        for key, param in self._params():
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            current = (param * grad).abs()
-            smooth = self.importance.get(key, torch.zeros_like(param))
-            self.importance[key] = b1 * smooth + (1 - b1) * current
-            spread = self.uncertainty.get(key, torch.zeros_like(param))
-            self.uncertainty[key] = b2 * spread + (1 - b2) * (current - self.importance[key]).abs()
+        keys, params = zip(*self._params(), strict=True)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        current = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(current)
+        smooth = [self.importance[k] if k in self.importance else torch.zeros_like(p) for k, p in zip(keys, params)]
+        spread = [self.uncertainty[k] if k in self.uncertainty else torch.zeros_like(p) for k, p in zip(keys, params)]
+        importance = torch._foreach_mul(smooth, b1)
+        torch._foreach_add_(importance, torch._foreach_mul(current, 1 - b1))
+        deviation = torch._foreach_sub(current, importance)
+        torch._foreach_abs_(deviation)
+        uncertainty = torch._foreach_mul(spread, b2)
+        torch._foreach_add_(uncertainty, torch._foreach_mul(deviation, 1 - b2))
+        self.importance = dict(zip(keys, importance, strict=True))
+        self.uncertainty = dict(zip(keys, uncertainty, strict=True))
 
     def _score(self, path: str, tensor: str) -> torch.Tensor:
         key = (path, tensor)

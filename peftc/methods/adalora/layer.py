@@ -1,13 +1,18 @@
 """The AdaLoRA adapter layer: y = W x + (alpha / (ranknum + 1e-5)) * B (E ⊙ A) dropout(x), whose
-triplets (A row, E entry, B column) the rank allocator prunes."""
+triplets (A row, E entry, B column) the rank allocator prunes. On a plain nn.Linear without
+dropout it runs as LoRA's fused node with the factor E ⊙ A (methods/lora/lowrank.py)."""
 
 from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftc.methods.layer import AdapterLayer
+from peftc.methods.lora.lowrank import fusable, fused_linear
 from peftc.planning.plan import Site
 
 
@@ -43,6 +48,17 @@ class AdaLoraLayer(AdapterLayer):
         options = self.site_options[name]
         return options["scaling"] / (options["ranknum"] + 1e-5)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = None if args or kwargs or not fusable(self) else self._fused_forward(x)
+        return fused if fused is not None else super().forward(x, *args, **kwargs)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        scalings = [self._scale(name) for name in self.active_adapters]
+        factors = []
+        for name in self.active_adapters:
+            factors += [self.lora_A[name] * self.lora_E[name], self.lora_B[name]]
+        return fused_linear(x, self.base_layer, scalings, factors)
+
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(a.dtype))
@@ -72,10 +88,18 @@ class AdaLoraLayer(AdapterLayer):
 
 
 def orthogonal_penalty(layers: list[AdaLoraLayer], name: str) -> torch.Tensor | None:
-    """Mean over every A and B of ||A A^T - I||_F and ||B^T B - I||_F."""
-    terms = []
+    """Mean over every A and B of ||A A^T - I||_F and ||B^T B - I||_F, with one batched product
+    per factor shape instead of a handful of small ops per layer (on a GPU each is a kernel
+    launch: 224 layers make thousands per step)."""
+    by_shape: dict[tuple[str, torch.Size], list[torch.Tensor]] = defaultdict(list)
     for layer in layers:
-        for gram in (layer.lora_A[name] @ layer.lora_A[name].T, layer.lora_B[name].T @ layer.lora_B[name]):
-            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-            terms.append(torch.norm(gram - eye, p="fro"))
-    return torch.stack(terms).mean() if terms else None
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        by_shape["A", a.shape].append(a)  # A A^T
+        by_shape["B", b.shape].append(b.T)  # B^T B = (B^T)(B^T)^T
+    norms = []
+    for factors in by_shape.values():
+        stacked = torch.stack(factors)
+        gram = stacked @ stacked.transpose(1, 2)
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        norms.append(torch.linalg.matrix_norm(gram - eye))
+    return torch.cat(norms).mean() if norms else None

@@ -41,18 +41,17 @@ def initial_magnitude(rows: torch.Tensor, lora_rows: torch.Tensor, scaling: floa
 @torch.no_grad()
 def factored_row_norm(rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """||W + s B A|| per row without the out x in sum, from
-        ||W_i + s (B A)_i||^2 = ||W_i||^2 + 2 s <(W A^T)_i, B_i> + s^2 B_i (A A^T) B_i^T:
+        ||W_i + s (B A)_i||^2 = ||W_i||^2 + s <B_i, 2 (W A^T)_i + s (B A A^T)_i>:
     one GEMM reading W (out x r out) and one norm over it, where forming the sum writes and
     reads three weight-sized tensors. `rows` (out, ...) in row layout, A (r, in...) and B (out, r)
     as 2-D factors. Summed in float32; returned in the dtype W + s B A would have."""
     flat = rows.reshape(rows.shape[0], -1)
     projected = (flat @ lora_a.to(flat.dtype).T).float()  # W A^T, in W's dtype as autocast would
     a, b = lora_a.float(), lora_b.float()
-    cross = (projected * b).sum(dim=1)
-    update = ((b @ (a @ a.T)) * b).sum(dim=1)
-    base = torch.linalg.vector_norm(flat, dim=1).float().square()
-    squared = base + (2 * scaling) * cross + (scaling * scaling) * update
-    return squared.clamp_min(0).sqrt().to(torch.promote_types(rows.dtype, lora_b.dtype))
+    inner = torch.addmm(projected, b, a @ a.T, beta=2, alpha=scaling)  # 2 W A^T + s B A A^T
+    squared = torch.linalg.vector_norm(flat, dim=1).float().square_()
+    squared.add_((b * inner).sum(dim=1), alpha=scaling)
+    return squared.clamp_min_(0).sqrt_().to(torch.promote_types(rows.dtype, lora_b.dtype))
 
 
 def output_delta(

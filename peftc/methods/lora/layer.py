@@ -24,7 +24,7 @@ from peftc.errors import MergeError
 from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import dora
 from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
-from peftc.methods.lora.lowrank import fused_linear, fused_rescaled_linear, plain_linear
+from peftc.methods.lora.lowrank import fusable, fused_linear, fused_rescaled_linear
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Site
@@ -194,15 +194,8 @@ class LoraLayer(AdapterLayer):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Plain LoRA adapters, or one DoRA adapter, on a plain nn.Linear without dropout: one
         fused node (lowrank.py), or None."""
-        if self.kind != "linear" or self.disabled or self.merged_adapters or not self.active_adapters:
+        if not fusable(self) or any(self.lora_B[name].bias is not None for name in self.active_adapters):
             return None
-        if not plain_linear(self.base_layer):
-            return None
-        for name in self.active_adapters:
-            if self.lora_B[name].bias is not None:
-                return None
-            if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
-                return None
         dora_names = [name for name in self.active_adapters if name in self.lora_magnitude_vector]
         if dora_names:
             if len(self.active_adapters) > 1:

@@ -146,6 +146,17 @@ def plain_linear(layer: nn.Module) -> bool:
     )
 
 
+def fusable(layer: nn.Module) -> bool:
+    """Whether an adapter layer's forward may run as one node now: an enabled, unmerged plain
+    nn.Linear with active adapters that apply no dropout (LoRA and AdaLoRA keep theirs in
+    `lora_dropout`; in eval mode dropout is the identity)."""
+    if layer.kind != "linear" or layer.disabled or layer.merged_adapters or not layer.active_adapters:
+        return False
+    if not plain_linear(layer.base_layer):
+        return False
+    return not layer.training or all(isinstance(layer.lora_dropout[n], nn.Identity) for n in layer.active_adapters)
+
+
 def fused_linear(
     x: torch.Tensor, layer: nn.Linear, scalings: Sequence[float], factors: Sequence[torch.Tensor]
 ) -> torch.Tensor | None:
