@@ -1,14 +1,18 @@
 """What the LyCORIS methods (LoHa, LoKr) share: y = W x + dW x with dW = (alpha / r) * P, where
 P is a method-specific product of small factors (LoHa: a Hadamard product of two low-rank
-products; LoKr: a Kronecker product), reshaped to W's shape. The layer materializes dW and
-applies it with F.linear, or F.conv1d/conv2d with the base layer's stride, padding, dilation and
-groups. For convolutions the factors span (in / groups) * kernel columns, or, with
+products; LoKr: a Kronecker product), reshaped to W's shape. On a Linear the layer computes
+dW x from the factors without forming dW where that is cheaper (`factored_output`: always for
+LoKr, for LoHa while r^2 (in + out) < in * out): forming dW costs an out x in product per step
+and a second GEMM of the base's size per token. Otherwise it materializes dW and applies it with
+F.linear, or F.conv1d/conv2d with the base layer's stride, padding, dilation and groups. For
+convolutions the factors span (in / groups) * kernel columns, or, with
 `use_effective_conv2d` and a kernel larger than 1, a CP form: a small r x r x kernel core
 between an output and an input factor.
 
 Training-only regularisers, as in peft: `module_dropout` skips the whole adapter for a step
 with probability p; `rank_dropout` zeroes each output row of dW with probability p (LoHa
-rescales the kept rows by 1 / their mean, LoKr only with `rank_dropout_scale`). Merging adds
+rescales the kept rows by 1 / their mean, LoKr only with `rank_dropout_scale`); from the
+factors, the same mask multiplies the outputs of dW x. Merging adds
 dW to W; unmerging subtracts it.
 """
 
