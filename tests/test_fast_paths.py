@@ -358,6 +358,21 @@ def test_lycoris_linear_updates_come_from_the_factors_and_equal_the_formed_updat
         torch.testing.assert_close(ours, formed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape", [(44, 64, 32, 32), (32, 32, 44, 64), (1, 127, 1, 9)], ids=["w1-first", "w2-first", "prime"]
+)
+def test_kronecker_linear_equals_the_formed_product_in_either_order(shape: tuple[int, int, int, int]) -> None:
+    """(a, b, c, d) for W1 (a, c), W2 (b, d): the first two shapes take the two contraction orders."""
+    from peftc.methods.lycoris.lokr import kronecker_linear
+
+    a, b, c, d = shape
+    generator = torch.Generator().manual_seed(0)
+    x, first, second = (
+        torch.randn(s, generator=generator, dtype=torch.float64) for s in [(2, 3, c * d), (a, c), (b, d)]
+    )
+    torch.testing.assert_close(kronecker_linear(x, first, second), x @ torch.kron(first, second).T)
+
+
 def test_loha_forms_dw_where_that_is_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
     """r^2 (in + out) >= in * out: at r=8 on 64-wide projections forming dW costs less."""
     from peftc.methods.lycoris.loha import hadamard_is_cheaper_factored

@@ -110,13 +110,18 @@ class LoKrLayer(LycorisLayer):
 def kronecker_linear(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """x (W1 ⊗ W2)^T without forming the Kronecker product: with W1 (a, c), W2 (b, d) and each
     input row read as a c x d matrix X, the output row is W1 X W2^T read as a x b. Two small
-    GEMMs, (N c, d)(d, b) and (a, c)(c, N b), instead of one (N, c d)(c d, a b)."""
+    GEMMs instead of one (N, c d)(c d, a b), in the cheaper order: X W2^T first costs
+    c b (d + a) per token, W1 X first a d (c + b)."""
     (a, c), (b, d) = first.shape, second.shape
     leading = x.shape[:-1]
     tokens = x.numel() // (c * d)
-    by_second = (x.reshape(-1, d) @ second.T).reshape(tokens, c, b)
-    by_second = by_second.transpose(0, 1).reshape(c, tokens * b)
-    product = (first @ by_second).reshape(a, tokens, b).transpose(0, 1)
+    if c * b * (d + a) <= a * d * (c + b):
+        by_second = (x.reshape(-1, d) @ second.T).reshape(tokens, c, b).transpose(0, 1).reshape(c, tokens * b)
+        product = (first @ by_second).reshape(a, tokens, b).transpose(0, 1)
+    else:
+        columns = x.reshape(tokens, c, d).transpose(0, 1).reshape(c, tokens * d)
+        by_first = (first @ columns).reshape(a, tokens, d).transpose(0, 1).reshape(tokens * a, d)
+        product = by_first @ second.T
     return product.reshape(*leading, a * b)
 
 
