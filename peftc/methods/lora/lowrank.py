@@ -52,10 +52,7 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
-        if autocast_dtype(grad_output.device) is None:
-            return LowRankLinear._backward(ctx, grad_output)
-        with torch.autocast(grad_output.device.type, enabled=False):  # all saved tensors share one dtype
-            return LowRankLinear._backward(ctx, grad_output)
+        return outside_autocast(LowRankLinear._backward, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
@@ -109,10 +106,7 @@ class RescaledLowRankLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # noqa: ANN001, ANN205
-        if autocast_dtype(grad_output.device) is None:
-            return RescaledLowRankLinear._backward(ctx, grad_output)
-        with torch.autocast(grad_output.device.type, enabled=False):
-            return RescaledLowRankLinear._backward(ctx, grad_output)
+        return outside_autocast(RescaledLowRankLinear._backward, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
@@ -199,6 +193,15 @@ def _apply_fused(
     tensors = [t.to(dtype) for t in tensors]
     with torch.autocast(x.device.type, enabled=False):
         return node.apply(x, weight, bias, constant, *tensors)
+
+
+def outside_autocast(backward, ctx, grad_output):  # noqa: ANN001, ANN201 - autograd's types
+    """Run a fused node's backward with autocast off: its saved tensors share one dtype already
+    (cast before the node), and autocast would cast its GEMMs but not its in-place sums."""
+    if autocast_dtype(grad_output.device) is None:
+        return backward(ctx, grad_output)
+    with torch.autocast(grad_output.device.type, enabled=False):
+        return backward(ctx, grad_output)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
