@@ -250,13 +250,26 @@ def test_logits_changed_after_the_head_fall_back_to_the_full_logits() -> None:
 
 
 # -------------------------------------------------------------------------------- compile
+COMPILED_METHODS = {
+    "lora": ["peft.init_lora_weights=false"],
+    "dora": ["peft.use_dora=true", "peft.init_lora_weights=false"],
+    "loha": ["peft=loha", "peft.init_weights=false", "peft.r=2"],
+    "lokr": ["peft=lokr", "peft.init_weights=false"],
+    "adalora": ["peft=adalora", "peft.init_lora_weights=false", "peft.lora_alpha=0.01"],
+}
+
+
 @pytest.mark.slow
-def test_compiled_blocks_train_to_the_same_loss_and_gradients() -> None:
+@pytest.mark.parametrize("method", sorted(COMPILED_METHODS))
+def test_compiled_blocks_train_to_the_same_loss_and_gradients(method: str) -> None:
     """trainer.compile=true compiles each decoder block; a training step gives the eager
-    step's loss and adapter gradients, and parameter names are unchanged."""
+    step's loss and adapter gradients, parameter names are unchanged, and every method's
+    layers compile without breaking the block's graph (a break per layer costs a GPU step)."""
+    from torch._dynamo.utils import counters
+
     from peftc.training.lightning import compile_blocks
 
-    plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
+    plan = peftc.compile(["model=tiny_llama", "peft.target_modules=all-linear", *COMPILED_METHODS[method]])
     eager = peftc.materialize(plan, base_model=build_base(plan)).train()
     compiled = copy.deepcopy(eager)
     names = [n for n, _ in compiled.named_parameters()]
@@ -264,8 +277,10 @@ def test_compiled_blocks_train_to_the_same_loss_and_gradients() -> None:
     assert all(block._compiled_call_impl is not None for block in compiled.base_model.model.layers)
     assert [n for n, _ in compiled.named_parameters()] == names
     task, batch = get_task(plan.task), labelled_batch()
+    counters.clear()
     for _ in range(2):  # the second call runs the compiled code without recompiling
         loss, grads = loss_and_grads(lambda: task.training_loss(compiled, batch), compiled)
+    assert not counters["graph_break"], dict(counters["graph_break"])
     reference, reference_grads = loss_and_grads(lambda: task.training_loss(eager, batch), eager)
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
     for ours, theirs in zip(grads, reference_grads, strict=True):

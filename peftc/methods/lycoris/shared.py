@@ -121,9 +121,13 @@ class LycorisLayer(AdapterLayer):
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         options = self.site_options[name]
         # peft draws the module-dropout number on every training step, also with module_dropout=0:
-        # drawing it likewise keeps the rank-dropout masks after it on peft's random stream
-        if self.training and torch.rand(1).item() <= options["module_dropout"]:
-            return result
+        # drawing it likewise keeps the rank-dropout masks after it on peft's random stream. At 0
+        # the number is not read (peft skips the adapter only if it draws exactly 0.0, p = 2^-24):
+        # reading it (.item()) would break a compiled block's graph at every LyCORIS layer.
+        if self.training:
+            draw = torch.rand(1)
+            if options["module_dropout"] > 0 and draw.item() <= options["module_dropout"]:
+                return result
         if self.kind == "linear":
             update = self.factored_output(name, x)
             if update is not None:  # dropping rows of dW is dropping those outputs of dW x
