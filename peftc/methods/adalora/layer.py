@@ -49,10 +49,13 @@ class AdaLoraLayer(AdapterLayer):
         return options["scaling"] / (options["ranknum"] + 1e-5)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        fused = None if args or kwargs or not fusable(self) else self._fused_forward(x)
+        fused = None if args or kwargs else self._fused_forward(x)
         return fused if fused is not None else super().forward(x, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every active adapter through LoRA's fused node with factor E ⊙ A, or None."""
+        if not fusable(self):
+            return None
         scalings = [self._scale(name) for name in self.active_adapters]
         factors = []
         for name in self.active_adapters:

@@ -245,8 +245,8 @@ class LoraLayer(AdapterLayer):
 
     def _dora_scale(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """m / ||W + s B A|| per row, shape (out,); the norm is detached (DoRA section 4.3)."""
-        lora_a, lora_b = (factor.detach() for factor in self._lora_factors(name))
-        if lora_b.shape[0] == rows.shape[0]:
+        lora_a, lora_b = self._lora_factors(name)
+        if lora_b.shape[0] == rows.shape[0]:  # factored_row_norm runs without grad
             norm = dora.factored_row_norm(rows, lora_a, lora_b, self.scaling[name])
         else:  # a grouped conv: peft's B A there is a product over each group's rows, reshaped
             norm = dora.row_norm(rows + self.scaling[name] * self._lora_rows(name).detach()).detach()
