@@ -206,6 +206,7 @@ def loss_and_grads(loss_fn, model: nn.Module) -> tuple[torch.Tensor, list[torch.
 def test_chunked_loss_equals_transformers_loss(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 5 * 260)  # 5 rows per chunk: several chunks
     plan = peftc.compile(["model=tiny_llama", *overrides])
+    torch.manual_seed(0)  # the adapters' random init: the same whatever ran before in this worker
     model = peftc.materialize(plan, base_model=build_base(plan)).train()
     task, batch = get_task(plan.task), labelled_batch()
     chunked, chunked_grads = loss_and_grads(lambda: task.training_loss(model, batch), model)
@@ -213,7 +214,8 @@ def test_chunked_loss_equals_transformers_loss(overrides: list[str], monkeypatch
     reference, reference_grads = loss_and_grads(lambda: model(**batch).loss, model)
     assert abs(chunked.item() - reference.item()) <= 1e-6 * abs(reference.item())
     for ours, theirs in zip(chunked_grads, reference_grads, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
+        # float rounding is relative to the gradient's scale (20 seeds: <= 5.8e-7 of its max)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * theirs.abs().max().item())
 
 
 def test_chunked_loss_keeps_no_logits_for_backward() -> None:
