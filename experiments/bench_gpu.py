@@ -20,10 +20,21 @@ Rows
   bf16 autocast, Lightning's meaning), bf16-mixed over a bf16 base (float32 adapters, what a
   `model.dtype=bfloat16 trainer.precision=bf16-mixed` user trains), 16-mixed (CUDA only; no
   GradScaler, which costs both sides the same); bf16-true is the LoRA all-linear row above;
-- the frozen floor per precision: every parameter frozen, gradients w.r.t. the input embeddings.
+- QLoRA (bitsandbytes NF4 base, bf16 compute, LoRA all-linear) as `trainer=gpu` trains it:
+  bf16 base, bf16 autocast; each side quantized by the same code and prepared its own library's
+  way (bench_setup.quantized_base: unquantized weights in float32, no gradient checkpointing);
+- compiled blocks (`trainer.compile=true`: each decoder block torch.compile'd, both sides, by
+  the same function) for LoRA all-linear in the main precision and in trainer=gpu's, and for
+  QLoRA. Each compiled row also says what compiling cost (its warm-up steps beyond as many steady
+  steps, caches cold) and after how many steps that is repaid by what a compiled step saves
+  against peftc's eager step of the same row, measured in the same run (the rule for making
+  compilation trainer=gpu's default: repaid within ~50 steps), and dynamo's graph breaks;
+- the frozen floor per precision: every parameter frozen, gradients w.r.t. the input embeddings
+  (QLoRA's is the unquantized bf16 base's).
 --tiny (CPU): the same rows on a 2-layer, 64-wide Llama, the methods in 32-true instead (bf16
 matrix products are slow on CPUs without bf16 units) and bf16-true in the matrix; 16-mixed is
-skipped. Its timings say nothing about a GPU: it exists so the bench cannot rot.
+skipped. Its timings say nothing about a GPU: it exists so the bench cannot rot (its test runs
+the compiled rows with `--compile-backend aot_eager`, which generates no code).
 
 Columns: step time is the median of --steps timed steps after --warmup (wall clock around the
 step, synchronised on CUDA); ratio = peftc / peft (below 1 is better); "floor / peftc" = frozen
@@ -46,6 +57,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +89,7 @@ TINY_LLAMA = {
     "vocab_size": 512,
     "max_position_embeddings": 256,
 }
+QLORA = "qlora nf4 all-linear"
 METHODS = (
     "lora all-linear",
     "lora q,v",
@@ -103,11 +116,13 @@ class Precision:
 
 BF16_TRUE = Precision("bf16-true", torch.float32, torch.bfloat16, None)
 FLOAT32 = Precision("32-true", torch.float32, None, None)
+# what `trainer=gpu model.dtype=bfloat16` trains: a bf16 base, float32 adapters, bf16 autocast
+TRAINER_GPU = Precision("bf16-mixed, bf16 base", torch.bfloat16, None, torch.bfloat16)
 PRECISIONS = (
     FLOAT32,
     BF16_TRUE,
     Precision("bf16-mixed", torch.float32, None, torch.bfloat16),
-    Precision("bf16-mixed, bf16 base", torch.bfloat16, None, torch.bfloat16),
+    TRAINER_GPU,
     Precision("16-mixed", torch.float32, None, torch.float16, needs_cuda=True),
 )
 
@@ -117,10 +132,17 @@ class Row:
     config: str  # a bench_setup.CONFIGS name
     precision: Precision
     api_call: bool = False  # peftc trains through model(**batch).loss instead of the CLI's loss
+    compiled: bool = False  # each decoder block torch.compile'd on both sides (trainer.compile=true)
 
     @property
     def label(self) -> str:
-        return self.config + (", API call `model(**batch).loss`" if self.api_call else "")
+        if self.api_call:
+            return self.config + ", API call `model(**batch).loss`"
+        return self.config + (", compiled blocks" if self.compiled else "")
+
+    def eager(self) -> Row:
+        """The same row without compilation: its step is what compiling must beat."""
+        return Row(self.config, self.precision)
 
 
 @dataclass
@@ -133,6 +155,7 @@ class Bench:
     batch: dict[str, torch.Tensor]
     warmup: int
     steps: int
+    compile_backend: str = "inductor"
     pristine: torch.nn.Module | None = None  # the float32 base on the device, copied for every side
 
     def base(self, plan: Any, dtype: torch.dtype) -> torch.nn.Module:
@@ -142,10 +165,15 @@ class Bench:
 
 
 def rows_to_run(main_precision: Precision) -> list[Row]:
-    """Every method in the main precision, LoRA's API call, then LoRA in every other precision."""
+    """Every method in the main precision, LoRA's API call, LoRA in every other precision, QLoRA
+    as trainer=gpu runs it, then compiled blocks for LoRA (main precision and trainer=gpu's) and
+    QLoRA, each after its eager row (its break-even step count needs that row's step)."""
     rows = [Row(name, main_precision) for name in METHODS]
     rows.insert(1, Row("lora all-linear", main_precision, api_call=True))
-    return rows + [Row("lora all-linear", p) for p in PRECISIONS if p != main_precision]
+    rows += [Row("lora all-linear", p) for p in PRECISIONS if p != main_precision]
+    rows.append(Row(QLORA, TRAINER_GPU))
+    compiled = [("lora all-linear", main_precision), ("lora all-linear", TRAINER_GPU), (QLORA, TRAINER_GPU)]
+    return rows + [Row(config, precision, compiled=True) for config, precision in compiled]
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -185,17 +213,29 @@ def ops_per_step(side: setup.Side, batch: dict[str, torch.Tensor]) -> int:
     return counter.count
 
 
-def rotate(sides: Sequence[setup.Side], bench: Bench) -> list[dict[str, list[float]]]:
-    """Each side's step times, step memory and losses, the first side alternating every round."""
-    results = [{"seconds": [], "mib": [], "losses": []} for _ in sides]
+def graph_breaks() -> int:
+    """Dynamo's graph breaks so far in this process (all reasons)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def rotate(sides: Sequence[setup.Side], bench: Bench) -> list[dict[str, Any]]:
+    """Each side's step times (warm-up steps apart), step memory, losses and graph breaks, the
+    first side alternating every round."""
+    results = [{"seconds": [], "warmup_seconds": [], "mib": [], "losses": [], "graph_breaks": 0} for _ in sides]
     for round_index in range(bench.warmup + bench.steps):
         for offset in range(len(sides)):
             index = (round_index + offset) % len(sides)
+            breaks = graph_breaks()
             seconds, mib, loss = timed_step(sides[index], bench.batch, bench.device)
+            results[index]["graph_breaks"] += graph_breaks() - breaks
             results[index]["losses"].append(loss)
             if round_index >= bench.warmup:
                 results[index]["seconds"].append(seconds)
                 results[index]["mib"].append(mib)
+            else:
+                results[index]["warmup_seconds"].append(seconds)
     return results
 
 
@@ -211,17 +251,41 @@ def under_autocast(side: setup.Side, device: torch.device, dtype: torch.dtype | 
     return side
 
 
+def compiled_blocks(side: setup.Side, backend: str) -> None:
+    """What trainer.compile=true does to a model (the same function), done to either library's:
+    each decoder block compiled, and no KV cache (a cache object reaching a compiled block
+    recompiles it every step; peftc's fit turns it off the same way)."""
+    from peftc.training.lightning import compile_blocks
+
+    for module in side.model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "use_cache"):
+            config.use_cache = False
+    compile_blocks(side.model, backend)
+
+
 def twin_sides(row: Row, bench: Bench) -> tuple[Any, setup.Side, setup.Side]:
     """(plan, peftc side, peft side) on identical copies of the base, in the row's precision."""
     total = bench.warmup + bench.steps + 10
     plan = setup.compile_plan(row.config, total, bench.shape, bench.seq)
     precision = row.precision
-    theirs = setup.peft_side(plan, bench.base(plan, precision.base_dtype))
+
+    def base(library: str) -> torch.nn.Module:
+        return setup.quantized_base(plan, bench.base(plan, precision.base_dtype), library)
+
+    theirs = setup.peft_side(plan, base("peft"))
     make = setup.peftc_api_side if row.api_call else setup.peftc_side
-    ours = make(plan, bench.base(plan, precision.base_dtype), theirs.model)
+    ours = make(plan, base("peftc"), theirs.model)
+    if row.compiled:
+        # Dynamo keeps compiled code per code object, and every row's blocks share one (the decoder
+        # layer's forward): without a reset a row would reuse an earlier row's compilations or,
+        # past the recompile limit, silently run eager.
+        torch._dynamo.reset()
     for side in (ours, theirs):
         if precision.cast_after is not None:
             side.model.to(precision.cast_after)  # parameters keep their identity: the optimizers still hold them
+        if row.compiled:
+            compiled_blocks(side, bench.compile_backend)
         under_autocast(side, bench.device, precision.autocast)
     return plan, ours, theirs
 
@@ -233,6 +297,14 @@ def floor_side(plan: Any, precision: Precision, bench: Bench) -> setup.Side:
 
 def median_ms(values: Sequence[float]) -> float:
     return statistics.median(values) * 1e3
+
+
+def compile_seconds(side: dict[str, Any]) -> float:
+    """What the warm-up steps cost beyond as many steady steps: compilation (nan without warm-up)."""
+    warmup = side["warmup_seconds"]
+    if not warmup:
+        return math.nan
+    return sum(warmup) - len(warmup) * statistics.median(side["seconds"])
 
 
 def measure(row: Row, bench: Bench, floors: dict[str, float]) -> dict[str, Any]:
@@ -263,7 +335,43 @@ def measure(row: Row, bench: Bench, floors: dict[str, float]) -> dict[str, Any]:
         "max_loss_rel_diff": max(abs(a - b) / abs(b) for a, b in pairs),
         "peftc_ops": ours_ops,
         "peft_ops": theirs_ops,
+    } | (compile_fields(results[0], results[1]) if row.compiled else {})
+
+
+def compile_fields(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "peftc_compile_s": compile_seconds(ours),
+        "peft_compile_s": compile_seconds(theirs),
+        "peftc_graph_breaks": ours["graph_breaks"],
+        "peft_graph_breaks": theirs["graph_breaks"],
     }
+
+
+def add_break_even(rows: Sequence[Row], results: Sequence[dict[str, Any]]) -> None:
+    """Give each compiled row the steps after which compiling has paid for itself: its compile
+    seconds over what one compiled step saves against peftc's eager step in the same run
+    (inf where it saves nothing; nan where the eager row was not run)."""
+    eager = {(row.label, row.precision.name): result for row, result in zip(rows, results, strict=True)}
+    for row, result in zip(rows, results, strict=True):
+        if not row.compiled:
+            continue
+        twin = eager.get((row.eager().label, row.precision.name))
+        if twin is None:
+            result |= {"eager_peftc_ms": math.nan, "break_even_steps": math.nan}
+            continue
+        saved_ms = twin["peftc_ms"] - result["peftc_ms"]
+        result["eager_peftc_ms"] = twin["peftc_ms"]
+        result["break_even_steps"] = result["peftc_compile_s"] * 1e3 / saved_ms if saved_ms > 0 else math.inf
+
+
+def compile_line(result: dict[str, Any]) -> str:
+    return (
+        f"{result['configuration']}, {result['precision']}: compiling cost peftc {result['peftc_compile_s']:.1f} s "
+        f"over the warm-up steps (peft {result['peft_compile_s']:.1f} s); a compiled step is "
+        f"{result['peftc_ms']:.1f} ms against {result['eager_peftc_ms']:.1f} ms eager, so it is repaid after "
+        f"{result['break_even_steps']:.0f} steps; graph breaks: peftc {result['peftc_graph_breaks']}, "
+        f"peft {result['peft_graph_breaks']}"
+    )
 
 
 # --------------------------------------------------------------------------------- output
@@ -306,6 +414,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=None, help="only rows whose configuration is one of these")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --tiny 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and the setup here")
+    parser.add_argument(
+        "--part",
+        choices=("all", "eager", "compiled"),
+        default="all",
+        help="eager: no compiled rows; compiled: the compiled rows and their eager twins (default all)",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compiled rows (default inductor)"
+    )
     return parser.parse_args(argv)
 
 
@@ -318,12 +435,16 @@ def make_bench(args: argparse.Namespace) -> Bench:
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     steps = args.steps or (2 if args.tiny else 10)
     tokens = setup.token_batch(seq, shape["vocab_size"], batch=batch)
-    return Bench(device, shape, seq, {k: v.to(device) for k, v in tokens.items()}, warmup, steps)
+    batch_on_device = {k: v.to(device) for k, v in tokens.items()}
+    return Bench(device, shape, seq, batch_on_device, warmup, steps, args.compile_backend)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the rows, print the table (and write --json); returns the rows."""
     args = parse(argv)
+    # compile times as a first run pays them: no inductor or Triton cache from an earlier run
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        os.environ.setdefault(variable, tempfile.mkdtemp(prefix="bench_gpu_cache_"))
     threads_before = torch.get_num_threads()
     # the smoke run's tiny products only lose to thread start-up and contention
     torch.set_num_threads(args.threads or (1 if args.tiny else threads_before))
@@ -333,37 +454,59 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(threads_before)  # a test calls main() in its own process
 
 
+def selected_rows(args: argparse.Namespace, main_precision: Precision) -> list[Row]:
+    """The rows of --part (compiled: the compiled rows and the eager rows they are measured
+    against) whose configuration is one of --configs."""
+    rows = rows_to_run(main_precision)
+    if args.part == "eager":
+        rows = [r for r in rows if not r.compiled]
+    elif args.part == "compiled":
+        twins = {(r.eager().label, r.precision.name) for r in rows if r.compiled}
+        rows = [r for r in rows if r.compiled or (r.label, r.precision.name) in twins]
+    return [r for r in rows if args.configs is None or r.config in args.configs]
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     bench = make_bench(args)
     torch.manual_seed(0)
     # bf16 matrix products are slow on CPUs without bf16 units: the CPU smoke run's methods run in float32
     main_precision = FLOAT32 if args.tiny else BF16_TRUE
-    rows = [r for r in rows_to_run(main_precision) if args.configs is None or r.config in args.configs]
+    rows = selected_rows(args, main_precision)
     started = time.perf_counter()
     name = torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu"
     batch, seq = bench.batch["input_ids"].shape
     print(f"torch {torch.__version__} on {name}; Llama {bench.shape['hidden_size']}x{bench.shape['num_hidden_layers']}")
     threads = torch.get_num_threads()
     print(f"batch {batch} x {seq} tokens, warm-up {bench.warmup}, timed steps {bench.steps}, threads {threads}\n")
-    results, floors, skipped = [], {}, []
+    setup_info = {"device": name, "torch": torch.__version__, "shape": bench.shape, "batch": batch, "seq": seq}
+    setup_info |= {"warmup": bench.warmup, "steps": bench.steps, "compile_backend": bench.compile_backend}
+    results, floors, skipped, measured = [], {}, [], []
     for row in rows:
         if row.precision.needs_cuda and bench.device.type != "cuda":
             skipped.append(f"{row.label}, {row.precision.name}: needs CUDA")
             continue
         results.append(measure(row, bench, floors))
+        measured.append(row)
+        add_break_even(measured, results)
         print(table_row(results[-1]), f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        if args.json is not None:  # after every row: a run stopped at a time limit keeps what it measured
+            write_json(args.json, setup_info | {"wall_s": time.perf_counter() - started, "floors_ms": floors}, results)
         if bench.device.type == "cuda":
             torch.cuda.empty_cache()
     print("\n".join([HEADER, *floor_lines(floors), *map(table_row, results)]))
+    compiled = [compile_line(r) for r in results if "break_even_steps" in r]
+    print("\n".join(["", "compiled blocks (trainer.compile=true):", *compiled] if compiled else []))
     for line in skipped:
         print(f"skipped: {line}")
     wall = time.perf_counter() - started
     print(f"\ndone in {wall:.0f} s")
     if args.json is not None:
-        setup_info = {"device": name, "torch": torch.__version__, "shape": bench.shape, "batch": batch, "seq": seq}
-        setup_info |= {"warmup": bench.warmup, "steps": bench.steps, "wall_s": wall, "floors_ms": floors}
-        args.json.write_text(json.dumps({"setup": setup_info, "rows": results, "skipped": skipped}, indent=1))
+        write_json(args.json, setup_info | {"wall_s": wall, "floors_ms": floors}, results, skipped)
     return results
+
+
+def write_json(path: Path, setup_info: dict[str, Any], rows: list[dict[str, Any]], skipped: Sequence[str] = ()) -> None:
+    path.write_text(json.dumps({"setup": setup_info, "rows": rows, "skipped": list(skipped)}, indent=1))
 
 
 if __name__ == "__main__":

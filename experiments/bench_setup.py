@@ -57,6 +57,15 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "adalora all-linear": ("peft=adalora", "peft.init_r=8", "peft.target_r=4", ALL_LINEAR),
     "prompt tuning": ("peft=prompt_tuning", "peft.num_virtual_tokens=20"),
     "prefix tuning": ("peft=prefix_tuning", "peft.num_virtual_tokens=20"),
+    # QLoRA: the base's Linear layers as bitsandbytes NF4 codes, products in bfloat16
+    "qlora nf4 all-linear": (
+        "peft=lora",
+        "peft.r=8",
+        "peft.lora_alpha=16",
+        ALL_LINEAR,
+        "quant=bnb_nf4",
+        "quant.compute_dtype=bfloat16",
+    ),
 }
 QUICK_CONFIGS = ("lora all-linear",)
 
@@ -118,6 +127,31 @@ class Side:
         self.steps += 1
         self.after_step(self.steps)
         return float(loss.detach())
+
+
+def quantized_base(plan: Any, base: torch.nn.Module, library: str) -> torch.nn.Module:
+    """The base as each library trains a quantized plan (unchanged where the plan quantizes
+    nothing). Both sides quantize through peftc's backend (bitsandbytes' own layers, as
+    transformers' loader makes them: the same codes on both sides), then each prepares it its own
+    way, doing the same work: peftc's `prepare_for_training` (unquantized 16-bit weights to
+    float32, input grads) and peft's `prepare_model_for_kbit_training` (the same upcast), with
+    gradient checkpointing as the plan says and input grads wherever peftc's side has them."""
+    if plan.quantization is None:
+        return base
+    from peftc import quant
+    from peftc.quant.prepare import prepare_for_training
+
+    run = plan.spec
+    base = quant.for_spec(run.quant).quantize(run.quant, base, plan.quantization.modules).eval()
+    if library == "peftc":
+        return prepare_for_training(base, run.quant, run.trainer)
+    from peft import prepare_model_for_kbit_training
+
+    checkpointing = run.trainer.gradient_checkpointing
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
+    if getattr(run.quant, "input_grads", False) and not checkpointing:  # peft enables them only with it
+        base.enable_input_require_grads()
+    return base
 
 
 def peft_model(plan: Any, base: torch.nn.Module) -> torch.nn.Module:

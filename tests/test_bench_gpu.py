@@ -1,6 +1,7 @@
 """experiments/bench_gpu.py cannot rot: its CPU smoke run (--tiny) makes every row, with finite
-ratios and losses that agree with peft's, and its markdown table and JSON say the same.
-Timings are not checked (a 2-layer model on a shared CPU measures nothing)."""
+ratios and losses that agree with peft's, and its markdown table and JSON say the same; the
+compiled rows compile without graph breaks and say what compiling cost. Timings are not checked
+(a 2-layer model on a shared CPU measures nothing)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict
     out = tmp_path_factory.mktemp("bench") / "rows.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # the table; progress goes to stderr
-        rows = bench_gpu.main(["--tiny", "--warmup", "0", "--steps", "1", "--json", str(out)])
+        # aot_eager: Dynamo traces (and would break) the blocks as inductor's would, but generates no code
+        argv = ["--tiny", "--warmup", "1", "--steps", "1", "--compile-backend", "aot_eager", "--json", str(out)]
+        rows = bench_gpu.main(argv)
     return rows, json.loads(out.read_text()), printed.getvalue()
 
 
@@ -36,6 +39,14 @@ def test_tiny_run_has_a_row_per_method_and_per_cpu_precision(tiny_run: tuple[lis
     assert any("API call" in r["configuration"] for r in rows)
     precisions = {r["precision"] for r in rows if r["configuration"] == "lora all-linear"}
     assert precisions == {"32-true", "bf16-true", "bf16-mixed", "bf16-mixed, bf16 base"}
+    trainer_gpu = "bf16-mixed, bf16 base"
+    assert ("qlora nf4 all-linear", trainer_gpu) in {(r["configuration"], r["precision"]) for r in rows}
+    compiled = {(r["configuration"], r["precision"]) for r in rows if "compiled blocks" in r["configuration"]}
+    assert compiled == {
+        ("lora all-linear, compiled blocks", "32-true"),
+        ("lora all-linear, compiled blocks", trainer_gpu),
+        ("qlora nf4 all-linear, compiled blocks", trainer_gpu),
+    }
     assert saved["skipped"] == ["lora all-linear, 16-mixed: needs CUDA"]
     assert [(r["configuration"], r["precision"]) for r in saved["rows"]] == [
         (r["configuration"], r["precision"]) for r in rows
@@ -56,3 +67,39 @@ def test_tiny_run_prints_one_table_line_per_row_and_floor(tiny_run: tuple[list[d
     rows, saved, printed = tiny_run
     table = [line for line in printed.splitlines() if line.startswith("| ") and "configuration" not in line]
     assert len(table) == len(rows) + len(saved["setup"]["floors_ms"])
+
+
+def test_compiled_rows_compile_without_graph_breaks_and_say_when_compiling_pays(
+    tiny_run: tuple[list[dict], dict, str],
+) -> None:
+    rows, _, printed = tiny_run
+    compiled = [r for r in rows if "compiled blocks" in r["configuration"]]
+    for row in compiled:
+        assert row["peftc_graph_breaks"] == 0, row  # a break per block would hide what compiling buys
+        assert row["peftc_compile_s"] > 0 and math.isfinite(row["peft_compile_s"])
+        eager = next(
+            r
+            for r in rows
+            if (r["configuration"], r["precision"])
+            == (row["configuration"].removesuffix(", compiled blocks"), row["precision"])
+        )
+        assert row["eager_peftc_ms"] == eager["peftc_ms"]
+        saved = eager["peftc_ms"] - row["peftc_ms"]
+        expected = row["peftc_compile_s"] * 1e3 / saved if saved > 0 else math.inf
+        assert row["break_even_steps"] == pytest.approx(expected)
+    assert sum("so it is repaid after" in line for line in printed.splitlines()) == len(compiled)
+
+
+@pytest.mark.parametrize("part", ["eager", "compiled"])
+def test_a_part_runs_its_rows_and_the_compiled_part_brings_their_eager_twins(part: str) -> None:
+    import bench_gpu
+
+    rows = bench_gpu.selected_rows(bench_gpu.parse(["--tiny", "--part", part]), bench_gpu.BF16_TRUE)
+    compiled = [r for r in rows if r.compiled]
+    if part == "eager":
+        assert not compiled and len(rows) == len(bench_gpu.rows_to_run(bench_gpu.BF16_TRUE)) - 3
+    else:
+        assert len(compiled) == 3
+        assert [(r.label, r.precision) for r in rows if not r.compiled] == [
+            (r.eager().label, r.precision) for r in compiled
+        ]

@@ -357,18 +357,19 @@ class BestAdapter(L.Callback):
         return True
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """torch.compile each block of the model's largest nn.ModuleList (the decoder layers) in
     place; returns how many. Per block rather than whole-model, as torchtune does: the blocks
     are identical (one compilation serves all), and the code around them (embeddings, the
     chunked loss with its hooks, prompt encoders) stays eager. Names and state dicts do not
-    change (nn.Module.compile compiles the call, not a wrapper module)."""
+    change (nn.Module.compile compiles the call, not a wrapper module). `backend` is
+    torch.compile's (the benchmark's CPU smoke run uses "aot_eager": no code generation)."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         return 0
     blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     return len(blocks)
 
 
