@@ -220,6 +220,20 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def profile_table(side: setup.Side, batch: dict[str, torch.Tensor], device: torch.device) -> str:
+    """One training step under torch.profiler: the operators (and on CUDA the kernels) that took
+    its time, by self time, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+        side.step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+
+
 def rotate(sides: Sequence[setup.Side], bench: Bench) -> list[dict[str, Any]]:
     """Each side's step times (warm-up steps apart), step memory, losses and graph breaks, the
     first side alternating every round."""
@@ -307,13 +321,19 @@ def compile_seconds(side: dict[str, Any]) -> float:
     return sum(warmup) - len(warmup) * statistics.median(side["seconds"])
 
 
-def measure(row: Row, bench: Bench, floors: dict[str, float]) -> dict[str, Any]:
-    """One row: both sides (and the precision's floor, the first time it is needed) in rotation."""
+def measure(row: Row, bench: Bench, floors: dict[str, float], profile: Path | None = None) -> dict[str, Any]:
+    """One row: both sides (and the precision's floor, the first time it is needed) in rotation;
+    with `profile`, then one profiled step of each side appended to that file."""
     plan, ours, theirs = twin_sides(row, bench)
     sides = [ours, theirs]
     if row.precision.name not in floors:
         sides.append(floor_side(plan, row.precision, bench))
     results = rotate(sides, bench)
+    if profile is not None:
+        with profile.open("a") as out:
+            for side in sides:
+                out.write(f"\n## {row.label}, {row.precision.name}: {side.label}\n")
+                out.write(profile_table(side, bench.batch, bench.device) + "\n")
     if len(sides) == 3:
         floors[row.precision.name] = median_ms(results[2]["seconds"])
     ours_ms, theirs_ms = median_ms(results[0]["seconds"]), median_ms(results[1]["seconds"])
@@ -415,6 +435,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --tiny 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and the setup here")
     parser.add_argument(
+        "--profile", type=Path, default=None, help="append one profiled step per side and row to this file"
+    )
+    parser.add_argument(
         "--part",
         choices=("all", "eager", "compiled"),
         default="all",
@@ -485,7 +508,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if row.precision.needs_cuda and bench.device.type != "cuda":
             skipped.append(f"{row.label}, {row.precision.name}: needs CUDA")
             continue
-        results.append(measure(row, bench, floors))
+        results.append(measure(row, bench, floors, args.profile))
         measured.append(row)
         add_break_even(measured, results)
         print(table_row(results[-1]), f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)

@@ -22,12 +22,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict
     import bench_gpu
 
     out = tmp_path_factory.mktemp("bench") / "rows.json"
+    profile = out.with_name("profile.txt")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # the table; progress goes to stderr
         # aot_eager: Dynamo traces (and would break) the blocks as inductor's would, but generates no code
         argv = ["--tiny", "--warmup", "1", "--steps", "1", "--compile-backend", "aot_eager", "--json", str(out)]
-        rows = bench_gpu.main(argv)
-    return rows, json.loads(out.read_text()), printed.getvalue()
+        rows = bench_gpu.main([*argv, "--profile", str(profile)])
+    saved = json.loads(out.read_text())
+    saved["profile"] = profile.read_text()
+    return rows, saved, printed.getvalue()
 
 
 def test_tiny_run_has_a_row_per_method_and_per_cpu_precision(tiny_run: tuple[list[dict], dict, str]) -> None:
@@ -103,3 +106,16 @@ def test_a_part_runs_its_rows_and_the_compiled_part_brings_their_eager_twins(par
         assert [(r.label, r.precision) for r in rows if not r.compiled] == [
             (r.eager().label, r.precision) for r in compiled
         ]
+
+
+def test_the_profile_has_each_sides_step_per_row_with_the_fused_node_on_peftcs(
+    tiny_run: tuple[list[dict], dict, str],
+) -> None:
+    rows, saved, _ = tiny_run
+    headers = [line for line in saved["profile"].splitlines() if line.startswith("## ")]
+    for row in rows:
+        title = f"## {row['configuration']}, {row['precision']}: "
+        sides = {h.removeprefix(title) for h in headers if h.startswith(title)}
+        assert {"peft"} < sides, (title, sides)  # peftc (or its API side), peft, and maybe the floor
+    lora = saved["profile"].split("## lora all-linear, 32-true: peftc\n")[1].split("## ")[0]
+    assert "LowRankLinear" in lora, "a profiled step names the operators that ran"

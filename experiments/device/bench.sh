@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # There (a device machine, called through the device tool with carry=[".whl"] after
 # experiments/device/fetch_wheels.sh ran here): install the carried wheels and peftc itself beside
-# the image's torch, say what runs, then run one part of experiments/bench_gpu.py, its table, log
-# and JSON (rewritten after every row) in $OUT. The part stops at the time limit, keeping its rows.
+# the image's torch, say what runs, then run one part of experiments/bench_gpu.py, its table, log,
+# JSON (rewritten after every row) and one profiled step per side and row in $OUT. The part stops
+# at the time limit, keeping its rows.
 #   bash experiments/device/bench.sh eager 420      # every eager row (issue #17's table)
 #   bash experiments/device/bench.sh compiled 420   # compiled rows and the eager rows they must beat
 #   bash experiments/device/bench.sh check 60       # installs and imports only
@@ -32,5 +33,6 @@ for name in ("torch", "transformers", "huggingface_hub", "peft", "bitsandbytes",
 PY
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 [ "$part" = check ] && exit 0
-timeout --signal=INT "$limit" python3 experiments/bench_gpu.py --part "$part" --json "$out/$part.json" "$@" 2>&1 |
+timeout --signal=INT "$limit" python3 experiments/bench_gpu.py --part "$part" --json "$out/$part.json" \
+    --profile "$out/$part.profile.txt" "$@" 2>&1 |
     tee "$out/$part.log"
