@@ -267,6 +267,99 @@ def test_lora_over_a_quantized_layer_matches_the_dequantized_reference(backend: 
             assert relative(ours(x), reference(x)) <= bound
 
 
+def count_fused_nodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time QLoRA's fused node runs."""
+    from peftc.methods.lora import lowrank
+
+    calls: list[int] = []
+    apply = lowrank.QuantizedLowRankLinear.apply
+    monkeypatch.setattr(lowrank.QuantizedLowRankLinear, "apply", lambda *args: calls.append(1) or apply(*args))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["bnb_nf4", "bnb_fp4"])
+def test_lora_over_4bit_runs_as_one_fused_node_equal_to_the_general_path(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QLoRA's fast path (lowrank.QuantizedLowRankLinear), two active adapters over a 4-bit layer
+    with a bias: the output, the input gradient and every adapter gradient equal the general
+    path's (the quantized layer called, then each adapter added)."""
+    from peftc.methods.layer import AdapterLayer
+
+    layer, _ = _twin_lora_layers(backend, 0)
+    layer.add_adapter("second", _site(256, 96, dora=False))
+    layer.set_active(["default", "second"])
+    calls = count_fused_nodes(monkeypatch)
+    x, upstream = torch.randn(4, 10, 256), torch.randn(4, 10, 96)
+    results = []
+    for forward in (layer.forward, lambda t: AdapterLayer.forward(layer, t)):
+        layer.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_(True)
+        (forward(inputs) * upstream).sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        results.append((forward(x).detach(), inputs.grad, *grads))
+    assert len(calls) == 2, "the fused node ran (forward with and without grad)"
+    for fused, general in zip(*results, strict=True):
+        assert relative(fused, general) <= EXACT
+
+
+def test_qlora_under_bf16_autocast_is_fused_and_as_close_to_float32_as_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer=gpu over an NF4 base with bfloat16 compute: float32 activations (the unquantized
+    weights prepared in float32, as peft prepares them) under bf16 autocast. Every site runs the
+    fused node, and its adapter gradients are as close to the float32-compute step's as peft's."""
+    import bitsandbytes as bnb
+    from peft import get_peft_config, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+
+    from peftc.files.load import fill
+    from peftc.planning.layout import config_to_write
+    from peftc.quant.prepare import prepare_for_training
+    from tests.helpers import twin_bases
+
+    plan = peftc.compile(
+        [
+            "quant=bnb_nf4",
+            "quant.compute_dtype=bfloat16",
+            "peft.target_modules=all-linear",
+            "peft.init_lora_weights=false",
+        ]
+    )
+    spec = plan.spec.quant
+    ours_base, theirs_base = (
+        quant.for_spec(spec).quantize(spec, base, plan.quantization.modules).eval() for base in twin_bases(plan)
+    )
+    ours_base = prepare_for_training(ours_base, spec, plan.spec.trainer)
+    theirs_base = prepare_model_for_kbit_training(theirs_base, use_gradient_checkpointing=False)
+    theirs_base.enable_input_require_grads()  # peftc's quant.input_grads (peft's with checkpointing)
+    config = get_peft_config({**config_to_write(plan.adapter_config), "inference_mode": False})
+    theirs = get_peft_model(theirs_base, config).train()
+    ours = materialize(plan, base_model=ours_base).train()
+    fill(ours, "default", get_peft_model_state_dict(theirs))
+    x = token_batch()
+
+    def adapter_grads(model: nn.Module, autocast: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids=x, labels=x).loss.backward()
+        return {n[n.index("layers.") :]: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+        squared = sum((grads[k] - reference[k]).norm() ** 2 for k in reference)
+        return float((squared / sum(t.norm() ** 2 for t in reference.values())) ** 0.5)
+
+    calls = count_fused_nodes(monkeypatch)
+    ours_bf16, theirs_bf16 = adapter_grads(ours, autocast=True), adapter_grads(theirs, autocast=True)
+    assert len(calls) == len(plan.sites) and all(g.dtype == torch.float32 for g in ours_bf16.values())
+    for model in (ours, theirs):  # the same codes, multiplied out in float32: the reference step
+        for layer in model.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.compute_dtype = torch.float32
+    exact = adapter_grads(ours, autocast=False)
+    assert error(adapter_grads(theirs, autocast=False), exact) < 1e-5
+    theirs_error = error(theirs_bf16, exact)
+    assert 1e-4 < theirs_error < 0.05, "bf16 rounding shows, and is small"
+    assert error(ours_bf16, exact) <= 1.5 * theirs_error
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_updates_only_the_adapter_and_survives_validation(backend: str) -> None:
     plan = peftc.compile([f"quant={backend}", "peft.target_modules=all-linear", "peft.init_lora_weights=false"])
@@ -373,6 +466,7 @@ def test_save_merged_folds_the_adapter_into_the_unquantized_base(backend: str, t
     from tests.helpers import build_base
 
     plan = peftc.compile([f"quant={backend}", "peft.init_lora_weights=false"])
+    torch.manual_seed(0)  # the random adapter: the same whatever ran before in this process
     model = materialize(plan)
     model.save_adapter(tmp_path)
     with warnings.catch_warnings():
@@ -382,7 +476,10 @@ def test_save_merged_folds_the_adapter_into_the_unquantized_base(backend: str, t
     oracle = PeftModel.from_pretrained(build_base(plan), tmp_path).eval()
     x = token_batch()
     with torch.no_grad():
-        assert max_diff(merged(input_ids=x).logits, oracle(input_ids=x).logits) <= 1e-5
+        expected = oracle(input_ids=x).logits
+        # float rounding only: up to 7e-7 of the largest logit over 8 seeds (1e-5 absolute was
+        # exceeded by 1.6e-5 on logits of ~14 when earlier tests moved the RNG)
+        assert max_diff(merged(input_ids=x).logits, expected) <= 2e-6 * float(expected.abs().max())
 
 
 # ------------------------------------------------------------------------------ loading

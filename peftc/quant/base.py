@@ -3,7 +3,8 @@
 The planner asks a backend which modules it quantizes and how many bytes each one takes once
 quantized; the materializer asks it to quantize exactly the planned modules of the loaded model
 before adapters are injected; adapter layers ask it to read a quantized weight back as float32
-(and to write a merged one) so that methods never see a backend's storage format. Backends are
+(and to write a merged one), and for the layer's frozen product as two functions (`FrozenLinear`)
+to run inside their fused nodes, so that methods never see a backend's storage format. Backends are
 imported lazily: nothing here imports bitsandbytes, optimum-quanto or torchao until a plan uses
 them, and `owns` answers False without importing a library that is not loaded yet.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -56,6 +58,19 @@ class QuantizedSpec(SpecNode):
         skip = self.skip_modules
         if skip is not None and not isinstance(skip, (str, list, tuple)):
             raise ConfigError(f"{key}.skip_modules", skip, "must be a list of module names or a regex string")
+
+
+@dataclass(frozen=True)
+class FrozenLinear:
+    """A quantized linear layer's frozen product, for an adapter's fused node: `forward(x)` is
+    x W^T + b for a 2-D x in `compute_dtype`, called without grad, and `input_grad(g)` is g W, the
+    gradient w.r.t. x (g in `compute_dtype`). Both give what the layer's own forward and backward
+    compute, before the layer casts its output back to its input's dtype."""
+
+    compute_dtype: torch.dtype
+    device: torch.device
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    input_grad: Callable[[torch.Tensor], torch.Tensor]
 
 
 class QuantBackend:
@@ -123,6 +138,11 @@ class QuantBackend:
     def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
         """Store a new float weight (out, in) in the layer, quantized like the old one."""
         raise NotImplementedError
+
+    def frozen_linear(self, module: nn.Module) -> FrozenLinear | None:
+        """The layer's frozen product for a fused adapter node, or None where this backend (or
+        this layer's state) offers none: the adapter then calls the layer."""
+        return None
 
     def snapshot(self, module: nn.Module) -> Any:
         """What `restore` needs to put the layer's stored weight back exactly (taken before a merge;

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftc.config.spec import one_of, param
 from peftc.quant import register
-from peftc.quant.base import FOUR_BIT_MERGE_REFUSAL, QuantBackend, QuantizedSpec, add_bytes, tensor_bytes
+from peftc.quant.base import (
+    FOUR_BIT_MERGE_REFUSAL,
+    FrozenLinear,
+    QuantBackend,
+    QuantizedSpec,
+    add_bytes,
+    tensor_bytes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -122,6 +129,31 @@ class Bnb4bit(QuantBackend):
         import bitsandbytes.functional as F
 
         return F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+
+    def frozen_linear(self, module: nn.Module) -> FrozenLinear | None:
+        """bitsandbytes' own training product: the 4-bit GEMM forward (`matmul_4bit` without grad)
+        and, backward, g times the weight dequantized once (what its MatMul4Bit does); None for
+        a subclass, a layer without a compute dtype or quant state yet, or bitsandbytes' CPU
+        inference packing."""
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as F
+        import torch
+
+        weight, bias, compute = module.weight, module.bias, module.compute_dtype
+        state = getattr(weight, "quant_state", None)
+        if type(module) is not bnb.nn.Linear4bit or compute is None or state is None:
+            return None
+        if getattr(state, "packing_format_for_cpu", False):
+            return None
+        bias = bias.to(compute) if bias is not None else None  # the layer's forward casts it the same way
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=state)
+
+        def input_grad(grad: torch.Tensor) -> torch.Tensor:
+            return torch.mm(grad, F.dequantize_4bit(weight.data, state).to(grad.dtype))
+
+        return FrozenLinear(compute, weight.device, forward, input_grad)
 
     def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb

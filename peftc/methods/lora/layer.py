@@ -24,7 +24,14 @@ from peftc.errors import MergeError
 from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import dora
 from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
-from peftc.methods.lora.lowrank import fusable, fused_linear, fused_rescaled_linear
+from peftc.methods.lora.lowrank import (
+    adapters_fusable,
+    fused_linear,
+    fused_quantized_linear,
+    fused_rescaled_linear,
+    plain_linear,
+    without_hooks,
+)
 
 if TYPE_CHECKING:
     from peftc.planning.plan import Site
@@ -192,11 +199,18 @@ class LoraLayer(AdapterLayer):
         return fused if fused is not None else super().forward(x, *args, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Plain LoRA adapters, or one DoRA adapter, on a plain nn.Linear without dropout: one
+        """Plain LoRA adapters, or one DoRA adapter, on a plain nn.Linear without dropout, or
+        plain LoRA adapters on a quantized linear whose backend gives its frozen product: one
         fused node (lowrank.py), or None."""
-        if not fusable(self) or any(self.lora_B[name].bias is not None for name in self.active_adapters):
+        if not adapters_fusable(self) or any(self.lora_B[name].bias is not None for name in self.active_adapters):
             return None
         dora_names = [name for name in self.active_adapters if name in self.lora_magnitude_vector]
+        if not plain_linear(self.base_layer):
+            frozen = self._frozen_product()
+            if frozen is None or dora_names:
+                return None
+            scalings, factors = self._lora_scalings_and_factors()
+            return fused_quantized_linear(x, frozen, scalings, factors)
         if dora_names:
             if len(self.active_adapters) > 1:
                 return None
@@ -204,11 +218,23 @@ class LoraLayer(AdapterLayer):
             rescale = self._dora_scale(name, self.base_layer.weight)
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             return fused_rescaled_linear(x, self.base_layer, self.scaling[name], a, b, rescale)
+        scalings, factors = self._lora_scalings_and_factors()
+        return fused_linear(x, self.base_layer, scalings, factors)
+
+    def _lora_scalings_and_factors(self) -> tuple[list[float], list[torch.Tensor]]:
+        """The active adapters' scalings and their (A, B) weights, interleaved."""
         scalings, factors = [], []
         for name in self.active_adapters:
             scalings.append(self.scaling[name])
             factors += [self.lora_A[name].weight, self.lora_B[name].weight]
-        return fused_linear(x, self.base_layer, scalings, factors)
+        return scalings, factors
+
+    def _frozen_product(self) -> Any:
+        """The quantized base layer's frozen product (quant.base.FrozenLinear), or None."""
+        backend = self.quant_backend
+        if backend is None or not without_hooks(self.base_layer):
+            return None
+        return backend.frozen_linear(self.base_layer)
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":

@@ -19,15 +19,24 @@ first, outside the autograd node, and the node runs with autocast off: every pro
 the lower-precision GEMM autocast would have run for peft's module-by-module forward, while the
 casts' backward hands float32 gradients to the float32 adapter weights (autocast inside the node
 would cast its GEMMs but not the in-place accumulation, and mix dtypes).
+
+Over a quantized layer (QLoRA) the quant backend gives the frozen product (`FrozenLinear`), and
+QuantizedLowRankLinear adds the adapters into it in the dtype the layer returns: under autocast
+with float32 activations (a float32 residual stream, QLoRA's usual preparation) the low-rank
+update is added to the float32 output, never rounded to bfloat16.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_state
+
+if TYPE_CHECKING:
+    from peftc.quant.base import FrozenLinear
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -126,29 +135,93 @@ class RescaledLowRankLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, grad_a, grad_b, grad_rescale
 
 
+class QuantizedLowRankLinear(torch.autograd.Function):
+    """Low-rank adapters on a quantized linear layer, whose frozen product the quant backend
+    gives (`FrozenLinear`): apply(x, frozen, out_dtype, scalings, A_1, B_1, ...) -> y, with x and
+    the A's in the product's compute dtype and the B's in `out_dtype`, the dtype the layer returns
+    (its input's, as bitsandbytes' layer returns it).
+
+    Forward: the quantized product, cast once to out_dtype, and each s (x A^T) B^T added into it
+    there (under autocast with a float32 input, peft casts x for the adapter a second time, then
+    passes over the output three more times: B's output scaled, cast, added). Backward: the
+    layer's own input gradient (one dequantization, as bitsandbytes' backward), the adapters'
+    added into it in place. Keeps x and the N x r products, as LowRankLinear."""
+
+    @staticmethod
+    def forward(ctx, x, frozen, out_dtype, scalings, *factors):  # noqa: ANN001, ANN205 - autograd signature
+        flat = x.reshape(-1, x.shape[-1])
+        out = frozen.forward(flat).to(out_dtype)
+        products = []
+        for index, scaling in enumerate(scalings):
+            lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
+            product = torch.mm(flat, lora_a.t())
+            out.addmm_(product.to(out_dtype), lora_b.t(), alpha=scaling)
+            products.append(product)
+        ctx.frozen, ctx.scalings, ctx.input_shape = frozen, scalings, x.shape
+        ctx.save_for_backward(flat, *factors, *products)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        return outside_autocast(QuantizedLowRankLinear._backward, ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
+        flat, *rest = ctx.saved_tensors
+        count = len(ctx.scalings)
+        factors, products = rest[: 2 * count], rest[2 * count :]
+        needs = ctx.needs_input_grad
+        grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_x = ctx.frozen.input_grad(grad.to(flat.dtype)) if needs[0] else None
+        grad_factors: list[torch.Tensor | None] = []
+        for index, scaling in enumerate(ctx.scalings):
+            lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
+            need_a, need_b = needs[4 + 2 * index], needs[5 + 2 * index]
+            grad_a = grad_b = None
+            if needs[0] or need_a:
+                through_b = torch.mm(grad, lora_b).mul_(scaling).to(flat.dtype)  # (N, r)
+                if needs[0]:
+                    grad_x.addmm_(through_b, lora_a)
+                if need_a:
+                    grad_a = torch.mm(through_b.t(), flat)
+            if need_b:
+                grad_b = torch.mm(products[index].to(grad.dtype).t(), grad).mul_(scaling).t().contiguous()
+            grad_factors += [grad_a, grad_b]
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.input_shape)
+        return grad_x, None, None, None, *grad_factors
+
+
 def plain_linear(layer: nn.Module) -> bool:
     """Whether calling `layer` is exactly F.linear(x, weight, bias): an nn.Linear (not a
     subclass with its own forward) holding plain parameters (not a quantized tensor subclass,
     as torchao leaves in an nn.Linear), with no forward hooks, local or global."""
-    return (
-        type(layer) is nn.Linear
-        and type(layer.weight) is nn.Parameter
-        and not layer._forward_hooks
-        and not layer._forward_pre_hooks
-        and not _module_state._global_forward_hooks
-        and not _module_state._global_forward_pre_hooks
+    return type(layer) is nn.Linear and type(layer.weight) is nn.Parameter and without_hooks(layer)
+
+
+def without_hooks(layer: nn.Module) -> bool:
+    """Whether calling `layer` runs its forward alone: no forward hooks, local or global."""
+    return not (
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or _module_state._global_forward_hooks
+        or _module_state._global_forward_pre_hooks
     )
 
 
-def fusable(layer: nn.Module) -> bool:
-    """Whether an adapter layer's forward may run as one node now: an enabled, unmerged plain
-    nn.Linear with active adapters that apply no dropout (LoRA and AdaLoRA keep theirs in
+def adapters_fusable(layer: nn.Module) -> bool:
+    """Whether an adapter layer's adapters may run inside one node now: an enabled, unmerged
+    linear layer with active adapters that apply no dropout (LoRA and AdaLoRA keep theirs in
     `lora_dropout`; in eval mode dropout is the identity)."""
     if layer.kind != "linear" or layer.disabled or layer.merged_adapters or not layer.active_adapters:
         return False
-    if not plain_linear(layer.base_layer):
-        return False
     return not layer.training or all(isinstance(layer.lora_dropout[n], nn.Identity) for n in layer.active_adapters)
+
+
+def fusable(layer: nn.Module) -> bool:
+    """Whether an adapter layer's forward may run as one node over a plain nn.Linear now."""
+    return adapters_fusable(layer) and plain_linear(layer.base_layer)
 
 
 def fused_linear(
@@ -169,6 +242,23 @@ def fused_rescaled_linear(
 ) -> torch.Tensor | None:
     """DoRA's y = rescale * (W x + s B A x) + b through RescaledLowRankLinear, or None (as above)."""
     return _apply_fused(RescaledLowRankLinear, x, layer, scaling, (lora_a, lora_b, rescale))
+
+
+def fused_quantized_linear(
+    x: torch.Tensor, frozen: FrozenLinear, scalings: Sequence[float], factors: Sequence[torch.Tensor]
+) -> torch.Tensor | None:
+    """y = layer(x) + sum s_i B_i A_i x over a quantized layer through QuantizedLowRankLinear, or
+    None where peft would compute the adapters in another dtype than the layer's product: outside
+    autocast every tensor must share the compute dtype; under autocast, that must be autocast's."""
+    compute, autocast = frozen.compute_dtype, autocast_dtype(x.device)
+    if x.device != frozen.device or (autocast or x.dtype) != compute:
+        return None
+    if autocast is None and any(t.dtype != compute for t in factors):
+        return None
+    out_dtype = x.dtype
+    tensors = [t.to(compute if index % 2 == 0 else out_dtype) for index, t in enumerate(factors)]
+    with torch.autocast(x.device.type, enabled=False):
+        return QuantizedLowRankLinear.apply(x.to(compute), frozen, out_dtype, tuple(scalings), *tensors)
 
 
 def _apply_fused(
