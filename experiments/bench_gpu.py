@@ -89,6 +89,7 @@ TINY_LLAMA = {
     "vocab_size": 512,
     "max_position_embeddings": 256,
 }
+SHAPES = {"1.1b": LLAMA_1B, "mini": setup.MINI_LLAMA, "tiny": TINY_LLAMA}
 QLORA = "qlora nf4 all-linear"
 METHODS = (
     "lora all-linear",
@@ -430,6 +431,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default 10; --tiny 2)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8; --tiny 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 32)")
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default=None,
+        help="the Llama's shape (default 1.1b; --tiny: tiny); mini: bench_train's 1024-wide, 4-layer model",
+    )
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, 22 or 2)")
     parser.add_argument("--configs", nargs="+", default=None, help="only rows whose configuration is one of these")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --tiny 1)")
@@ -451,7 +458,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def make_bench(args: argparse.Namespace) -> Bench:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    shape = TINY_LLAMA if args.tiny else LLAMA_1B
+    shape = SHAPES[args.shape or ("tiny" if args.tiny else "1.1b")]
     if args.layers is not None:
         shape = {**shape, "num_hidden_layers": args.layers}
     batch, seq = args.batch or (2 if args.tiny else 8), args.seq or (32 if args.tiny else 1024)
