@@ -47,12 +47,7 @@ class LowRankLinear(torch.autograd.Function):
         features = x.shape[-1]
         flat = x.reshape(-1, features)
         out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
-        products = []
-        for index, scaling in enumerate(scalings):
-            lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
-            product = torch.mm(flat, lora_a.t())
-            out.addmm_(product, lora_b.t(), alpha=scaling)
-            products.append(product)
+        products = add_low_rank(out, flat, scalings, factors)
         ctx.scalings = scalings
         ctx.input_shape = x.shape
         ctx.save_for_backward(flat, weight, *factors, *products)
@@ -71,25 +66,55 @@ class LowRankLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = torch.mm(grad, weight) if needs[0] else None
-        grad_factors: list[torch.Tensor | None] = []
-        for index, scaling in enumerate(ctx.scalings):
-            lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
-            need_a, need_b = needs[4 + 2 * index], needs[5 + 2 * index]
-            grad_a = grad_b = None
-            if needs[0] or need_a:
-                through_b = torch.mm(grad, lora_b).mul_(scaling)  # (N, r)
-                if needs[0]:
-                    grad_x.addmm_(through_b, lora_a)
-                if need_a:
-                    grad_a = torch.mm(through_b.t(), flat)
-            if need_b:
-                grad_b = torch.mm(products[index].t(), grad).mul_(scaling).t().contiguous()
-            grad_factors += [grad_a, grad_b]
+        grad_factors = low_rank_grads(grad, flat, grad_x, ctx.scalings, factors, products, needs[4:])
         grad_weight = torch.mm(grad.t(), flat) if needs[1] else None
         grad_bias = grad.sum(0) if needs[2] else None
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
         return grad_x, grad_weight, grad_bias, None, *grad_factors
+
+
+def add_low_rank(
+    out: torch.Tensor, flat: torch.Tensor, scalings: Sequence[float], factors: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Add each s_i (x A_i^T) B_i^T into `out` in place (x A^T taken to out's dtype, where the B's
+    are); returns the x A_i^T products (N x r), which backward needs."""
+    products = []
+    for index, scaling in enumerate(scalings):
+        lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
+        product = torch.mm(flat, lora_a.t())
+        out.addmm_(product.to(out.dtype), lora_b.t(), alpha=scaling)
+        products.append(product)
+    return products
+
+
+def low_rank_grads(
+    grad: torch.Tensor,
+    flat: torch.Tensor,
+    grad_x: torch.Tensor | None,
+    scalings: Sequence[float],
+    factors: Sequence[torch.Tensor],
+    products: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    """The adapters' backward for upstream `grad`, bracketed rank-first: adds each (s g B) A into
+    `grad_x` in place (when given) and returns [dA_1, dB_1, ...] (None where `needs`, the
+    factors' needs_input_grad, says no). g B is taken to x's dtype, where the A's are."""
+    grad_factors: list[torch.Tensor | None] = []
+    for index, scaling in enumerate(scalings):
+        lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
+        need_a, need_b = needs[2 * index], needs[2 * index + 1]
+        grad_a = grad_b = None
+        if grad_x is not None or need_a:
+            through_b = torch.mm(grad, lora_b).mul_(scaling).to(flat.dtype)  # (N, r)
+            if grad_x is not None:
+                grad_x.addmm_(through_b, lora_a)
+            if need_a:
+                grad_a = torch.mm(through_b.t(), flat)
+        if need_b:
+            grad_b = torch.mm(products[index].to(grad.dtype).t(), grad).mul_(scaling).t().contiguous()
+        grad_factors += [grad_a, grad_b]
+    return grad_factors
 
 
 class RescaledLowRankLinear(torch.autograd.Function):
@@ -151,12 +176,7 @@ class QuantizedLowRankLinear(torch.autograd.Function):
     def forward(ctx, x, frozen, out_dtype, scalings, *factors):  # noqa: ANN001, ANN205 - autograd signature
         flat = x.reshape(-1, x.shape[-1])
         out = frozen.forward(flat).to(out_dtype)
-        products = []
-        for index, scaling in enumerate(scalings):
-            lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
-            product = torch.mm(flat, lora_a.t())
-            out.addmm_(product.to(out_dtype), lora_b.t(), alpha=scaling)
-            products.append(product)
+        products = add_low_rank(out, flat, scalings, factors)
         ctx.frozen, ctx.scalings, ctx.input_shape = frozen, scalings, x.shape
         ctx.save_for_backward(flat, *factors, *products)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -174,20 +194,7 @@ class QuantizedLowRankLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = ctx.frozen.input_grad(grad.to(flat.dtype)) if needs[0] else None
-        grad_factors: list[torch.Tensor | None] = []
-        for index, scaling in enumerate(ctx.scalings):
-            lora_a, lora_b = factors[2 * index], factors[2 * index + 1]
-            need_a, need_b = needs[4 + 2 * index], needs[5 + 2 * index]
-            grad_a = grad_b = None
-            if needs[0] or need_a:
-                through_b = torch.mm(grad, lora_b).mul_(scaling).to(flat.dtype)  # (N, r)
-                if needs[0]:
-                    grad_x.addmm_(through_b, lora_a)
-                if need_a:
-                    grad_a = torch.mm(through_b.t(), flat)
-            if need_b:
-                grad_b = torch.mm(products[index].to(grad.dtype).t(), grad).mul_(scaling).t().contiguous()
-            grad_factors += [grad_a, grad_b]
+        grad_factors = low_rank_grads(grad, flat, grad_x, ctx.scalings, factors, products, needs[4:])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
         return grad_x, None, None, None, *grad_factors
