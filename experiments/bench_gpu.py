@@ -45,7 +45,9 @@ difference between the two sides' losses over all steps (they train the same num
 the operators one training step dispatches that compute something (views left out: forward,
 backward, optimizer, AdaLoRA's allocator; counted after the timed steps with a TorchDispatchMode):
 on a GPU each is at least one kernel launch, the cost that small-op methods pay per layer
-whatever the width, so the count is meaningful on a CPU too.
+whatever the width, so the count is meaningful on a CPU too. In compiled rows a compiled
+graph's kernels are not operators: there the count is what runs outside the compiled blocks
+plus whatever AOT autograd still dispatches.
 """
 
 from __future__ import annotations
