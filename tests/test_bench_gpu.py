@@ -9,6 +9,8 @@ import contextlib
 import io
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +121,16 @@ def test_the_profile_has_each_sides_step_per_row_with_the_fused_node_on_peftcs(
         assert {"peft"} < sides, (title, sides)  # peftc (or its API side), peft, and maybe the floor
     lora = saved["profile"].split("## lora all-linear, 32-true: peftc\n")[1].split("## ")[0]
     assert "LowRankLinear" in lora, "a profiled step names the operators that ran"
+
+
+def test_the_device_scripts_parse_and_fetch_what_constraints_txt_pins() -> None:
+    """experiments/device/ cannot rot either: both scripts parse, and every wheel fetch_wheels.sh
+    takes is pinned in constraints.txt (it reads the version there; a missing pin would fetch
+    nothing and the device run would fail on import, after its machine had started)."""
+    root = Path(__file__).resolve().parents[1]
+    for script in ("fetch_wheels.sh", "bench.sh"):
+        subprocess.run(["bash", "-n", str(root / "experiments" / "device" / script)], check=True)
+    constraints = (root / "constraints.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower() for line in constraints if "==" in line}
+    wanted = re.findall(r"\$\(pin ([\w.-]+)\)", (root / "experiments" / "device" / "fetch_wheels.sh").read_text())
+    assert len(wanted) >= 10 and {name.lower() for name in wanted} <= pinned, set(wanted) - pinned
