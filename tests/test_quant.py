@@ -303,6 +303,22 @@ def test_lora_over_4bit_runs_as_one_fused_node_equal_to_the_general_path(
         assert relative(fused, general) <= EXACT
 
 
+def test_a_trainable_bias_under_4bit_lora_takes_the_general_path_and_gets_its_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """peft's bias="all" trains the quantized layer's bias: the fused node's product is frozen, so
+    such a layer must be called as it is (its bias gradient is bitsandbytes' own)."""
+    layer, reference = _twin_lora_layers("bnb_nf4", 0)
+    for side in (layer, reference):
+        side.base_layer.bias.requires_grad_(True)
+    calls = count_fused_nodes(monkeypatch)
+    x = torch.randn(4, 10, 256)
+    for side in (layer, reference):
+        side(x).square().sum().backward()
+    assert not calls
+    assert relative(layer.base_layer.bias.grad, reference.base_layer.bias.grad) <= EXACT
+
+
 def test_qlora_under_bf16_autocast_is_fused_and_as_close_to_float32_as_peft(monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer=gpu over an NF4 base with bfloat16 compute: float32 activations (the unquantized
     weights prepared in float32, as peft prepares them) under bf16 autocast. Every site runs the

@@ -133,8 +133,8 @@ class Bnb4bit(QuantBackend):
     def frozen_linear(self, module: nn.Module) -> FrozenLinear | None:
         """bitsandbytes' own training product: the 4-bit GEMM forward (`matmul_4bit` without grad)
         and, backward, g times the weight dequantized once (what its MatMul4Bit does); None for
-        a subclass, a layer without a compute dtype or quant state yet, or bitsandbytes' CPU
-        inference packing."""
+        a subclass, a layer without a compute dtype or quant state yet, a trainable bias (peft's
+        bias="all": the product is frozen), or bitsandbytes' CPU inference packing."""
         import bitsandbytes as bnb
         import bitsandbytes.functional as F
         import torch
@@ -142,6 +142,8 @@ class Bnb4bit(QuantBackend):
         weight, bias, compute = module.weight, module.bias, module.compute_dtype
         state = getattr(weight, "quant_state", None)
         if type(module) is not bnb.nn.Linear4bit or compute is None or state is None:
+            return None
+        if bias is not None and bias.requires_grad:
             return None
         if getattr(state, "packing_format_for_cpu", False):
             return None
