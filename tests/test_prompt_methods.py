@@ -151,6 +151,33 @@ def test_only_prompt_parameters_train() -> None:
         assert not any(n.startswith("base_model.") and "adaption_" not in n for n in changed), method
 
 
+@pytest.mark.parametrize("layers", [2, 6])
+def test_the_prefix_gradient_is_formed_once_whatever_the_depth(layers: int) -> None:
+    """The per-layer keys and values are views of one table. Cut out one index at a time, each
+    piece's backward wrote a zero-filled gradient of the whole table and autograd summed them:
+    4 x layers - 1 table-sized tensors per step (quadratic in depth; 87 at 1.1B's 22 layers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    plan = peftc.compile(["model=tiny_llama", "peft=prefix_tuning", f"model.config.num_hidden_layers={layers}"])
+    model = peftc.materialize(plan).train()
+    x = token_batch()
+    encoder = next(m for m in model.modules() if hasattr(m, "key_values"))
+    table = encoder.key_values(len(x), torch.float32)[0][0].numel() * 2 * layers
+
+    class TableSized(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+            out = func(*args, **(kwargs or {}))
+            self.count += isinstance(out, torch.Tensor) and not func.is_view and out.numel() == table
+            return out
+
+    loss = model(input_ids=x, labels=x).loss
+    with TableSized() as counter:
+        loss.backward()
+    assert 0 < counter.count <= 2, counter.count
+
+
 def test_disable_adapter_runs_the_base_model() -> None:
     _, ours, _ = paired("tiny_llama", "prefix_tuning", ())
     x = token_batch()

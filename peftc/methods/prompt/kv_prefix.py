@@ -47,7 +47,10 @@ class PrefixEncoder(PromptEncoder):
         # (n, layers*2*H*d) -> (layers*2, H, n, d): row 2l is layer l's key, 2l+1 its value.
         states = table.view(n, self.num_layers * 2, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
         states = states.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        return [(states[2 * pair], states[2 * pair + 1]) for pair in map(self._pair_of, range(self.num_layers))]
+        # unbind, not one index per tensor: each indexing's backward writes a zero-filled gradient
+        # of the whole table (2 x layers of them, summed), unbind's stacks the pieces once.
+        rows = states.unbind(0)
+        return [(rows[2 * pair], rows[2 * pair + 1]) for pair in map(self._pair_of, range(self.num_layers))]
 
     def _pair_of(self, layer: int) -> int:
         """Which (key, value) pair of the table layer `layer` reads.
