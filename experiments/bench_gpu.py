@@ -53,6 +53,7 @@ plus whatever AOT autograd still dispatches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -269,19 +270,6 @@ def under_autocast(side: setup.Side, device: torch.device, dtype: torch.dtype | 
     return side
 
 
-def compiled_blocks(side: setup.Side, backend: str) -> None:
-    """What trainer.compile=true does to a model (the same function), done to either library's:
-    each decoder block compiled, and no KV cache (a cache object reaching a compiled block
-    recompiles it every step; peftc's fit turns it off the same way)."""
-    from peftc.training.lightning import compile_blocks
-
-    for module in side.model.modules():
-        config = getattr(module, "config", None)
-        if hasattr(config, "use_cache"):
-            config.use_cache = False
-    compile_blocks(side.model, backend)
-
-
 def twin_sides(row: Row, bench: Bench) -> tuple[Any, setup.Side, setup.Side]:
     """(plan, peftc side, peft side) on identical copies of the base, in the row's precision."""
     total = bench.warmup + bench.steps + 10
@@ -294,6 +282,8 @@ def twin_sides(row: Row, bench: Bench) -> tuple[Any, setup.Side, setup.Side]:
     theirs = setup.peft_side(plan, base("peft"))
     make = setup.peftc_api_side if row.api_call else setup.peftc_side
     ours = make(plan, base("peftc"), theirs.model)
+    from peftc.training.lightning import compile_blocks
+
     if row.compiled:
         # Dynamo keeps compiled code per code object, and every row's blocks share one (the decoder
         # layer's forward): without a reset a row would reuse an earlier row's compilations or,
@@ -302,8 +292,8 @@ def twin_sides(row: Row, bench: Bench) -> tuple[Any, setup.Side, setup.Side]:
     for side in (ours, theirs):
         if precision.cast_after is not None:
             side.model.to(precision.cast_after)  # parameters keep their identity: the optimizers still hold them
-        if row.compiled:
-            compiled_blocks(side, bench.compile_backend)
+        if row.compiled:  # what trainer.compile=true does (the same function), to either library's model
+            compile_blocks(side.model, bench.compile_backend)
         under_autocast(side, bench.device, precision.autocast)
     return plan, ours, theirs
 
@@ -328,22 +318,28 @@ def compile_seconds(side: dict[str, Any]) -> float:
 def measure(row: Row, bench: Bench, floors: dict[str, float], profile: Path | None = None) -> dict[str, Any]:
     """One row: both sides (and the precision's floor, the first time it is needed) in rotation;
     with `profile`, then one profiled step of each side appended to that file."""
+    from peftc.training.lightning import without_kv_cache
+
     plan, ours, theirs = twin_sides(row, bench)
     sides = [ours, theirs]
     if row.precision.name not in floors:
         sides.append(floor_side(plan, row.precision, bench))
-    results = rotate(sides, bench)
-    if profile is not None:
-        with profile.open("a") as out:
-            for side in sides:
-                out.write(f"\n## {row.label}, {row.precision.name}: {side.label}\n")
-                out.write(profile_table(side, bench.batch, bench.device) + "\n")
+    with contextlib.ExitStack() as stack:
+        if row.compiled:  # as trainer.compile's fit runs: a cache object would recompile the blocks every step
+            for side in (ours, theirs):
+                stack.enter_context(without_kv_cache(side.model))
+        results = rotate(sides, bench)
+        if profile is not None:
+            with profile.open("a") as out:
+                for side in sides:
+                    out.write(f"\n## {row.label}, {row.precision.name}: {side.label}\n")
+                    out.write(profile_table(side, bench.batch, bench.device) + "\n")
+        ours_ops, theirs_ops = ops_per_step(ours, bench.batch), ops_per_step(theirs, bench.batch)
     if len(sides) == 3:
         floors[row.precision.name] = median_ms(results[2]["seconds"])
     ours_ms, theirs_ms = median_ms(results[0]["seconds"]), median_ms(results[1]["seconds"])
     ours_mib, theirs_mib = max(results[0]["mib"]), max(results[1]["mib"])
     pairs = zip(results[0]["losses"], results[1]["losses"], strict=True)
-    ours_ops, theirs_ops = ops_per_step(ours, bench.batch), ops_per_step(theirs, bench.batch)
     return {
         "configuration": row.label,
         "precision": row.precision.name,
