@@ -285,6 +285,7 @@ COMPILED_METHODS = {
     "loha": ["peft=loha", "peft.init_weights=false", "peft.r=2"],
     "lokr": ["peft=lokr", "peft.init_weights=false"],
     "adalora": ["peft=adalora", "peft.init_lora_weights=false", "peft.lora_alpha=0.01"],
+    "oft": ["peft=oft", "peft.init_weights=false", "peft.oft_block_size=16"],
 }
 
 

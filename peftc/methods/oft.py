@@ -114,28 +114,45 @@ def block_layout(spec: OFTSpec, size: int, path: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------- the rotation
 def skew(vector: torch.Tensor, size: int) -> torch.Tensor:
     """(rows, size(size-1)/2) upper-triangle entries -> (rows, size, size) skew-symmetric Q."""
-    rows, cols = torch.triu_indices(size, size, 1, device=vector.device)
+    rows, cols = _upper_triangle(size, vector.device)
     matrix = torch.zeros(vector.shape[0], size, size, device=vector.device, dtype=vector.dtype)
     matrix[:, rows, cols] = vector
     return matrix - matrix.transpose(-2, -1)
 
 
+_TRIANGLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _upper_triangle(size: int, device: torch.device) -> torch.Tensor:
+    """Row and column indices of a size x size matrix's strict upper triangle, made once per size
+    and device instead of per layer and step (each is an operator: a kernel launch on a GPU).
+    Traced code makes them afresh: compiled, they are constants of the graph."""
+    if torch.compiler.is_compiling():
+        return torch.triu_indices(size, size, 1, device=device)
+    key = (size, device)
+    if key not in _TRIANGLES:
+        _TRIANGLES[key] = torch.triu_indices(size, size, 1, device=device)
+    return _TRIANGLES[key]
+
+
 def cayley(vector: torch.Tensor, size: int, neumann: bool, terms: int) -> torch.Tensor:
-    """The orthogonal blocks R from the Q entries (see the module docstring for the series)."""
+    """The orthogonal blocks R from the Q entries (see the module docstring for the series).
+    The series is summed in place with `alpha`, one operator per term (as peft sums it)."""
     q = skew(vector, size)
-    eye = torch.eye(size, device=q.device, dtype=q.dtype).expand_as(q)
+    eye = torch.eye(size, device=q.device, dtype=q.dtype)
     if not neumann:
+        eye = eye.expand_as(q)
         return torch.linalg.solve(eye + q, eye - q, left=False)
-    rotation = eye.clone()
+    rotation = eye.repeat(q.shape[0], 1, 1)
     if terms > 1:
-        rotation = rotation + 2.0 * q
+        rotation.add_(q, alpha=2.0)
     if terms > 2:
-        power = q @ q
-        rotation = rotation + 2.0 * power
+        power = torch.bmm(q, q)
+        rotation.add_(power, alpha=2.0)
         for _ in range(3, terms - 1):
-            power = power @ q
-            rotation = rotation + 2.0 * power
-        rotation = rotation + power @ q
+            power = torch.bmm(power, q)
+            rotation.add_(power, alpha=2.0)
+        rotation.add_(torch.bmm(power, q))
     return rotation
 
 
