@@ -369,8 +369,9 @@ def refuse_to_form_dw(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     def formed(self, name):  # noqa: ANN001, ANN202
         raise AssertionError("dW was formed")
 
-    # LoHa/LoKr form dW in `product`; LoRA forms B A (DoRA's norm) in `_lora_rows`
-    monkeypatch.setattr(get(method).layer_class, "_lora_rows" if method == "lora" else "product", formed)
+    # LoHa/LoKr form dW in `product`; LoRA forms B A (DoRA's norm) in `_lora_rows`; HRA forms H in `reflection`
+    place = {"lora": "_lora_rows", "hra": "reflection"}.get(method, "product")
+    monkeypatch.setattr(get(method).layer_class, place, formed)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
@@ -451,14 +452,16 @@ def relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Te
         ("loha", ["peft=loha", "peft.init_weights=false", "peft.r=2"]),
         ("lokr", ["peft=lokr", "peft.init_weights=false", "peft.r=2"]),
         ("lora", ["peft.use_dora=true", "peft.init_lora_weights=false"]),
+        ("hra", ["peft=hra", "peft.init_weights=false", "peft.r=4"]),
+        ("hra", ["peft=hra", "peft.init_weights=false", "peft.r=4", "peft.apply_GS=true"]),
     ],
-    ids=["loha", "lokr", "dora"],
+    ids=["loha", "lokr", "dora", "hra", "hra-gram-schmidt"],
 )
 def test_factored_updates_are_as_close_as_peft_under_bf16_autocast(
     method: str, settings: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lightning's bf16-mixed: float32 factors over a float32 base under autocast, nothing
-    weight-sized formed (LoHa/LoKr: dW; DoRA: B A for its norm). The factored GEMMs round in
+    weight-sized formed (LoHa/LoKr: dW; DoRA: B A for its norm; HRA: H and W H). The factored GEMMs round in
     other places than peft's formed products, so both are compared with the float32 step: ours
     must be as close to it as peft's (aggregate over all adapter gradients)."""
     from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
@@ -499,3 +502,52 @@ def test_dora_norm_from_the_factors_equals_the_formed_norm(shape: tuple[int, ...
     assert (low.float() - formed).abs().max() <= max(
         2 * (formed_low.float() - formed).abs().max(), 2**-8 * formed.max()
     )
+
+
+# ------------------------------------------------------------------------------ HRA in compact form
+@pytest.mark.parametrize("gram_schmidt", [False, True], ids=["chain", "gram-schmidt"])
+def test_compact_reflections_equal_the_formed_product(gram_schmidt: bool) -> None:
+    """H = I - U T U^T equals the r reflections multiplied out (or I - 2 Q Q^T), to float64 rounding."""
+    from peftc.methods.hra import chained_reflections, compact_reflections, gram_schmidt_reflection
+
+    vectors = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    units, triangle = compact_reflections(vectors, gram_schmidt)
+    formed = (gram_schmidt_reflection if gram_schmidt else chained_reflections)(vectors)
+    assert units.shape == (40, 6) and torch.equal(triangle, triangle.triu())
+    torch.testing.assert_close(torch.eye(40, dtype=torch.float64) - units @ triangle @ units.t(), formed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hra_linear_keeps_nothing_weight_sized_and_equals_the_formed_path(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HRA on a Linear runs as LoRA's node with A = U^T, B = -(W U) T: no in x in or out x in
+    tensor made and kept for backward (the formed path keeps W H), same output and gradients as forming H."""
+    from peftc.methods.hra import HRALayer
+
+    plan = peftc.compile(["model=tiny_llama", "peft=hra", "peft.init_weights=false", "peft.r=4"])
+    model = peftc.materialize(plan, base_model=build_base(plan)).train().to(dtype)
+    layer = next(m for m in model.modules() if isinstance(m, HRALayer))
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    weight = layer.base_layer.weight  # kept by reference, as by the base layer's own backward
+
+    def made_for_backward(t: torch.Tensor) -> bool:
+        return t.numel() >= 64 * 64 and t.data_ptr() != weight.data_ptr()
+
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(made_for_backward(t)) or t, lambda t: t):
+        layer(x.requires_grad_(True))
+    assert kept and not any(kept)
+    results = []
+    for formed in (False, True):
+        with monkeypatch.context() as patch:
+            if formed:
+                patch.setattr(HRALayer, "_low_rank_forward", lambda self, x, name: None)
+            layer.zero_grad(set_to_none=True)
+            inputs = x.detach().clone().requires_grad_(True)
+            out = layer(inputs)
+            out.backward(torch.ones_like(out))
+            results.append([out.detach(), inputs.grad, layer.hra_u["default"].grad])
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    for ours, formed in zip(*results, strict=True):
+        torch.testing.assert_close(ours.float(), formed.float(), **tolerance)

@@ -6,7 +6,13 @@ With `apply_GS` the columns are Gram-Schmidt orthonormalized first (Q) and H = I
 As peft 0.21.2's HRALinear/HRAConv2d: the default init draws r/2 columns and repeats each once,
 so the reflections cancel in pairs (H = I up to float32 rounding); an odd r cannot pair them, and
 peft then warns and starts from a random H, which peftc refuses instead. Several active adapters
-multiply their H in order. Merging sets W <- W H; unmerging multiplies by the reflections in
+multiply their H in order.
+
+A single adapter on a Linear never forms H: in the compact form H = I - U T U^T (U the unit
+vectors, T an r x r triangle), x (W H)^T = x W^T - (x U) T^T (W U)^T is LoRA's update with A = U^T
+and B = -(W U) T, run by LoRA's fused node. peft forms H, then W H (an out x in x in product), and
+backward then computes the gradient of W H, a product the size of the base layer's own.
+Merging sets W <- W H; unmerging multiplies by the reflections in
 reverse order (H^T = H^-1; the Gram-Schmidt H is its own inverse). Convolutions run with the base
 layer's own settings; peft passes only stride[0] and padding[0], so kernels, strides and padding
 that differ per axis, dilation and groups, which it would compute differently or not at all, are
@@ -15,6 +21,7 @@ refused at plan time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ from peftc.methods.base import InjectableMethod
 from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
+from peftc.methods.lora.lowrank import autocast_dtype, fused_linear, plain_linear
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -98,16 +106,47 @@ def chained_reflections(vectors: torch.Tensor, reverse: bool = False) -> torch.T
     return product
 
 
-def gram_schmidt_reflection(vectors: torch.Tensor) -> torch.Tensor:
-    """I - 2 Q Q^T, Q the Gram-Schmidt orthonormalization of the columns (its own inverse)."""
+def gram_schmidt_basis(vectors: torch.Tensor) -> torch.Tensor:
+    """Q: the Gram-Schmidt orthonormalization of the columns (peft's order of operations)."""
     basis = [(vectors[:, 0] / vectors[:, 0].norm()).view(-1, 1)]
     for i in range(1, vectors.shape[1]):
         column = vectors[:, i].view(-1, 1)
         for unit in basis:
             column = column - (unit.t() @ column) * unit
         basis.append((column / column.norm()).view(-1, 1))
-    q = torch.cat(basis, dim=1)
+    return torch.cat(basis, dim=1)
+
+
+def gram_schmidt_reflection(vectors: torch.Tensor) -> torch.Tensor:
+    """I - 2 Q Q^T, Q the Gram-Schmidt orthonormalization of the columns (its own inverse)."""
+    q = gram_schmidt_basis(vectors)
     return torch.eye(vectors.shape[0], device=vectors.device, dtype=vectors.dtype) - 2 * q @ q.t()
+
+
+def compact_reflections(vectors: torch.Tensor, gram_schmidt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, T) with H = I - U T U^T (the compact WY form of a product of reflections), U the
+    unit vectors (in x r), T upper triangular (r x r). For the chain (I - 2 u_1 u_1^T) ...
+    (I - 2 u_r u_r^T), T^-1 = I / 2 + the strict upper triangle of U^T U (induction on r: adding
+    a reflection appends the column U^T u_new above a new diagonal 1/2); for Gram-Schmidt
+    vectors, T = 2 I."""
+    if gram_schmidt:
+        return gram_schmidt_basis(vectors), 2 * torch.eye(vectors.shape[1], device=vectors.device, dtype=vectors.dtype)
+    units = vectors / vectors.norm(dim=0)
+    # The r x r algebra in float32 whatever the adapter's dtype and autocast say: it costs nothing,
+    # and CPUs have no 16-bit triangular solve.
+    with outside_autocast_on(vectors.device):
+        wide = units.float()
+        eye = torch.eye(vectors.shape[1], device=vectors.device)
+        inverse = torch.triu(wide.t() @ wide, diagonal=1) + eye / 2
+        triangle = torch.linalg.solve_triangular(inverse, eye, upper=True)
+    return units, triangle.to(vectors.dtype)
+
+
+def outside_autocast_on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device` where it is on (a no-op elsewhere, e.g. on meta)."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 class HRALayer(AdapterLayer):
@@ -139,6 +178,10 @@ class HRALayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled or self.merged_adapters or not self.active_adapters:
             return super().forward(x, *args, **kwargs)
+        if self.kind == "linear" and len(self.active_adapters) == 1 and plain_linear(self.base_layer):
+            result = self._low_rank_forward(x, self.active_adapters[0])
+            if result is not None:
+                return result
         rotation = self.reflection(self.active_adapters[0])
         for name in self.active_adapters[1:]:
             rotation = rotation @ self.reflection(name)
@@ -149,6 +192,20 @@ class HRALayer(AdapterLayer):
         if self.kind == "linear":
             return F.linear(inputs, weight, bias).to(x.dtype)
         return self.base_layer._conv_forward(inputs, weight, bias).to(x.dtype)
+
+    def _low_rank_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """x (W H)^T + b without forming H or W H: with H = I - U T U^T, x H^T W^T = x W^T - (x U)
+        T^T (W U)^T, LoRA's x W^T + (x A^T) B^T with A = U^T and B = -(W U) T, run by LoRA's
+        fused node. Per step that is r-column products instead of forming H (r passes over an
+        in x in matrix), W H (an out x in x in product) and the gradient of W H (a product the
+        size of the base layer's own), and x and two N x r products kept for backward instead
+        of W H. None where the node would not take these dtypes (the formed path casts as peft)."""
+        vectors, weight = self.hra_u[name], self.base_layer.weight
+        if autocast_dtype(x.device) is None and not x.dtype == weight.dtype == vectors.dtype:
+            return None
+        units, triangle = compact_reflections(vectors, self.site_options[name]["apply_GS"])
+        lora_b = -(weight @ units) @ triangle
+        return fused_linear(x, self.base_layer, (1.0,), (units.t(), lora_b))
 
     def _rotated(self, weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """W H over W's input dimension (a convolution's flattened in_channels x kernel)."""
