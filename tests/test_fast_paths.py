@@ -286,6 +286,7 @@ COMPILED_METHODS = {
     "lokr": ["peft=lokr", "peft.init_weights=false"],
     "adalora": ["peft=adalora", "peft.init_lora_weights=false", "peft.lora_alpha=0.01"],
     "oft": ["peft=oft", "peft.init_weights=false", "peft.oft_block_size=16"],
+    "hra": ["peft=hra", "peft.init_weights=false", "peft.r=4"],
 }
 
 
