@@ -57,6 +57,13 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "adalora all-linear": ("peft=adalora", "peft.init_r=8", "peft.target_r=4", ALL_LINEAR),
     "prompt tuning": ("peft=prompt_tuning", "peft.num_virtual_tokens=20"),
     "prefix tuning": ("peft=prefix_tuning", "peft.num_virtual_tokens=20"),
+    # the other methods at their defaults (Llama: q_proj and v_proj, the norms), for "no method slower than peft"
+    "vera": ("peft=vera",),
+    "hra": ("peft=hra", "peft.r=8"),
+    "hra all-linear": ("peft=hra", "peft.r=8", ALL_LINEAR),
+    "ln tuning": ("peft=ln_tuning",),
+    "p-tuning": ("peft=p_tuning", "peft.num_virtual_tokens=20"),
+    "adaption prompt": ("peft=adaption_prompt", "peft.adapter_layers=2"),
     # QLoRA: the base's Linear layers as bitsandbytes NF4 codes, products in bfloat16
     "qlora nf4 all-linear": (
         "peft=lora",
@@ -168,7 +175,11 @@ def peftc_side(plan: Any, base: torch.nn.Module, peft_side_model: torch.nn.Modul
     from peftc import methods, tasks
 
     model = peftc.materialize(plan, base_model=base)
-    if peft_side_model is not None:
+    if peft_side_model is not None and plan.prompt is not None:
+        # the encoder's own tensors (P-tuning saves its encoder's output, not the encoder)
+        encoder = peft_side_model.prompt_encoder[plan.adapter_name]
+        model.prompt_encoders[plan.adapter_name].load_state_dict(encoder.state_dict())
+    elif peft_side_model is not None:
         from peft import get_peft_model_state_dict
 
         from peftc.files.load import fill
