@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftc
 from peftc.methods.layer import AdapterLayer
@@ -236,7 +237,6 @@ def test_the_head_probe_is_one_small_product_in_bfloat16() -> None:
     as one (batch, hidden) product. Given a strided slice, F.linear expanded the weight per
     sequence for a batched product (in bfloat16 on a CPU a batch x vocab x hidden copy: 0.4 s of
     a 1.8 s bf16-true step at mini-Llama's size, for every method)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
         def __init__(self) -> None:
@@ -552,3 +552,40 @@ def test_hra_linear_keeps_nothing_weight_sized_and_equals_the_formed_path(
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
     for ours, formed in zip(*results, strict=True):
         torch.testing.assert_close(ours.float(), formed.float(), **tolerance)
+
+
+# ------------------------------------------------------------------------------ OFT's rotation
+def test_an_oft_layer_trains_in_no_more_operators_than_peft_s() -> None:
+    """Every operator is a kernel launch on a GPU, per layer and step (154 layers at 1.1B
+    all-linear): building the Cayley-Neumann rotation must not cost more of them than peft's."""
+    from peft import get_peft_model
+
+    from peftc.methods.oft import OFTLayer
+    from tests.helpers import peft_config_from_plan
+
+    plan = peftc.compile(["model=tiny_llama", "peft=oft", "peft.init_weights=false", "peft.oft_block_size=16"])
+    ours_base, theirs_base = twin_bases(plan)
+    theirs = get_peft_model(theirs_base, peft_config_from_plan(plan)).train()
+    ours = peftc.materialize(plan, base_model=ours_base).train()
+    ours_layer = next(m for m in ours.modules() if isinstance(m, OFTLayer))
+    theirs_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    counts = []
+    for layer in (ours_layer, theirs_layer):
+        layer(x).sum().backward()  # warm: nothing made once (indices) is counted
+        with OperatorCount() as counter:
+            layer(x).sum().backward()
+        counts.append(counter.count)
+    assert 10 < counts[0] <= counts[1], counts
+
+
+class OperatorCount(TorchDispatchMode):
+    """Operators that compute something (views left out), dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
