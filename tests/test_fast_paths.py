@@ -554,29 +554,44 @@ def test_hra_linear_keeps_nothing_weight_sized_and_equals_the_formed_path(
         torch.testing.assert_close(ours.float(), formed.float(), **tolerance)
 
 
-# ------------------------------------------------------------------------------ OFT's rotation
-def test_an_oft_layer_trains_in_no_more_operators_than_peft_s() -> None:
+# ------------------------------------------------------------------------------ operators per layer
+# LoHa is left out: its factored product is one operator more than peft's formed one, and peft's
+# layer reads its module-dropout draw back to the host (a GPU sync) where peftc's does not.
+LAYER_SETTINGS = {
+    "lora": ["peft.init_lora_weights=false"],
+    "dora": ["peft.use_dora=true", "peft.init_lora_weights=false"],
+    "lora dropout": ["peft.lora_dropout=0.1", "peft.init_lora_weights=false"],
+    "ia3": ["peft=ia3", "peft.init_ia3_weights=false"],
+    "lokr": ["peft=lokr", "peft.init_weights=false"],
+    "adalora": ["peft=adalora", "peft.init_lora_weights=false"],
+    "oft": ["peft=oft", "peft.init_weights=false", "peft.oft_block_size=16"],
+    "hra": ["peft=hra", "peft.init_weights=false", "peft.r=4"],
+    "vera": ["peft=vera", "peft.init_weights=false", "peft.r=8"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_SETTINGS))
+def test_an_adapted_layer_trains_in_no_more_operators_than_peft_s(method: str) -> None:
     """Every operator is a kernel launch on a GPU, per layer and step (154 layers at 1.1B
-    all-linear): building the Cayley-Neumann rotation must not cost more of them than peft's."""
+    all-linear): no method's layer may cost more of them than peft's (OFT's Cayley-Neumann series
+    once cost 47 against peft's 40)."""
     from peft import get_peft_model
 
-    from peftc.methods.oft import OFTLayer
     from tests.helpers import peft_config_from_plan
 
-    plan = peftc.compile(["model=tiny_llama", "peft=oft", "peft.init_weights=false", "peft.oft_block_size=16"])
+    plan = peftc.compile(["model=tiny_llama", *LAYER_SETTINGS[method]])
     ours_base, theirs_base = twin_bases(plan)
     theirs = get_peft_model(theirs_base, peft_config_from_plan(plan)).train()
     ours = peftc.materialize(plan, base_model=ours_base).train()
-    ours_layer = next(m for m in ours.modules() if isinstance(m, OFTLayer))
-    theirs_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
     counts = []
-    for layer in (ours_layer, theirs_layer):
-        layer(x).sum().backward()  # warm: nothing made once (indices) is counted
+    for model in (ours, theirs):
+        layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.v_proj"))
+        layer(x).sum().backward()  # warm: what is made once (OFT's indices) is not counted
         with OperatorCount() as counter:
             layer(x).sum().backward()
         counts.append(counter.count)
-    assert 10 < counts[0] <= counts[1], counts
+    assert 5 < counts[0] <= counts[1], counts
 
 
 class OperatorCount(TorchDispatchMode):
