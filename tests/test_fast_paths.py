@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -571,13 +572,16 @@ LAYER_SETTINGS = {
 
 
 @pytest.mark.parametrize("method", sorted(LAYER_SETTINGS))
-def test_an_adapted_layer_trains_in_no_more_operators_than_peft_s(method: str) -> None:
+def test_an_adapted_layer_trains_in_no_more_operators_than_peft_s(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every operator is a kernel launch on a GPU, per layer and step (154 layers at 1.1B
     all-linear): no method's layer may cost more of them than peft's (OFT's Cayley-Neumann series
     once cost 47 against peft's 40)."""
     from peft import get_peft_model
 
     from tests.helpers import peft_config_from_plan
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    from bench_gpu import OpCounter  # the count the GPU bench reports per step
 
     plan = peftc.compile(["model=tiny_llama", *LAYER_SETTINGS[method]])
     ours_base, theirs_base = twin_bases(plan)
@@ -588,19 +592,7 @@ def test_an_adapted_layer_trains_in_no_more_operators_than_peft_s(method: str) -
     for model in (ours, theirs):
         layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.v_proj"))
         layer(x).sum().backward()  # warm: what is made once (OFT's indices) is not counted
-        with OperatorCount() as counter:
+        with OpCounter() as counter:
             layer(x).sum().backward()
         counts.append(counter.count)
     assert 5 < counts[0] <= counts[1], counts
-
-
-class OperatorCount(TorchDispatchMode):
-    """Operators that compute something (views left out), dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
