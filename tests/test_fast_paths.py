@@ -289,6 +289,10 @@ COMPILED_METHODS = {
     "oft": ["peft=oft", "peft.init_weights=false", "peft.oft_block_size=16"],
     "hra": ["peft=hra", "peft.init_weights=false", "peft.r=4"],
 }
+# Traced by Dynamo and AOT autograd as inductor would trace them, without generating code: what
+# these add to the others' checks is the trace (no graph break), and a cold inductor compile of
+# their blocks costs ~25 s each of the suite's budget.
+TRACED_ONLY = {"oft", "hra"}
 
 
 @pytest.mark.slow
@@ -305,7 +309,8 @@ def test_compiled_blocks_train_to_the_same_loss_and_gradients(method: str) -> No
     eager = peftc.materialize(plan, base_model=build_base(plan)).train()
     compiled = copy.deepcopy(eager)
     names = [n for n, _ in compiled.named_parameters()]
-    assert compile_blocks(compiled) == 2  # tiny_llama's decoder layers
+    backend = "aot_eager" if method in TRACED_ONLY else "inductor"
+    assert compile_blocks(compiled, backend) == 2  # tiny_llama's decoder layers
     assert all(block._compiled_call_impl is not None for block in compiled.base_model.model.layers)
     assert [n for n, _ in compiled.named_parameters()] == names
     task, batch = get_task(plan.task), labelled_batch()
