@@ -21,7 +21,6 @@ refused at plan time.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from peftc.methods.base import InjectableMethod
 from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora.lowrank import autocast_dtype, fused_linear, plain_linear
+from peftc.methods.lora.lowrank import autocast_dtype, autocast_off, fused_linear, plain_linear
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 
@@ -134,19 +133,12 @@ def compact_reflections(vectors: torch.Tensor, gram_schmidt: bool) -> tuple[torc
     units = vectors / vectors.norm(dim=0)
     # The r x r algebra in float32 whatever the adapter's dtype and autocast say: it costs nothing,
     # and CPUs have no 16-bit triangular solve.
-    with outside_autocast_on(vectors.device):
+    with autocast_off(vectors.device):
         wide = units.float()
         eye = torch.eye(vectors.shape[1], device=vectors.device)
         inverse = torch.triu(wide.t() @ wide, diagonal=1) + eye / 2
         triangle = torch.linalg.solve_triangular(inverse, eye, upper=True)
     return units, triangle.to(vectors.dtype)
-
-
-def outside_autocast_on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast switched off on `device` where it is on (a no-op elsewhere, e.g. on meta)."""
-    if autocast_dtype(device) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
 
 
 class HRALayer(AdapterLayer):

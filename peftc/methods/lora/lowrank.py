@@ -28,6 +28,7 @@ update is added to the float32 output, never rounded to bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -61,8 +62,7 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
         flat, weight, *rest = ctx.saved_tensors
-        count = len(ctx.scalings)
-        factors, products = rest[: 2 * count], rest[2 * count :]
+        factors, products = factors_and_products(rest, len(ctx.scalings))
         needs = ctx.needs_input_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = torch.mm(grad, weight) if needs[0] else None
@@ -72,6 +72,13 @@ class LowRankLinear(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape)
         return grad_x, grad_weight, grad_bias, None, *grad_factors
+
+
+def factors_and_products(
+    saved: Sequence[torch.Tensor], count: int
+) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    """A node's saved (A_1, B_1, ..., A_count, B_count, product_1, ..., product_count), split."""
+    return saved[: 2 * count], saved[2 * count :]
 
 
 def add_low_rank(
@@ -189,8 +196,7 @@ class QuantizedLowRankLinear(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_output):  # noqa: ANN001, ANN205
         flat, *rest = ctx.saved_tensors
-        count = len(ctx.scalings)
-        factors, products = rest[: 2 * count], rest[2 * count :]
+        factors, products = factors_and_products(rest, len(ctx.scalings))
         needs = ctx.needs_input_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grad_x = ctx.frozen.input_grad(grad.to(flat.dtype)) if needs[0] else None
@@ -295,10 +301,15 @@ def _apply_fused(
 def outside_autocast(backward, ctx, grad_output):  # noqa: ANN001, ANN201 - autograd's types
     """Run a fused node's backward with autocast off: its saved tensors share one dtype already
     (cast before the node), and autocast would cast its GEMMs but not its in-place sums."""
-    if autocast_dtype(grad_output.device) is None:
+    with autocast_off(grad_output.device):
         return backward(ctx, grad_output)
-    with torch.autocast(grad_output.device.type, enabled=False):
-        return backward(ctx, grad_output)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device` where it is on (nothing to switch elsewhere, e.g. on meta)."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
