@@ -225,7 +225,8 @@ def test_trained_pissa_dora_run_saves_an_adapter_and_merged_model_that_agree(tmp
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     expected = logits(theirs)
     assert max_diff(expected, logits(build_base(peftc.compile(overrides)))) > 1e-6, "training moved the adapter"
-    assert max_diff(logits(ours), expected) <= 1e-5
+    # PiSSA's float32 SVD rounding (tests.helpers): torch 2.8's kernels put ours 1.6e-5 from peft's
+    assert max_diff(logits(ours), expected) <= PISSA_ROUNDING
     assert max_diff(logits(merged), expected) <= PISSA_ROUNDING
 
 
