@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from peftc.errors import AdapterFileError, ConfigError, DataError, PeftcError, PlanError
+from peftc.installed import InstallError, check_installed
 from peftc.noise import silence_import_noise
 from peftc.version import __version__
 
@@ -36,6 +37,7 @@ __all__ = [
     "PlanError",
     "AdapterFileError",
     "DataError",
+    "InstallError",
     "__version__",
 ]
 
@@ -49,6 +51,7 @@ def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public n
             "is one string; peftc.compile takes a list of overrides",
             f"peftc.compile({overrides.split()!r})",
         )
+    check_installed()
     from peftc.config.compose import compose, to_spec
     from peftc.planning import planner
 
@@ -84,6 +87,8 @@ def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | No
 
 def __getattr__(name: str) -> Any:
     # materialize/load_adapter pull in torch-heavy code; keep `import peftc` light.
+    if name in ("materialize", "load_adapter"):
+        check_installed()
     if name == "materialize":
         from peftc.runtime.materialize import materialize
 

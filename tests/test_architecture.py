@@ -22,7 +22,7 @@ PACKAGE = ROOT / "peftc"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("peftc.errors", "peftc.noise", "peftc.version"),
+    ("peftc.errors", "peftc.installed", "peftc.noise", "peftc.version"),
     ("peftc.config", "peftc.conf"),
     ("peftc.planning",),
     ("peftc.methods", "peftc.tasks", "peftc.quant"),  # plug-ins: peers, through contracts only

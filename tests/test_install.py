@@ -104,3 +104,83 @@ def test_the_wheel_ships_the_configs_and_plans_from_another_directory(tmp_path: 
             text=True,
         ).stdout
     )
+
+
+# ------------------------------------------------------------------------ what pip cannot see
+def fake_distributions(root: Path, **versions: str) -> Path:
+    """A directory that, first on sys.path, makes importlib.metadata report these versions
+    (the packages' code still comes from the real installs)."""
+    for name, version in versions.items():
+        info = root / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return root
+
+
+def test_pyproject_declares_the_torch_floor_the_check_enforces() -> None:
+    from peftc.installed import TORCH_FLOOR
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch = next(Requirement(line) for line in project["dependencies"] if Requirement(line).name == "torch")
+    assert str(torch.specifier) == f">={TORCH_FLOOR}"
+
+
+@pytest.mark.parametrize(
+    ("versions", "problem"),
+    [
+        ({"torch": "2.8.0+cu128", "torchao": "0.18.0"}, "torchao 0.18.0 needs torch>=2.11, found torch 2.8.0+cu128"),
+        ({"torch": "2.10.0", "torchao": "0.19.1"}, "torchao 0.19.1 needs torch>=2.11, found torch 2.10.0"),
+        ({"torch": "2.7.1"}, "peftc needs torch>=2.8, found torch 2.7.1"),
+        ({"torch": "2.7.1", "torchao": "0.18.0"}, "peftc needs torch>=2.8, found torch 2.7.1"),
+        ({"torch": "2.8.0", "torchao": "0.13.0"}, None),  # an older torchao keeps its older-torch paths
+        ({"torch": "2.11.0+cu130", "torchao": "0.18.0"}, None),  # the GPU machine's torch
+        ({"torch": "2.13.0+cpu", "torchao": "0.18.0"}, None),
+    ],
+)
+def test_the_torch_each_installed_package_needs(
+    monkeypatch: pytest.MonkeyPatch, versions: dict[str, str], problem: str | None
+) -> None:
+    import peftc.installed
+
+    monkeypatch.setattr(peftc.installed, "installed_version", versions.get)
+    found = peftc.installed.unmet_need()
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found and "install a torch>=" in found
+        assert ("pip uninstall torchao" in found) == problem.startswith("torchao")
+
+
+def test_the_api_names_the_mismatch_before_transformers_imports_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
+    import peftc
+    import peftc.installed
+
+    monkeypatch.setattr(peftc.installed, "installed_version", {"torch": "2.8.0", "torchao": "0.18.0"}.get)
+    with pytest.raises(peftc.InstallError, match=r"torchao 0\.18\.0 needs torch>=2\.11"):
+        peftc.compile(["model=tiny_llama"])
+    for entry in ("materialize", "load_adapter"):
+        with pytest.raises(peftc.InstallError):
+            getattr(peftc, entry)
+
+
+def test_the_cli_refuses_torchao_beside_an_older_torch_in_one_line_before_anything(tmp_path: Path) -> None:
+    # The field case: a GPU user's torch 2.8 and the quant extra's torchao 0.18. Unchecked, every
+    # command (dry runs too) dies in an ImportError from torchao, which transformers imports.
+    from tests.helpers import REPO
+
+    fake = fake_distributions(tmp_path / "site", torch="2.8.0+cu128", torchao="0.18.0")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)])}
+    loaded = (
+        "import atexit, sys; sys.argv[1:] = ['dry_run=true']; atexit.register(lambda: print(sorted("
+        "m for m in sys.modules if m.split('.')[0] in ('transformers', 'torchao')))); "
+        "from peftc.cli.main import main; main()"
+    )
+    for command in ([sys.executable, "-m", "peftc", "dry_run=true"], [sys.executable, "-c", loaded]):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            "error: installed packages: torchao 0.18.0 needs torch>=2.11, found torch 2.8.0+cu128; install a "
+            "torch>=2.11 build for your CUDA (pytorch.org) or `pip uninstall torchao` (only quant=torchao_int8 uses it)"
+        ]
+    assert result.stdout.strip() == "[]"  # refused before transformers (and so torchao) was imported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # no outputs/, no .hydra

@@ -31,6 +31,7 @@ from peftc.config.compose import (
 from peftc.config.registry import import_registries
 from peftc.config.spec import RunSpec
 from peftc.errors import ConfigError, PeftcError
+from peftc.installed import check_installed
 
 # Hydra flags that take a value, and flags that stop before any job runs.
 _VALUE_FLAGS = {
@@ -68,6 +69,10 @@ _SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i", "--hydra-help"}
 
 
 def main() -> None:
+    try:
+        check_installed()  # before the registries import transformers, which imports torchao
+    except PeftcError as exc:
+        fail(exc)
     import_registries()
     argv = sys.argv[1:]
     if answered_here(argv):
