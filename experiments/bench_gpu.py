@@ -65,7 +65,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -484,16 +484,31 @@ def make_bench(args: argparse.Namespace) -> Bench:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the rows, print the table (and write --json); returns the rows."""
     args = parse(argv)
-    # compile times as a first run pays them: no inductor or Triton cache from an earlier run
-    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        os.environ.setdefault(variable, tempfile.mkdtemp(prefix="bench_gpu_cache_"))
     threads_before = torch.get_num_threads()
     # the smoke run's tiny products only lose to thread start-up and contention
     torch.set_num_threads(args.threads or (1 if args.tiny else threads_before))
     try:
-        return run(args)
+        with cold_compile_caches():
+            return run(args)
     finally:
-        torch.set_num_threads(threads_before)  # a test calls main() in its own process
+        torch.set_num_threads(threads_before)  # tests call main() in their own process
+
+
+COMPILE_CACHES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextlib.contextmanager
+def cold_compile_caches() -> Iterator[None]:
+    """Compile times as a first run pays them: inductor's and Triton's caches in a new directory,
+    removed afterwards with the variables that named it (caches the caller named are used as they are)."""
+    unset = [variable for variable in COMPILE_CACHES if variable not in os.environ]
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_cache_") as cold:
+        os.environ.update({variable: os.path.join(cold, variable.lower()) for variable in unset})
+        try:
+            yield
+        finally:
+            for variable in unset:
+                os.environ.pop(variable, None)
 
 
 def selected_rows(args: argparse.Namespace, main_precision: Precision) -> list[Row]:

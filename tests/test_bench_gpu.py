@@ -9,9 +9,11 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,13 +28,25 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict
     out = tmp_path_factory.mktemp("bench") / "rows.json"
     profile = out.with_name("profile.txt")
     printed = io.StringIO()
+    caches = set(Path(tempfile.gettempdir()).glob("bench_gpu_cache_*"))
     with contextlib.redirect_stdout(printed):  # the table; progress goes to stderr
         # aot_eager: Dynamo traces (and would break) the blocks as inductor's would, but generates no code
         argv = ["--tiny", "--warmup", "1", "--steps", "1", "--compile-backend", "aot_eager", "--json", str(out)]
         rows = bench_gpu.main([*argv, "--profile", str(profile)])
+    left = {
+        "caches": sorted(map(str, set(Path(tempfile.gettempdir()).glob("bench_gpu_cache_*")) - caches)),
+        "environment": {k: os.environ[k] for k in bench_gpu.COMPILE_CACHES if k in os.environ},
+    }
     saved = json.loads(out.read_text())
     saved["profile"] = profile.read_text()
+    saved["left"] = left
     return rows, saved, printed.getvalue()
+
+
+def test_a_run_leaves_no_compile_cache_and_no_variable_behind(tiny_run: tuple[list[dict], dict, str]) -> None:
+    # It compiles into fresh inductor/Triton caches (compile times as a first run pays them);
+    # leaving them would fill /tmp run after run and point later compiles in the process at them.
+    assert tiny_run[1]["left"] == {"caches": [], "environment": {}}
 
 
 def test_tiny_run_has_a_row_per_method_and_per_cpu_precision(tiny_run: tuple[list[dict], dict, str]) -> None:
