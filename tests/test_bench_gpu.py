@@ -29,14 +29,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict
     profile = out.with_name("profile.txt")
     printed = io.StringIO()
     caches = set(Path(tempfile.gettempdir()).glob("bench_gpu_cache_*"))
+    # unset, as in a fresh process (inductor names its default cache there once it has compiled)
+    variables = {k: os.environ.pop(k, None) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     with contextlib.redirect_stdout(printed):  # the table; progress goes to stderr
         # aot_eager: Dynamo traces (and would break) the blocks as inductor's would, but generates no code
         argv = ["--tiny", "--warmup", "1", "--steps", "1", "--compile-backend", "aot_eager", "--json", str(out)]
         rows = bench_gpu.main([*argv, "--profile", str(profile)])
     left = {
         "caches": sorted(map(str, set(Path(tempfile.gettempdir()).glob("bench_gpu_cache_*")) - caches)),
-        "environment": {k: os.environ[k] for k in bench_gpu.COMPILE_CACHES if k in os.environ},
+        "environment": {k: os.environ[k] for k in variables if k in os.environ},
     }
+    os.environ.update({k: v for k, v in variables.items() if v is not None})
     saved = json.loads(out.read_text())
     saved["profile"] = profile.read_text()
     saved["left"] = left
