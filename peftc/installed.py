@@ -15,8 +15,8 @@ from importlib import metadata
 
 from peftc.errors import PeftcError
 
-# The oldest torch the whole suite passes on (RESULTS.md, "Torch versions a GPU user brings");
-# pyproject's `torch>=` says the same (tests/test_installed.py holds them together).
+# The oldest torch the whole suite passes on (RESULTS.md, "The torch a GPU user brings");
+# pyproject's `torch>=` says the same (tests/test_install.py holds them together).
 TORCH_FLOOR = "2.8"
 
 

@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict
     printed = io.StringIO()
     caches = set(Path(tempfile.gettempdir()).glob("bench_gpu_cache_*"))
     # unset, as in a fresh process (inductor names its default cache there once it has compiled)
-    variables = {k: os.environ.pop(k, None) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    variables = {k: os.environ.pop(k, None) for k in bench_gpu.COMPILE_CACHES}
     with contextlib.redirect_stdout(printed):  # the table; progress goes to stderr
         # aot_eager: Dynamo traces (and would break) the blocks as inductor's would, but generates no code
         argv = ["--tiny", "--warmup", "1", "--steps", "1", "--compile-backend", "aot_eager", "--json", str(out)]
