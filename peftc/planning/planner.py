@@ -151,7 +151,7 @@ def _modules_to_save(
             raise PlanError(
                 "peft.modules_to_save",
                 entry,
-                f"no module named '{entry}' in {graph.model_class}",
+                f"no module named {entry!r} in {graph.model_class}",
                 hint,
             )
         for module in matches:

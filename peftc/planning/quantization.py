@@ -81,7 +81,7 @@ def _kept(spec: Any, graph: ModelGraph, candidates: list[ModuleInfo], protected:
         found = [m.path for m in everything if m.path == entry or m.path.endswith("." + entry)]
         if not found:
             hint = did_you_mean(entry, graph.leaf_names() | {m.path for m in everything})
-            raise PlanError(KEY, entry, f"no module named '{entry}' in {graph.model_class}", hint)
+            raise PlanError(KEY, entry, f"no module named {entry!r} in {graph.model_class}", hint)
         kept.update(found)
     return kept
 

@@ -186,7 +186,7 @@ def _list_matches(
         if not found and strict:
             names = graph.leaf_names() | {m.path for m in candidates}
             hint = did_you_mean(entry, names) or f"module names here include {_sample(graph)}"
-            raise PlanError(key, entry, f"no module named '{entry}' in {graph.model_class}", hint)
+            raise PlanError(key, entry, f"no module named {entry!r} in {graph.model_class}", hint)
         for module in found:
             hits[module.path] = module
     if not hits:
