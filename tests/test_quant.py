@@ -267,6 +267,20 @@ def test_lora_over_a_quantized_layer_matches_the_dequantized_reference(backend: 
             assert relative(ours(x), reference(x)) <= bound
 
 
+def test_quanto_int4_runs_on_a_cpu_without_building_quantos_cpp_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building it takes 39 s, a compiler and a writable site-packages (README: Quantized bases)."""
+    from optimum.quanto.library.extensions.extension import Extension
+    from optimum.quanto.tensor.packed import pack_weights
+
+    monkeypatch.setattr(Extension, "lib", property(lambda ext: pytest.fail(f"peftc built quanto's {ext.name}")))
+    ours, reference = _twin_lora_layers("quanto_int4", seed=0)
+    x = torch.randn(2, 3, 256)
+    assert relative(ours(x), reference(x)) <= EXACT
+    for bits in (2, 4):  # quanto's packing read back, row counts that do not fill the last byte row
+        codes = torch.randint(0, 2**bits, (37, 5), dtype=torch.uint8)
+        assert torch.equal(torch.ops.quanto.unpack(pack_weights(codes, bits), bits)[:37], codes)
+
+
 def count_fused_nodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one each time QLoRA's fused node runs."""
     from peftc.methods.lora import lowrank

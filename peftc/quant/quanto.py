@@ -5,10 +5,16 @@ per group of 128 input columns (fewer when 128 does not divide the row: 96, 64, 
 group per row when in_features <= 128), two 4-bit codes per byte. Weights are frozen (`freeze`)
 so the forward multiplies by the stored codes; activations stay in model.dtype. Outputs equal
 x @ dequant(W)^T to float rounding.
+
+On a CPU, peftc unpacks int4 codes with torch operations instead of quanto's C++ kernel, which
+quanto compiles into its own package directory on first use (28-39 s on a 2-core machine, and only
+with a compiler and a writable site-packages). The codes are identical and a layer's step takes
+the same time: experiments/RESULTS.md, "quanto's int4 unpacking on a CPU".
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -73,6 +79,39 @@ def group_size(in_features: int) -> int | None:
     return None
 
 
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's packed layout read back: byte row r holds the codes of rows r, r + n, ... in its
+    low bits first, for n packed rows (quanto's `pack_weights`)."""
+    import torch
+
+    rows, slots = packed.shape[0], 8 // bits
+    codes = torch.empty((slots * rows, *packed.shape[1:]), dtype=torch.uint8, device=packed.device)
+    for slot in range(slots):  # written in place: 3-5x faster than shifting copies and concatenating
+        torch.bitwise_right_shift(packed, bits * slot, out=codes[slot * rows : (slot + 1) * rows])
+        codes[slot * rows : (slot + 1) * rows].bitwise_and_((1 << bits) - 1)
+    return codes
+
+
+# The registration lives as long as this Library object does.
+_cpu_unpack_library: torch.library.Library | None = None
+
+
+def unpack_with_torch_on_cpu() -> None:
+    """Make `quanto::unpack` on CPU tensors run `unpack_codes` (idempotent; other devices keep
+    quanto's kernels)."""
+    global _cpu_unpack_library
+    if _cpu_unpack_library is not None:
+        return
+    import optimum.quanto  # noqa: F401  (defines quanto::unpack and registers its CPU kernel)
+    import torch
+
+    library = torch.library.Library("quanto", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        library.impl("unpack", unpack_codes, "CPU", allow_override=True)
+    _cpu_unpack_library = library
+
+
 class Quanto(QuantBackend):
     qtype: ClassVar[str]  # quanto's weight qtype name
     hf_weights: ClassVar[str]  # the same qtype under transformers' QuantoConfig name
@@ -86,6 +125,7 @@ class Quanto(QuantBackend):
 
         from peftc.planning.graph import replace_module
 
+        unpack_with_torch_on_cpu()
         for path in paths:
             layer = quantize_module(model.get_submodule(path), weights=qtypes[self.qtype])
             layer.freeze()
@@ -96,6 +136,7 @@ class Quanto(QuantBackend):
     def on_load_config(self, spec: Any, model_dtype: str, skip: list[str]) -> Any:
         from transformers import QuantoConfig
 
+        unpack_with_torch_on_cpu()
         # transformers builds the same quanto QLinear and freezes it as each weight is read:
         # measured bit-identical to `quantize` (codes, scales, shifts, logits) for int8 and int4.
         return QuantoConfig(weights=self.hf_weights, modules_to_not_convert=skip)
