@@ -45,14 +45,23 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scalings, *factors):  # noqa: ANN001, ANN205 - autograd signature
-        features = x.shape[-1]
-        flat = x.reshape(-1, features)
-        out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
-        products = add_low_rank(out, flat, scalings, factors)
+        flat, out, products = LowRankLinear._compute(x, weight, bias, scalings, factors)
         ctx.scalings = scalings
         ctx.input_shape = x.shape
         ctx.save_for_backward(flat, weight, *factors, *products)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def evaluate(x, weight, bias, scalings, *factors):  # noqa: ANN001, ANN205 - apply's signature
+        """The forward without a node, for when no gradient is recorded."""
+        _, out, _ = LowRankLinear._compute(x, weight, bias, scalings, factors)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _compute(x, weight, bias, scalings, factors):  # noqa: ANN001, ANN205
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+        return flat, out, add_low_rank(out, flat, scalings, factors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -136,13 +145,24 @@ class RescaledLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scaling, lora_a, lora_b, rescale):  # noqa: ANN001, ANN205
+        flat, product, unscaled, out = RescaledLowRankLinear._compute(x, weight, bias, scaling, lora_a, lora_b, rescale)
+        ctx.scaling, ctx.input_shape = scaling, x.shape
+        ctx.save_for_backward(flat, weight, lora_a, lora_b, rescale, product, unscaled)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def evaluate(x, weight, bias, scaling, lora_a, lora_b, rescale):  # noqa: ANN001, ANN205 - apply's signature
+        """The forward without a node, for when no gradient is recorded."""
+        *_, out = RescaledLowRankLinear._compute(x, weight, bias, scaling, lora_a, lora_b, rescale)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _compute(x, weight, bias, scaling, lora_a, lora_b, rescale):  # noqa: ANN001, ANN205
         flat = x.reshape(-1, x.shape[-1])
         product = torch.mm(flat, lora_a.t())
         unscaled = torch.mm(flat, weight.t()).addmm_(product, lora_b.t(), alpha=scaling)
         out = unscaled * rescale if bias is None else torch.addcmul(bias, unscaled, rescale)
-        ctx.scaling, ctx.input_shape = scaling, x.shape
-        ctx.save_for_backward(flat, weight, lora_a, lora_b, rescale, product, unscaled)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return flat, product, unscaled, out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -181,12 +201,22 @@ class QuantizedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, frozen, out_dtype, scalings, *factors):  # noqa: ANN001, ANN205 - autograd signature
-        flat = x.reshape(-1, x.shape[-1])
-        out = frozen.forward(flat).to(out_dtype)
-        products = add_low_rank(out, flat, scalings, factors)
+        flat, out, products = QuantizedLowRankLinear._compute(x, frozen, out_dtype, scalings, factors)
         ctx.frozen, ctx.scalings, ctx.input_shape = frozen, scalings, x.shape
         ctx.save_for_backward(flat, *factors, *products)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def evaluate(x, frozen, out_dtype, scalings, *factors):  # noqa: ANN001, ANN205 - apply's signature
+        """The forward without a node, for when no gradient is recorded."""
+        _, out, _ = QuantizedLowRankLinear._compute(x, frozen, out_dtype, scalings, factors)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _compute(x, frozen, out_dtype, scalings, factors):  # noqa: ANN001, ANN205
+        flat = x.reshape(-1, x.shape[-1])
+        out = frozen.forward(flat).to(out_dtype)
+        return flat, out, add_low_rank(out, flat, scalings, factors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -271,7 +301,7 @@ def fused_quantized_linear(
     out_dtype = x.dtype
     tensors = [t.to(compute if index % 2 == 0 else out_dtype) for index, t in enumerate(factors)]
     with torch.autocast(x.device.type, enabled=False):
-        return QuantizedLowRankLinear.apply(x.to(compute), frozen, out_dtype, tuple(scalings), *tensors)
+        return run_node(QuantizedLowRankLinear, x.to(compute), frozen, out_dtype, tuple(scalings), *tensors)
 
 
 def _apply_fused(
@@ -290,12 +320,22 @@ def _apply_fused(
     if dtype is None:
         if weight.dtype != x.dtype or any(t.dtype != x.dtype for t in tensors):
             return None
-        return node.apply(x, weight, bias, constant, *tensors)
+        return run_node(node, x, weight, bias, constant, *tensors)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     tensors = [t.to(dtype) for t in tensors]
     with torch.autocast(x.device.type, enabled=False):
-        return node.apply(x, weight, bias, constant, *tensors)
+        return run_node(node, x, weight, bias, constant, *tensors)
+
+
+def run_node(node: type[torch.autograd.Function], *args: object) -> torch.Tensor:
+    """node.apply(*args), or the node's `evaluate` where no gradient is recorded (validation,
+    generation). Besides skipping the saved tensors, this keeps a compiled block in one graph:
+    Dynamo fails to trace an autograd.Function whose non-tensor arguments precede *varargs under
+    no_grad (torch 2.13: AttributeError inside the trace, the block then runs uncompiled)."""
+    if torch.is_grad_enabled():
+        return node.apply(*args)
+    return node.evaluate(*args)
 
 
 def outside_autocast(backward, ctx, grad_output):  # noqa: ANN001, ANN201 - autograd's types
