@@ -208,3 +208,23 @@ def test_compiled_blocks_compile_once_over_training_steps(tmp_path: Path, monkey
     blocks = len(model.base_model.model.layers)
     assert 1 <= counts[0] <= blocks, f"{counts[0]} compilations for {blocks} blocks"
     assert counts == [counts[0]] * 4, f"compilations after each step: {counts}"
+
+
+@pytest.mark.filterwarnings("ignore:.*val_dataloader")  # no validation data, on purpose
+def test_each_run_in_a_process_compiles_its_own_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's jobs run in one process (Hydra's basic launcher). Each compiles blocks of the same
+    decoder-layer code, and Dynamo gives up on a code object after `recompile_limit` compilations:
+    without a fresh start per run, a sweep's later jobs trained silently uncompiled (seen from the
+    third job of `-m peft=lora,loha,lokr,... trainer.compile=true`, limit 8; here the limit is 1)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend=counter))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    compiled_per_run = []
+    for run, method in enumerate(["peft=lora", "peft=loha"]):
+        before = counter.frame_count
+        fit_lora(tmp_path / str(run), ["trainer.compile=true", method], 1, lambda model: None)
+        compiled_per_run.append(counter.frame_count - before)
+    assert all(compiled_per_run), f"frames compiled by each run: {compiled_per_run}"

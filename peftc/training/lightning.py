@@ -272,6 +272,9 @@ def fit(
     task = tasks.get(plan.task)
     module = PeftcLightningModule(model, task, plan, tokenizer)
     if plan.spec.trainer.compile:
+        # An earlier run in this process (a sweep's job) compiled the same decoder-layer code;
+        # its compilations count against Dynamo's recompile limit, past which blocks run eagerly.
+        torch._dynamo.reset()
         compile_blocks(model)
     train_loader, val_loader = loaders
     checkpointing = StepCheckpoint(
