@@ -37,7 +37,7 @@ Rows
 --tiny (CPU): the same rows on a 2-layer, 64-wide Llama, the methods in 32-true instead (bf16
 matrix products are slow on CPUs without bf16 units) and bf16-true in the matrix; 16-mixed is
 skipped. Its timings say nothing about a GPU: it exists so the bench cannot rot (its test runs
-the compiled rows with `--compile-backend aot_eager`, which generates no code).
+the compiled rows with `--compile-backend eager`: Dynamo alone).
 
 Columns: step time is the median of --steps timed steps after --warmup (wall clock around the
 step, synchronised on CUDA); ratio = peftc / peft (below 1 is better); "floor / peftc" = frozen

@@ -219,36 +219,50 @@ def test_the_wheel_lists_every_package() -> None:
 
 
 HEAVY = ("lightning", "pytorch_lightning", "bitsandbytes", "optimum.quanto", "torchao", "peft")
+# One fresh interpreter: what transformers itself imports with any model class first, then each
+# dry run in turn. A module only ever joins sys.modules, so a dry run that imported anything
+# beyond the baseline shows in the set printed after it, whatever ran before it.
 PROBE = """
 import runpy, sys
-heavy = {heavy!r}
-if sys.argv[1] == "baseline":
-    import transformers.modeling_utils  # what transformers itself imports with any model class
-else:
-    sys.argv = ["peftc", "dry_run=true", "quant=" + sys.argv[1], "hydra.run.dir=" + sys.argv[2]]
+from hydra.core.global_hydra import GlobalHydra
+heavy, run_dir, quants = {heavy!r}, sys.argv[1], sys.argv[2:]
+def report(name):
+    print("LOADED", name, sorted(h for h in heavy if h in sys.modules))
+import transformers.modeling_utils
+report("baseline")
+for quant in quants:
+    sys.argv = ["peftc", "dry_run=true", "quant=" + quant, "hydra.run.dir=" + run_dir + "/" + quant]
     try:
         runpy.run_module("peftc", run_name="__main__")
     except SystemExit as exc:
         assert not exc.code, exc.code
-print("LOADED", sorted(h for h in heavy if h in sys.modules))
+    GlobalHydra.instance().clear()
+    report(quant)
 """
 
 
-def loaded_heavy(*args: str) -> set[str]:
+def loaded_heavy(run_dir: Path, quants: list[str]) -> dict[str, set[str]]:
+    """The heavy modules loaded at the baseline and after each quant's dry run (see PROBE)."""
     result = subprocess.run(
-        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), str(run_dir), *quants],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("LOADED"))
-    return set(ast.literal_eval(line.removeprefix("LOADED ")))
+    reports = [line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("LOADED ")]
+    return {name: set(ast.literal_eval(names)) for name, names in reports}
 
 
 @pytest.mark.slow
 def test_a_dry_run_imports_no_trainer_and_no_quantization_backend(tmp_path: Path) -> None:
     # transformers imports torchao with every model class once it is installed: that much is not ours.
-    baseline = loaded_heavy("baseline")
-    for quant in ("none", "bnb_nf4", "quanto_int8"):
-        assert loaded_heavy(quant, str(tmp_path / quant)) <= baseline, quant
+    quants = ["none", "bnb_nf4", "quanto_int8"]
+    loaded = loaded_heavy(tmp_path, quants)
+    assert set(loaded) == {"baseline", *quants}, loaded
+    for quant in quants:
+        assert loaded[quant] <= loaded["baseline"], (quant, loaded[quant] - loaded["baseline"])
 
 
 def test_every_method_keeps_exactly_one_of_the_two_contracts_and_fills_it() -> None:

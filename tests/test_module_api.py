@@ -221,10 +221,10 @@ def test_each_run_in_a_process_compiles_its_own_blocks(tmp_path: Path, monkeypat
     counter = CompileCounter()
     compile_module = nn.Module.compile
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend=counter))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     compiled_per_run = []
-    for run, method in enumerate(["peft=lora", "peft=loha"]):
-        before = counter.frame_count
-        fit_lora(tmp_path / str(run), ["trainer.compile=true", method], 1, lambda model: None)
-        compiled_per_run.append(counter.frame_count - before)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for run, method in enumerate(["peft=lora", "peft=loha"]):
+            before = counter.frame_count
+            fit_lora(tmp_path / str(run), ["trainer.compile=true", method], 1, lambda model: None)
+            compiled_per_run.append(counter.frame_count - before)
     assert all(compiled_per_run), f"frames compiled by each run: {compiled_per_run}"

@@ -1,4 +1,4 @@
-"""Sweeps from the command line (slow: each job trains a few steps in a subprocess)."""
+"""Sweeps from the command line (slow: each job trains a few steps)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ def test_two_axis_sweep_writes_one_summary_row_per_job_and_survives_a_failing_jo
         ],
         cwd=tmp_path,
         timeout=600,
-        fresh_process=True,  # the launcher's worker processes import peftc from this checkout
     )
     # The [q_prj] points fail in planning: rows with their error; the others train.
     assert result.returncode == 1, result.stderr
