@@ -24,7 +24,6 @@ from peftc.config.compose import (
     CONFIG_NAME,
     VERSION_BASE,
     check_search_path,
-    compose,
     hydra_runtime,
     to_spec,
 )
@@ -253,8 +252,10 @@ def check_job(
     from peftc.planning.compat import check_spec
 
     try:
-        check_sources([*search, *settings, *overrides], config_name)
-        with hydra_runtime(compose([*search, *overrides], config_name=config_name, with_hydra=True), job_num) as cfg:
+        # The checked composition is the job's config: composing it again would double the
+        # preflight's cost (Hydra's composition is most of a failing command's time).
+        config = check_sources([*search, *settings, *overrides], config_name)
+        with hydra_runtime(config, job_num) as cfg:
             spec = to_spec(cfg)
         check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
         return CheckedJob(overrides, spec, None)

@@ -159,8 +159,10 @@ def _mark(sources: dict[str, Source], key: str, source: Source) -> None:
     sources[key] = source
 
 
-def check_sources(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> None:
+def check_sources(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
     """Refuse code keys and environment reads in the whole config Hydra would run, hydra.*
-    included; code keys pass only where peftc's or Hydra's packaged configs set them."""
+    included; code keys pass only where peftc's or Hydra's packaged configs set them. Returns
+    that config (unresolved), checked."""
     composition = compose_with_sources(overrides, config_name)
     check_config(composition.config, composition)
+    return composition.config
