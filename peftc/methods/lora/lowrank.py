@@ -40,7 +40,18 @@ if TYPE_CHECKING:
     from peftc.quant.base import FrozenLinear
 
 
-class LowRankLinear(torch.autograd.Function):
+class LowRankNode(torch.autograd.Function):
+    """What the low-rank nodes share: apply(x, base, base_option, scalings, *factors), whose
+    `_compute(x, base, base_option, scalings, factors)` gives (flat x, output, products)."""
+
+    @classmethod
+    def evaluate(cls, x, base, base_option, scalings, *factors):  # noqa: ANN001, ANN206 - apply's signature
+        """The forward without a node, for when no gradient is recorded."""
+        _, out, _ = cls._compute(x, base, base_option, scalings, factors)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class LowRankLinear(LowRankNode):
     """apply(x, weight, bias, scalings, A_1, B_1, A_2, B_2, ...) -> y (see the module docstring)."""
 
     @staticmethod
@@ -49,12 +60,6 @@ class LowRankLinear(torch.autograd.Function):
         ctx.scalings = scalings
         ctx.input_shape = x.shape
         ctx.save_for_backward(flat, weight, *factors, *products)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def evaluate(x, weight, bias, scalings, *factors):  # noqa: ANN001, ANN205 - apply's signature
-        """The forward without a node, for when no gradient is recorded."""
-        _, out, _ = LowRankLinear._compute(x, weight, bias, scalings, factors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -187,7 +192,7 @@ class RescaledLowRankLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, grad_a, grad_b, grad_rescale
 
 
-class QuantizedLowRankLinear(torch.autograd.Function):
+class QuantizedLowRankLinear(LowRankNode):
     """Low-rank adapters on a quantized linear layer, whose frozen product the quant backend
     gives (`FrozenLinear`): apply(x, frozen, out_dtype, scalings, A_1, B_1, ...) -> y, with x and
     the A's in the product's compute dtype and the B's in `out_dtype`, the dtype the layer returns
@@ -204,12 +209,6 @@ class QuantizedLowRankLinear(torch.autograd.Function):
         flat, out, products = QuantizedLowRankLinear._compute(x, frozen, out_dtype, scalings, factors)
         ctx.frozen, ctx.scalings, ctx.input_shape = frozen, scalings, x.shape
         ctx.save_for_backward(flat, *factors, *products)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def evaluate(x, frozen, out_dtype, scalings, *factors):  # noqa: ANN001, ANN205 - apply's signature
-        """The forward without a node, for when no gradient is recorded."""
-        _, out, _ = QuantizedLowRankLinear._compute(x, frozen, out_dtype, scalings, factors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
