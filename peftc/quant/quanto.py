@@ -87,8 +87,8 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     rows, slots = packed.shape[0], 8 // bits
     codes = torch.empty((slots * rows, *packed.shape[1:]), dtype=torch.uint8, device=packed.device)
     for slot in range(slots):  # written in place: 3-5x faster than shifting copies and concatenating
-        torch.bitwise_right_shift(packed, bits * slot, out=codes[slot * rows : (slot + 1) * rows])
-        codes[slot * rows : (slot + 1) * rows].bitwise_and_((1 << bits) - 1)
+        part = codes[slot * rows : (slot + 1) * rows]
+        torch.bitwise_right_shift(packed, bits * slot, out=part).bitwise_and_((1 << bits) - 1)
     return codes
 
 
