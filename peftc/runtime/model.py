@@ -42,6 +42,12 @@ class PeftcModel(nn.Module):
     # without the full logits (made only if read); see lm_loss.forward_with_chunked_loss for
     # when. False: always transformers' own full-logits loss.
     chunked_loss: bool = True
+    # Set by trainer.compile=true (training.lightning.compile_blocks): the decoder blocks are
+    # compiled for training steps. generate() then decodes eagerly: a KV cache changes the
+    # blocks' guards as it is created and grows, so the first generate() compiled 6 more
+    # variants of each block (minutes of inductor time on a GPU, for a few validation prompts)
+    # and pushed training's own variants toward Dynamo's recompile limit.
+    blocks_compiled_for_training: bool = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.chunked_loss and kwargs.get("labels") is not None:
@@ -58,10 +64,12 @@ class PeftcModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        encoder = self._active_prompt_encoder()
-        if encoder is not None:
-            return encoder.generate(self.base_model, *args, **kwargs)
-        return self.base_model.generate(*args, **kwargs)
+        stance = "force_eager" if self.blocks_compiled_for_training else "default"
+        with torch.compiler.set_stance(stance):
+            encoder = self._active_prompt_encoder()
+            if encoder is not None:
+                return encoder.generate(self.base_model, *args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
 
     def _active_prompt_encoder(self) -> nn.Module | None:
         if self._disabled:

@@ -366,13 +366,18 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     are identical (one compilation serves all), and the code around them (embeddings, the
     chunked loss with its hooks, prompt encoders) stays eager. Names and state dicts do not
     change (nn.Module.compile compiles the call, not a wrapper module). `backend` is
-    torch.compile's (the benchmark's CPU smoke run uses "aot_eager": no code generation)."""
+    torch.compile's (the benchmark's CPU smoke run uses "aot_eager": no code generation).
+    A peftc model's generate() then runs its blocks eagerly (PeftcModel.blocks_compiled_for_training)."""
+    from peftc.runtime.model import PeftcModel
+
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         return 0
     blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     for block in blocks:
         block.compile(backend=backend)
+    if isinstance(model, PeftcModel):
+        model.blocks_compiled_for_training = True
     return len(blocks)
 
 
