@@ -228,3 +228,40 @@ def test_each_run_in_a_process_compiles_its_own_blocks(tmp_path: Path, monkeypat
             fit_lora(tmp_path / str(run), ["trainer.compile=true", method], 1, lambda model: None)
             compiled_per_run.append(counter.frame_count - before)
     assert all(compiled_per_run), f"frames compiled by each run: {compiled_per_run}"
+
+
+def test_the_validation_after_adaloras_cut_compiles_nothing_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AdaLoRA cuts each module to its kept ranks when training ends, so each compiled block has
+    new parameter shapes in the validation pass after training: it compiled 2 more variants of
+    tiny_llama's 2 blocks (a variant per distinct block on a real model, up to Dynamo's limit),
+    for one pass. That pass runs what training compiled, or runs eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    from peftc.training.lightning import fit
+
+    counter = CompileCounter()
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend=counter))
+    overrides = ["peft=adalora", "peft.tinit=1", "peft.tfinal=1", "trainer.compile=true"]
+    plan = peftc.compile(["model=tiny_llama", "trainer.max_steps=4", "trainer.logger=none", *overrides])
+    model = peftc.materialize(plan, base_model=build_base(plan))
+    compiled_after_cut: list[int] = []
+
+    def before(module: nn.Module, args: Any) -> None:
+        compiled_after_cut.append(-counter.frame_count)
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        compiled_after_cut[-1] += counter.frame_count
+        if model.plan_of("default").spec.peft.rank_pattern is None:  # not cut yet
+            compiled_after_cut.pop()
+
+    model.base_model.model.register_forward_pre_hook(before)
+    model.base_model.model.register_forward_hook(after)
+    batches = torch.utils.data.DataLoader([training_batch(plan)] * 4, batch_size=None)
+    torch._dynamo.reset()
+    fit(model, plan, tmp_path, (batches, torch.utils.data.DataLoader([training_batch(plan)], batch_size=None)))
+    ranks = {layer.lora_E["default"].shape[0] for _, layer in model.adapter_layers()}
+    assert len(ranks) > 1, f"the cut left every module at rank {ranks}: no block has new shapes"
+    assert compiled_after_cut == [0], f"frames compiled by each forward after the cut: {compiled_after_cut}"

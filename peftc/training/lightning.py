@@ -296,8 +296,11 @@ def fit(
             metrics.update({f"best_{task.primary_metric}": best.value, "best_step": float(best.step)})
             print(f"best {task.primary_metric}={best.value:.4g} at step {best.step}: its adapter is the one saved")
         if val_loader is not None:
-            for result in trainer.validate(module, val_loader, verbose=False):
-                metrics.update({k: float(v) for k, v in result.items()})
+            # One last pass: compiled blocks reuse what training compiled and compile nothing new
+            # (AdaLoRA's cut gave each block its own ranks: a variant per distinct block).
+            with torch.compiler.set_stance("eager_on_recompile"):
+                for result in trainer.validate(module, val_loader, verbose=False):
+                    metrics.update({k: float(v) for k, v in result.items()})
     metrics["steps"] = float(trainer.global_step)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The next job of a multirun starts its own ranks; a live group would hang it.
