@@ -37,8 +37,22 @@ def test_orthogonal_regulariser_matches_peft() -> None:
     assert abs((ours + extra).item() - theirs.item()) <= 1e-5
 
 
+# A longer schedule: several budgets between tinit and T - tfinal, masking every other step from
+# an odd tinit (a schedule that masks on steps counted from tinit, not from 0, differs here).
+LONG_SCHEDULE = (
+    "peft.init_r=6",
+    "peft.target_r=2",
+    "peft.tinit=3",
+    "peft.tfinal=3",
+    "peft.deltaT=2",
+    "peft.lora_alpha=0.01",
+    "trainer.max_steps=14",
+)
+
+
 def _train_both(pair, steps: int) -> RankAllocator:
-    """Identical SGD steps on ours and peft's, each followed by its rank allocator."""
+    """Identical SGD steps on ours and peft's, each followed by its rank allocator; after each,
+    the same budget and the same triplets masked (E) as peft's."""
     allocator = RankAllocator(pair.ours, pair.plan)
     sgd_ours = torch.optim.SGD([p for p in pair.ours.parameters() if p.requires_grad], lr=0.5)
     sgd_theirs = torch.optim.SGD([p for p in pair.theirs.parameters() if p.requires_grad], lr=0.5)
@@ -52,15 +66,21 @@ def _train_both(pair, steps: int) -> RankAllocator:
         sgd_theirs.step()
         allocator.step(step)
         pair.theirs.base_model.update_and_allocate(step)
+        assert allocator.budget(step) == pair.theirs.base_model.rankallocator.budget_schedule(step), step
+        for path, layer in pair.ours.adapter_layers():
+            theirs_e = pair.theirs.base_model.model.get_submodule(path).lora_E["default"]
+            assert torch.equal(layer.lora_E["default"] == 0, theirs_e == 0), f"step {step}: {path}"
+            assert max_diff(layer.lora_E["default"], theirs_e) <= 1e-5, f"step {step}: {path}"
         sgd_ours.zero_grad()
         sgd_theirs.zero_grad()
     return allocator
 
 
-def test_rank_allocator_prunes_like_peft_and_peft_pruned_adapters_load_in_ours(tmp_path) -> None:
-    pair = paired(Case("adalora", "tiny_llama", SCHEDULE))
+@pytest.mark.parametrize("schedule", [SCHEDULE, LONG_SCHEDULE], ids=["short", "deltaT=2"])
+def test_rank_allocator_prunes_like_peft_and_peft_pruned_adapters_load_in_ours(schedule, tmp_path) -> None:
+    pair = paired(Case("adalora", "tiny_llama", schedule))
     pair.ours.train(), pair.theirs.train()
-    allocator = _train_both(pair, steps=6)
+    allocator = _train_both(pair, steps=pair.plan.spec.trainer.max_steps)
     theirs_pattern = pair.theirs.peft_config["default"].rank_pattern
     ours_pattern = {f"{path}.lora_E.default": keep for path, keep in allocator.rank_pattern.items()}
     assert ours_pattern == theirs_pattern
