@@ -79,6 +79,34 @@ def test_seq2seq_perplexity_is_exp_of_mean_target_token_loss() -> None:
     assert metrics["val_perplexity"] == pytest.approx(math.exp(float(expected)), rel=1e-6)
 
 
+def test_causal_lm_perplexity_weighs_every_token_the_same_however_the_split_is_batched() -> None:
+    """val_loss is the mean over all counted tokens of the split (transformers' loss on the whole
+    split as one batch), not a mean of per-batch means: rows of 4, 8 and 13 tokens."""
+    import peftc
+    from tests.helpers import build_base
+
+    task = tasks.get("causal_lm")
+    model = build_base(peftc.compile(["model=tiny_llama"])).eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 260, (length,), generator=generator) for length in (4, 8, 13)]
+    ids = torch.zeros(3, 13, dtype=torch.long)
+    labels = torch.full((3, 13), IGNORE_INDEX)
+    mask = torch.zeros(3, 13, dtype=torch.long)
+    for i, row in enumerate(rows):  # right padding, ignored
+        ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = row, row, 1
+    with torch.no_grad():
+        whole = task.metrics(
+            summed(task.validation_stats(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}))
+        )
+        one_by_one = task.metrics(
+            summed(*(task.validation_stats(model, {"input_ids": r[None], "labels": r[None]}) for r in rows))
+        )
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    assert whole["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert one_by_one["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert one_by_one["val_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("positive", 1), ("negative", 0), (1, 1), ("0", 0), (2, None), ("neutral", None), (True, None), (-1, None)],

@@ -57,6 +57,7 @@ def test_plan_diff_says_an_adapter_loads_when_only_settings_differ() -> None:
     diff = diff_plans(a, b)
     assert diff.loads and not diff.added and not diff.removed
     assert a.adapter_fingerprint == b.adapter_fingerprint
+    assert len(diff.changed) == len(b.sites) == 4  # q and v in 2 layers: only the scaling differs
     assert all("scaling" in str(pair[0].options) for pair in diff.changed)
 
 

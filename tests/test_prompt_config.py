@@ -149,16 +149,18 @@ def test_prompt_adapters_refuse_to_merge() -> None:
 
 
 # ------------------------------------------------------------------------------------- inits
-def test_text_init_is_the_tokenized_text_like_peft() -> None:
+@pytest.mark.parametrize("text", ["Rate it:", "Hi"], ids=["cut to 8 tokens", "repeated to 8 tokens"])
+def test_text_init_is_the_tokenized_text_like_peft(text: str) -> None:
     from peft import get_peft_model
 
     plan = peftc.compile(
-        ["peft=prompt_tuning", "peft.prompt_tuning_init=TEXT", "peft.prompt_tuning_init_text='Rate it:'"]
+        ["peft=prompt_tuning", "peft.prompt_tuning_init=TEXT", f"peft.prompt_tuning_init_text='{text}'"]
     )
     from peftc.planning.model_source import load_tokenizer
 
     ids = plan.prompt.options["init_token_ids"]
-    text_ids = load_tokenizer(plan.spec.model)("Rate it:")["input_ids"]
+    text_ids = load_tokenizer(plan.spec.model)(text)["input_ids"]
+    assert (len(text_ids) > 8) == (text == "Rate it:"), text_ids
     assert ids == (text_ids * 8)[:8]  # tiled (or cut) to the 8 virtual tokens, as peft does
     base = build_base(plan)
     theirs = get_peft_model(copy.deepcopy(base), peft_config_from_plan(plan))

@@ -64,6 +64,26 @@ def test_logits_and_loss_match_peft(model: str, method: str, extra: tuple[str, .
     assert max_diff(actual.logits[:, -x.shape[1] :], base_logits) > 1e-3, "the prompt must change the output"
 
 
+VIRTUAL_TOKENS = {name: case for case, name in zip(CASES, IDS) if case[1] != "adaption_prompt" and not case[2]}
+
+
+@pytest.mark.filterwarnings("ignore:Position ids are not supported")  # peft's prompt tuning drops them
+@pytest.mark.parametrize(("model", "method", "extra"), VIRTUAL_TOKENS.values(), ids=VIRTUAL_TOKENS.keys())
+def test_explicit_position_ids_of_the_real_tokens_give_the_implicit_positions_logits(
+    model: str, method: str, extra: tuple[str, ...]
+) -> None:
+    """position_ids number the caller's tokens: the virtual tokens come before them, so with
+    0..L-1 given the model sees what it sees when positions are left implicit, as in peft (which
+    shifts them under prefix tuning and drops them under prompt tuning)."""
+    _, ours, theirs = paired(model, method, extra)
+    x = token_batch()
+    positions = torch.arange(x.shape[1]).expand_as(x)
+    implicit = ours(input_ids=x, **task_inputs(method)).logits
+    explicit = ours(input_ids=x, position_ids=positions, **task_inputs(method)).logits
+    assert max_diff(explicit, implicit) <= 1e-5
+    assert max_diff(explicit, theirs(input_ids=x, position_ids=positions, **task_inputs(method)).logits) <= 1e-5
+
+
 @pytest.mark.parametrize(("model", "method", "extra"), CASES, ids=IDS)
 def test_plan_counts_equal_materialized_and_peft(model: str, method: str, extra: tuple[str, ...]) -> None:
     from peft import get_peft_model_state_dict

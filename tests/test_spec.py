@@ -33,6 +33,7 @@ BAD_OVERRIDES = [
     (["peft.rank_pattern={q_proj: two}"], "peft.rank_pattern", "mapping of names to ranks"),
     (["data.columns=[text]"], "data.columns", "mapping of names to column names"),
     (["trainer.betas=[0.9]"], "trainer.betas", "two numbers"),
+    (["trainer.betas=[0.9,1.0]"], "trainer.betas", "two numbers in [0, 1)"),  # beta2 = 1: no second moment decay
 ]
 
 

@@ -81,3 +81,16 @@ def test_sweep_with_the_joblib_launcher(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
     assert sorted((r["peft.r"], r["status"]) for r in rows) == [("2", "trained"), ("4", "trained")]
+
+
+def test_the_summary_columns_are_the_overrides_that_vary_between_jobs() -> None:
+    """The table and the plot's axes: a key every job sets to the same value is not an axis."""
+    from peftc.cli.sweep import swept_keys
+
+    jobs = [
+        ["peft.r=4", "trainer.max_steps=2", "peft.target_modules=[q_proj,v_proj]"],
+        ["peft.r=8", "trainer.max_steps=2", "peft.target_modules=[q_proj,v_proj]"],
+        ["peft.r=8", "trainer.max_steps=2", "peft.target_modules=all-linear"],
+    ]
+    assert swept_keys(jobs) == ["peft.r", "peft.target_modules"]
+    assert swept_keys(jobs[:1]) == []

@@ -68,9 +68,12 @@ def test_a_container_module_is_refused_with_its_adaptable_children() -> None:
         peftc.compile(["peft.target_modules=[mlp]"])
 
 
-def test_regex_matching_nothing_is_an_error() -> None:
+# peft matches a regex against the whole module path (re.fullmatch): one that matches only part
+# of every path (a prefix of a name, a path without its leading "model.") matches nothing.
+@pytest.mark.parametrize("pattern", [r".*\.query", r".*\.q", r"layers\.0\.self_attn\.q_proj"])
+def test_regex_matching_no_whole_path_is_an_error(pattern: str) -> None:
     with pytest.raises(PlanError, match="the regex matches no module path"):
-        peftc.compile([r"peft.target_modules='.*\.query'"])
+        peftc.compile([f"peft.target_modules='{pattern}'"])
 
 
 def test_invalid_regex_is_a_config_error() -> None:

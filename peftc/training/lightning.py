@@ -134,7 +134,10 @@ class PeftcLightningModule(L.LightningModule):
 
 
 def lr_schedule(kind: str, warmup: int, total: int) -> Any:
-    """Multiplier of the peak learning rate at each optimizer step."""
+    """Multiplier of the peak learning rate at each optimizer step (0-based). Warm-up gives step k
+    (k + 1) / warmup: the first step already trains and the last warm-up step is at the peak
+    (transformers' schedulers give k / warmup, a first step at lr 0). The decay after warm-up is
+    transformers' linear or (half-cycle) cosine one."""
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
