@@ -176,6 +176,16 @@ def test_strict_load_records_an_empty_report(trained) -> None:
     assert not model.load_reports["default"] and model.load_reports["default"].summary() == "all tensors loaded"
 
 
+def test_a_loaded_adapter_is_frozen_for_inference_unless_asked_to_train(trained) -> None:
+    """peft's from_pretrained(is_trainable=False): no trainable parameter, eval mode (no dropout)."""
+    plan, base, good = trained
+    frozen = peftc.load_adapter(copy.deepcopy(base), good)
+    assert frozen.trainable_parameters() == 0 and not frozen.training
+    assert not any(module.training for module in frozen.modules())
+    trainable = peftc.load_adapter(copy.deepcopy(base), good, is_trainable=True)
+    assert trainable.trainable_parameters() == plan.trainable_params
+
+
 def test_lenient_load_still_refuses_non_finite_values(trained, tmp_path: Path) -> None:
     plan, base, good = trained
     directory = copy_adapter(good, tmp_path / "adapter")

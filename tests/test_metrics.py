@@ -107,6 +107,29 @@ def test_causal_lm_perplexity_weighs_every_token_the_same_however_the_split_is_b
     assert one_by_one["val_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+def test_seq2seq_loss_is_the_same_with_targets_of_other_lengths_in_the_batch() -> None:
+    """Targets shorter than the batch's longest are padded with ignored labels: a batch of two
+    rows scores what the two rows score alone (padding never counts as a target token)."""
+    import peftc
+    from peftc.planning.model_source import load_tokenizer
+    from tests.helpers import build_base
+
+    plan = peftc.compile(["task=seq2seq_lm", "model=tiny_t5"])
+    task, tokenizer = tasks.get("seq2seq_lm"), load_tokenizer(plan.spec.model)
+    model = build_base(plan).eval()
+    rows = [
+        {"source": "translate: the cat sat", "target": "le chat"},
+        {"source": "a b", "target": "un deux trois quatre"},
+    ]
+    examples = task.encode(rows, plan.spec, tokenizer)
+    assert len(examples[0]["labels"]) < len(examples[1]["labels"])
+    with torch.no_grad():
+        together = summed(task.validation_stats(model, task.collate(examples, tokenizer)))
+        alone = summed(*(task.validation_stats(model, task.collate([e], tokenizer)) for e in examples))
+    assert together["tokens"] == alone["tokens"] == sum(len(e["labels"]) for e in examples)
+    assert together["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("positive", 1), ("negative", 0), (1, 1), ("0", 0), (2, None), ("neutral", None), (True, None), (-1, None)],

@@ -121,3 +121,20 @@ def test_a_path_on_a_config_built_model_says_to_use_model_hf(tiny_llama_dir: str
         peftc.compile(["model=tiny_llama", f"model.name_or_path={tiny_llama_dir}"])
     assert caught.value.key == "model.name_or_path"
     assert f"use model=hf model.name_or_path={tiny_llama_dir}" in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_checkpoint_loads_in_model_dtype_with_its_own_values(tiny_llama_dir: str, dtype: str) -> None:
+    """model.dtype is what the base is loaded in (the float32 checkpoint cast once, on load); the
+    adapter stays float32, as peft keeps it over a low-precision base."""
+    import torch
+    from safetensors.torch import load_file
+
+    plan = peftc.compile(["model=hf", f"model.name_or_path={tiny_llama_dir}", f"model.dtype={dtype}"])
+    model = peftc.materialize(plan)
+    saved = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
+    base = {n.removeprefix("base_model."): p for n, p in model.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in base.values()} == {getattr(torch, dtype)}
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(base[weight], saved[weight].to(getattr(torch, dtype)))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}

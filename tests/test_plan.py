@@ -22,6 +22,11 @@ def test_fingerprint_tracks_what_is_trained() -> None:
     base = peftc.compile([])
     assert peftc.compile(["peft.r=4"]).fingerprint != base.fingerprint
     assert peftc.compile(["trainer.lr=0.1"]).fingerprint != base.fingerprint
+    # the seed draws the adapter's init, dropout and data order: another seed trains another adapter
+    # (a seed sweep's jobs are not duplicates; a resume under another seed is refused)
+    assert peftc.compile(["seed=3"]).fingerprint != base.fingerprint
+    # what adapter_config.json says, where the sites do not show it (no biases to train here)
+    assert peftc.compile(["peft.bias=lora_only"]).fingerprint != base.fingerprint
     assert peftc.compile(["dry_run=true"]).fingerprint == base.fingerprint
     assert peftc.compile(["output_dir=/tmp/elsewhere"]).fingerprint == base.fingerprint
 

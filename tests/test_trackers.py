@@ -5,6 +5,7 @@ compile time, before anything is written."""
 from __future__ import annotations
 
 import struct
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,25 @@ def test_wandb_offline_logs_metrics_and_the_config_locally(tmp_path: Path) -> No
     assert '"r":4' in config["peft"], "the run's config is the W&B run's config"
     assert records["run"][0].run.project == "peftc" and records["run"][0].run.display_name.endswith("run")
     assert "exit" in records, "the W&B run was finished when training ended"
+    assert records["exit"][0].exit.exit_code == 0
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["trained", "failed"])
+def test_the_wandb_run_is_finished_with_the_runs_outcome(fails: bool, tmp_path: Path) -> None:
+    """A run that raised is finished as failed in W&B (exit code 1), one that trained as done."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from peftc.training.trackers import trackers_closed
+
+    exit_codes: list[int] = []
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path))
+    logger._experiment = SimpleNamespace(finish=lambda exit_code: exit_codes.append(exit_code))  # a started run
+    with pytest.raises(RuntimeError) if fails else nullcontext(), trackers_closed(SimpleNamespace(loggers=[logger])):
+        if fails:
+            raise RuntimeError("the training loss is nan at step 3")
+    assert exit_codes == [1 if fails else 0]
 
 
 def test_mlflow_logs_to_a_local_store_in_the_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
