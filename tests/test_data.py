@@ -44,6 +44,29 @@ def test_jsonl_with_a_column_mapping_becomes_labelled_examples(tmp_path: Path) -
     assert {e["label"] for e in train + val} == {0, 1}
 
 
+def test_the_held_out_rows_are_drawn_by_the_runs_seed(tmp_path: Path) -> None:
+    """data.val_fraction holds out rows chosen by `seed`: the same seed the same rows, another
+    seed other rows (a seed sweep varies the split, as HF's train_test_split(seed=...) does)."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}", "label": i % 2} for i in range(40)])
+    base = [*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.25"]
+
+    def held_out(seed: int) -> list:
+        return [e["input_ids"] for e in datasets([*base, f"seed={seed}"])[1]]
+
+    assert held_out(1) == held_out(1)
+    assert held_out(1) != held_out(2)
+
+
+@pytest.mark.parametrize(("rows", "blocks"), [(2, 1), (3, 1), (4, 2)])
+def test_packing_fills_every_whole_block_the_text_makes(tmp_path: Path, rows: int, blocks: int) -> None:
+    """Packed causal-LM data is the token stream cut into max_length blocks; a stream that fills
+    its last block exactly keeps it (each row here is 3 byte tokens and an EOS: 4 tokens)."""
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "abc"}] * rows)
+    run = ["task=causal_lm", "model=tiny_llama", "data.source=jsonl", f"data.path={path}", "data.val_fraction=0"]
+    train, _ = datasets([*run, "data.max_length=8", "task.packing=true"])
+    assert [len(e["input_ids"]) for e in train] == [8] * blocks
+
+
 def test_csv_labels_may_be_names_or_indices(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     path.write_text("text,label\nfine,positive\nmeh,0\ngood,1\nbad,negative\n")

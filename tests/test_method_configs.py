@@ -164,3 +164,31 @@ def test_vera_adapters_beside_each_other_share_key_and_saving_like_peft(override
     with pytest.raises(ConfigError) as refused:
         ours.add_adapter("other", second)
     assert refused.value.key == key
+
+
+def test_default_target_tables_are_peft_s() -> None:
+    """peft.target_modules=null resolves through these tables, which copy peft 0.21.2's own
+    mappings model type by model type (the peft oracle tests pass the resolved lists to peft, so
+    only this compares the defaults themselves)."""
+    from peft.utils import constants
+
+    from peftc.methods import defaults
+    from peftc.methods.ln_tuning import LN_TUNING_TARGETS
+    from peftc.methods.vera import VERA_TARGETS
+
+    def peft_s(mapping: str) -> dict[str, tuple[str, ...]]:
+        table = getattr(constants, f"TRANSFORMERS_MODELS_TO_{mapping}")
+        return {model: tuple(modules) for model, modules in table.items()}
+
+    def assert_copied(ours: dict[str, tuple[str, ...]], mapping: str) -> None:
+        theirs = peft_s(mapping)
+        assert {m: theirs.get(m) for m in ours} == ours, mapping
+
+    for mapping in ("LORA", "LOHA", "LOKR", "OFT", "HRA"):
+        assert_copied(defaults.LORA_TARGETS, f"{mapping}_TARGET_MODULES_MAPPING")
+    assert_copied(defaults.IA3_TARGETS, "IA3_TARGET_MODULES_MAPPING")
+    assert_copied(defaults.IA3_FEEDFORWARD, "IA3_FEEDFORWARD_MODULES_MAPPING")
+    assert_copied(defaults.ADALORA_TARGETS, "ADALORA_TARGET_MODULES_MAPPING")
+    assert_copied(VERA_TARGETS, "VERA_TARGET_MODULES_MAPPING")
+    assert_copied(LN_TUNING_TARGETS, "LNTUNING_TARGET_MODULES_MAPPING")
+    assert "llava" in peft_s("LNTUNING_TARGET_MODULES_MAPPING") and "llava" not in LN_TUNING_TARGETS

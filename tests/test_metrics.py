@@ -180,6 +180,10 @@ def test_answer_character_span_maps_to_its_tokens() -> None:
     assert token_span(offsets, in_context, 4, 11) == (4, 5)
     assert token_span(offsets, in_context, 0, 3) == (3, 3)
     assert token_span(offsets[:5], in_context[:5], 4, 11) == (0, 0)  # the answer was truncated away
+    # "Bob." as two tokens: the token right after the answer starts where the answer ends
+    adjacent = [(0, 0), (0, 3), (0, 0), (9, 12), (12, 13), (0, 0)]
+    assert token_span(adjacent, [False, False, False, True, True, False], 9, 12) == (3, 3)
+    assert token_span(adjacent, [False, False, False, True, True, False], 12, 13) == (4, 4)
 
 
 # ------------------------------------------------------------------------- token classification

@@ -21,6 +21,8 @@ def test_tiny_models_are_seeded_and_match_the_byte_tokenizer(model: str, task: s
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
     assert first.config.vocab_size == byte_tokenizer_vocab_size() == len(load_tokenizer(plan.spec.model))
+    other = build_base(peftc.compile([f"model={model}", f"task={task}", "model.init_seed=1"]))
+    assert not torch.equal(first.get_input_embeddings().weight, other.get_input_embeddings().weight), "init_seed"
 
 
 def test_byte_tokenizer_frames_texts_and_pairs_like_cls_sep() -> None:

@@ -538,18 +538,25 @@ def stored_tensors(module: nn.Module) -> list[torch.Tensor]:
     return leaf_tensors(module.weight.data)
 
 
-@pytest.mark.parametrize("option", BACKENDS)
+# each backend at its defaults, and QLoRA's usual bfloat16 compute over a float32 checkpoint
+LOADED_CHECKPOINTS = [(option, ()) for option in BACKENDS] + [("bnb_nf4", ("quant.compute_dtype=bfloat16",))]
+
+
+@pytest.mark.parametrize(
+    ("option", "settings"), LOADED_CHECKPOINTS, ids=[" ".join([o, *s]) for o, s in LOADED_CHECKPOINTS]
+)
 def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
-    option: str, tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch
+    option: str, settings: tuple[str, ...], tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """QLoRA's point: the unquantized model never exists in memory. The layers transformers'
     loader quantizes are exactly the planned ones, stored bit for bit as peftc's own quantizing
-    pass stores them, in the planned bytes."""
+    pass stores them, in the planned bytes, computing in the same dtype."""
     overrides = [
         f"quant={option}",
         "model=hf",
         f"model.name_or_path={tiny_llama_dir}",
         "peft.target_modules=all-linear",
+        *settings,
     ]
     plan = peftc.compile(overrides)
     backend = quant.for_spec(plan.spec.quant)
@@ -566,6 +573,7 @@ def test_a_loaded_checkpoint_is_quantized_while_transformers_reads_it(
     for path in plan.quantization.modules:
         ours, theirs = on_load.get_submodule(path), after_building.get_submodule(path)
         assert type(ours) is type(theirs) and type(ours.weight.data) is type(theirs.weight.data), path
+        assert getattr(ours, "compute_dtype", None) == getattr(theirs, "compute_dtype", None), path
         ours_stored, theirs_stored = stored_tensors(ours), stored_tensors(theirs)
         assert len(ours_stored) == len(theirs_stored), path
         for mine, reference in zip(ours_stored, theirs_stored):

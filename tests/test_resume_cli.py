@@ -60,3 +60,12 @@ def test_resume_refuses_what_changes_the_run_in_one_line(
     result = run_cli(["resume=" + str(seven_steps), change, f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr
     assert {p: p.stat().st_mtime_ns for p in seven_steps.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_max_steps_equal_to_the_checkpoints_step(seven_steps: Path, tmp_path: Path) -> None:
+    """A run that would train no step: refused at the boundary too, not only below it."""
+    step = torch.load(seven_steps / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    change = f"trainer.max_steps={step}"
+    result = run_cli(["resume=" + str(seven_steps), change, f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"trains no further than the checkpoint, which is at step {step}" in result.stderr
