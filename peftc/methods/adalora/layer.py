@@ -68,8 +68,9 @@ class AdaLoraLayer(AdapterLayer):
         if self.kind == "conv2d":
             base = self.base_layer
             update = F.conv2d(x, self.delta_weight(name), None, base.stride, base.padding, base.dilation, base.groups)
-            return result + update.to(result.dtype)
-        return result + ((x @ (a * e).T @ b.T) * self._scale(name)).to(result.dtype)
+            return (result + update).to(result.dtype)
+        # peft adds in place (result +=): the sum in the wider dtype, rounded once per adapter
+        return (result + (x @ (a * e).T @ b.T) * self._scale(name)).to(result.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self._scale(name)

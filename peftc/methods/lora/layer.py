@@ -243,7 +243,7 @@ class LoraLayer(AdapterLayer):
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
         x = x.to(lora_a.weight.dtype)
         if name not in self.lora_magnitude_vector:
-            return result + (lora_b(lora_a(dropout(x))) * scaling).to(result.dtype)
+            return result + lora_b(lora_a(dropout(x))) * scaling  # rounded once, in AdapterLayer.forward
         # DoRA: reuse the base output when no dropout is applied, else recompute W x on dropped-out x.
         weight = self._base_weight()
         if isinstance(dropout, nn.Identity) or not self.training:
@@ -254,7 +254,7 @@ class LoraLayer(AdapterLayer):
         mag_scale = self._dora_scale(name, self._rows(weight))
         channel = 1 if self.kind in CONV_FUNCTIONS else -1
         delta = dora.output_delta(mag_scale, base_out, lora_b(lora_a(x)), scaling, channel)
-        return result + delta.to(result.dtype)
+        return result + delta
 
     def _embedding_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -264,10 +264,10 @@ class LoraLayer(AdapterLayer):
         )
         update = after_a @ lora_b.T * scaling
         if name not in self.lora_magnitude_vector:
-            return result + update.to(result.dtype)
+            return result + update
         weight = self._rows(self._base_weight())
         mag_scale = self._dora_scale(name, weight)
-        return (mag_scale * result + mag_scale * update).to(result.dtype)
+        return mag_scale * result + mag_scale * update
 
     def _dora_scale(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """m / ||W + s B A|| per row, shape (out,); the norm is detached (DoRA section 4.3)."""

@@ -134,17 +134,17 @@ class LycorisLayer(AdapterLayer):
                 update = update * options["scaling"]
                 if self.training and options["rank_dropout"] > 0:
                     update = update * self._row_mask(options, update.shape[-1], update)
-                return result + update.to(result.dtype)
+                return result + update  # rounded once, in AdapterLayer.forward
         delta = self.delta_weight(name)
         if self.training and options["rank_dropout"] > 0:
             mask = self._row_mask(options, delta.shape[0], delta)
             delta = delta * mask.view(-1, *[1] * (delta.dim() - 1))
         x = x.to(delta.dtype)
         if self.kind == "linear":
-            return result + F.linear(x, delta).to(result.dtype)
+            return result + F.linear(x, delta)
         base = self.base_layer
         update = CONV_FUNCTIONS[self.kind](x, delta, None, base.stride, base.padding, base.dilation, base.groups)
-        return result + update.to(result.dtype)
+        return result + update
 
     @staticmethod
     def _row_mask(options: Mapping[str, Any], rows: int, like: torch.Tensor) -> torch.Tensor:
