@@ -75,6 +75,7 @@ COMBINATIONS = [
     ("cat", ("a", "c"), [0.7, -0.4], {}),
     ("svd", ("a", "b", "c"), [0.5, 0.3, -1.2], {}),
     ("svd", ("b", "c"), [1.0, 1.0], {"svd_rank": 3}),
+    ("svd", ("a", "b"), [1.0, 1.0], {"svd_clamp": 0.5}),  # U and V clamped at their median value
     ("linear", ("c",), [2.0], {}),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -187,3 +188,21 @@ def test_several_adapters_save_in_peft_layout_and_load_in_peft(tmp_path) -> None
         theirs.load_adapter(tmp_path / "second", "second")
         theirs.set_adapter("second")
     assert max_diff(theirs.eval()(input_ids=x).logits, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["true", "gaussian", "false"])
+def test_fresh_factors_are_peft_s_draws_under_the_same_seed(init: str) -> None:
+    """peft.init_lora_weights: the same random stream as peft (kaiming-uniform A, or N(0, 1/r) A,
+    B zero; false: B drawn too), so a seeded run starts from the adapter peft would start from.
+    (The oracle tests copy peft's tensors into ours, so only this checks our own draws.)"""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    plan = peftc.compile([f"peft.init_lora_weights={init}"])
+    base = build_base(plan)
+    torch.manual_seed(0)
+    ours = peftc.materialize(plan, base_model=copy.deepcopy(base)).adapter_state_dict("default")
+    torch.manual_seed(0)
+    theirs = get_peft_model_state_dict(get_peft_model(copy.deepcopy(base), peft_lora_config(plan)))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert any(t.std() > 0 for t in theirs.values())

@@ -291,3 +291,23 @@ def test_two_active_adapters_stack_like_peft(stack: StackCase) -> None:
             continue
         assert max_diff(logits(pair.ours), logits(pair.theirs)) <= 1e-5, active
     assert max_diff(logits(pair.ours), logits(build_base(pair.plan))) > 1e-4
+
+
+def test_oft_module_dropout_turns_that_share_of_blocks_into_the_identity_in_training_only() -> None:
+    """peft 0.21 builds OFT's multiplicative dropout but never calls it (the strict xfail in
+    tests/test_peft_field_matrix.py); peftc applies it: in training int(0.5 * blocks) random
+    blocks rotate nothing, in eval every block rotates."""
+    from peftc.methods.oft import OFTLayer
+
+    plan = peftc.compile(["model=tiny_llama", "peft=oft", "peft.init_weights=false", "peft.module_dropout=0.5"])
+    model = peftc.materialize(plan, base_model=build_base(plan))
+    layer = next(m for m in model.modules() if isinstance(m, OFTLayer))
+    eye = torch.eye(layer.blocks("default").shape[-1])
+    model.eval()
+    assert not any(torch.allclose(block, eye) for block in layer.blocks("default"))
+    model.train()
+    torch.manual_seed(0)
+    draws = [layer.blocks("default") for _ in range(4)]
+    identities = [[torch.allclose(block, eye) for block in blocks] for blocks in draws]
+    assert all(sum(row) == len(row) // 2 for row in identities), identities
+    assert len({tuple(row) for row in identities}) > 1, "a new draw each step"

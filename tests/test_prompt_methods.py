@@ -154,6 +154,19 @@ def test_generate_works_with_beams_sampling_padding_and_embeddings() -> None:
         assert torch.equal(from_embeds, greedy[:, x.shape[1] :])
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_left_padded_row_generates_what_it_generates_alone(method: str) -> None:
+    """generate() keeps the caller's attention mask behind the virtual tokens: the padding of a
+    left-padded row is never attended, so greedy decoding gives the unpadded row's tokens."""
+    _, ours, _ = paired("tiny_llama", method, ())
+    x = token_batch()
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding
+    batched = ours.generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    alone = ours.generate(input_ids=x[1:, 3:], max_new_tokens=4, do_sample=False)
+    assert torch.equal(batched[1, x.shape[1] :], alone[0, x.shape[1] - 3 :])
+
+
 def test_only_prompt_parameters_train() -> None:
     for method in ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "adaption_prompt"):
         plan = peftc.compile([f"peft={method}"])

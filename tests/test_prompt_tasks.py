@@ -100,6 +100,9 @@ def test_seq2seq_generate_follows_the_forward_pass(method: str, extra: tuple[str
     assert generated.shape == (2, 7) and (generated[:, 0] == 0).all()  # T5 starts at <pad> = 0
     assert_seq2seq_greedy(theirs, source, generated, **inputs)
     assert len(set(generated[:, 1:].flatten().tolist())) > 1, "degenerate decode proves nothing"
+    # beams: the virtual tokens (decoder-side prompts included) are expanded with each row
+    beams = ours.generate(input_ids=source, max_new_tokens=6, num_beams=3, num_return_sequences=2, **inputs)
+    assert beams.shape == (4, 7)
     if method in ("prompt_tuning", "p_tuning"):  # encoder-side prompts: peft's own generate works here
         assert torch.equal(generated, theirs.generate(input_ids=source, max_new_tokens=6, do_sample=False))
 
