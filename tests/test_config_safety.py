@@ -85,6 +85,23 @@ def test_a_packaged_target_set_again_on_the_command_line_is_refused() -> None:
     assert info.value.key == "hydra.callbacks.sweep_summary._target_"
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "hydra.callbacks={sweep_summary:{_target_:os.system}}",  # the whole mapping replaced
+        "hydra.callbacks.sweep_summary={_target_:os.system}",  # the packaged node replaced
+    ],
+)
+def test_a_packaged_target_replaced_inside_a_mapping_value_is_refused(override: str) -> None:
+    """An override whose value is a mapping replaces the packaged keys under it: its _target_
+    comes from the command line, not from the packaged file it replaces."""
+    from peftc.config.provenance import check_sources
+
+    with pytest.raises(peftc.ConfigError, match=r"never instantiates.*source: command line") as info:
+        check_sources([override])
+    assert info.value.key == "hydra.callbacks.sweep_summary._target_"
+
+
 def test_a_hydra_target_in_a_user_config_dir_names_the_file(tmp_path: Path) -> None:
     from peftc.config.provenance import check_sources
 

@@ -251,3 +251,30 @@ def test_safe_merge_refuses_a_broken_variant_and_leaves_weights_bit_identical(
     with pytest.raises(ValueError, match="NaNs detected"):
         model.merge_adapter(safe_merge=True)
     assert all(torch.equal(before[n], p) for n, p in model.base_model.named_parameters() if ".lora_" not in n)
+
+
+def test_set_adapter_switches_each_adapters_own_head_copy_like_peft() -> None:
+    """seq_cls trains a copy of the classifier per adapter (modules_to_save): set_adapter must
+    switch the copy in use with the LoRA factors, as peft's does."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    plan = peftc.compile(["model=tiny_bert", "task=seq_cls", "task.labels=[a,b,c]"])
+    theirs = get_peft_model(build_base(plan), peft_config(plan))
+    theirs.add_adapter("other", peft_config(plan))
+    ours = peftc.materialize(plan, base_model=build_base(plan))
+    ours.add_adapter("other", plan)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # every adapter's tensors, heads included, away from their init
+        for name, param in sorted(theirs.named_parameters()):
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    for name in ("default", "other"):
+        fill(ours, name, get_peft_model_state_dict(theirs, adapter_name=name))
+    ours.eval(), theirs.eval()
+    x = token_batch()
+    seen = []
+    for name in ("other", "default", "other"):
+        activate(ours, theirs, name)
+        seen.append(ours(input_ids=x).logits)
+        assert max_diff(seen[-1], theirs(input_ids=x).logits) <= 1e-5, name
+    assert max_diff(seen[0], seen[1]) > 1e-3

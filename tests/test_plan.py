@@ -66,6 +66,19 @@ def test_printed_plan_groups_layers_and_shows_totals() -> None:
     assert "trainable params" in text and "fingerprint" in text
 
 
+def test_printed_trainable_count_is_peft_s() -> None:
+    """The plan's "trainable params X of Y (Z%)" line gives the numbers peft's
+    print_trainable_parameters gives for the same model and config."""
+    from peft import get_peft_model
+
+    from tests.helpers import build_base, peft_lora_config
+
+    plan = peftc.compile(["peft.target_modules=all-linear"])
+    trainable, total = get_peft_model(build_base(plan), peft_lora_config(plan)).get_nb_trainable_parameters()
+    (line,) = [line.split() for line in str(plan).splitlines() if line.startswith("trainable params")]
+    assert line[2:] == [f"{trainable:,}", "of", f"{total:,}", f"({100 * trainable / total:.4f}%)"]
+
+
 def test_planning_loads_no_weights(config_only_dir: str) -> None:
     # The directory has config.json only: any attempt to read weights would fail.
     plan = peftc.compile(["model=hf", f"model.name_or_path={config_only_dir}"])

@@ -24,6 +24,7 @@ def test_strategy_names_are_lightnings() -> None:
     [
         (["trainer.strategy=dpp"], "trainer.strategy='dpp': is not a Lightning strategy; did you mean 'ddp'?"),
         (["trainer.strategy=fsdp"], "Lightning's FSDP strategy requires a GPU accelerator"),
+        (["trainer.strategy=fsdp_cpu_offload"], "Lightning's FSDP strategy requires a GPU accelerator"),
         (["trainer.strategy=deepspeed_stage_3", "trainer.accelerator=gpu"], "pip install deepspeed"),
     ],
 )

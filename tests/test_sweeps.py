@@ -94,3 +94,15 @@ def test_the_summary_columns_are_the_overrides_that_vary_between_jobs() -> None:
     ]
     assert swept_keys(jobs) == ["peft.r", "peft.target_modules"]
     assert swept_keys(jobs[:1]) == []
+
+
+def test_a_sweep_over_training_settings_has_no_duplicates(tmp_path: Path) -> None:
+    """Jobs that differ only in how they train (lr, seed) train different adapters of one layout:
+    distinct plans, not duplicates (the adapter fingerprint alone would call them duplicates)."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", "trainer.lr=0.01,0.001", "seed=1,2", "dry_run=true", f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "4 jobs: 4 distinct plans, 0 duplicates, 0 invalid" in result.stdout
+    assert "DUPLICATE" not in result.stdout

@@ -26,6 +26,8 @@ PEFT_CASES = [
     ("tiny_gpt2", []),
     ("tiny_gpt2", ["peft.target_modules=all-linear"]),
     ("tiny_gpt2", ["peft.target_modules=[c_attn,mlp.c_proj]"]),
+    # T5's paths hold two integers (encoder.block.1.layer.0.SelfAttention.q): the layer is the first
+    ("tiny_t5", ["task=seq2seq_lm", "peft.target_modules=[q,v]", "peft.layers_to_transform=[1]"]),
 ]
 
 

@@ -161,3 +161,14 @@ def test_head_only_needs_a_head_to_train() -> None:
 
     with pytest.raises(PlanError, match="adapts no module, and there is no task head"):
         peftc.compile(["task=causal_lm", "peft.target_modules=dummy-target-modules"])
+
+
+def test_a_task_head_peft_would_leave_untrained_must_be_named() -> None:
+    """T5ForSequenceClassification's head is `classification_head`, not one of the names peft
+    keeps trainable: refused until peft.modules_to_save names it, then trained."""
+    from peftc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the task head of this model is not one peft keeps trainable"):
+        peftc.compile(["model=tiny_t5", "task=seq_cls"])
+    plan = peftc.compile(["model=tiny_t5", "task=seq_cls", "peft.modules_to_save=[classification_head]"])
+    assert [saved.path for saved in plan.modules_to_save] == ["classification_head"]
