@@ -74,12 +74,34 @@ def test_prefix_tuning_adds_key_values_per_layer_and_input_prompts_lengthen_the_
     )
 
 
-def test_sharding_strategies_divide_what_they_shard() -> None:
+# What each strategy shards across processes (FSDP full sharding; DeepSpeed ZeRO stages 1-3).
+SHARDED_BY = {
+    "fsdp": {"base_weights", "adapter_weights", "gradients", "optimizer_state"},
+    "deepspeed_stage_1": {"optimizer_state"},
+    "deepspeed_stage_2": {"gradients", "optimizer_state"},
+    "deepspeed_stage_3": {"base_weights", "adapter_weights", "gradients", "optimizer_state"},
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(SHARDED_BY))
+def test_sharding_strategies_divide_what_they_shard(strategy: str) -> None:
     plan = peftc.compile([])
-    run = plan.spec.replace(trainer=plan.spec.trainer.replace(strategy="fsdp", devices=2, accelerator="gpu"))
+    run = plan.spec.replace(trainer=plan.spec.trainer.replace(strategy=strategy, devices=2, accelerator="gpu"))
     graph = meta_graph(run.model, "AutoModelForCausalLM", {})
     sharded = memory.estimate(run, graph, plan.memory.base_weights, plan.memory.adapter_weights, plan.trainable_params)
-    assert sharded.base_weights == plan.memory.base_weights // 2 and sharded.activations == plan.memory.activations
+    for part in ("base_weights", "adapter_weights", "gradients", "optimizer_state"):
+        whole = getattr(plan.memory, part)
+        assert getattr(sharded, part) == ((whole + 1) // 2 if part in SHARDED_BY[strategy] else whole), part
+    assert sharded.activations == plan.memory.activations
+
+
+def test_lora_dropout_adds_a_copy_of_each_adapted_input_and_its_mask() -> None:
+    """With lora_dropout > 0 the adapter's dropped-out input is saved for backward (plus a 1-byte
+    mask per element): batch x length x sum of adapted in_features x (4 + 1) bytes in float32."""
+    plain, dropped = (peftc.compile([f"peft.lora_dropout={p}"]) for p in (0.0, 0.1))
+    tokens = plain.spec.data.batch_size * plain.spec.data.max_length
+    widths = sum(site.in_features for site in plain.sites)
+    assert dropped.memory.activations - plain.memory.activations == tokens * widths * (4 + 1)
 
 
 # Stated error of the estimate against live peak memory (see experiments/RESULTS.md).
