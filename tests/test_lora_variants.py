@@ -155,6 +155,26 @@ def test_target_parameters_misuse_is_named(fields: dict[str, Any], key: str, fra
     assert str(info.value).startswith(key) and fragment in str(info.value)
 
 
+def test_rank_and_alpha_patterns_pick_expert_stacks_by_parameter_name_like_peft() -> None:
+    """rank_pattern / alpha_pattern keys match a targeted parameter's name (down_proj), as in
+    peft, where both parameters of `experts` share one module path."""
+    from peft import LoraConfig, get_peft_model
+
+    fields = {
+        "target_modules": [],
+        "target_parameters": ["experts.gate_up_proj", "experts.down_proj"],
+        "r": 2,
+        "rank_pattern": {"down_proj": 4},
+        "alpha_pattern": {"down_proj": 8},
+    }
+    theirs = get_peft_model(TinyMoE(), LoraConfig(**fields))
+    wrappers = [m for m in theirs.modules() if type(m).__name__ == "ParamWrapper"]
+    expected = sorted((m.r["default"], m.scaling["default"]) for m in wrappers)
+    plan = plan_for(TinyMoE(), LoraSpec(**fields))
+    assert sorted((site.options["r"], site.options["scaling"]) for site in plan.sites) == expected
+    assert expected == [(2, 4.0), (4, 2.0)]
+
+
 def test_parameters_peft_cannot_wrap_are_plan_errors() -> None:
     with pytest.raises(peftc.PlanError, match="2-D and 3-D"):
         plan_for(TinyConvNet(), LoraSpec(target_modules=[], target_parameters=["conv.weight"]))  # 4-D

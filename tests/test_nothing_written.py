@@ -39,3 +39,18 @@ def test_a_trained_run_keeps_its_directory_and_no_empty_log(tmp_path: Path) -> N
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / ".hydra").is_dir()
     log = run_dir / "peftc.log"
     assert not log.exists() or log.stat().st_size > 0
+
+
+@pytest.mark.parametrize(("log", "kept"), [("", False), ("WARNING the data has 3 rows\n", True)])
+def test_a_run_directory_with_a_log_to_read_is_kept(tmp_path: Path, log: str, kept: bool) -> None:
+    """A job that wrote nothing but Hydra's record and an empty log leaves no directory; one whose
+    log has lines (a warning before it failed) keeps its directory, so the log can be read."""
+    from peftc.cli.main import discard_unused_run_dir
+
+    run_dir = tmp_path / "outputs" / "2026-12-07" / "01-59-00"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "peftc.log").write_text(log)
+    discard_unused_run_dir(run_dir)
+    assert run_dir.is_dir() == kept
+    assert (run_dir / "peftc.log").is_file() == kept

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from peftc.training.progress import StepBar, format_seconds
 from tests.helpers import run_cli
@@ -38,3 +39,20 @@ def test_the_terminal_bar_names_the_epoch_without_a_negative_total(max_epochs: i
 
 def test_time_left_reads_as_a_clock() -> None:
     assert format_seconds(3725.4) == "1:02:05"
+
+
+def test_a_resumed_runs_time_left_counts_only_the_steps_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed at step 50 of 100, two steps in 10 s: 48 steps left take 240 s (not 48 x 10/52 s)."""
+    import io
+
+    from peftc.training import progress
+
+    clock = iter([1000.0, 1010.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    lines = progress.StepLines(every=2, stream=out)
+    trainer = SimpleNamespace(global_step=50, max_steps=100, is_global_zero=True, optimizers=[])
+    lines.on_train_start(trainer, None)
+    trainer.global_step = 52
+    lines.on_train_batch_end(trainer, None, {}, {"input_ids": torch.zeros(1, 4)}, 0)
+    assert "step 52/100" in out.getvalue() and "eta 0:04:00" in out.getvalue(), out.getvalue()

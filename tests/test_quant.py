@@ -82,7 +82,8 @@ def test_quantized_plan_is_smaller_and_keeps_the_output_head() -> None:
     assert len(plan.quantization.modules) == 14 and "lm_head" not in plan.quantization.modules
     assert plan.model.base_bytes < full.model.base_bytes
     assert all(site.base_quant == "nf4" for site in plan.sites)
-    assert "Linear (nf4)" in str(plan) and "base quantization: bnb_nf4" in str(plan)
+    assert "Linear (nf4)" in str(plan) and "base quantization: bnb_nf4: 14 Linear modules stored as" in str(plan)
+    assert "kept in float32: lm_head" in str(plan)
 
 
 def test_skip_modules_keep_those_layers_plain() -> None:
