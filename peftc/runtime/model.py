@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +64,9 @@ class PeftcModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        stance = "force_eager" if self.blocks_compiled_for_training else "default"
-        with torch.compiler.set_stance(stance):
+        # Only around blocks peftc compiled: a stance set here replaces the caller's own.
+        eager = torch.compiler.set_stance("force_eager") if self.blocks_compiled_for_training else nullcontext()
+        with eager:
             encoder = self._active_prompt_encoder()
             if encoder is not None:
                 return encoder.generate(self.base_model, *args, **kwargs)

@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -301,7 +301,8 @@ def fit(
         if val_loader is not None:
             # One last pass: compiled blocks reuse what training compiled and compile nothing new
             # (AdaLoRA's cut gave each block its own ranks: a variant per distinct block).
-            with torch.compiler.set_stance("eager_on_recompile"):
+            compiled = plan.spec.trainer.compile
+            with torch.compiler.set_stance("eager_on_recompile") if compiled else nullcontext():
                 for result in trainer.validate(module, val_loader, verbose=False):
                     metrics.update({k: float(v) for k, v in result.items()})
     metrics["steps"] = float(trainer.global_step)
