@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,7 +52,8 @@ DDP_TOLERANCE = 1e-4
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_saves_one_adapter_equal_to_one_process(tmp_path: Path) -> None:
-    common = ["trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=2"]
+    # The whole validation split (123 examples: 2 ranks split it unevenly) is scored once per rank count.
+    common = ["trainer.max_steps=3", "trainer.log_every_n_steps=1"]
     single = run_cli([*common, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     ddp = run_cli(
@@ -75,6 +78,12 @@ def test_ddp_on_two_cpu_processes_saves_one_adapter_equal_to_one_process(tmp_pat
     for name in reference:
         assert torch.allclose(ours[name], reference[name], atol=DDP_TOLERANCE, rtol=0), name
     assert any(reference[n].abs().max() > 0 for n in reference if "lora_B" in n), "training must move lora_B"
+    # Validation scores each example once on 2 ranks too (Lightning's sampler would count its padding).
+    ddp_metrics, single_metrics = (
+        json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ddp", "single")
+    )
+    assert ddp_metrics["val_loss"] == pytest.approx(single_metrics["val_loss"], rel=1e-6, abs=0)
+    assert "UserWarning" not in ddp.stderr and "recommended" not in ddp.stderr, ddp.stderr
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -98,3 +107,39 @@ def test_training_order_is_dealt_across_ranks_like_one_process(monkeypatch: pyte
     for step in range(len(shards[0]) // batch):
         dealt = sorted(i for shard in shards for i in shard[step * batch : (step + 1) * batch])
         assert dealt == sorted(single[step * batch * world : (step + 1) * batch * world])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_validation_on_several_ranks_scores_each_example_once(monkeypatch: pytest.MonkeyPatch, world: int) -> None:
+    """Every rank runs as many validation batches (sharded strategies gather parameters together
+    in each forward), so the split is padded with repeated examples; the repeats are not counted,
+    and the ranks' sums are one process's. 123 examples in batches of 5: on 2 ranks the last batch
+    of rank 1 is half padding, on 4 ranks that of rank 3 is padding only."""
+    from peftc import tasks
+    from peftc.planning.model_source import load_tokenizer
+    from peftc.training.lightning import PeftcLightningModule, dataloaders
+
+    plan = peftc.compile(["data.eval_batch_size=5"])
+    model = peftc.materialize(plan).eval()
+    tokenizer = load_tokenizer(plan.spec.model)
+
+    def sums_and_batches() -> tuple[dict[str, float], int]:
+        _, val = dataloaders(plan, tokenizer)
+        module = PeftcLightningModule(model, tasks.get(plan.task), plan)
+        module._trainer = SimpleNamespace(val_dataloaders=val)
+        with torch.no_grad():
+            for index, batch in enumerate(val):
+                module.validation_step(batch, index)
+        return dict(module._totals), index + 1
+
+    one_process, _ = sums_and_batches()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    ranks = []
+    for rank in range(world):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        ranks.append(sums_and_batches())
+    assert len({batches for _, batches in ranks}) == 1, "every rank runs as many batches"
+    assert one_process.keys() == ranks[0][0].keys()
+    for key, value in one_process.items():
+        assert sum(sums[key] for sums, _ in ranks) == pytest.approx(value, rel=1e-6), key

@@ -125,7 +125,7 @@ class StepCheckpoint(Callback):
         # count the epoch as done, and a resumed run would start a new one).
         last = trainer.max_steps > 0 and step >= trainer.max_steps
         if stop or (self.every_n_steps and (step % self.every_n_steps == 0 or last)):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the optimizer state too
         if stop:
             self.interrupted_at = step
             trainer.should_stop = True
@@ -146,16 +146,8 @@ class ResumableSampler(DistributedSampler):
     def skip(self, epoch: int, examples: int) -> None:
         self._skip = (epoch, examples)
 
-    def _join_world(self) -> None:
-        world, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        self.num_replicas, self.rank = world, rank
-        self.num_samples = math.ceil(len(self.dataset) / world)
-        self.total_size = self.num_samples * world
-
     def __iter__(self) -> Iterator[int]:
-        self._join_world()
+        join_world(self)
         order = list(super().__iter__())
         skip, self._skip = self._skip, None
         if skip is not None and skip[0] == self.epoch:
@@ -163,8 +155,19 @@ class ResumableSampler(DistributedSampler):
         return iter(order)
 
     def __len__(self) -> int:
-        self._join_world()
+        join_world(self)
         return self.num_samples
+
+
+def join_world(sampler: DistributedSampler) -> None:
+    """Give a DistributedSampler built before the processes joined (num_replicas=1) the world it
+    runs in now: its rank, the world size and the padded length that follows from them."""
+    world, rank = 1, 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    sampler.num_replicas, sampler.rank = world, rank
+    sampler.num_samples = math.ceil(len(sampler.dataset) / world)
+    sampler.total_size = sampler.num_samples * world
 
 
 class ResumableLoader(DataLoader):

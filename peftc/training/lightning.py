@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from peftc import methods, quant, tasks
 from peftc.config.compose import RUN_OVERRIDES
@@ -30,6 +30,7 @@ from peftc.files.checkpoints import (
     ResumableLoader,
     ResumableSampler,
     StepCheckpoint,
+    join_world,
     rng_state,
     set_rng_state,
     spec_changes,
@@ -87,21 +88,40 @@ class PeftcLightningModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         spec = self.plan.spec.task
+        rows = _batch_size(batch)
+        counted = self._rows_to_count(batch_idx, rows)
+        if counted == 0:
+            # Only the sampler's padding: the forward still runs (a sharded strategy's ranks
+            # gather each layer's parameters together), its sums are not counted.
+            self.task.validation_stats(self.model, batch, spec)
+            return
+        if counted < rows:
+            batch = {key: value[:counted] for key, value in batch.items()}
         stats = self.task.validation_stats(self.model, batch, spec)
         if self.tokenizer is not None:
             stats.update(self.task.generation_stats(self.model, batch, spec, self.tokenizer))
         for key, value in stats.items():
             self._totals[key] += float(value)
 
+    def _rows_to_count(self, batch_idx: int, rows: int) -> int:
+        """How many of this validation batch's rows are examples of this rank rather than the
+        padding EvaluationSampler repeats so that every rank runs as many batches."""
+        loader = self.trainer.val_dataloaders
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, EvaluationSampler):
+            return rows
+        return max(0, min(rows, sampler.examples_of_this_rank - batch_idx * loader.batch_size))
+
     def on_validation_epoch_end(self) -> None:
         totals = self._totals
         if self.trainer.world_size > 1:
             keys = sorted(totals)
             stacked = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
-            stacked = self.all_gather(stacked).reshape(-1, len(keys)).sum(0) if keys else stacked
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
             totals = dict(zip(keys, stacked.tolist()))
+        # Every rank logs the same summed value (sync_dist would only average equal numbers).
         for key, value in self.task.metrics(totals).items():
-            self.log(key, value, prog_bar=True, rank_zero_only=True)
+            self.log(key, value, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         spec = self.plan.spec.trainer
@@ -150,6 +170,31 @@ def lr_schedule(kind: str, warmup: int, total: int) -> Any:
         return 1.0
 
     return factor
+
+
+class EvaluationSampler(DistributedSampler):
+    """The validation split in its order, dealt out rank::world as Lightning's own sampler would,
+    and padded as it pads (the first examples again), so that every rank runs as many batches:
+    ranks of a sharded strategy gather each layer's parameters together in every forward.
+    Unlike Lightning's, it says how many of a rank's examples are real
+    (`examples_of_this_rank`); validation counts only those, so k ranks score each example
+    once and give one process's metrics (Lightning's sampler counts the padding as well)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(range(size), num_replicas=1, rank=0, shuffle=False)
+
+    @property
+    def examples_of_this_rank(self) -> int:
+        join_world(self)
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        join_world(self)
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        join_world(self)
+        return self.num_samples
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
@@ -219,7 +264,7 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
         DataLoader(
             val,
             batch_size=run.data.eval_batch_size or run.data.batch_size,
-            shuffle=False,
+            sampler=EvaluationSampler(len(val)),
             collate_fn=collate,
             num_workers=run.data.num_workers,
             generator=torch.Generator().manual_seed(run.seed),
@@ -254,6 +299,8 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").propagate = False
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Validation metrics are summed over the ranks before they are logged (on_validation_epoch_end).
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(.*sync_dist=True\)`")
     # A small dataset has fewer batches per epoch than log_every_n_steps: logging still happens
     # every n global steps, across epochs, so the warning only alarms.
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
@@ -297,7 +344,8 @@ def fit(
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if best is not None and plan.spec.trainer.save_best and best.restore():
             metrics.update({f"best_{task.primary_metric}": best.value, "best_step": float(best.step)})
-            print(f"best {task.primary_metric}={best.value:.4g} at step {best.step}: its adapter is the one saved")
+            if trainer.is_global_zero:
+                print(f"best {task.primary_metric}={best.value:.4g} at step {best.step}: its adapter is the one saved")
         if val_loader is not None:
             # One last pass: compiled blocks reuse what training compiled and compile nothing new
             # (AdaLoRA's cut gave each block its own ranks: a variant per distinct block).
