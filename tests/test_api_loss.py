@@ -83,6 +83,22 @@ def test_num_items_in_batch_divides_the_summed_loss_as_transformers_does() -> No
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
+def test_an_ignore_index_argument_is_honoured_as_transformers_honours_it() -> None:
+    """`model(..., labels=x, ignore_index=0)`: transformers' loss skips the labels equal to 0,
+    so the call keeps transformers' own loss (the chunked loss only knows -100)."""
+    model = trained_model(LORA_WITH_DROPOUT)
+    batch = labelled_batch()
+    batch["labels"] = batch["labels"].masked_fill(batch["labels"] == -100, 0)
+    batch["labels"][1, 5:9] = 0  # labels the -100 convention would count
+    ours, ours_grads = seeded_call(model, batch, ignore_index=0)
+    reference, reference_grads = transformers_call(model, batch, ignore_index=0)
+    counting_zeros, _ = transformers_call(model, batch)
+    torch.testing.assert_close(ours.loss, reference.loss, rtol=1e-6, atol=0)
+    assert abs(ours.loss.item() - counting_zeros.loss.item()) > 1e-4
+    for mine, theirs in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
 def test_api_loss_and_gradients_equal_peft_in_train_mode_with_dropout() -> None:
     """peft's model and ours on identical weights, one seed: the same dropout masks, the same loss."""
     from peft import get_peft_model, get_peft_model_state_dict

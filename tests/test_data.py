@@ -67,6 +67,37 @@ def test_packing_fills_every_whole_block_the_text_makes(tmp_path: Path, rows: in
     assert [len(e["input_ids"]) for e in train] == [8] * blocks
 
 
+def test_causal_lm_padding_is_never_a_target() -> None:
+    """Unpacked documents of different lengths: the padded positions carry -100 labels (and a 0
+    attention mask), so the loss never learns to predict padding."""
+    task = tasks.get("causal_lm")
+    tokenizer = load_tokenizer(to_spec(compose(["model=tiny_llama"])).model)
+    batch = task.collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], tokenizer, pad_to=4)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, -100], [8, -100, -100, -100]]
+
+
+def test_limit_examples_cuts_the_training_split_only(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(60)])
+    base = [*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.5"]
+    train, val = datasets([*base, "data.limit_examples=3"])
+    assert (len(train), len(val)) == (3, 30)
+    train, val = datasets([*base, "data.limit_examples=3", "data.limit_val_examples=25"])
+    assert (len(train), len(val)) == (3, 25)
+
+
+def test_an_empty_optional_cell_takes_the_fields_default(tmp_path: Path) -> None:
+    """A CSV row whose optional column (multitask prompt tuning's task_id) is blank is read
+    like a row without the column: the default, not a bad integer."""
+    from peftc.tasks.data import load_splits
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,task_id\nan owl,2\na duck,\n")
+    spec = to_spec(compose(["data.source=csv", f"data.path={path}", "data.val_fraction=0"])).data
+    train, _ = load_splits(spec, ("text",), optional={"task_id": 0})
+    assert [row["task_id"] for row in train] == [2, 0]
+
+
 def test_csv_labels_may_be_names_or_indices(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     path.write_text("text,label\nfine,positive\nmeh,0\ngood,1\nbad,negative\n")
@@ -182,6 +213,12 @@ def test_integer_labels_sort_as_numbers(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": n} for t, n in zip("abcd", (10, 2, 2, 10))])
     plan = peftc.compile(["task=seq_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}"])
     assert list(plan.spec.task.labels) == ["2", "10"]
+
+
+def test_negative_integer_labels_sort_as_numbers() -> None:
+    from peftc.tasks.common import sorted_labels
+
+    assert sorted_labels({"3", "-1", "10", "-2"}) == ["-2", "-1", "3", "10"]
 
 
 def test_training_data_with_one_label_is_refused_at_compile_time(tmp_path: Path) -> None:

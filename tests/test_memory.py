@@ -80,6 +80,7 @@ SHARDED_BY = {
     "deepspeed_stage_1": {"optimizer_state"},
     "deepspeed_stage_2": {"gradients", "optimizer_state"},
     "deepspeed_stage_3": {"base_weights", "adapter_weights", "gradients", "optimizer_state"},
+    "deepspeed": {"gradients", "optimizer_state"},  # Lightning's "deepspeed" is ZeRO stage 2
 }
 
 
@@ -93,6 +94,40 @@ def test_sharding_strategies_divide_what_they_shard(strategy: str) -> None:
         whole = getattr(plan.memory, part)
         assert getattr(sharded, part) == ((whole + 1) // 2 if part in SHARDED_BY[strategy] else whole), part
     assert sharded.activations == plan.memory.activations
+
+
+def test_sharding_divides_over_every_process_of_every_node() -> None:
+    plan = peftc.compile([])
+    trainer = plan.spec.trainer.replace(strategy="fsdp", devices=2, num_nodes=2, accelerator="gpu")
+    run = plan.spec.replace(trainer=trainer)
+    graph = meta_graph(run.model, "AutoModelForCausalLM", {})
+    sharded = memory.estimate(run, graph, plan.memory.base_weights, plan.memory.adapter_weights, plan.trainable_params)
+    assert sharded.optimizer_state == (plan.memory.optimizer_state + 3) // 4
+    assert sharded.base_weights == (plan.memory.base_weights + 3) // 4
+
+
+def test_an_encoder_decoders_decoder_activations_follow_the_target_length() -> None:
+    """seq2seq: the decoder blocks and the logits run over task.max_target_length, not
+    data.max_length: shorter targets, fewer activations at the same source length."""
+    short, long = (
+        peftc.compile(["task=seq2seq_lm", "model=tiny_t5", "data.max_length=64", f"task.max_target_length={n}"])
+        for n in (16, 64)
+    )
+    assert short.memory.activations < long.memory.activations
+    assert short.memory.base_weights == long.memory.base_weights
+
+
+def test_16_bit_activations_add_a_float32_copy_of_each_adapted_input() -> None:
+    """bf16-mixed: adapters compute in float32, so each adapted site saves a float32 copy of its
+    input: batch x length x sum of adapted in_features x 4 bytes (no dropout here)."""
+    plan = peftc.compile(["trainer.precision=bf16-mixed", "peft.lora_dropout=0"])
+    run, graph = plan.spec, meta_graph(plan.spec.model, "AutoModelForCausalLM", {})
+    with_sites = memory.estimate(run, graph, plan.memory.base_weights, 0, 0, sites=plan.sites)
+    without = memory.estimate(run, graph, plan.memory.base_weights, 0, 0)
+    tokens = run.data.batch_size * run.data.max_length
+    widths = sum(site.in_features for site in plan.sites)
+    assert with_sites.activations == plan.memory.activations
+    assert with_sites.activations - without.activations == tokens * widths * 4
 
 
 def test_lora_dropout_adds_a_copy_of_each_adapted_input_and_its_mask() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 import peftc
 from peftc.files import adapter_files
 
@@ -132,3 +134,14 @@ def test_generic_settings_are_typed_site_fields_the_method_options_only_its_own(
     assert (target.module, target.name, target.shape) == ("transformer.h.0.attn.c_attn", "weight", (64, 192))
     prompt = peftc.compile(["peft=prefix_tuning"]).prompt
     assert prompt.prefix_kv and "key/value positions" in prompt.injection and "injection" not in prompt.options
+
+
+def test_decoder_layers_count_toward_the_layer_limit() -> None:
+    """An encoder-decoder's decoder layers are layers too: 2 + 20,000 is refused from the
+    config alone, before a meta graph with 20,000 blocks is built."""
+    from transformers import T5Config
+
+    from peftc.planning.graph import check_buildable, facts_of
+
+    with pytest.raises(peftc.ConfigError, match="asks for more than 10,000 layers"):
+        check_buildable(facts_of(T5Config(num_layers=2, num_decoder_layers=20_000, d_model=8, d_ff=16)))

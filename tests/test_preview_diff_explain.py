@@ -61,10 +61,25 @@ def test_plan_diff_says_an_adapter_loads_when_only_settings_differ() -> None:
     assert all("scaling" in str(pair[0].options) for pair in diff.changed)
 
 
+def test_plan_diff_shows_the_keys_of_either_side_only() -> None:
+    """lora -> loha: the keys only LoHa has (alpha, rank_dropout) are changes as much as those
+    only LoRA has (lora_alpha)."""
+    diff = diff_plans(peftc.compile([]), peftc.compile(["peft=loha"]))
+    assert diff.config["peft.alpha"] == (None, 8.0) and diff.config["peft.rank_dropout"] == (None, 0.0)
+    assert diff.config["peft.lora_alpha"] == (8.0, None)
+
+
+def test_plan_diff_refuses_an_adapter_for_another_base_model_by_name() -> None:
+    diff = diff_plans(peftc.compile([]), peftc.compile(["model=tiny_gpt2"]))
+    assert not diff.loads
+    assert diff.load_problems == ("different base models: LlamaForCausalLM vs GPT2LMHeadModel",)
+
+
 def test_plan_diff_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert diff_main(["peft.r=4", "--", "peft.r=8"]) == 0
     out = capsys.readouterr().out
     assert "adapter compatibility: NO" in out and "lora_A.weight 4x64 → 8x64" in out
+    assert "0 sites unchanged" in out  # all four sites changed rank
     assert diff_main(["peft.r=4", "--", "peft.rr=8"]) == 2
     assert "error: B: peft.rr" in capsys.readouterr().err
 

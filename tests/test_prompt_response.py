@@ -50,6 +50,26 @@ def test_train_on_prompt_trains_every_token(qa_file: Path) -> None:
     assert all(example["labels"] == example["input_ids"] for example in train)
 
 
+def test_truncation_cuts_the_labels_with_the_tokens(qa_file: Path) -> None:
+    """data.max_length=32 cuts into each response (a prompt is ~30 tokens): the labels stay
+    aligned with the tokens they predict, the prompt still masked."""
+    train, _, tokenizer = examples(qa_file, "task.packing=false", "data.max_length=32")
+    assert any(len(tokenizer(r["prompt"] + r["response"])["input_ids"]) + 1 > 32 for r in ROWS)
+    for example in train:
+        ids, labels = example["input_ids"], example["labels"]
+        assert len(labels) == len(ids) <= 32
+        assert all(label in (token, IGNORE_INDEX) for token, label in zip(ids, labels))
+
+
+def test_packing_fills_a_block_exactly_before_starting_the_next() -> None:
+    from peftc.tasks.causal_lm import _pack_whole
+
+    example = {"input_ids": [1, 2, 3, 4], "labels": [IGNORE_INDEX, IGNORE_INDEX, 3, 4]}
+    blocks = _pack_whole([example] * 3, 8)
+    assert [len(b["input_ids"]) for b in blocks] == [8, 4]
+    assert blocks[0]["labels"] == example["labels"] * 2
+
+
 def test_packing_puts_whole_examples_into_blocks(qa_file: Path) -> None:
     unpacked, _, _ = examples(qa_file, "task.packing=false", "data.max_length=128")
     packed, _, _ = examples(qa_file, "data.max_length=128")

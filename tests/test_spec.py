@@ -34,6 +34,9 @@ BAD_OVERRIDES = [
     (["data.columns=[text]"], "data.columns", "mapping of names to column names"),
     (["trainer.betas=[0.9]"], "trainer.betas", "two numbers"),
     (["trainer.betas=[0.9,1.0]"], "trainer.betas", "two numbers in [0, 1)"),  # beta2 = 1: no second moment decay
+    (["data.eval_batch_size=0"], "data.eval_batch_size=0", "must be >= 1"),
+    (["data.max_length=4"], "data.max_length=4", "must be >= 8"),
+    (["input_file=rows.txt"], "input_file='rows.txt'", "is only read by action=predict"),
 ]
 
 
@@ -167,6 +170,11 @@ def test_devices_accept_what_lightning_accepts(devices: object, accepted: bool) 
     from peftc.config.lightning_values import lightning_devices
 
     assert (lightning_devices(devices) is None) is accepted
+
+
+def test_a_first_beta_of_zero_is_accepted() -> None:
+    """beta1 = 0 (no first-moment averaging) is a valid AdamW setting; only [0, 1) is required."""
+    assert to_spec(compose(["trainer.betas=[0.0,0.999]"])).trainer.betas == (0.0, 0.999)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])

@@ -144,3 +144,16 @@ def test_unknown_model_type_without_targets_names_the_key() -> None:
 )
 def test_layer_index(path: str, pattern: tuple[str, ...] | None, expected: int | None) -> None:
     assert layer_index(path, pattern) == expected
+
+
+def test_a_module_registered_twice_is_one_graph_module_as_in_named_modules() -> None:
+    """A module shared by two parents (T5-style shared embeddings) is one module, at its first
+    path, as torch's named_modules() (which peft walks to inject) lists it: planned and adapted once."""
+    from torch import nn
+
+    from peftc.planning.graph import graph_of
+
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.encoder, model.decoder, model.out = nn.Sequential(shared), nn.Sequential(shared), nn.Linear(4, 2)
+    assert [m.path for m in graph_of(model).modules] == [name for name, _ in model.named_modules()]
