@@ -265,6 +265,38 @@ def test_the_next_write_clears_temp_files_of_dead_writers_only(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "plan.json"]
 
 
+def test_files_another_process_adds_while_a_save_stages_survive_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer written into the directory after the save copied the others over (and before
+    the swap) is carried into the new copy too, not dropped with the old one."""
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "notes.txt").write_text("kept")
+    swap = atomic._swap_into_place
+
+    def tokenizer_lands_first(staging: Path, into: Path) -> None:
+        (into / "tokenizer.json").write_text("{}")
+        swap(staging, into)
+
+    monkeypatch.setattr(atomic, "_swap_into_place", tokenizer_lands_first)
+    with atomic.atomic_directory(target, keep_others=True) as staging:
+        (staging / "adapter_config.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "notes.txt", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no staging leftovers"
+
+
+def test_recovery_puts_back_the_newest_copy_moved_aside(tmp_path: Path) -> None:
+    for age, name in enumerate([".adapter.old-999998-aaaa", ".adapter.old-999999-bbbb"]):  # dead writers
+        aside = tmp_path / name
+        aside.mkdir()
+        (aside / "adapter_config.json").write_text(str(age))
+        os.utime(aside, (1_000_000 + age, 1_000_000 + age))
+    atomic.recover(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_exchange_swaps_directories_in_one_step(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

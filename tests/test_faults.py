@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.files.checkpoints import AtomicCheckpointIO
+from peftc.files.checkpoints import AtomicCheckpointIO, StepCheckpoint
 from tests.helpers import REPO, build_base
 
 RESUMABLE = [
@@ -367,3 +367,11 @@ def test_atomic_single_file_writes_respect_the_umask(tmp_path: Path) -> None:
     assert (tmp_path / "plan.json").read_text() == "{}\n"
     assert [(p.stat().st_mode & 0o777) for p in (tmp_path / "plan.json", tmp_path / "sub" / "last.ckpt")] == [0o644] * 2
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["last.ckpt", "plan.json", "sub"]
+
+
+def test_a_second_ctrl_c_stops_at_once_while_a_first_waits_for_the_step(tmp_path: Path) -> None:
+    callback = StepCheckpoint(tmp_path, every_n_steps=0, loader=None)
+    callback._on_signal(signal.SIGINT, None)  # the first: recorded, acted on at the step boundary
+    assert callback.stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        callback._on_signal(signal.SIGINT, None)

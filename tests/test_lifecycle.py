@@ -278,3 +278,61 @@ def test_set_adapter_switches_each_adapters_own_head_copy_like_peft() -> None:
         seen.append(ours(input_ids=x).logits)
         assert max_diff(seen[-1], theirs(input_ids=x).logits) <= 1e-5, name
     assert max_diff(seen[0], seen[1]) > 1e-3
+
+
+def test_merging_all_active_adapters_after_one_was_merged_merges_the_others_like_peft() -> None:
+    """'already merged' means every named adapter: merge_adapter(['a']) and then merge_adapter()
+    with a and c active must still fold c in (peft merges what is not merged yet)."""
+    _, ours, theirs = several("a", "c")  # the same targets: every layer has a merged one
+    activate(ours, theirs, ["a", "c"])
+    expected = logits(theirs)
+    ours.merge_adapter(["a"])
+    theirs.merge_adapter(["a"])
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    assert all(layer.merged_adapters == ["a", "c"] for _, layer in ours.adapter_layers())
+    assert max_diff(logits(ours), expected) <= 1e-5
+    assert max_diff(logits(ours), logits(theirs)) <= 1e-5
+
+
+def test_an_inactive_adapter_s_base_biases_stay_frozen() -> None:
+    plan = peftc.compile(["model=tiny_gpt2", "peft.bias=all"])
+    other = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[c_proj]"])
+    model = peftc.materialize(plan)
+    model.add_adapter("other", other)
+    model.set_adapter("other")
+    assert model.trainable_parameters() == other.trainable_params
+    model.set_adapter("default")
+    assert model.trainable_parameters() == plan.trainable_params
+
+
+def test_a_weighted_adapter_that_fails_while_combining_leaves_no_trace() -> None:
+    """A failure inside the combination (here torch.quantile refusing svd_clamp=1.5) removes the
+    half-made adapter: the name is free again and no layer keeps its tensors."""
+    _, ours, _ = several("a", "b")
+    with pytest.raises(RuntimeError, match="quantile"):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", "svd", svd_clamp=1.5)
+    assert ours.adapter_names == ["a", "b"]
+    assert not any("mix" in layer.adapter_names for _, layer in ours.adapter_layers())
+    ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix", "svd")
+    assert "mix" in ours.adapter_names
+
+
+def test_replacing_a_plan_by_one_of_another_layout_is_refused_and_keeps_the_old_plan() -> None:
+    plan = peftc.compile(["peft.r=4"])
+    model = peftc.materialize(plan)
+    with pytest.raises(RuntimeError, match="differ from the plan"):
+        model.replace_plan("default", peftc.compile(["peft.r=2"]))
+    assert model.plan_of("default") is plan
+
+
+def test_several_active_adapters_run_the_first_one_s_head_copy_and_say_so() -> None:
+    """modules_to_save holds one copy per adapter and only one can run (peft refuses several):
+    with several active, the warning names the copy used, and it is the first adapter's."""
+    plan = peftc.compile(["model=tiny_bert", "task=seq_cls", "task.labels=[a,b,c]"])
+    model = peftc.materialize(plan)
+    model.add_adapter("other", plan)
+    with pytest.warns(UserWarning, match="one active adapter; using 'other'"):
+        model.set_adapter(["other", "default"])
+    ((_, wrapper),) = model.saved_modules()
+    assert wrapper.current() is wrapper.modules_to_save["other"]

@@ -19,7 +19,7 @@ CASES = [
         "tiny_llama",
         ["peft.target_modules=all-linear", "peft.rank_pattern={down_proj: 2}", "peft.alpha_pattern={o_proj: 3}"],
     ),
-    ("tiny_llama", ["peft.target_modules=[embed_tokens,q_proj]"]),
+    ("tiny_llama", ["peft.target_modules=[embed_tokens,q_proj]", "peft.lora_alpha=16"]),  # scaling 2, not 1
     ("tiny_gpt2", []),
     ("tiny_gpt2", ["peft.target_modules=all-linear", "peft.r=2"]),
 ]
@@ -100,6 +100,19 @@ def test_merge_unmerge_disable_unload(model: str, overrides: list[str]) -> None:
     assert max_diff(restored(input_ids=x).logits, base_logits) <= 1e-5
 
 
+def test_a_nested_disable_adapter_keeps_the_adapter_off_until_the_outer_block_ends() -> None:
+    """A helper that disables the adapter inside a caller's own disable_adapter() block (a
+    reference-model pass) must not switch it back on for the rest of the caller's block."""
+    plan, ours, _ = paired("tiny_llama", [])
+    x = token_batch()
+    base_logits, adapted = build_base(plan)(input_ids=x).logits, ours(input_ids=x).logits
+    with ours.disable_adapter():
+        with ours.disable_adapter():
+            pass
+        assert max_diff(ours(input_ids=x).logits, base_logits) <= 1e-6
+    assert max_diff(ours(input_ids=x).logits, adapted) <= 1e-6
+
+
 @pytest.mark.parametrize(("model", "overrides"), CASES[:1] + CASES[4:5], ids=IDS[:1] + IDS[4:5])
 def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(model: str, overrides: list[str]) -> None:
     plan, ours, _ = paired(model, overrides)
@@ -127,6 +140,25 @@ def test_safe_merge_refuses_a_broken_adapter_and_leaves_weights_bit_identical() 
         last.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
         ours.merge_and_unload(safe_merge=True)
+    after = ours.base_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(layer.merged_adapters for _, layer in ours.adapter_layers())
+
+
+def test_lora_bias_on_a_bias_free_linear_runs_like_peft_and_refuses_to_merge_before_touching_weights() -> None:
+    """lora_B's bias on Llama's bias-free projections: the forward adds it (the fused path must not
+    drop it) and merging is refused as in peft, with no weight changed."""
+    from peftc.errors import MergeError
+    from tests.helpers import peft_pair
+
+    _, ours, theirs = peft_pair(["peft.lora_bias=true", "peft.init_lora_weights=false"])
+    x = token_batch()
+    assert max_diff(ours(input_ids=x).logits, theirs(input_ids=x).logits) <= 1e-5
+    before = {k: v.clone() for k, v in ours.base_model.state_dict().items() if ".lora_" not in k}
+    with pytest.raises(MergeError, match="without a bias"):
+        ours.merge_adapter()
+    with pytest.raises(RuntimeError, match="base layer has no bias"):
+        theirs.merge_adapter()
     after = ours.base_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(layer.merged_adapters for _, layer in ours.adapter_layers())

@@ -96,6 +96,7 @@ def test_half_precision_merge_unmerge_restores_the_weights_bit_for_bit() -> None
     model = peftc.materialize(plan, base_model=base)
     model.merge_adapter()
     assert any(not torch.equal(before[k], v) for k, v in base_tensors().items())
+    assert {v.dtype for v in base_tensors().values()} == {torch.bfloat16}, "merged weights keep the base's dtype"
     model.unmerge_adapter()
     assert all(torch.equal(before[k], v) for k, v in base_tensors().items())
 
