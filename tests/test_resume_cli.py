@@ -3,6 +3,7 @@ directory, and only what does not change what is trained may differ."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,7 +15,14 @@ from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
-RUN = ["peft.r=4", "peft.lora_dropout=0.1", "trainer.checkpoint_every_n_steps=3", "predict_samples=0"]
+RUN = [
+    "peft.r=4",
+    "peft.lora_dropout=0.1",
+    "trainer.checkpoint_every_n_steps=3",
+    "predict_samples=0",
+    "trainer.log_every_n_steps=2",
+    "trainer.val_check_interval=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,15 @@ def test_resume_with_more_steps_continues_the_run_as_if_it_had_been_longer(seven
     uninterrupted = load_file(longer / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), "bit-identical to a 9-step run"
+    # The metrics log continues too: the first 7 steps' rows are kept (Lightning's CSV logger
+    # would delete them), and the whole log reads as the 9-step run's.
+    logged, expected = (csv_rows(run / "logs" / "metrics.csv") for run in (seven_steps, longer))
+    assert logged == expected and any(row["step"] == "1" for row in logged)
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from peftc.files.checkpoints import (
     ResumableSampler,
     StepCheckpoint,
     join_world,
+    read_checkpoint,
     rng_state,
     set_rng_state,
     spec_changes,
@@ -202,8 +203,9 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return int(first.shape[0])
 
 
-def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Trainer:
-    """The Lightning Trainer for a plan (checkpoints only through peftc's StepCheckpoint)."""
+def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any], resumed_at: int | None = None) -> L.Trainer:
+    """The Lightning Trainer for a plan (checkpoints only through peftc's StepCheckpoint);
+    `resumed_at`: the step of the checkpoint a resumed run starts from."""
     spec = plan.spec.trainer
     progress = progress_callback(spec.progress_bar, spec.log_every_n_steps)
     return L.Trainer(
@@ -214,7 +216,7 @@ def build_trainer(plan: Plan, output_dir: Path, callbacks: list[Any]) -> L.Train
         precision=spec.precision,
         max_steps=spec.max_steps,
         max_epochs=spec.max_epochs if spec.max_epochs is not None else -1,
-        logger=make_logger(plan.spec, output_dir),
+        logger=make_logger(plan.spec, output_dir, resumed_at),
         callbacks=[*callbacks, progress] if progress is not None else callbacks,
         enable_checkpointing=False,
         enable_progress_bar=progress is not None,
@@ -335,7 +337,8 @@ def fit(
     callbacks = [*methods.get(plan.method).callbacks(model, plan), checkpointing]
     best = BestAdapter(model, plan.adapter_name, task.primary_metric) if val_loader is not None else None
     callbacks += validation_callbacks(plan.spec.trainer, task.primary_metric, best)
-    trainer = build_trainer(plan, output_dir, callbacks)
+    resumed_at = int(read_checkpoint(resume).get("global_step", 0)) if resume is not None else None
+    trainer = build_trainer(plan, output_dir, callbacks, resumed_at)
     with ranks_rerun_this_job(output_dir), without_kv_cache(model), trackers_closed(trainer):
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
         if checkpointing.interrupted_at is not None:
