@@ -85,6 +85,7 @@ class StepCheckpoint(Callback):
         self.interrupted_at: int | None = None
         self.stop_signal: signal.Signals | None = None
         self._seen_step = 0
+        self._saved_at: int | None = None
         self._previous_handlers: dict[int, Any] = {}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -94,6 +95,16 @@ class StepCheckpoint(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._restore_handlers()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """A validation check at the step just saved: save again, after it. A resumed run starts
+        with the next step and never repeats that check, so the checkpoint must hold what it
+        changed (early stopping's count, the best adapter). Runs after those callbacks (fit puts
+        this one last). On a stop signal the step-boundary save stands: stopping comes first."""
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.stop_signal is not None:
+            return
+        if self._saved_at == trainer.global_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore_handlers()
@@ -126,6 +137,7 @@ class StepCheckpoint(Callback):
         last = trainer.max_steps > 0 and step >= trainer.max_steps
         if stop or (self.every_n_steps and (step % self.every_n_steps == 0 or last)):
             trainer.save_checkpoint(self.path, weights_only=False)  # the optimizer state too
+            self._saved_at = step
         if stop:
             self.interrupted_at = step
             trainer.should_stop = True

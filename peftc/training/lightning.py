@@ -334,9 +334,10 @@ def fit(
         plan.spec.trainer.checkpoint_every_n_steps,
         train_loader if isinstance(train_loader, ResumableLoader) else None,
     )
-    callbacks = [*methods.get(plan.method).callbacks(model, plan), checkpointing]
     best = BestAdapter(model, plan.adapter_name, task.primary_metric) if val_loader is not None else None
+    callbacks = [*methods.get(plan.method).callbacks(model, plan)]
     callbacks += validation_callbacks(plan.spec.trainer, task.primary_metric, best)
+    callbacks.append(checkpointing)  # last: its save after a validation check holds what the others changed
     resumed_at = int(read_checkpoint(resume).get("global_step", 0)) if resume is not None else None
     trainer = build_trainer(plan, output_dir, callbacks, resumed_at)
     with ranks_rerun_this_job(output_dir), without_kv_cache(model), trackers_closed(trainer):
@@ -407,6 +408,14 @@ class BestAdapter(L.Callback):
         if better:
             self.value, self.step = value, trainer.global_step
             self.tensors = {k: t.detach().clone() for k, t in self.model.adapter_state_dict(self.name).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """In each checkpoint (adapter-sized): a resumed run keeps the best check of the steps
+        before it, and saves the adapter an uninterrupted run would have saved."""
+        return {"value": self.value, "step": self.step, "tensors": self.tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value, self.step, self.tensors = state["value"], int(state["step"]), dict(state["tensors"])
 
     @torch.no_grad()
     def restore(self) -> bool:
