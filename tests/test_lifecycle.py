@@ -171,11 +171,17 @@ def test_only_one_adapter_may_train_base_biases() -> None:
         theirs.add_adapter("second", peft_config(second))
 
 
-def test_deleting_an_adapter_freezes_the_biases_it_trained() -> None:
-    plan = peftc.compile(["model=tiny_gpt2", "peft.bias=lora_only"])
+def with_a_bias_free_second_adapter(bias: str):
+    """A gpt2 model whose default adapter trains biases (peft.bias) and an 'other' one that does not."""
+    plan = peftc.compile(["model=tiny_gpt2", f"peft.bias={bias}"])
     other = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[c_proj]"])
     model = peftc.materialize(plan)
     model.add_adapter("other", other)
+    return plan, other, model
+
+
+def test_deleting_an_adapter_freezes_the_biases_it_trained() -> None:
+    plan, other, model = with_a_bias_free_second_adapter("lora_only")
     model.delete_adapter("default")
     model.set_adapter("other")
     assert model.trainable_parameters() == other.trainable_params
@@ -296,10 +302,7 @@ def test_merging_all_active_adapters_after_one_was_merged_merges_the_others_like
 
 
 def test_an_inactive_adapter_s_base_biases_stay_frozen() -> None:
-    plan = peftc.compile(["model=tiny_gpt2", "peft.bias=all"])
-    other = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[c_proj]"])
-    model = peftc.materialize(plan)
-    model.add_adapter("other", other)
+    plan, other, model = with_a_bias_free_second_adapter("all")
     model.set_adapter("other")
     assert model.trainable_parameters() == other.trainable_params
     model.set_adapter("default")
