@@ -62,3 +62,39 @@ def test_predict_input_files(tmp_path: Path) -> None:
     run = run_for(["task=question_ans", "model=tiny_bert", f"input_file={text}"])
     with pytest.raises(DataError, match="a .txt file gives one field per line"):
         input_rows(run, tasks.get("question_ans"))
+
+
+def test_a_whitespace_only_input_is_refused_as_empty() -> None:
+    run = run_for(["task=seq_cls", "model=tiny_bert", "input=[good,'   ']"])
+    with pytest.raises(ConfigError, match="'text' is empty"):
+        input_rows(run, tasks.get("seq_cls"))
+
+
+def test_predictions_run_the_model_in_eval_mode_and_leave_its_mode_as_it_was() -> None:
+    """Sample predictions are made mid-training: dropout must be off for them, and training
+    must go on in train mode afterwards."""
+    import peftc
+    from peftc.cli.actions import predict_rows
+    from peftc.planning.model_source import load_tokenizer
+
+    overrides = ["task.labels=[bad,good]", "peft.init_lora_weights=false", "peft.lora_dropout=0.9"]
+    plan = peftc.compile(["task=seq_cls", "model=tiny_bert", *overrides])
+    model, tokenizer = peftc.materialize(plan), load_tokenizer(plan.spec.model)
+    rows, seq_cls = [{"text": "good"}, {"text": "not good"}], tasks.get("seq_cls")
+    expected = predict_rows(model.eval(), seq_cls, rows, tokenizer, plan.spec)
+    assert predict_rows(model.train(), seq_cls, rows, tokenizer, plan.spec) == expected
+    assert model.training
+
+
+def test_sample_predictions_are_made_from_the_first_validation_rows(tmp_path: Path) -> None:
+    import peftc
+    from peftc.cli.actions import sample_predictions
+    from peftc.planning.model_source import load_tokenizer
+
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    train.write_text("text,label\n" + "".join(f"train {i},{'good' if i % 2 else 'bad'}\n" for i in range(8)))
+    val.write_text("text,label\n" + "".join(f"val {i},{'good' if i % 2 else 'bad'}\n" for i in range(8)))
+    data = ["data.source=csv", f"data.path={train}", f"data.val_path={val}"]
+    plan = peftc.compile(["task=seq_cls", "model=tiny_bert", *data])
+    predictions = sample_predictions(peftc.materialize(plan), plan.spec, load_tokenizer(plan.spec.model), 3)
+    assert [p["text"] for p in predictions] == ["val 0", "val 1", "val 2"]

@@ -171,10 +171,70 @@ def test_export_is_an_uploadable_adapter_with_a_model_card(trained: Path, tmp_pa
     export = tmp_path / "export"
     card = (export / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\nbase_model: ")
-    accuracy = json.loads((trained / "metrics.json").read_text())["val_accuracy"]
-    assert f"| val_accuracy | {accuracy:.4g} |" in card and "PeftModel.from_pretrained" in card
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert f"| val_accuracy | {metrics['val_accuracy']:.4g} |" in card and "PeftModel.from_pretrained" in card
+    shown = [k for k in metrics if k.startswith(("train_", "val_"))]
+    assert any(k.startswith("train_") for k in shown) and all(f"| {k} | {metrics[k]:.4g} |" in card for k in shown)
+    assert "after 4 training steps." in card
+    # the plan file too: peftc.load_adapter on the export restores the task's settings (the labels)
+    assert peftc.load_adapter(export).plan_of("default").spec.task.labels == ("negative", "positive")
     adapted = peftc.load_adapter(trained / "adapter").eval()
     theirs = PeftModel.from_pretrained(build_base(adapted.plan_of("default")), export).eval()
     x = token_batch()
     with torch.no_grad():
         assert max_diff(theirs(input_ids=x).logits, adapted(input_ids=x).logits) <= 1e-5
+
+
+def test_eval_and_predict_without_an_adapter_use_the_labels_the_plan_read_from_the_data(tmp_path: Path) -> None:
+    """No adapter= and no task.labels: the plan's untrained adapter, with the label set of the
+    training data (as training has it); predictions go to the run directory, not the cwd."""
+    common = ["task=seq_cls", "model=tiny_bert", "data.limit_val_examples=4"]
+    evaluated = run_cli(["action=eval", *common, f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["examples"] == 4
+    predicted = run_cli(
+        ["action=predict", *common, "input=good", f"hydra.run.dir={tmp_path / 'predict'}"], cwd=tmp_path
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    (prediction,) = [json.loads(line) for line in (tmp_path / "predict" / "predictions.jsonl").read_text().splitlines()]
+    assert set(prediction["scores"]) == {"negative", "positive"}
+    assert not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_eval_on_an_empty_validation_split_is_one_error(tmp_path: Path) -> None:
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("text,label\ngreat,good\nawful,bad\n")
+    result = run_cli(
+        ["action=eval", "task=seq_cls", "model=tiny_bert", "data.source=csv", f"data.path={reviews}",
+         "data.val_fraction=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "error: data: the validation split is empty; set data.val_fraction>0 or data.val_path" in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_task_settings_given_beside_an_adapter_win_over_the_saved_ones(tmp_path: Path) -> None:
+    import peftc
+
+    plan = peftc.compile(["model=tiny_llama", "peft.init_lora_weights=false", "task.max_new_tokens=40"])
+    peftc.materialize(plan).save_adapter(tmp_path / "adapter")
+    result = run_cli(
+        ["action=predict", f"adapter={tmp_path / 'adapter'}", "input=hello", "task.max_new_tokens=2",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (prediction,) = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert 1 <= len(prediction["generated"]) <= 2  # byte-level tokenizer: a token is at most a character
+
+
+def test_predict_writes_whole_embeddings_and_shortens_only_what_it_prints(tmp_path: Path) -> None:
+    result = run_cli(
+        ["action=predict", "task=feature_extraction", "model=tiny_bert", "input=hello", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (prediction,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(prediction["embedding"]) == 64 and all(isinstance(v, float) for v in prediction["embedding"])
+    assert '"... 64 values"' in result.stdout

@@ -14,6 +14,7 @@ def test_help_lists_the_groups_with_their_options_and_the_run_keys_with_their_he
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "  peft     adalora," in text and "lora*" in text and "  model    demo_llama*, hf, minilm," in text
+    assert "  data     causal_lm*, feature_extraction, instructions," in text  # data follows the default task
     assert "schema" not in text  # Hydra's internal schema groups stay internal
     assert "  dry_run = False\n      Print the plan and exit without loading weights." in text
     assert "  budget.memory_gb = null" in text

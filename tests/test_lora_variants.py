@@ -48,10 +48,38 @@ def test_every_initialisation_starts_as_the_base_model(init: str) -> None:
     assert max_diff(model(input_ids=x).logits, expected) <= (PISSA_ROUNDING if rounds else 1e-5)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_rewriting_inits_with_a_scaling_other_than_one_take_peft_s_factors_and_residual(init: str) -> None:
+    """lora_alpha / r = 4: PiSSA's factors carry sqrt(S / scaling), so s B A is still W's principal
+    part; the base keeps the same residual as peft's."""
+    import copy
+
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from tests.helpers import peft_lora_config
+
+    overrides = [f"peft.init_lora_weights={init}", "peft.r=4", "peft.lora_alpha=16", "peft.target_modules=[q_proj]"]
+    plan = peftc.compile(overrides)
+    base = build_base(plan)
+    ours = peftc.materialize(plan, base_model=copy.deepcopy(base)).eval()
+    theirs = get_peft_model(copy.deepcopy(base), peft_lora_config(plan)).eval()
+    expected = get_peft_model_state_dict(theirs)
+    tensors = ours.adapter_state_dict("default")
+    assert all(max_diff(tensors[k], expected[k]) <= 1e-5 for k in expected)
+    x = token_batch()
+    with torch.no_grad(), ours.disable_adapter(), theirs.disable_adapter():
+        assert max_diff(ours(input_ids=x).logits, theirs(input_ids=x).logits) <= 1e-5
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "fragment"),
     [
         (["peft.init_lora_weights=orthogonal", "peft.r=3"], "peft.init_lora_weights", "even"),
+        (
+            ["peft.init_lora_weights=orthogonal", "peft.r=4", "peft.rank_pattern={q_proj: 3}"],
+            "peft.init_lora_weights",
+            "even",
+        ),
         (["peft.lora_bias=true", "peft.use_dora=true"], "peft.lora_bias", "DoRA"),
         (["peft.lora_bias=true", "peft.init_lora_weights=pissa"], "peft.lora_bias", "true or false"),
         (["peft.lora_bias=true", "peft.target_modules=[embed_tokens]"], "peft.lora_bias", "embeddings"),
@@ -64,6 +92,12 @@ def test_invalid_lora_options_are_named_config_errors(overrides: list[str], key:
     with pytest.raises(peftc.ConfigError) as info:
         peftc.compile(overrides)
     assert str(info.value).startswith(key) and fragment in str(info.value)
+
+
+def test_base_rewriting_inits_take_a_rank_up_to_min_in_out() -> None:
+    """r = min(in, out) = 64 (q_proj) is the full rank, which PiSSA and OLoRA accept (65 is refused above)."""
+    plan = peftc.compile(["peft.init_lora_weights=pissa", "peft.r=64", "peft.target_modules=[q_proj]"])
+    assert {site.options["r"] for site in plan.sites} == {64}
 
 
 @pytest.mark.parametrize(
@@ -174,6 +208,30 @@ def test_rank_and_alpha_patterns_pick_expert_stacks_by_parameter_name_like_peft(
     plan = plan_for(TinyMoE(), LoraSpec(**fields))
     assert sorted((site.options["r"], site.options["scaling"]) for site in plan.sites) == expected
     assert expected == [(2, 4.0), (4, 2.0)]
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_fresh_factors_on_expert_stacks_are_peft_s_draws_under_the_same_seed(init: Any) -> None:
+    """gaussian draws A ~ N(0, 1/r) with the per-expert rank r (peft's `self.r`), not r * experts.
+    (One parameter per module: peftc draws nested wrappers outermost first, peft innermost first.)"""
+    import copy
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    fields = {
+        "target_modules": [],
+        "target_parameters": ["experts.down_proj", "mixer.weight"],
+        "r": 2,
+        "init_lora_weights": init,
+    }
+    base = TinyMoE()
+    torch.manual_seed(0)
+    ours = peftc.materialize(plan_for(base, LoraSpec(**fields)), base_model=copy.deepcopy(base))
+    torch.manual_seed(0)
+    theirs = get_peft_model_state_dict(get_peft_model(copy.deepcopy(base), LoraConfig(**fields)))
+    ours_tensors = ours.adapter_state_dict("default")
+    assert ours_tensors.keys() == theirs.keys()
+    assert all(torch.equal(ours_tensors[k], theirs[k]) for k in theirs)
 
 
 def test_parameters_peft_cannot_wrap_are_plan_errors() -> None:

@@ -299,6 +299,27 @@ def test_a_task_that_does_not_fit_the_base_class_is_refused(llama_adapter, tmp_p
         peftc.load_adapter(directory, task="seq_cls")
 
 
+def test_a_label_set_that_does_not_fit_a_task_less_adapter_s_head_is_refused(tmp_path: Path) -> None:
+    """A task-less peft adapter on a classifier keeps its base's head: task.labels must have as
+    many labels as the head has rows, or the labels would name the wrong classes."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from peftc.planning.model_source import load_tokenizer
+    from tests.helpers import build_base
+
+    plan = peftc.compile(["task=seq_cls", "model=tiny_bert", "task.labels=[bad,good]"])
+    build_base(plan).save_pretrained(tmp_path / "base")
+    load_tokenizer(plan.spec.model).save_pretrained(tmp_path / "base")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    peft.get_peft_model(base, peft.LoraConfig(target_modules=["query"])).save_pretrained(tmp_path / "adapter")
+    args = ["action=predict", f"adapter={tmp_path / 'adapter'}", "input=fine", f"hydra.run.dir={tmp_path / 'run'}"]
+    refused = run_cli([*args, "task.labels=[bad,ok,good]"], tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "has 3 labels but the head of the adapter's base model has 2" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_a_prompt_adapter_without_a_task_type_is_refused(llama_adapter, tmp_path: Path) -> None:
     """peft's task-less PeftModel would run the base without the prompt: nothing to match."""
     directory = tmp_path / "prompt"

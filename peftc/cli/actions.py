@@ -51,7 +51,7 @@ def _model_and_run(run: RunSpec) -> tuple[Any, RunSpec]:
         plan = planner.plan(run)
         print_plan(plan)
         print("no adapter= given: running the plan's untrained adapter")
-        return materialize(plan).eval(), run
+        return materialize(plan).eval(), run.replace(task=plan.spec.task)  # the labels the plan read from the data
     from peftc.files.load import load_adapter
 
     task = tasks.for_spec(run.task)
