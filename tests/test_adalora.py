@@ -174,3 +174,36 @@ def test_importance_update_costs_the_same_few_ops_for_any_number_of_layers() -> 
     many, many_ops = _importance_update_ops("all-linear")
     assert many > 3 * few
     assert many_ops == few_ops < 20
+
+
+def test_the_budget_callback_runs_the_allocator_once_per_optimizer_step() -> None:
+    """Lightning ends several batches per optimizer step under gradient accumulation; the
+    allocator (peft's update_and_allocate) runs once per step, after it."""
+    from types import SimpleNamespace
+
+    from peftc.methods.adalora.budget import AdaLoraBudget
+
+    plan = peftc.compile(["peft=adalora", *SCHEDULE])
+    callback = AdaLoraBudget(peftc.materialize(plan, base_model=build_base(plan)), plan)
+    steps: list[int] = []
+    callback.allocator.step = steps.append
+    for global_step in (0, 0, 1, 1, 2, 2, 3):
+        callback.on_train_batch_end(SimpleNamespace(global_step=global_step), None, None, None, 0)
+    assert steps == [1, 2, 3]
+
+
+def test_target_r_equal_to_init_r_trains_without_pruning() -> None:
+    """A budget that never shrinks masks no triplet (peft 0.21 fails at its first mask:
+    torch.kthvalue with k = 0)."""
+    plan = peftc.compile(["peft=adalora", "peft.init_r=4", "peft.target_r=4", "trainer.max_steps=3"])
+    model = peftc.materialize(plan, base_model=build_base(plan)).train()
+    allocator = RankAllocator(model, plan)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for step in (1, 2, 3):
+        x = token_batch(seed=step)
+        model(input_ids=x, labels=x).loss.backward()
+        sgd.step()
+        allocator.step(step)
+        sgd.zero_grad()
+    assert allocator.rank_pattern == {site.path: [True] * 4 for site in plan.sites}
+    assert all(bool((layer.lora_E["default"] != 0).all()) for _, layer in model.adapter_layers())

@@ -311,3 +311,55 @@ def test_oft_module_dropout_turns_that_share_of_blocks_into_the_identity_in_trai
     identities = [[torch.allclose(block, eye) for block in blocks] for blocks in draws]
     assert all(sum(row) == len(row) // 2 for row in identities), identities
     assert len({tuple(row) for row in identities}) > 1, "a new draw each step"
+
+
+def test_lokr_factorization_splits_every_dimension_like_peft() -> None:
+    """decompose_factor that does not divide a dimension caps the smaller side at that factor
+    (the shipped cases' factors all divide their dimensions)."""
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from peftc.methods.lycoris.lokr import factorization
+
+    for dimension in range(1, 130):
+        for factor in (-1, *range(1, 10)):
+            assert factorization(dimension, factor) == peft_factorization(dimension, factor), (dimension, factor)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("peft=loha",),
+        ("peft=lokr",),
+        ("peft=lokr", "peft.init_weights=lycoris"),
+        ("peft=lokr", "peft.decompose_both=true", "peft.r=1"),
+        ("peft=lokr", "peft.decompose_both=true", "peft.r=1", "peft.init_weights=lycoris"),
+    ],
+    ids=["loha", "lokr", "lokr-lycoris", "lokr-decomposed", "lokr-decomposed-lycoris"],
+)
+def test_lycoris_no_op_inits_start_the_same_factors_at_zero_as_peft(overrides: tuple[str, ...]) -> None:
+    """Either zero factor makes the update a no-op; which one it is decides the first steps'
+    gradients (every other factor random), so it must be peft's."""
+    from peft import get_peft_model
+
+    plan = peftc.compile(list(overrides))
+    ours = peftc.materialize(plan, base_model=build_base(plan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(
+            build_base(plan), oracle_config(plan, Case(overrides[0].removeprefix("peft="), "tiny_llama"))
+        )
+    zero = {k: bool((v == 0).all()) for k, v in ours.adapter_state_dict(plan.adapter_name).items()}
+    assert zero == {k: bool((v == 0).all()) for k, v in peft_state(theirs).items()}
+    assert 0 < sum(zero.values()) < len(zero)
+
+
+def test_lokr_cp_form_on_a_conv1d_runs_and_merges_to_the_same_outputs() -> None:
+    """peft 0.21 cannot run LoKr's CP form on a Conv1d (torch.kron cannot view the einsum over a
+    k x 1 core), so no peft case covers it: the formed update merges to the unmerged outputs."""
+    case = Case("lokr", "conv", spec_fields=(("target_modules", ("seq",)), ("r", 1), ("use_effective_conv2d", True)))
+    plan = case.compile()
+    assert "lokr_t2" in plan.sites[0].tensors
+    model = peftc.materialize(plan, base_model=case.base(plan)).eval()
+    expected = output(model, case)
+    assert max_diff(expected, output(case.base(plan), case)) > 1e-3, "a random (not no-op) update"
+    assert max_diff(output(model.merge_and_unload(), case), expected) <= 1e-5

@@ -460,6 +460,8 @@ def test_merging_into_an_8bit_base_requantizes_with_a_warning(backend: str) -> N
         unmerged = model(input_ids=x).logits
         with model.disable_adapter():
             base = model(input_ids=x).logits
+    layer = model.base_model.get_submodule(plan.sites[0].path)
+    stored = backend_of(layer.base_layer).stored_bytes(layer.base_layer)
     with pytest.warns(
         peftc.runtime.model.QuantizedMergeWarning, match=rf"merged into 4 quantized layers \({backend}\)"
     ):
@@ -468,8 +470,8 @@ def test_merging_into_an_8bit_base_requantizes_with_a_warning(backend: str) -> N
         merged = model(input_ids=x).logits
     # the merge keeps (nearly) all of the adapter's effect: its error is small next to that effect
     assert max_diff(merged, unmerged) < 0.1 * max_diff(unmerged, base)
-    layer = model.base_model.get_submodule(plan.sites[0].path)
-    assert backend_of(layer.base_layer).name == backend  # still quantized
+    assert backend_of(layer.base_layer).name == backend  # still quantized: stored as before
+    assert backend_of(layer.base_layer).stored_bytes(layer.base_layer) == stored
     model.unmerge_adapter()  # the stored quantized weights come back exactly
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, unmerged)
@@ -603,3 +605,85 @@ def test_quanto_layers_quantized_while_loading_keep_their_scales_in_the_model_dt
     for path in plan.quantization.modules:
         layer = base.get_submodule(path)
         assert layer.input_scale.dtype == layer.output_scale.dtype == torch.bfloat16, path
+
+
+@pytest.mark.parametrize(
+    ("override", "kept"),
+    [
+        ("++model.config.tie_word_embeddings=true", "lm_head"),  # tied to the input embedding
+        ("peft.modules_to_save=[lm_head]", "lm_head"),  # trained in full
+        ("task=seq_cls", "score"),  # the task head
+    ],
+    ids=["tied", "modules_to_save", "task-head"],
+)
+def test_tied_and_fully_trained_heads_stay_plain_whatever_skip_modules_says(override: str, kept: str) -> None:
+    """skip_modules lists what else to keep: a head tied to the embedding, in modules_to_save or a
+    task head is never quantized (skip_modules=[down_proj] alone would quantize the output head)."""
+    plan = peftc.compile(["quant=bnb_int8", "quant.skip_modules=[down_proj]", override])
+    assert kept in plan.quantization.skipped and kept not in plan.quantization.modules
+    assert type(load_base_model(plan).get_submodule(kept)) is nn.Linear
+
+
+def test_a_skip_modules_string_is_a_full_match_regex_over_module_paths() -> None:
+    layer_0 = peftc.compile(["quant=bnb_int8", "quant.skip_modules='model.layers.0.*'"]).quantization
+    assert set(layer_0.skipped) == {p for p in layer_0.skipped + layer_0.modules if p.startswith("model.layers.0.")}
+    assert len(layer_0.skipped) == 7 and "lm_head" in layer_0.modules
+    assert peftc.compile(["quant=bnb_int8", "quant.skip_modules='layers.0.*'"]).quantization.skipped == ()
+
+
+@pytest.mark.parametrize("in_features", [100, 160, 192, 256, 320])
+def test_quanto_int4_planned_bytes_follow_quantos_groups_for_rows_wider_than_128(in_features: int) -> None:
+    """Groups of 128 input columns, else 96, 64 or 32 where that divides the row, else one group
+    per row (the tiny test models' rows are all <= 128: one group each)."""
+    from peftc.planning.graph import graph_of
+
+    backend = quant.get("quanto_int4")
+    box = nn.Sequential(nn.Linear(in_features, 8))
+    info = next(m for m in graph_of(box).modules if m.path == "0")
+    backend.quantize(backend.schema(), box, ("0",))
+    assert backend.weight_bytes(backend.schema(), info, "float32") == backend.stored_bytes(box[0])
+
+
+@pytest.mark.parametrize(
+    ("backend", "setting", "field", "value"),
+    [
+        ("bnb_nf4", "quant.double_quant=false", "double_quant", False),
+        ("bnb_int8", "quant.threshold=6.0", "threshold", 6.0),
+    ],
+)
+def test_a_base_quantized_with_non_default_settings_is_planned_and_read_back_with_them(
+    backend: str, setting: str, field: str, value: object, tmp_path
+) -> None:
+    """The planned bytes are the loaded layers' bytes; an adapter loaded onto such a live base
+    describes its quantization with the same settings, and its saved plan rebuilds that base."""
+    from peftc.quant.base import add_bytes
+
+    def quantized_bytes(model: nn.Module) -> dict[str, int]:
+        return add_bytes(*(backend_of(m).stored_bytes(m) for m in model.modules() if backend_of(m)))
+
+    plan = peftc.compile([f"quant={backend}", setting])
+    base = load_base_model(plan)  # quantized while transformers reads the checkpoint
+    assert plan.quantization.bytes_by_dtype == base_bytes_measured(base)
+    materialize(plan, base_model=base).save_adapter(tmp_path)
+    loaded = peftc.load_adapter(load_base_model(plan), tmp_path).plan_of("default")
+    assert getattr(loaded.spec.quant, field) == value
+    assert loaded.quantization.bytes_by_dtype == plan.quantization.bytes_by_dtype
+    rebuilt = peftc.load_adapter(tmp_path)  # built from the saved plan, then quantized by peftc
+    assert quantized_bytes(rebuilt.base_model) == quantized_bytes(base)
+
+
+@pytest.mark.parametrize("input_grads", [True, False])
+def test_input_grads_makes_the_input_embeddings_output_require_grad(input_grads: bool) -> None:
+    """peft's k-bit preparation hook: gradients reach adapters below frozen (checkpointed) blocks."""
+    plan = peftc.compile(["quant=bnb_nf4", f"quant.input_grads={str(input_grads).lower()}"])
+    base = load_base_model(plan)
+    assert base.get_input_embeddings()(token_batch()).requires_grad is input_grads
+
+
+def test_float32_unquantized_upcasts_a_float16_base_too() -> None:
+    """peft's prepare_model_for_kbit_training upcasts float16 weights as well as bfloat16 ones."""
+    plan = peftc.compile(["quant=bnb_nf4", "model.dtype=float16", "quant.compute_dtype=float16"])
+    base = load_base_model(plan)
+    assert base.model.norm.weight.dtype == base.lm_head.weight.dtype == torch.float32
+    assert plan.quantization.bytes_by_dtype == base_bytes_measured(base)
+    assert "float16" not in plan.quantization.bytes_by_dtype

@@ -8,11 +8,12 @@ Schedule over optimizer steps t = 1..T (T = total_step = trainer.max_steps):
   t == T - tfinal:             final mask to B1, kept from then on (E re-zeroed every step).
 Importance of every entry of A, E, B: I = |p * grad|, smoothed I' = b1 I' + (1 - b1) I and
 U' = b2 U' + (1 - b2) |I - I'|; score s = I' U'. A triplet i scores s(E_i) + mean_j s(A_ij) +
-mean_o s(B_oi); the (B0 - budget) lowest triplets get E_i = 0.
+mean_o s(B_oi); the (B0 - budget) lowest triplets get E_i = 0 (none while budget = B0).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -88,7 +89,10 @@ class RankAllocator:
             rows_a = self._score(path, "lora_A").mean(dim=1)
             cols_b = self._score(path, "lora_B").mean(dim=0)
             triplets[path] = self._score(path, "lora_E").view(-1) + (rows_a + cols_b)
-        threshold = torch.kthvalue(torch.cat(list(triplets.values())), k=self.init_budget - budget)[0].item()
+        # a budget that has not shrunk (target_r == init_r) masks nothing: peft's kthvalue(k=0) fails there
+        pruned_count = self.init_budget - budget
+        scores = torch.cat(list(triplets.values()))
+        threshold = torch.kthvalue(scores, k=pruned_count)[0].item() if pruned_count > 0 else -math.inf
         pattern = {}
         for path, layer in self.layers.items():
             pruned = triplets[path] <= threshold
