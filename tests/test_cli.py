@@ -117,3 +117,21 @@ def test_a_primary_config_in_a_user_config_dir_runs_as_in_hydra(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     plan = json.loads((run / "plan.json").read_text())
     assert plan["spec"]["trainer"]["max_steps"] == 2 and plan["spec"]["peft"]["r"] == 4
+
+
+def test_the_cli_shows_a_data_warning_once_as_one_plain_line(tmp_path: Path) -> None:
+    """The labels are read before Hydra runs and again in the job: a user sees the warning
+    once, as `warning: ...` like an error, not peftc's file, line and source text."""
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = run_cli(
+        ["task=seq_cls", "model=tiny_bert", "data.source=jsonl", "data.path=d.jsonl", "dry_run=true"], tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    warned = [line for line in lines if "the validation split has only" in line]
+    assert warned == [
+        "warning: d.jsonl: the validation split has only 2 examples, so its metrics move in steps "
+        "of 50%; use more (data.val_fraction or data.val_path)"
+    ], done.stderr
+    assert not any("UserWarning" in line or "peftc/" in line for line in lines), done.stderr

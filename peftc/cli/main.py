@@ -9,9 +9,11 @@ devices, precision), and refuses Hydra's pickle-based rerun before Hydra reads t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,11 @@ _SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i", "--hydra-help"}
 
 
 def main() -> None:
+    with plain_own_warnings():
+        run_command_line()
+
+
+def run_command_line() -> None:
     try:
         check_installed()  # before the registries import transformers, which imports torchao
     except PeftcError as exc:
@@ -92,6 +99,37 @@ def main() -> None:
         fail(exc)
     hydra_main()
     report_failed_jobs()
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def plain_own_warnings() -> Iterator[None]:
+    """peftc's own warnings reach a command-line user as one `warning: ...` line, like its
+    errors, and once: the file, line and source text of the code that raised one are ours, not
+    theirs, and the checks before Hydra and the job itself read the same data. Other
+    libraries' warnings keep Python's format (they name the library that raised them)."""
+    if getattr(warnings.showwarning, "plain_own_warnings", False):
+        yield  # a job run by main() in this process
+        return
+    show_elsewhere = warnings.showwarning
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if not Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+            show_elsewhere(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            print(f"warning: {message}", file=file or sys.stderr)
+
+    show.plain_own_warnings = True  # type: ignore[attr-defined]
+    # Only the display is swapped: catch_warnings() would also reset the filters' registry.
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = show_elsewhere
 
 
 def refuse_pickle_flags(argv: list[str]) -> None:
@@ -355,12 +393,18 @@ def fail(exc: PeftcError) -> None:
 @hydra.main(version_base=VERSION_BASE, config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
 def hydra_main(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
+
+    # Again here: a launcher may run this job in a worker process that never ran main().
+    with plain_own_warnings():
+        return run_job(cfg, HydraConfig.get())
+
+
+def run_job(cfg: DictConfig, hydra_cfg: Any) -> Any:
     from hydra.types import RunMode
 
     from peftc.cli.run import execute
     from peftc.config.compose import RUN_OVERRIDES
 
-    hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     single = hydra_cfg.mode != RunMode.MULTIRUN
     recorded = RUN_OVERRIDES.set(tuple(hydra_cfg.overrides.task))  # checkpoints record them for resume=
@@ -378,10 +422,10 @@ def hydra_main(cfg: DictConfig) -> Any:
         discard_unused_run_dir(run_dir)  # a run that failed before writing leaves nothing
         fail(exc)
     except Exception as exc:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise
-        # One broken job is a row of the sweep summary, not the end of the sweep.
-        return failed_job(exc, Path(hydra_cfg.runtime.output_dir))
+        if not single:
+            # One broken job is a row of the sweep summary, not the end of the sweep.
+            return failed_job(exc, run_dir)
+        raise
     finally:
         RUN_OVERRIDES.reset(recorded)
 

@@ -80,7 +80,7 @@ def load_splits(
         val = val[: spec.limit_val_examples]
     if 0 < len(val) < FEW_VALIDATION_EXAMPLES:
         warnings.warn(
-            f"{path}: the validation split has only {len(val)} examples, so its metrics move in steps of "
+            f"{path}: the validation split has only {len(val)} example{'' if len(val) == 1 else 's'}, so its metrics move in steps of "
             f"{1 / len(val):.0%}; use more (data.val_fraction or data.{'val_split' if spec.source == 'hf' else 'val_path'})",
             stacklevel=2,
         )
