@@ -44,7 +44,33 @@ def compose_error(exc: BaseException) -> ConfigError:
         )
     if isinstance(cause, OmegaConfBaseException):
         return _omegaconf_error(cause, str(exc))
-    return ConfigError("config", None, first_line(exc))
+    return _sweep_outside_multirun_error(str(exc)) or ConfigError("config", None, first_line(exc))
+
+
+# Hydra's refusals of a sweep value in a single run, quoting the user's override.
+_AMBIGUOUS_SWEEP = re.compile(r"Ambiguous value for argument '(?P<override>.*)'")
+_SWEEP_NEEDS_MULTIRUN = re.compile(r"Sweep parameters '(?P<override>.*)' requires --multirun")
+_HYDRA_SWEEP = re.compile(r"Sweeping over Hydra's configuration is not supported : '(?P<override>.*)'")
+
+
+def _sweep_outside_multirun_error(message: str) -> ConfigError | None:
+    """A comma, range() or choice() where one value belongs: what it means and the ways to say
+    what was meant (Hydra's own advice spans four lines; this keeps it to one)."""
+    match = next((m for p in (_AMBIGUOUS_SWEEP, _SWEEP_NEEDS_MULTIRUN, _HYDRA_SWEEP) if (m := p.search(message))), None)
+    if match is None:
+        return None
+    key, _, value = match["override"].partition("=")
+    as_text = f"for one string quote it: '{key}=\"{value}\"'"
+    if key.startswith(("hydra.", "+hydra.", "++hydra.")):
+        return ConfigError(key, value, "Hydra's own settings cannot be swept", f"give it one value; {as_text}")
+    if match.re is _SWEEP_NEEDS_MULTIRUN:
+        return ConfigError(key, value, "a sweep needs a multirun", "add -m to run one job per value")
+    return ConfigError(
+        key,
+        value,
+        "a comma-separated value is a sweep, and this is a single run",
+        f"for a list write {key}=[{value}]; {as_text}; or add -m to run one job per value",
+    )
 
 
 def _root_cause(exc: BaseException) -> BaseException:
