@@ -22,6 +22,12 @@ class ConfigError(PeftcError):
         self.key, self.value, self.problem, self.hint = key, value, problem, hint
         super().__init__(format_problem(key, value, problem, hint))
 
+    def with_source(self, source: str) -> ConfigError:
+        """The same error, naming the config file (or other source) that set its key."""
+        if "[source: " in self.problem:
+            return self
+        return type(self)(self.key, self.value, f"{self.problem} [source: {source}]", self.hint)
+
 
 class PlanError(ConfigError):
     """The spec is valid on its own but cannot be resolved against the model's module graph."""

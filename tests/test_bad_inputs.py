@@ -207,10 +207,14 @@ CASES = [
             "peft.prompt_tuning_init_state_dict_path={input}"), ConfigError, "truncated",
         write_file("source.safetensors", b"garbage")),
     # --- YAML files in a user config directory (--config-dir) --------------------------------
-    Bad("yaml-unknown-key", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "unknown key",
+    Bad("yaml-unknown-key", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError,
+        "unknown key for peft (LoraSpec) [source: {input}/peft/mine.yaml]; did you mean 'r'?",
         user_config("peft", "mine", LORA_YAML + "rr: 4\n")),
-    Bad("yaml-wrong-type", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "expected int",
+    Bad("yaml-wrong-type", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError,
+        "expected integer [source: {input}/peft/mine.yaml]",
         user_config("peft", "mine", LORA_YAML + "r: many\n")),
+    Bad("yaml-rank-zero", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError,
+        "peft.r=0: must be >= 1 [source: {input}/peft/mine.yaml]", user_config("peft", "mine", LORA_YAML + "r: 0\n")),
     Bad("yaml-init-trailing-newline", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError,
         "peft.init_lora_weights", user_config("peft", "mine", LORA_YAML + 'init_lora_weights: "pissa_niter_3\\n"\n')),
     Bad("yaml-target", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "never instantiates",
@@ -557,7 +561,7 @@ def test_bad_input_fails_cleanly_and_changes_nothing(case: Bad, pristine: Any, t
     with pytest.raises(case.error) as info:
         case.act(world, made)
 
-    assert case.fragment in str(info.value), str(info.value)
+    assert case.fragment.replace("{input}", str(made)) in str(info.value), str(info.value)
     assert not (world.root / "SENTINEL").exists(), "a pickle payload ran"
     assert_same_model(models["base"], model_state(world.base))
     assert_same_model(models["model"], model_state(world.model))

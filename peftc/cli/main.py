@@ -292,10 +292,13 @@ def check_job(
     try:
         # The checked composition is the job's config: composing it again would double the
         # preflight's cost (Hydra's composition is most of a failing command's time).
-        config = check_sources([*search, *settings, *overrides], config_name)
-        with hydra_runtime(config, job_num) as cfg:
-            spec = to_spec(cfg)
-        check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
+        composition = check_sources([*search, *settings, *overrides], config_name)
+        try:
+            with hydra_runtime(composition.config, job_num) as cfg:
+                spec = to_spec(cfg)
+            check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
+        except ConfigError as exc:
+            raise composition.naming_user_file(exc) from exc
         return CheckedJob(overrides, spec, None)
     except PeftcError as exc:
         return CheckedJob(overrides, None, exc)

@@ -28,8 +28,9 @@ CONFIG_NAME = "config"
 VERSION_BASE = "1.3"
 
 
-def compose_error(exc: BaseException) -> ConfigError:
-    """Translate Hydra/OmegaConf composition errors into one ConfigError naming the key."""
+def compose_error(exc: BaseException, config_dirs: Sequence[str] = ()) -> ConfigError:
+    """Translate Hydra/OmegaConf composition errors into one ConfigError naming the key (and the
+    file of the user's `config_dirs` it is in)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = _root_cause(exc)
@@ -43,7 +44,7 @@ def compose_error(exc: BaseException) -> ConfigError:
             "overrides look like key=value, group=option or +key=value",
         )
     if isinstance(cause, OmegaConfBaseException):
-        return _omegaconf_error(cause, str(exc))
+        return _naming_config_file(_omegaconf_error(cause, str(exc)), str(exc), config_dirs)
     return _sweep_outside_multirun_error(str(exc)) or ConfigError("config", None, first_line(exc))
 
 
@@ -71,6 +72,21 @@ def _sweep_outside_multirun_error(message: str) -> ConfigError | None:
         "a comma-separated value is a sweep, and this is a single run",
         f"for a list write {key}=[{value}]; {as_text}; or add -m to run one job per value",
     )
+
+
+# Hydra's prefix for an error in a config file it was composing (not in a command-line override).
+_IN_CONFIG_FILE = re.compile(r"^In '(?P<path>[^']+)': ")
+
+
+def _naming_config_file(error: ConfigError, outer: str, config_dirs: Sequence[str]) -> ConfigError:
+    """A bad key or value in a YAML file (a user's --config-dir file) names that file; one
+    from a command-line override names itself."""
+    match = _IN_CONFIG_FILE.match(outer)
+    if match is None:
+        return error
+    name = f"{match['path']}.yaml"
+    found = (Path(d.removeprefix("file://")).expanduser() / name for d in config_dirs)
+    return error.with_source(str(next((path for path in found if path.is_file()), name)))
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -166,7 +182,7 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME, wi
             _add_config_dirs(searchpath_dirs(overrides))
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise compose_error(exc) from exc
+        raise compose_error(exc, searchpath_dirs(overrides)) from exc
     except YAMLError as exc:
         raise yaml_error(exc) from exc
     finally:

@@ -27,6 +27,7 @@ from peftc.config.compose import (
     yaml_error,
 )
 from peftc.config.safety import check_config
+from peftc.errors import ConfigError
 
 # Config sources shipped inside installed packages: peftc's conf/, Hydra's own, the structured
 # configs registered in Hydra's ConfigStore (peftc's schemas, the launcher plugins') and the
@@ -39,6 +40,7 @@ PLUGIN_SOURCES = "pkg://hydra_plugins."
 class Source:
     label: str
     packaged: bool  # set by a config shipped with peftc or Hydra, not by the user
+    user_file: bool = False  # a YAML file of the user's (a --config-dir or primary config)
 
 
 UNKNOWN = Source("unknown", packaged=False)
@@ -56,6 +58,12 @@ class Composition:
                 return self.sources[key]
             key = key.rpartition(".")[0]
         return UNKNOWN
+
+    def naming_user_file(self, error: ConfigError) -> ConfigError:
+        """`error`, naming the user's config file that set its key: an override names itself
+        on the command line, a value from a file of theirs would otherwise be hard to find."""
+        source = self.source(error.key)
+        return error.with_source(source.label) if source.user_file else error
 
 
 def compose_with_sources(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> Composition:
@@ -75,7 +83,7 @@ def compose_with_sources(overrides: Sequence[str], config_name: str = CONFIG_NAM
         config = loader.load_configuration(config_name, list(overrides), RunMode.RUN)
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise compose_error(exc) from exc
+        raise compose_error(exc, searchpath_dirs(overrides)) from exc
     except YAMLError as exc:
         raise yaml_error(exc) from exc
     defaults, repo = loader.composed
@@ -115,7 +123,8 @@ def _replay(defaults: list[Any], repo: Any, parsed: list[Any], groups: set[str])
             continue
         body = OmegaConf.masked_copy(loaded.config, [k for k in loaded.config if k != "defaults"])
         packaged = loaded.path in PACKAGED_SOURCES or loaded.path.startswith(PLUGIN_SOURCES)
-        source = Source(_label(entry, loaded, chosen_on_cli), packaged=packaged)
+        user_file = not packaged and not loaded.is_schema_source
+        source = Source(_label(entry, loaded, chosen_on_cli), packaged=packaged, user_file=user_file)
         for key in _leaf_keys(body, entry.package or ""):
             sources[key] = source
     for override in parsed:
@@ -159,10 +168,10 @@ def _mark(sources: dict[str, Source], key: str, source: Source) -> None:
     sources[key] = source
 
 
-def check_sources(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
+def check_sources(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> Composition:
     """Refuse code keys and environment reads in the whole config Hydra would run, hydra.*
     included; code keys pass only where peftc's or Hydra's packaged configs set them. Returns
-    that config (unresolved), checked."""
+    that config (unresolved), checked, with its sources."""
     composition = compose_with_sources(overrides, config_name)
     check_config(composition.config, composition)
-    return composition.config
+    return composition
