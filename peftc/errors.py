@@ -93,8 +93,10 @@ def format_problem(key: str, value: object, problem: str, hint: str | None) -> s
 def did_you_mean(word: str, candidates: Iterable[str], n: int = 3) -> str | None:
     """A 'did you mean ...?' phrase for the closest candidates, or None when nothing is close."""
     word = str(word)
+    # Case-blind: `peft=LoRA` means lora.
     scored = sorted(
-        ((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in set(candidates)), key=lambda sc: (-sc[0], sc[1])
+        ((difflib.SequenceMatcher(None, word.lower(), c.lower()).ratio(), c) for c in set(candidates)),
+        key=lambda sc: (-sc[0], sc[1]),
     )
     scored = [(score, c) for score, c in scored if score >= 0.6]
     if not scored:

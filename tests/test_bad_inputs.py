@@ -106,6 +106,17 @@ CASES = [
     # --- command-line overrides -----------------------------------------------------------
     Bad("unknown-key", "override", cli("peft.rr=8"), ConfigError, "did you mean 'r'"),
     Bad("added-unknown-key", "override", cli("+peft.rr=8"), ConfigError, "did you mean 'r'"),
+    Bad("a-bare-option", "override", cli("lora"), ConfigError, "override='lora': has no '='; did you mean peft=lora?"),
+    Bad("a-key-split-from-its-value", "override", cli("peft.r", "8"), ConfigError,
+        "override='peft.r': has no '='; give its value in the same argument: peft.r=<value>"),
+    Bad("unclosed-list", "override", cli("peft.r=[1,2"), ConfigError, "cannot be parsed: no viable alternative at input"),
+    Bad("a-dashed-override", "override", cli_entry("--peft=lora"), ConfigError,
+        "argument='--peft=lora': is a flag; peftc takes Hydra overrides, without dashes; write peft=lora"),
+    Bad("a-dashed-key-and-value", "override", cli_entry("--trainer.lr", "1e-4"), ConfigError, "write trainer.lr=1e-4"),
+    Bad("option-in-capitals", "override", cli("peft=LoRA"), ConfigError, "did you mean 'lora'?"),
+    Bad("qlora-as-a-method", "override", cli("peft=qlora"), ConfigError, "QLoRA is peft=lora with quant=bnb_nf4"),
+    Bad("dora-as-a-method", "override", cli("peft=dora"), ConfigError, "DoRA is peft=lora with peft.use_dora=true"),
+    Bad("quant-4bit", "override", cli("quant=4bit"), ConfigError, "4-bit is quant=bnb_nf4 (QLoRA's)"),
     Bad("rank-zero", "override", cli("peft.r=0"), ConfigError, "must be >= 1"),
     Bad("comma-in-a-single-run", "override", cli("peft.target_modules=q_proj,v_proj"), ConfigError,
         "single run; for a list write peft.target_modules=[q_proj,v_proj]; for one string quote it"),
@@ -190,7 +201,7 @@ CASES = [
         "must be a subset of the targets"),
     Bad("seq-cls-headless-model", "override", cli("task=seq_cls", "model=tiny_t5"), ConfigError,
         "would stay at its random initialisation"),
-    Bad("quant-typo", "override", cli("quant=nf4"), ConfigError, "did you mean 'bnb_fp4' or 'bnb_nf4'"),
+    Bad("quant-typo", "override", cli("quant=nf4"), ConfigError, "no such quant option; NF4 is quant=bnb_nf4"),
     Bad("quant-compute-dtype", "override", cli("quant=bnb_nf4", "quant.compute_dtype=float8"), ConfigError,
         "must be one of"),
     Bad("quant-unknown-option", "override", cli("quant=bnb_nf4", "quant.blocksize=7"), ConfigError, "unknown key"),
@@ -562,6 +573,7 @@ def test_bad_input_fails_cleanly_and_changes_nothing(case: Bad, pristine: Any, t
         case.act(world, made)
 
     assert case.fragment.replace("{input}", str(made)) in str(info.value), str(info.value)
+    assert "\n" not in str(info.value).strip(), "a refusal is one line"
     assert not (world.root / "SENTINEL").exists(), "a pickle payload ran"
     assert_same_model(models["base"], model_state(world.base))
     assert_same_model(models["model"], model_state(world.model))

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftc.config.compose import CONFIG_MODULE, compose, to_spec
+from peftc.config.compose import CONFIG_MODULE, compose, shipped_options, to_spec
 from peftc.config.spec import GROUPS, RunSpec, SpecNode, describe
 
 USAGE = """usage: python -m peftc [group=option ...] [key=value ...]     train (the default: LoRA, causal LM, tiny pretrained Llama)
@@ -62,11 +62,6 @@ def group_page(group: str, option: str, node: SpecNode) -> str:
     for name, _default, text in describe(type(node)):
         lines.append(_key_line(f"{group}.{name}", getattr(node, name), text))
     return "\n".join(lines)
-
-
-def shipped_options(group: str) -> list[str]:
-    conf = Path(importlib.import_module(CONFIG_MODULE).__file__).parent
-    return sorted(path.stem for path in (conf / group).glob("*.yaml"))
 
 
 def default_options() -> dict[str, str]:

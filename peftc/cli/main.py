@@ -10,6 +10,7 @@ devices, precision), and refuses Hydra's pickle-based rerun before Hydra reads t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import warnings
@@ -85,6 +86,7 @@ def run_command_line() -> None:
         return
     try:
         refuse_pickle_flags(argv)
+        refuse_dashed_overrides(argv)
         check_search_path(*search_options(argv))  # before anything (Hydra's help included) composes
         argv = with_adapter_task(with_resumed_run(argv))
     except PeftcError as exc:
@@ -144,6 +146,23 @@ def refuse_pickle_flags(argv: list[str]) -> None:
                 "loads a pickle file, which runs whatever code it holds; peftc never loads pickles",
                 "rerun with the overrides a run saved in its .hydra/overrides.yaml (plain YAML)",
             )
+
+
+def refuse_dashed_overrides(argv: list[str]) -> None:
+    """`--peft=lora` or `--trainer.lr 1e-4`, the flag style of other tools, would be Hydra's
+    usage screen; a flag named like a config key says how to write it."""
+    from peftc.config.spec import GROUPS
+
+    keys = set(GROUPS) | {f.name for f in dataclasses.fields(RunSpec)}
+    for index, arg in enumerate(argv):
+        flag, given, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or flag.split(".")[0] not in keys:
+            continue
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        value = value if given else following if following and not following.startswith("-") else "<value>"
+        raise ConfigError(
+            "argument", arg, "is a flag; peftc takes Hydra overrides, without dashes", f"write {flag}={value}"
+        )
 
 
 def check_safety(argv: list[str]) -> None:

@@ -37,15 +37,43 @@ def compose_error(exc: BaseException, config_dirs: Sequence[str] = ()) -> Config
     if isinstance(exc, MissingConfigException) or isinstance(cause, MissingConfigException):
         return _missing_option_error(exc if isinstance(exc, MissingConfigException) else cause)
     if isinstance(exc, OverrideParseException):
-        return ConfigError(
-            "override",
-            getattr(exc, "override", None),
-            f"cannot be parsed: {exc.message}",
-            "overrides look like key=value, group=option or +key=value",
-        )
+        return _override_parse_error(getattr(exc, "override", None) or "", exc.message)
     if isinstance(cause, OmegaConfBaseException):
         return _naming_config_file(_omegaconf_error(cause, str(exc)), str(exc), config_dirs)
     return _sweep_outside_multirun_error(str(exc)) or ConfigError("config", None, first_line(exc))
+
+
+_OVERRIDE_FORM = "overrides look like key=value, group=option or +key=value, each one argument"
+
+
+def _override_parse_error(override: str, message: str) -> ConfigError:
+    """An override Hydra's grammar refuses, in one line; a word without `=` (`lora`, or
+    `peft.r 8` split by the shell) says which override was probably meant."""
+    if "=" not in override:
+        return ConfigError("override", override, "has no '='", _meant_by_word(override.lstrip("+~")))
+    detail = " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.startswith("See "))
+    return ConfigError("override", override, f"cannot be parsed: {detail}", _OVERRIDE_FORM)
+
+
+def _meant_by_word(word: str) -> str:
+    from peftc.config.spec import GROUPS
+
+    groups = [group for group in GROUPS if word in shipped_options(group)]
+    if groups:
+        return "did you mean " + " or ".join(f"{group}={word}" for group in groups) + "?"
+    if word in GROUPS:
+        return f"choose an option: {word}=<option> ({', '.join(shipped_options(word))})"
+    if word.split(".")[0] in {f.name for f in dataclasses.fields(RunSpec)}:
+        return f"give its value in the same argument: {word}=<value> (no spaces around '=')"
+    return _OVERRIDE_FORM
+
+
+def shipped_options(group: str) -> list[str]:
+    """The options peftc ships for a config group (`peft` -> adalora, ..., vera)."""
+    import importlib
+
+    conf = Path(importlib.import_module(CONFIG_MODULE).__file__).parent
+    return sorted(path.stem for path in (conf / group).glob("*.yaml"))
 
 
 # Hydra's refusals of a sweep value in a single run, quoting the user's override.
@@ -142,6 +170,21 @@ def _type_problem(message: str, schema: Any, key: str) -> str:
     return message
 
 
+# Names other tools give what is an option's setting here (or another group's option).
+_OPTION_ELSEWHERE = {
+    ("peft", "qlora"): "QLoRA is peft=lora with quant=bnb_nf4",
+    ("peft", "dora"): "DoRA is peft=lora with peft.use_dora=true",
+    ("peft", "rslora"): "rsLoRA is peft=lora with peft.use_rslora=true",
+    ("peft", "pissa"): "PiSSA is peft=lora with peft.init_lora_weights=pissa",
+    ("peft", "olora"): "OLoRA is peft=lora with peft.init_lora_weights=olora",
+    ("quant", "4bit"): "4-bit is quant=bnb_nf4 (QLoRA's), bnb_fp4 or quanto_int4",
+    ("quant", "load_in_4bit"): "4-bit is quant=bnb_nf4 (QLoRA's), bnb_fp4 or quanto_int4",
+    ("quant", "nf4"): "NF4 is quant=bnb_nf4",
+    ("quant", "8bit"): "8-bit is quant=bnb_int8, quanto_int8 or torchao_int8",
+    ("quant", "load_in_8bit"): "8-bit is quant=bnb_int8, quanto_int8 or torchao_int8",
+}
+
+
 def _missing_option_error(exc: Any) -> ConfigError:
     text = str(exc)
     match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
@@ -154,7 +197,7 @@ def _missing_option_error(exc: Any) -> ConfigError:
     if not match:
         return ConfigError("config", None, text.strip().splitlines()[0])
     group, option = match.group(1), match.group(2)
-    hint = did_you_mean(option, options)
+    hint = _OPTION_ELSEWHERE.get((group, option.lower())) or did_you_mean(option, options)
     allowed = "available: " + ", ".join(options) if options else None
     return ConfigError(group, option, f"no such {group} option", "; ".join(x for x in (hint, allowed) if x))
 
