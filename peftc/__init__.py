@@ -53,9 +53,11 @@ def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public n
         )
     check_installed()
     from peftc.config.compose import compose, to_spec
+    from peftc.files.load import continued_run
     from peftc.planning import planner
 
-    return planner.plan(to_spec(compose(overrides)))
+    run = to_spec(compose(overrides))
+    return planner.plan(continued_run(run, overrides), strict_targets=run.adapter is None)
 
 
 def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | None = None) -> TrainResult:

@@ -104,7 +104,10 @@ def test_predict_on_one_text_prints_the_label(trained: Path, tmp_path: Path) -> 
     [
         (["action=predict"], "error: input: action=predict needs something to predict on"),
         (["action=eval", "adapter=/no/such/adapter"], "error: /no/such/adapter: no such adapter directory"),
-        (["adapter=ADAPTER"], "error: adapter='ADAPTER': is only read by action=eval, predict, merge or export"),
+        (
+            ["adapter=ADAPTER", "task=causal_lm"],
+            "error: task='causal_lm': the adapter in ADAPTER was trained for task=seq_cls",
+        ),
         (["action=eval", "adapter=ADAPTER", "task=causal_lm"], "was trained for task=seq_cls"),
         (["action=predict", "adapter=ADAPTER", "input={txt: hello}"], "input 1 has no 'text'"),
     ],

@@ -44,11 +44,15 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
 
         summary = run_action(run, output_dir)
         return {**summary, "wall_time_s": round(time.perf_counter() - started, 3)}
-    plan = planner.plan(run)
+    from peftc.files.load import continued_run
+
+    plan = planner.plan(continued_run(run), strict_targets=run.adapter is None)
     # Under a multi-process strategy every rank runs this job; only rank 0 prints and writes.
     lead = is_global_zero()
     if lead:
         print_plan(plan)
+        if run.adapter is not None:
+            print(f"training continues from the adapter in {run.adapter}")
     summary: dict[str, Any] = {
         "fingerprint": plan.fingerprint,
         "trainable_params": plan.trainable_params,
@@ -90,6 +94,10 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     tokenizer = load_tokenizer(run.model)
     loaders = dataloaders(plan, tokenizer)
     model = materialize(plan)
+    if run.adapter is not None:  # continuing a saved adapter: its tensors, not the method's init
+        from peftc.files.load import fill, initial_tensors
+
+        fill(model, plan.adapter_name, initial_tensors(plan))
     if is_global_zero():  # under a multi-process strategy only rank 0 writes
         writing.enter_context(run_lock(output_dir))
         write_text_atomic(output_dir / PLAN_FILE, plan.to_json() + "\n")

@@ -480,7 +480,7 @@ class RunSpec(SpecNode):
     )
     adapter: str | None = param(
         None,
-        "Saved adapter directory (or hub id) for action=eval|predict|merge|export (its base model, head and task are rebuilt from it); null: the plan's untrained adapter (eval, predict).",
+        "Saved adapter directory (or hub id): for action=eval|predict|merge|export its base model, head and task are rebuilt from it; for action=train training continues from it (its method, settings and base model; the run's data and trainer). null: the plan's untrained adapter (eval, predict), or a fresh one (train).",
     )
     input: Any = param(None, "What action=predict runs on: a text, a {field: value} mapping, or a list of them.")
     input_file: str | None = param(
@@ -489,13 +489,6 @@ class RunSpec(SpecNode):
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         check_adapter_name("adapter_name", self.adapter_name)
-        if self.action == "train" and self.adapter is not None:
-            raise ConfigError(
-                "adapter",
-                self.adapter,
-                "is only read by action=eval, predict, merge or export",
-                "add action=eval or action=predict",
-            )
         if self.action in ("merge", "export") and self.adapter is None:
             raise ConfigError(
                 "adapter", None, f"action={self.action} needs the adapter to {self.action}", "give adapter=RUN/adapter"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,82 @@ def load_adapter(
     check_adapter_name("adapter_name", adapter_name)
     if isinstance(base, PeftcModel) and adapter_name in base.plans:
         raise ConfigError("adapter_name", adapter_name, "an adapter with this name already exists", "pick another name")
+    saved = read_saved(directory)
+    model_spec = None
+    if base is None:
+        base, model_spec = _base_for(
+            saved.directory, saved.config, saved.task, saved.model, saved.task_spec, as_task=task
+        )
+        base = _quantized_like_saved(saved.directory, base)
+    live = base.base_model if isinstance(base, PeftcModel) else base
+    if model_spec is None:
+        warn_if_other_base(saved.config.get("base_model_name_or_path"), live, saved.source)
+    run = RunSpec(
+        peft=saved.peft,
+        task=saved.task_spec,
+        quant=_quant_spec(live),
+        model=model_spec or _model_spec(live, saved.config),
+        data=saved.data,
+        trainer=TrainerSpec(),
+        adapter_name=adapter_name,
+    )
+    plan = planner.plan(run, graph_of(live), strict_targets=False)
+    report, tensors = saved.tensors_for(plan, strict=strict)
+    previous = list(base.active_adapters) if isinstance(base, PeftcModel) else []
+    model = materialize(plan, base, adapter_name=adapter_name, init=bool(report))
+    fill(model, adapter_name, tensors)
+    model.load_reports[adapter_name] = report
+    if report:
+        warnings.warn(
+            f"{saved.weights}: loaded leniently ({report.summary()}); outputs may differ from the saved adapter's. "
+            f"{report.details()}",
+            UserWarning,
+            stacklevel=2,
+        )
+    if previous:
+        model.set_adapter(previous)
+    if not is_trainable:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    """An adapter directory read and checked up to its tensor data: the method's spec from the
+    screened config, the task, and (from peftc's plan beside it) the model and data it was
+    trained with; `model` is None for an adapter only `base_model_name_or_path` describes."""
+
+    directory: Path
+    config: dict[str, Any]  # adapter_config.json, screened
+    peft: Any
+    task: Any  # the Task of its task_type
+    task_spec: Any
+    model: ModelSpec | None
+    data: DataSpec
+    header: dict[str, TensorEntry]
+
+    @property
+    def source(self) -> str:
+        return str(self.directory / adapter_files.CONFIG_NAME)
+
+    @property
+    def weights(self) -> Path:
+        return self.directory / adapter_files.WEIGHTS_NAME
+
+    def tensors_for(self, plan: Any, *, strict: bool = True) -> tuple[LoadReport, dict[str, torch.Tensor]]:
+        """The file's tensors that fit `plan` (all of them, or an error, when strict)."""
+        report, usable = compare(self.weights, plan, _without_peft_artifacts(plan, self.header))
+        if strict and report:
+            raise _strict_error(self.weights, report)
+        tensors = load_tensors(self.weights, usable)
+        _check_finite(self.weights, tensors)
+        return report, tensors
+
+
+def read_saved(directory: str | os.PathLike[str]) -> SavedAdapter:
+    """Read an adapter directory (or hub id) without building anything."""
     directory = adapter_files.adapter_directory(directory)
     source = str(directory / adapter_files.CONFIG_NAME)
     raw = adapter_files.read_config(directory)
@@ -109,47 +186,72 @@ def load_adapter(
     saved_model, task_spec, data_spec = _saved_specs(directory, adapter_task)
     if saved_model is None:  # e.g. a peft-saved head's label count (shapes only)
         task_spec = adapter_task.spec_from_saved(task_spec, header)
-    model_spec = None
-    if base is None:
-        base, model_spec = _base_for(directory, config, adapter_task, saved_model, task_spec, as_task=task)
-        base = _quantized_like_saved(directory, base)
-    live = base.base_model if isinstance(base, PeftcModel) else base
-    if model_spec is None:
-        warn_if_other_base(config.get("base_model_name_or_path"), live, source)
-    run = RunSpec(
-        peft=peft_spec,
-        task=task_spec,
-        quant=_quant_spec(live),
-        model=model_spec or _model_spec(live, config),
-        data=data_spec,
-        trainer=TrainerSpec(),
-        adapter_name=adapter_name,
-    )
-    plan = planner.plan(run, graph_of(live), strict_targets=False)
-    weights = directory / adapter_files.WEIGHTS_NAME
-    report, usable = compare(weights, plan, _without_peft_artifacts(plan, header))
-    if strict and report:
-        raise _strict_error(weights, report)
-    tensors = load_tensors(weights, usable)
-    _check_finite(weights, tensors)
-    previous = list(base.active_adapters) if isinstance(base, PeftcModel) else []
-    model = materialize(plan, base, adapter_name=adapter_name, init=bool(report))
-    fill(model, adapter_name, tensors)
-    model.load_reports[adapter_name] = report
-    if report:
-        warnings.warn(
-            f"{weights}: loaded leniently ({report.summary()}); outputs may differ from the saved adapter's. "
-            f"{report.details()}",
-            UserWarning,
-            stacklevel=2,
+    return SavedAdapter(directory, config, peft_spec, adapter_task, task_spec, saved_model, data_spec, header)
+
+
+def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
+    """A training run with `adapter=DIR` continues that adapter: the method and its settings,
+    the base model and (for peftc's adapters) the quantization are the adapter's; the task, data
+    and trainer are the run's (the CLI's defaults for task and data follow the adapter too).
+    Any other run is returned as it is. One of the run's `overrides` that sets the method or
+    the model to something else than the adapter's would be ignored, so it is refused."""
+    if run.action != "train" or run.adapter is None:
+        return run
+    saved = read_saved(run.adapter)
+    if saved.task.task_type is not None and type(run.task) is not saved.task.schema:
+        raise ConfigError(
+            "task",
+            tasks.for_spec(run.task).name,
+            f"the adapter in {run.adapter} was trained for task={saved.task.name}",
+            "leave task= out: it follows the adapter",
         )
-    if previous:
-        model.set_adapter(previous)
-    if not is_trainable:
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-    return model
+    model = saved.model or named_base(saved.directory, saved.config)
+    kept = {"peft": saved.peft, "model": model}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        part, *path = key.split(".")
+        if part in kept and not _same_setting(getattr(run, part), kept[part], path):
+            raise ConfigError(
+                key,
+                value or None,
+                f"differs from the adapter's, which a run continuing it (adapter={run.adapter}) keeps",
+                f"leave {part} settings out, or train a new adapter without adapter=",
+            )
+    quant = _saved_quant(saved.directory) or run.quant
+    return run.replace(peft=saved.peft, model=model, quant=quant)
+
+
+def _same_setting(given: Any, saved: Any, path: Sequence[str]) -> bool:
+    """Whether an override (`path` below a spec: `peft.r` -> ["r"]; `peft=lora` -> []) set what
+    the saved spec has: the same value, or for a group choice the same kind of spec (a model
+    choice must be the same model)."""
+    if not path:
+        return given == saved if isinstance(saved, ModelSpec) else type(given) is type(saved)
+    missing = object()
+    for name in path:
+        given, saved = getattr(given, name, missing), getattr(saved, name, missing)
+    return given is not missing and given == saved
+
+
+def _saved_quant(directory: Path) -> Any:
+    """The quant spec peftc's plan beside the adapter records, if its base was quantized."""
+    from peftc import quant
+
+    saved = adapter_files.read_plan(directory) or {}
+    if not (saved.get("quantization") or {}).get("modules"):
+        return None
+    try:
+        return quant.get(saved["quant"]).schema(**saved["spec"]["quant"])
+    except (KeyError, TypeError) as exc:
+        source = str(directory / adapter_files.PLAN_NAME)
+        raise AdapterFileError(source, f"does not describe a quantization peftc understands ({exc})") from exc
+
+
+def initial_tensors(plan: Any) -> dict[str, torch.Tensor]:
+    """The saved adapter's tensors a continued run (`continued_run`) starts from, checked
+    strictly against its plan."""
+    _, tensors = read_saved(plan.spec.adapter).tensors_for(plan)
+    return tensors
 
 
 def fill(model: PeftcModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -349,18 +451,12 @@ def _quantized_like_saved(directory: Path, base: nn.Module) -> nn.Module:
     from peftc import quant
     from peftc.quant.prepare import upcast_unquantized
 
-    saved = adapter_files.read_plan(directory) or {}
-    layout = saved.get("quantization") or {}
-    if not layout.get("modules"):
+    spec = _saved_quant(directory)
+    if spec is None:
         return base
-    source = str(directory / adapter_files.PLAN_NAME)
-    try:
-        backend = quant.get(saved["quant"])
-        spec = backend.schema(**saved["spec"]["quant"])
-    except (KeyError, TypeError) as exc:
-        raise AdapterFileError(source, f"does not describe a quantization peftc understands ({exc})") from exc
+    backend = quant.for_spec(spec)
     backend.check_available()
-    base = backend.quantize(spec, base, tuple(layout["modules"]))
+    base = backend.quantize(spec, base, tuple(adapter_files.read_plan(directory)["quantization"]["modules"]))
     if getattr(spec, "float32_unquantized", False):
         upcast_unquantized(base)
     return base.requires_grad_(False)
