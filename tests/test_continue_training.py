@@ -113,3 +113,16 @@ def test_a_peftc_adapter_continues_with_the_command_line_that_trained_it(tmp_pat
     assert any("classifier" in name for name in before)
     assert sorted(after) == sorted(before)
     assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_a_prompt_encoders_saved_table_is_where_a_continued_run_starts(tmp_path: Path) -> None:
+    """p_tuning saves its encoder's output (the prompt table), not the encoder: a continued run
+    starts from that table and trains it (peft would feed it into a fresh encoder instead)."""
+    first = ["peft=p_tuning", "model=tiny_llama", "predict_samples=0", "data.limit_val_examples=4"]
+    trained = run_cli([*first, "trainer.max_steps=2", f"output_dir={tmp_path / 'first'}"], tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    adapter = tmp_path / "first" / "adapter"
+    again = run_cli([*first, f"adapter={adapter}", *NO_STEP, f"output_dir={tmp_path / 'again'}"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    before, after = load_file(adapter / WEIGHTS), load_file(tmp_path / "again" / "adapter" / WEIGHTS)
+    assert torch.equal(after["prompt_embeddings"], before["prompt_embeddings"])
