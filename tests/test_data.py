@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -254,9 +255,21 @@ def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> 
     rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.warns(
-        UserWarning, match=r"the validation split has only 5 examples, so its metrics move in steps of 20%"
+        UserWarning,
+        match=r"the validation split has only 5 examples, so its metrics are coarse \(an accuracy moves in steps of 20%\)",
     ):
         datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.25"])
+
+
+def test_a_validation_split_the_user_capped_is_no_warning(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(80)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, val = datasets(
+            [*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.25", "data.limit_val_examples=4"]
+        )
+    assert len(val) == 4
 
 
 def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:

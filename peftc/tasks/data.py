@@ -78,10 +78,12 @@ def load_splits(
         train = train[: spec.limit_examples]
     if spec.limit_val_examples is not None:
         val = val[: spec.limit_val_examples]
-    if 0 < len(val) < FEW_VALIDATION_EXAMPLES:
+    capped = spec.limit_val_examples is not None and len(val) == spec.limit_val_examples  # the user's choice
+    if 0 < len(val) < FEW_VALIDATION_EXAMPLES and not capped:
         warnings.warn(
-            f"{path}: the validation split has only {len(val)} example{'' if len(val) == 1 else 's'}, so its metrics move in steps of "
-            f"{1 / len(val):.0%}; use more (data.val_fraction or data.{'val_split' if spec.source == 'hf' else 'val_path'})",
+            f"{path}: the validation split has only {len(val)} example{'' if len(val) == 1 else 's'}, so its metrics "
+            f"are coarse (an accuracy moves in steps of {1 / len(val):.0%}); use more "
+            f"(data.val_fraction or data.{'val_split' if spec.source == 'hf' else 'val_path'})",
             stacklevel=2,
         )
     return train, val
