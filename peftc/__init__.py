@@ -53,11 +53,9 @@ def compile(overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - the public n
         )
     check_installed()
     from peftc.config.compose import compose, to_spec
-    from peftc.files.load import continued_run
-    from peftc.planning import planner
+    from peftc.files.load import plan_run
 
-    run = to_spec(compose(overrides))
-    return planner.plan(continued_run(run, overrides), strict_targets=run.adapter is None)
+    return plan_run(to_spec(compose(overrides)), overrides)
 
 
 def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | None = None) -> TrainResult:

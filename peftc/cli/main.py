@@ -261,10 +261,9 @@ def check_jobs(argv: list[str]) -> None:
     if not multirun and valid and valid[0].action == "train":
         # A plan error, found before Hydra creates a run directory, leaves nothing behind. (In a
         # sweep it stays the job's row of the summary, and the sweep goes on.)
-        from peftc.files.load import continued_run
-        from peftc.planning import planner
+        from peftc.files.load import plan_run
 
-        planner.plan(continued_run(valid[0], overrides), strict_targets=valid[0].adapter is None)
+        plan_run(valid[0], overrides)
         if valid[0].output_dir and not valid[0].dry_run:
             check_output_dir(valid[0].output_dir)
 

@@ -19,7 +19,6 @@ from peftc.config.spec import RunSpec
 from peftc.files.atomic import remove_dead_temps, write_text_atomic
 from peftc.files.run_dir import ADAPTER_DIR, MERGED_DIR, METRICS_FILE, PLAN_FILE
 from peftc.files.run_lock import run_lock
-from peftc.planning import planner
 from peftc.planning.plan import Plan
 from peftc.planning.render import print_plan
 
@@ -44,9 +43,9 @@ def execute(run: RunSpec, output_dir: Path) -> dict[str, Any]:
 
         summary = run_action(run, output_dir)
         return {**summary, "wall_time_s": round(time.perf_counter() - started, 3)}
-    from peftc.files.load import continued_run
+    from peftc.files.load import plan_run
 
-    plan = planner.plan(continued_run(run), strict_targets=run.adapter is None)
+    plan = plan_run(run)
     # Under a multi-process strategy every rank runs this job; only rank 0 prints and writes.
     lead = is_global_zero()
     if lead:

@@ -189,6 +189,20 @@ def read_saved(directory: str | os.PathLike[str]) -> SavedAdapter:
     return SavedAdapter(directory, config, peft_spec, adapter_task, task_spec, saved_model, data_spec, header)
 
 
+def plan_run(run: RunSpec, overrides: Sequence[str] = ()) -> Any:
+    """The plan of a training run, or of one continuing a saved adapter (`continued_run`), whose
+    file is then checked against the plan (header only, before any weight is read): a file
+    that does not fit is refused before the base model loads."""
+    if run.action != "train" or run.adapter is None:
+        return planner.plan(run)
+    plan = planner.plan(continued_run(run, overrides), strict_targets=False)
+    saved = read_saved(run.adapter)
+    report, _ = compare(saved.weights, plan, _without_peft_artifacts(plan, saved.header))
+    if report:
+        raise _strict_error(saved.weights, report)
+    return plan
+
+
 def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
     """A training run with `adapter=DIR` continues that adapter: the method and its settings,
     the base model and (for peftc's adapters) the quantization are the adapter's; the task, data
