@@ -279,6 +279,35 @@ def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_column(tmp_
     assert len(train) + len(val) == 4  # '\ufefftext' would be a missing 'text' column
 
 
+@pytest.mark.parametrize(
+    ("name", "separator"), [("tabs.tsv", "\t"), ("semicolons.csv", ";"), ("excel-semicolons.csv", ";")]
+)
+def test_a_csv_separated_by_tabs_or_semicolons_reads_its_columns(tmp_path: Path, name: str, separator: str) -> None:
+    """A spreadsheet's text export (tabs) or a CSV where the comma is the decimal mark
+    (semicolons): the header says which; commas inside its cells stay text."""
+    lines = [
+        ["review", "stars"],
+        ["fine, really", "positive"],
+        ["bad", "negative"],
+        ["ok", "positive"],
+        ["no", "negative"],
+    ]
+    text = "".join(separator.join(line) + "\r\n" for line in lines)
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8-sig" if name.startswith("excel") else "utf-8"))
+    overrides = [
+        *SEQ_CLS,
+        "data.source=csv",
+        f"data.path={path}",
+        "data.val_fraction=0",
+        "data.columns={text: review, label: stars}",
+    ]
+    train, _ = datasets(overrides)
+    tokenizer = load_tokenizer(to_spec(compose(overrides)).model)
+    assert [tokenizer.decode(e["input_ids"], skip_special_tokens=True) for e in train[:2]] == ["fine, really", "bad"]
+    assert [e["label"] for e in train] == [1, 0, 1, 0]
+
+
 def test_a_long_csv_field_is_read(tmp_path: Path) -> None:
     path = tmp_path / "long.csv"
     path.write_text("text,label\n" + "x" * 200_000 + ",positive\nshort,negative\n")

@@ -153,7 +153,7 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         if fmt == "csv":
             csv.field_size_limit(MAX_FIELD_CHARS)  # the csv module's default refuses fields over 128 KiB
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, delimiter=_delimiter(fh))
             if not reader.fieldnames:
                 raise DataError(str(path), "the file is empty (no header row)")
             return [dict(row) for row in reader]
@@ -178,6 +178,16 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _delimiter(fh: Any) -> str:
+    """The column separator of a CSV file, from its header: a comma, else a tab (a .tsv file, or
+    a spreadsheet's "text" export) or a semicolon (a spreadsheet's CSV where the comma is the
+    decimal mark). A header without commas read with commas would be one column named by the
+    whole line, never what was meant."""
+    header = fh.readline()
+    fh.seek(0)
+    return next((d for d in (",", "\t", ";") if d in header), ",")
+
+
 def read_inputs(
     path: str | Path,
     fields: Sequence[str],
@@ -185,7 +195,7 @@ def read_inputs(
     check: RowCheck | None = None,
     lists: Collection[str] = (),
 ) -> list[dict[str, Any]]:
-    """Rows to predict on from a file: .jsonl/.csv with the task's input fields (after the
+    """Rows to predict on from a file: .jsonl/.csv/.tsv with the task's input fields (after the
     data.columns mapping), or .txt with one value of the first input field per line."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ".txt":
@@ -200,7 +210,7 @@ def read_inputs(
             )
         rows = [{fields[0]: line} for line in lines]
         return list(_select(rows, fields, {}, str(path), check, lists=lists))
-    fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
+    fmt = "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
     mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
     return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check, lists=lists))
 
