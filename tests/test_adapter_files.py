@@ -214,6 +214,23 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_offline(
     assert str(missing.value).startswith("someone/not-cached: ") and "\n" not in str(missing.value)
 
 
+def test_a_missing_local_directory_is_never_looked_up_on_the_hub(
+    trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`runs/adaptr` (a typo under an existing directory) reads like a hub id: it is a local
+    path all the same, refused as missing without a request that would send its name to the hub."""
+    import huggingface_hub
+
+    plan, base, good = trained
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: asked.append(args))
+    with pytest.raises(peftc.AdapterFileError, match="runs/adaptr: no such adapter directory"):
+        peftc.load_adapter(copy.deepcopy(base), "runs/adaptr")
+    assert asked == []
+
+
 # ------------------------------------------------------------------------------ atomic writes
 def test_a_save_killed_between_renames_is_recovered_on_load_and_on_next_save(trained, tmp_path: Path) -> None:
     """Without RENAME_EXCHANGE the old dir is moved aside first; a kill right then leaves no
@@ -366,3 +383,22 @@ def test_saving_through_a_symlinked_directory_keeps_the_link(trained, tmp_path: 
     link.symlink_to(tmp_path / "real", target_is_directory=True)
     model.save_adapter(link)
     assert link.is_symlink() and (tmp_path / "real" / "adapter_model.safetensors").is_file()
+
+
+def test_loading_a_second_adapter_leaves_the_active_one_active(trained) -> None:
+    """As peft's PeftModel.load_adapter: the new adapter is added beside, not switched to."""
+    plan, base, good = trained
+    model = peftc.load_adapter(copy.deepcopy(base), good)
+    peftc.load_adapter(model, good, adapter_name="second")
+    assert model.adapter_names == ["default", "second"] and model.active_adapters == ["default"]
+
+
+def test_a_strict_load_names_the_tensor_that_does_not_fit(trained, tmp_path: Path) -> None:
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    missing = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    edit_tensors(lambda tensors: tensors.pop(missing))(directory)
+    with pytest.raises(
+        peftc.AdapterFileError, match=f"1 tensors the adapter config implies are missing, e.g. {missing}"
+    ):
+        peftc.load_adapter(copy.deepcopy(base), directory)

@@ -138,3 +138,10 @@ def test_a_checkpoint_loads_in_model_dtype_with_its_own_values(tiny_llama_dir: s
     weight = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(base[weight], saved[weight].to(getattr(torch, dtype)))
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_a_hub_id_is_looked_up_on_the_hub_not_refused_as_a_missing_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`org/name` with no such local directory is a hub id (offline here: refused as not cached)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="'someone/tiny-llama': is not a local directory and the hub is offline"):
+        peftc.compile(["model=hf", "model.name_or_path=someone/tiny-llama"])

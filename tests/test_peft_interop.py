@@ -384,3 +384,54 @@ def test_a_bfloat16_adapter_written_by_peft_loads_with_its_values_and_peft_s_log
         return ((model(input_ids=x).logits.float() - exact).norm() / exact.norm()).item()
 
     assert 0 < error(ours) <= 1.25 * error(theirs)
+
+
+def test_a_lenient_load_starts_a_missing_tensor_as_peft_initialises_it(tmp_path: Path) -> None:
+    """A tensor the file lacks keeps the method's initial value, as in peft's own lenient load:
+    a missing lora_B is zero (default init_lora_weights), so that module is left as the base."""
+    from peft import LoraConfig, PeftModel
+
+    saved_by_peft(LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False), tmp_path)
+    edit_config(init_lora_weights=True)(tmp_path)  # what a trained adapter's config says
+    edit_tensors(lambda tensors: tensors.pop("base_model.model.lin1.lora_B.weight"))(tmp_path)
+    with pytest.warns(UserWarning, match="loaded leniently"):
+        ours = peftc.load_adapter(MLP(), tmp_path, strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about the missing key too
+        theirs = PeftModel.from_pretrained(MLP(), tmp_path).eval()
+    assert not ours.adapter_state_dict("default")["base_model.model.lin1.lora_B.weight"].any()
+    assert max_diff(out(ours), out(theirs)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_an_adapter_written_by_peft_in_another_float_dtype_loads_with_its_values(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """peft saves an adapter in its tensors' dtype (a model cast with .half() or .double());
+    every floating dtype safetensors has is an adapter peftc loads, into float32 adapters."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    saved_by_peft(peft_config("lora"), tmp_path).to(dtype).save_pretrained(tmp_path)
+    written = load_file(tmp_path / "adapter_model.safetensors")
+    assert {t.dtype for t in written.values()} == {dtype}
+    ours = peftc.load_adapter(MLP(), tmp_path)
+    loaded = ours.adapter_state_dict("default")
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], written[k].float()) for k in written)
+    assert max_diff(out(ours), out(PeftModel.from_pretrained(MLP(), tmp_path).eval())) <= TOLERANCE
+
+
+def test_target_and_exclude_names_absent_from_the_base_are_tolerated_on_load_as_in_peft(tmp_path: Path) -> None:
+    """peft adapts what its lists match and saves the lists as written (a shared recipe names
+    modules of several families): an entry that matches nothing refuses a training config, but
+    never a file peft wrote and loads."""
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig(target_modules=["lin0", "lin9"], exclude_modules=["lin7"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "no modules were excluded"
+        saved_by_peft(config, tmp_path)
+        theirs = PeftModel.from_pretrained(MLP(), tmp_path).eval()
+    ours = peftc.load_adapter(MLP(), tmp_path)
+    assert [site.path for site in ours.plan_of("default").sites] == ["lin0"]
+    assert max_diff(out(ours), out(theirs)) <= TOLERANCE

@@ -26,8 +26,17 @@ PEFT_CASES = [
     ("tiny_gpt2", []),
     ("tiny_gpt2", ["peft.target_modules=all-linear"]),
     ("tiny_gpt2", ["peft.target_modules=[c_attn,mlp.c_proj]"]),
+    ("tiny_gpt2", ["peft.target_modules=ALL-LINEAR"]),  # peft reads the shorthand in any case
+    # an exclude regex must match the whole path too: this one excludes nothing
+    ("tiny_llama", ["peft.target_modules=all-linear", r"peft.exclude_modules='layers\.0\..*'"]),
+    ("tiny_llama", ["task=seq_cls", "peft.target_modules=all-linear"]),  # the head is trained, not adapted
     # T5's paths hold two integers (encoder.block.1.layer.0.SelfAttention.q): the layer is the first
     ("tiny_t5", ["task=seq2seq_lm", "peft.target_modules=[q,v]", "peft.layers_to_transform=[1]"]),
+    # with layers_pattern the index after that name counts (layer.0 is self-attention in every block)
+    (
+        "tiny_t5",
+        ["task=seq2seq_lm", "peft.target_modules=[q,v]", "peft.layers_to_transform=[0]", "peft.layers_pattern=layer"],
+    ),
 ]
 
 
@@ -157,3 +166,9 @@ def test_a_module_registered_twice_is_one_graph_module_as_in_named_modules() -> 
     model = nn.Module()
     model.encoder, model.decoder, model.out = nn.Sequential(shared), nn.Sequential(shared), nn.Linear(4, 2)
     assert [m.path for m in graph_of(model).modules] == [name for name, _ in model.named_modules()]
+
+
+def test_a_list_entry_matches_whole_names_not_the_end_of_one() -> None:
+    """peft matches an entry as the full path or a dotted suffix: 'proj' is no q_proj."""
+    with pytest.raises(PlanError, match="no module named 'proj'"):
+        peftc.compile(["peft.target_modules=[proj]"])
