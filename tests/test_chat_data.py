@@ -89,6 +89,37 @@ def test_malformed_conversations_are_named(chat_dir: Path, tmp_path: Path, messa
     assert not (tmp_path / "run").exists()
 
 
+# A Hugging Face style template that refuses a role (as Gemma's and Mistral's refuse 'system').
+REFUSING = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    + TEMPLATE[len("{% for m in messages %}") :]
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        (REFUSING, "(train split, example 1): the chat template refuses this conversation: System role not supported"),
+        (
+            "{% for m in messages %}{{ m.content }",
+            "model.chat_template: is not a valid Jinja template (line 1: unexpected '}')",
+        ),
+    ],
+    ids=["refuses-a-role", "syntax-error"],
+)
+def test_a_chat_template_that_fails_is_one_error(chat_dir: Path, tmp_path: Path, template: str, problem: str) -> None:
+    system = {"messages": [{"role": "system", "content": "Be brief."}, *conversation(0)["messages"]]}
+    data = tmp_path / "system.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [system] + [conversation(i) for i in range(30)]))
+    (tmp_path / "t.jinja").write_text(template)
+    run = [
+        *overrides(chat_dir, f"data.path={data}", f"model.chat_template={tmp_path / 't.jinja'}", "data.val_fraction=0")
+    ]
+    result = run_cli([*run, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2 and problem in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_cli_learns_the_answers(chat_dir: Path, tmp_path: Path) -> None:
     result = run_cli([*overrides(chat_dir, "trainer.max_steps=60"), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from peftc.errors import ConfigError, DataError
+from peftc.errors import ConfigError, DataError, first_line
 from peftc.tasks.common import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -43,13 +43,13 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 
 def encode(messages: list[dict[str, str]], tokenizer: Any, where: str) -> dict[str, list[int]]:
     """input_ids of the rendered conversation, labels masked outside the assistant turns."""
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, where=where)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:index], generation_prompt=True)
-        through = render(tokenizer, messages[: index + 1])
+        before = render(tokenizer, messages[:index], generation_prompt=True, where=where)
+        through = render(tokenizer, messages[: index + 1], where=where)
         if not (full.startswith(through) and through.startswith(before)):
             raise DataError(where, "the chat template does not render a conversation as a prefix of its continuation")
         spans.append((len(before), len(through)))
@@ -62,13 +62,27 @@ def encode(messages: list[dict[str, str]], tokenizer: Any, where: str) -> dict[s
     return {"input_ids": ids, "labels": labels}
 
 
-def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer: Any) -> str:
+def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer: Any, where: str = "messages") -> str:
     """The conversation before its last assistant turn, ready for the model to answer."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return render(tokenizer, list(messages[:last]), generation_prompt=True)
+    return render(tokenizer, list(messages[:last]), generation_prompt=True, where=where)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+def render(
+    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False, where: str = "messages"
+) -> str:
+    """The conversation as the template writes it. A template that cannot be parsed is the
+    config's error; one that refuses this conversation (`raise_exception(...)`, as Hugging Face
+    templates do for a role they do not support) is the row's."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateSyntaxError as exc:
+        raise ConfigError(
+            "model.chat_template", None, f"is not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None
+    except TemplateError as exc:
+        raise DataError(where, f"the chat template refuses this conversation: {first_line(exc)}") from None
