@@ -154,7 +154,7 @@ CASES = [
     Bad("export-without-adapter", "override", cli("action=export"), ConfigError, "give adapter=RUN/adapter"),
     Bad("huge-rank", "override", never_load_base(cli("peft.r=1000000000")), PlanError, "more than this machine"),
     # Values nested past what Hydra's and OmegaConf's parsers can follow (a RecursionError before).
-    Bad("override-list-nested-3000", "override", cli("peft.target_modules=" + "[" * 3000 + "]" * 3000), ConfigError,
+    Bad("override-list-nested-3000", "override", cli("trainer.max_steps=1", "peft.target_modules=" + "[" * 3000 + "]" * 3000), ConfigError,
         "peft.target_modules: is nested too deeply to parse"),
     Bad("override-mapping-nested-3000", "override", cli("+model.config.x=" + "{a:" * 3000 + "1" + "}" * 3000),
         ConfigError, "is nested too deeply to parse"),
@@ -163,6 +163,8 @@ CASES = [
         "is a file, not a directory", write_file("notadir", "x")),
     Bad("output-dir-name-too-long", "write", cli("trainer.max_steps=1", "output_dir=runs/" + "x" * 300), ConfigError,
         "the filesystem allows 255"),
+    Bad("output-dir-name-too-long-in-bytes", "write", cli("trainer.max_steps=1", "output_dir='runs/" + "é" * 128 + "'"),
+        ConfigError, "has a name of 256 bytes"),  # 128 characters, 2 bytes each
     Bad("save-adapter-onto-a-file", "api", lambda world, inp: world.model.save_adapter(inp), AdapterFileError,
         "is a file, not a directory", write_file("adapter_here", "notes")),
     # Absurd model sizes are refused from the config alone (building their meta graph grew without bound).
@@ -234,6 +236,9 @@ CASES = [
         user_config("peft", "mine", LORA_YAML + 'r: !!python/object/apply:os.system ["touch SENTINEL"]\n')),
     Bad("yaml-syntax", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "not valid YAML",
         user_config("peft", "mine", LORA_YAML + "r: [4\n")),
+    Bad("yaml-bad-indent-names-the-line", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError,
+        "mine.yaml:6: is not valid YAML: mapping values are not allowed here",  # line 6: '  bad: indent'
+        user_config("peft", "mine", LORA_YAML + "r: 4\nlora_alpha: 8\n  bad: indent\n")),
     Bad("yaml-a-list", "yaml", cli("--config-dir", "{input}", "peft=mine"), ConfigError, "must be a mapping",
         user_config("peft", "mine", "- 4\n- 8\n")),
     Bad("yaml-env", "yaml", cli("--config-dir", "{input}", "model=mine"), ConfigError, "environment variable",
@@ -269,6 +274,8 @@ CASES = [
     # Search paths other than directories make Hydra import a module to look for configs.
     Bad("searchpath-pkg-override", "code", cli_entry("dry_run=true", "hydra.searchpath=[pkg://this]"), ConfigError,
         "import the Python module 'this'"),
+    Bad("searchpath-pkg-force-add-in-api", "code", lambda world, inp: peftc.compile(["++hydra.searchpath=[pkg://this]"]),
+        ConfigError, "import the Python module 'this'"),
     Bad("config-dir-pkg", "code", cli_entry("--config-dir", "pkg://this", "dry_run=true"), ConfigError,
         "import the Python module 'this'"),
     Bad("searchpath-structured-in-api", "code", lambda world, inp: peftc.compile(["hydra.searchpath=[structured://this]"]),
@@ -281,6 +288,8 @@ CASES = [
         ConfigError, NEVER),
     Bad("hydra-callback-preflight", "code", cli("+hydra.callbacks.x._target_=builtins.open"), ConfigError, NEVER),
     Bad("experimental-rerun-pickle", "code", cli_entry("--experimental-rerun", "{input}"), ConfigError,
+        "never loads pickles", write_pickle),
+    Bad("experimental-rerun-pickle-inline", "code", cli_entry("--experimental-rerun={input}"), ConfigError,
         "never loads pickles", write_pickle),
     Bad("env-in-hydra-run-dir", "code", cli_entry("dry_run=true", "hydra.run.dir='${oc.env:HOME}/run'"), ConfigError,
         ENV),
@@ -591,3 +600,11 @@ def test_bad_input_fails_cleanly_and_changes_nothing(case: Bad, pristine: Any, t
         reloaded = peftc.load_adapter(copy.deepcopy(pristine.base), world.out / "adapter")
         expected = pristine.model.adapter_state_dict("default")
         assert all(torch.equal(t, expected[k]) for k, t in reloaded.adapter_state_dict("default").items())
+
+
+def test_an_output_dir_name_of_exactly_the_filesystems_limit_is_accepted(tmp_path: Path) -> None:
+    """Linux allows names of 255 bytes: the limit itself is not refused (256 is, in the catalogue)."""
+    from peftc.cli.main import check_output_dir
+
+    check_output_dir(str(tmp_path / ("x" * 255)))
+    check_output_dir(str(tmp_path / ("é" * 127 + "x")))  # 255 bytes in 128 characters

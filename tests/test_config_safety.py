@@ -36,6 +36,34 @@ def test_other_instantiate_keys_are_refused_too(key: str) -> None:
         to_spec(compose([f"+model.config.{key}=true"]))
 
 
+def test_a_target_set_on_a_schema_key_path_is_refused_as_code() -> None:
+    """Without `+`, Hydra's struct mode refuses the key first; the message still says why it is refused."""
+    with pytest.raises(peftc.ConfigError, match="never instantiates") as info:
+        to_spec(compose(["peft._target_=os.system"]))
+    assert info.value.key == "peft._target_"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.name='tiny-${oc.env:PEFTC_CANARY}'",  # inside a longer text
+        "model.config='${oc.env:PEFTC_CANARY}'",  # a whole mapping
+        "trainer.betas='${oc.env:PEFTC_CANARY}'",  # a whole list
+    ],
+)
+def test_an_environment_read_is_refused_before_anything_resolves(
+    override: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_sources is all that stands before `--cfg job --resolve` prints the resolved config: it
+    must find the read in the raw text, wherever the interpolation sits and whatever node holds it."""
+    from peftc.config.provenance import check_sources
+
+    monkeypatch.setenv("PEFTC_CANARY", CANARY)
+    with pytest.raises(peftc.ConfigError, match="environment variable") as info:
+        check_sources([override])
+    assert info.value.key == override.split("=")[0] and CANARY not in str(info.value)
+
+
 def test_env_interpolation_is_refused_without_reading_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PEFTC_CANARY", CANARY)
     with pytest.raises(peftc.ConfigError, match="environment variable") as info:
@@ -102,6 +130,16 @@ def test_a_packaged_target_replaced_inside_a_mapping_value_is_refused(override: 
     assert info.value.key == "hydra.callbacks.sweep_summary._target_"
 
 
+def test_a_target_inside_a_mapping_added_on_the_command_line_names_that_override() -> None:
+    """The key itself was never set by a file or an override of its own: its source is the
+    override that added the mapping holding it."""
+    from peftc.config.provenance import check_sources
+
+    with pytest.raises(peftc.ConfigError, match=r"never instantiates.*source: added by command line: \+hydra") as info:
+        check_sources(["+hydra.callbacks.x={_target_: builtins.open, file: PWNED}"])
+    assert info.value.key == "hydra.callbacks.x._target_"
+
+
 def test_a_hydra_target_in_a_user_config_dir_names_the_file(tmp_path: Path) -> None:
     from peftc.config.provenance import check_sources
 
@@ -133,10 +171,9 @@ def test_experimental_rerun_is_refused_before_the_pickle_is_read(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.pickle"]
 
 
-def test_printing_the_resolved_config_does_not_read_the_environment(tmp_path: Path) -> None:
-    result = run_cli(
-        ["--cfg", "job", "--resolve", "model.name='${oc.env:PEFTC_CANARY}'"], cwd=tmp_path, env={"PEFTC_CANARY": CANARY}
-    )
+@pytest.mark.parametrize("flags", [["--cfg", "job", "--resolve"], ["-c", "job", "--resolve"], ["--info", "config"]])
+def test_printing_the_resolved_config_does_not_read_the_environment(tmp_path: Path, flags: list[str]) -> None:
+    result = run_cli([*flags, "model.name='${oc.env:PEFTC_CANARY}'"], cwd=tmp_path, env={"PEFTC_CANARY": CANARY})
     assert result.returncode == 2 and "environment variable" in result.stderr
     assert CANARY not in result.stdout + result.stderr
 

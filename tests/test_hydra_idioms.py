@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftc.cli.main import check_job
+import pytest
+
+from peftc.cli.main import check_job, search_options
 from tests.helpers import run_cli
 
 QUICK = ["trainer.max_steps=1", "predict_samples=0", "trainer.logger=none"]
@@ -38,3 +40,21 @@ def test_explain_composes_with_the_users_config_dir_and_config_name(tmp_path: Pa
     assert "conf/peft/ia3.yaml" in rows["peft.target_modules"]
     max_steps = rows["trainer.max_steps"].split("│")
     assert max_steps[2].strip() == "7" and "cpu.yaml" not in max_steps[3]  # the experiment's, not the trainer's
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config-dir", "cfg", "--config-name", "experiment"],
+        ["-cd", "cfg", "-cn", "experiment"],
+        ["--config-dir=cfg", "--config-name=experiment"],
+        ["-cp", "cfg", "-cn", "experiment"],
+    ],
+)
+def test_the_preflight_reads_hydras_short_and_inline_config_flags(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks before Hydra starts compose with the same config directory and primary config as
+    Hydra will, however the flag is spelled (Hydra's docs use -cd and -cn)."""
+    monkeypatch.chdir(tmp_path)
+    assert search_options([*args, "peft.r=4"]) == ([f"hydra.searchpath=[file://{tmp_path / 'cfg'}]"], "experiment")

@@ -32,6 +32,19 @@ def test_a_run_that_writes_nothing_leaves_no_run_directory(tmp_path: Path, args:
     assert everything_in(tmp_path) == before
 
 
+def test_a_plan_error_leaves_a_reused_run_directory_as_it_was(tmp_path: Path) -> None:
+    """The plan is checked before Hydra starts: Hydra writes its .hydra/ record as it starts, over a
+    previous run's record when hydra.run.dir names that run's directory."""
+    previous = tmp_path / "run"
+    (previous / ".hydra").mkdir(parents=True)
+    (previous / ".hydra" / "config.yaml").write_text("seed: 7\n")
+    before = everything_in(tmp_path)
+    result = run_cli(["peft.target_modules=[q_prj]", f"hydra.run.dir={previous}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert everything_in(tmp_path) == before
+    assert (previous / ".hydra" / "config.yaml").read_text() == "seed: 7\n"
+
+
 def test_a_trained_run_keeps_its_directory_and_no_empty_log(tmp_path: Path) -> None:
     result = run_cli(["trainer.max_steps=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -54,3 +67,19 @@ def test_a_run_directory_with_a_log_to_read_is_kept(tmp_path: Path, log: str, ke
     discard_unused_run_dir(run_dir)
     assert run_dir.is_dir() == kept
     assert (run_dir / "peftc.log").is_file() == kept
+
+
+def test_discarding_a_run_directory_stops_at_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry run started in an empty directory removes Hydra's outputs/<date>/<time>/, never the
+    directory the user ran it from."""
+    from peftc.cli.main import discard_unused_run_dir
+
+    (tmp_path / "keep").write_text("")  # (were the working directory removed, this would stop the walk)
+    work = tmp_path / "work"
+    run_dir = work / "outputs" / "2026-12-07" / "01-59-00"
+    (run_dir / ".hydra").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    discard_unused_run_dir(run_dir)
+    assert work.is_dir() and list(work.iterdir()) == []

@@ -80,8 +80,27 @@ def test_plan_diff_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "adapter compatibility: NO" in out and "lora_A.weight 4x64 → 8x64" in out
     assert "0 sites unchanged" in out  # all four sites changed rank
+    deltas = {
+        cells[1].strip(): cells[4].strip()
+        for cells in (line.split("│") for line in out.splitlines())
+        if len(cells) == 6
+    }
+    assert deltas["adapter file"].startswith("+") and deltas["memory: total"].startswith("+")  # B is the larger
+    assert deltas["memory: base weights"] == "±0 B"
     assert diff_main(["peft.r=4", "--", "peft.rr=8"]) == 2
     assert "error: B: peft.rr" in capsys.readouterr().err
+    assert diff_main(["peft.r=4"]) == 2  # no `--`: the usage, as an error
+    assert "usage: python -m peftc.diff" in capsys.readouterr().out
+    assert diff_main(["--help"]) == 0
+
+
+def test_plan_diff_says_how_many_load_problems_it_does_not_show() -> None:
+    from peftc.cli.diff import render_diff
+
+    a, b = (peftc.compile([f"peft.r={r}", "peft.target_modules=all-linear"]) for r in (4, 8))
+    diff = diff_plans(a, b)
+    assert len(diff.load_problems) == 28  # A and B of 7 linears in 2 layers
+    assert render_diff(diff)[-1].endswith("\n  ... and 20 more")
 
 
 def test_explain_names_the_source_of_every_value() -> None:

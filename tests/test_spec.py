@@ -18,25 +18,41 @@ BAD_OVERRIDES = [
     (["peft.r=0"], "peft.r=0", "must be >= 1"),
     (["peft.r=-3"], "peft.r=-3", "must be >= 1"),
     (["peft.lora_dropout=1.5"], "peft.lora_dropout=1.5", "must be in [0.0, 1.0)"),
+    (["peft.lora_dropout=1.0"], "peft.lora_dropout=1.0", "must be in [0.0, 1.0)"),  # would drop every input
+    (["data.val_fraction=1.0"], "data.val_fraction=1.0", "must be in [0.0, 1.0)"),  # would leave nothing to train on
     (["peft.lora_alpha=0"], "peft.lora_alpha", "must be > 0"),
     (["peft.r=abc"], "peft.r='abc'", "expected int"),
     (["peft=lorra"], "peft='lorra'", "did you mean 'lora'"),
     (["task=causal"], "task='causal'", "did you mean 'causal_lm'"),
     (["trainer.scheduler=cosin"], "trainer.scheduler='cosin'", "did you mean 'cosine'"),
     (["trainer.max_steps=0"], "trainer.max_steps", "must be positive"),
+    (["trainer.max_steps=-1"], "trainer.max_steps", "training would never stop"),  # -1 needs max_epochs
     (["trainer.lr=-1"], "trainer.lr", "must be > 0"),
     (["data.batch_size=0"], "data.batch_size", "must be >= 1"),
     (["model=hf"], "model.name_or_path", "no model given; set model.name_or_path=<dir or hub id>"),
+    (["model=hf", "model.name_or_path=' '"], "model.name_or_path=' '", "is empty"),
     (["adapter_name=my.adapter"], "adapter_name='my.adapter'", "no dots"),
     (["peft.init_lora_weights=pissa_fast"], "peft.init_lora_weights", "use true, false, gaussian, pissa"),
     (["peft.rank_pattern={q_proj: 0}"], "peft.rank_pattern.q_proj=0", ">= 1"),
     (["peft.rank_pattern={q_proj: two}"], "peft.rank_pattern", "mapping of names to ranks"),
+    (["peft.rank_pattern={q_proj: true}"], "peft.rank_pattern", "mapping of names to ranks"),  # a bool is no rank
     (["data.columns=[text]"], "data.columns", "mapping of names to column names"),
     (["trainer.betas=[0.9]"], "trainer.betas", "two numbers"),
     (["trainer.betas=[0.9,1.0]"], "trainer.betas", "two numbers in [0, 1)"),  # beta2 = 1: no second moment decay
+    (
+        ["trainer.betas=[-0.1,0.999]"],
+        "trainer.betas",
+        "two numbers in [0, 1)",
+    ),  # torch's AdamW refuses it only once training starts
     (["data.eval_batch_size=0"], "data.eval_batch_size=0", "must be >= 1"),
     (["data.max_length=4"], "data.max_length=4", "must be >= 8"),
     (["input_file=rows.txt"], "input_file='rows.txt'", "is only read by action=predict"),
+    (["input=hello"], "input='hello'", "is only read by action=predict"),
+    (
+        ["+model.config.auto_map={AutoConfig: evil.EvilConfig}"],
+        "model.config.auto_map",
+        "would let the model's files run code",
+    ),
 ]
 
 

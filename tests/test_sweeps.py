@@ -96,6 +96,32 @@ def test_the_summary_columns_are_the_overrides_that_vary_between_jobs() -> None:
     assert swept_keys(jobs[:1]) == []
 
 
+def test_the_summary_rows_are_in_job_order_past_ten_jobs(tmp_path: Path) -> None:
+    """Job directories 0..10 sort as text (0, 1, 10, 2, ...); the rows follow the job number."""
+    import json
+
+    from peftc.cli.sweep import JOB_FILE, collect_rows
+
+    for job in range(11):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / JOB_FILE).write_text(json.dumps({"job": job, "overrides": f"seed={job}"}))
+    assert [row["job"] for row in collect_rows(tmp_path)] == list(range(11))
+
+
+def test_only_failed_jobs_make_the_sweep_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Jobs of an eval or predict sweep end as evaluated or predicted, not trained: not failures."""
+    from peftc.cli import sweep
+
+    rows = [
+        {"job": 0, "overrides": "adapter=a", "status": "evaluated"},
+        {"job": 1, "overrides": "adapter=b", "status": "failed", "error": "ConfigError: no"},
+        {"job": 2, "overrides": "adapter=c", "status": "predicted"},
+    ]
+    sweep.write_summary(rows, tmp_path, "val_loss", plot=False)
+    assert [row["job"] for row in sweep.last_failures] == [1]
+    sweep.last_failures = []
+
+
 def test_a_sweep_over_training_settings_has_no_duplicates(tmp_path: Path) -> None:
     """Jobs that differ only in how they train (lr, seed) train different adapters of one layout:
     distinct plans, not duplicates (the adapter fingerprint alone would call them duplicates)."""
