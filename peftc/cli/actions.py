@@ -213,31 +213,33 @@ def input_rows(run: RunSpec, task: Any) -> list[dict[str, Any]]:
     """The rows to predict on, from `input` (text / mapping / list) or `input_file`."""
     from peftc.tasks.data import read_inputs
 
-    check = _input_check(task)
+    fields = task.prediction_fields(run)
+    check = _input_check(fields)
     if run.input_file is not None:
-        return read_inputs(run.input_file, task.input_fields, run.data.columns, check, lists=task.list_fields)
+        read = read_inputs(run.input_file, fields, run.data.columns, check, lists=task.list_fields)
+        return [task.prediction_row(row, run, f"{run.input_file} row {n}") for n, row in enumerate(read, start=1)]
     values = list(run.input) if isinstance(run.input, (list, tuple)) else [run.input]
     rows = []
     for number, value in enumerate(values, start=1):
-        row = plain(value) if isinstance(value, Mapping) else {task.input_fields[0]: value}
-        missing = [f for f in task.input_fields if f not in row]
+        row = plain(value) if isinstance(value, Mapping) else {fields[0]: value}
+        missing = [f for f in fields if f not in row]
         if missing:
             raise ConfigError(
                 "input",
                 plain(value),
                 f"input {number} has no {missing[0]!r}",
-                f"task={task.name} predicts from {', '.join(task.input_fields)}, e.g. input={{{', '.join(f'{f}: ...' for f in task.input_fields)}}}",
+                f"task={task.name} predicts from {', '.join(fields)}, e.g. input={{{', '.join(f'{f}: ...' for f in fields)}}}",
             )
         problem = check(row)
         if problem:
             raise ConfigError("input", plain(value), problem)
-        rows.append({f: row[f] for f in task.input_fields})
+        rows.append(task.prediction_row({f: row[f] for f in fields}, run, f"input {number}"))
     return rows
 
 
-def _input_check(task: Any) -> Any:
+def _input_check(fields: Sequence[str]) -> Any:
     def check(row: Mapping[str, Any]) -> str | None:
-        empty = [f for f in task.input_fields if not str(row.get(f, "")).strip()]
+        empty = [f for f in fields if not str(row.get(f, "")).strip()]
         return f"{empty[0]!r} is empty" if empty else None
 
     return check

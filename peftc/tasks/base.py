@@ -55,6 +55,15 @@ class Task:
         """The fields a data row of this run carries (`fields`, unless the data format says otherwise)."""
         return self.fields
 
+    def prediction_fields(self, run: RunSpec) -> tuple[str, ...]:
+        """The fields a row to predict on gives (`input`, `input_file`): `input_fields`, unless
+        the data format says otherwise."""
+        return self.input_fields
+
+    def prediction_row(self, row: Mapping[str, Any], run: RunSpec, where: str) -> dict[str, Any]:
+        """A row to predict on as `predict` takes it (e.g. a plain text made a conversation)."""
+        return dict(row)
+
     def check_row(self, row: Mapping[str, Any], spec: Any) -> str | None:
         """What is wrong with one data row for this task (None: nothing)."""
         return None

@@ -56,6 +56,19 @@ class CausalLm(Task):
     def data_fields(self, run: RunSpec) -> tuple[str, ...]:
         return {"text": ("text",), "prompt_response": ("prompt", "response"), "chat": ("messages",)}[run.data.format]
 
+    def prediction_fields(self, run: RunSpec) -> tuple[str, ...]:
+        # A chat adapter answers a conversation (a prompt_response one continues its prompt as text).
+        return ("messages",) if run.data.format == "chat" else self.input_fields
+
+    def prediction_row(self, row: Mapping[str, Any], run: RunSpec, where: str) -> dict[str, Any]:
+        """For a chat adapter a plain text is one user message; a conversation is checked."""
+        if run.data.format != "chat":
+            return dict(row)
+        messages = row["messages"]
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return {"messages": chat.check_messages(messages, where, answered=False)}
+
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
         fields = self.data_fields(run)
         train_rows, val_rows = load_splits(

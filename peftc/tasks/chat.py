@@ -28,7 +28,9 @@ def check_template(tokenizer: Any) -> None:
         )
 
 
-def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def check_messages(messages: Any, where: str, answered: bool = True) -> list[dict[str, str]]:
+    """The conversation's messages as {role, content}; `answered`: it has an assistant turn to
+    learn from (training rows; a conversation to predict on need not)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(where, "'messages' must be a non-empty list of {role, content} objects")
     for number, message in enumerate(messages, start=1):
@@ -36,7 +38,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise DataError(where, f"message {number} must be an object with a text 'content'")
         if message.get("role") not in ROLES:
             raise DataError(where, f"message {number} has role {message.get('role')!r}", f"roles: {', '.join(ROLES)}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if answered and not any(m["role"] == "assistant" for m in messages):
         raise DataError(where, "has no assistant message to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -63,9 +65,10 @@ def encode(messages: list[dict[str, str]], tokenizer: Any, where: str) -> dict[s
 
 
 def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer: Any, where: str = "messages") -> str:
-    """The conversation before its last assistant turn, ready for the model to answer."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return render(tokenizer, list(messages[:last]), generation_prompt=True, where=where)
+    """The conversation ready for the model to answer: without its last message when that is
+    an answer (a validation row, whose answer the model is to give), else all of it."""
+    asked = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    return render(tokenizer, list(asked), generation_prompt=True, where=where)
 
 
 def render(
