@@ -93,23 +93,22 @@ def test_the_plan_is_the_adapters_and_settings_that_differ_are_refused(peft_adap
             peftc.compile([f"adapter={peft_adapter}", "task=causal_lm", override])
 
 
+def trained_then_continued(run: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Train `run` for 2 steps, continue its adapter with the same overrides for a step that
+    moves nothing; the tensors saved by each."""
+    trained = run_cli([*run, "trainer.max_steps=2", f"output_dir={tmp_path / 'first'}"], tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    adapter = tmp_path / "first" / "adapter"
+    again = run_cli([*run, f"adapter={adapter}", *NO_STEP, f"output_dir={tmp_path / 'again'}"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    return load_file(adapter / WEIGHTS), load_file(tmp_path / "again" / "adapter" / WEIGHTS)
+
+
 def test_a_peftc_adapter_continues_with_the_command_line_that_trained_it(tmp_path: Path) -> None:
     """The first run's overrides, repeated with adapter=, continue it (its method settings and
     model included); the trained head (modules_to_save) starts from the saved one too."""
-    first = [
-        "task=seq_cls",
-        "model=tiny_bert",
-        "peft.r=4",
-        "task.labels=[negative,positive]",
-        "predict_samples=0",
-        "data.limit_val_examples=4",
-    ]
-    trained = run_cli([*first, "trainer.max_steps=3", f"output_dir={tmp_path / 'first'}"], tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    adapter = tmp_path / "first" / "adapter"
-    again = run_cli([*first, f"adapter={adapter}", *NO_STEP, f"output_dir={tmp_path / 'again'}"], tmp_path)
-    assert again.returncode == 0, again.stderr
-    before, after = load_file(adapter / WEIGHTS), load_file(tmp_path / "again" / "adapter" / WEIGHTS)
+    run = ["task=seq_cls", "model=tiny_bert", "peft.r=4", "task.labels=[negative,positive]", "predict_samples=0"]
+    before, after = trained_then_continued([*run, "data.limit_val_examples=4"], tmp_path)
     assert any("classifier" in name for name in before)
     assert sorted(after) == sorted(before)
     assert all(torch.equal(after[name], before[name]) for name in before)
@@ -118,11 +117,6 @@ def test_a_peftc_adapter_continues_with_the_command_line_that_trained_it(tmp_pat
 def test_a_prompt_encoders_saved_table_is_where_a_continued_run_starts(tmp_path: Path) -> None:
     """p_tuning saves its encoder's output (the prompt table), not the encoder: a continued run
     starts from that table and trains it (peft would feed it into a fresh encoder instead)."""
-    first = ["peft=p_tuning", "model=tiny_llama", "predict_samples=0", "data.limit_val_examples=4"]
-    trained = run_cli([*first, "trainer.max_steps=2", f"output_dir={tmp_path / 'first'}"], tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    adapter = tmp_path / "first" / "adapter"
-    again = run_cli([*first, f"adapter={adapter}", *NO_STEP, f"output_dir={tmp_path / 'again'}"], tmp_path)
-    assert again.returncode == 0, again.stderr
-    before, after = load_file(adapter / WEIGHTS), load_file(tmp_path / "again" / "adapter" / WEIGHTS)
+    run = ["peft=p_tuning", "model=tiny_llama", "predict_samples=0", "data.limit_val_examples=4"]
+    before, after = trained_then_continued(run, tmp_path)
     assert torch.equal(after["prompt_embeddings"], before["prompt_embeddings"])
