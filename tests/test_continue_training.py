@@ -120,3 +120,15 @@ def test_a_prompt_encoders_saved_table_is_where_a_continued_run_starts(tmp_path:
     run = ["peft=p_tuning", "model=tiny_llama", "predict_samples=0", "data.limit_val_examples=4"]
     before, after = trained_then_continued(run, tmp_path)
     assert torch.equal(after["prompt_embeddings"], before["prompt_embeddings"])
+
+
+def test_a_quantized_adapter_continues_on_its_quantized_base(tmp_path: Path) -> None:
+    """QLoRA: peftc's plan beside the adapter records the base's quantization, which a continued
+    run keeps; dropping it (quant=none) would be ignored, so it is refused."""
+    plan = peftc.compile(["model=tiny_llama", "quant=bnb_nf4"])
+    peftc.materialize(plan).save_adapter(tmp_path)
+    continued = peftc.compile([f"adapter={tmp_path}", "task=causal_lm"])
+    assert continued.spec.quant == plan.spec.quant and continued.quantization == plan.quantization
+    assert peftc.compile([f"adapter={tmp_path}", "task=causal_lm", "quant=bnb_nf4"]).spec.quant == plan.spec.quant
+    with pytest.raises(ConfigError, match="^quant='none': differs from the adapter's"):
+        peftc.compile([f"adapter={tmp_path}", "task=causal_lm", "quant=none"])

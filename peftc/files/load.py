@@ -207,8 +207,9 @@ def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
     """A training run with `adapter=DIR` continues that adapter: the method and its settings,
     the base model and (for peftc's adapters) the quantization are the adapter's; the task, data
     and trainer are the run's (the CLI's defaults for task and data follow the adapter too).
-    Any other run is returned as it is. One of the run's `overrides` that sets the method or
-    the model to something else than the adapter's would be ignored, so it is refused."""
+    Any other run is returned as it is. One of the run's `overrides` that sets the method, the
+    model or a saved quantization to something else than the adapter's would be ignored, so it
+    is refused (an adapter peft saved records no quantization: `quant=` chooses one)."""
     if run.action != "train" or run.adapter is None:
         return run
     saved = read_saved(run.adapter)
@@ -220,7 +221,8 @@ def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
             "leave task= out: it follows the adapter",
         )
     model = saved.model or named_base(saved.directory, saved.config)
-    kept = {"peft": saved.peft, "model": model}
+    quant = _saved_quant(saved.directory)
+    kept = {"peft": saved.peft, "model": model, **({"quant": quant} if quant is not None else {})}
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         part, *path = key.split(".")
@@ -231,8 +233,7 @@ def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
                 f"differs from the adapter's, which a run continuing it (adapter={run.adapter}) keeps",
                 f"leave {part} settings out, or train a new adapter without adapter=",
             )
-    quant = _saved_quant(saved.directory) or run.quant
-    return run.replace(peft=saved.peft, model=model, quant=quant)
+    return run.replace(peft=saved.peft, model=model, quant=quant or run.quant)
 
 
 def _same_setting(given: Any, saved: Any, path: Sequence[str]) -> bool:
