@@ -161,6 +161,9 @@ CASES = [
     # Output directories a run could not write: refused before anything loads.
     Bad("output-dir-is-a-file", "write", cli("trainer.max_steps=1", "output_dir={input}"), ConfigError,
         "is a file, not a directory", write_file("notadir", "x")),
+    # root passes every permission check; /proc takes no new directory all the same
+    Bad("output-dir-on-a-pseudo-filesystem", "write", never_load_base(cli("trainer.max_steps=1", "output_dir=/proc/peftc-run")),
+        ConfigError, "output_dir='/proc/peftc-run': cannot be written (/proc is not writable)"),
     Bad("output-dir-name-too-long", "write", cli("trainer.max_steps=1", "output_dir=runs/" + "x" * 300), ConfigError,
         "the filesystem allows 255"),
     Bad("output-dir-name-too-long-in-bytes", "write", cli("trainer.max_steps=1", "output_dir='runs/" + "é" * 128 + "'"),

@@ -281,10 +281,22 @@ def check_output_dir(output_dir: str) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError("output_dir", output_dir, "is a file, not a directory", "give a directory path")
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _can_create_in(existing):
         raise ConfigError(
             "output_dir", output_dir, f"cannot be written ({existing} is not writable)", "choose a writable directory"
         )
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a directory can be made there, found by making (and removing) one: permission
+    bits do not tell for root, a read-only mount or a pseudo filesystem such as /proc."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".peftc-probe-", dir=directory))
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
