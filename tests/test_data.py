@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -112,6 +113,22 @@ def test_a_label_outside_the_label_set_names_file_and_row(tmp_path: Path) -> Non
     with pytest.raises(DataError) as info:
         datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}"])
     assert str(info.value).startswith(f"{path} row 3: label 'neutral' is not in the label set ['negative', 'positive']")
+
+
+def test_a_long_label_set_is_shortened_in_the_message(tmp_path: Path) -> None:
+    """A text column mapped as the label makes a label per row: the message stays one line."""
+    rows = [{"text": f"t{i}", "label": f"sentence number {i:02d}"} for i in range(12)] + [{"text": "x", "label": "new"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    labels = "[" + ", ".join(f"'sentence number {i:02d}'" for i in range(10)) + ", ... (12 labels)]"
+    overrides = [
+        "task=seq_cls",
+        "model=tiny_bert",
+        "data.source=jsonl",
+        f"data.path={path}",
+        "data.val_path=" + str(path),
+    ]
+    with pytest.raises(DataError, match=re.escape(f"label 'new' is not in the label set {labels} (give a label")):
+        datasets([*overrides, "task.labels=[" + ",".join(f"'sentence number {i:02d}'" for i in range(12)) + "]"])
 
 
 def test_an_index_beyond_the_label_set_is_refused(tmp_path: Path) -> None:

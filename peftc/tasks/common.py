@@ -96,8 +96,9 @@ def label_index(value: Any, labels: Sequence[str]) -> int | None:
 def label_problem(value: Any, labels: Sequence[str], key: str) -> str | None:
     if label_index(value, labels) is not None:
         return None
+    shown = str(list(labels)) if len(labels) <= 10 else f"{str(list(labels[:10]))[:-1]}, ... ({len(labels)} labels)]"
     return (
-        f"label {value!r} is not in the label set {list(labels)} "
+        f"label {value!r} is not in the label set {shown} "
         f"(give a label name or an index 0..{len(labels) - 1}; or change {key})"
     )
 
