@@ -379,6 +379,8 @@ CASES = [
     # --- datasets --------------------------------------------------------------------------------
     Bad("data-missing-file", "dataset", cli("data.source=jsonl", "data.path=/no/such.jsonl"), ConfigError,
         "no such file"),
+    Bad("data-path-a-directory", "dataset", cli("data.source=jsonl", "data.path={input}"), ConfigError,
+        "is a directory, not a file; give an existing JSONL or CSV file", lambda world: world.inputs),
     Bad("data-bad-json-line", "dataset", cli("data.source=jsonl", "data.path={input}"), DataError,
         "not valid JSON", write_file("d.jsonl", STORY * 20 + "{oops\n")),
     Bad("data-row-not-object", "dataset", cli("data.source=jsonl", "data.path={input}"), DataError,

@@ -135,7 +135,8 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) 
 
 def _read(path: Path, fmt: str, key: str = "data.path") -> list[dict[str, Any]]:
     if not path.is_file():
-        raise ConfigError(key, str(path), "no such file", "give an existing JSONL or CSV file")
+        problem = "is a directory, not a file" if path.is_dir() else "no such file"
+        raise ConfigError(key, str(path), problem, "give an existing JSONL or CSV file")
     try:
         rows = _read_rows(path, fmt)
     except UnicodeDecodeError as exc:
