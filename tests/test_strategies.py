@@ -84,6 +84,7 @@ def test_ddp_on_two_cpu_processes_saves_one_adapter_equal_to_one_process(tmp_pat
     )
     assert ddp_metrics["val_loss"] == pytest.approx(single_metrics["val_loss"], rel=1e-6, abs=0)
     assert "UserWarning" not in ddp.stderr and "recommended" not in ddp.stderr, ddp.stderr
+    assert "Initializing distributed" not in ddp.stdout + ddp.stderr  # Lightning's line, once per rank
 
 
 @pytest.mark.parametrize("world", [2, 3])

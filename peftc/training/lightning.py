@@ -299,6 +299,8 @@ def quiet_lightning() -> None:
     """Keep the terminal for the plan, the progress bar and the metrics: drop Lightning's
     banner lines (accelerator report, cloud-logging tips) and a deprecation it raises itself."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # "Initializing distributed: GLOBAL_RANK: r, MEMBER: ..." once per rank (twice on rank 0).
+    logging.getLogger("lightning.fabric.utilities.distributed").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").propagate = False
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Validation metrics are summed over the ranks before they are logged (on_validation_epoch_end).
