@@ -64,3 +64,21 @@ def test_non_finite_adapter_tensors_are_never_saved(good_run: Path, tmp_path: Pa
     assert result.returncode == 1
     assert "training diverged: the trained tensor" in result.stderr and "holds non-finite values" in result.stderr
     assert digests(good_run / "adapter") == before
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_loss_at_a_logging_step_is_divergence(value: float) -> None:
+    """inf is divergence as nan is (the next step's gradients are nan): the run stops at once."""
+    from types import SimpleNamespace
+
+    import peftc
+    from peftc import tasks
+    from peftc.errors import TrainingDiverged
+    from peftc.training.lightning import PeftcLightningModule
+
+    plan = peftc.compile(["model=tiny_llama"])
+    module = PeftcLightningModule(peftc.materialize(plan), tasks.get(plan.task), plan)
+    module._trainer = SimpleNamespace(global_step=4, log_every_n_steps=2)
+    module.on_train_batch_end(torch.tensor(1.5), {}, 0)  # finite: training goes on
+    with pytest.raises(TrainingDiverged, match=f"the training loss is {value} at step 4"):
+        module.on_train_batch_end(torch.tensor(value), {}, 0)

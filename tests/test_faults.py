@@ -375,3 +375,78 @@ def test_a_second_ctrl_c_stops_at_once_while_a_first_waits_for_the_step(tmp_path
     assert callback.stop_signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         callback._on_signal(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize(
+    ("every_n_steps", "max_steps", "saved"),
+    [
+        (2, 5, [(2, 4), (4, 8), (5, 10)]),  # every 2 steps, and after the last
+        (2, -1, [(2, 4), (4, 8)]),  # an epoch-bounded run (max_steps=-1) has no last step to save at
+        (0, 5, []),  # 0: only on a stop signal
+    ],
+    ids=["every-2", "epoch-bounded", "off"],
+)
+def test_checkpoints_are_written_at_optimizer_step_boundaries_only(
+    tmp_path: Path, every_n_steps: int, max_steps: int, saved: list[tuple[int, int]]
+) -> None:
+    """With 2 batches per optimizer step, a save mid-accumulation would hold half a step's
+    gradients nowhere: each checkpoint is at a step boundary, with the batches done so far."""
+    from types import SimpleNamespace
+
+    from peftc.files.checkpoints import ResumableLoader
+
+    loader = ResumableLoader(range(10))
+    written: list[tuple[int, int]] = []
+    trainer = SimpleNamespace(global_step=0, max_steps=max_steps, should_stop=False)
+    trainer.save_checkpoint = lambda path, weights_only: written.append((trainer.global_step, loader.batches_done))
+    callback = StepCheckpoint(tmp_path, every_n_steps, loader)
+    callback.on_train_start(trainer, None)
+    try:
+        for batch_idx in range(10):
+            trainer.global_step = (batch_idx + 1) // 2  # accumulate_grad_batches=2
+            callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    finally:
+        callback.on_train_end(trainer, None)
+    assert written == saved and not trainer.should_stop
+
+
+@pytest.mark.parametrize("end", ["on_train_end", "on_exception"])
+def test_the_previous_signal_handlers_are_back_once_training_ends(tmp_path: Path, end: str) -> None:
+    """After training (saving, predictions, the next cell of a notebook) Ctrl-C and SIGTERM act
+    as before again, instead of being recorded for a step boundary that never comes."""
+    from types import SimpleNamespace
+
+    before = [signal.getsignal(s) for s in StepCheckpoint.SIGNALS]
+    callback = StepCheckpoint(tmp_path, every_n_steps=0, loader=None)
+    trainer = SimpleNamespace(global_step=0)
+    callback.on_train_start(trainer, None)
+    assert [signal.getsignal(s) for s in StepCheckpoint.SIGNALS] == [callback._on_signal] * 2
+    if end == "on_train_end":
+        callback.on_train_end(trainer, None)
+    else:
+        callback.on_exception(trainer, None, RuntimeError("failed mid-run"))
+    assert [signal.getsignal(s) for s in StepCheckpoint.SIGNALS] == before
+
+
+def test_a_resumed_loader_skips_the_checkpoints_batches_in_its_epoch_only() -> None:
+    """The batches a checkpoint had consumed are skipped in the epoch it was written in, once; a
+    resumed run that starts the next epoch (a checkpoint at an epoch's end) sees all of it."""
+    from peftc.files.checkpoints import ResumableLoader, ResumableSampler
+
+    def loader() -> ResumableLoader:
+        return ResumableLoader(range(12), batch_size=2, sampler=ResumableSampler(12, seed=3))
+
+    uninterrupted = loader()
+    epochs = []
+    for epoch in range(2):
+        uninterrupted.sampler.set_epoch(epoch)
+        epochs.append(list(uninterrupted.sampler))
+    mid_epoch = loader()
+    mid_epoch.load_state_dict({"epoch": 0, "batches_done": 2})
+    assert list(mid_epoch.sampler) == epochs[0][4:]
+    mid_epoch.sampler.set_epoch(1)
+    assert list(mid_epoch.sampler) == epochs[1]
+    next_epoch = loader()
+    next_epoch.load_state_dict({"epoch": 0, "batches_done": 6})
+    next_epoch.sampler.set_epoch(1)
+    assert list(next_epoch.sampler) == epochs[1]

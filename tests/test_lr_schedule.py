@@ -61,3 +61,50 @@ def test_each_tasks_primary_metric_improves_in_the_right_direction() -> None:
     found = {name: tasks.get(name).primary_metric for name in tasks.all_tasks()}
     assert found == {name: metric for name, (metric, _) in PRIMARY_METRICS.items()}
     assert {metric: metric_mode(metric) for metric, _ in PRIMARY_METRICS.values()} == dict(PRIMARY_METRICS.values())
+
+
+def test_the_optimizer_takes_the_trainer_settings_and_steps_the_schedule_every_step() -> None:
+    """AdamW over the trainable tensors only, with trainer.lr, betas and weight_decay; the schedule
+    advances every optimizer step (a warm-up stepped per epoch would never leave its first factor)."""
+    from types import SimpleNamespace
+
+    import peftc
+    from peftc.training.lightning import PeftcLightningModule
+    from tests.helpers import build_base
+
+    overrides = ["trainer.lr=0.01", "trainer.betas=[0.8,0.95]", "trainer.weight_decay=0.1"]
+    plan = peftc.compile(["model=tiny_llama", *overrides, "trainer.warmup_steps=2", "trainer.scheduler=linear"])
+    model = peftc.materialize(plan, base_model=build_base(plan))
+    module = PeftcLightningModule(model, tasks.get(plan.task), plan)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=6)
+    configured = module.configure_optimizers()
+    [group] = configured["optimizer"].param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.01 / 2, (0.8, 0.95), 0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(group["params"]) == len(trainable) and all(a is b for a, b in zip(group["params"], trainable))
+    schedule = configured["lr_scheduler"]
+    assert schedule["interval"] == "step"
+    factors = [schedule["scheduler"].get_last_lr()[0] / 0.01]
+    for _ in range(5):
+        configured["optimizer"].step()
+        schedule["scheduler"].step()
+        factors.append(schedule["scheduler"].get_last_lr()[0] / 0.01)
+    assert factors == pytest.approx([1 / 2, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize(
+    ("override", "attribute", "expected"),
+    [
+        ("trainer.precision=bf16-mixed", "precision", "bf16-mixed"),
+        ("trainer.gradient_clip_val=0.5", "gradient_clip_val", 0.5),
+        ("trainer.accumulate_grad_batches=4", "accumulate_grad_batches", 4),
+    ],
+)
+def test_trainer_settings_reach_lightnings_trainer(override: str, attribute: str, expected: object, tmp_path) -> None:
+    """A trainer.* key the Trainer ignored would train silently without it (bf16 without autocast,
+    no clipping, one batch per step)."""
+    import peftc
+    from peftc.training.lightning import build_trainer
+
+    trainer = build_trainer(peftc.compile([override, "trainer.logger=none"]), tmp_path, [])
+    assert getattr(trainer, attribute) == expected

@@ -273,8 +273,8 @@ def test_rows_without_task_ids_are_task_zero_and_bad_ids_are_refused(tmp_path) -
     tokenizer = load_tokenizer(plan.spec.model)
     batch = next(iter(dataloaders(plan, tokenizer)[0]))
     assert batch["task_ids"].tolist() == [0] * batch["input_ids"].shape[0]
-    rows = [{"text": "a story about an owl", "task_id": t} for t in (0, 5, 1, 2)]
-    with pytest.raises(DataError, match="value 5 is out of range: peft.num_tasks=3 allows 0..2"):
+    rows = [{"text": "a story about an owl", "task_id": t} for t in (0, 3, 1, 2)]
+    with pytest.raises(DataError, match="value 3 is out of range: peft.num_tasks=3 allows 0..2"):
         list(dataloaders(multitask_plan(tmp_path, rows, "task.packing=false"), tokenizer)[0])
     with pytest.raises(DataError, match="packing would put rows with different task_id values"):
         dataloaders(multitask_plan(tmp_path, rows), tokenizer)

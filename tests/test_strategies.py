@@ -133,7 +133,8 @@ def test_validation_on_several_ranks_scores_each_example_once(monkeypatch: pytes
                 module.validation_step(batch, index)
         return dict(module._totals), index + 1
 
-    one_process, _ = sums_and_batches()
+    one_process, batches = sums_and_batches()
+    assert batches == -(-123 // 5), "batches of data.eval_batch_size"
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
     ranks = []

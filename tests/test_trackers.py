@@ -159,3 +159,25 @@ def test_a_resumed_tensorboard_log_hides_what_the_interrupted_run_logged_after_i
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("train_loss")]
     assert logged == [(step, 1.0) for step in range(6)] + [(6, 2.0), (7, 2.0)]
+
+
+def test_a_resumed_csv_log_keeps_the_rows_up_to_its_checkpoint_and_drops_those_after(tmp_path: Path) -> None:
+    """Lightning writes step k's metrics in the row of step k - 1. Checkpointed at step 6, an
+    interrupted run had logged rows 0-9; the resumed run logs rows 6-7 again: rows 0-5 (the
+    checkpoint's own step included) stay, the interrupted run's 6-9 go, each row once."""
+    import csv
+
+    from peftc.training.trackers import make_logger
+
+    run = peftc.compile(["trainer.logger=csv"]).spec
+    interrupted = make_logger(run, tmp_path)
+    for step in range(10):
+        interrupted.log_metrics({"train_loss": 1.0}, step=step)
+    interrupted.finalize("success")
+    resumed = make_logger(run, tmp_path, resumed_at=6)
+    for step in (6, 7):
+        resumed.log_metrics({"train_loss": 2.0}, step=step)
+    resumed.finalize("success")
+    with (tmp_path / "logs" / "metrics.csv").open(newline="") as file:
+        logged = [(int(row["step"]), float(row["train_loss"])) for row in csv.DictReader(file)]
+    assert logged == [(step, 1.0) for step in range(6)] + [(6, 2.0), (7, 2.0)]

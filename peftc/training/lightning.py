@@ -91,18 +91,16 @@ class PeftcLightningModule(L.LightningModule):
         spec = self.plan.spec.task
         rows = _batch_size(batch)
         counted = self._rows_to_count(batch_idx, rows)
-        if counted == 0:
-            # Only the sampler's padding: the forward still runs (a sharded strategy's ranks
-            # gather each layer's parameters together), its sums are not counted.
-            self.task.validation_stats(self.model, batch, spec)
-            return
-        if counted < rows:
+        if 0 < counted < rows:
             batch = {key: value[:counted] for key, value in batch.items()}
+        # A batch of the sampler's padding only still runs (a sharded strategy's ranks gather
+        # each layer's parameters together in every forward) and still names every sum, at zero:
+        # the ranks reduce the sums together, key by key.
         stats = self.task.validation_stats(self.model, batch, spec)
         if self.tokenizer is not None:
             stats.update(self.task.generation_stats(self.model, batch, spec, self.tokenizer))
         for key, value in stats.items():
-            self._totals[key] += float(value)
+            self._totals[key] += float(value) if counted else 0.0
 
     def _rows_to_count(self, batch_idx: int, rows: int) -> int:
         """How many of this validation batch's rows are examples of this rank rather than the
