@@ -27,6 +27,20 @@ def test_a_sweep_job_resolves_the_idiom_to_its_own_directory(tmp_path: Path) -> 
     assert job.spec.output_dir == str(tmp_path / "3" / "y")
 
 
+def test_the_preflight_resolves_the_idiom_in_a_process_that_has_not_started_hydra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh `python -m peftc` checks its job before Hydra runs (and registers its resolvers);
+    `${hydra:...}` must not be refused there as an unknown resolver."""
+    from omegaconf.basecontainer import BaseContainer
+
+    for name in ("hydra", "now"):
+        monkeypatch.delitem(BaseContainer._resolvers, name, raising=False)
+    job = check_job(["output_dir=${hydra:runtime.output_dir}/y", f"hydra.run.dir={tmp_path}"])
+    assert job.error is None, job.error
+    assert job.spec is not None and job.spec.output_dir == str(tmp_path / "y")
+
+
 def test_explain_composes_with_the_users_config_dir_and_config_name(tmp_path: Path) -> None:
     configs = tmp_path / "cfg"
     configs.mkdir()

@@ -50,21 +50,22 @@ def _override_parse_error(override: str, message: str) -> ConfigError:
     """An override Hydra's grammar refuses, in one line; a word without `=` (`lora`, or
     `peft.r 8` split by the shell) says which override was probably meant."""
     if "=" not in override:
-        return ConfigError("override", override, "has no '='", _meant_by_word(override.lstrip("+~")))
+        return ConfigError("override", override, "has no '='", _meant_by_word(override))
     detail = " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.startswith("See "))
     return ConfigError("override", override, f"cannot be parsed: {detail}", _OVERRIDE_FORM)
 
 
-def _meant_by_word(word: str) -> str:
+def _meant_by_word(override: str) -> str:
     from peftc.config.spec import GROUPS
 
+    word = override.lstrip("+~")
     groups = [group for group in GROUPS if word in shipped_options(group)]
     if groups:
         return "did you mean " + " or ".join(f"{group}={word}" for group in groups) + "?"
     if word in GROUPS:
         return f"choose an option: {word}=<option> ({', '.join(shipped_options(word))})"
     if word.split(".")[0] in {f.name for f in dataclasses.fields(RunSpec)}:
-        return f"give its value in the same argument: {word}=<value> (no spaces around '=')"
+        return f"give its value in the same argument: {override}=<value> (no spaces around '=')"
     return _OVERRIDE_FORM
 
 
@@ -240,7 +241,9 @@ def hydra_runtime(cfg: DictConfig, job_num: int | None = None) -> Iterator[DictC
     config, its runtime.output_dir being the run directory (or sweep directory + job number) that
     Hydra will create. The previous Hydra config is restored afterwards."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
 
+    setup_globals()  # ${hydra:...} and ${now:...}: Hydra registers them only when it starts
     if "hydra" not in cfg:
         yield cfg
         return
