@@ -135,3 +135,33 @@ def test_the_cli_shows_a_data_warning_once_as_one_plain_line(tmp_path: Path) -> 
         "moves in steps of 50%); use more (data.val_fraction or data.val_path)"
     ], done.stderr
     assert not any("UserWarning" in line or "peftc/" in line for line in lines), done.stderr
+
+
+def test_a_training_run_shows_a_data_warning_once(tmp_path: Path) -> None:
+    """Read before Hydra, for the labels and for training, the data warns three times."""
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["task=seq_cls", "model=tiny_bert", "data.source=jsonl", "data.path=d.jsonl", "trainer.max_steps=1"]
+    done = run_cli([*args, "predict_samples=0", f"output_dir={tmp_path / 'out'}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("the validation split has only 2 examples") == 1, done.stderr
+
+
+def test_other_libraries_warnings_keep_their_display_naming_their_source(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only peftc's own warnings become plain lines: another library's keeps Python's display
+    (its file and line say which library), and the display is restored afterwards."""
+    import warnings
+
+    from peftc.cli.main import plain_own_warnings
+
+    displayed: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(warnings, "showwarning", lambda m, c, f, n, *rest: displayed.append((str(m), f, n)))
+    before = warnings.showwarning
+    with plain_own_warnings(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn_explicit("deprecated thing", FutureWarning, "/site-packages/somelib/x.py", 7)
+    assert displayed == [("deprecated thing", "/site-packages/somelib/x.py", 7)]
+    assert "warning: deprecated thing" not in capsys.readouterr().err
+    assert warnings.showwarning is before

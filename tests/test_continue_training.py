@@ -132,3 +132,52 @@ def test_a_quantized_adapter_continues_on_its_quantized_base(tmp_path: Path) -> 
     assert peftc.compile([f"adapter={tmp_path}", "task=causal_lm", "quant=bnb_nf4"]).spec.quant == plan.spec.quant
     with pytest.raises(ConfigError, match="^quant='none': differs from the adapter's"):
         peftc.compile([f"adapter={tmp_path}", "task=causal_lm", "quant=none"])
+
+
+def _copy_adapter(adapter: Path, to: Path, *, drop: str | None = None, **config: object) -> Path:
+    """A copy of `adapter` with `config` fields changed in adapter_config.json and the tensor
+    whose name contains `drop` left out of its file."""
+    from safetensors.torch import save_file
+
+    to.mkdir()
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    (to / "adapter_config.json").write_text(json.dumps({**saved, **config}))
+    tensors = load_file(adapter / WEIGHTS)
+    save_file({name: t for name, t in tensors.items() if drop is None or drop not in name}, to / WEIGHTS)
+    return to
+
+
+def test_an_adapter_file_that_does_not_fit_its_config_is_refused_by_the_plan(
+    peft_adapter: Path, tmp_path: Path
+) -> None:
+    """Checked from the file's header when the run is planned, before any base model loads."""
+    from peftc.errors import AdapterFileError
+
+    broken = _copy_adapter(peft_adapter, tmp_path / "broken", drop="layers.0.self_attn.q_proj.lora_A")
+    with pytest.raises(AdapterFileError, match=r"1 tensors the adapter config implies are missing, e\.g\. .*q_proj"):
+        peftc.compile([f"adapter={broken}", "task=causal_lm"])
+
+
+def test_a_task_other_than_the_adapters_is_refused_by_name(peft_adapter: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^task='seq_cls': the adapter in .* was trained for task=causal_lm"):
+        peftc.compile([f"adapter={peft_adapter}", "task=seq_cls"])
+
+
+def test_a_forced_override_of_the_adapters_settings_is_refused_too(peft_adapter: Path) -> None:
+    """`++key=value` (Hydra's add-or-override) sets the key like `key=value` does."""
+    with pytest.raises(ConfigError, match=r"^peft\.r='16': differs from the adapter's"):
+        peftc.compile([f"adapter={peft_adapter}", "task=causal_lm", "++peft.r=16"])
+
+
+def test_target_names_the_base_model_lacks_are_tolerated_as_when_loading(peft_adapter: Path, tmp_path: Path) -> None:
+    """An adapter config may list names for several architectures (peft matches those present)."""
+    wider = _copy_adapter(peft_adapter, tmp_path / "wider", target_modules=["q_proj", "v_proj", "c_attn"])
+    plan = peftc.compile([f"adapter={wider}", "task=causal_lm"])
+    assert {site.path.rsplit(".", 1)[-1] for site in plan.sites} == {"q_proj", "v_proj"}
+
+
+def test_the_cli_refuses_a_setting_that_differs_from_the_adapters(peft_adapter: Path, tmp_path: Path) -> None:
+    """Ignored silently, a user's peft.r=16 would train (and save) the adapter's r=4."""
+    result = run_cli([f"adapter={peft_adapter}", "peft.r=16", "dry_run=true"], tmp_path)
+    assert result.returncode == 2
+    assert "peft.r='16': differs from the adapter's" in result.stderr

@@ -289,6 +289,22 @@ def test_a_validation_split_the_user_capped_is_no_warning(tmp_path: Path) -> Non
     assert len(val) == 4
 
 
+def test_a_cap_above_the_validation_split_still_warns_of_its_size(tmp_path: Path) -> None:
+    """data.limit_val_examples=100 did not choose the 5 examples the split has: the warning stays."""
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.warns(UserWarning, match=r"the validation split has only 5 examples"):
+        datasets(
+            [
+                *SEQ_CLS,
+                "data.source=jsonl",
+                f"data.path={path}",
+                "data.val_fraction=0.25",
+                "data.limit_val_examples=100",
+            ]
+        )
+
+
 def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"
     path.write_bytes("text,label\nfine,positive\nbad,negative\nok,positive\nno,negative\n".encode("utf-8-sig"))
@@ -346,3 +362,12 @@ def test_prediction_input_suffixes_are_case_insensitive(tmp_path: Path) -> None:
     path.write_text("text\nhello\nworld\n")
     rows = read_inputs(path, ("text",), {})
     assert [r["text"] for r in rows] == ["hello", "world"]
+
+
+def test_prediction_inputs_from_a_tsv_file_read_its_tab_separated_columns(tmp_path: Path) -> None:
+    from peftc.tasks.data import read_inputs
+
+    path = tmp_path / "inputs.tsv"
+    path.write_text("id\ttext\n1\thello, world\n2\tbye\n")
+    rows = read_inputs(path, ("text",), {})
+    assert [r["text"] for r in rows] == ["hello, world", "bye"]

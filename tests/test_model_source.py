@@ -145,3 +145,26 @@ def test_a_hub_id_is_looked_up_on_the_hub_not_refused_as_a_missing_directory(mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="'someone/tiny-llama': is not a local directory and the hub is offline"):
         peftc.compile(["model=hf", "model.name_or_path=someone/tiny-llama"])
+
+
+@pytest.mark.parametrize("source", ["model=hf", "model=tiny_llama"])
+def test_model_config_overrides_reach_the_model_and_the_task_labels_size_its_head(
+    tiny_llama_dir: str, source: str
+) -> None:
+    """model.config fields override a loaded model's config.json as they do a config-built
+    one's; the task's label set decides the head, over a num_labels given there."""
+    from tests.helpers import build_base
+
+    where = [f"model.name_or_path={tiny_llama_dir}"] if source == "model=hf" else []
+    overrides = [
+        "task=seq_cls",
+        "task.labels=[a,b,c]",
+        "++model.config.rms_norm_eps=0.001",
+        "+model.config.num_labels=7",
+    ]
+    plan = peftc.compile([source, *where, *overrides])
+    assert [m.tensors["weight"] for m in plan.modules_to_save] == [(3, 64)]
+    base = build_base(plan)
+    assert base.config.rms_norm_eps == 0.001
+    assert base.score.weight.shape == (3, 64)
+    assert base.config.id2label == {0: "a", 1: "b", 2: "c"}

@@ -39,6 +39,15 @@ def test_strategies_that_cannot_run_are_refused_at_compile_time(overrides: list[
         peftc.compile(overrides)
 
 
+def test_a_gpu_accelerator_is_apples_mps_where_there_is_no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's `gpu` is MPS on a Mac: not refused as a missing CUDA GPU."""
+    from peftc.planning import compat
+
+    monkeypatch.setattr(compat, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(compat, "_mps_available", lambda: True)
+    assert peftc.compile(["trainer.accelerator=gpu"]).spec.trainer.accelerator == "gpu"
+
+
 def test_ddp_cpu_compiles_with_two_processes() -> None:
     plan = peftc.compile(["trainer=ddp_cpu"])
     assert (plan.spec.trainer.strategy, plan.spec.trainer.devices, plan.spec.trainer.accelerator) == ("ddp", 2, "cpu")

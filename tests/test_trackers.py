@@ -122,6 +122,29 @@ def test_a_missing_tracker_package_is_one_error_at_compile_time(
         peftc.compile([f"trainer.logger={logger}"])
 
 
+def test_tensorboard_logs_through_tensorboardx_where_tensorboard_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's TensorBoardLogger writes with either package."""
+    from peftc.planning import compat
+
+    real = compat._missing
+    monkeypatch.setattr(
+        compat, "_missing", lambda name: name == "tensorboard" or (name != "tensorboardX" and real(name))
+    )
+    assert peftc.compile(["trainer.logger=tensorboard"]).spec.trainer.logger == "tensorboard"
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_logging_locally_or_not_at_all_needs_no_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", mode)
+    assert peftc.compile(["trainer.logger=wandb"]).spec.trainer.logger == "wandb"
+
+
 def test_wandb_without_a_login_and_not_offline_is_refused_before_anything_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
