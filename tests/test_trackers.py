@@ -162,22 +162,28 @@ def test_wandb_without_a_login_and_not_offline_is_refused_before_anything_is_wri
     assert peftc.compile(["trainer.logger=wandb"]).spec.trainer.logger == "wandb"
 
 
+def interrupted_then_resumed(logger: str, directory: Path) -> None:
+    """An interrupted run logged train_loss 1.0 at steps 0-9 but checkpointed at step 6; the run
+    resumed from it logs 2.0 at steps 6 and 7, into the same directory."""
+    from peftc.training.trackers import make_logger
+
+    run = peftc.compile([f"trainer.logger={logger}"]).spec
+    interrupted = make_logger(run, directory)
+    for step in range(10):
+        interrupted.log_metrics({"train_loss": 1.0}, step=step)
+    interrupted.finalize("success")
+    resumed = make_logger(run, directory, resumed_at=6)
+    for step in (6, 7):
+        resumed.log_metrics({"train_loss": 2.0}, step=step)
+    resumed.finalize("success")
+
+
 def test_a_resumed_tensorboard_log_hides_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path: Path) -> None:
     """An interrupted run logged steps 0-9 but checkpointed at step 6; the resumed run logs 6-7
     again. TensorBoard shows each step once: the interrupted run's 6-9 are purged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from peftc.training.trackers import make_logger
-
-    run = peftc.compile(["trainer.logger=tensorboard"]).spec
-    interrupted = make_logger(run, tmp_path)
-    for step in range(10):
-        interrupted.log_metrics({"train_loss": 1.0}, step=step)
-    interrupted.finalize("success")
-    resumed = make_logger(run, tmp_path, resumed_at=6)
-    for step in (6, 7):
-        resumed.log_metrics({"train_loss": 2.0}, step=step)
-    resumed.finalize("success")
+    interrupted_then_resumed("tensorboard", tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("train_loss")]
@@ -190,17 +196,7 @@ def test_a_resumed_csv_log_keeps_the_rows_up_to_its_checkpoint_and_drops_those_a
     checkpoint's own step included) stay, the interrupted run's 6-9 go, each row once."""
     import csv
 
-    from peftc.training.trackers import make_logger
-
-    run = peftc.compile(["trainer.logger=csv"]).spec
-    interrupted = make_logger(run, tmp_path)
-    for step in range(10):
-        interrupted.log_metrics({"train_loss": 1.0}, step=step)
-    interrupted.finalize("success")
-    resumed = make_logger(run, tmp_path, resumed_at=6)
-    for step in (6, 7):
-        resumed.log_metrics({"train_loss": 2.0}, step=step)
-    resumed.finalize("success")
+    interrupted_then_resumed("csv", tmp_path)
     with (tmp_path / "logs" / "metrics.csv").open(newline="") as file:
         logged = [(int(row["step"]), float(row["train_loss"])) for row in csv.DictReader(file)]
     assert logged == [(step, 1.0) for step in range(6)] + [(6, 2.0), (7, 2.0)]
