@@ -134,25 +134,10 @@ def test_the_cli_learns_the_answers(chat_dir: Path, tmp_path: Path) -> None:
 def test_a_chat_adapter_predicts_from_a_conversation_or_a_plain_question(chat_dir: Path, tmp_path: Path) -> None:
     """Prediction with data.format=chat renders the input with the chat template, as training
     did: a plain text is one user message, a conversation ending with a user turn is answered."""
-    asked = "<|user|>What does the cat say?\n<|assistant|>"
-    inputs = [
-        'input="What does the cat say?"',
-        'input={messages: [{role: user, content: "What does the cat say?"}]}',
-    ]
-    printed = []
-    for number, given in enumerate(inputs):
-        args = [
-            *overrides(chat_dir),
-            "action=predict",
-            given,
-            "task.max_new_tokens=2",
-            f"output_dir={tmp_path / str(number)}",
-        ]
-        result = run_cli(args, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        (prediction,) = [
-            json.loads(line) for line in (tmp_path / str(number) / "predictions.jsonl").read_text().splitlines()
-        ]
-        assert prediction["text"] == asked
-        printed.append(prediction)
-    assert printed[0] == printed[1]
+    given = 'input=["What does the cat say?", {messages: [{role: user, content: "What does the cat say?"}]}]'
+    args = [*overrides(chat_dir), "action=predict", given, "task.max_new_tokens=2", f"output_dir={tmp_path}"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plain, conversation = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert plain["text"] == "<|user|>What does the cat say?\n<|assistant|>"
+    assert conversation == plain

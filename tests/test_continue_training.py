@@ -63,7 +63,7 @@ def test_a_continued_run_trains_the_adapter_further(peft_adapter: Path, tmp_path
     result = run_cli(
         [
             f"adapter={peft_adapter}",
-            "trainer.max_steps=2",
+            "trainer.max_steps=1",
             "predict_samples=0",
             "data.limit_val_examples=4",
             f"output_dir={tmp_path}",
@@ -94,9 +94,9 @@ def test_the_plan_is_the_adapters_and_settings_that_differ_are_refused(peft_adap
 
 
 def trained_then_continued(run: list[str], tmp_path: Path) -> tuple[dict, dict]:
-    """Train `run` for 2 steps, continue its adapter with the same overrides for a step that
+    """Train `run` for a step, continue its adapter with the same overrides for a step that
     moves nothing; the tensors saved by each."""
-    trained = run_cli([*run, "trainer.max_steps=2", f"output_dir={tmp_path / 'first'}"], tmp_path)
+    trained = run_cli([*run, "trainer.max_steps=1", f"output_dir={tmp_path / 'first'}"], tmp_path)
     assert trained.returncode == 0, trained.stderr
     adapter = tmp_path / "first" / "adapter"
     again = run_cli([*run, f"adapter={adapter}", *NO_STEP, f"output_dir={tmp_path / 'again'}"], tmp_path)
