@@ -91,8 +91,8 @@ def adapter_overrides(overrides: Sequence[str]) -> list[str]:
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     adapter = next((o.value() for o in parsed if o.key_or_group == "adapter"), None)
-    if adapter is None or any(o.key_or_group == "task" for o in parsed):
-        return list(overrides)
+    if adapter is None or not str(adapter).strip() or any(o.key_or_group == "task" for o in parsed):
+        return list(overrides)  # an empty path is refused by the spec's check, naming the key
     directory = adapter_files.adapter_directory(str(adapter))
     config = adapter_files.read_config(directory)
     task = tasks.for_task_type(config.get("task_type"), str(directory / adapter_files.CONFIG_NAME))

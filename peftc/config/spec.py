@@ -73,6 +73,11 @@ def mapping_of(value_type: type | tuple[type, ...], description: str) -> Check:
     return check
 
 
+def a_path(unset_means: str) -> Check:
+    """A file or directory path: an empty one would silently mean the current directory."""
+    return lambda v: None if v is None or str(v).strip() else f"is empty; give a path, or null for {unset_means}"
+
+
 def one_of(*choices: Any) -> Check:
     def check(v: Any) -> str | None:
         if v is None or v in choices:
@@ -178,6 +183,7 @@ class ModelSpec(SpecNode):
     name_or_path: str | None = param(
         None,
         "Local directory or hub id of a pretrained transformers model; null builds the model from `model_type` + `config`.",
+        a_path("a model built from `model_type` + `config`"),
     )
     model_type: str | None = param(
         None, "transformers model_type of a config-built model (llama, gpt2, bert, t5, ...)."
@@ -191,6 +197,7 @@ class ModelSpec(SpecNode):
     tokenizer: str | None = param(
         None,
         "Tokenizer directory or hub id; null means the model's own, or peftc's byte-level tokenizer for config-built models.",
+        a_path("the model's own"),
     )
     chat_template: str | None = param(
         None,
@@ -261,9 +268,12 @@ class DataSpec(SpecNode):
         None,
         "Path of a local JSONL/CSV file (source=jsonl|csv); for source=hf a data file, a save_to_disk "
         "directory, a directory of data files, or a hub dataset id (org/name; offline: the local cache).",
+        a_path("none (source=builtin)"),
     )
     val_path: str | None = param(
-        None, "Optional separate validation file (source=jsonl|csv); otherwise `val_fraction` of `path` is held out."
+        None,
+        "Optional separate validation file (source=jsonl|csv); otherwise `val_fraction` of `path` is held out.",
+        a_path("holding out val_fraction of `path`"),
     )
     split: str = param("train", "The split to train on (source=hf).")
     val_split: str | None = param(
@@ -459,7 +469,9 @@ class RunSpec(SpecNode):
     )
     dry_run: bool = param(False, "Print the plan and exit without loading weights.")
     output_dir: str | None = param(
-        None, "Where the run writes adapter/, plan.json and metrics; null: Hydra's run directory."
+        None,
+        "Where the run writes adapter/, plan.json and metrics; null: Hydra's run directory.",
+        a_path("Hydra's run directory"),
     )
     adapter_name: str = param("default", "Name of the adapter being trained (peft's default is 'default').")
     save_merged: bool = param(False, "Also write the merged model (adapter folded into the base) to merged/.")
@@ -471,6 +483,7 @@ class RunSpec(SpecNode):
     resume: str | None = param(
         None,
         "Continue training from a checkpoint: a .ckpt file or a run directory holding checkpoints/last.ckpt (same config only).",
+        a_path("a fresh run"),
     )
     action: str = param(
         "train",
@@ -481,10 +494,13 @@ class RunSpec(SpecNode):
     adapter: str | None = param(
         None,
         "Saved adapter directory (or hub id): for action=eval|predict|merge|export its base model, head and task are rebuilt from it; for action=train training continues from it (its method, settings and base model; the run's data and trainer). null: the plan's untrained adapter (eval, predict), or a fresh one (train).",
+        a_path("no saved adapter"),
     )
     input: Any = param(None, "What action=predict runs on: a text, a {field: value} mapping, or a list of them.")
     input_file: str | None = param(
-        None, "A .jsonl/.csv (task fields, data.columns applies) or .txt (one input per line) file for action=predict."
+        None,
+        "A .jsonl/.csv (task fields, data.columns applies) or .txt (one input per line) file for action=predict.",
+        a_path("no input file"),
     )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
