@@ -195,8 +195,8 @@ def plan_run(run: RunSpec, overrides: Sequence[str] = ()) -> Any:
     that does not fit is refused before the base model loads."""
     if run.action != "train" or run.adapter is None:
         return planner.plan(run)
-    plan = planner.plan(continued_run(run, overrides), strict_targets=False)
-    saved = read_saved(run.adapter)
+    continued, saved = _continuing(run, overrides)
+    plan = planner.plan(continued, strict_targets=False)
     report, _ = compare(saved.weights, plan, _without_peft_artifacts(plan, saved.header))
     if report:
         raise _strict_error(saved.weights, report)
@@ -212,6 +212,11 @@ def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
     is refused (an adapter peft saved records no quantization: `quant=` chooses one)."""
     if run.action != "train" or run.adapter is None:
         return run
+    return _continuing(run, overrides)[0]
+
+
+def _continuing(run: RunSpec, overrides: Sequence[str]) -> tuple[RunSpec, SavedAdapter]:
+    """`continued_run`, with the saved adapter it read (its header checks the plan next)."""
     saved = read_saved(run.adapter)
     if saved.task.task_type is not None and type(run.task) is not saved.task.schema:
         raise ConfigError(
@@ -233,7 +238,7 @@ def continued_run(run: RunSpec, overrides: Sequence[str] = ()) -> RunSpec:
                 f"differs from the adapter's, which a run continuing it (adapter={run.adapter}) keeps",
                 f"leave {part} settings out, or train a new adapter without adapter=",
             )
-    return run.replace(peft=saved.peft, model=model, quant=quant or run.quant)
+    return run.replace(peft=saved.peft, model=model, quant=quant or run.quant), saved
 
 
 def _same_setting(given: Any, saved: Any, path: Sequence[str]) -> bool:
