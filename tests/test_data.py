@@ -371,3 +371,21 @@ def test_prediction_inputs_from_a_tsv_file_read_its_tab_separated_columns(tmp_pa
     path.write_text("id\ttext\n1\thello, world\n2\tbye\n")
     rows = read_inputs(path, ("text",), {})
     assert [r["text"] for r in rows] == ["hello, world", "bye"]
+
+
+def test_a_prediction_text_file_not_in_utf8_is_one_data_error(tmp_path: Path) -> None:
+    from peftc.tasks.data import read_inputs
+
+    path = tmp_path / "inputs.txt"
+    path.write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"inputs.txt: is not UTF-8 text \(byte 3\)"):
+        read_inputs(path, ("text",), {})
+
+
+@pytest.mark.parametrize("key", ["data.path", "data.val_path"])
+def test_a_data_path_that_is_not_a_regular_file_is_refused_by_its_own_key(key: str, tmp_path: Path) -> None:
+    """/dev/null exists (it is not 'no such file') but has no rows; the error names the key that gave it."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"row {i}"} for i in range(4)])
+    paths = {"data.path": train, "data.val_path": train, key: "/dev/null"}
+    with pytest.raises(ConfigError, match=re.escape(f"{key}='/dev/null': is not a regular file")):
+        datasets(["data.source=jsonl", *(f"{k}={v}" for k, v in paths.items())])

@@ -69,7 +69,15 @@ def load_splits(
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
             val = list(
-                _select(_read(val_file, spec.source), fields, spec.columns or {}, str(val_file), check, optional, lists)
+                _select(
+                    _read(val_file, spec.source, key="data.val_path"),
+                    fields,
+                    spec.columns or {},
+                    str(val_file),
+                    check,
+                    optional,
+                    lists,
+                )
             )
             train = rows
         else:
@@ -135,17 +143,27 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) 
 
 def _read(path: Path, fmt: str, key: str = "data.path") -> list[dict[str, Any]]:
     if not path.is_file():
-        problem = "is a directory, not a file" if path.is_dir() else "no such file"
-        raise ConfigError(key, str(path), problem, "give an existing JSONL or CSV file")
+        raise ConfigError(key, str(path), _not_a_file(path), "give an existing JSONL or CSV file")
     try:
         rows = _read_rows(path, fmt)
     except UnicodeDecodeError as exc:
-        raise DataError(str(path), f"is not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from exc
+        raise _not_utf8(path, exc) from exc
     except csv.Error as exc:
         raise DataError(str(path), f"is not valid CSV ({exc})") from exc
     if not rows:
         raise DataError(str(path), "the file has no rows", "add examples or point data.path at another file")
     return rows
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path given as a data file is not one: /dev/null exists, but has no rows to read."""
+    if path.is_dir():
+        return "is a directory, not a file"
+    return "is not a regular file" if path.exists() else "no such file"
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    return DataError(str(path), f"is not UTF-8 text (byte {exc.start})", "save the file as UTF-8")
 
 
 def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -201,8 +219,11 @@ def read_inputs(
     path = Path(path).expanduser()
     if path.suffix.lower() == ".txt":
         if not path.is_file():
-            raise ConfigError("input_file", str(path), "no such file", "give an existing .txt, .jsonl or .csv file")
-        lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+            raise ConfigError("input_file", str(path), _not_a_file(path), "give an existing .txt, .jsonl or .csv file")
+        try:
+            lines = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
         if not lines:
             raise DataError(str(path), "the file has no rows", "write one input per line")
         if len(fields) != 1:
