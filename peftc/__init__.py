@@ -78,7 +78,7 @@ def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | No
         )
     check_spec(run)
     now = datetime.datetime.now()
-    target = Path(output_dir or run.output_dir or Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}")
+    target = Path(output_dir or run.output_dir or Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}").expanduser()
     check_output_dir(str(target))
     summary = execute(run, target)
     metrics = {k: v for k, v in summary.items() if isinstance(v, float) and k != "wall_time_s"}

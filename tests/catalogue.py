@@ -102,7 +102,10 @@ def file_tree(root: Path) -> dict[str, str]:
     tree = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
-        tree[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_symlink() and not path.exists():
+            tree[rel] = f"link to {path.readlink()}"  # a dangling link has no content to hash
+        else:
+            tree[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return tree
 
 

@@ -163,6 +163,17 @@ def write_file(name: str, content: str | bytes) -> Callable[[World], Path]:
     return setup
 
 
+def dangling_link(name: str) -> Callable[[World], Path]:
+    """A symbolic link in the world's inputs to a path that does not exist."""
+
+    def setup(world: World) -> Path:
+        path = world.inputs / name
+        path.symlink_to(world.inputs / "gone")
+        return path
+
+    return setup
+
+
 def user_config(group: str, name: str, text: str) -> Callable[[World], Path]:
     """A user config dir holding <group>/<name>.yaml (used with --config-dir)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,19 @@ def test_other_libraries_warnings_keep_their_display_naming_their_source(
     assert displayed == [("deprecated thing", "/site-packages/somelib/x.py", 7)]
     assert "warning: deprecated thing" not in capsys.readouterr().err
     assert warnings.showwarning is before
+
+
+def test_relative_and_home_paths_mean_what_the_checks_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """output_dir='~/run' is the home directory's run (not a directory named '~'), and with
+    hydra.job.chdir=true the job still reads relative paths from where peftc was started."""
+    seen: dict[str, str] = {}
+
+    def execute(run: object, output_dir: Path) -> dict:
+        seen.update(cwd=os.getcwd(), output_dir=str(output_dir))
+        return {"status": "planned"}
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("peftc.cli.run.execute", execute)
+    result = run_cli(["output_dir='~/run'", "hydra.job.chdir=true", f"hydra.run.dir={tmp_path}/hydra"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert seen == {"cwd": str(tmp_path), "output_dir": str(tmp_path / "home" / "run")}

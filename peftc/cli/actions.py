@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc import tasks
-from peftc.config.spec import RunSpec, plain
+from peftc.config.spec import RunSpec, plain, unusable_path
 from peftc.errors import ConfigError, DataError
 from peftc.files.run_dir import METRICS_FILE, PREDICTIONS_FILE
 
@@ -86,13 +86,20 @@ def adapter_overrides(overrides: Sequence[str]) -> list[str]:
     import dataclasses
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
+    from peftc.config.compose import compose_error
     from peftc.files import adapter_files
 
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise compose_error(exc) from exc
     adapter = next((o.value() for o in parsed if o.key_or_group == "adapter"), None)
-    if adapter is None or not str(adapter).strip() or any(o.key_or_group == "task" for o in parsed):
-        return list(overrides)  # an empty path is refused by the spec's check, naming the key
+    if adapter is None or not str(adapter).strip() or unusable_path(str(adapter)):
+        return list(overrides)  # the spec's check refuses the path, naming the key
+    if any(o.key_or_group == "task" for o in parsed):
+        return list(overrides)
     directory = adapter_files.adapter_directory(str(adapter))
     config = adapter_files.read_config(directory)
     task = tasks.for_task_type(config.get("task_type"), str(directory / adapter_files.CONFIG_NAME))

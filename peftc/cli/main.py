@@ -31,7 +31,7 @@ from peftc.config.compose import (
     to_spec,
 )
 from peftc.config.registry import import_registries
-from peftc.config.spec import RunSpec
+from peftc.config.spec import RunSpec, unusable_path
 from peftc.errors import ConfigError, PeftcError
 from peftc.installed import check_installed
 
@@ -268,23 +268,35 @@ def check_jobs(argv: list[str]) -> None:
             check_output_dir(valid[0].output_dir)
 
 
-def check_output_dir(output_dir: str) -> None:
-    """An output directory the run could not write, refused before anything loads."""
+def check_output_dir(output_dir: str, key: str = "output_dir") -> None:
+    """An output directory the run could not write (`key` names where it was set), refused
+    before anything loads."""
     path = Path(output_dir).expanduser()
-    limit = 255  # NAME_MAX of Linux filesystems
-    long_part = next((part for part in path.parts if len(part.encode()) > limit), None)
-    if long_part is not None:
-        raise ConfigError(
-            "output_dir", output_dir, f"has a name of {len(long_part.encode())} bytes; the filesystem allows {limit}",
-            "use a shorter directory name",
-        )  # fmt: skip
+    problem = unusable_path(str(path))
+    if problem is not None:
+        raise ConfigError(key, output_dir, problem, "use a shorter directory name")
     if path.exists() and not path.is_dir():
-        raise ConfigError("output_dir", output_dir, "is a file, not a directory", "give a directory path")
-    existing = next(p for p in (path, *path.parents) if p.exists())
+        raise ConfigError(key, output_dir, "is a file, not a directory", "give a directory path")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.exists():  # a symbolic link to nothing: no directory can be made through it
+        raise ConfigError(
+            key, output_dir, f"{existing} is a symbolic link to {os.readlink(existing)}, which does not exist",
+            f"create the link's target directory, or give another {key}",
+        )  # fmt: skip
     if not existing.is_dir() or not _can_create_in(existing):
         raise ConfigError(
-            "output_dir", output_dir, f"cannot be written ({existing} is not writable)", "choose a writable directory"
+            key, output_dir, f"cannot be written ({existing} is not writable)", "choose a writable directory"
         )
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Hydra creates its run directory (hydra.run.dir) before the job starts, whatever
+    output_dir says: one it could not make is refused as an output_dir is."""
+    from omegaconf import OmegaConf
+
+    run_dir = OmegaConf.select(cfg, "hydra.runtime.output_dir", throw_on_missing=False) if "hydra" in cfg else None
+    if run_dir:
+        check_output_dir(str(run_dir), key="hydra.run.dir")
 
 
 def _can_create_in(directory: Path) -> bool:
@@ -327,6 +339,8 @@ def check_job(
         try:
             with hydra_runtime(composition.config, job_num) as cfg:
                 spec = to_spec(cfg)
+            if job_num is None:
+                check_run_dir(composition.config)
             check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
         except ConfigError as exc:
             raise composition.naming_user_file(exc) from exc
@@ -391,6 +405,9 @@ def search_options(argv: list[str]) -> tuple[list[str], str]:
         flag, _, inline = arg.partition("=")
         value = inline if inline else (argv[index + 1] if index + 1 < len(argv) else "")
         if flag in ("--config-dir", "-cd", "--config-path", "-cp") and value:
+            if flag in ("--config-dir", "-cd") and "://" not in value and not os.path.isdir(value):
+                problem = "is not a directory" if os.path.lexists(value) else "no such directory"
+                raise ConfigError(flag, value, problem, "give the directory that holds your config YAML files")
             dirs.append(value if "://" in value else f"file://{os.path.abspath(value)}")
         elif flag in ("--config-name", "-cn") and value:
             config_name = value
@@ -444,8 +461,10 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> Any:
     recorded = RUN_OVERRIDES.set(tuple(hydra_cfg.overrides.task))  # checkpoints record them for resume=
     try:
         run = to_spec(cfg)
-        output_dir = Path(run.output_dir) if run.output_dir else run_dir
-        summary = execute(run, output_dir)
+        output_dir = Path(run.output_dir).expanduser() if run.output_dir else run_dir  # '~/runs' as the check read it
+        # The checks read relative paths from where peftc was started; hydra.job.chdir=true must not move them.
+        with contextlib.chdir(hydra_cfg.runtime.cwd):
+            summary = execute(run, output_dir)
         if single and run.dry_run:
             discard_unused_run_dir(run_dir)  # a dry run writes nothing
         return summary

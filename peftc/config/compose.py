@@ -52,6 +52,10 @@ def _override_parse_error(override: str, message: str) -> ConfigError:
     if "=" not in override:
         return ConfigError("override", override, "has no '='", _meant_by_word(override))
     detail = " ".join(line.strip() for line in message.splitlines() if line.strip() and not line.startswith("See "))
+    key, _, value = override.partition("=")
+    if any(c == "~" or not c.isascii() for c in value) and not value.startswith(("'", '"')):
+        # A home directory or a non-ASCII name: Hydra's grammar takes them only quoted.
+        return ConfigError("override", override, f"cannot be parsed: {detail}", f"quote the value: {key}='{value}'")
     return ConfigError("override", override, f"cannot be parsed: {detail}", _OVERRIDE_FORM)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,9 +74,34 @@ def mapping_of(value_type: type | tuple[type, ...], description: str) -> Check:
     return check
 
 
+NAME_MAX = 255  # bytes in one name of a path, on Linux filesystems
+PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included
+
+
+def unusable_path(path: str) -> str | None:
+    """Why the operating system cannot even look this path up (every lookup of it is an OSError,
+    'File name too long'), or None."""
+    long_name = next((name for name in path.split("/") if len(os.fsencode(name)) > NAME_MAX), None)
+    if long_name is not None:
+        return f"has a name of {len(os.fsencode(long_name))} bytes; the filesystem allows {NAME_MAX}"
+    if len(os.fsencode(path)) >= PATH_MAX:
+        return f"is {len(os.fsencode(path))} bytes long; the filesystem allows {PATH_MAX - 1}"
+    return None
+
+
 def a_path(unset_means: str) -> Check:
-    """A file or directory path: an empty one would silently mean the current directory."""
-    return lambda v: None if v is None or str(v).strip() else f"is empty; give a path, or null for {unset_means}"
+    """A file or directory path: an empty one would silently mean the current directory, and
+    one that cannot be looked up would fail wherever it is first read."""
+
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None
+        if not str(v).strip():
+            return f"is empty; give a path, or null for {unset_means}"
+        problem = unusable_path(str(v))
+        return f"{problem}; use a shorter name" if problem else None
+
+    return check
 
 
 def one_of(*choices: Any) -> Check:
