@@ -87,6 +87,7 @@ def run_command_line() -> None:
     try:
         refuse_pickle_flags(argv)
         refuse_dashed_overrides(argv)
+        refuse_missing_config_dirs(argv)
         check_search_path(*search_options(argv))  # before anything (Hydra's help included) composes
         argv = with_adapter_task(with_resumed_run(argv))
     except PeftcError as exc:
@@ -163,6 +164,17 @@ def refuse_dashed_overrides(argv: list[str]) -> None:
         raise ConfigError(
             "argument", arg, "is a flag; peftc takes Hydra overrides, without dashes", f"write {flag}={value}"
         )
+
+
+def refuse_missing_config_dirs(argv: list[str]) -> None:
+    """`--config-dir D` where D is not a directory: Hydra's answer would be exit status 1 and
+    its own warnings."""
+    for index, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        value = inline or (argv[index + 1] if index + 1 < len(argv) else "")
+        if flag in ("--config-dir", "-cd") and value and "://" not in value and not os.path.isdir(value):
+            problem = "is not a directory" if os.path.lexists(value) else "no such directory"
+            raise ConfigError(flag, value, problem, "give the directory that holds your config YAML files")
 
 
 def check_safety(argv: list[str]) -> None:
@@ -405,9 +417,6 @@ def search_options(argv: list[str]) -> tuple[list[str], str]:
         flag, _, inline = arg.partition("=")
         value = inline if inline else (argv[index + 1] if index + 1 < len(argv) else "")
         if flag in ("--config-dir", "-cd", "--config-path", "-cp") and value:
-            if flag in ("--config-dir", "-cd") and "://" not in value and not os.path.isdir(value):
-                problem = "is not a directory" if os.path.lexists(value) else "no such directory"
-                raise ConfigError(flag, value, problem, "give the directory that holds your config YAML files")
             dirs.append(value if "://" in value else f"file://{os.path.abspath(value)}")
         elif flag in ("--config-name", "-cn") and value:
             config_name = value
