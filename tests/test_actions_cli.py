@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from peftc.errors import ConfigError
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -120,6 +121,40 @@ def test_bad_action_input_is_one_message_and_exit_status_2(
     assert result.returncode == 2, result.stderr
     assert message.replace("ADAPTER", str(trained / "adapter")) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_input_file_is_refused_before_the_model_loads_or_a_run_directory_exists(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"text": "fine"}\n{"txt": "a typo in the field name"}\n')
+
+    def load(run: object) -> None:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("peftc.cli.actions._model_and_run", load)
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        ["action=predict", f"adapter={trained / 'adapter'}", f"input_file={inputs}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{inputs}" in result.stderr and "row 2" in result.stderr and "'text'" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_an_action_reads_its_inputs_before_it_loads_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also where no preflight runs first (a sweep's job, the Python API)."""
+    from peftc.cli.actions import run_action
+    from peftc.config.compose import compose, to_spec
+
+    def load(run: object) -> None:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("peftc.cli.actions._model_and_run", load)
+    run = to_spec(compose(["action=predict", "input={txt: hello}"]))
+    with pytest.raises(ConfigError, match="input 1 has no 'text'"):
+        run_action(run, tmp_path / "out")
 
 
 def test_a_bad_label_in_user_data_stops_the_run_with_file_and_row(tmp_path: Path) -> None:

@@ -26,6 +26,9 @@ def run_action(run: RunSpec, output_dir: Path) -> dict[str, Any]:
 
     from peftc.planning.model_source import load_tokenizer
 
+    # Inputs to predict on are read first: a bad row or file is refused before the model loads
+    # (the task, and the data format that shapes the rows, are the adapter's since compose).
+    rows = input_rows(run, tasks.for_spec(run.task)) if run.action == "predict" else []
     model, run = _model_and_run(run)
     if run.action in ("merge", "export"):
         from peftc.cli import export
@@ -37,7 +40,7 @@ def run_action(run: RunSpec, output_dir: Path) -> dict[str, Any]:
     with torch.no_grad():
         if run.action == "eval":
             return _evaluate(model, task, run, tokenizer, output_dir)
-        return _predict(model, task, run, tokenizer, output_dir)
+        return _predict(model, task, rows, tokenizer, run, output_dir)
 
 
 def _model_and_run(run: RunSpec) -> tuple[Any, RunSpec]:
@@ -206,8 +209,9 @@ def evaluate(model: Any, task: Any, examples: Sequence[Any], tokenizer: Any, run
     return {k: float(v) for k, v in task.metrics(totals).items()}
 
 
-def _predict(model: Any, task: Any, run: RunSpec, tokenizer: Any, output_dir: Path) -> dict[str, Any]:
-    rows = input_rows(run, task)
+def _predict(
+    model: Any, task: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec, output_dir: Path
+) -> dict[str, Any]:
     predictions = predict_rows(model, task, rows, tokenizer, run)
     path = write_predictions(output_dir, predictions)
     for prediction in predictions:

@@ -270,6 +270,11 @@ def check_jobs(argv: list[str]) -> None:
             if multirun:
                 job.error.args = (f"sweep job ({' '.join(job.overrides) or 'defaults'}): {job.error}",)
             raise job.error
+    if not multirun and valid and valid[0].action == "predict":
+        from peftc import tasks
+        from peftc.cli.actions import input_rows
+
+        input_rows(valid[0], tasks.for_spec(valid[0].task))  # a bad input file, before Hydra's run directory
     if not multirun and valid and valid[0].action == "train":
         # A plan error, found before Hydra creates a run directory, leaves nothing behind. (In a
         # sweep it stays the job's row of the summary, and the sweep goes on.)
