@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import pickle
+import shutil
 import stat
 import threading
 import warnings
@@ -229,6 +230,21 @@ def test_a_missing_local_directory_is_never_looked_up_on_the_hub(
     with pytest.raises(peftc.AdapterFileError, match="runs/adaptr: no such adapter directory"):
         peftc.load_adapter(copy.deepcopy(base), "runs/adaptr")
     assert asked == []
+
+
+def test_a_run_directory_given_as_the_adapter_points_at_its_adapter(trained, tmp_path: Path) -> None:
+    """`adapter=RUN` where RUN/adapter is meant; a run with checkpoints only is resumed instead."""
+    plan, base, good = trained
+    run = tmp_path / "run"
+    shutil.copytree(good, run / "adapter")
+    with pytest.raises(peftc.AdapterFileError, match=f"this is a run directory; its adapter is {run / 'adapter'}$"):
+        peftc.load_adapter(copy.deepcopy(base), run)
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    with pytest.raises(
+        peftc.AdapterFileError, match=f"has checkpoints but no adapter yet; continue it with resume={interrupted}$"
+    ):
+        peftc.load_adapter(copy.deepcopy(base), interrupted)
 
 
 # ------------------------------------------------------------------------------ atomic writes

@@ -24,7 +24,8 @@ def resume_overrides(overrides: Sequence[str]) -> list[str]:
     if value in (None, "", "null") or unusable_path(value.strip("'\"")):
         return list(overrides)  # the spec's check refuses an unusable path, naming the key
     from peftc.cli.actions import hydra_value
-    from peftc.files.checkpoints import CHECKPOINT_DIR, find_checkpoint
+    from peftc.files.checkpoints import find_checkpoint
+    from peftc.files.run_dir import CHECKPOINT_DIR
 
     try:
         checkpoint = find_checkpoint(value.strip("'\""))

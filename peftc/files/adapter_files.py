@@ -123,16 +123,23 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise AdapterFileError(str(directory), "no such adapter directory")
     if not path.is_file():
-        raise AdapterFileError(
-            str(path),
-            "missing",
-            "an adapter directory holds adapter_config.json and adapter_model.safetensors",
-        )
+        raise AdapterFileError(str(path), "missing", _what_directory_this_is(Path(directory)))
     config = read_json_object(path)
     refuse_code(config, str(path))
     if "peft_type" not in config:
         raise AdapterFileError(str(path), "has no 'peft_type'", "it is required to know which method wrote the adapter")
     return config
+
+
+def _what_directory_this_is(directory: Path) -> str:
+    """The hint for a directory without adapter_config.json: a run directory names its adapter."""
+    from peftc.files.run_dir import ADAPTER_DIR, CHECKPOINT_DIR
+
+    if (directory / ADAPTER_DIR / CONFIG_NAME).is_file():
+        return f"this is a run directory; its adapter is {directory / ADAPTER_DIR}"
+    if (directory / CHECKPOINT_DIR).is_dir():
+        return "this run directory has checkpoints but no adapter yet; continue it with resume=" + str(directory)
+    return "an adapter directory holds adapter_config.json and adapter_model.safetensors"
 
 
 def weights_path(directory: str | os.PathLike[str]) -> Path:

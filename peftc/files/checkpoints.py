@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from peftc.errors import ConfigError
 from peftc.files.atomic import write_file_atomic
+from peftc.files.run_dir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 # What a resumed run may change: how long it trains, how it reports and where, not what it trains.
 RESUMABLE_CHANGES = frozenset(
