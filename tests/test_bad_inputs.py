@@ -221,6 +221,10 @@ CASES = [
     Bad("adapter-name-prefix", "override", cli("adapter_name=lora"), ConfigError, "is reserved"),
     Bad("adapter-name-module", "override", cli("adapter_name=mlp"), PlanError, "is also a module name"),
     Bad("model-hf-no-path", "override", cli("model=hf"), ConfigError, "no model given"),
+    Bad("model-path-a-file", "override", cli("model=hf", "model.name_or_path={input}"), ConfigError,
+        "model.name_or_path='{input}': is a file, not a directory", write_file("model.safetensors", "x")),
+    Bad("tokenizer-path-a-file", "override", cli("model.tokenizer={input}"), ConfigError,
+        "model.tokenizer='{input}': is a file, not a directory", write_file("tokenizer.json", "{}")),
     # options of methods and tasks added by other issues
     Bad("prompt-zero-tokens", "override", cli("peft=prompt_tuning", "peft.num_virtual_tokens=0"), ConfigError,
         "must be >= 1"),

@@ -125,7 +125,7 @@ def _resolve_source(model: ModelSpec) -> str:
         raise ConfigError(
             "model.name_or_path",
             model.name_or_path,
-            "no such directory",
+            _not_a_directory(source),
             "give an existing local model directory, or a hub id like 'org/name'",
         )
     if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(source):
@@ -338,13 +338,18 @@ def tokenizer_source(model: ModelSpec) -> str:
 _VOCABULARY_FILES = ("vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
+def _not_a_directory(path: str) -> str:
+    """Why a path given as a model or tokenizer directory is not one (a file's path exists)."""
+    return "is a file, not a directory" if os.path.exists(path) else "no such directory"
+
+
 def check_tokenizer(model: ModelSpec, vocab_size: int | None) -> None:
     """Before anything loads: the tokenizer exists and its token ids fit the model's embeddings
     (reads tokenizer.json or vocab.txt only; a hub id is not checked here)."""
     source = tokenizer_source(model)
     if not os.path.isdir(source):
         if model.tokenizer is not None and source.startswith(("/", ".", "~")):
-            raise ConfigError("model.tokenizer", model.tokenizer, "no such directory", "give a tokenizer directory")
+            raise ConfigError("model.tokenizer", model.tokenizer, _not_a_directory(source), "give a tokenizer directory")
         return
     key, value = (
         ("model.tokenizer", model.tokenizer)
