@@ -349,7 +349,9 @@ def check_tokenizer(model: ModelSpec, vocab_size: int | None) -> None:
     source = tokenizer_source(model)
     if not os.path.isdir(source):
         if model.tokenizer is not None and source.startswith(("/", ".", "~")):
-            raise ConfigError("model.tokenizer", model.tokenizer, _not_a_directory(source), "give a tokenizer directory")
+            raise ConfigError(
+                "model.tokenizer", model.tokenizer, _not_a_directory(source), "give a tokenizer directory"
+            )
         return
     key, value = (
         ("model.tokenizer", model.tokenizer)
