@@ -181,6 +181,8 @@ CASES = [
         "is a symbolic link to", dangling_link("runs")),
     Bad("hydra-run-dir-a-file", "write", cli_entry("hydra.run.dir={input}", "dry_run=true"), ConfigError,
         "hydra.run.dir='{input}': is a file, not a directory", write_file("notadir", "x")),
+    Bad("hydra-sweep-dir-a-file", "write", cli_entry("-m", "peft.r=4,8", "hydra.sweep.dir={input}", "trainer.max_steps=1"),
+        ConfigError, "hydra.sweep.dir='{input}': is a file, not a directory", write_file("notadir", "x")),
     # Paths the operating system cannot look up (an OSError at first use), refused by the key that gave them
     Bad("adapter-name-too-long", "override", cli_entry("adapter=" + "x" * 300, "dry_run=true"), ConfigError,
         "has a name of 300 bytes; the filesystem allows 255"),

@@ -306,14 +306,16 @@ def check_output_dir(output_dir: str, key: str = "output_dir") -> None:
         )
 
 
-def check_run_dir(cfg: DictConfig) -> None:
-    """Hydra creates its run directory (hydra.run.dir) before the job starts, whatever
-    output_dir says: one it could not make is refused as an output_dir is."""
+def check_run_dir(cfg: DictConfig, *, sweep: bool = False) -> None:
+    """Hydra creates its run directory (hydra.run.dir), or a sweep's (hydra.sweep.dir), before
+    any job starts, whatever output_dir says: one it could not make is refused as an output_dir is."""
     from omegaconf import OmegaConf
 
-    run_dir = OmegaConf.select(cfg, "hydra.runtime.output_dir", throw_on_missing=False) if "hydra" in cfg else None
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    where = key if sweep else "hydra.runtime.output_dir"
+    run_dir = OmegaConf.select(cfg, where, throw_on_missing=False) if "hydra" in cfg else None
     if run_dir:
-        check_output_dir(str(run_dir), key="hydra.run.dir")
+        check_output_dir(str(run_dir), key=key)
 
 
 def _can_create_in(directory: Path) -> bool:
@@ -356,8 +358,7 @@ def check_job(
         try:
             with hydra_runtime(composition.config, job_num) as cfg:
                 spec = to_spec(cfg)
-            if job_num is None:
-                check_run_dir(composition.config)
+            check_run_dir(composition.config, sweep=job_num is not None)
             check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
         except ConfigError as exc:
             raise composition.naming_user_file(exc) from exc
