@@ -141,3 +141,19 @@ def test_a_chat_adapter_predicts_from_a_conversation_or_a_plain_question(chat_di
     plain, conversation = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert plain["text"] == "<|user|>What does the cat say?\n<|assistant|>"
     assert conversation == plain
+
+
+def test_train_on_prompt_trains_every_token_of_the_conversation(chat_dir: Path) -> None:
+    plan = peftc.compile(overrides(chat_dir, "task.packing=false", "task.train_on_prompt=true"))
+    train, _ = tasks.get(plan.task).datasets(plan.spec, load_tokenizer(plan.spec.model))
+    assert all(example["labels"] == example["input_ids"] for example in train)
+
+
+def test_the_prompt_of_an_answered_conversation_leaves_out_its_last_answer(chat_dir: Path) -> None:
+    """A validation conversation ends with the answer the model is to give: the sample prompt stops before it."""
+    from peftc.tasks.chat import prompt_text
+
+    tokenizer = load_tokenizer(peftc.compile(overrides(chat_dir)).spec.model)
+    assert prompt_text(conversation(0)["messages"], tokenizer) == (
+        "<|user|>What does the cat say?\n<|assistant|>The cat says hello.\n<|user|>Again?\n<|assistant|>"
+    )

@@ -389,3 +389,36 @@ def test_a_data_path_that_is_not_a_regular_file_is_refused_by_its_own_key(key: s
     paths = {"data.path": train, "data.val_path": train, key: "/dev/null"}
     with pytest.raises(ConfigError, match=re.escape(f"{key}='/dev/null': is not a regular file")):
         datasets(["data.source=jsonl", *(f"{k}={v}" for k, v in paths.items())])
+
+
+def test_a_validation_file_is_read_with_the_training_files_column_mapping(tmp_path: Path) -> None:
+    from peftc.tasks.data import load_splits
+
+    rows = [{"review": f"text {i}", "stars": ["bad", "good"][i % 2]} for i in range(4)]
+    train_file, val_file = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "val.jsonl", rows[:2])
+    overrides = [
+        "data.source=jsonl",
+        f"data.path={train_file}",
+        f"data.val_path={val_file}",
+        "data.limit_val_examples=2",
+    ]
+    spec = to_spec(compose([*overrides, "data.columns={text: review, label: stars}"])).data
+    train, val = load_splits(spec, ("text", "label"))
+    assert len(train) == 4
+    assert val == [{"text": "text 0", "label": "bad"}, {"text": "text 1", "label": "good"}]
+
+
+def test_prediction_inputs_take_the_input_columns_of_a_mapping_that_also_names_targets(tmp_path: Path) -> None:
+    """The run's data.columns maps the label too; a file to predict on has no label column."""
+    from peftc.tasks.data import read_inputs
+
+    path = write_jsonl(tmp_path / "inputs.jsonl", [{"review": "great"}])
+    assert read_inputs(path, ("text",), {"text": "review", "label": "stars"}) == [{"text": "great"}]
+
+
+def test_unpacked_documents_keep_their_first_max_length_tokens(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "abcdefghijkl"}])
+    run = ["task=causal_lm", "model=tiny_llama", "data.source=jsonl", f"data.path={path}", "data.val_fraction=0"]
+    train, _ = datasets([*run, "data.max_length=8", "task.packing=false"])
+    tokenizer = load_tokenizer(to_spec(compose(["model=tiny_llama"])).model)
+    assert tokenizer.decode(train[0]["input_ids"]) == "abcdefgh"

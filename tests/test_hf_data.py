@@ -137,3 +137,11 @@ def test_a_missing_datasets_package_is_named_at_compile_time(monkeypatch: pytest
         match=r"data.source='hf': .*datasets package, which is not installed; pip install 'peftc\[datasets\]'",
     ):
         peftc.compile(["data.source=hf", f"data.path={parquet}", "dry_run=true"])
+
+
+def test_a_saved_single_dataset_is_the_train_split(tmp_path: Path) -> None:
+    """Dataset.save_to_disk (not a DatasetDict) writes one unnamed split: it is data.split=train."""
+    saved = tmp_path / "saved"
+    Dataset.from_list(pairs(8)).save_to_disk(str(saved))
+    train, val = splits(f"data.path={saved}", "data.val_fraction=0.25")
+    assert (len(train), len(val)) == (6, 2)

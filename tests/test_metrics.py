@@ -60,6 +60,28 @@ def test_seq_cls_metrics_from_logits() -> None:
     assert metrics == pytest.approx({"val_accuracy": 0.75, "val_macro_f1": (2 / 3 + 4 / 5) / 2})
 
 
+def test_seq_cls_predicts_the_most_probable_label_with_each_rows_probabilities() -> None:
+    from peftc.config.compose import compose, to_spec
+    from peftc.planning.model_source import load_tokenizer
+
+    run = to_spec(compose(["task=seq_cls", "model=tiny_bert", "task.labels=[negative,positive]"]))
+    task = tasks.get("seq_cls")
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+            return type("Out", (), {"logits": torch.tensor([[0.0, 2.0], [1.0, 0.0]])})()
+
+    predictions = task.predict(Fixed(), [{"text": "good"}, {"text": "bad"}], load_tokenizer(run.model), run)
+    assert [p["label"] for p in predictions] == ["positive", "negative"]
+    assert predictions[0]["scores"] == pytest.approx(
+        {"negative": 1 / (1 + math.e**2), "positive": 1 / (1 + math.e**-2)}
+    )
+
+
 def test_seq2seq_perplexity_is_exp_of_mean_target_token_loss() -> None:
     task = tasks.get("seq2seq_lm")
     vocab = 5
@@ -130,12 +152,45 @@ def test_seq2seq_loss_is_the_same_with_targets_of_other_lengths_in_the_batch() -
     assert together["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-5)
 
 
+def test_seq2seq_targets_are_cut_at_max_target_length_and_sources_at_max_length() -> None:
+    from peftc.config.compose import compose, to_spec
+    from peftc.planning.model_source import load_tokenizer
+
+    run = to_spec(compose(["task=seq2seq_lm", "model=tiny_t5", "task.max_target_length=6", "data.max_length=10"]))
+    row = {"source": "a source longer than ten tokens", "target": "a target longer than six tokens"}
+    [example] = tasks.get("seq2seq_lm").encode([row], run, load_tokenizer(run.model))
+    assert (len(example["input_ids"]), len(example["labels"])) == (10, 6)
+
+
+def test_causal_lm_loss_from_full_logits_counts_only_the_labelled_next_tokens() -> None:
+    """A model whose head the chunked loss cannot use (here it exposes none) is scored from its
+    logits: positions 0..T-2 predict labels 1..T-1 and an ignored label is neither summed nor counted."""
+    from peftc.tasks.lm_loss import next_token_loss
+
+    logits = torch.log_softmax(torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(2)), -1)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, **_: object) -> object:
+            return type("Out", (), {"logits": logits})()
+
+    labels = torch.tensor([[1, 2, IGNORE_INDEX, 3]])
+    total, tokens = next_token_loss(Fixed(), {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": labels})
+    assert tokens.item() == 2
+    assert total.item() == pytest.approx(-(logits[0, 0, 2] + logits[0, 2, 3]).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("positive", 1), ("negative", 0), (1, 1), ("0", 0), (2, None), ("neutral", None), (True, None), (-1, None)],
 )
 def test_labels_are_names_or_indices(value: object, expected: int | None) -> None:
     assert label_index(value, ["negative", "positive"]) == expected
+
+
+def test_a_label_set_of_digit_names_reads_data_labels_as_names_first() -> None:
+    """Star ratings, task.labels=[1,2,3,4,5]: the data's '1' is the label named '1' (class 0) and
+    5 is the label named '5' (class 4), not an index past the label set."""
+    assert [label_index(value, ["1", "2", "3", "4", "5"]) for value in ("1", 1, "5", 5)] == [0, 0, 4, 4]
 
 
 # ------------------------------------------------------------------------ question answering
@@ -186,6 +241,56 @@ def test_answer_character_span_maps_to_its_tokens() -> None:
     assert token_span(adjacent, [False, False, False, True, True, False], 12, 13) == (4, 4)
 
 
+def qa_run(*overrides: str) -> tuple[object, object]:
+    from peftc.config.compose import compose, to_spec
+    from peftc.planning.model_source import load_tokenizer
+
+    run = to_spec(compose(["task=question_ans", "model=tiny_bert", *overrides]))
+    return run, load_tokenizer(run.model)
+
+
+def test_the_gold_span_is_the_answers_first_occurrence_in_the_context() -> None:
+    run, tokenizer = qa_run()
+    [example] = tasks.get("question_ans").encode(
+        [{"question": "Who came?", "context": "Ann met Ann.", "answer": "Ann"}], run, tokenizer
+    )
+    start, end, offsets = example["start_positions"], example["end_positions"], example["offsets"]
+    assert (offsets[start][0], offsets[end][1]) == (0, 3)
+    assert tokenizer.decode(example["input_ids"][start : end + 1]) == "Ann"  # context tokens, not the question's
+    assert sum(example["context_mask"]) == len("Ann met Ann.")  # one byte token per character
+
+
+def test_truncation_cuts_the_context_and_keeps_the_whole_question() -> None:
+    run, tokenizer = qa_run("data.max_length=48")
+    question = "Who wrote the letter to the queen?"
+    [example] = tasks.get("question_ans").encode([{"question": question, "context": "word " * 60}], run, tokenizer)
+    assert len(example["input_ids"]) == 48 and question in tokenizer.decode(example["input_ids"])
+
+
+def test_the_predicted_answer_is_the_context_text_of_the_best_span() -> None:
+    """Prediction maps the best token span back to characters: its first token's start to its
+    last token's end."""
+    run, tokenizer = qa_run()
+    task = tasks.get("question_ans")
+    row = {"question": "Who came?", "context": "Then Ann met Bob."}
+    [example] = task.encode([row], run, tokenizer)
+    first = next(i for i, (m, o) in enumerate(zip(example["context_mask"], example["offsets"])) if m and o[0] == 5)
+    last = next(i for i, (m, o) in enumerate(zip(example["context_mask"], example["offsets"])) if m and o[1] == 8)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+            start, end = torch.zeros(input_ids.shape), torch.zeros(input_ids.shape)
+            start[:, first], end[:, last] = 5.0, 5.0
+            return type("Out", (), {"start_logits": start, "end_logits": end})()
+
+    [prediction] = task.predict(Fixed(), [row], tokenizer, run)
+    assert (prediction["answer"], prediction["start"], prediction["end"]) == ("Ann", 5, 8)
+
+
 # ------------------------------------------------------------------------- token classification
 def test_each_word_is_labelled_at_its_first_token() -> None:
     from peftc.tasks.token_cls import first_tokens
@@ -208,6 +313,57 @@ def test_token_cls_metrics_count_only_labelled_tokens() -> None:
     metrics = task.metrics(summed(task.validation_stats(Fixed(), {"input_ids": torch.zeros(1, 4), "labels": labels})))
     # labelled: (0->0), (0->1), (1->1): 2 of 3; class 0: TP1 FN1 -> 2/3; class 1: TP1 FP1 -> 2/3
     assert metrics == pytest.approx({"val_accuracy": 2 / 3, "val_macro_f1": 2 / 3})
+
+
+def test_a_token_that_carries_its_words_leading_space_labels_that_word() -> None:
+    """Byte-level BPE tokenizers whose offsets keep the leading space (GPT-2, Llama 3 and Qwen:
+    trim_offsets=false) give 'Ġred' the span of ' red': it is still the first token of 'red'."""
+    from peftc.tasks.token_cls import first_tokens
+
+    assert first_tokens(["the", "red", "fox"], [(0, 3), (3, 7), (7, 11)]) == [0, 1, 2]
+    assert first_tokens(["the", "red", "fox"], [(0, 0), (0, 3), (3, 5), (5, 7), (7, 11), (0, 0)]) == [1, 2, 4]
+
+
+def test_token_cls_padding_carries_no_label() -> None:
+    from peftc.config.compose import compose, to_spec
+    from peftc.planning.model_source import load_tokenizer
+
+    tokenizer = load_tokenizer(to_spec(compose(["model=tiny_llama"])).model)
+    examples = [
+        {"input_ids": [1, 5, 6], "labels": [IGNORE_INDEX, 1, 0]},
+        {"input_ids": [1, 5], "labels": [IGNORE_INDEX, 1]},
+    ]
+    batch = tasks.get("token_cls").collate(examples, tokenizer, pad_to=4)
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, 1, 0, IGNORE_INDEX],
+        [IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX],
+    ]
+
+
+def test_each_words_tag_labels_its_first_token_and_every_other_token_is_ignored() -> None:
+    from peftc.config.compose import compose, to_spec
+    from peftc.planning.model_source import load_tokenizer
+
+    run = to_spec(compose(["task=token_cls", "model=tiny_bert", "task.labels=[O,PER]"]))
+    row = {"tokens": ["Ann", "met", "Bob"], "tags": ["PER", "O", "PER"]}
+    [example] = tasks.get("token_cls").encode([row], run, load_tokenizer(run.model))
+    ignored = IGNORE_INDEX
+    # byte tokens: <s> A n n ' ' m e t ' ' B o b </s>
+    assert example["labels"] == [
+        ignored,
+        1,
+        ignored,
+        ignored,
+        ignored,
+        0,
+        ignored,
+        ignored,
+        ignored,
+        1,
+        ignored,
+        ignored,
+        ignored,
+    ]
 
 
 # --------------------------------------------------------------------------- feature extraction

@@ -104,3 +104,31 @@ def test_the_built_in_instructions_are_prompt_response_rows() -> None:
     for block in train[:3]:
         trained = tokenizer.decode([t for t in block["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
         assert "Question:" not in trained and trained.startswith(" ") and trained.rstrip().endswith(".")
+
+
+def test_truncation_keeps_the_start_of_each_example(qa_file: Path) -> None:
+    """An example longer than data.max_length loses the end of its response, never its prompt."""
+    train, _, tokenizer = examples(qa_file, "task.packing=false", "data.max_length=32")
+    for example in train:
+        text = tokenizer.decode(example["input_ids"])
+        assert any((row["prompt"] + row["response"]).startswith(text) for row in ROWS), text
+
+
+def test_an_example_whose_prompt_fills_max_length_is_named(qa_file: Path) -> None:
+    """Its response is cut off entirely: nothing to learn from, which the run says instead of training on nothing."""
+    with pytest.raises(peftc.DataError, match=r"\(train split, example 1\): has no token to learn from within"):
+        examples(qa_file, "task.packing=false", "data.max_length=16")
+
+
+def test_padding_of_examples_that_carry_their_own_labels_is_never_a_target() -> None:
+    task = tasks.get("causal_lm")
+    tokenizer = load_tokenizer(peftc.compile([]).spec.model)
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+        {"input_ids": [8, 9], "labels": [IGNORE_INDEX, 9]},
+    ]
+    batch = task.collate(examples, tokenizer, pad_to=4)
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
+        [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX],
+    ]

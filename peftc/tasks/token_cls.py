@@ -126,7 +126,8 @@ class TokenCls(LabelledTask):
 
 
 def first_tokens(tokens: Sequence[str], offsets: Sequence[tuple[int, int]]) -> list[int | None]:
-    """For each word of `' '.join(tokens)`, the index of the first token that starts inside it."""
+    """For each word of `' '.join(tokens)`, the index of the first token that overlaps it (a
+    byte-level BPE token such as GPT-2's 'Ġred' may carry the space before its word: ' red')."""
     spans, start = [], 0
     for token in tokens:
         spans.append((start, start + len(token)))
@@ -138,6 +139,6 @@ def first_tokens(tokens: Sequence[str], offsets: Sequence[tuple[int, int]]) -> l
             continue
         while word < len(spans) and begin >= spans[word][1]:
             word += 1
-        if word < len(spans) and spans[word][0] <= begin and firsts[word] is None:
+        if word < len(spans) and spans[word][0] < end and firsts[word] is None:
             firsts[word] = position
     return firsts
