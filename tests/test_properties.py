@@ -40,7 +40,9 @@ def schema_keys() -> list[str]:
     keys += [
         name for name, _, _ in describe(RunSpec) if name not in ("peft", "task", "quant", "model", "data", "trainer")
     ]
-    return keys
+    # the groups themselves (an option by name) and the nested budget node, which a scalar or an
+    # interpolation may be written over
+    return [*keys, "peft", "task", "quant", "model", "data", "trainer", "budget"]
 
 
 NAME = st.text(alphabet=string.ascii_letters + "_", min_size=1, max_size=6)
@@ -50,7 +52,7 @@ SCALAR = st.one_of(
     st.integers(-(10**12), 10**12),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=10),
-    st.sampled_from(["q_proj", "all-linear", ".*", "(", "${seed}", "${oc.env:HOME}", "_target_", "lora"]),
+    st.sampled_from(["q_proj", "all-linear", ".*", "(", "${seed}", "${trainer}", "${oc.env:HOME}", "_target_", "lora"]),
 )
 VALUE = st.one_of(
     SCALAR,

@@ -185,6 +185,8 @@ _OPTION_ELSEWHERE = {
     ("quant", "4bit"): "4-bit is quant=bnb_nf4 (QLoRA's), bnb_fp4 or quanto_int4",
     ("quant", "load_in_4bit"): "4-bit is quant=bnb_nf4 (QLoRA's), bnb_fp4 or quanto_int4",
     ("quant", "nf4"): "NF4 is quant=bnb_nf4",
+    ("quant", "null"): "no quantization is quant=none",
+    ("quant", "false"): "no quantization is quant=none",
     ("quant", "8bit"): "8-bit is quant=bnb_int8, quanto_int8 or torchao_int8",
     ("quant", "load_in_8bit"): "8-bit is quant=bnb_int8, quanto_int8 or torchao_int8",
 }
@@ -228,6 +230,8 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME, wi
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base=VERSION_BASE):
             _add_config_dirs(searchpath_dirs(overrides))
+            groups = set(GlobalHydra.instance().config_loader().list_groups(""))
+            overrides = [option_by_name(o, groups) for o in overrides]
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as exc:
         raise compose_error(exc, searchpath_dirs(overrides)) from exc
@@ -236,6 +240,25 @@ def compose(overrides: Sequence[str] = (), *, config_name: str = CONFIG_NAME, wi
     finally:
         if backup is not None:
             restore_gh_from_backup(backup)
+
+
+def option_by_name(override: str, groups: set[str]) -> str:
+    """`model=1`, `quant=null`: a group's option given as a number, a boolean or null is read as
+    the option's name (Hydra's parser types the value and then fails with a ValueError), so that
+    a name no option has is answered with the options there are."""
+    key, equals, value = override.partition("=")
+    if not equals or key.lstrip("+~") not in groups or value.startswith(("'", '"')):
+        return override
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+    except HydraException:
+        return override  # Hydra's own parse error, translated where it is raised
+    if parsed.is_sweep_override() or isinstance(parsed.value(), str):
+        return override
+    return f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
 
 
 @contextlib.contextmanager
@@ -353,10 +376,55 @@ def _add_config_dirs(dirs: Sequence[str]) -> None:
     loader.repository = ConfigRepository(config_search_path=loader.get_search_path())  # built from the path once
 
 
+def refuse_interpolated_nodes(cfg: DictConfig) -> None:
+    """An interpolation must give what its key holds. OmegaConf lets `budget=${seed}` stand for
+    a node of settings and `peft.rank_pattern=${trainer}` put a node where a value belongs, and
+    the spec would then hold a number where its settings belong (or the reverse). Named here,
+    with the text as written."""
+    for f in dataclasses.fields(RunSpec):
+        if f.name in cfg:
+            _check_interpolations(cfg, f.name, f.name)
+
+
+def _check_interpolations(parent: Any, key: Any, full_key: str) -> None:
+    from omegaconf import Container, DictConfig
+
+    node = parent._get_node(key)
+    if node._is_interpolation():
+        try:
+            target = node._maybe_dereference_node()
+        except Exception:  # noqa: BLE001 - a missing key or refused resolver is reported by to_spec
+            return
+        holds_node, gives_node = isinstance(node, Container), isinstance(target, Container)
+        same_kind = type(node) is type(target) if holds_node and gives_node else holds_node == gives_node
+        schema = node._metadata.ref_type if isinstance(node, DictConfig) else None  # e.g. BudgetSpec
+        if same_kind and isinstance(schema, type) and dataclasses.is_dataclass(schema):
+            same_kind = target._metadata.object_type is schema
+        if not same_kind:
+            raise ConfigError(
+                full_key, node._value(), f"holds {_kind(node)}; the interpolation gives {_kind(target)}",
+                "give the value itself, or interpolate a key of the same kind",
+            )  # fmt: skip
+    elif isinstance(node, Container):
+        for child in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            _check_interpolations(node, child, f"{full_key}.{child}")
+
+
+def _kind(node: Any) -> str:
+    from omegaconf import AnyNode, DictConfig, ListConfig
+
+    if isinstance(node, ListConfig):
+        return "a list"
+    if isinstance(node, DictConfig):
+        return f"a group of settings ({node._get_full_key(None)}.*)"
+    return "a value" if isinstance(node, AnyNode) else "a single value"
+
+
 def to_spec(cfg: DictConfig) -> RunSpec:
     """Convert a composed config into a sealed RunSpec and run every semantic check."""
     check_config(cfg)
     reject_unknown_keys(cfg, RunSpec, "")
+    refuse_interpolated_nodes(cfg)
     with guarded_resolvers() as refused:
         try:
             spec = OmegaConf.to_object(cfg)

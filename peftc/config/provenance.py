@@ -23,6 +23,7 @@ from peftc.config.compose import (
     CONFIG_NAME,
     check_search_path,
     compose_error,
+    option_by_name,
     searchpath_dirs,
     yaml_error,
 )
@@ -79,6 +80,8 @@ def compose_with_sources(overrides: Sequence[str], config_name: str = CONFIG_NAM
     import_registries()
     check_search_path(overrides, config_name)
     loader = _recording_loader(searchpath_dirs(overrides))
+    groups = set(loader.list_groups(""))
+    overrides = [option_by_name(o, groups) for o in overrides]
     try:
         config = loader.load_configuration(config_name, list(overrides), RunMode.RUN)
         parsed = OverridesParser.create().parse_overrides(list(overrides))
