@@ -16,7 +16,7 @@ import string
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -27,7 +27,10 @@ from peftc.methods import get as get_method
 from peftc.planning.graph import graph_of
 from peftc.planning.targets import TargetRequest, resolve_targets
 
-QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples every run, so a CI run fails only on a change, never on a new
+# draw (CI failed twice on examples that earlier runs had not drawn). experiments/explore_properties.py
+# runs these properties with many random examples to look for new failures.
+QUICK = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ------------------------------------------------------------------------ spec validation
@@ -80,6 +83,13 @@ def render(value: Any) -> str:
 
 @QUICK
 @given(key=st.sampled_from(schema_keys()), value=VALUE)
+# what random draws found once (CI, 2026-12-07), kept as every run's examples
+@example(key="adapter", value=False)
+@example(key="budget", value="${seed}")
+@example(key="trainer.betas", value="${seed}")
+@example(key="peft.rank_pattern", value="${trainer}")
+@example(key="model", value=1)
+@example(key="quant", value=None)
 def test_any_value_for_any_key_compiles_or_is_a_config_error(key: str, value: Any) -> None:
     try:
         peftc.compile([f"{key}={render(value)}"])
