@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peftc import tasks
-from peftc.config.spec import RunSpec, plain, unusable_path
+from peftc.config.spec import RunSpec, path_problem, plain
 from peftc.errors import ConfigError, DataError
 from peftc.files.run_dir import METRICS_FILE, PREDICTIONS_FILE
 
@@ -99,10 +99,8 @@ def adapter_overrides(overrides: Sequence[str]) -> list[str]:
     except HydraException as exc:
         raise compose_error(exc) from exc
     adapter = next((o.value() for o in parsed if o.key_or_group == "adapter"), None)
-    if adapter is None or not str(adapter).strip() or unusable_path(str(adapter)):
-        return list(overrides)  # the spec's check refuses the path, naming the key
-    if any(o.key_or_group == "task" for o in parsed):
-        return list(overrides)
+    if adapter is None or path_problem(str(adapter)) or any(o.key_or_group == "task" for o in parsed):
+        return list(overrides)  # (a path problem is refused by the spec's check, naming the key)
     directory = adapter_files.adapter_directory(str(adapter))
     config = adapter_files.read_config(directory)
     task = tasks.for_task_type(config.get("task_type"), str(directory / adapter_files.CONFIG_NAME))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from peftc.config.spec import unusable_path
+from peftc.config.spec import path_problem
 from peftc.errors import ConfigError
 
 _NOT_REPLAYED = ("resume=", "output_dir=", "hydra.", "hydra/")
@@ -21,7 +21,7 @@ _NOT_REPLAYED = ("resume=", "output_dir=", "hydra.", "hydra/")
 def resume_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides of a `resume=` job: the run's own first, then these."""
     value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("resume=")), None)
-    if value in (None, "", "null") or unusable_path(value.strip("'\"")):
+    if value in (None, "null") or path_problem(value.strip("'\"")):
         return list(overrides)  # the spec's check refuses an unusable path, naming the key
     from peftc.cli.actions import hydra_value
     from peftc.files.checkpoints import find_checkpoint

@@ -424,8 +424,8 @@ def to_spec(cfg: DictConfig) -> RunSpec:
     """Convert a composed config into a sealed RunSpec and run every semantic check."""
     check_config(cfg)
     reject_unknown_keys(cfg, RunSpec, "")
-    refuse_interpolated_nodes(cfg)
     with guarded_resolvers() as refused:
+        refuse_interpolated_nodes(cfg)  # resolves interpolations: under the same guard as to_object
         try:
             spec = OmegaConf.to_object(cfg)
         except OmegaConfBaseException as exc:

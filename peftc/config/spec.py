@@ -89,17 +89,21 @@ def unusable_path(path: str) -> str | None:
     return None
 
 
+def path_problem(path: str) -> str | None:
+    """What makes a given path unusable before it is looked up: empty (it would silently mean the
+    current directory), or a name the operating system cannot look up; None when neither."""
+    if not path.strip():
+        return "is empty"
+    problem = unusable_path(path)
+    return f"{problem}; use a shorter name" if problem else None
+
+
 def a_path(unset_means: str) -> Check:
-    """A file or directory path: an empty one would silently mean the current directory, and
-    one that cannot be looked up would fail wherever it is first read."""
+    """A file or directory path (`path_problem`), or null for `unset_means`."""
 
     def check(v: Any) -> str | None:
-        if v is None:
-            return None
-        if not str(v).strip():
-            return f"is empty; give a path, or null for {unset_means}"
-        problem = unusable_path(str(v))
-        return f"{problem}; use a shorter name" if problem else None
+        problem = None if v is None else path_problem(str(v))
+        return f"is empty; give a path, or null for {unset_means}" if problem == "is empty" else problem
 
     return check
 
