@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from peftc.planning.plan import Plan, Site
 
-PEFT_COMPAT_VERSION = "0.21.2"  # the peft release whose file layout and config fields we write
+PEFT_COMPAT_VERSION = "0.22.0"  # the peft release whose file layout and config fields we write
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
