@@ -154,9 +154,17 @@ def test_merge_unmerge_disable_unload(case: Case) -> None:
     assert max_diff(output(ours, case), adapted) <= case.tolerance
     ours.merge_adapter()  # unload() gives the base weights back, also from a merged model
     restored = output(ours.unload(), case)
-    assert max_diff(restored, output(theirs.unload(), case)) <= case.tolerance
-    if not touches_base(pair.plan) and not pair.plan.modules_to_save:  # unload keeps trained copies (peft)
+    unloaded = theirs.unload()
+    if not _keeps_saved_wrappers(unloaded):  # peft's LN tuning unload leaves its modules_to_save wrappers in
+        assert max_diff(restored, output(unloaded, case)) <= case.tolerance
+    if not touches_base(pair.plan):  # modules_to_save: the originals come back, not the trained copies (peft 0.22)
         assert max_diff(restored, base_output) <= case.tolerance
+
+
+def _keeps_saved_wrappers(model: torch.nn.Module) -> bool:
+    from peft.utils.other import ModulesToSaveWrapper
+
+    return any(isinstance(module, ModulesToSaveWrapper) for module in model.modules())
 
 
 @pytest.mark.parametrize("case", MERGEABLE, ids=[case.id for case in MERGEABLE])

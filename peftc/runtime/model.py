@@ -8,7 +8,7 @@ and saves adapters; it behaves like the underlying model for forward and generat
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -323,25 +323,42 @@ class PeftcModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, *, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """The plain transformers model with the adapters folded in (adapters removed)."""
+        """The plain transformers model with the adapters folded in (adapters removed). A module in
+        modules_to_save becomes the merged adapters' trained copy (the active adapter's by default)."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        copies = self._kept_copies(names) if not self._disabled else {}
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unwrap()
+        return self._unwrap(copies)
 
     def unload(self) -> nn.Module:
-        """The plain transformers model without any adapter (base weights as they were)."""
+        """The plain transformers model without any adapter: base weights as they were, and each
+        module in modules_to_save the original, not a trained copy (peft >= 0.22)."""
         self.unmerge_adapter()
-        return self._unwrap()
+        return self._unwrap({})
 
-    def _unwrap(self) -> nn.Module:
+    def _kept_copies(self, names: Sequence[str]) -> dict[str, nn.Module]:
+        """For each modules_to_save wrapper, the trained copy of the one merged adapter that has
+        one; two such adapters on one module cannot both be kept (peft refuses too)."""
+        kept = {}
+        for path, wrapper in self.saved_modules():
+            owners = [name for name in names if name in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise ConfigError(
+                    "adapter_names",
+                    owners,
+                    f"each keep their own copy of {path} (modules_to_save); a merged model keeps one",
+                    "merge one of them",
+                )
+            if owners:
+                kept[path] = wrapper.modules_to_save[owners[0]]
+        return kept
+
+    def _unwrap(self, kept_copies: Mapping[str, nn.Module]) -> nn.Module:
         # innermost first: wrappers nest (one per targeted parameter of a module)
         for path, layer in reversed(list(self.adapter_layers())):
             replace_module(self.base_model, path, layer.base_layer)
         for path, wrapper in list(self.saved_modules()):
-            replace_module(
-                self.base_model,
-                path,
-                wrapper.current() if not wrapper.disabled else wrapper.original_module,
-            )
+            replace_module(self.base_model, path, kept_copies.get(path, wrapper.original_module))
         self.plans.clear()
         self.active_adapters = []
         self.prompt_encoders = nn.ModuleDict()
