@@ -25,6 +25,8 @@ ADAPTERS = {
     "b": ["peft.target_modules=[q_proj,o_proj]", "peft.r=4", "peft.lora_alpha=4", "peft.use_rslora=true"],
     "c": ["peft.target_modules=[q_proj,v_proj]", "peft.r=2", "peft.lora_alpha=16"],
     "dora": ["peft.target_modules=[q_proj,o_proj]", "peft.r=2", "peft.use_dora=true"],
+    "biased": ["peft.target_modules=[q_proj,v_proj]", "peft.r=4", "peft.lora_bias=true"],
+    "embed": ["peft.target_modules=[embed_tokens,q_proj]", "peft.r=4"],
 }
 
 
@@ -77,6 +79,7 @@ COMBINATIONS = [
     ("svd", ("b", "c"), [1.0, 1.0], {"svd_rank": 3}),
     ("svd", ("a", "b"), [1.0, 1.0], {"svd_clamp": 0.5}),  # U and V clamped at their median value
     ("linear", ("c",), [2.0], {}),
+    ("linear", ("a", "biased"), [0.7, 0.5], {}),  # the result has lora_bias: w_i s_i b_i summed (peft 0.22)
 ]
 
 
@@ -121,12 +124,13 @@ def test_weighted_adapter_ranks_follow_peft() -> None:
         (["a", "nope"], [1.0, 1.0], "svd", "adapter_name"),
         (["a", "b"], [1.0], "svd", "weights"),
         (["a", "dora"], [1.0, 1.0], "svd", "adapters"),
+        (["biased", "embed"], [1.0, 1.0], "cat", "adapters"),  # an embedding's update cannot carry a bias
     ],
 )
 def test_weighted_adapter_refusals_name_the_argument(
     names: list[str], weights: list[float], combination: str, key: str
 ) -> None:
-    _, ours, _ = several("a", "b", "c", "dora")
+    _, ours, _ = several("a", "b", "c", "dora", "biased", "embed")
     before = list(ours.adapter_names)
     with pytest.raises(peftc.ConfigError) as info:
         ours.add_weighted_adapter(names, weights, "mix", combination)
@@ -284,6 +288,41 @@ def test_set_adapter_switches_each_adapters_own_head_copy_like_peft() -> None:
         seen.append(ours(input_ids=x).logits)
         assert max_diff(seen[-1], theirs(input_ids=x).logits) <= 1e-5, name
     assert max_diff(seen[0], seen[1]) > 1e-3
+
+
+def test_unload_gives_the_original_head_back_and_merge_and_unload_the_named_adapter_s_copy() -> None:
+    """peft 0.22: unload() returns the modules_to_save originals; merge_and_unload(adapter_names)
+    keeps the copy of the adapter it merges, and refuses two adapters that each have one."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    plan = peftc.compile(["model=tiny_bert", "task=seq_cls"])
+    base = build_base(plan)
+    with torch.no_grad():
+        reference = base(input_ids=token_batch()).logits
+
+    def pair() -> tuple[Any, Any]:
+        theirs = get_peft_model(build_base(plan), peft_config(plan))
+        theirs.add_adapter("other", peft_config(plan))
+        ours = peftc.materialize(plan, base_model=build_base(plan))
+        ours.add_adapter("other", plan)
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, param in sorted(theirs.named_parameters()):
+                if "lora_" in name or "modules_to_save" in name:
+                    param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        for name in ("default", "other"):
+            fill(ours, name, get_peft_model_state_dict(theirs, adapter_name=name))
+        return ours.eval(), theirs.eval()
+
+    ours, theirs = pair()
+    with torch.no_grad():
+        assert max_diff(ours.unload()(input_ids=token_batch()).logits, reference) <= 1e-6
+    ours, theirs = pair()
+    with pytest.raises(peftc.ConfigError, match="classifier"):
+        ours.merge_and_unload(adapter_names=["default", "other"])
+    merged, expected = ours.merge_and_unload(adapter_names=["other"]), theirs.merge_and_unload(adapter_names=["other"])
+    with torch.no_grad():
+        assert max_diff(merged(input_ids=token_batch()).logits, expected(input_ids=token_batch()).logits) <= 1e-5
 
 
 def test_merging_all_active_adapters_after_one_was_merged_merges_the_others_like_peft() -> None:

@@ -7,8 +7,10 @@ With weights w_i and scalings s_i of the source adapters:
   exactly, at rank sum_i r_i;
 - svd: the best rank-k approximation U_k S_k V_k^T of sum_i w_i dW_i, with B = U_k S_k, A = V_k^T,
   k = svd_rank or max_i r_i.
-The new adapter is the first source's config with r = lora_alpha = the new rank (scaling 1, or
-sqrt(r) with rsLoRA, as in peft), the union of the targets, and no rank/alpha patterns.
+The new adapter is the first source's config with r = lora_alpha = the new rank and rsLoRA off
+(scaling exactly 1: the sources' scalings are already in the factors), the union of the targets,
+and no rank/alpha patterns. If any source has lora_bias, so does the result, with the bias
+sum_i w_i s_i b_i (a bias adds to the output whatever the factorisation). All as peft 0.22.
 """
 
 from __future__ import annotations
@@ -57,17 +59,36 @@ def weighted_spec(names: Sequence[str], plans: Sequence[Plan], combination_type:
         if svd_rank is not None and svd_rank < 1:
             raise ConfigError("svd_rank", svd_rank, "must be >= 1")
         rank = svd_rank or max(ranks)
+    lora_bias = any(s.lora_bias for s in specs)
+    if lora_bias:
+        _refuse_bias_with_embeddings(names, plans)
     first = specs[0]
     # A rewritten base already holds the sources' residual; the combined adapter starts plain.
     init = True if init_family(first.init_lora_weights) in BASE_MUTATING else first.init_lora_weights
     return first.replace(
         r=rank,
         lora_alpha=rank,
+        use_rslora=False,
+        lora_bias=lora_bias,
         target_modules=_union_targets(names, plans),
         rank_pattern=None,
         alpha_pattern=None,
         init_lora_weights=init,
     )
+
+
+def _refuse_bias_with_embeddings(names: Sequence[str], plans: Sequence[Plan]) -> None:
+    """The combined adapter carries a bias on every site, and an embedding's update has none."""
+    with_bias = [n for n, p in zip(names, plans, strict=True) if p.spec.peft.lora_bias]
+    on_embeddings = [n for n, p in zip(names, plans, strict=True) if any(s.kind == "embedding" for s in p.sites)]
+    if on_embeddings:
+        raise ConfigError(
+            "adapters",
+            list(names),
+            f"combine lora_bias ({', '.join(with_bias)}) with adapters on an embedding ({', '.join(on_embeddings)}), "
+            "which cannot carry a bias",
+            "leave either group out (peft refuses this too)",
+        )
 
 
 def _union_targets(names: Sequence[str], plans: Sequence[Plan]) -> Any:
@@ -134,6 +155,12 @@ def combine(
             u, vh = u.clamp(-high, high), vh.clamp(-high, high)
         lora_b.copy_(u.reshape(lora_b.shape))
         lora_a.copy_(vh.reshape(lora_a.shape))
+    if layer._has_lora_bias(name):
+        biased = [(s, w) for s, w in present if layer._has_lora_bias(s)]
+        bias = layer.lora_B[name].bias
+        bias.zero_()
+        for source, weight in biased:
+            bias.add_(layer.lora_B[source].bias.data, alpha=weight * layer.scaling[source])
 
 
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
