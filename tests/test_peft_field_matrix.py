@@ -220,7 +220,7 @@ CASES = [
     ),
     FieldCase(
         "adalora",
-        {"eva_config": {"rho": 1.5}, "corda_config": {}, "lora_ga_config": {}},
+        {"eva_config": {"rho": 1.5}, "corda_config": {}, "lora_ga_config": {}, "astra_config": {}},
         peft_ignores="AdaLoRA's init is true or false: these LoRA inits' settings are never read",
     ),
     FieldCase("adalora", {"layers_to_transform": [1], "layers_pattern": "layers"}, model="llama"),
@@ -317,6 +317,7 @@ LORA_REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
         "loftq",
     ),
     "corda_config": ({"init_lora_weights": "corda", "corda_config": {}}, "CorDA rewrites the base", "corda"),
+    "astra_config": ({"init_lora_weights": "astra", "astra_config": {}}, "Astra rewrites the base", "astra"),
     "lora_ga_config": ({"init_lora_weights": "lora_ga", "lora_ga_config": {}}, "LoRA-GA rewrites the base", "lora_ga"),
 }
 # AdaLoRA inherits every LoRA field. peft's AdaLoRA honours some through the LoRA model code it
@@ -324,7 +325,11 @@ LORA_REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
 # others itself (DoRA, LoftQ), and its layer has none of LoRA's variants; peftc implements none
 # of these for AdaLoRA.
 ADALORA_REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
-    **{k: v for k, v in LORA_REFUSED.items() if k not in ("loftq_config", "corda_config", "lora_ga_config")},
+    **{
+        k: v
+        for k, v in LORA_REFUSED.items()
+        if k not in ("loftq_config", "corda_config", "lora_ga_config", "astra_config")
+    },
     "use_dora": ({"use_dora": True}, "peft refuses DoRA for AdaLoRA too", ""),
     "loftq_config": ({"loftq_config": {"loftq_bits": 4}}, "peft refuses LoftQ for AdaLoRA too", ""),
     "trainable_token_indices": ({"trainable_token_indices": [3, 7]}, "peft trains those rows; peftc: LoRA only", ""),
