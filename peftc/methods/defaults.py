@@ -1,4 +1,4 @@
-"""Default target modules per transformers model_type, as in peft 0.21.2 (peft.utils.constants).
+"""Default target modules per transformers model_type, as in peft 0.21.2 and 0.22.0 (peft.utils.constants).
 
 Used when `peft.target_modules` is null. LoRA's table is shared by LoHa, LoKr and OFT.
 """

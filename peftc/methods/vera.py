@@ -53,11 +53,11 @@ class VeraSpec(LayeredTargetsSpec):
     )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
-        if self.exclude_modules is not None:  # VeraConfig 0.21.2 has no such field: peft would adapt them
+        if self.exclude_modules is not None:  # VeraConfig (0.21, 0.22) has no such field: peft would adapt them
             raise ConfigError(
                 f"{key}.exclude_modules",
                 self.exclude_modules,
-                "is not a VeRA option in peft 0.21.2",
+                "is not a VeRA option in peft",
                 f"list the modules to adapt in {key}.target_modules instead",
             )
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):

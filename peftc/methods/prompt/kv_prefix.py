@@ -4,7 +4,7 @@ before the real tokens, softmax(q [K_p; K]^T / sqrt(d)) [V_p; V].
 The prefix table (n, layers * 2 * kv_heads * head_dim) is cut per layer into (key, value) of
 shape (batch, kv_heads, n, head_dim), exactly as peft's get_prompt does, and handed to the model
 through transformers 5's `cache=` argument: a `DynamicCache` for decoder-only and encoder-only
-models (BERT included, which peft 0.21 refuses on transformers 5), an `EncoderDecoderCache`
+models (BERT included, which peft 0.21 refused on transformers 5 and 0.22 runs), an `EncoderDecoderCache`
 whose self-attention part holds the prefix for encoder-decoders (decoder side, as peft does).
 The attention mask gets n ones in front and explicit position ids move by n. A fresh cache is
 built for every call, since the model appends the real tokens' keys to it.
