@@ -60,10 +60,11 @@ NO_OP_TOLERANCE: dict[str, float] = {
     "hra": 1e-4,  # its reflections cancel in equal pairs: (I - 2 u u^T)^2 = I, but not bit for bit
 }
 
-# peft 0.21.2 adds an attention's out_proj update twice in its forward (huggingface/peft#3774),
-# and peftc with it (peftc/methods/lora/attention.py), but only one of the two carries gradients:
-# peft's out_proj gradients are half those of the function both compute.
-MHA_GRADIENTS = "peft 0.21 MultiheadAttention: out_proj's update counted twice, its gradient once"
+# peft 0.22 counts an attention's out_proj update once (huggingface/peft#3774), and peftc with it,
+# but its unmerge rewrites the merged out_proj weight in place after the forward, so its backward
+# runs through W without the update: out_proj's own gradients agree, in_proj's and everything
+# upstream do not (peftc/methods/lora/attention.py; tests/test_lora_variants.py checks ours).
+MHA_GRADIENTS = "peft 0.22 MultiheadAttention: backward runs through out_proj's base weight, not W + s B A"
 
 # peft keeps some adapter bookkeeping as frozen Parameters that peftc keeps as plain numbers.
 PEFT_ONLY_PARAMS = ("ranknum",)  # AdaLoRA: the initial rank, used in the scaling

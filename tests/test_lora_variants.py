@@ -23,7 +23,7 @@ from peftc.files import adapter_files
 from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import PISSA_ROUNDING, ROUNDING_INITS, build_base, max_diff, token_batch
-from tests.method_cases import CASES, oracle_config, output, paired, peft_state
+from tests.method_cases import CASES, oracle_config, output, paired
 from tests.moe_model import TinyMoE
 
 
@@ -283,18 +283,21 @@ def test_adapters_on_other_parameters_of_a_wrapped_module_are_refused() -> None:
 ATTENTION_CASE = next(c for c in CASES if c.model == "mha")
 
 
-def test_attention_gradients_are_peft_s_with_out_proj_counted_as_often_as_its_update() -> None:
-    """peft 0.21.2 adds out_proj's update twice but differentiates it once (the harness marks its
-    gradients wrong); peftc's gradients are those of the function both compute: twice peft's."""
+def test_attention_gradients_are_the_chain_rule_through_peft_s_merged_weights() -> None:
+    """peft 0.22's own backward skips out_proj's update (MHA_GRADIENTS marks it); peftc's adapter
+    gradients are those of the function peft's forward computes: with G = dL/dW of peft's merged
+    attention (W + s B A for in_proj and out_proj), dL/dA = s B^T G and dL/dB = s G A^T."""
     pair = paired(ATTENTION_CASE)
-    for model in (pair.ours, pair.theirs):
-        ATTENTION_CASE.loss(model.train()).backward()
-    ours = {k: t.grad for k, t in pair.ours.adapter_state_dict("default").items()}
-    theirs = {k: t.grad for k, t in peft_state(pair.theirs, params=True).items()}
-    assert ours.keys() == theirs.keys()
-    for key, grad in ours.items():
-        factor = 2.0 if ".out_proj." in key else 1.0
-        assert max_diff(grad, factor * theirs[key]) <= 1e-5 * max(1.0, theirs[key].abs().max().item()), key
+    ATTENTION_CASE.loss(pair.ours.train()).backward()
+    merged = pair.theirs.merge_and_unload().requires_grad_(True)
+    ATTENTION_CASE.loss(merged).backward()
+    scaling = pair.plan.sites[0].options["scaling"]
+    ours = pair.ours.adapter_state_dict("default")
+    merged_weights = {"attn": merged.attn.in_proj_weight, "attn.base_layer.out_proj": merged.attn.out_proj.weight}
+    for path, weight in merged_weights.items():
+        a, b = (ours[f"base_model.model.{path}.lora_{x}.weight"] for x in "AB")
+        for tensor, grad in ((a, scaling * b.detach().T @ weight.grad), (b, scaling * weight.grad @ a.detach().T)):
+            assert max_diff(tensor.grad, grad) <= 1e-5 * max(1.0, grad.abs().max().item()), path
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,16 @@ rank and alpha (where peft puts it, so saved names and the live tree are peft's)
 torch's attention reads both weights directly and never calls out_proj's forward, so the
 attention layer runs the module with W + dW for both (functional_call; peft merges and unmerges
 around the call, the same numbers). As there, lora_dropout is not applied (nothing calls an input
-through the adapter). peft 0.21.2 adds out_proj's update twice, in the forward and in merges
-(W + 2 s B A; huggingface/peft#3774 fixes it upstream): its adapters were trained that way, so
-the out_proj site's scaling is doubled to load and run them with peft's outputs. peft refuses
-DoRA and q/k/v of different sizes; peftc also refuses inits beyond true/false/gaussian and
-lora_bias (peft drops B's bias on in_proj), and targeting an attention's out_proj on its own
-(the attention never calls it: the adapter would do nothing).
+through the adapter), and out_proj's update counts once, in the forward and in merges (W + s B A;
+peft before 0.22 added it twice, huggingface/peft#3774). peft refuses DoRA and q/k/v of different
+sizes; peftc also refuses inits beyond true/false/gaussian and lora_bias (peft drops B's bias on
+in_proj), and targeting an attention's out_proj on its own (the attention never calls it: the
+adapter would do nothing).
+
+peft 0.22's own gradients upstream of out_proj (in_proj's adapter and every layer before the
+attention) are not those of its forward: its unmerge subtracts out_proj's update in place from
+the merged weight the attention saved for backward, so it backpropagates through W alone.
+peftc's are the gradients of the function both compute (tests/method_cases.py marks peft's).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ if TYPE_CHECKING:
     from peftc.planning.graph import ModelGraph, ModuleInfo
 
 KIND = "mha"
-PEFT_OUT_PROJ_REPEATS = 2  # peft 0.21.2 adds out_proj's update twice (huggingface/peft#3774)
 
 
 def check_site(spec: Any, module: ModuleInfo) -> None:
@@ -77,11 +80,10 @@ def out_proj_sites(sites: Sequence[Site], graph: ModelGraph) -> tuple[Site, ...]
         if site.kind != KIND:
             continue
         out_proj = graph.module(f"{site.path}.out_proj")
-        options = {**site.options, "scaling": site.options["scaling"] * PEFT_OUT_PROJ_REPEATS}
-        r, width = options["r"], out_proj.in_features
+        r, width = site.options["r"], out_proj.in_features
         tensors = {"lora_A.weight": (r, width), "lora_B.weight": (out_proj.out_features, r)}
         path = f"{site.path}.base_layer.out_proj"
-        extra.append(replace(site, path=path, kind="linear", module_class=out_proj.class_name, in_features=width, out_features=out_proj.out_features, tensors=tensors, options=options))  # fmt: skip
+        extra.append(replace(site, path=path, kind="linear", module_class=out_proj.class_name, in_features=width, out_features=out_proj.out_features, tensors=tensors))  # fmt: skip
     return tuple(extra)
 
 
