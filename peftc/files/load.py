@@ -6,7 +6,9 @@ base model. The safetensors header is checked against the plan before any tensor
 (and before any adapter memory is allocated): missing, unexpected or mis-shaped tensors are
 errors by default (strict); `strict=False` loads what fits, records a `LoadReport` in
 `model.load_reports[name]` and warns with the name of every tensor it could not use (a lenient
-load is never silently wrong). Non-finite values and non-float tensors are always errors.
+load is never silently wrong). Non-finite values and non-float tensors are always errors. The
+method sees the tensors last (`Method.tensors_from_file`): what an older peft wrote is converted
+as peft converts it (LoRA on MultiheadAttention before peft 0.22).
 An adapter saved without a task type (`"task_type": null`) is the model as it is
 (tasks/as_is.py): no head handling, the base model keeps its class.
 """
@@ -163,13 +165,14 @@ class SavedAdapter:
         return self.directory / adapter_files.WEIGHTS_NAME
 
     def tensors_for(self, plan: Any, *, strict: bool = True) -> tuple[LoadReport, dict[str, torch.Tensor]]:
-        """The file's tensors that fit `plan` (all of them, or an error, when strict)."""
+        """The file's tensors that fit `plan` (all of them, or an error, when strict), as the
+        method runs them (`Method.tensors_from_file`: an older peft's numbers converted)."""
         report, usable = compare(self.weights, plan, _without_peft_artifacts(plan, self.header))
         if strict and report:
             raise _strict_error(self.weights, report)
         tensors = load_tensors(self.weights, usable)
         _check_finite(self.weights, tensors)
-        return report, tensors
+        return report, methods.get(plan.method).tensors_from_file(plan, tensors, self.config, self.directory)
 
 
 def read_saved(directory: str | os.PathLike[str]) -> SavedAdapter:

@@ -23,6 +23,8 @@ from torch import nn
 from peftc.planning.targets import TargetRequest
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peftc.config.spec import RunSpec, SpecNode
     from peftc.methods.layer import AdapterLayer
     from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -96,6 +98,15 @@ class Method:
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> SpecNode:
         """Our schema from a peft adapter_config.json (fields we do not model are dropped)."""
         raise NotImplementedError
+
+    def tensors_from_file(
+        self, plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
+    ) -> dict[str, torch.Tensor]:
+        """An adapter file's tensors (peft's names, checked against `plan`) as this method runs
+        them, given the file's screened adapter_config.json: where an older peft wrote numbers
+        that mean something else today, converted as peft converts them when it loads the file
+        (LoRA on MultiheadAttention before peft 0.22). Default: as read."""
+        return tensors
 
 
 class InjectableMethod(Method):

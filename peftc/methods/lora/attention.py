@@ -6,11 +6,12 @@ rank and alpha (where peft puts it, so saved names and the live tree are peft's)
 torch's attention reads both weights directly and never calls out_proj's forward, so the
 attention layer runs the module with W + dW for both (functional_call; peft merges and unmerges
 around the call, the same numbers). As there, lora_dropout is not applied (nothing calls an input
-through the adapter), and out_proj's update counts once, in the forward and in merges (W + s B A;
-peft before 0.22 added it twice, huggingface/peft#3774). peft refuses DoRA and q/k/v of different
-sizes; peftc also refuses inits beyond true/false/gaussian and lora_bias (peft drops B's bias on
-in_proj), and targeting an attention's out_proj on its own (the attention never calls it: the
-adapter would do nothing).
+through the adapter), and out_proj's update counts once, in the forward and in merges (W + s B A).
+peft before 0.22 added it twice (huggingface/peft#3774): as peft 0.22 does, a file such a peft
+wrote gets its out_proj lora_B doubled on load (`out_proj_counted_once`). peft refuses DoRA and
+q/k/v of different sizes; peftc also refuses inits beyond true/false/gaussian and lora_bias (peft
+drops B's bias on in_proj), and targeting an attention's out_proj on its own (the attention never
+calls it: the adapter would do nothing).
 
 peft 0.22's own gradients upstream of out_proj (in_proj's adapter and every layer before the
 attention) are not those of its forward: its unmerge subtracts out_proj's update in place from
@@ -20,21 +21,28 @@ peftc's are the gradients of the function both compute (tests/method_cases.py ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch.func import functional_call
 
-from peftc.errors import PlanError
+from peftc.errors import AdapterFileError, PlanError
 from peftc.methods.lora.layer import LoraLayer
-from peftc.planning.plan import Site
+from peftc.planning.layout import CONFIG_NAME, WEIGHTS_NAME, model_prefix
+from peftc.planning.plan import Plan, Site
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from peftc.planning.graph import ModelGraph, ModuleInfo
 
 KIND = "mha"
+# peft counts out_proj's update once from release 0.22.0 on, and on main from 0.21.1.dev0 on
+COUNTED_ONCE_RELEASE, COUNTED_ONCE_ON_MAIN = Version("0.22.0"), Version("0.21.1")
 
 
 def check_site(spec: Any, module: ModuleInfo) -> None:
@@ -85,6 +93,53 @@ def out_proj_sites(sites: Sequence[Site], graph: ModelGraph) -> tuple[Site, ...]
         path = f"{site.path}.base_layer.out_proj"
         extra.append(replace(site, path=path, kind="linear", module_class=out_proj.class_name, in_features=width, out_features=out_proj.out_features, tensors=tensors))  # fmt: skip
     return tuple(extra)
+
+
+def out_proj_counted_once(
+    plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
+) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors as peft 0.22 loads them: from a file that a peft counting
+    out_proj's update twice wrote, every attention site's out_proj lora_B comes doubled, so the
+    adapter keeps its outputs (one warning). peftc writes peft_version 0.22.0: a file it saves
+    again is not doubled on the next load."""
+    prefix = model_prefix(plan)
+    keys = [f"{prefix}{site.path}.base_layer.out_proj.lora_B.weight" for site in plan.sites if site.kind == KIND]
+    keys = [key for key in keys if key in tensors]
+    writer = _writer_counting_twice(config, directory) if keys else None
+    if writer is None:
+        return tensors
+    warnings.warn(
+        f"{directory / WEIGHTS_NAME}: written by {writer}, which adds a MultiheadAttention's out_proj LoRA update "
+        "twice (huggingface/peft#3774); its out_proj lora_B is doubled on load to keep the adapter's outputs",
+        UserWarning,
+        stacklevel=2,
+    )
+    return {**tensors, **{key: 2 * tensors[key] for key in keys}}
+
+
+def _writer_counting_twice(config: Mapping[str, Any], directory: Path) -> str | None:
+    """The peft that wrote the adapter, named, if it counted out_proj's update twice; else None.
+    peft 0.22's rule on peft_version: absent (peft before 0.18) doubles, null is the loading
+    peft's own version; a dev version's `@<commit>` is ignored; releases before 0.22.0 double,
+    dev versions only before 0.21.1 (main after the fix stayed on 0.21.x dev versions)."""
+    if "peft_version" not in config:
+        return "a peft before 0.18 (no peft_version)"
+    value = config["peft_version"]
+    if value is None:
+        return None
+    try:
+        version = Version(value.partition("@")[0])
+    except (AttributeError, InvalidVersion):
+        raise AdapterFileError(
+            str(directory / CONFIG_NAME),
+            f"peft_version {value!r} is not a version; it says whether a MultiheadAttention's out_proj lora_B "
+            "was saved for peft's double count",
+            'set it to the peft release that wrote the adapter, e.g. "0.21.2"',
+        ) from None
+    release = Version(version.base_version)
+    if release < COUNTED_ONCE_ON_MAIN or (not version.is_devrelease and release < COUNTED_ONCE_RELEASE):
+        return f"peft {value}"
+    return None
 
 
 class MhaLoraLayer(LoraLayer):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftc.config.spec import RunSpec, as_list, at_least, greater_than, in_range, mapping_of, param
 from peftc.errors import AdapterFileError, ConfigError, PlanError
@@ -46,6 +46,11 @@ from peftc.methods.lora.layer import CONV_FUNCTIONS, LoraLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 from peftc.planning.targets import TargetRequest
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
 
 # Initialisations peft can write whose trained adapter is a plain LoRA over the untouched base.
 PLAIN_ON_LOAD = ("eva",)
@@ -285,6 +290,11 @@ class Lora(InjectableMethod):
             trainable_token_indices=config.get("trainable_token_indices"),
             target_parameters=config.get("target_parameters") or None,  # peft reads [] as none
         )
+
+    def tensors_from_file(
+        self, plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
+    ) -> dict[str, torch.Tensor]:
+        return attention.out_proj_counted_once(plan, tensors, config, directory)
 
 
 def site_tensors(module: ModuleInfo, r: int, *, dora: bool, lora_bias: bool) -> dict[str, tuple[int, ...]]:
