@@ -1,5 +1,6 @@
-"""A tiny convolutional model (Conv3d, Conv2d, 1x1 Conv2d, grouped Conv2d, Conv1d, Linear) for LoRA's conv sites,
-and how to plan an adapter for a model that no config group describes."""
+"""Tiny convolutional models for the conv sites: TinyConvNet (Conv3d, Conv2d, 1x1 Conv2d, grouped
+Conv2d, Conv1d, Linear) and PaddedConvNet (convolutions that pad other than with zeros), and how to
+plan an adapter for a model that no config group describes."""
 
 from __future__ import annotations
 
@@ -38,6 +39,26 @@ class TinyConvNet(nn.Module):
         h = self.grouped(h)
         h = F.relu(self.seq(h.flatten(2)))
         return self.head(h.mean(-1))
+
+
+class PaddedConvNet(nn.Module):
+    """(N, 4, 6, 6) images -> (N, 4, 24): convolutions whose padding is not zeros, where an update
+    convolved with zero padding differs from the merged weight at the borders. `circular` also has
+    a non-square kernel, a stride and a dilation that differ per axis."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.reflect = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+        self.circular = nn.Conv2d(6, 6, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), padding_mode="circular")
+        self.replicate = nn.Conv1d(6, 4, 3, padding=1, padding_mode="replicate")
+        torch.random.set_rng_state(generator_state)
+
+    def forward(self, input_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        h = F.relu(self.reflect(input_ids))
+        h = F.relu(self.circular(h))  # (N, 6, 6, 4)
+        return self.replicate(h.flatten(2))
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:

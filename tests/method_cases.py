@@ -33,12 +33,17 @@ from peftc.planning.layout import config_to_write
 from peftc.planning.plan import Plan
 from peftc.runtime.model import PeftcModel
 from tests.attention_model import TinyAttention, sequences
-from tests.conv_model import TinyConvNet, images, plan_for
+from tests.conv_model import PaddedConvNet, TinyConvNet, images, plan_for
 from tests.helpers import build_base, token_batch
 from tests.moe_model import TinyMoE, features
 
 # Plain nn.Modules planned from spec fields: name -> (model class, its input batch)
-CUSTOM_MODELS = {"conv": (TinyConvNet, images), "moe": (TinyMoE, features), "mha": (TinyAttention, sequences)}
+CUSTOM_MODELS = {
+    "conv": (TinyConvNet, images),
+    "padded": (PaddedConvNet, images),
+    "moe": (TinyMoE, features),
+    "mha": (TinyAttention, sequences),
+}
 
 # The field that makes a fresh adapter a non-identity (peft's init_weights=False equivalent);
 # None for a method whose config has no such field: its cases must `perturb`.
@@ -377,6 +382,24 @@ CASES = [
         spec_fields=(("target_modules", ("grouped",)), ("r", 4), ("use_dora", True)),
         perturb=True,
         mergeable=False,
+    ),
+    # Convolutions that pad with reflect/circular/replicate (tests/conv_model.py: PaddedConvNet; its
+    # circular one also dilated, with a non-square kernel): each update convolves as the base does
+    Case(
+        "lora",
+        "padded",
+        spec_fields=(("target_modules", ("reflect", "circular", "replicate")), ("r", 4)),
+        perturb=True,
+    ),
+    Case(
+        "lora",
+        "padded",
+        spec_fields=(
+            ("target_modules", ("reflect", "circular", "replicate")),
+            ("use_dora", True),
+            ("lora_dropout", 0.1),
+        ),
+        perturb=True,
     ),
     # Raw parameters (target_parameters; tests/moe_model.py): an (experts, out, in) stack whose two
     # parameters nest peft's wrappers; gpt-oss's (experts, in, out) stack, a raw 2-D weight and an

@@ -112,13 +112,6 @@ def test_conv_combinations_peft_refuses_are_plan_errors(spec: dict[str, Any], ke
         plan_for(TinyConvNet(), LoraSpec(**spec))
 
 
-def test_dilated_conv_is_refused_while_planning() -> None:
-    model = TinyConvNet()
-    model.conv = torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2)
-    with pytest.raises(peftc.PlanError, match="dilated"):
-        plan_for(model, LoraSpec(target_modules=["conv"]))
-
-
 def test_half_precision_merge_unmerge_restores_the_weights_bit_for_bit() -> None:
     plan = peftc.compile(["peft.use_dora=true", "peft.init_lora_weights=false", "peft.target_modules=all-linear"])
     base = build_base(plan).to(torch.bfloat16)

@@ -36,7 +36,7 @@ from peftc.methods.lora.lowrank import (
 if TYPE_CHECKING:
     from peftc.planning.plan import Site
 
-CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 TRANSPOSED_KINDS = ("conv1d_hf", "embedding")  # weights stored (in, out)
 
 
@@ -74,7 +74,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[name] = nn.Dropout(site.dropout) if site.dropout > 0 else nn.Identity()
         if self.kind == "embedding":
             self._create_embedding(name, site, init and opts["init"] is not False)
-        elif self.kind in CONV_FUNCTIONS:
+        elif self.kind in CONV_KINDS:
             self._create_conv(name, r, opts, init)
         else:
             self._create_linear(name, site, r, opts, init)
@@ -99,9 +99,20 @@ class LoraLayer(AdapterLayer):
         base = self.base_layer
         conv = type(base)
         ones = (1,) * (base.weight.dim() - 2)
-        # As peft: A copies kernel, stride and padding (not dilation); B is a 1x1 conv with base's groups.
+        # As peft 0.22: A copies kernel, stride, padding, dilation and padding_mode, so that B A x is
+        # the merged weight's convolution; B is a 1x1 conv with base's groups.
         device = self._creation_device()
-        a = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, device=device)
+        a = conv(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            padding_mode=base.padding_mode,
+            bias=False,
+            device=device,
+        )
         b = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=opts.get("lora_bias", False), device=device)
         if init and opts["init"] is not False:
             reset_default(a, b, opts["init"], r)
@@ -175,7 +186,7 @@ class LoraLayer(AdapterLayer):
     def _lora_rows(self, name: str) -> torch.Tensor:
         """B A in row layout (without the scaling)."""
         a, b = self._lora_factors(name)
-        if self.kind in CONV_FUNCTIONS:
+        if self.kind in CONV_KINDS:
             return (b @ a).reshape(self._base_weight().shape)
         return b @ a
 
@@ -187,7 +198,7 @@ class LoraLayer(AdapterLayer):
         if self.kind == "embedding":
             return self.lora_embedding_B[name].float() @ self.lora_embedding_A[name].float() * self.scaling[name]
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
-        if self.kind in CONV_FUNCTIONS:
+        if self.kind in CONV_KINDS:
             r = a.shape[0]
             delta = (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self._base_weight().shape)
             return delta * self.scaling[name]
@@ -252,7 +263,7 @@ class LoraLayer(AdapterLayer):
             x = dropout(x)
             base_out = self._bare_forward(x, weight.to(x.dtype))
         mag_scale = self._dora_scale(name, self._rows(weight))
-        channel = 1 if self.kind in CONV_FUNCTIONS else -1
+        channel = 1 if self.kind in CONV_KINDS else -1
         delta = dora.output_delta(mag_scale, base_out, lora_b(lora_a(x)), scaling, channel)
         return result + delta
 
@@ -283,14 +294,13 @@ class LoraLayer(AdapterLayer):
         if bias is None:
             return result
         shape = [1] * result.dim()
-        shape[1 if self.kind in CONV_FUNCTIONS else -1] = -1
+        shape[1 if self.kind in CONV_KINDS else -1] = -1
         return result - bias.view(shape)
 
     def _bare_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """W x without bias (the part DoRA rescales)."""
-        if self.kind in CONV_FUNCTIONS:
-            base = self.base_layer
-            return CONV_FUNCTIONS[self.kind](x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        """W x without bias (the part DoRA rescales); a convolution pads as the base layer does."""
+        if self.kind in CONV_KINDS:
+            return self.base_layer._conv_forward(x, weight, None)
         return F.linear(x, self._rows(weight))
 
     def combine_adapters(
@@ -302,7 +312,7 @@ class LoraLayer(AdapterLayer):
 
     # --------------------------------------------------------------------------- merging
     def check_mergeable(self, names: Sequence[str]) -> None:
-        if self.kind in CONV_FUNCTIONS and self.base_layer.groups > 1:
+        if self.kind in CONV_KINDS and self.base_layer.groups > 1:
             raise MergeError(
                 f"LoRA on a grouped {type(self.base_layer).__name__} (groups>1) cannot be merged (as in peft)"
             )

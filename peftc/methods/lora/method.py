@@ -42,7 +42,7 @@ from peftc.methods.lora import attention, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
-from peftc.methods.lora.layer import CONV_FUNCTIONS, LoraLayer
+from peftc.methods.lora.layer import CONV_KINDS, LoraLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
 from peftc.planning.targets import TargetRequest
@@ -134,7 +134,7 @@ class Lora(InjectableMethod):
     peft_type = "LORA"
     schema = LoraSpec
     layer_class = LoraLayer
-    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", attention.KIND, *CONV_FUNCTIONS})
+    supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", attention.KIND, *CONV_KINDS})
     default_targets = LORA_TARGETS
     tensor_prefix = "lora_"
     wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
@@ -302,7 +302,7 @@ def site_tensors(module: ModuleInfo, r: int, *, dora: bool, lora_bias: bool) -> 
     in_f, out_f = module.in_features, module.out_features
     if module.kind == "embedding":
         tensors = {"lora_embedding_A": (r, in_f), "lora_embedding_B": (out_f, r)}
-    elif module.kind in CONV_FUNCTIONS:
+    elif module.kind in CONV_KINDS:
         kernel = tuple(module.get("kernel_size"))
         ones = (1,) * len(kernel)
         tensors = {"lora_A.weight": (r, in_f, *kernel), "lora_B.weight": (out_f, r // module.get("groups", 1), *ones)}
@@ -319,7 +319,7 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
     """Combinations peft refuses (or silently breaks on) at one module, refused while planning."""
     family = init_family(spec.init_lora_weights)
     init_key, where = "peft.init_lora_weights", f"{module.path} ({module.class_name})"
-    is_conv = module.kind in CONV_FUNCTIONS
+    is_conv = module.kind in CONV_KINDS
     if is_conv and family in (*BASE_MUTATING, "orthogonal"):
         raise PlanError(
             init_key,
@@ -346,13 +346,6 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
             True,
             f"is not supported on embeddings ({where}; peft)",
             "exclude the embedding from target_modules",
-        )
-    if is_conv and any(d != 1 for d in module.get("dilation", ())) and any(k != 1 for k in module.get("kernel_size")):
-        raise PlanError(
-            "peft.target_modules",
-            module.leaf_name,
-            f"{where} is dilated; LoRA's A conv is not (peft), so their outputs would differ in size",
-            "exclude dilated convolutions",
         )
     groups = module.get("groups", 1) if is_conv else 1
     if groups > 1 and r % groups:
