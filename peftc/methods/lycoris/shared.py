@@ -4,10 +4,10 @@ products; LoKr: a Kronecker product), reshaped to W's shape. On a Linear the lay
 dW x from the factors without forming dW where that is cheaper (`factored_output`: always for
 LoKr, for LoHa while r^2 (in + out) < in * out): forming dW costs an out x in product per step
 and a second GEMM of the base's size per token. Otherwise it materializes dW and applies it with
-F.linear, or F.conv1d/conv2d with the base layer's stride, padding, dilation and groups. For
-convolutions the factors span (in / groups) * kernel columns, or, with
-`use_effective_conv2d` and a kernel larger than 1, a CP form: a small r x r x kernel core
-between an output and an input factor.
+F.linear, or the base convolution's own _conv_forward (its stride, padding, padding_mode,
+dilation and groups, as peft 0.22). For convolutions the factors span (in / groups) * kernel
+columns, or, with `use_effective_conv2d` and a kernel larger than 1, a CP form: a small
+r x r x kernel core between an output and an input factor.
 
 Training-only regularisers, as in peft: `module_dropout` skips the whole adapter for a step
 with probability p; `rank_dropout` zeroes each output row of dW with probability p (LoHa
@@ -42,8 +42,6 @@ from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
-
-CONV_FUNCTIONS = {"conv1d": F.conv1d, "conv2d": F.conv2d}
 
 
 @dataclass
@@ -142,9 +140,7 @@ class LycorisLayer(AdapterLayer):
         x = x.to(delta.dtype)
         if self.kind == "linear":
             return result + F.linear(x, delta)
-        base = self.base_layer
-        update = CONV_FUNCTIONS[self.kind](x, delta, None, base.stride, base.padding, base.dilation, base.groups)
-        return result + update
+        return result + self.base_layer._conv_forward(x, delta, None)
 
     @staticmethod
     def _row_mask(options: Mapping[str, Any], rows: int, like: torch.Tensor) -> torch.Tensor:
