@@ -8,7 +8,6 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftc.methods.layer import AdapterLayer
@@ -65,9 +64,8 @@ class AdaLoraLayer(AdapterLayer):
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a, e, b = self.lora_A[name], self.lora_E[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(a.dtype))
-        if self.kind == "conv2d":
-            base = self.base_layer
-            update = F.conv2d(x, self.delta_weight(name), None, base.stride, base.padding, base.dilation, base.groups)
+        if self.kind == "conv2d":  # padded as the base pads (peft 0.22)
+            update = self.base_layer._conv_forward(x, self.delta_weight(name), None)
             return (result + update).to(result.dtype)
         # peft adds in place (result +=): the sum in the wider dtype, rounded once per adapter
         return (result + (x @ (a * e).T @ b.T) * self._scale(name)).to(result.dtype)
