@@ -134,6 +134,21 @@ def test_hra_refuses_convolutions_peft_cannot_run(target: str) -> None:
     assert error.value.key == "peft.target_modules"
 
 
+def test_adalora_refuses_a_grouped_conv2d_by_name_as_peft_raises_on_it() -> None:
+    from peft import AdaLoraConfig, get_peft_model
+
+    from peftc import methods
+    from tests.conv_model import TinyConvNet, plan_for
+
+    spec = methods.get("adalora").schema(target_modules=("conv", "grouped"))
+    with pytest.raises(PlanError, match="grouped Conv2d") as error:
+        plan_for(TinyConvNet(), spec)
+    assert error.value.key == "peft.target_modules" and error.value.value == "grouped"
+    assert "peft.exclude_modules=[grouped]" in str(error.value)
+    with pytest.raises(ValueError, match="groups > 1"):
+        get_peft_model(TinyConvNet(), AdaLoraConfig(target_modules=["grouped"], total_step=10))
+
+
 def test_ln_tuning_merges_one_adapter_at_a_time_like_peft() -> None:
     plan = peftc.compile(["peft=ln_tuning"])
     model = peftc.materialize(plan, base_model=build_base(plan))

@@ -133,8 +133,8 @@ class AdaLora(InjectableMethod):
                 raise PlanError(
                     "peft.target_modules",
                     module.path,
-                    f"is a grouped Conv2d (groups={module.get('groups')}), which AdaLoRA cannot adapt (as in peft)",
-                    "exclude it (peft.exclude_modules) or use LoRA",
+                    f"is a grouped Conv2d (groups={module.get('groups')}), which AdaLoRA cannot adapt (peft raises)",
+                    f"exclude it: peft.exclude_modules=[{module.leaf_name}], or use LoRA",
                 )
             columns *= module.get("kernel_size")[0] * module.get("kernel_size")[1]
         tensors = {
