@@ -408,6 +408,7 @@ CASES = [
         "padded",
         spec_fields=(("target_modules", ("reflect", "circular")), ("init_r", 4), ("target_r", 2), ("lora_alpha", 0.1)),
     ),
+    Case("hra", "padded", spec_fields=(("target_modules", ("reflect", "circular")), ("r", 4))),
     # Raw parameters (target_parameters; tests/moe_model.py): an (experts, out, in) stack whose two
     # parameters nest peft's wrappers; gpt-oss's (experts, in, out) stack, a raw 2-D weight and an
     # nn.Linear's weight beside a module target, with bias=lora_only (peft trains that Linear's bias)

@@ -14,9 +14,8 @@ and B = -(W U) T, run by LoRA's fused node. peft forms H, then W H (an out x in 
 backward then computes the gradient of W H, a product the size of the base layer's own.
 Merging sets W <- W H; unmerging multiplies by the reflections in
 reverse order (H^T = H^-1; the Gram-Schmidt H is its own inverse). Convolutions run with the base
-layer's own settings; peft passes only stride[0] and padding[0], so kernels, strides and padding
-that differ per axis, dilation and groups, which it would compute differently or not at all, are
-refused at plan time.
+layer's own settings (any kernel, stride, padding, padding_mode and dilation), which is what
+peft 0.22's reflected, unfolded patches compute; grouped ones are refused at plan time (peft raises).
 """
 
 from __future__ import annotations
@@ -62,11 +61,11 @@ class HRASpec(LayeredTargetsSpec):
 
 
 def reflected_size(spec: HRASpec, module: ModuleInfo) -> int:
-    """The length of each reflection vector: in_features, or in_channels * k * k for Conv2d."""
+    """The length of each reflection vector: in_features, or in_channels * k[0] * k[1] for Conv2d."""
     if module.kind == "linear":
         size = module.in_features
     else:
-        check_plain_conv(module)
+        check_ungrouped_conv(module)
         size = module.in_features * math.prod(module.get("kernel_size"))
     if spec.apply_GS and spec.r > size:
         raise PlanError(
@@ -78,18 +77,15 @@ def reflected_size(spec: HRASpec, module: ModuleInfo) -> int:
     return size
 
 
-def check_plain_conv(module: ModuleInfo) -> None:
-    """Refuse what peft's HRAConv2d gets wrong: it sizes u by kernel_size[0]^2 and convolves with
-    stride[0], padding[0] only (no dilation), and it refuses groups > 1."""
-    settings = {name: module.get(name) for name in ("kernel_size", "stride", "padding", "dilation")}
-    uneven = [name for name, value in settings.items() if isinstance(value, str) or len(set(value)) > 1]
-    if uneven or module.get("groups") != 1 or set(settings["dilation"]) != {1}:
-        problem = f"has {'/'.join(uneven)} unequal across axes" if uneven else "is grouped or dilated"
+def check_ungrouped_conv(module: ModuleInfo) -> None:
+    """Refuse a grouped Conv2d, as peft's HRAConv2d does: H spans in_channels * kernel inputs, a
+    grouped weight only in_channels / groups of them."""
+    if module.get("groups") != 1:
         raise PlanError(
             "peft.target_modules",
             module.leaf_name,
-            f"matches {module.path}, a Conv2d that {problem} ({settings}, groups={module.get('groups')})",
-            "HRA adapts Conv2d layers with square kernels, one stride and padding, no dilation, groups=1 (as peft)",
+            f"matches {module.path}, a grouped Conv2d (groups={module.get('groups')}), which HRA cannot adapt (peft raises)",
+            f"exclude it: peft.exclude_modules=[{module.leaf_name}]",
         )
 
 
