@@ -247,6 +247,8 @@ CASES = [
     Case(
         "lora", "tiny_llama", ("peft.init_lora_weights=olora", "peft.target_modules=[q_proj,down_proj]"), perturb=True
     ),
+    # on GPT-2's Conv1D (weight stored (in, out)): QR of the transposed weight (peft 0.22), scaling 2
+    Case("lora", "tiny_gpt2", ("peft.init_lora_weights=olora", "peft.lora_alpha=16"), perturb=True),
     Case("lora", "tiny_llama", ("peft.init_lora_weights=orthogonal", "peft.r=4"), perturb=True),
     Case("lora", "tiny_gpt2", ("peft.bias=all",), perturb=True),
     Case("lora", "tiny_gpt2", ("peft.bias=all", "peft.modules_to_save=[ln_f]"), perturb=True),

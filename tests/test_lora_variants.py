@@ -84,7 +84,6 @@ def test_base_rewriting_inits_with_a_scaling_other_than_one_take_peft_s_factors_
         (["peft.lora_bias=true", "peft.init_lora_weights=pissa"], "peft.lora_bias", "true or false"),
         (["peft.lora_bias=true", "peft.target_modules=[embed_tokens]"], "peft.lora_bias", "embeddings"),
         (["peft.init_lora_weights=pissa", "peft.r=65"], "peft.init_lora_weights", "r <= min(in, out)"),
-        (["model=tiny_gpt2", "peft.init_lora_weights=olora"], "peft.init_lora_weights", "Conv1D"),
         (["peft.bias=some"], "peft.bias", "none"),
     ],
 )

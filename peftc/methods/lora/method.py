@@ -327,13 +327,6 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
             f"peft supports it on Linear layers only, not {where}",
             "exclude the conv layers or use true/gaussian",
         )
-    if family == "olora" and module.kind == "conv1d_hf":
-        raise PlanError(
-            init_key,
-            "olora",
-            f"peft's OLoRA does not handle GPT-2's Conv1D ({where})",
-            "use pissa, or target nn.Linear layers",
-        )
     if family in BASE_MUTATING and module.kind != "embedding" and r > min(module.in_features, module.out_features):
         raise PlanError(
             init_key,
