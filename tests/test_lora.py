@@ -222,7 +222,7 @@ def test_several_adapters_save_in_peft_layout_and_load_in_peft(tmp_path) -> None
     assert max_diff(theirs.eval()(input_ids=x).logits, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("init", ["true", "gaussian", "false"])
+@pytest.mark.parametrize("init", ["true", "gaussian", "false", "nora"])
 def test_fresh_factors_are_peft_s_draws_under_the_same_seed(init: str) -> None:
     """peft.init_lora_weights: the same random stream as peft (kaiming-uniform A, or N(0, 1/r) A,
     B zero; false: B drawn too), so a seeded run starts from the adapter peft would start from.

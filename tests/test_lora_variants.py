@@ -11,6 +11,7 @@ what peft refuses beside it), and nn.MultiheadAttention's gradients and refusals
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import PISSA_ROUNDING, ROUNDING_INITS, build_base, max_diff, token_batch
 from tests.method_cases import CASES, oracle_config, output, paired
-from tests.moe_model import TinyMoE
+from tests.moe_model import TinyMoE, features
 
 
 # ------------------------------------------------------------------------------ targeted facts
@@ -37,7 +38,7 @@ def test_default_dora_magnitude_is_the_row_norm_of_the_base_weight() -> None:
     assert torch.allclose(magnitude, weight.norm(dim=1), atol=1e-6)
 
 
-@pytest.mark.parametrize("init", ["true", "gaussian", "orthogonal", "pissa", "olora", "pissa_niter_3"])
+@pytest.mark.parametrize("init", ["true", "gaussian", "orthogonal", "pissa", "olora", "pissa_niter_3", "nora"])
 def test_every_initialisation_starts_as_the_base_model(init: str) -> None:
     plan = peftc.compile([f"peft.init_lora_weights={init}", "peft.r=4", "peft.use_dora=true"])
     base = build_base(plan)
@@ -164,7 +165,7 @@ EXPERT_CASE = next(
         ({"lora_dropout": 0.1}, "peft.lora_dropout", "peft refuses"),
         ({"use_dora": True}, "peft.use_dora", "peft refuses"),
         ({"lora_bias": True}, "peft.lora_bias", "peft refuses"),
-        ({"init_lora_weights": "pissa"}, "peft.init_lora_weights", "true, false and gaussian"),
+        ({"init_lora_weights": "pissa"}, "peft.init_lora_weights", "true, false, gaussian and nora"),
         ({"target_parameters": []}, "peft.target_parameters", "non-empty list"),
         ({"target_parameters": ["experts.gate_up"]}, "peft.target_parameters", "did you mean 'experts.gate_up_proj'"),
         ({"target_parameters": ["mixer"]}, "peft.target_parameters", "name its parameter, e.g. mixer.weight"),
@@ -224,6 +225,24 @@ def test_fresh_factors_on_expert_stacks_are_peft_s_draws_under_the_same_seed(ini
     ours_tensors = ours.adapter_state_dict("default")
     assert ours_tensors.keys() == theirs.keys()
     assert all(torch.equal(ours_tensors[k], theirs[k]) for k in theirs)
+
+
+def test_nora_on_expert_stacks_normalises_each_expert_s_columns() -> None:
+    """NoRA on a 3-D stack: A holds one (r, in) block per expert, each column of each block at unit
+    norm (peft 0.22's nora_init; its own ParamWrapper crashes before reaching it on a module
+    without a .weight, so the rule is checked directly), B zero: the model is unchanged."""
+    base = TinyMoE()
+    fields = {"target_modules": [], "target_parameters": ["experts.down_proj"], "r": 2, "init_lora_weights": "nora"}
+    model = peftc.materialize(plan_for(base, LoraSpec(**fields)), base_model=copy.deepcopy(base))
+    tensors = model.adapter_state_dict("default")
+    a = next(v for k, v in tensors.items() if k.endswith("lora_A.weight"))
+    b = next(v for k, v in tensors.items() if k.endswith("lora_B.weight"))
+    experts = base.experts.down_proj.shape[0]
+    norms = a.view(experts, 2, -1).norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    assert a.view(experts, 2, -1).norm(dim=2).std() > 0 and not b.any()
+    with torch.no_grad():
+        assert max_diff(model(input_ids=features()), base(input_ids=features())) <= 1e-6
 
 
 def test_parameters_peft_cannot_wrap_are_plan_errors() -> None:

@@ -191,6 +191,7 @@ CASES = [
     FieldCase("lora", {"init_lora_weights": "pissa", "target_modules": ["lin0"]}),  # r <= min(in, out)
     FieldCase("lora", {"init_lora_weights": "olora", "target_modules": ["lin0"]}),
     FieldCase("lora", {"init_lora_weights": "orthogonal", "r": 4}),
+    FieldCase("lora", {"init_lora_weights": "nora"}),
     FieldCase(
         "lora",
         {"init_lora_weights": "eva", "eva_config": {"rho": 1.5}},

@@ -10,6 +10,8 @@ seeded run draws the same numbers peft draws.
 - OLoRA: W = Q R (QR decomposition); B = Q[:, :r], A = R[:r]; the base keeps W - s B A.
 - orthogonal: A and B are non-zero with B A = 0 exactly: with Q orthogonal (r x r),
   A = (G1 Q[0::2])^T / 10 and B = G2^T Q[1::2] / 10 (G random), and rows of Q are orthogonal.
+- NoRA (peft 0.22): A as nn.Linear draws it, each column scaled to unit L2 norm (per expert block
+  on a 3-D stack), B zero: a no-op that, trained, is a plain LoRA.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def init_family(init: object) -> str:
 
 
 def is_valid_init(init: object) -> bool:
-    return init in (True, False, "gaussian", "pissa", "olora", "orthogonal") or (
+    return init in (True, False, "gaussian", "pissa", "olora", "orthogonal", "nora") or (
         isinstance(init, str) and PISSA_NITER.fullmatch(init) is not None
     )
 
@@ -48,6 +50,17 @@ def reset_default(lora_a: nn.Module, lora_b: nn.Module, init: object, r: int) ->
         nn.init.normal_(lora_a.weight, std=1 / r)
     else:
         nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_b.weight)
+    if getattr(lora_b, "bias", None) is not None:
+        nn.init.zeros_(lora_b.bias)
+
+
+@torch.no_grad()
+def nora_(lora_a: nn.Module, lora_b: nn.Module, r: int) -> None:
+    """NoRA in place: A keeps its construction draw (no second draw, as peft), each column of every
+    (r, in) block normalised (clamped at 1e-6); B and its bias zero."""
+    blocks = lora_a.weight.view(-1, r, lora_a.weight.shape[-1])
+    blocks.div_(blocks.norm(dim=1, keepdim=True).clamp_min(1e-6))
     nn.init.zeros_(lora_b.weight)
     if getattr(lora_b, "bias", None) is not None:
         nn.init.zeros_(lora_b.bias)

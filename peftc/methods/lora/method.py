@@ -1,11 +1,11 @@
 """LoRA: y = W x + s * B A dropout(x), with s = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA).
 
 A (r x in) and B (out x r) are the trainable tensors per site; B starts at zero, so the default
-adapter is an exact no-op. Variants and options, all with peft 0.21.2's semantics:
+adapter is an exact no-op. Variants and options, all with peft 0.22.0's semantics:
 - DoRA (`use_dora`): W' = m * (W + s B A) / ||W + s B A|| row-wise, m trainable (dora.py);
 - `init_lora_weights`: true, false, gaussian, pissa, pissa_niter_K, olora (the last three move
-  the principal part of W into the adapter and leave the residual in the base), orthogonal
-  (lora_init.py);
+  the principal part of W into the adapter and leave the residual in the base), orthogonal,
+  nora (init.py);
 - `bias`: train the base biases of every module ('all') or of the adapted ones ('lora_only');
   `lora_bias`: B gets its own bias;
 - sites: nn.Linear, GPT-2's Conv1D (W stored (in, out)), nn.Embedding, nn.Conv1d/2d/3d
@@ -66,7 +66,8 @@ class LoraSpec(LayeredTargetsSpec):
         True,
         "true: A Kaiming-uniform, B zero (no-op); 'gaussian': A ~ N(0, 1/r), B zero; false: both random (not a no-op); "
         "'pissa' / 'pissa_niter_K': A, B from the top-r SVD of W (full, or randomised with K iterations), base keeps the residual; "
-        "'olora': A, B from the QR decomposition of W, base keeps the residual; 'orthogonal': A, B orthogonal with B A = 0.",
+        "'olora': A, B from the QR decomposition of W, base keeps the residual; 'orthogonal': A, B orthogonal with B A = 0; "
+        "'nora': A's columns normalised to unit norm, B zero (Linear layers and target_parameters).",
     )
     use_dora: bool = param(
         False, "DoRA: learn a per-output-row magnitude m; W' = m (W + s B A) / ||W + s B A|| (norm detached)."
@@ -111,7 +112,7 @@ class LoraSpec(LayeredTargetsSpec):
                 f"{key}.init_lora_weights",
                 init,
                 "is not a supported initialisation",
-                "use true, false, gaussian, pissa, pissa_niter_<K>, olora or orthogonal",
+                "use true, false, gaussian, pissa, pissa_niter_<K>, olora, orthogonal or nora",
             )
         if init == "orthogonal":
             odd = {p: r for p, r in {"r": self.r, **(self.rank_pattern or {})}.items() if r % 2}
@@ -269,7 +270,7 @@ class Lora(InjectableMethod):
             raise AdapterFileError(
                 "adapter_config.json",
                 f"init_lora_weights={init!r} changes the base weights in a way peftc does not implement",
-                "supported: true, false, gaussian, pissa, pissa_niter_<K>, olora, orthogonal, eva",
+                "supported: true, false, gaussian, pissa, pissa_niter_<K>, olora, orthogonal, nora, eva",
             )
         return LoraSpec(
             r=int(config.get("r", 8)),
@@ -326,6 +327,13 @@ def _check_site(spec: LoraSpec, module: ModuleInfo, r: int) -> None:
             spec.init_lora_weights,
             f"peft supports it on Linear layers only, not {where}",
             "exclude the conv layers or use true/gaussian",
+        )
+    if family == "nora" and (is_conv or module.kind == "embedding"):
+        raise PlanError(
+            init_key,
+            spec.init_lora_weights,
+            f"peft implements NoRA on Linear layers and target_parameters only, not {where}",
+            f"exclude it: peft.exclude_modules=[{module.leaf_name}], or use true/gaussian",
         )
     if family in BASE_MUTATING and module.kind != "embedding" and r > min(module.in_features, module.out_features):
         raise PlanError(

@@ -31,7 +31,7 @@ from torch.func import functional_call
 from peftc.errors import ConfigError, PlanError, did_you_mean
 from peftc.methods.common import pattern_value
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora.init import reset_default
+from peftc.methods.lora.init import nora_, reset_default
 from peftc.planning.plan import ParameterTarget, Site
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 KEY = "peft.target_parameters"
 KIND = "parameter"
-PLAIN_INITS = (True, False, "gaussian")  # the inits peftc implements on raw parameters
+PLAIN_INITS = (True, False, "gaussian", "nora")  # the inits peftc implements on raw parameters
 
 
 def check_spec(spec: Any, key: str = "peft") -> None:
@@ -64,7 +64,7 @@ def check_spec(spec: Any, key: str = "peft") -> None:
         raise ConfigError(
             f"{key}.init_lora_weights",
             spec.init_lora_weights,
-            f"with {KEY} peftc implements only true, false and gaussian",
+            f"with {KEY} peftc implements only true, false, gaussian and nora",
             "use one of them",
         )
 
@@ -190,7 +190,9 @@ class ParamLoraLayer(AdapterLayer):
             a, b = meta_linear(site.in_features, rank, bias=False), meta_linear(rank, site.out_features, bias=False)
         else:  # drawn on the CPU like peft's, then moved beside the parameter
             a, b = nn.Linear(site.in_features, rank, bias=False), nn.Linear(rank, site.out_features, bias=False)
-            if init and opts["init"] is not False:
+            if init and opts["init"] == "nora":
+                nora_(a, b, opts["r"])
+            elif init and opts["init"] is not False:
                 reset_default(a, b, opts["init"], opts["r"])
             a, b = a.to(device), b.to(device)
         self.lora_A[name], self.lora_B[name] = a, b
