@@ -315,7 +315,7 @@ def test_attention_gradients_are_the_chain_rule_through_peft_s_merged_weights() 
     ("fields", "key", "fragment"),
     [
         ({"use_dora": True}, "peft.use_dora", "peft does not implement DoRA there"),
-        ({"lora_bias": True}, "peft.lora_bias", "ignores B's bias"),
+        ({"lora_bias": True}, "peft.lora_bias", "peft 0.22 refuses it there too"),
         ({"init_lora_weights": "orthogonal"}, "peft.init_lora_weights", "true, false and gaussian"),
         ({"target_modules": ["out_proj"]}, "peft.target_modules", "never calls it"),
     ],

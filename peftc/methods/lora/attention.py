@@ -56,7 +56,7 @@ def check_site(spec: Any, module: ModuleInfo) -> None:
         )
     refused = {
         "use_dora": (spec.use_dora, "peft does not implement DoRA there", "false"),
-        "lora_bias": (spec.lora_bias, "peft ignores B's bias on in_proj, so peftc refuses it", "false"),
+        "lora_bias": (spec.lora_bias, "peft 0.22 refuses it there too (it never applied B's bias to in_proj)", "false"),
     }
     for field, (value, why, fix) in refused.items():
         if value:
