@@ -301,6 +301,33 @@ def test_two_active_adapters_stack_like_peft(stack: StackCase) -> None:
     assert max_diff(logits(pair.ours), logits(build_base(pair.plan))) > 1e-4
 
 
+# Two OFT adapters over the same layers: a Linear model's projections.
+OFT_STACKS = [Case("oft", "tiny_llama")]
+
+
+@pytest.mark.parametrize("case", OFT_STACKS, ids=[case.id for case in OFT_STACKS])
+def test_stacked_oft_adapters_merge_to_their_unmerged_outputs_as_in_peft(case: Case) -> None:
+    """Active adapters rotate the input as x R_1 R_2, i.e. the weight as W R_2^T R_1^T: merging
+    folds them in reverse, as peft 0.22 does (0.21 folded them in order, away from its forward)."""
+    pair = paired(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        pair.theirs.add_adapter("other", oracle_config(pair.plan, case))
+    pair.ours.add_adapter("other", pair.plan)
+    fill(pair.ours, "other", peft_state(pair.theirs, adapter_name="other"))
+    pair.theirs.base_model.set_adapter(["default", "other"])
+    pair.ours.set_adapter(["default", "other"])
+    stacked = output(pair.ours, case)
+    assert max_diff(stacked, output(pair.theirs, case)) <= case.tolerance
+    pair.ours.merge_adapter()
+    pair.theirs.base_model.merge_adapter()
+    assert max_diff(output(pair.ours, case), stacked) <= case.tolerance
+    assert max_diff(output(pair.theirs, case), stacked) <= case.tolerance
+    pair.ours.unmerge_adapter()
+    assert max_diff(output(pair.ours, case), stacked) <= case.tolerance
+
+
 def test_oft_module_dropout_turns_that_share_of_blocks_into_the_identity_in_training_only() -> None:
     """peft 0.21 builds OFT's multiplicative dropout but never calls it (the strict xfail in
     tests/test_peft_field_matrix.py); peftc applies it: in training int(0.5 * blocks) random

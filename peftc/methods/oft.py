@@ -8,9 +8,10 @@ n = num_cayley_neumann_terms (n = 3 is computed like n = 4, as peft does). `bloc
 Q for all blocks; COFT projects each Q into a Frobenius ball of radius eps / sqrt(rows) before
 use (in place, as peft does). Q = 0 gives R = I: the default init is an exact no-op.
 
-Merging multiplies W by R^T block by block; unmerging multiplies by (R^-1)^T computed in float64,
-so merge -> unmerge restores W to float32 rounding even when the series makes R not exactly
-orthogonal.
+Merging multiplies W by R^T block by block (several active adapters in reverse order: the input
+rotated as x R_1 R_2 is the weight W R_2^T R_1^T, as peft 0.22 merges); unmerging multiplies by
+(R^-1)^T computed in float64, so merge -> unmerge restores W to float32 rounding even when the
+series makes R not exactly orthogonal.
 
 Conv2d follows peft 0.21 exactly (its `OFTRotationModule.forward`): the input is cut into k x k
 patches (stride 1, no padding), each patch's C*k*k values are rotated, and the patches are put
@@ -232,6 +233,14 @@ class OFTLayer(AdapterLayer):
 
     def adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return self._rotate(name, result) if self.kind == "embedding" else result
+
+    def merge(self, names: Sequence[str] | None = None) -> list[str]:
+        """Linear and Conv2d fold adapters in reverse: several active adapters rotate the input
+        as x R_1 R_2 ..., which is the weight W R_2^T R_1^T, and each fold multiplies by one R^T
+        (peft 0.22's order; 0.21 folded them in order, away from its own forward). An
+        embedding's rows are rotated as E R_1 R_2 ...: it folds them in order."""
+        chosen = list(names if names is not None else self.active_adapters)
+        return super().merge(chosen if self.kind == "embedding" else chosen[::-1])
 
     def check_mergeable(self, names: Sequence[str]) -> None:
         if self.kind != "conv2d":
