@@ -362,16 +362,10 @@ CASES = [
         spec_fields=(("target_modules", ("volume", "pointwise")), ("use_dora", True), ("r", 2)),
         perturb=True,
     ),
-    # OFT on Conv2d, peft's forward: a 1x1 conv is a plain input rotation (merges); over a 3x3
-    # kernel peft folds rotated, overlapping patches back (no weight gives that: merging is refused)
+    # OFT on Conv2d rotates the weight over in_channels x k x k (peft 0.22), so 1x1 and 3x3 convs
+    # both merge; peft refuses grouped convs (tests/test_methods.py checks peftc's plan error)
     Case("oft", "conv", spec_fields=(("target_modules", ("pointwise",)), ("oft_block_size", 4)), perturb=True),
-    Case(
-        "oft",
-        "conv",
-        spec_fields=(("target_modules", ("conv", "grouped")), ("oft_block_size", 4)),
-        perturb=True,
-        mergeable=False,
-    ),
+    Case("oft", "conv", spec_fields=(("target_modules", ("conv",)), ("r", 3), ("oft_block_size", 0)), perturb=True),
     # peft cannot merge LoRA into a grouped convolution (its delta has the wrong shape); nor can we
     Case("lora", "conv", spec_fields=(("target_modules", ("grouped",)), ("r", 4)), perturb=True, mergeable=False),
     # DoRA there too, with peft's norm of a grouped update (B viewed as (out/groups, r) times A)
@@ -408,6 +402,10 @@ CASES = [
         spec_fields=(("target_modules", ("reflect", "circular")), ("init_r", 4), ("target_r", 2), ("lora_alpha", 0.1)),
     ),
     Case("hra", "padded", spec_fields=(("target_modules", ("reflect", "circular")), ("r", 4))),
+    # OFT rotates the weight: the base convolves with it, padding, stride and dilation included
+    Case(
+        "oft", "padded", spec_fields=(("target_modules", ("reflect", "circular")), ("oft_block_size", 6)), perturb=True
+    ),
     # Raw parameters (target_parameters; tests/moe_model.py): an (experts, out, in) stack whose two
     # parameters nest peft's wrappers; gpt-oss's (experts, in, out) stack, a raw 2-D weight and an
     # nn.Linear's weight beside a module target, with bias=lora_only (peft trains that Linear's bias)

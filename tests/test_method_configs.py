@@ -62,7 +62,11 @@ def test_an_oft_block_size_that_does_not_divide_a_layer_suggests_divisors() -> N
         ({"kernel_size": 3, "padding": 2, "dilation": 2}, "dilated Conv2d"),
     ],
 )
-def test_oft_refuses_the_conv2d_peft_cannot_rotate(conv: dict[str, object], fragment: str) -> None:
+def test_oft_s_patch_transform_refuses_the_conv2d_peft_0_21_cannot_rotate(
+    conv: dict[str, object], fragment: str
+) -> None:
+    """peft < 0.22's conv transform (kept for the adapters it trained) sized the rotation as
+    C*k[0]*k[0] and refused dilation; peft 0.22's weight rotation takes both (tests/test_methods.py)."""
     from torch import nn
 
     from peftc.methods.oft import OFTSpec
@@ -71,8 +75,9 @@ def test_oft_refuses_the_conv2d_peft_cannot_rotate(conv: dict[str, object], frag
     model = TinyConvNet()
     model.conv = nn.Conv2d(4, 8, **conv)
     with pytest.raises(PlanError, match=fragment) as error:
-        plan_for(model, OFTSpec(target_modules=["conv"], oft_block_size=4))
-    assert "peft.exclude_modules=[conv]" in str(error.value)
+        plan_for(model, OFTSpec(target_modules=["conv"], oft_block_size=4, conv_transform="patches"))
+    assert "peft.exclude_modules=[conv], or peft.conv_transform=weight" in str(error.value)
+    plan_for(model, OFTSpec(target_modules=["conv"], oft_block_size=4))  # rotating the weight
 
 
 def test_oft_adjust_block_size_follows_peft_per_layer() -> None:

@@ -8,12 +8,14 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import peftc
 from peftc import methods
+from peftc.errors import PlanError
 from peftc.files import adapter_files
 from peftc.files.load import fill
 from peftc.runtime.model import PeftcModel
@@ -186,27 +188,62 @@ def test_unmergeable_adapters_refuse_to_merge_and_leave_weights_untouched(case: 
     assert not any(layer.merged_adapters for _, layer in ours.adapter_layers())
 
 
-def test_peft_s_oft_on_a_3x3_conv_is_no_weight_so_peftc_copies_its_forward_and_refuses_merging(
-    tmp_path: Path,
-) -> None:
-    """Why OFT over a k > 1 Conv2d is unmergeable (peftc/methods/oft.py): in peft 0.21 even the
-    identity rotation changes the outputs, and its own merge disagrees with its forward. When a
-    peft release fixes this, this test fails and the merge refusal can go."""
+@pytest.mark.parametrize(
+    "conv",
+    [{"kernel_size": 3, "padding": 1}, {"kernel_size": (3, 1), "padding": (2, 0), "dilation": (2, 1)}],
+    ids=["3x3", "3x1-dilated"],
+)
+def test_oft_on_a_conv2d_is_the_conv_with_its_rotated_weight_like_peft(conv: dict[str, Any], tmp_path: Path) -> None:
+    """peft 0.22 runs OFT on a Conv2d as the convolution with W R^T (W viewed as out x in*kh*kw),
+    the merged layer's weight: peftc gives its outputs unmerged and merged, for any kernel shape
+    and dilation (peft 0.21 rotated input patches instead; see peftc/methods/oft.py)."""
     import peft
+    from torch import nn
 
     from tests.conv_model import TinyConvNet, images
 
+    def base() -> TinyConvNet:
+        model = TinyConvNet()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            model.conv = nn.Conv2d(4, 8, **conv)
+        return model
+
     x = images()
-    config = peft.OFTConfig(target_modules=["conv"], oft_block_size=4, r=0)  # R = I
+    config = peft.OFTConfig(target_modules=["conv"], oft_block_size=4, r=0, init_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes on the conv layer
-        theirs = peft.get_peft_model(TinyConvNet(), config).eval()
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(base(), config).eval()
         theirs.save_pretrained(tmp_path)
-        identity = theirs(x)
-        ours = peftc.load_adapter(TinyConvNet(), tmp_path).eval()
-        assert max_diff(identity, TinyConvNet()(x)) > 1e-2, "R = I is not a no-op in peft's conv forward"
-        assert max_diff(theirs.merge_and_unload()(x), identity) > 1e-2, "peft's merged weight is not its forward"
-    assert max_diff(ours(x), identity) <= 1e-5, "peftc gives peft's outputs"
+        ours = peftc.load_adapter(base(), tmp_path).eval()
+    expected = theirs(x)
+    assert max_diff(ours(x), expected) <= 1e-5
+    assert max_diff(expected, base()(x)) > 1e-4, "a random (not no-op) rotation: far above the tolerance"
+    rotation = theirs.base_model.model.conv.get_delta_weight("default")  # peft's block-diagonal R
+    weight = base().conv.weight
+    rotated = (weight.reshape(weight.shape[0], -1) @ rotation.T).reshape(weight.shape)
+    merged = ours.merge_and_unload()
+    assert max_diff(merged.conv.weight, rotated) <= 1e-6
+    assert max_diff(merged(x), expected) <= 1e-5
+    assert max_diff(theirs.merge_and_unload()(x), expected) <= 1e-5
+
+
+def test_oft_refuses_a_grouped_conv2d_at_plan_time_in_one_line_as_peft_refuses_it() -> None:
+    """OFT rotates all in_channels x k x k inputs of a filter; a grouped weight holds a share."""
+    import peft
+
+    from peftc.methods.oft import OFTSpec
+    from tests.conv_model import TinyConvNet, plan_for
+
+    with pytest.raises(PlanError) as error:
+        plan_for(TinyConvNet(), OFTSpec(target_modules=["conv", "grouped"], oft_block_size=4))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("peft.target_modules='grouped': is a grouped Conv2d (groups=2)")
+    assert message.endswith("exclude it: peft.exclude_modules=[grouped]")
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        peft.get_peft_model(TinyConvNet(), peft.OFTConfig(target_modules=["grouped"], oft_block_size=4, r=0))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -301,8 +338,8 @@ def test_two_active_adapters_stack_like_peft(stack: StackCase) -> None:
     assert max_diff(logits(pair.ours), logits(build_base(pair.plan))) > 1e-4
 
 
-# Two OFT adapters over the same layers: a Linear model's projections.
-OFT_STACKS = [Case("oft", "tiny_llama")]
+# Two OFT adapters over the same layers: a Linear model's projections, a 3x3 Conv2d.
+OFT_STACKS = [Case("oft", "tiny_llama"), CASES[IDS.index("oft conv target_modules=('conv',) r=3 oft_block_size=0")]]
 
 
 @pytest.mark.parametrize("case", OFT_STACKS, ids=[case.id for case in OFT_STACKS])

@@ -2,7 +2,7 @@
 (r * b = the layer's input size; for embeddings the output rows are rotated: E' = E R).
 
 Each block is the Cayley transform of a skew-symmetric Q_i (its b(b-1)/2 upper-triangle entries
-are the trainable `oft_R.weight` row i): R_i = (I - Q_i)(I + Q_i)^-1, or by default peft 0.21's
+are the trainable `oft_R.weight` row i): R_i = (I - Q_i)(I + Q_i)^-1, or by default peft's
 truncated Cayley-Neumann series I + 2Q + 2Q^2 + ... + 2Q^(n-2) + Q^(n-1) with
 n = num_cayley_neumann_terms (n = 3 is computed like n = 4, as peft does). `block_share` uses one
 Q for all blocks; COFT projects each Q into a Frobenius ball of radius eps / sqrt(rows) before
@@ -13,15 +13,22 @@ rotated as x R_1 R_2 is the weight W R_2^T R_1^T, as peft 0.22 merges); unmergin
 (R^-1)^T computed in float64, so merge -> unmerge restores W to float32 rounding even when the
 series makes R not exactly orthogonal.
 
-Conv2d follows peft 0.21 exactly (its `OFTRotationModule.forward`): the input is cut into k x k
-patches (stride 1, no padding), each patch's C*k*k values are rotated, and the patches are put
-back with F.fold, which sums where patches overlap, after a reshape that does not invert the
-unfold's layout; the base convolution then runs on the result. For k > 1 that map is not the
-rotation of the weight: even R = I changes the input, and peft's own merged weight gives other
-outputs than its forward. The map is deterministic and well defined, so peftc reproduces it
-(an adapter peft trained gives peft's outputs) and refuses to merge it by name, as it copies
-peft's LoRA-on-MultiheadAttention double count. A 1 x 1 convolution has no overlaps: it is a
-plain input rotation and merges. Exactly one of r / oft_block_size is non-zero (peft's rule); a size that does not
+Conv2d, as peft 0.22: the weight viewed as (out, C*kh*kw) is rotated, W' = W R^T, and the base
+layer's own convolution (stride, padding, dilation, padding mode) runs with it; several active
+adapters give W R_k^T ... R_1^T, built as merging builds it. The unmerged layer is the merged one,
+for any kernel shape. A grouped Conv2d is refused at plan time: R mixes all C*kh*kw inputs of a
+filter, which a grouped weight does not hold (peft 0.22 raises on it).
+
+peft < 0.22 transformed the input instead: it cut it into k x k patches (stride 1, no padding),
+rotated each patch's C*k*k values and put the patches back with F.fold, which sums where they
+overlap, after a reshape that does not invert the unfold's layout; the convolution then ran on
+the result. For k > 1 that map is no weight: even R = I changes the input, and 0.21's merged weight
+gave other outputs than its forward. `conv_transform=patches` reproduces it step for step where it
+differs from the rotation (kernels over 1 x 1, grouped convs), on the square, undilated kernels
+0.21 could adapt, and refuses to merge those sites by name. A 1 x 1 ungrouped convolution has no
+overlaps: both transforms are the same input rotation, which merges.
+
+Exactly one of r / oft_block_size is non-zero (peft's rule); a size that does not
 divide a layer is refused at plan time, naming the nearest valid sizes, unless
 `adjust_block_size=true` asks for peft's silent per-layer adjustment.
 """
@@ -36,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftc.config.spec import RunSpec, at_least, greater_than, in_range, param
+from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
 from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod, saves_embedding_weight
@@ -68,6 +75,13 @@ class OFTSpec(LayeredTargetsSpec):
     adjust_block_size: bool = param(
         False,
         "When r / oft_block_size does not divide a layer: false refuses the plan; true adjusts it per layer to the nearest divisor (peft's behaviour).",
+    )
+    conv_transform: str = param(
+        "weight",
+        "How Conv2d sites apply R: 'weight' rotates the kernel, W' = W R^T (peft >= 0.22; merges); 'patches' is peft < 0.22's "
+        "transform of the input's k x k patches, which no weight gives (not mergeable; square, undilated kernels), used where it "
+        "differs (kernels over 1x1, grouped convs).",
+        one_of("weight", "patches"),
     )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
@@ -215,8 +229,32 @@ class OFTLayer(AdapterLayer):
 
     def adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv2d":
-            return self._rotate_patches(name, x)
+            return self._rotate_patches(name, x) if self._patches(name) else x
         return x if self.kind == "embedding" else self._rotate(name, x)
+
+    def _patches(self, name: str) -> bool:
+        return self.site_options[name].get("conv_transform") == "patches"
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.kind != "conv2d" or self.disabled or self.merged_adapters:
+            return super().forward(x, *args, **kwargs)
+        rotating = [n for n in self.active_adapters if not self._patches(n)]
+        return self._rotated_conv(x, rotating) if rotating else super().forward(x, *args, **kwargs)
+
+    def _rotated_conv(self, x: torch.Tensor, rotating: Sequence[str]) -> torch.Tensor:
+        """peft 0.22's Conv2d forward: the convolution with the rotated weight W R_k^T ... R_1^T
+        (the merged layer's weight, built as merging builds it: last adapter first), each rotation
+        in its adapter's dtype; the convolution runs in the base weight's dtype, as merged.
+        Adapters with the patch transform (see the module docstring) transform the input first."""
+        conv, dtype = self.base_layer, x.dtype
+        for name in self.active_adapters:
+            x = self.adapter_input(name, x)
+        rotated = conv.weight
+        for name in reversed(rotating):
+            blocks = self.blocks(name)
+            rotated = self._rotate_weight(rotated.to(blocks.dtype), blocks)
+        weight = rotated.to(conv.weight.dtype)
+        return conv._conv_forward(x.to(weight.dtype), weight, conv.bias).to(dtype)
 
     def _rotate_patches(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """peft 0.21's conv input transform, step for step (see the module docstring): its final
@@ -243,20 +281,21 @@ class OFTLayer(AdapterLayer):
         return super().merge(chosen if self.kind == "embedding" else chosen[::-1])
 
     def check_mergeable(self, names: Sequence[str]) -> None:
-        if self.kind != "conv2d":
+        patches = [n for n in names if self.kind == "conv2d" and self._patches(n)]
+        if not patches:
             return
         kernel, groups = self.base_layer.kernel_size[0], self.base_layer.groups
         if kernel > 1:
             raise MergeError(
-                f"OFT on a Conv2d with kernel_size {kernel} cannot be merged: peft 0.21's forward rotates "
-                "overlapping input patches and folds them back (summing the overlaps), which no merged weight "
-                "gives (peft's own merge changes the outputs); keep the adapter unmerged, or target 1x1 convolutions"
+                f"OFT adapter {patches[0]!r} on a Conv2d with kernel_size {kernel} cannot be merged: it has peft < 0.22's "
+                "conv transform (conv_transform=patches), overlapping input patches rotated and folded back (summing the "
+                "overlaps), which no merged weight gives (peft 0.21's own merge changes the outputs); keep it unmerged"
             )
-        if groups > 1:
-            raise MergeError(
-                f"OFT on a grouped Conv2d (groups={groups}) cannot be merged (peft's merge fails on its weight "
-                "shape); keep the adapter unmerged"
-            )
+        raise MergeError(
+            f"OFT adapter {patches[0]!r} on a grouped Conv2d (groups={groups}) cannot be merged: it has peft < 0.22's conv "
+            "transform (conv_transform=patches), which rotates all input channels, more than a grouped weight holds; "
+            "keep it unmerged"
+        )
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self._rotate_weight(weight, self.blocks(name).float())
@@ -286,19 +325,40 @@ def _drop_blocks(rotation: torch.Tensor, share: float) -> torch.Tensor:
     return (1 - mask) * rotation + mask * eye
 
 
+def conv_options(spec: OFTSpec, module: ModuleInfo) -> tuple[int, dict[str, Any]]:
+    """A Conv2d site's rotated size and options. peft 0.22 rotates the weight over all
+    in_channels x kh x kw inputs of a filter, which a grouped weight does not hold (refused, as
+    peft refuses it). `conv_transform=patches` keeps peft < 0.22's transform where it differs
+    from that: over a kernel larger than 1 x 1, or on a grouped conv."""
+    height, width = module.get("kernel_size")
+    groups = module.get("groups")
+    if spec.conv_transform == "patches" and (height * width > 1 or groups > 1):
+        kernel = _square_kernel(module)
+        return module.in_features * kernel * kernel, {"conv_transform": "patches", "kernel": kernel}
+    if groups > 1:
+        raise PlanError(
+            "peft.target_modules", module.path, f"is a grouped Conv2d (groups={groups}): OFT rotates all in_channels x kernel "
+            "inputs of a filter, which a grouped weight does not hold (peft 0.22 refuses it too)",
+            f"exclude it: peft.exclude_modules=[{module.leaf_name}]",
+        )  # fmt: skip
+    return module.in_features * height * width, {"conv_transform": "weight"}
+
+
 def _square_kernel(module: ModuleInfo) -> int:
-    """The kernel size of a Conv2d peft's OFT can rotate: square (peft sizes the rotation as
-    C*k[0]*k[0] and fails on other kernels) and undilated (peft refuses dilation)."""
+    """The kernel size of a Conv2d peft 0.21's OFT can rotate: square (it sizes the rotation as
+    C*k[0]*k[0] and fails on other kernels) and undilated (it refuses dilation)."""
     height, width = module.get("kernel_size")
     if height != width:
         raise PlanError(
-            "peft.target_modules", module.path, f"is a Conv2d with kernel_size {(height, width)}; OFT rotates square "
-            "kernels only (peft fails on others)", f"exclude it: peft.exclude_modules=[{module.leaf_name}]",
+            "peft.target_modules", module.path, f"is a Conv2d with kernel_size {(height, width)}; peft < 0.22's conv "
+            "transform (conv_transform=patches) rotates square kernels only (peft 0.21 fails on others)",
+            f"exclude it: peft.exclude_modules=[{module.leaf_name}], or peft.conv_transform=weight",
         )  # fmt: skip
     if max(module.get("dilation")) > 1:
         raise PlanError(
-            "peft.target_modules", module.path, "is a dilated Conv2d, which OFT cannot adapt (as in peft)",
-            f"exclude it: peft.exclude_modules=[{module.leaf_name}]",
+            "peft.target_modules", module.path, "is a dilated Conv2d, which peft < 0.22's conv transform "
+            "(conv_transform=patches) cannot adapt (peft 0.21 refuses it)",
+            f"exclude it: peft.exclude_modules=[{module.leaf_name}], or peft.conv_transform=weight",
         )  # fmt: skip
     return height
 
@@ -316,9 +376,10 @@ class OFT(InjectableMethod):
 
     def plan_site(self, spec: OFTSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
         embedding = module.kind == "embedding"
-        size = module.out_features if embedding else module.in_features
-        kernel = _square_kernel(module) if module.kind == "conv2d" else 1
-        blocks, block_size = block_layout(spec, size * kernel * kernel, module.path)
+        size, conv = module.out_features if embedding else module.in_features, {}
+        if module.kind == "conv2d":
+            size, conv = conv_options(spec, module)
+        blocks, block_size = block_layout(spec, size, module.path)
         rows = 1 if spec.block_share else blocks
         suffix = "oft_embedding_R.weight" if embedding else "oft_R.weight"
         options = {
@@ -331,9 +392,8 @@ class OFT(InjectableMethod):
             "terms": spec.num_cayley_neumann_terms,
             "module_dropout": spec.module_dropout,
             "init": spec.init_weights,
+            **conv,
         }
-        if module.kind == "conv2d":
-            options["kernel"] = kernel
         tensors = {suffix: (rows, block_size * (block_size - 1) // 2)}
         return Site.for_module(
             module,
