@@ -125,6 +125,8 @@ def load_adapter(
     model = materialize(plan, base, adapter_name=adapter_name, init=bool(report))
     fill(model, adapter_name, tensors)
     model.load_reports[adapter_name] = report
+    for warning in plan.warnings:
+        warnings.warn(f"{saved.source}: {warning}", UserWarning, stacklevel=2)
     if report:
         warnings.warn(
             f"{saved.weights}: loaded leniently ({report.summary()}); outputs may differ from the saved adapter's. "

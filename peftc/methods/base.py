@@ -163,6 +163,11 @@ class InjectableMethod(Method):
         """Base parameters this method trains in place (e.g. biases); names are model paths."""
         return {}
 
+    def plan_warnings(self, spec: Any, sites: Sequence[Site]) -> tuple[str, ...]:
+        """What a user of this plan should know that is not an error (the plan shows them, and
+        load_adapter warns with them): e.g. an adapter kept on an older peft's numerics."""
+        return ()
+
     # ----------------------------------------------------------------------- materializing
     def layer_type(self, site: Site) -> type[AdapterLayer]:
         """The adapter layer class that wraps this site's module."""

@@ -157,3 +157,28 @@ def refuse_unimplemented(config: Mapping[str, Any], fields: Sequence[str], metho
             f"uses {method} features peftc does not implement: {used}",
             "load it with the peft package",
         )
+
+
+def written_before_peft_0_22(config: Mapping[str, Any]) -> bool:
+    """Whether an adapter_config.json comes from a peft before 0.22, read as peft 0.22 reads
+    `peft_version` (PeftConfig.from_pretrained, LoraModel._remap_adapter_state_dict_for_load):
+    absent means peft < 0.18 (which wrote none); null is filled with the loading peft's own
+    version; a '@<commit>' suffix is dropped; a dev version counts as 0.22 from 0.21.1.dev on,
+    because peft's main branch carried 0.21.x dev versions after the 0.22 changes."""
+    from packaging.version import InvalidVersion, Version
+
+    if "peft_version" not in config:
+        return True
+    written = config["peft_version"]
+    if written is None:
+        return False
+    try:
+        version = Version(written.partition("@")[0])
+    except (AttributeError, InvalidVersion):
+        raise AdapterFileError(
+            "adapter_config.json",
+            f"peft_version={written!r} is not a version",
+            "peft writes e.g. '0.22.0' or '0.21.1.dev0@<commit>'; fix it, or remove it for an adapter of peft < 0.18",
+        ) from None
+    release = Version(version.base_version)
+    return release < Version("0.21.1") or (not version.is_devrelease and release < Version("0.22.0"))

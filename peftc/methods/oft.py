@@ -26,7 +26,11 @@ the result. For k > 1 that map is no weight: even R = I changes the input, and 0
 gave other outputs than its forward. `conv_transform=patches` reproduces it step for step where it
 differs from the rotation (kernels over 1 x 1, grouped convs), on the square, undilated kernels
 0.21 could adapt, and refuses to merge those sites by name. A 1 x 1 ungrouped convolution has no
-overlaps: both transforms are the same input rotation, which merges.
+overlaps: both transforms are the same input rotation, which merges. Loading sets the field from
+the file's peft_version (`written_before_peft_0_22`, read as peft 0.22 reads it): an adapter peft
+< 0.22 trained keeps the outputs it was trained to give, its plan and load_adapter warn that peft
+0.22 itself gives other outputs for it, and it is saved with peft_version 0.21.2, which reads back
+the same (linear, embedding and 1 x 1 sites are the same under both: no warning, saved as 0.22).
 
 Exactly one of r / oft_block_size is non-zero (peft's rule); a size that does not
 divide a layer is refused at plan time, naming the nearest valid sizes, unless
@@ -47,7 +51,14 @@ from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of,
 from peftc.errors import ConfigError, MergeError, PlanError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod, saves_embedding_weight
-from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import (
+    LayeredTargetsSpec,
+    bias_param,
+    target_fields,
+    target_kwargs,
+    trained_biases,
+    written_before_peft_0_22,
+)
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -80,7 +91,8 @@ class OFTSpec(LayeredTargetsSpec):
         "weight",
         "How Conv2d sites apply R: 'weight' rotates the kernel, W' = W R^T (peft >= 0.22; merges); 'patches' is peft < 0.22's "
         "transform of the input's k x k patches, which no weight gives (not mergeable; square, undilated kernels), used where it "
-        "differs (kernels over 1x1, grouped convs).",
+        "differs (kernels over 1x1, grouped convs). Loading sets it from the file's peft_version (before 0.22: patches), so that "
+        "an adapter gives the outputs it was trained to give; saving writes a peft_version before 0.22 for it.",
         one_of("weight", "patches"),
     )
 
@@ -92,6 +104,10 @@ class OFTSpec(LayeredTargetsSpec):
                 f"set exactly one of {key}.r and {key}.oft_block_size (now oft_block_size={self.oft_block_size}); r x oft_block_size = the input size",
                 f"e.g. {key}.oft_block_size=0 {key}.r={self.r or 4}, or {key}.r=0 {key}.oft_block_size=32",
             )
+
+
+# The last peft release with the patch transform: the peft_version an adapter that keeps it is saved with.
+PATCHES_PEFT_VERSION = "0.21.2"
 
 
 def nearest_divisor(size: int, wanted: int) -> int:
@@ -405,8 +421,22 @@ class OFT(InjectableMethod):
     def plan_unfrozen(self, spec: OFTSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         return trained_biases(spec.bias, graph, sites)
 
+    def plan_warnings(self, spec: OFTSpec, sites: Sequence[Site]) -> tuple[str, ...]:
+        patches = _patch_sites(sites)
+        if not patches:
+            return ()
+        return (
+            f"OFT on Conv2d {', '.join(patches)} uses peft < 0.22's conv transform (peft.conv_transform=patches: "
+            "rotated input patches folded back), which this adapter was trained with; peft 0.22 itself rotates the "
+            "weight and gives other outputs for it; it cannot be merged",
+        )
+
     def peft_config(self, spec: OFTSpec, plan: Plan) -> dict[str, Any]:
+        # peft_version keeps the meaning of an adapter with the patch transform: read again, by
+        # peftc or by a peft that tells the two apart, it is an adapter peft < 0.22 trained.
+        written = {"peft_version": PATCHES_PEFT_VERSION} if _patch_sites(plan.sites) else {}
         return {
+            **written,
             **target_fields(spec, plan, LORA_TARGETS),
             "r": spec.r,
             "oft_block_size": spec.oft_block_size,
@@ -443,4 +473,10 @@ class OFT(InjectableMethod):
             init_weights=bool(config.get("init_weights", True)),
             bias=config.get("bias") or "none",
             adjust_block_size=True,  # peft wrote it: its per-layer adjustment applies
+            conv_transform="patches" if written_before_peft_0_22(config) else "weight",
         )
+
+
+def _patch_sites(sites: Sequence[Site]) -> list[str]:
+    """The paths of the sites planned with peft < 0.22's conv transform."""
+    return [site.path for site in sites if site.options.get("conv_transform") == "patches"]
