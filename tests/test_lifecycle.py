@@ -378,3 +378,38 @@ def test_several_active_adapters_run_the_first_one_s_head_copy_and_say_so() -> N
         model.set_adapter(["other", "default"])
     ((_, wrapper),) = model.saved_modules()
     assert wrapper.current() is wrapper.modules_to_save["other"]
+
+
+# The other methods whose merge multiplies the weight (additive updates commute, whatever the
+# order); OFT's stacked merge has its own test in tests/test_methods.py.
+MULTIPLYING_METHODS = [("ia3", []), ("hra", [])]
+ADAPTER_PREFIXES = ("ia3_", "hra_")
+
+
+@pytest.mark.parametrize(("method", "overrides"), MULTIPLYING_METHODS, ids=[m for m, _ in MULTIPLYING_METHODS])
+def test_two_active_adapters_merge_to_what_they_compute_unmerged_like_peft(method: str, overrides: list[str]) -> None:
+    """Multiplicative updates need the merge to compose as the forward does (HRA: W H_1 H_2 for
+    the input reflected by H_2, then H_1), or merged and unmerged models differ."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    plan = peftc.compile(["model=tiny_llama", f"peft={method}", *overrides])
+    theirs = get_peft_model(build_base(plan), peft_config(plan))
+    theirs.add_adapter("b", peft_config(plan))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in sorted(theirs.named_parameters()):
+            if any(prefix in name for prefix in ADAPTER_PREFIXES):
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    ours = peftc.materialize(plan, base_model=build_base(plan))
+    ours.add_adapter("b", plan)
+    for name in ("default", "b"):
+        fill(ours, name, get_peft_model_state_dict(theirs, adapter_name=name))
+    ours.eval(), theirs.eval()
+    activate(ours, theirs, ["default", "b"])
+    with torch.no_grad():
+        unmerged = logits(ours)
+        assert max_diff(unmerged, logits(theirs)) <= 1e-5
+        ours.merge_adapter(["default", "b"])
+        assert max_diff(logits(ours), unmerged) <= 1e-5
+        ours.unmerge_adapter()
+        assert max_diff(logits(ours), unmerged) <= 1e-5

@@ -159,7 +159,7 @@ def refuse_unimplemented(config: Mapping[str, Any], fields: Sequence[str], metho
         )
 
 
-def written_before_peft_0_22(config: Mapping[str, Any]) -> bool:
+def written_before_peft_0_22(config: Mapping[str, Any], source: str = "adapter_config.json") -> bool:
     """Whether an adapter_config.json comes from a peft before 0.22, read as peft 0.22 reads
     `peft_version` (PeftConfig.from_pretrained, LoraModel._remap_adapter_state_dict_for_load):
     absent means peft < 0.18 (which wrote none); null is filled with the loading peft's own
@@ -176,7 +176,7 @@ def written_before_peft_0_22(config: Mapping[str, Any]) -> bool:
         version = Version(written.partition("@")[0])
     except (AttributeError, InvalidVersion):
         raise AdapterFileError(
-            "adapter_config.json",
+            source,
             f"peft_version={written!r} is not a version",
             "peft writes e.g. '0.22.0' or '0.21.1.dev0@<commit>'; fix it, or remove it for an adapter of peft < 0.18",
         ) from None

@@ -27,10 +27,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from packaging.version import InvalidVersion, Version
 from torch.func import functional_call
 
-from peftc.errors import AdapterFileError, PlanError
+from peftc.errors import PlanError
+from peftc.methods.common import written_before_peft_0_22
 from peftc.methods.lora.layer import LoraLayer
 from peftc.planning.layout import CONFIG_NAME, WEIGHTS_NAME, model_prefix
 from peftc.planning.plan import Plan, Site
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from peftc.planning.graph import ModelGraph, ModuleInfo
 
 KIND = "mha"
-# peft counts out_proj's update once from release 0.22.0 on, and on main from 0.21.1.dev0 on
-COUNTED_ONCE_RELEASE, COUNTED_ONCE_ON_MAIN = Version("0.22.0"), Version("0.21.1")
 
 
 def check_site(spec: Any, module: ModuleInfo) -> None:
@@ -118,28 +116,13 @@ def out_proj_counted_once(
 
 
 def _writer_counting_twice(config: Mapping[str, Any], directory: Path) -> str | None:
-    """The peft that wrote the adapter, named, if it counted out_proj's update twice; else None.
-    peft 0.22's rule on peft_version: absent (peft before 0.18) doubles, null is the loading
-    peft's own version; a dev version's `@<commit>` is ignored; releases before 0.22.0 double,
-    dev versions only before 0.21.1 (main after the fix stayed on 0.21.x dev versions)."""
+    """The peft that wrote the adapter, named, if it counted out_proj's update twice (a peft
+    before 0.22, by peft 0.22's own reading of peft_version); else None."""
+    if not written_before_peft_0_22(config, str(directory / CONFIG_NAME)):
+        return None
     if "peft_version" not in config:
         return "a peft before 0.18 (no peft_version)"
-    value = config["peft_version"]
-    if value is None:
-        return None
-    try:
-        version = Version(value.partition("@")[0])
-    except (AttributeError, InvalidVersion):
-        raise AdapterFileError(
-            str(directory / CONFIG_NAME),
-            f"peft_version {value!r} is not a version; it says whether a MultiheadAttention's out_proj lora_B "
-            "was saved for peft's double count",
-            'set it to the peft release that wrote the adapter, e.g. "0.21.2"',
-        ) from None
-    release = Version(version.base_version)
-    if release < COUNTED_ONCE_ON_MAIN or (not version.is_devrelease and release < COUNTED_ONCE_RELEASE):
-        return f"peft {value}"
-    return None
+    return f"peft {config['peft_version']}"
 
 
 class MhaLoraLayer(LoraLayer):
