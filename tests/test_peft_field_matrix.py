@@ -259,8 +259,8 @@ CASES += [
     FieldCase(
         "oft",
         {"module_dropout": 0.5},
-        readme_note="applied in training; peft 0.21 never applies it",
-        training_differs="peft 0.21 builds OFT's MultiplicativeDropoutLayer but never calls it; peftc applies it",
+        readme_note="applied in training; peft (0.21, 0.22) never applies it",
+        training_differs="peft (0.21, 0.22) builds OFT's MultiplicativeDropoutLayer but never calls it; peftc applies it",
     ),
     FieldCase("oft", {"oft_block_size": 5, "coft": True, "eps": 0.05}),
     FieldCase("oft", {"block_share": True, "use_cayley_neumann": False, "init_weights": False}),

@@ -3,15 +3,16 @@ H = (I - 2 u_1 u_1^T) (I - 2 u_2 u_2^T) ... (I - 2 u_r u_r^T), u_i the normalize
 trainable `hra_u` (in_features x r; for Conv2d, in_channels * k * k over the flattened kernel).
 With `apply_GS` the columns are Gram-Schmidt orthonormalized first (Q) and H = I - 2 Q Q^T.
 
-As peft 0.21.2's HRALinear/HRAConv2d: the default init draws r/2 columns and repeats each once,
+As peft's HRALinear/HRAConv2d (0.21.2 and 0.22.0): the default init draws r/2 columns and repeats each once,
 so the reflections cancel in pairs (H = I up to float32 rounding); an odd r cannot pair them, and
 peft then warns and starts from a random H, which peftc refuses instead. Several active adapters
 multiply their H in order.
 
 A single adapter on a Linear never forms H: in the compact form H = I - U T U^T (U the unit
 vectors, T an r x r triangle), x (W H)^T = x W^T - (x U) T^T (W U)^T is LoRA's update with A = U^T
-and B = -(W U) T, run by LoRA's fused node. peft forms H, then W H (an out x in x in product), and
-backward then computes the gradient of W H, a product the size of the base layer's own.
+and B = -(W U) T, run by LoRA's fused node. peft 0.21 formed H, then W H (an out x in x in
+product), and backward the gradient of W H, a product the size of the base layer's own; peft 0.22
+applies the compact H to the input.
 Merging sets W <- W H; unmerging multiplies by the reflections in
 reverse order (H^T = H^-1; the Gram-Schmidt H is its own inverse). Convolutions run with the base
 layer's own settings (any kernel, stride, padding, padding_mode and dilation), which is what

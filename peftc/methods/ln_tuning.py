@@ -1,7 +1,7 @@
 """LN tuning: every targeted normalization layer runs as a trained full copy of itself,
 y = norm'(x), where norm' starts as an exact copy of norm (weight, and bias where it has one).
 
-As peft 0.21.2's LNTuningLayer: one copy per adapter, saved as `<layer>.ln_tuning_layers.weight`
+As peft's LNTuningLayer (0.21.2 and 0.22.0): one copy per adapter, saved as `<layer>.ln_tuning_layers.weight`
 (and `.bias`); only one adapter runs or merges at a time (two active adapters are refused);
 merging puts the copy's values in the base layer and unmerging puts the originals back, exactly.
 peftc's differences: the copy trains in float32 (peftc's adapter dtype; peft keeps the base dtype)

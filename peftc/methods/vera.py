@@ -6,7 +6,7 @@ layer uses the slices A[:, :in] and B[:out, :]. Only the vectors train: `vera_la
 `vera_lambda_b` (out), starting at d_initial and zero (a no-op), or random d and ones with
 init_weights=false.
 
-As peft 0.21.2's VeraModel: A then B are drawn by one CPU generator seeded with
+As peft's VeraModel (0.21.2 and 0.22.0): A then B are drawn by one CPU generator seeded with
 projection_prng_key, each kaiming-uniform (bound sqrt(6 / fan_in)); save_projection=true writes
 them once, as `base_model.vera_A` / `base_model.vera_B`, and false leaves them out (loading draws
 them again from the key). Linear and GPT-2's Conv1D (peft sets fan_in_fan_out from the layer

@@ -1,4 +1,4 @@
-"""AdaLoRA's rank allocator (peft 0.21's RankAllocator semantics) and the Lightning callback that
+"""AdaLoRA's rank allocator (peft's RankAllocator semantics, 0.21 and 0.22) and the Lightning callback that
 runs it after every optimizer step. Imported only when training (it imports Lightning).
 
 Schedule over optimizer steps t = 1..T (T = total_step = trainer.max_steps):

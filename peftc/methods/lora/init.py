@@ -1,7 +1,7 @@
 """LoRA initialisations that are more than "A random, B zero" (owned by the LoRA method).
 
 Every function works on the weight in *row layout* (out, in): the Linear layout, which GPT-2's
-Conv1D reaches by a transpose. The math and the order of random draws follow peft 0.21.2, so a
+Conv1D reaches by a transpose. The math and the order of random draws follow peft 0.22.0, so a
 seeded run draws the same numbers peft draws.
 
 - PiSSA: W = V S U^T; with the top-r triplets A = sqrt(S_r / s) U_r^T, B = V_r sqrt(S_r / s),

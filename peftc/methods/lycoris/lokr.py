@@ -103,7 +103,7 @@ class LoKrLayer(LycorisLayer):
         if second.dim() == 4:
             first = first[:, :, None, None]
         # kron views its input; the CP einsum's output can carry strides kron cannot view (a
-        # Conv1d core k x 1: peft 0.21 fails there), so hand it a freshly laid-out copy.
+        # Conv1d core k x 1: peft 0.21 and 0.22 fail there), so hand it a freshly laid-out copy.
         return torch.kron(first, second.clone(memory_format=torch.contiguous_format))
 
 
