@@ -30,7 +30,7 @@ from peftc.planning.targets import TargetRequest, resolve_targets
 # Derandomized: the same examples every run, so a CI run fails only on a change, never on a new
 # draw (CI failed twice on examples that earlier runs had not drawn). experiments/explore_properties.py
 # runs these properties with many random examples to look for new failures.
-QUICK = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+QUICK = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ------------------------------------------------------------------------ spec validation
@@ -188,7 +188,7 @@ def model_and_request(draw: Any) -> tuple[nn.Module, Any, Any]:
     return model, targets, exclude
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=120, deadline=None, derandomize=True)
 @given(case=model_and_request())
 def test_target_resolution_agrees_with_peft_on_generated_models(case: tuple[nn.Module, Any, Any]) -> None:
     model, targets, exclude = case
@@ -211,7 +211,7 @@ def test_target_resolution_agrees_with_peft_on_generated_models(case: tuple[nn.M
     assert set(chosen) == expected, "the same modules peft adapts"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(case=model_and_request())
 def test_every_list_entry_matches_something_or_is_named_in_the_error(case: tuple[nn.Module, Any, Any]) -> None:
     model, targets, _ = case
