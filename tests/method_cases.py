@@ -531,6 +531,19 @@ def _pair(case: Case) -> tuple[Plan, PeftcModel, Any]:
     return plan, ours, theirs
 
 
+def stack_second_adapter(pair: Pair, case: Case, name: str = "other") -> None:
+    """A second adapter of the same plan on both sides (peft's fresh draw copied into ours), both
+    active: the stacked configuration peft and peftc must compute alike."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        pair.theirs.add_adapter(name, oracle_config(pair.plan, case))
+    pair.ours.add_adapter(name, pair.plan)
+    fill(pair.ours, name, peft_state(pair.theirs, adapter_name=name))
+    pair.theirs.base_model.set_adapter(["default", name])
+    pair.ours.set_adapter(["default", name])
+
+
 def perturb(model: torch.nn.Module) -> None:
     """Move every trainable tensor away from its initial value, as training would."""
     generator = torch.Generator().manual_seed(1)

@@ -24,7 +24,7 @@ from peftc.files import adapter_files
 from peftc.methods.lora.method import LoraSpec
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import PISSA_ROUNDING, ROUNDING_INITS, build_base, max_diff, token_batch
-from tests.method_cases import CASES, oracle_config, output, paired
+from tests.method_cases import CASES, output, paired, stack_second_adapter
 from tests.moe_model import TinyMoE, features
 
 
@@ -260,17 +260,8 @@ def test_target_parameters_over_a_quantized_base_are_refused() -> None:
 
 
 def test_two_adapters_on_expert_stacks_stack_like_peft() -> None:
-    from peft import get_peft_model_state_dict
-
-    from peftc.files.load import fill
-
     pair = paired(EXPERT_CASE)
-    torch.manual_seed(1)
-    pair.theirs.add_adapter("other", oracle_config(pair.plan, EXPERT_CASE))
-    pair.ours.add_adapter("other", pair.plan)
-    fill(pair.ours, "other", get_peft_model_state_dict(pair.theirs, adapter_name="other"))
-    pair.theirs.base_model.set_adapter(["default", "other"])
-    pair.ours.set_adapter(["default", "other"])
+    stack_second_adapter(pair, EXPERT_CASE)
     both = output(pair.ours, EXPERT_CASE)
     assert max_diff(both, output(pair.theirs, EXPERT_CASE)) <= 1e-5
     pair.ours.set_adapter("default")

@@ -37,6 +37,7 @@ from tests.method_cases import (
     paired,
     peft_state,
     random_init_overrides,
+    stack_second_adapter,
     touches_base,
 )
 
@@ -347,14 +348,7 @@ def test_stacked_oft_adapters_merge_to_their_unmerged_outputs_as_in_peft(case: C
     """Active adapters rotate the input as x R_1 R_2, i.e. the weight as W R_2^T R_1^T: merging
     folds them in reverse, as peft 0.22 does (0.21 folded them in order, away from its forward)."""
     pair = paired(case)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        pair.theirs.add_adapter("other", oracle_config(pair.plan, case))
-    pair.ours.add_adapter("other", pair.plan)
-    fill(pair.ours, "other", peft_state(pair.theirs, adapter_name="other"))
-    pair.theirs.base_model.set_adapter(["default", "other"])
-    pair.ours.set_adapter(["default", "other"])
+    stack_second_adapter(pair, case)
     stacked = output(pair.ours, case)
     assert max_diff(stacked, output(pair.theirs, case)) <= case.tolerance
     pair.ours.merge_adapter()
