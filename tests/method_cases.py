@@ -69,6 +69,8 @@ NO_OP_TOLERANCE: dict[str, float] = {
 # but its unmerge rewrites the merged out_proj weight in place after the forward, so its backward
 # runs through W without the update: out_proj's own gradients agree, in_proj's and everything
 # upstream do not (peftc/methods/lora/attention.py; tests/test_lora_variants.py checks ours).
+# tiny_bert's settings read by DistilBertConfig (hidden_size -> dim, num_attention_heads -> n_heads, ...)
+TINY_DISTILBERT = ("model.model_type=distilbert", "+model.config.hidden_dim=128")
 MHA_GRADIENTS = "peft 0.22 MultiheadAttention: backward runs through out_proj's base weight, not W + s B A"
 
 # peft keeps some adapter bookkeeping as frozen Parameters that peftc keeps as plain numbers.
@@ -263,6 +265,8 @@ CASES = [
     ),
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
+    # DistilBERT's head is pre_classifier then classifier, both initialised at random: peft 0.22 trains both
+    Case("lora", "tiny_bert", ("task=seq_cls", *TINY_DISTILBERT, "peft.target_modules=[q_lin,v_lin]"), perturb=True),
     Case("oft", "tiny_bert", ("peft.bias=oft_only", "peft.target_modules=[query,key]"), perturb=True),
     # LN tuning: trained copies of the norms (RMSNorm; LayerNorm with bias; a classifier's norms)
     Case("ln_tuning", "tiny_llama", perturb=True),

@@ -136,7 +136,8 @@ def _modules_to_save(
     """The task's head (peft keeps classifier/score/qa_outputs trainable) plus the user's list.
 
     Not strict (loading a file): names matching nothing are skipped, as peft does; peft itself
-    writes ["classifier", "score"] into every SEQ_CLS adapter_config.json, whatever the model has.
+    writes ["classifier", "score", "pre_classifier"] into every SEQ_CLS adapter_config.json, whatever the
+    model has.
     """
     chosen: dict[str, str] = {}
     for name in task.head_modules:

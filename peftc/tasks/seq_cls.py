@@ -33,7 +33,9 @@ from peftc.tasks.common import (
     tokenize,
 )
 
-HEADS = ("classifier", "score")
+# peft 0.22 trains these for sequence and token classification (CLASSIFIER_MODULE_NAMES): DistilBERT's
+# pre_classifier is initialised at random beside its classifier, so it is a head too.
+HEADS = ("classifier", "score", "pre_classifier")
 
 
 class LabelledTask(Task):
