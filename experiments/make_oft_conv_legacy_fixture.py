@@ -3,7 +3,7 @@ layers, with an input and peft 0.21.2's output for it.
 
 peft 0.21 ran OFT on a Conv2d by rotating the input's k x k patches and folding them back; 0.22
 rotates the weight instead, which gives such an adapter other outputs. peftc keeps the outputs
-an adapter was trained to give (peftc/methods/oft.py, `conv_transform`), and
+an adapter was trained to give (peftc/methods/oft, `conv_transform`), and
 tests/test_oft_conv_legacy.py checks that against this fixture, written by peft 0.21.2 itself:
 
     PYTHONPATH=/tmp/peft0212 python experiments/make_oft_conv_legacy_fixture.py

@@ -69,7 +69,7 @@ def test_oft_s_patch_transform_refuses_the_conv2d_peft_0_21_cannot_rotate(
     C*k[0]*k[0] and refused dilation; peft 0.22's weight rotation takes both (tests/test_methods.py)."""
     from torch import nn
 
-    from peftc.methods.oft import OFTSpec
+    from peftc.methods.oft.method import OFTSpec
     from tests.conv_model import TinyConvNet, plan_for
 
     model = TinyConvNet()

@@ -197,7 +197,7 @@ def test_unmergeable_adapters_refuse_to_merge_and_leave_weights_untouched(case: 
 def test_oft_on_a_conv2d_is_the_conv_with_its_rotated_weight_like_peft(conv: dict[str, Any], tmp_path: Path) -> None:
     """peft 0.22 runs OFT on a Conv2d as the convolution with W R^T (W viewed as out x in*kh*kw),
     the merged layer's weight: peftc gives its outputs unmerged and merged, for any kernel shape
-    and dilation (peft 0.21 rotated input patches instead; see peftc/methods/oft.py)."""
+    and dilation (peft 0.21 rotated input patches instead; see peftc/methods/oft/__init__.py)."""
     import peft
     from torch import nn
 
@@ -234,7 +234,7 @@ def test_oft_refuses_a_grouped_conv2d_at_plan_time_in_one_line_as_peft_refuses_i
     """OFT rotates all in_channels x k x k inputs of a filter; a grouped weight holds a share."""
     import peft
 
-    from peftc.methods.oft import OFTSpec
+    from peftc.methods.oft.method import OFTSpec
     from tests.conv_model import TinyConvNet, plan_for
 
     with pytest.raises(PlanError) as error:
@@ -363,7 +363,7 @@ def test_oft_module_dropout_turns_that_share_of_blocks_into_the_identity_in_trai
     """peft 0.21 builds OFT's multiplicative dropout but never calls it (the strict xfail in
     tests/test_peft_field_matrix.py); peftc applies it: in training int(0.5 * blocks) random
     blocks rotate nothing, in eval every block rotates."""
-    from peftc.methods.oft import OFTLayer
+    from peftc.methods.oft.layer import OFTLayer
 
     plan = peftc.compile(["model=tiny_llama", "peft=oft", "peft.init_weights=false", "peft.module_dropout=0.5"])
     model = peftc.materialize(plan, base_model=build_base(plan))
