@@ -26,6 +26,12 @@ ADAPTERS = {
     "c": ["peft.target_modules=[q_proj,v_proj]", "peft.r=2", "peft.lora_alpha=16"],
     "dora": ["peft.target_modules=[q_proj,o_proj]", "peft.r=2", "peft.use_dora=true"],
     "biased": ["peft.target_modules=[q_proj,v_proj]", "peft.r=4", "peft.lora_bias=true"],
+    "biased_random": [
+        "peft.target_modules=[q_proj,v_proj]",
+        "peft.r=4",
+        "peft.lora_bias=true",
+        "peft.init_lora_weights=false",
+    ],
     "embed": ["peft.target_modules=[embed_tokens,q_proj]", "peft.r=4"],
 }
 
@@ -80,6 +86,7 @@ COMBINATIONS = [
     ("svd", ("a", "b"), [1.0, 1.0], {"svd_clamp": 0.5}),  # U and V clamped at their median value
     ("linear", ("c",), [2.0], {}),
     ("linear", ("a", "biased"), [0.7, 0.5], {}),  # the result has lora_bias: w_i s_i b_i summed (peft 0.22)
+    ("linear", ("biased_random", "biased"), [0.7, 0.5], {}),  # the new adapter's random bias is zeroed first
 ]
 
 
