@@ -101,6 +101,7 @@ def test_peft_0_22_loads_the_peft_0_21_2_adapter_as_peftc_does() -> None:
         ("0.21.1", True),
         ("0.21.2.post1", True),
         ("0.21.0.dev0", True),
+        ("0.21.2rc1", True),  # a release candidate is no dev version
         ("0.21.1.dev0", False),  # main after the fix
         ("0.21.2.dev0@0123abcd", False),
         ("0.22.0rc1", False),
