@@ -339,8 +339,13 @@ def test_two_active_adapters_stack_like_peft(stack: StackCase) -> None:
     assert max_diff(logits(pair.ours), logits(build_base(pair.plan))) > 1e-4
 
 
-# Two OFT adapters over the same layers: a Linear model's projections, a 3x3 Conv2d.
-OFT_STACKS = [Case("oft", "tiny_llama"), CASES[IDS.index("oft conv target_modules=('conv',) r=3 oft_block_size=0")]]
+# Two OFT adapters over the same layers: a Linear model's projections, a 3x3 Conv2d, an embedding
+# (its rows rotate as E R_1 R_2: it folds them in order).
+OFT_STACKS = [
+    Case("oft", "tiny_llama"),
+    CASES[IDS.index("oft conv target_modules=('conv',) r=3 oft_block_size=0")],
+    Case("oft", "tiny_llama", ("peft.target_modules=[embed_tokens]", "peft.oft_block_size=16")),
+]
 
 
 @pytest.mark.parametrize("case", OFT_STACKS, ids=[case.id for case in OFT_STACKS])
