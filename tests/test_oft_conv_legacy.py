@@ -19,7 +19,7 @@ import torch
 
 import peftc
 from peftc import methods
-from peftc.errors import AdapterFileError, MergeError
+from peftc.errors import AdapterFileError, MergeError, PlanError
 from peftc.methods.common import written_before_peft_0_22
 from tests.conv_model import TinyConvNet, plan_for
 from tests.helpers import max_diff
@@ -76,6 +76,43 @@ def test_merging_it_is_refused_and_leaves_the_weights_as_they_were() -> None:
         model.merge_adapter()
     assert all(torch.equal(before[k], v) for k, v in model.base_model.state_dict().items())
     assert max_diff(output(model), recorded()["output"]) <= 1e-5
+
+
+def test_merging_it_between_current_adapters_on_the_same_conv_is_refused_by_its_name() -> None:
+    """The refusal looks at every adapter merged into a layer, not just the first one."""
+    config = json.loads((FIXTURE / "adapter_config.json").read_text())
+    legacy = methods.get("oft").spec_from_peft_config({**config, "target_modules": ["conv"]})
+    base = TinyConvNet(seed=0)
+    model = peftc.materialize(plan_for(base, legacy), base_model=base)
+    current = plan_for(base, legacy.replace(conv_transform="weight"))
+    model.add_adapter("current", current)
+    model.add_adapter("later", current)
+    model.set_adapter(["current", "default", "later"])  # merged in either order, it is in the middle
+    before = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    with pytest.raises(MergeError, match=r"OFT adapter 'default' .*conv_transform=patches"):
+        model.merge_adapter()
+    assert all(torch.equal(before[k], v) for k, v in model.base_model.state_dict().items())
+
+
+class GroupedPointwise(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = torch.nn.Conv2d(8, 8, 1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grouped(x)
+
+
+def test_a_grouped_1x1_conv_keeps_the_patch_transform_that_peft_0_21_ran_on_it() -> None:
+    """peft 0.21 rotated a grouped 1x1 conv's input channels, which no grouped weight holds: the
+    adapter runs (unmergeable) with the patch transform where conv_transform=weight refuses it."""
+    from peftc.methods.oft import OFTSpec
+
+    spec = OFTSpec(target_modules=["grouped"], oft_block_size=4, r=0, conv_transform="patches")
+    (site,) = plan_for(GroupedPointwise(), spec).sites
+    assert site.options["conv_transform"] == "patches"
+    with pytest.raises(PlanError, match="grouped Conv2d"):
+        plan_for(GroupedPointwise(), spec.replace(conv_transform="weight"))
 
 
 def test_saved_again_it_keeps_a_peft_version_before_0_22_and_its_outputs(tmp_path: Path) -> None:
