@@ -94,6 +94,17 @@ def test_merging_it_between_current_adapters_on_the_same_conv_is_refused_by_its_
     assert all(torch.equal(before[k], v) for k, v in model.base_model.state_dict().items())
 
 
+def test_a_current_identity_adapter_stacked_on_it_keeps_the_outputs_peft_0_21_recorded() -> None:
+    """Both active on one conv: the patch transform of the input still runs before the rotated
+    weight's convolution, and a fresh current adapter (R = I) changes nothing."""
+    model, _ = loaded()
+    config = json.loads((FIXTURE / "adapter_config.json").read_text())
+    spec = methods.get("oft").spec_from_peft_config({**config, "target_modules": ["conv"]})
+    model.add_adapter("current", plan_for(TinyConvNet(), spec.replace(conv_transform="weight")))
+    model.set_adapter(["default", "current"])
+    assert max_diff(output(model), recorded()["output"]) <= 1e-5
+
+
 class GroupedPointwise(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
