@@ -140,3 +140,19 @@ def test_an_adapter_without_attention_sites_loads_as_saved_whatever_its_peft_ver
     assert warned == []
     saved = load_file(directory / "adapter_model.safetensors")
     assert all(torch.equal(tensor, saved[key]) for key, tensor in loaded.adapter_state_dict("default").items())
+
+
+def test_a_lenient_load_of_a_legacy_file_without_out_proj_b_doubles_nothing_and_loads_the_rest(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    directory = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, directory)
+    saved = load_file(ADAPTER / "adapter_model.safetensors")
+    save_file({k: v for k, v in saved.items() if k != OUT_PROJ_B}, directory / "adapter_model.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peftc.load_adapter(TinyAttention(), directory, strict=False)
+    assert not any(DOUBLING in str(w.message) for w in caught)
+    assert model.load_reports["default"].missing == (OUT_PROJ_B,)
+    state = model.adapter_state_dict("default")
+    assert all(torch.equal(state[key], tensor) for key, tensor in saved.items() if key != OUT_PROJ_B)
