@@ -330,6 +330,11 @@ def test_unload_gives_the_original_head_back_and_merge_and_unload_the_named_adap
     merged, expected = ours.merge_and_unload(adapter_names=["other"]), theirs.merge_and_unload(adapter_names=["other"])
     with torch.no_grad():
         assert max_diff(merged(input_ids=token_batch()).logits, expected(input_ids=token_batch()).logits) <= 1e-5
+    ours, theirs = pair()  # inside disable_adapter() too, the merged adapter's head copy is kept (peft 0.22)
+    with ours.disable_adapter(), theirs.disable_adapter():
+        merged, expected = ours.merge_and_unload(), theirs.merge_and_unload()
+    with torch.no_grad():
+        assert max_diff(merged(input_ids=token_batch()).logits, expected(input_ids=token_batch()).logits) <= 1e-5
 
 
 def test_merging_all_active_adapters_after_one_was_merged_merges_the_others_like_peft() -> None:

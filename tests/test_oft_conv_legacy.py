@@ -117,7 +117,7 @@ class GroupedPointwise(torch.nn.Module):
 def test_a_grouped_1x1_conv_keeps_the_patch_transform_that_peft_0_21_ran_on_it() -> None:
     """peft 0.21 rotated a grouped 1x1 conv's input channels, which no grouped weight holds: the
     adapter runs (unmergeable) with the patch transform where conv_transform=weight refuses it."""
-    from peftc.methods.oft import OFTSpec
+    from peftc.methods.oft.method import OFTSpec
 
     spec = OFTSpec(target_modules=["grouped"], oft_block_size=4, r=0, conv_transform="patches")
     (site,) = plan_for(GroupedPointwise(), spec).sites

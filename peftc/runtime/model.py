@@ -326,7 +326,7 @@ class PeftcModel(nn.Module):
         """The plain transformers model with the adapters folded in (adapters removed). A module in
         modules_to_save becomes the merged adapters' trained copy (the active adapter's by default)."""
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
-        copies = self._kept_copies(names) if not self._disabled else {}
+        copies = self._kept_copies(names)  # also inside disable_adapter(): what is merged is what is kept (peft)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unwrap(copies)
 
