@@ -99,6 +99,11 @@ class Method:
         """Our schema from a peft adapter_config.json (fields we do not model are dropped)."""
         raise NotImplementedError
 
+    def plan_warnings(self, spec: Any, sites: Sequence[Site]) -> tuple[str, ...]:
+        """What a user of this plan should know that is not an error (the plan shows them, and
+        load_adapter warns with them): e.g. an adapter kept on an older peft's numerics."""
+        return ()
+
     def tensors_from_file(
         self, plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
     ) -> dict[str, torch.Tensor]:
@@ -162,11 +167,6 @@ class InjectableMethod(Method):
     def plan_unfrozen(self, spec: Any, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         """Base parameters this method trains in place (e.g. biases); names are model paths."""
         return {}
-
-    def plan_warnings(self, spec: Any, sites: Sequence[Site]) -> tuple[str, ...]:
-        """What a user of this plan should know that is not an error (the plan shows them, and
-        load_adapter warns with them): e.g. an adapter kept on an older peft's numerics."""
-        return ()
 
     # ----------------------------------------------------------------------- materializing
     def layer_type(self, site: Site) -> type[AdapterLayer]:

@@ -109,7 +109,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             sites=sites,
         ),
         spec=run,
-        warnings=method.plan_warnings(run.peft, sites) if method.kind == "injectable" else (),
+        warnings=method.plan_warnings(run.peft, sites),
         quantization=quantization,
         shared=shared,
     )

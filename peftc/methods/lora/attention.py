@@ -10,7 +10,7 @@ through the adapter), and out_proj's update counts once, in the forward and in m
 peft before 0.22 added it twice (huggingface/peft#3774): as peft 0.22 does, a file such a peft
 wrote gets its out_proj lora_B doubled on load (`out_proj_counted_once`). peft refuses DoRA and
 q/k/v of different sizes; peftc also refuses inits beyond true/false/gaussian and lora_bias (peft
-drops B's bias on in_proj), and targeting an attention's out_proj on its own (the attention never
+0.22 refuses it too: it never applied B's bias to in_proj), and targeting an attention's out_proj on its own (the attention never
 calls it: the adapter would do nothing).
 
 peft 0.22's own gradients upstream of out_proj (in_proj's adapter and every layer before the

@@ -45,7 +45,11 @@ def is_valid_init(init: object) -> bool:
 
 
 def reset_default(lora_a: nn.Module, lora_b: nn.Module, init: object, r: int) -> None:
-    """true: A Kaiming-uniform (nn.Linear's default), 'gaussian': A ~ N(0, 1/r); B (and its bias) zero."""
+    """true: A Kaiming-uniform (nn.Linear's default), 'gaussian': A ~ N(0, 1/r), 'nora': A's
+    construction draw normalised; B (and its bias) zero."""
+    if init == "nora":
+        nora_(lora_a, lora_b, r)
+        return
     if init == "gaussian":
         nn.init.normal_(lora_a.weight, std=1 / r)
     else:

@@ -23,7 +23,7 @@ from torch import nn
 from peftc.errors import MergeError
 from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import dora
-from peftc.methods.lora.init import BASE_MUTATING, init_family, nora_, olora, orthogonal, pissa, reset_default
+from peftc.methods.lora.init import BASE_MUTATING, init_family, olora, orthogonal, pissa, reset_default
 from peftc.methods.lora.lowrank import (
     adapters_fusable,
     fused_linear,
@@ -135,8 +135,6 @@ class LoraLayer(AdapterLayer):
             lora_a, lora_b = orthogonal(site.in_features, site.out_features, r)
             dtype = self._base_weight().dtype  # peft rounds through the base dtype
             a.weight.data, b.weight.data = lora_a.to(dtype).float(), lora_b.to(dtype).float()
-        elif init and family == "nora" and device is None:
-            nora_(a, b, r)
         elif init and family != "none" and device is None:
             reset_default(a, b, opts["init"], r)
 

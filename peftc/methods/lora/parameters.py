@@ -31,7 +31,7 @@ from torch.func import functional_call
 from peftc.errors import ConfigError, PlanError, did_you_mean
 from peftc.methods.common import pattern_value
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora.init import nora_, reset_default
+from peftc.methods.lora.init import reset_default
 from peftc.planning.plan import ParameterTarget, Site
 
 if TYPE_CHECKING:
@@ -190,9 +190,7 @@ class ParamLoraLayer(AdapterLayer):
             a, b = meta_linear(site.in_features, rank, bias=False), meta_linear(rank, site.out_features, bias=False)
         else:  # drawn on the CPU like peft's, then moved beside the parameter
             a, b = nn.Linear(site.in_features, rank, bias=False), nn.Linear(rank, site.out_features, bias=False)
-            if init and opts["init"] == "nora":
-                nora_(a, b, opts["r"])
-            elif init and opts["init"] is not False:
+            if init and opts["init"] is not False:
                 reset_default(a, b, opts["init"], opts["r"])
             a, b = a.to(device), b.to(device)
         self.lora_A[name], self.lora_B[name] = a, b
