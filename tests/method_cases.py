@@ -71,6 +71,18 @@ NO_OP_TOLERANCE: dict[str, float] = {
 # upstream do not (peftc/methods/lora/attention.py; tests/test_lora_variants.py checks ours).
 # tiny_bert's settings read by DistilBertConfig (hidden_size -> dim, num_attention_heads -> n_heads, ...)
 TINY_DISTILBERT = ("model.model_type=distilbert", "+model.config.hidden_dim=128")
+# Scaled word embeddings (forward = lookup * embed_scale): Gemma's keeps a tensor buffer, BART's a float
+TINY_GEMMA3 = ("model.model_type=gemma3_text", "+model.config.head_dim=16")
+TINY_BART = (
+    "model.model_type=bart",
+    "task=seq2seq_lm",
+    "+model.config.scale_embedding=true",
+    *(
+        f"+model.config.{side}_{key}={value}"
+        for side in ("encoder", "decoder")
+        for key, value in (("layers", 1), ("ffn_dim", 64), ("attention_heads", 4))
+    ),
+)
 MHA_GRADIENTS = "peft 0.22 MultiheadAttention: backward runs through out_proj's base weight, not W + s B A"
 
 # peft keeps some adapter bookkeeping as frozen Parameters that peftc keeps as plain numbers.
@@ -263,6 +275,13 @@ CASES = [
     Case(
         "lora", "tiny_bert", ("task=seq_cls", "peft.trainable_token_indices={word_embeddings: [13,51]}"), perturb=True
     ),
+    # scaled embeddings: the update is scaled as the base's lookup is (peft 0.22), so merging keeps the outputs
+    Case("lora", "tiny_llama", (*TINY_GEMMA3, "peft.target_modules=[embed_tokens,q_proj]")),
+    Case(
+        "lora", "tiny_llama", (*TINY_GEMMA3, "peft.target_modules=[embed_tokens]", "peft.use_dora=true"), perturb=True
+    ),
+    Case("lora", "tiny_llama", (*TINY_GEMMA3, "peft.trainable_token_indices=[13,51,176]"), perturb=True),
+    Case("lora", "tiny_t5", (*TINY_BART, "peft.target_modules=[embed_tokens,q_proj]")),
     Case("lora", "tiny_bert", ("task=seq_cls", "peft.use_dora=true", "peft.bias=all"), perturb=True),
     Case("oft", "tiny_bert", ("task=seq_cls", "peft.bias=all"), perturb=True),
     # DistilBERT's head is pre_classifier then classifier, both initialised at random: peft 0.22 trains both

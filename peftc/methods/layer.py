@@ -313,6 +313,21 @@ class AdapterLayer(WrapsModule, nn.Module):
         # error of peft's logits over a bfloat16 base).
         return result.to(result_dtype)
 
+    def scaled_like_base(self, lookup: torch.Tensor) -> torch.Tensor:
+        """A lookup in (or beside) an embedding table, scaled as the base layer scales its own.
+
+        Scaled word embeddings (Gemma's, BART's, M2M100's: `embed_scale`, often sqrt(hidden))
+        multiply the looked-up rows in their forward. An update computed from the table directly
+        must carry the same factor, or the unmerged output differs from the merged one (whose
+        weight the base's forward scales) and from peft 0.22, which does this too.
+        """
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return lookup
+        if not isinstance(scale, torch.Tensor):  # BART keeps a float; peft rounds it to the weight's dtype
+            scale = torch.tensor(scale, device=lookup.device, dtype=self.base_layer.weight.dtype)
+        return lookup * scale.to(lookup.dtype)
+
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it thinks it has (weight, in_features, ...).
         try:

@@ -273,7 +273,7 @@ class LoraLayer(AdapterLayer):
         after_a = F.embedding(
             x, lora_a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
-        update = after_a @ lora_b.T * scaling
+        update = self.scaled_like_base(after_a @ lora_b.T * scaling)
         if name not in self.lora_magnitude_vector:
             return result + update
         weight = self._rows(self._base_weight())

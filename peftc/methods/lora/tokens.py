@@ -212,8 +212,10 @@ class TrainableTokensLayer(AdapterLayer):
             # A tied head. peft calls F.linear without the bias; tied heads have none, and with
             # one this is the forward peft's own merged weight gives.
             return F.linear(x, weight, base.bias)
-        return F.embedding(
-            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        return self.scaled_like_base(
+            F.embedding(
+                x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
         )
 
     @torch.no_grad()
