@@ -187,22 +187,24 @@ def test_vera_adapters_beside_each_other_share_key_and_saving_like_peft(override
 
 
 def test_default_target_tables_are_peft_s() -> None:
-    """peft.target_modules=null resolves through these tables, which copy peft 0.21.2's own
-    mappings model type by model type (the peft oracle tests pass the resolved lists to peft, so
-    only this compares the defaults themselves)."""
+    """peft.target_modules=null resolves through these tables, which are peft 0.22.0's own, every
+    model type peft knows (a missing one refused a config peft accepts; the peft oracle tests pass
+    the resolved lists to peft, so only this compares the defaults themselves)."""
     from peft.utils import constants
 
     from peftc.methods import defaults
     from peftc.methods.ln_tuning import LN_TUNING_TARGETS
     from peftc.methods.vera import VERA_TARGETS
 
-    def peft_s(mapping: str) -> dict[str, tuple[str, ...]]:
+    def peft_s(mapping: str) -> dict[str, defaults.Targets]:
         table = getattr(constants, f"TRANSFORMERS_MODELS_TO_{mapping}")
-        return {model: tuple(modules) for model, modules in table.items()}
+        return {model: m if isinstance(m, str) else tuple(m) for model, m in table.items()}
 
-    def assert_copied(ours: dict[str, tuple[str, ...]], mapping: str) -> None:
+    def assert_copied(ours: dict[str, defaults.Targets], mapping: str) -> None:
         theirs = peft_s(mapping)
-        assert {m: theirs.get(m) for m in ours} == ours, mapping
+        if mapping.startswith("LNTUNING"):
+            theirs.pop("llava")  # its entry copies the projector, embeddings and head in full too
+        assert ours == theirs, mapping
 
     for mapping in ("LORA", "LOHA", "LOKR", "OFT", "HRA"):
         assert_copied(defaults.LORA_TARGETS, f"{mapping}_TARGET_MODULES_MAPPING")
@@ -212,3 +214,14 @@ def test_default_target_tables_are_peft_s() -> None:
     assert_copied(VERA_TARGETS, "VERA_TARGET_MODULES_MAPPING")
     assert_copied(LN_TUNING_TARGETS, "LNTUNING_TARGET_MODULES_MAPPING")
     assert "llava" in peft_s("LNTUNING_TARGET_MODULES_MAPPING") and "llava" not in LN_TUNING_TARGETS
+
+
+def test_a_default_that_is_a_regex_selects_by_regex_and_is_written_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's Gemma 4 default is a regex over module paths (its language model's projections), not a
+    list of names: planned as a regex, and written as the string peft reads as one."""
+    from peftc.methods import defaults
+
+    monkeypatch.setitem(defaults.LORA_TARGETS, "llama", r".*layers\.1\.self_attn\.(q_proj|v_proj)")
+    plan = peftc.compile(["model=tiny_llama"])
+    assert [s.path for s in plan.sites] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert plan.adapter_config["target_modules"] == r".*layers\.1\.self_attn\.(q_proj|v_proj)"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from peftc.methods.defaults import Targets, targets_for
 from peftc.planning.targets import TargetRequest
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ class InjectableMethod(Method):
     kind = "injectable"
     layer_class: ClassVar[type[AdapterLayer]]
     supported_kinds: ClassVar[frozenset[str]] = frozenset()
-    default_targets: ClassVar[Mapping[str, Sequence[str]]] = {}
+    default_targets: ClassVar[Mapping[str, Targets]] = {}
     tensor_prefix: ClassVar[str] = ""
     # Whether the layer works over a quantized base layer (bitsandbytes, quanto, torchao): true
     # when its forward only calls base_layer(x) or reads the base weight through
@@ -130,6 +131,10 @@ class InjectableMethod(Method):
     wraps_quantized: ClassVar[bool] = False
 
     # --------------------------------------------------------------------------- planning
+    def default_target_modules(self, model_type: str) -> list[str] | str:
+        """target_modules when the spec leaves it null (peft's table for this method); [] if none."""
+        return targets_for(self.default_targets, model_type)
+
     def target_request(self, spec: Any) -> TargetRequest:
         pattern = names_or_none("peft.layers_pattern", getattr(spec, "layers_pattern", None))
         layers = getattr(spec, "layers_to_transform", None)

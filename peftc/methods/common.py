@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftc.config.spec import SpecNode, as_list, one_of, param
 from peftc.errors import AdapterFileError, ConfigError
+from peftc.methods.defaults import Targets, targets_for
 
 if TYPE_CHECKING:
     from peftc.planning.graph import ModelGraph
@@ -101,12 +102,12 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def target_fields(spec: TargetsSpec, plan: Plan, defaults: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def target_fields(spec: TargetsSpec, plan: Plan, defaults: Mapping[str, Targets]) -> dict[str, Any]:
     """The target-selection fields of adapter_config.json. A null target_modules is written as
     the model type's default entries, so peft selects the same modules without knowing ours."""
     targets = spec.target_modules
     if targets is None:
-        targets = list(defaults.get(plan.model.model_type, ()))
+        targets = targets_for(defaults, plan.model.model_type)
     fields = {
         "target_modules": jsonable(targets),
         "exclude_modules": jsonable(spec.exclude_modules),

@@ -30,7 +30,7 @@ from peftc.planning.plan import Plan, Site
 
 CONTAINER = "ln_tuning_layers"
 
-# peft 0.21.2's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, less llava: its entry also
+# peft 0.22.0's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, less llava: its entry also
 # copies the projector, the embeddings and the head in full, and peftc copies only norms.
 LN_TUNING_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("input_layernorm", "post_attention_layernorm", "norm"),

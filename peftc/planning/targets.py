@@ -70,7 +70,7 @@ def resolve_targets(
     if request.modules_optional and (targets == [] or targets == ()):
         return []
     if targets is None:
-        targets = list(method.default_targets.get(graph.model_type, ()))
+        targets = method.default_target_modules(graph.model_type)
         if not targets and request.modules_optional:
             return []
         if not targets:

@@ -367,7 +367,10 @@ def _plain_list(value: Any) -> Any:
 
 
 def _jsonable_targets(targets: Any, plan: Plan | None) -> Any:
-    """peft writes target_modules as a list (or a regex string); null becomes the resolved names."""
+    """peft writes target_modules as a list (or a regex string); null becomes the resolved names,
+    or the model type's default where that is a regex (names alone would widen it)."""
+    if targets is None and plan is not None and isinstance(LORA_TARGETS.get(plan.model.model_type), str):
+        return LORA_TARGETS[plan.model.model_type]
     if targets is None and plan is not None:
         # what the user targets: not peft's wrapper-internal sites (an attention's out_proj) or others
         modules = [
