@@ -145,3 +145,25 @@ def test_decoder_layers_count_toward_the_layer_limit() -> None:
 
     with pytest.raises(peftc.ConfigError, match="asks for more than 10,000 layers"):
         check_buildable(facts_of(T5Config(num_layers=2, num_decoder_layers=20_000, d_model=8, d_ff=16)))
+
+
+def test_adapting_a_tied_embedding_warns_that_its_head_does_not_follow_as_peft_warns() -> None:
+    """GPT-2's head shares the input embedding's weight: an adapter on one reaches the other only
+    once merged (the merged model then gives other logits), and a trained copy is not shared. The
+    plan says so, naming both; trainable tokens tie the head's rows and say nothing."""
+    import torch
+
+    from tests.helpers import build_base, max_diff, token_batch
+
+    plan = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[wte]", "peft.init_lora_weights=false"])
+    (warning,) = plan.warnings
+    assert "adapts transformer.wte, whose weight lm_head shares" in warning and "merg" in warning
+    model = peftc.materialize(plan, base_model=build_base(plan)).eval()
+    x = token_batch()
+    with torch.no_grad():
+        unmerged = model(input_ids=x).logits
+        assert max_diff(model.merge_and_unload()(input_ids=x).logits, unmerged) > 1e-3  # what the warning says
+    (copied,) = peftc.compile(["model=tiny_gpt2", "peft.modules_to_save=[lm_head]"]).warnings
+    assert "copy of lm_head, whose weight transformer.wte shares" in copied
+    assert peftc.compile(["model=tiny_gpt2", "peft.trainable_token_indices=[5]"]).warnings == ()
+    assert peftc.compile(["model=tiny_llama", "peft.target_modules=[embed_tokens]"]).warnings == ()  # untied
