@@ -172,3 +172,20 @@ def test_a_list_entry_matches_whole_names_not_the_end_of_one() -> None:
     """peft matches an entry as the full path or a dotted suffix: 'proj' is no q_proj."""
     with pytest.raises(PlanError, match="no module named 'proj'"):
         peftc.compile(["peft.target_modules=[proj]"])
+
+
+def test_a_default_name_the_model_lacks_is_skipped_as_peft_skips_it() -> None:
+    """IA3's Mixtral default is (k_proj, v_proj, w2), but transformers 5 fuses Mixtral's experts
+    (no `w2` module): peft adapts the names that exist, and so does the plan. A name the user
+    writes that matches nothing stays an error (test above)."""
+    from peft import IA3Config, get_peft_model
+
+    plan = peftc.compile(
+        ["model=tiny_llama", "model.model_type=mixtral", "+model.config.num_local_experts=2", "peft=ia3"]
+    )
+    ours = sorted(s.path for s in plan.sites)
+    assert ours == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("k_proj", "v_proj")]
+    theirs = get_peft_model(build_base(plan), IA3Config(task_type="CAUSAL_LM"))
+    assert sorted(theirs.base_model.targeted_module_names) == ours
+    with pytest.raises(PlanError, match="no module named 'w2'"):
+        peftc.compile(["model=tiny_llama", "model.model_type=mixtral", "peft=ia3", "peft.target_modules=[k_proj,w2]"])

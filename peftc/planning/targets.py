@@ -69,6 +69,10 @@ def resolve_targets(
         return _no_targets(key, protected)
     if request.modules_optional and (targets == [] or targets == ()):
         return []
+    # peft adapts whichever of a model type's default names the model has (Mixtral in
+    # transformers 5 has no `w2`; a Falcon layout lacks one of the norms); a name the user wrote
+    # that matches nothing is refused.
+    from_default = targets is None
     if targets is None:
         targets = method.default_target_modules(graph.model_type)
         if not targets and request.modules_optional:
@@ -95,7 +99,7 @@ def resolve_targets(
                 f"e.g. {_example_paths(method, graph)}",
             )
     else:
-        matched = _list_matches(key, list(targets), candidates, graph, strict=strict)
+        matched = _list_matches(key, list(targets), candidates, graph, strict=strict and not from_default)
     if isinstance(targets, str) and (request.layers_to_transform is not None or request.layers_pattern is not None):
         raise ConfigError(
             "peft.layers_to_transform",
