@@ -245,6 +245,10 @@ CASES = [
         ConfigError, "needs the text to start from"),
     Bad("prefix-with-checkpointing", "override", cli("peft=prefix_tuning", "trainer.gradient_checkpointing=true"),
         ConfigError, "would append to that cache"),
+    # DistilBERT's forward takes no cache: peft refuses at its first forward; ModernBERT would drop the prefix
+    Bad("prefix-on-a-model-without-cache", "override",
+        cli("model=tiny_bert", "model.model_type=distilbert", "+model.config.hidden_dim=128", "task=seq_cls",
+            "peft=prefix_tuning"), PlanError, "DistilBertForSequenceClassification takes no cache"),
     Bad("loha-rank-zero", "override", cli("peft=loha", "peft.r=0"), ConfigError, "must be >= 1"),
     Bad("ia3-ff-not-targeted", "override",
         cli("peft=ia3", "peft.target_modules=[q_proj]", "peft.feedforward_modules=[down_proj]"), ConfigError,

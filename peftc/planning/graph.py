@@ -5,6 +5,7 @@ planning, or read off a live model when an adapter is loaded onto it.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class ModelGraph:
     input_embedding: str | None
     output_embedding: str | None
     tied_parameters: tuple[tuple[str, str], ...] = ()
+    # Whether the model's forward, or its backbone's, names transformers' `cache` argument:
+    # prefix tuning hands its keys and values over there (peft's test before its first forward).
+    takes_cache: bool = False
     _index: dict[str, ModuleInfo] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -175,7 +179,16 @@ def graph_of(model: nn.Module, facts: ModelFacts | None = None) -> ModelGraph:
         input_embedding=_path_of(model, "get_input_embeddings"),
         output_embedding=_path_of(model, "get_output_embeddings"),
         tied_parameters=_tied(model),
+        takes_cache=_takes_cache(model),
     )
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    for module in (model, getattr(model, "base_model", None)):
+        forward = getattr(module, "forward", None)
+        if forward is not None and "cache" in inspect.signature(forward).parameters:
+            return True
+    return False
 
 
 class WrapsModule:

@@ -77,6 +77,15 @@ def prompt_shapes(graph: ModelGraph, task: Task, *, prefix: bool) -> PromptShape
     head_dim = facts.head_dim or facts.hidden_size // facts.num_attention_heads
     if not prefix:
         return PromptShapes(facts.hidden_size, facts.num_layers, facts.num_attention_heads, head_dim, submodules)
+    if not graph.takes_cache:
+        # peft refuses these at the first forward; passed anyway, the prefix would be dropped
+        # (ModernBERT: training changes nothing) or break the attention mask (DeBERTa-v2).
+        raise PlanError(
+            "peft",
+            "prefix_tuning",
+            f"{graph.model_class} takes no cache (past keys and values), which is where prefix tuning puts its prefix",
+            "use peft=prompt_tuning or peft=p_tuning (virtual tokens in the input embeddings)",
+        )
     kv_heads = facts.num_key_value_heads or facts.num_attention_heads
     layers = facts.num_decoder_layers if facts.is_encoder_decoder and facts.num_decoder_layers else facts.num_layers
     return PromptShapes(kv_heads * head_dim, layers, kv_heads, head_dim, submodules)
