@@ -58,6 +58,12 @@ class Method:
     def modules_to_save(self, spec: Any) -> list[str]:
         return names_or_none("peft.modules_to_save", getattr(spec, "modules_to_save", None)) or []
 
+    def spec_for_model(self, spec: Any, graph: ModelGraph) -> Any:
+        """The spec as it reads on this model, before anything else is planned from it, and as
+        adapter_config.json records it (LoRA: transformers-4 expert names on transformers-5 MoE
+        models, as peft 0.22 rewrites its config). Default: as written."""
+        return spec
+
     def check_run(self, spec: Any, run: RunSpec, graph: ModelGraph) -> None:
         """Rules needing the model graph or other groups (raise ConfigError/PlanError)."""
 

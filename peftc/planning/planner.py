@@ -40,6 +40,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         graph = meta_graph(run.model, task.auto_class_name, task.config_overrides(run.task))
         # Planning from the config is the run's path: its tokenizer must exist and fit, now.
         model_source.check_tokenizer(run.model, graph.facts.vocab_size)
+    run = run.replace(peft=method.spec_for_model(run.peft, graph))
     compat.check(compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run, graph))
     check_adapter_name_fits("adapter_name", run.adapter_name, (m.path for m in graph.modules))
     method.check_run(run.peft, run, graph)

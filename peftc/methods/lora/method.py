@@ -38,7 +38,7 @@ from peftc.methods.common import (
 from peftc.methods.common import number as _number
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora import attention, parameters, tokens
+from peftc.methods.lora import attention, moe_names, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
@@ -138,6 +138,10 @@ class Lora(InjectableMethod):
     supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", attention.KIND, *CONV_KINDS})
     default_targets = LORA_TARGETS
     tensor_prefix = "lora_"
+
+    def spec_for_model(self, spec: LoraSpec, graph: ModelGraph) -> LoraSpec:
+        return moe_names.for_model(spec, graph)
+
     wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
 
     def plan_site(self, spec: LoraSpec, module: ModuleInfo, graph: ModelGraph) -> Site:
