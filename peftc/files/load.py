@@ -32,6 +32,7 @@ from peftc.files import adapter_files
 from peftc.files.provenance import model_as_is_class, named_base, warn_if_other_base
 from peftc.files.screening import screen
 from peftc.files.tensorfile import FLOAT_DTYPES, TensorEntry, load_tensors
+from peftc.methods.base import GatheredTensor
 from peftc.planning import planner
 from peftc.planning.graph import graph_of
 from peftc.runtime.materialize import materialize
@@ -166,14 +167,28 @@ class SavedAdapter:
     def weights(self) -> Path:
         return self.directory / adapter_files.WEIGHTS_NAME
 
+    def header_for(self, plan: Any) -> tuple[dict[str, TensorEntry], dict[str, GatheredTensor]]:
+        """The file's declared tensors as `plan` names them: tensors the file holds in pieces of
+        an older model layout (`Method.gathered_tensors`) stand in for their pieces."""
+        gathered = methods.get(plan.method).gathered_tensors(plan, self.header)
+        pieces = {source for tensor in gathered.values() for source in tensor.sources}
+        header = {name: entry for name, entry in self.header.items() if name not in pieces}
+        for name, tensor in gathered.items():
+            header[name] = TensorEntry(self.header[tensor.sources[0]].dtype, tensor.shape, 0, 0)
+        return _without_peft_artifacts(plan, header), gathered
+
     def tensors_for(self, plan: Any, *, strict: bool = True) -> tuple[LoadReport, dict[str, torch.Tensor]]:
         """The file's tensors that fit `plan` (all of them, or an error, when strict), as the
         method runs them (`Method.tensors_from_file`: an older peft's numbers converted)."""
-        report, usable = compare(self.weights, plan, _without_peft_artifacts(plan, self.header))
+        header, gathered = self.header_for(plan)
+        report, usable = compare(self.weights, plan, header)
         if strict and report:
             raise _strict_error(self.weights, report)
-        tensors = load_tensors(self.weights, usable)
-        _check_finite(self.weights, tensors)
+        read = load_tensors(self.weights, [s for n in usable for s in (gathered[n].sources if n in gathered else [n])])
+        _check_finite(self.weights, read)
+        tensors = {
+            n: gathered[n].build([read[s] for s in gathered[n].sources]) if n in gathered else read[n] for n in usable
+        }
         return report, methods.get(plan.method).tensors_from_file(plan, tensors, self.config, self.directory)
 
 
@@ -202,7 +217,7 @@ def plan_run(run: RunSpec, overrides: Sequence[str] = ()) -> Any:
         return planner.plan(run)
     continued, saved = _continuing(run, overrides)
     plan = planner.plan(continued, strict_targets=False)
-    report, _ = compare(saved.weights, plan, _without_peft_artifacts(plan, saved.header))
+    report, _ = compare(saved.weights, plan, saved.header_for(plan)[0])
     if report:
         raise _strict_error(saved.weights, report)
     return plan

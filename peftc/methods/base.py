@@ -13,7 +13,7 @@ may not import this module, tells the contracts apart by their `kind` constant.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,6 +41,15 @@ class BatchField:
     default: int  # its value for rows (or whole files) without that column
     limit: int | None = None  # values must lie in [0, limit)
     key: str = "peft"  # the config key that sets the limit, for error messages
+
+
+@dataclass(frozen=True)
+class GatheredTensor:
+    """One tensor of a plan built from several tensors of a file (see Method.gathered_tensors)."""
+
+    sources: tuple[str, ...]  # the file's tensor names, in the order `build` takes them
+    shape: tuple[int, ...]  # the built tensor's, for the header check before anything is read
+    build: Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 class Method:
@@ -110,6 +119,12 @@ class Method:
         """What a user of this plan should know that is not an error (the plan shows them, and
         load_adapter warns with them): e.g. an adapter kept on an older peft's numerics."""
         return ()
+
+    def gathered_tensors(self, plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
+        """Tensors of `plan` that an adapter file holds in pieces under other names, because it was
+        written for an older layout of the same model (LoRA: transformers 4's per-expert MoE
+        projections), by the plan's tensor name; peft reads such files the same way. Default: none."""
+        return {}
 
     def tensors_from_file(
         self, plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path

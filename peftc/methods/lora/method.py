@@ -18,14 +18,14 @@ The layer is lora_layer.py; adapters are combined (add_weighted_adapter) in lora
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from peftc.config.spec import RunSpec, as_list, at_least, greater_than, in_range, mapping_of, param
 from peftc.errors import AdapterFileError, ConfigError, PlanError
 from peftc.methods import register
-from peftc.methods.base import InjectableMethod, saves_embedding_weight
+from peftc.methods.base import GatheredTensor, InjectableMethod, saves_embedding_weight
 from peftc.methods.common import (
     UNIMPLEMENTED_LORA_FIELDS,
     LayeredTargetsSpec,
@@ -38,7 +38,7 @@ from peftc.methods.common import (
 from peftc.methods.common import number as _number
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora import attention, moe_names, parameters, tokens
+from peftc.methods.lora import attention, moe_layout, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
@@ -140,7 +140,10 @@ class Lora(InjectableMethod):
     tensor_prefix = "lora_"
 
     def spec_for_model(self, spec: LoraSpec, graph: ModelGraph) -> LoraSpec:
-        return moe_names.for_model(spec, graph)
+        return moe_layout.for_model(spec, graph)
+
+    def gathered_tensors(self, plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
+        return moe_layout.gathered_tensors(plan, file_names)
 
     wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
 

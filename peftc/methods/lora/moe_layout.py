@@ -16,18 +16,32 @@ one; so does peftc, so both adapt the same tensors:
   alpha 2 lora_alpha (rank_pattern/alpha_pattern), so each half keeps its alpha/r;
 - `all-linear` is the model's linear leaf names plus every old name; a regex is the leaf names it
   matches, plus the old names it matches under the fused parameter's module.
+
+An adapter file written on transformers 4 holds per-expert factors (`experts.{e}.w1.lora_A.weight`,
+...; Mixtral's block was `block_sparse_moe`, now `mlp`); `gathered_tensors` builds the fused
+factors from them as peft 0.22 does when it loads such a file: A stacks each expert's halves'
+A rows (expert-major), B puts each expert's halves' B block-diagonally and interleaves the experts
+in its columns (the stacked-parameter layout of parameters.py), so every expert computes
+B_w1 A_w1 x and B_w3 A_w3 x in its two halves exactly as before.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from peftc.errors import ConfigError
+from peftc.methods.base import GatheredTensor
 from peftc.planning.graph import LINEAR_KINDS
+from peftc.planning.layout import model_prefix
 
 if TYPE_CHECKING:
     from peftc.planning.graph import ModelGraph
+    from peftc.planning.plan import ParameterTarget, Plan
 
 # transformers-4 target name -> the transformers-5 name, per conversion family (peft 0.22's tables)
 OLD_TO_NEW: dict[str, dict[str, str]] = {
@@ -41,9 +55,11 @@ OLD_TO_NEW: dict[str, dict[str, str]] = {
 }
 # a fused parameter -> the old projections stacked in it
 FUSED: dict[str, dict[str, tuple[str, ...]]] = {
-    "mixtral": {"gate_up_proj": ("w1", "w3")},
-    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
+    "mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
 }
+# the experts' block as transformers 4 named it (transformers 5: `.mlp.`)
+OLD_BLOCK = {"mixtral": ".block_sparse_moe.", "qwen2_moe": ".mlp."}
 
 
 def conversion_family(model_type: str) -> str | None:
@@ -96,7 +112,7 @@ def for_model(spec: Any, graph: ModelGraph, key: str = "peft") -> Any:
                 f"{fused} parameter with it (peft refuses this too)",
                 f"target {' and '.join(halves)} together, or neither",
             )
-        if len(seen) == len(halves):
+        if len(seen) == len(halves) > 1:
             pattern = rf".*\.{re.escape(fused)}"
             ranks[pattern] = spec.r * len(halves)
             alphas[pattern] = spec.lora_alpha * len(halves)
@@ -156,3 +172,51 @@ def _check_parameter_options(spec: Any, key: str, model_type: str) -> None:
                 f"set {key}.{field}={fix[field]}, or target the attention projections only "
                 "(e.g. peft.target_modules=[q_proj,k_proj,v_proj,o_proj])",
             )
+
+
+def gathered_tensors(plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
+    """The plan's expert and router factors a transformers-4 file holds in pieces (see above)."""
+    family = conversion_family(plan.model.model_type)
+    if family is None:
+        return {}
+    prefix, names = model_prefix(plan), set(file_names)
+    gathered = {}
+    for site in plan.sites:
+        if site.parameter is None:
+            continue
+        for suffix in ("lora_A.weight", "lora_B.weight"):
+            name = f"{prefix}{site.path}.{suffix}"
+            pieces = _old_pieces(family, site.parameter, suffix)
+            if name in names or pieces is None:
+                continue
+            sources = tuple(f"{prefix}{piece}" for piece in pieces[0])
+            if all(source in names for source in sources):
+                gathered[name] = GatheredTensor(sources, tuple(site.tensors[suffix]), pieces[1])
+    return gathered
+
+
+def _old_pieces(family: str, target: ParameterTarget, suffix: str) -> tuple[list[str], Any] | None:
+    """The old layout's tensor names for one fused factor (without the model prefix), and how to
+    build the factor from them; None for a parameter the old layout did not split."""
+    old_path = OLD_BLOCK[family].join(target.module.rsplit(".mlp.", 1))
+    if target.name == "weight" and target.module.endswith(".gate"):  # the router: renamed only
+        return [f"{old_path}.{suffix}"], lambda pieces: pieces[0]
+    halves = FUSED[family].get(target.name)
+    if halves is None:
+        return None
+    experts = target.shape[0]
+    names = [f"{old_path}.{e}.{half}.{suffix}" for e in range(experts) for half in halves]
+    fuse = _fused_a if suffix.startswith("lora_A") else partial(_fused_b, experts=experts, halves=len(halves))
+    return names, fuse
+
+
+def _fused_a(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Each expert's halves' A (r, in), expert-major: rows e*n*r.. are expert e's, half by half."""
+    return torch.cat(pieces, 0)
+
+
+def _fused_b(pieces: list[torch.Tensor], *, experts: int, halves: int) -> torch.Tensor:
+    """Each expert's halves' B (out, r) block-diagonal (n*out, n*r), experts interleaved in the
+    columns (column k*E + e is expert e's k-th)."""
+    per_expert = [torch.block_diag(*pieces[e * halves : (e + 1) * halves]) for e in range(experts)]
+    return torch.stack(per_expert).permute(2, 0, 1).flatten(0, 1).T.contiguous()

@@ -1,0 +1,126 @@
+"""LoRA configs written for transformers 4's mixture-of-experts layout (per-expert nn.Linear
+projections, a Linear router, or `all-linear` that reached them) on transformers 5's fused experts:
+peftc rewrites them against the model as peft 0.22 does, so both adapt the same tensors with the
+same ranks and give the same logits, and the rewritten config is what both save and read back."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftc
+from peftc.errors import ConfigError
+from peftc.files.load import fill
+from tests.helpers import build_base, max_diff, token_batch
+
+QWEN3_MOE = (
+    "model=tiny_llama",
+    "model.model_type=qwen3_moe",
+    "+model.config.num_experts=4",
+    "+model.config.num_experts_per_tok=2",
+    "+model.config.moe_intermediate_size=32",
+    "+model.config.head_dim=16",
+)
+MIXTRAL = ("model=tiny_llama", "model.model_type=mixtral", "+model.config.num_local_experts=4")
+
+
+@pytest.mark.parametrize(
+    ("model", "targets"),
+    [
+        (QWEN3_MOE, "all-linear"),
+        (QWEN3_MOE, ["q_proj", "gate_proj", "up_proj", "down_proj"]),
+        (QWEN3_MOE, r".*layers\.1\..*(v_proj|gate)"),  # the router of layer 1 only, as peft reads the regex
+        (MIXTRAL, ["q_proj", "w1", "w2", "w3", "gate"]),
+    ],
+    ids=["qwen3_moe all-linear", "qwen3_moe v4 names", "qwen3_moe regex", "mixtral v4 names"],
+)
+def test_old_expert_names_adapt_what_peft_adapts_with_its_logits(model: tuple[str, ...], targets: object) -> None:
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    shown = f"'{targets}'" if isinstance(targets, str) else f"[{','.join(targets)}]"
+    plan = peftc.compile([*model, f"peft.target_modules={shown}", "peft.init_lora_weights=false", "peft.r=4"])
+    base = build_base(plan)
+    asked = LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(0)
+    theirs = get_peft_model(copy.deepcopy(base), asked).eval()
+    rewritten = theirs.peft_config["default"]  # peft rewrites its config in place
+    ours = plan.adapter_config
+    assert set(ours["target_modules"]) == set(rewritten.target_modules)
+    assert set(ours["target_parameters"]) == set(rewritten.target_parameters)
+    assert (ours["rank_pattern"], ours["alpha_pattern"]) == (rewritten.rank_pattern, rewritten.alpha_pattern)
+    model_ours = peftc.materialize(plan, base_model=base).eval()
+    fill(model_ours, "default", get_peft_model_state_dict(theirs))
+    x = token_batch()
+    assert max_diff(model_ours(input_ids=x).logits, theirs(input_ids=x).logits) <= 1e-5
+
+
+def test_half_of_a_fused_pair_and_dropout_on_the_experts_are_refused_by_the_names_written() -> None:
+    with pytest.raises(ConfigError, match=r"names gate_proj but not up_proj, which transformers 5 stores in one"):
+        peftc.compile([*QWEN3_MOE, "peft.target_modules=[q_proj,gate_proj]"])
+    # peft raises "lora.ParamWrapper does not work with lora_dropout != 0" from inside get_peft_model
+    with pytest.raises(ConfigError, match=r"peft.lora_dropout=0.05: does not work on the expert weights"):
+        peftc.compile([*MIXTRAL, "peft.target_modules=all-linear", "peft.lora_dropout=0.05"])
+    plain = peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj,v_proj]", "peft.lora_dropout=0.05"])
+    assert plain.adapter_config["target_parameters"] is None  # names of today's layout are left alone
+
+
+def _transformers_4_adapter(directory: Path, model: tuple[str, ...], block: str, projections: tuple[str, ...]) -> None:
+    """A LoRA adapter in the layout peft wrote on transformers 4: one Linear per expert and
+    projection, a Linear router, under `block` (Mixtral's block_sparse_moe, Qwen's mlp)."""
+    from safetensors.torch import save_file
+
+    config = build_base(peftc.compile([*model, "peft.target_modules=[q_proj]"])).config
+    hidden, ffn = config.hidden_size, getattr(config, "moe_intermediate_size", config.intermediate_size)
+    experts = getattr(config, "num_local_experts", getattr(config, "num_experts", None))
+    generator, r, tensors = torch.Generator().manual_seed(0), 4, {}
+
+    def lora(path: str, fan_in: int, fan_out: int) -> None:
+        tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(r, fan_in, generator=generator) / 4
+        tensors[f"base_model.model.{path}.lora_B.weight"] = torch.randn(fan_out, r, generator=generator) / 4
+
+    for layer in range(config.num_hidden_layers):
+        lora(f"model.layers.{layer}.self_attn.q_proj", hidden, hidden)
+        lora(f"model.layers.{layer}.{block}.gate", hidden, experts)
+        for e in range(experts):
+            for name in projections[:2]:  # gate and up
+                lora(f"model.layers.{layer}.{block}.experts.{e}.{name}", hidden, ffn)
+            lora(f"model.layers.{layer}.{block}.experts.{e}.{projections[2]}", ffn, hidden)
+    directory.mkdir()
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    fields = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 8, "peft_version": "0.13.2"}
+    fields["target_modules"] = ["q_proj", "gate", *projections]
+    (directory / "adapter_config.json").write_text(json.dumps(fields))
+
+
+@pytest.mark.parametrize(
+    ("model", "block", "projections"),
+    [(MIXTRAL, "block_sparse_moe", ("w1", "w3", "w2")), (QWEN3_MOE, "mlp", ("gate_proj", "up_proj", "down_proj"))],
+    ids=["mixtral", "qwen3_moe"],
+)
+def test_a_transformers_4_moe_adapter_loads_with_the_outputs_peft_gives_it_and_saves_in_today_s_layout(
+    model: tuple[str, ...], block: str, projections: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Mixtral and Qwen-MoE adapters on the hub were mostly trained on transformers 4, experts
+    included (axolotl's lora_target_linear); peft 0.22 fuses their factors on load, and so does
+    peftc. Saved again, the adapter is in today's layout, which peft reads to the same outputs."""
+    from peft import PeftModel
+
+    _transformers_4_adapter(tmp_path / "old", model, block, projections)
+    base = build_base(peftc.compile([*model, "peft.target_modules=[q_proj]"]))
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "old").eval()
+    ours = peftc.load_adapter(copy.deepcopy(base), tmp_path / "old").eval()
+    x = token_batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+        assert max_diff(ours(input_ids=x).logits, expected) <= 1e-5
+        with ours.disable_adapter():
+            assert max_diff(ours(input_ids=x).logits, expected) > 1e-3  # the experts' factors did something
+    ours.save_adapter(tmp_path / "new")
+    assert "experts.0." not in (tmp_path / "new" / "adapter_config.json").read_text()
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "new").eval()
+    with torch.no_grad():
+        assert max_diff(again(input_ids=x).logits, expected) <= 1e-5
