@@ -184,11 +184,12 @@ class SavedAdapter:
         report, usable = compare(self.weights, plan, header)
         if strict and report:
             raise _strict_error(self.weights, report)
-        read = load_tensors(self.weights, [s for n in usable for s in (gathered[n].sources if n in gathered else [n])])
+        pieces = {name: gathered[name].sources if name in gathered else (name,) for name in usable}
+        read = load_tensors(self.weights, [piece for names in pieces.values() for piece in names])
         _check_finite(self.weights, read)
-        tensors = {
-            n: gathered[n].build([read[s] for s in gathered[n].sources]) if n in gathered else read[n] for n in usable
-        }
+        tensors = {name: read[name] for name in usable if name not in gathered}
+        for name in gathered.keys() & set(usable):
+            tensors[name] = gathered[name].build([read[piece] for piece in pieces[name]])
         return report, methods.get(plan.method).tensors_from_file(plan, tensors, self.config, self.directory)
 
 
