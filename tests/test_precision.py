@@ -31,6 +31,16 @@ from tests.helpers import build_base, run_cli, token_batch
 
 VARIANTS = {"dora": ("peft=lora", "peft.use_dora=true")}
 BASE = ("model=tiny_llama", "model.config.num_hidden_layers=1")  # one block: half the cost, same code paths
+# Tasks whose loss peftc computes another way than causal LM's (on one method: the loss is the task's)
+TASK_CASES = {
+    "lora seq2seq_lm": (
+        "peft=lora",
+        "model=tiny_t5",
+        "task=seq2seq_lm",
+        "model.config.num_layers=1",
+        "model.config.num_decoder_layers=1",
+    ),
+}
 STEPS = 2
 # bf16 keeps 8 significant bits (relative rounding 2^-9). Measured on these cases: losses agree
 # to <= 2.3e-4 relative, first-step gradients to <= 0.034 of their norm (p-tuning's MLP; others
@@ -40,8 +50,10 @@ GRADIENT_TOLERANCE = 0.06
 
 
 def registered_method_cases() -> dict[str, tuple[str, ...]]:
-    """Hydra overrides per case: every registered method with its defaults, plus VARIANTS."""
-    return {**{name: (f"peft={name}",) for name in sorted(methods.all_methods())}, **VARIANTS}
+    """Hydra overrides per case: every registered method with its defaults, plus VARIANTS, on
+    BASE; plus TASK_CASES."""
+    on_base = {**{name: (f"peft={name}",) for name in sorted(methods.all_methods())}, **VARIANTS}
+    return {**{name: (*overrides, *BASE) for name, overrides in on_base.items()}, **TASK_CASES}
 
 
 CASES = registered_method_cases()
@@ -70,7 +82,7 @@ def adapted_model(case: str) -> tuple[nn.Module, Any]:
     """(model, plan): float32 adapters moved off their identity init (every adapter tensor then
     changes the output and has a gradient) over a base rounded to bf16 values. Shared: copy it
     before changing it."""
-    plan = peftc.compile([*CASES[case], *BASE])
+    plan = peftc.compile(list(CASES[case]))
     torch.manual_seed(0)
     model = peftc.materialize(plan, base_model=build_base(plan))
     with torch.no_grad():
@@ -139,7 +151,7 @@ def train(model: nn.Module, plan: Any, precision: str) -> FirstStep:
 
 def bf16_base_model(case: str) -> tuple[nn.Module, Any]:
     """`model.dtype=bfloat16`: peftc's own bf16 base and adapters, holding the reference's values."""
-    plan = peftc.compile([*CASES[case], *BASE, "model.dtype=bfloat16"])
+    plan = peftc.compile([*CASES[case], "model.dtype=bfloat16"])
     model = peftc.materialize(plan, base_model=build_base(plan))
     model.load_state_dict(adapted_model(case)[0].state_dict())
     return model, plan
