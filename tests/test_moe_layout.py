@@ -26,6 +26,15 @@ QWEN3_MOE = (
     "+model.config.head_dim=16",
 )
 MIXTRAL = ("model=tiny_llama", "model.model_type=mixtral", "+model.config.num_local_experts=4")
+# Qwen2-MoE keeps a shared expert of nn.Linear gate_proj/up_proj/down_proj beside the fused experts
+QWEN2_MOE = (
+    "model=tiny_llama",
+    "model.model_type=qwen2_moe",
+    "+model.config.num_experts=4",
+    "+model.config.num_experts_per_tok=2",
+    "+model.config.moe_intermediate_size=32",
+    "+model.config.shared_expert_intermediate_size=32",
+)
 
 
 @pytest.mark.parametrize(
@@ -35,16 +44,72 @@ MIXTRAL = ("model=tiny_llama", "model.model_type=mixtral", "+model.config.num_lo
         (QWEN3_MOE, ["q_proj", "gate_proj", "up_proj", "down_proj"]),
         (QWEN3_MOE, r".*layers\.1\..*(v_proj|gate)"),  # the router of layer 1 only, as peft reads the regex
         (MIXTRAL, ["q_proj", "w1", "w2", "w3", "gate"]),
+        # the shared expert's Linear projections stay modules, and the fused experts beside them are targeted too
+        (QWEN2_MOE, ["q_proj", "gate_proj", "up_proj", "down_proj"]),
+        # a dotted name keeps its prefix: layer 1's experts only
+        (QWEN3_MOE, ["q_proj", "layers.1.mlp.experts.gate_proj", "layers.1.mlp.experts.up_proj"]),
+        # a regex naming only old expert paths (no key of today's model matches them)
+        (QWEN3_MOE, r".*(q_proj|experts\.(gate_proj|up_proj))"),
     ],
-    ids=["qwen3_moe all-linear", "qwen3_moe v4 names", "qwen3_moe regex", "mixtral v4 names"],
+    ids=[
+        "qwen3_moe all-linear",
+        "qwen3_moe v4 names",
+        "qwen3_moe regex",
+        "mixtral v4 names",
+        "qwen2_moe shared expert",
+        "qwen3_moe dotted names",
+        "qwen3_moe regex of old expert paths",
+    ],
 )
 def test_old_expert_names_adapt_what_peft_adapts_with_its_logits(model: tuple[str, ...], targets: object) -> None:
+    _assert_rewritten_as_peft_rewrites(model, targets)
+
+
+def test_target_parameters_and_rank_pattern_written_beside_old_names_are_kept_as_peft_keeps_them() -> None:
+    """peft's rewrite adds to the user's own target_parameters and rank_pattern; dropping them would
+    leave the router (here) unadapted and q_proj at the default rank."""
+    extra = ("peft.target_parameters=[gate.weight]", "+peft.rank_pattern={q_proj: 2}")
+    _assert_rewritten_as_peft_rewrites(
+        MIXTRAL, ["q_proj", "w2"], extra, target_parameters=["gate.weight"], rank_pattern={"q_proj": 2}
+    )
+
+
+def test_default_targets_on_a_moe_model_are_not_rewritten() -> None:
+    """target_modules=null on Mixtral is LoRA's default table entry (q_proj, v_proj): no old name to
+    rewrite. (peft 0.22 itself refuses it: its rewrite turns the null into an empty set before its
+    default applies; the resolved names peftc writes load in peft.)"""
+    plan = peftc.compile([*MIXTRAL])
+    assert {s.path.rsplit(".", 1)[-1] for s in plan.sites} == {"q_proj", "v_proj"}
+    assert sorted(plan.adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+    assert plan.adapter_config["target_parameters"] is None
+
+
+def test_conversion_families_are_transformers_moe_families_that_peft_converts() -> None:
+    """Only model types transformers converts with Mixtral's or Qwen2-MoE's pattern are rewritten
+    (peft's _MOE_TARGET_MODULE_MAPPING); others in transformers' table (llava, CLIP, ...) are left
+    alone rather than looked up in tables they are not in."""
+    from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
+    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+
+    from peftc.methods.lora.moe_layout import conversion_family
+
+    for model_type, pattern in _MODEL_TO_CONVERSION_PATTERN.items():
+        expected = pattern if pattern in _MOE_TARGET_MODULE_MAPPING else None
+        assert conversion_family(model_type) == expected, model_type
+    assert conversion_family("llama") is None
+
+
+def _assert_rewritten_as_peft_rewrites(
+    model: tuple[str, ...], targets: object, extra: tuple[str, ...] = (), **peft_fields: object
+) -> None:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     shown = f"'{targets}'" if isinstance(targets, str) else f"[{','.join(targets)}]"
-    plan = peftc.compile([*model, f"peft.target_modules={shown}", "peft.init_lora_weights=false", "peft.r=4"])
+    plan = peftc.compile([*model, f"peft.target_modules={shown}", "peft.init_lora_weights=false", "peft.r=4", *extra])
     base = build_base(plan)
-    asked = LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False)
+    asked = LoraConfig(
+        task_type="CAUSAL_LM", target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False, **peft_fields
+    )
     torch.manual_seed(0)
     theirs = get_peft_model(copy.deepcopy(base), asked).eval()
     rewritten = theirs.peft_config["default"]  # peft rewrites its config in place
@@ -64,6 +129,10 @@ def test_half_of_a_fused_pair_and_dropout_on_the_experts_are_refused_by_the_name
     # peft raises "lora.ParamWrapper does not work with lora_dropout != 0" from inside get_peft_model
     with pytest.raises(ConfigError, match=r"peft.lora_dropout=0.05: does not work on the expert weights"):
         peftc.compile([*MIXTRAL, "peft.target_modules=all-linear", "peft.lora_dropout=0.05"])
+    # peft's ParamWrapper refuses DoRA and lora_bias as it refuses dropout
+    for option in ("use_dora", "lora_bias"):
+        with pytest.raises(ConfigError, match=rf"peft.{option}=True: does not work on the expert weights"):
+            peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj,w2]", f"peft.{option}=true"])
     plain = peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj,v_proj]", "peft.lora_dropout=0.05"])
     assert plain.adapter_config["target_parameters"] is None  # names of today's layout are left alone
 
