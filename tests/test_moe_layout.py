@@ -193,3 +193,49 @@ def test_a_transformers_4_moe_adapter_loads_with_the_outputs_peft_gives_it_and_s
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "new").eval()
     with torch.no_grad():
         assert max_diff(again(input_ids=x).logits, expected) <= 1e-5
+
+
+def test_a_transformers_4_moe_file_missing_a_piece_or_with_a_non_float_one_is_refused_by_name(tmp_path: Path) -> None:
+    """A fused factor is built only from a complete set of pieces; a file lacking one expert's
+    factor is the incomplete file it is (the fused tensor is reported missing), not a crash on the
+    absent piece, and a piece that is not floating point is refused as any such tensor is."""
+    from safetensors.torch import load_file, save_file
+
+    from peftc.errors import AdapterFileError
+
+    _transformers_4_adapter(tmp_path / "old", MIXTRAL, "block_sparse_moe", ("w1", "w3", "w2"))
+    base = build_base(peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj]"]))
+    tensors = load_file(tmp_path / "old" / "adapter_model.safetensors")
+    piece = "base_model.model.model.layers.0.block_sparse_moe.experts.{}.lora_A.weight"
+
+    def altered(name: str, change: dict[str, torch.Tensor | None]) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text((tmp_path / "old" / "adapter_config.json").read_text())
+        kept = {k: change.get(k, t) for k, t in tensors.items() if change.get(k, t) is not None}
+        save_file(kept, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return directory
+
+    incomplete = altered("incomplete", {piece.format("2.w3"): None})
+    with pytest.raises(AdapterFileError, match=r"1 tensors the adapter config implies are missing, e\.g\. .*experts"):
+        peftc.load_adapter(copy.deepcopy(base), incomplete)
+    first = piece.format("0.w1")
+    integer = altered("integer", {first: tensors[first].long()})
+    with pytest.raises(AdapterFileError, match=r"has dtype I64; adapter tensors are floating point"):
+        peftc.load_adapter(copy.deepcopy(base), integer)
+
+
+def test_training_continues_from_a_transformers_4_moe_adapter(tmp_path: Path) -> None:
+    """`adapter=DIR` plans from the file's header as load_adapter reads it: the per-expert pieces
+    stand in for the fused factors, so a transformers-4 adapter is continued, not refused."""
+    from peftc.planning.model_source import load_tokenizer
+
+    plan = peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj]"])
+    build_base(plan).save_pretrained(tmp_path / "base")
+    load_tokenizer(plan.spec.model).save_pretrained(tmp_path / "base")
+    _transformers_4_adapter(tmp_path / "old", MIXTRAL, "block_sparse_moe", ("w1", "w3", "w2"))
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+    continued = peftc.compile([f"adapter={tmp_path / 'old'}", "task=causal_lm"])
+    assert set(continued.adapter_config["target_parameters"]) == {"gate.weight", "gate_up_proj", "down_proj"}
