@@ -158,6 +158,7 @@ def test_adapting_a_tied_embedding_warns_that_its_head_does_not_follow_as_peft_w
     plan = peftc.compile(["model=tiny_gpt2", "peft.target_modules=[wte]", "peft.init_lora_weights=false"])
     (warning,) = plan.warnings
     assert "adapts transformer.wte, whose weight lm_head shares" in warning and "merg" in warning
+    assert "does not reach lm_head, and merging it changes lm_head too" in warning  # the other module, by name
     model = peftc.materialize(plan, base_model=build_base(plan)).eval()
     x = token_batch()
     with torch.no_grad():
@@ -165,5 +166,6 @@ def test_adapting_a_tied_embedding_warns_that_its_head_does_not_follow_as_peft_w
         assert max_diff(model.merge_and_unload()(input_ids=x).logits, unmerged) > 1e-3  # what the warning says
     (copied,) = peftc.compile(["model=tiny_gpt2", "peft.modules_to_save=[lm_head]"]).warnings
     assert "copy of lm_head, whose weight transformer.wte shares" in copied
+    assert "transformer.wte keeps the base weight" in copied  # the module left behind, not the copied one
     assert peftc.compile(["model=tiny_gpt2", "peft.trainable_token_indices=[5]"]).warnings == ()
     assert peftc.compile(["model=tiny_llama", "peft.target_modules=[embed_tokens]"]).warnings == ()  # untied
