@@ -127,6 +127,43 @@ def test_refused_combinations_name_the_reason(overrides: list[str], error: type,
     assert message in str(caught.value)
 
 
+def test_a_model_takes_a_cache_by_the_argument_name_peft_checks() -> None:
+    """Prefix tuning is refused where peft refuses it: its check_cache_in_signature looks for
+    transformers' cache argument by name (`cache` in transformers 5) on the model's forward, then
+    its backbone's; `use_cache` alone, or an older name, is no cache to put a prefix in."""
+    from peft.utils.integrations import check_cache_in_signature
+    from torch import nn
+
+    from peftc.planning.graph import _takes_cache
+
+    class Cached(nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):  # noqa: ANN001, ANN202
+            return input_ids
+
+    class FlagOnly(nn.Module):
+        def forward(self, input_ids=None, use_cache=None):  # noqa: ANN001, ANN202
+            return input_ids
+
+    class OldName(nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):  # noqa: ANN001, ANN202
+            return input_ids
+
+    class Head(FlagOnly):  # a seq_cls head whose backbone takes the cache (BERT's)
+        def __init__(self, backbone: nn.Module) -> None:
+            super().__init__()
+            self.model = backbone
+
+        @property
+        def base_model(self) -> nn.Module:
+            return self.model
+
+    for model in (Cached(), FlagOnly(), OldName(), Head(Cached()), Head(FlagOnly())):
+        backbone = getattr(model, "base_model", model)
+        expected = check_cache_in_signature(model.forward) or check_cache_in_signature(backbone.forward)
+        assert _takes_cache(model) == expected, type(model).__name__
+    assert _takes_cache(Head(Cached())) and not _takes_cache(FlagOnly())
+
+
 def test_long_inputs_are_fine_for_relative_positions() -> None:
     plan = peftc.compile(["peft=prompt_tuning", "model=tiny_t5", "task=seq2seq_lm", "data.max_length=4096"])
     assert plan.prompt.num_virtual_tokens == 8
