@@ -216,12 +216,17 @@ def test_default_target_tables_are_peft_s() -> None:
     assert "llava" in peft_s("LNTUNING_TARGET_MODULES_MAPPING") and "llava" not in LN_TUNING_TARGETS
 
 
-def test_a_default_that_is_a_regex_selects_by_regex_and_is_written_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method", ["lora", "loha", "adalora"])
+def test_a_default_that_is_a_regex_selects_by_regex_and_is_written_as_one(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """peft's Gemma 4 default is a regex over module paths (its language model's projections), not a
-    list of names: planned as a regex, and written as the string peft reads as one."""
+    list of names: planned as a regex, and written as the string peft reads as one, by LoRA and by
+    the methods that share its table (LoHa) or have their own with the entry (AdaLoRA)."""
     from peftc.methods import defaults
 
-    monkeypatch.setitem(defaults.LORA_TARGETS, "llama", r".*layers\.1\.self_attn\.(q_proj|v_proj)")
-    plan = peftc.compile(["model=tiny_llama"])
+    for table in (defaults.LORA_TARGETS, defaults.ADALORA_TARGETS):
+        monkeypatch.setitem(table, "llama", r".*layers\.1\.self_attn\.(q_proj|v_proj)")
+    plan = peftc.compile(["model=tiny_llama", f"peft={method}"])
     assert [s.path for s in plan.sites] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert plan.adapter_config["target_modules"] == r".*layers\.1\.self_attn\.(q_proj|v_proj)"
