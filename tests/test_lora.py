@@ -238,3 +238,36 @@ def test_fresh_factors_are_peft_s_draws_under_the_same_seed(init: str) -> None:
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert any(t.std() > 0 for t in theirs.values())
+
+
+def test_a_float_embed_scale_is_rounded_to_the_weight_dtype_as_peft_rounds_it() -> None:
+    """BART keeps embed_scale as a Python float (sqrt(48) here, not a bf16 number); peft multiplies
+    the float32 adapter's lookup by it rounded to the base weight's dtype, so a bf16 base gives
+    bit-identical embeddings only with that rounding."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from peftc.files.load import fill
+    from tests.method_cases import TINY_BART
+
+    plan = peftc.compile(
+        ["model=tiny_t5", *TINY_BART, "model.config.d_model=48", "model.dtype=bfloat16"]
+        + ["peft.target_modules=[embed_tokens]", "peft.init_lora_weights=false"]
+    )
+    base = build_base(plan)
+    asked = LoraConfig(
+        task_type="SEQ_2_SEQ_LM", target_modules=["embed_tokens"], init_lora_weights=False, r=plan.spec.peft.r
+    )
+    theirs = get_peft_model(copy.deepcopy(base), asked, autocast_adapter_dtype=True)
+    ours = peftc.materialize(plan, base_model=base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: save_embedding_layers set to True
+        fill(ours, "default", get_peft_model_state_dict(theirs))
+
+    def encoder_embedding(model: torch.nn.Module) -> torch.nn.Module:
+        return next(m for name, m in model.named_modules() if name.endswith("encoder.embed_tokens"))
+
+    x = token_batch()
+    with torch.no_grad():
+        expected = encoder_embedding(theirs)(x)
+        assert expected.dtype == torch.bfloat16
+        assert torch.equal(encoder_embedding(ours)(x), expected)
