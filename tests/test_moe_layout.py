@@ -196,9 +196,11 @@ def test_a_transformers_4_moe_adapter_loads_with_the_outputs_peft_gives_it_and_s
 
 
 def test_a_transformers_4_moe_file_missing_a_piece_or_with_a_non_float_one_is_refused_by_name(tmp_path: Path) -> None:
-    """A fused factor is built only from a complete set of pieces; a file lacking one expert's
-    factor is the incomplete file it is (the fused tensor is reported missing), not a crash on the
-    absent piece, and a piece that is not floating point is refused as any such tensor is."""
+    """A fused factor is built only from a complete set of pieces of one shape and dtype; a file
+    lacking one expert's factor, or holding one of another shape or dtype, is the file that does not
+    fit that it is (the fused tensor is reported missing; a lenient load starts it fresh and skips
+    the pieces), not a crash while stacking, and pieces that are not floating point are refused as
+    any such tensor is."""
     from safetensors.torch import load_file, save_file
 
     from peftc.errors import AdapterFileError
@@ -216,11 +218,22 @@ def test_a_transformers_4_moe_file_missing_a_piece_or_with_a_non_float_one_is_re
         save_file(kept, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
         return directory
 
-    incomplete = altered("incomplete", {piece.format("2.w3"): None})
-    with pytest.raises(AdapterFileError, match=r"1 tensors the adapter config implies are missing, e\.g\. .*experts"):
-        peftc.load_adapter(copy.deepcopy(base), incomplete)
-    first = piece.format("0.w1")
-    integer = altered("integer", {first: tensors[first].long()})
+    narrow = piece.format("2.w3").replace("lora_A", "lora_B")
+    for name, change in (
+        ("incomplete", {piece.format("2.w3"): None}),
+        ("mixed-dtype", {piece.format("1.w1"): tensors[piece.format("1.w1")].long()}),
+        ("narrow", {narrow: tensors[narrow][:, :2].contiguous()}),
+    ):
+        directory = altered(name, change)
+        with pytest.raises(
+            AdapterFileError, match=r"1 tensors the adapter config implies are missing, e\.g\. .*experts"
+        ):
+            peftc.load_adapter(copy.deepcopy(base), directory)
+        lenient = peftc.load_adapter(copy.deepcopy(base), directory, strict=False)
+        assert any(".experts." in key for key in lenient.load_reports["default"].missing), name
+    integer = altered(
+        "integer", {name: t.long() for name, t in tensors.items() if ".0.block_sparse_moe.experts." in name}
+    )
     with pytest.raises(AdapterFileError, match=r"has dtype I64; adapter tensors are floating point"):
         peftc.load_adapter(copy.deepcopy(base), integer)
 
@@ -239,3 +252,12 @@ def test_training_continues_from_a_transformers_4_moe_adapter(tmp_path: Path) ->
     (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
     continued = peftc.compile([f"adapter={tmp_path / 'old'}", "task=causal_lm"])
     assert set(continued.adapter_config["target_parameters"]) == {"gate.weight", "gate_up_proj", "down_proj"}
+
+
+def test_an_init_peftc_does_not_implement_on_expert_weights_is_refused_after_the_rewrite() -> None:
+    """`peft.target_parameters` with PiSSA is refused when the config is checked; names that the
+    rewrite turns into target parameters must be refused too, not left at the default init while
+    q_proj gets PiSSA (peft 0.22 crashes on it)."""
+    with pytest.raises(ConfigError, match=r"init_lora_weights='pissa': is not implemented on the expert weights"):
+        peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj,w1,w3,w2]", "peft.init_lora_weights=pissa"])
+    assert peftc.compile([*MIXTRAL, "peft.target_modules=[q_proj]", "peft.init_lora_weights=pissa"]).sites

@@ -171,6 +171,14 @@ class SavedAdapter:
         """The file's declared tensors as `plan` names them: tensors the file holds in pieces of
         an older model layout (`Method.gathered_tensors`) stand in for their pieces."""
         gathered = methods.get(plan.method).gathered_tensors(plan, self.header)
+        # Pieces of one dtype and shape only: other files keep their pieces as unexpected tensors
+        # beside a missing one, a clean refusal (a non-float dtype is refused by name in compare).
+        gathered = {
+            name: tensor
+            for name, tensor in gathered.items()
+            if len({(self.header[s].dtype, self.header[s].shape) for s in tensor.sources}) == 1
+            and self.header[tensor.sources[0]].shape == tensor.piece_shape
+        }
         pieces = {source for tensor in gathered.values() for source in tensor.sources}
         header = {name: entry for name, entry in self.header.items() if name not in pieces}
         for name, tensor in gathered.items():

@@ -50,6 +50,7 @@ class GatheredTensor:
     sources: tuple[str, ...]  # the file's tensor names, in the order `build` takes them
     shape: tuple[int, ...]  # the built tensor's, for the header check before anything is read
     build: Callable[[list[torch.Tensor]], torch.Tensor]
+    piece_shape: tuple[int, ...]  # every source's; a file whose pieces differ is not gathered
 
 
 class Method:

@@ -36,6 +36,7 @@ import torch
 
 from peftc.errors import ConfigError
 from peftc.methods.base import GatheredTensor
+from peftc.methods.lora.parameters import PLAIN_INITS
 from peftc.planning.graph import LINEAR_KINDS
 from peftc.planning.layout import model_prefix
 
@@ -159,7 +160,16 @@ def _parameters_named(name: str, graph: ModelGraph) -> bool:
 
 
 def _check_parameter_options(spec: Any, key: str, model_type: str) -> None:
-    """What peft refuses on raw parameters, said in terms of the names the user wrote."""
+    """What peft refuses on raw parameters, and the inits peftc implements there
+    (parameters.check_spec, which ran before the rewrite), said in terms of the names written."""
+    if spec.init_lora_weights not in PLAIN_INITS:  # peft 0.22 crashes on the experts' missing .weight
+        raise ConfigError(
+            f"{key}.init_lora_weights",
+            spec.init_lora_weights,
+            f"is not implemented on the expert weights peft.target_modules reaches on {model_type} (stacked "
+            "parameters in transformers 5: only true, false, gaussian and nora there)",
+            "use one of them, or target the attention projections only (e.g. peft.target_modules=[q_proj,v_proj])",
+        )
     refused = {"lora_dropout": spec.lora_dropout != 0, "use_dora": spec.use_dora, "lora_bias": spec.lora_bias}
     fix = {"lora_dropout": "0", "use_dora": "false", "lora_bias": "false"}
     for field, is_set in refused.items():
@@ -186,28 +196,35 @@ def gathered_tensors(plan: Plan, file_names: Collection[str]) -> dict[str, Gathe
             continue
         for suffix in ("lora_A.weight", "lora_B.weight"):
             name = f"{prefix}{site.path}.{suffix}"
-            pieces = _old_pieces(family, site.parameter, suffix)
-            if name in names or pieces is None:
+            shape = tuple(site.tensors[suffix])
+            gathering = _old_pieces(family, site.parameter, suffix, shape)
+            if name in names or gathering is None:
                 continue
-            sources = tuple(f"{prefix}{piece}" for piece in pieces[0])
+            pieces, build, piece_shape = gathering
+            sources = tuple(f"{prefix}{piece}" for piece in pieces)
             if all(source in names for source in sources):
-                gathered[name] = GatheredTensor(sources, tuple(site.tensors[suffix]), pieces[1])
+                gathered[name] = GatheredTensor(sources, shape, build, piece_shape)
     return gathered
 
 
-def _old_pieces(family: str, target: ParameterTarget, suffix: str) -> tuple[list[str], Any] | None:
-    """The old layout's tensor names for one fused factor (without the model prefix), and how to
-    build the factor from them; None for a parameter the old layout did not split."""
+def _old_pieces(
+    family: str, target: ParameterTarget, suffix: str, shape: tuple[int, ...]
+) -> tuple[list[str], Any, tuple[int, ...]] | None:
+    """The old layout's tensor names for one fused factor of `shape` (without the model prefix),
+    how to build the factor from them, and each piece's shape; None for a parameter the old
+    layout did not split."""
     old_path = OLD_BLOCK[family].join(target.module.rsplit(".mlp.", 1))
     if target.name == "weight" and target.module.endswith(".gate"):  # the router: renamed only
-        return [f"{old_path}.{suffix}"], lambda pieces: pieces[0]
+        return [f"{old_path}.{suffix}"], lambda pieces: pieces[0], shape
     halves = FUSED[family].get(target.name)
     if halves is None:
         return None
-    experts = target.shape[0]
+    experts, n = target.shape[0], len(halves)
     names = [f"{old_path}.{e}.{half}.{suffix}" for e in range(experts) for half in halves]
-    fuse = _fused_a if suffix.startswith("lora_A") else partial(_fused_b, experts=experts, halves=len(halves))
-    return names, fuse
+    if suffix.startswith("lora_A"):  # (E n r, in) from (r, in)
+        return names, _fused_a, (shape[0] // (experts * n), shape[1])
+    # (n out, n r E) from (out, r)
+    return names, partial(_fused_b, experts=experts, halves=n), (shape[0] // n, shape[1] // (n * experts))
 
 
 def _fused_a(pieces: list[torch.Tensor]) -> torch.Tensor:
