@@ -3,7 +3,7 @@ meta -> cpu, `.half()`, `.float()`, state_dict round trips, deepcopy, torch.comp
 no peftc module overrides an nn.Module internal by accident; and training runs without a KV
 cache, compiling each block once (trainer.compile=true).
 
-Cases are every registered method (tests/test_precision.py's CASES), so a new one is covered.
+Cases are every registered method (tests/test_precision.py's METHOD_CASES), so a new one is covered.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import peftc
 import peftc.methods
 import peftc.runtime
 from tests.helpers import build_base
-from tests.test_precision import CASES, adapted_model, training_batch
+from tests.test_precision import METHOD_CASES, adapted_model, training_batch
 
 # What a subclass of nn.Module is meant to define; anything else of nn.Module's that a peftc class
 # redefines shadows torch's machinery (OFTLayer._apply once broke .to(), .half(), .cuda()).
@@ -101,7 +101,7 @@ def meta_built(case: str) -> nn.Module:
     return on_meta
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", METHOD_CASES)
 def test_method_model_survives_the_module_api(case: str) -> None:
     model, plan = adapted_model(case)
     inputs = forward_inputs(plan)

@@ -50,13 +50,13 @@ GRADIENT_TOLERANCE = 0.06
 
 
 def registered_method_cases() -> dict[str, tuple[str, ...]]:
-    """Hydra overrides per case: every registered method with its defaults, plus VARIANTS, on
-    BASE; plus TASK_CASES."""
+    """Hydra overrides per case: every registered method with its defaults, plus VARIANTS, on BASE."""
     on_base = {**{name: (f"peft={name}",) for name in sorted(methods.all_methods())}, **VARIANTS}
-    return {**{name: (*overrides, *BASE) for name, overrides in on_base.items()}, **TASK_CASES}
+    return {name: (*overrides, *BASE) for name, overrides in on_base.items()}
 
 
-CASES = registered_method_cases()
+METHOD_CASES = registered_method_cases()
+CASES = {**METHOD_CASES, **TASK_CASES}
 
 
 @dataclass
