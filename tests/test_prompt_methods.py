@@ -251,3 +251,26 @@ def test_virtual_tokens_train_under_gradient_checkpointing() -> None:
     model(input_ids=x, labels=x).loss.backward()
     grads = [p.grad for p in model.prompt_encoders["default"].parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_p_tuning_s_lstm_dropout_acts_in_training_as_peft_s_does() -> None:
+    """encoder_dropout drops between the LSTM's layers in training only: under one seed the
+    training-mode logits are peft's (the same masks), and differ from evaluation's."""
+    _, ours, theirs = peft_pair(
+        [
+            "peft=p_tuning",
+            "peft.encoder_reparameterization_type=LSTM",
+            "peft.encoder_num_layers=2",
+            "peft.encoder_dropout=0.5",
+        ]
+    )
+    x = token_batch()
+    ours.train()
+    theirs.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        trained = ours(input_ids=x).logits
+        torch.manual_seed(3)
+        assert max_diff(trained, theirs(input_ids=x).logits) <= 1e-5
+    ours.eval()
+    assert max_diff(trained, ours(input_ids=x).logits) > 1e-2, "the dropout must act in training"
