@@ -85,6 +85,16 @@ class ModelGraph:
     def module(self, path: str) -> ModuleInfo | None:
         return self._index.get(path)
 
+    def tied_with(self, parameter: str) -> set[str]:
+        """The other parameters that are this one (tie_word_embeddings: the head's and the input
+        embedding's weight), by full name."""
+        names = {name for pair in self.tied_parameters if parameter in pair for name in pair}
+        return names - {parameter}
+
+    def weight_shared_with(self, path: str) -> set[str]:
+        """The other modules whose weight is this module's weight."""
+        return {name.removesuffix(".weight") for name in self.tied_with(f"{path}.weight") if name.endswith(".weight")}
+
     def subtree(self, path: str) -> Iterator[ModuleInfo]:
         prefix = path + "."
         for info in self.modules:

@@ -130,23 +130,17 @@ def _tied_weight_warnings(graph: ModelGraph, sites: tuple[Site, ...], saved: lis
     and its output head, tie_word_embeddings): the other module does not follow the adapter, so a
     merge changes both (merged outputs differ from the adapter's), and a trained copy is not seen
     by the other. A head whose site shares the embedding's rows (trainable tokens) follows them."""
-    partners: dict[str, set[str]] = {}
-    for name, first in graph.tied_parameters:
-        if name.endswith(".weight") and first.endswith(".weight"):
-            a, b = name.removesuffix(".weight"), first.removesuffix(".weight")
-            partners.setdefault(a, set()).add(b)
-            partners.setdefault(b, set()).add(a)
     following = {s.module_path for s in sites if s.shares_with}
     notes = []
     for path in dict.fromkeys(s.module_path for s in sites if not s.shares_with):
-        if others := sorted(partners.get(path, set()) - following):
+        if others := sorted(graph.weight_shared_with(path) - following):
             notes.append(
                 f"peft.target_modules adapts {path}, whose weight {', '.join(others)} shares (tied weights): "
                 f"the adapter does not reach {others[0]}, and merging it changes {others[0]} too, so a merged model "
                 "gives other outputs than the adapter (as in peft; peft's ensure_weight_tying is not implemented)"
             )
     for module in saved:
-        if others := sorted(partners.get(module.path, set())):
+        if others := sorted(graph.weight_shared_with(module.path)):
             notes.append(
                 f"peft.modules_to_save trains a copy of {module.path}, whose weight {', '.join(others)} shares "
                 f"(tied weights): {others[0]} keeps the base weight, not the trained copy (as in peft)"

@@ -36,7 +36,7 @@ from peftc.methods.common import (
     trained_biases,
 )
 from peftc.methods.common import number as _number
-from peftc.methods.defaults import LORA_TARGETS
+from peftc.methods.defaults import LORA_TARGETS, targets_for
 from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora import attention, moe_layout, parameters, tokens
 from peftc.methods.lora import combine as lora_combine
@@ -376,8 +376,9 @@ def _plain_list(value: Any) -> Any:
 def _jsonable_targets(targets: Any, plan: Plan | None) -> Any:
     """peft writes target_modules as a list (or a regex string); null becomes the resolved names,
     or the model type's default where that is a regex (names alone would widen it)."""
-    if targets is None and plan is not None and isinstance(LORA_TARGETS.get(plan.model.model_type), str):
-        return LORA_TARGETS[plan.model.model_type]
+    default = targets_for(LORA_TARGETS, plan.model.model_type) if plan is not None else None
+    if targets is None and isinstance(default, str):
+        return default
     if targets is None and plan is not None:
         # what the user targets: not peft's wrapper-internal sites (an attention's out_proj) or others
         modules = [

@@ -70,14 +70,9 @@ def _heads_tied_to_input(graph: ModelGraph) -> list[ModuleInfo]:
     """The Linear modules whose weight is the input embedding's (tie_word_embeddings)."""
     if graph.input_embedding is None:
         return []
-    tied = _tied_with(f"{graph.input_embedding}.weight", graph)
+    tied = graph.tied_with(f"{graph.input_embedding}.weight")
     modules = [graph.module(name.removesuffix(".weight")) for name in tied]
     return [m for m in modules if m is not None and m.kind == "linear"]
-
-
-def _tied_with(weight: str, graph: ModelGraph) -> set[str]:
-    names = {name for pair in graph.tied_parameters if weight in pair for name in pair}
-    return names - {weight}
 
 
 def _named_heads(targets: Mapping[Any, Any], heads: Sequence[ModuleInfo], graph: ModelGraph) -> set[Any]:
@@ -132,7 +127,7 @@ def _site(module: ModuleInfo, tokens: list[int], graph: ModelGraph, init: bool) 
 def _refuse_untied_sharing(module: ModuleInfo, tokens: list[int], graph: ModelGraph) -> None:
     """A shared weight peft does not tie (another embedding's, or one shared beyond Linear heads:
     T5's encoder and decoder embeddings) would see the rows change only on merge."""
-    sharing = _tied_with(f"{module.path}.weight", graph)
+    sharing = graph.tied_with(f"{module.path}.weight")
     heads = {f"{h.path}.weight" for h in _heads_tied_to_input(graph)} if module.path == graph.input_embedding else set()
     if sharing - heads:
         shown = sorted(name.removesuffix(".weight") for name in sharing - heads)
