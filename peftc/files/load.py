@@ -337,12 +337,20 @@ def compare(path: Path, plan: Any, header: dict[str, TensorEntry]) -> tuple[Load
         if header[key].shape != tuple(expected[key][0])
     )
     report = LoadReport(
-        missing=tuple(sorted(set(expected) - set(header))),
+        missing=tuple(sorted(set(expected) - set(header) - _base_weight_copies(plan))),
         unexpected=tuple(sorted(set(header) - set(expected))),
         mismatched=mismatched,
     )
     bad = {m[0] for m in mismatched}
     return report, [k for k in expected if k in header and k not in bad]
+
+
+def _base_weight_copies(plan: Any) -> set[str]:
+    """The targeted embeddings' base weights peft saves beside the adapter: from peft 0.7 on, and
+    not with save_embedding_layers=False. A file without one leaves the base's own weight in
+    place, as peft does (peft 0.6 wrote LoRA on embed_tokens without it)."""
+    prefix = adapter_files.model_prefix(plan)
+    return {f"{prefix}{site.path}.base_layer.weight" for site in plan.sites if site.save_base_weight}
 
 
 def _strict_error(path: Path, report: LoadReport) -> AdapterFileError:
@@ -398,6 +406,10 @@ def _peft_spec(method: Any, config: dict[str, Any], source: str) -> Any:
         validate(spec, "adapter_config", cross=False)
     except ConfigError as exc:
         raise AdapterFileError(source, f"invalid value: {exc}") from exc
+    except AdapterFileError as exc:  # a method's refusal names the file; here it has its path
+        if exc.path != adapter_files.CONFIG_NAME:
+            raise
+        raise AdapterFileError(source, exc.problem, exc.hint) from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise AdapterFileError(source, f"a field has the wrong type ({exc})") from exc
     return spec
@@ -421,6 +433,10 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any, Dat
         validate(data, "spec.data", cross=False)
     except ConfigError as exc:
         raise AdapterFileError(source, f"invalid value: {exc}") from exc
+    except AdapterFileError as exc:  # a method's refusal names the file; here it has its path
+        if exc.path != adapter_files.CONFIG_NAME:
+            raise
+        raise AdapterFileError(source, exc.problem, exc.hint) from None
     except TypeError as exc:
         raise AdapterFileError(source, f"does not describe a model/task peftc understands ({exc})") from exc
     return model, task_spec, data
