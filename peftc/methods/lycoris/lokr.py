@@ -11,8 +11,10 @@ W2a W2b over d * kernel columns. Default init: W1 (or W1a) zero, an exact no-op;
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +31,7 @@ from peftc.methods.lycoris.shared import (
     kernel_size,
 )
 from peftc.planning.graph import ModuleInfo
+from peftc.planning.layout import WEIGHTS_NAME, model_prefix
 from peftc.planning.plan import Plan
 
 
@@ -167,3 +170,34 @@ class LoKr(LycorisMethod):
             decompose_factor=int(config.get("decompose_factor", -1)),
             rank_dropout_scale=bool(config.get("rank_dropout_scale", False)),
         )
+
+    def tensors_from_file(
+        self, plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
+    ) -> dict[str, torch.Tensor]:
+        return unscaled_before_peft_0_14(plan, tensors, config, directory)
+
+
+def unscaled_before_peft_0_14(
+    plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
+) -> dict[str, torch.Tensor]:
+    """A file of peft < 0.14, whose LoKr update was W1 ⊗ W2 with no alpha / r, as an adapter of
+    today's formula with the same outputs: W1 (or W1a) divided by each site's alpha / r, with one
+    warning. peft 0.22 loads such a file as it is and scales its update by alpha / r (its
+    outputs change); saved again by peftc (with rank_dropout_scale), it means the same to both."""
+    if "rank_dropout_scale" in config:  # every LoKr config of peft >= 0.14 has the field
+        return tensors
+    prefix, converted = model_prefix(plan), dict(tensors)
+    for site in plan.sites:
+        for factor in ("lokr_w1", "lokr_w1_a"):
+            key = f"{prefix}{site.path}.{factor}"
+            if key in tensors and site.options["scaling"] != 1:
+                converted[key] = tensors[key] / site.options["scaling"]
+    if any(converted[key] is not tensors[key] for key in tensors):
+        warnings.warn(
+            f"{directory / WEIGHTS_NAME}: LoKr adapter of a peft before 0.14 (its config has no rank_dropout_scale), "
+            "whose update had no alpha / r factor: lokr_w1 is divided by alpha / r on load to keep its outputs "
+            "(peft 0.22 scales it by alpha / r and gives other outputs)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted
