@@ -3,9 +3,13 @@ peft's config fields both ways."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from peftc.config.spec import RunSpec, at_least, greater_than, in_range, one_of, param
 from peftc.errors import ConfigError, PlanError
@@ -22,6 +26,7 @@ from peftc.methods.common import (
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.oft.layer import OFTLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
+from peftc.planning.layout import CONFIG_NAME
 from peftc.planning.plan import Plan, Site
 
 
@@ -218,8 +223,9 @@ class OFT(InjectableMethod):
 
             raise AdapterFileError(
                 "adapter_config.json",
-                "OFT adapter without 'oft_block_size' (written by peft < 0.14, an incompatible format)",
-                "retrain the adapter with a current peft or peftc",
+                "OFT adapter without oft_block_size: written by peft < 0.14, whose OFT (oft_r blocks) peft 0.14 "
+                "replaced by another parameterization; peftc and peft 0.22 cannot run it",
+                "load it with peft <= 0.13, or retrain the adapter with a current peft or peftc",
             )
         return OFTSpec(
             **target_kwargs(config),
@@ -236,6 +242,25 @@ class OFT(InjectableMethod):
             adjust_block_size=True,  # peft wrote it: its per-layer adjustment applies
             conv_transform="patches" if written_before_peft_0_22(config) else "weight",
         )
+
+    def tensors_from_file(
+        self, plan: Plan, tensors: dict[str, torch.Tensor], config: Mapping[str, Any], directory: Path
+    ) -> dict[str, torch.Tensor]:
+        """As read; with a warning for an adapter of peft 0.14-0.17 (no peft_version) on the
+        Cayley-Neumann series: those summed I + 2Q + ... + 2Q^(n-1), peft 0.18 on (and peftc) end
+        in Q^(n-1) (n = 3: I + 2Q + 2Q^2 + Q^3), so its outputs differ from the ones it was trained
+        with, slightly for a small Q (peft 0.22 warns too and computes what peftc does)."""
+        spec = plan.spec.peft
+        if "peft_version" not in config and spec.use_cayley_neumann and spec.num_cayley_neumann_terms > 2:
+            warnings.warn(
+                f"{directory / CONFIG_NAME}: OFT adapter of a peft before 0.18 (no peft_version) with "
+                f"use_cayley_neumann=true: that peft's series ended in 2 Q^{spec.num_cayley_neumann_terms - 1}, peft 0.18 "
+                "and peftc end it otherwise, so its outputs differ slightly from the ones it was trained with (as in "
+                "peft 0.22); run it with peft 0.17, or retrain it",
+                UserWarning,
+                stacklevel=2,
+            )
+        return tensors
 
 
 def _patch_sites(sites: Sequence[Site]) -> list[str]:
