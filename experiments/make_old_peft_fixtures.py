@@ -42,7 +42,7 @@ MODELS: dict[str, dict[str, Any]] = {
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 4,
-            "max_position_embeddings": 64,
+            "max_position_embeddings": 256,  # prompt methods plan data.max_length (128) + tokens
             "tie_word_embeddings": False,
         },
     },
@@ -112,7 +112,10 @@ def case(config_class: str, *fields: str) -> Callable[..., Callable[[], Any] | N
 
 LLAMA_ATTENTION = ["q_proj", "v_proj"]
 CASES: dict[str, tuple[str, Callable[[], Any] | None]] = {
-    "lora_llama": ("llama", case("LoraConfig")(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION)),
+    "lora_llama": (
+        "llama",
+        case("LoraConfig")(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION),
+    ),
     "lora_llama_patterns": (
         "llama",
         case("LoraConfig")(
@@ -127,7 +130,11 @@ CASES: dict[str, tuple[str, Callable[[], Any] | None]] = {
     "lora_llama_embed_head": (
         "llama",
         case("LoraConfig")(
-            task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]
+            task_type="CAUSAL_LM",
+            r=4,
+            lora_alpha=8,
+            target_modules=["embed_tokens", "o_proj"],
+            modules_to_save=["lm_head"],
         ),
     ),
     "lora_llama_rslora": (
@@ -200,7 +207,9 @@ CASES: dict[str, tuple[str, Callable[[], Any] | None]] = {
     "prefix_tuning_llama": ("llama", case("PrefixTuningConfig")(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     "prefix_tuning_llama_projection": (
         "llama",
-        case("PrefixTuningConfig")(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8),
+        case("PrefixTuningConfig")(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8
+        ),
     ),
     "p_tuning_llama_mlp": (
         "llama",
@@ -251,7 +260,8 @@ def write(name: str, root: Path) -> str:
     model.eval()
     target = root / f"peft_{peft.__version__.replace('.', '_')}" / name
     shutil.rmtree(target, ignore_errors=True)
-    model.save_pretrained(target, safe_serialization=True)
+    model.save_pretrained(target, safe_serialization=True)  # peft < 0.7 wrote adapter_model.bin by default
+    (target / "README.md").unlink(missing_ok=True)  # peft's model card template, not part of the adapter
     with torch.no_grad():
         logits = model(input_ids=TOKENS).logits
     save_file({"input_ids": TOKENS, "logits": logits.contiguous()}, target / "expected.safetensors")

@@ -33,7 +33,11 @@ def base_model(bases: Path, name: str) -> torch.nn.Module:
 
 
 def model_of(case: Path) -> str:
-    return case.name.split("_")[1] if not case.name.startswith(("ln_", "p_", "prompt_", "prefix_", "adaption_")) else "llama"
+    return (
+        case.name.split("_")[1]
+        if not case.name.startswith(("ln_", "p_", "prompt_", "prefix_", "adaption_"))
+        else "llama"
+    )
 
 
 def verdict(load, expected: dict[str, torch.Tensor]) -> str:
@@ -48,7 +52,9 @@ def verdict(load, expected: dict[str, torch.Tensor]) -> str:
     if logits.shape != expected["logits"].shape:
         return f"WRONG shape {tuple(logits.shape)}"
     diff = (logits - expected["logits"]).abs().max().item()
-    notes = sorted({str(w.message)[:160] for w in caught if "peft" in str(w.message).lower() or "adapter" in str(w.message)})
+    notes = sorted(
+        {str(w.message)[:160] for w in caught if "peft" in str(w.message).lower() or "adapter" in str(w.message)}
+    )
     status = "equal" if diff <= TOLERANCE else f"WRONG {diff:.2e}"
     return status + (f" (warns: {notes})" if notes else "")
 
@@ -65,8 +71,10 @@ def main() -> None:
                 continue
             expected = load_file(case / "expected.safetensors")
             model = "llama" if "llama" in case.name else "gpt2" if "gpt2" in case.name else "bert"
-            ours = verdict(lambda: peftc.load_adapter(base_model(bases, model), case), expected)
-            theirs = verdict(lambda: PeftModel.from_pretrained(base_model(bases, model), case).eval(), expected)
+            ours = verdict(lambda m=model, c=case: peftc.load_adapter(base_model(bases, m), c), expected)
+            theirs = verdict(
+                lambda m=model, c=case: PeftModel.from_pretrained(base_model(bases, m), c).eval(), expected
+            )
             print(f"| {release.name[5:].replace('_', '.')} | {case.name} | peftc: {ours} | peft 0.22: {theirs} |")
 
 

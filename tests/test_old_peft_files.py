@@ -1,0 +1,164 @@
+"""Adapters that older peft releases wrote (most of those on the Hub: peft 0.6-0.17, under
+transformers 4) load in peftc with the outputs that release computed, float32 to 1e-5; where the
+format cannot be run, peftc refuses it in one line naming the file and what would work.
+
+The fixtures (tests/fixtures/peft_<version>/<case>/, their README says how) were written by the
+releases themselves (experiments/make_old_peft_fixtures.py) on tiny config-built Llama, GPT-2
+and BERT models whose weights are tests/fixtures/old_peft_bases/, every adapter tensor noised
+so that no partial load reproduces the recorded logits. Where a release's format differs from
+today's, the case is here:
+
+- peft 0.6 wrote LoRA on embed_tokens without the embedding's base weight (peft 0.7 on saves it);
+- peft < 0.14 left alpha / r out of LoKr's update: peftc keeps its outputs (peft 0.22 does not);
+- peft < 0.14's OFT is another parameterization: refused, by peftc as by peft 0.22;
+- peft 0.15-0.17's OFT Cayley-Neumann series ends in 2 Q^(n-1): peftc computes peft 0.22's
+  series, as peft 0.22 does, and says so;
+- AdaLoRA's rank_pattern with rank-pruned tensors, VeRA without saved projections, prompt
+  methods' saved keys, fields absent from old configs: loaded as they are, with their outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftc
+from peftc.errors import AdapterFileError
+from tests.helpers import max_diff
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BASES = FIXTURES / "old_peft_bases"
+RELEASES = ("0.6.2", "0.10.0", "0.13.2", "0.17.1")
+TOLERANCE = 1e-5
+
+# (release, case) -> the start of the one warning peftc gives (after the file's path)
+WARNED = {
+    **{
+        (release, case): "LoKr adapter of a peft before 0.14 (its config has no rank_dropout_scale)"
+        for release in ("0.6.2", "0.13.2")
+        for case in ("lokr_llama", "lokr_llama_decompose_both")
+    },
+    ("0.17.1", "oft_llama"): "OFT adapter of a peft before 0.18 (no peft_version)",
+}
+# (release, case) -> what the refusal says, after the path of the file it names
+REFUSED = {
+    (release, "oft_llama"): "adapter_config.json: OFT adapter without oft_block_size: written by peft < 0.14"
+    for release in ("0.10.0", "0.13.2")
+}
+# peft 0.15-0.17's Cayley-Neumann series differs from peft 0.22's in its last term: peftc gives
+# peft 0.22's outputs (peft's own choice), which differ from the release's by about this much
+OTHER_SERIES = {("0.17.1", "oft_llama"): 3.6e-3}
+
+
+def fixture_dir(release: str, case: str) -> Path:
+    return FIXTURES / f"peft_{release.replace('.', '_')}" / case
+
+
+CASES = [
+    (release, directory.name)
+    for release in RELEASES
+    for directory in sorted(fixture_dir(release, "").iterdir())
+    if directory.is_dir()
+]
+
+
+@functools.cache
+def _base_weights(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return json.loads((BASES / f"{name}.json").read_text()), load_file(BASES / f"{name}.safetensors")
+
+
+def base_model(case: str) -> torch.nn.Module:
+    """The base the release wrote the adapter on, built by transformers 5 from the same config."""
+    import transformers
+
+    name = next(model for model in ("llama", "gpt2", "bert") if f"_{model}" in case)
+    spec, weights = _base_weights(name)
+    config = getattr(transformers, spec["config_class"])(**spec["config"])
+    config._attn_implementation = "eager"
+    model = getattr(transformers, spec["class"])(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # GPT-2's tied head
+    model.tie_weights()
+    return model.eval()
+
+
+def recorded(release: str, case: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(fixture_dir(release, case) / "expected.safetensors")
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def loaded(directory: Path, case: str) -> tuple[peftc.PeftcModel, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peftc.load_adapter(base_model(case), directory)
+    return model, [str(w.message) for w in caught if str(w.message).startswith(str(directory))]
+
+
+RUN = [c for c in CASES if c not in REFUSED]
+
+
+@pytest.mark.parametrize(("release", "case"), RUN, ids=[f"{r}-{c}" for r, c in RUN])
+def test_an_old_release_adapter_gives_the_logits_that_release_recorded(release: str, case: str) -> None:
+    directory = fixture_dir(release, case)
+    expected = recorded(release, case)
+    model, messages = loaded(directory, case)
+    real_tokens = expected["logits"][:, -expected["input_ids"].shape[1] :]  # after any virtual tokens
+    assert max_diff(logits(base_model(case), expected["input_ids"]), real_tokens) > 1e-3, "not a no-op"
+    diff = max_diff(logits(model, expected["input_ids"]), expected["logits"])
+    if (release, case) in OTHER_SERIES:
+        assert TOLERANCE < diff <= 1.1 * OTHER_SERIES[release, case]
+    else:
+        assert diff <= TOLERANCE
+    warned = WARNED.get((release, case))
+    assert [m.partition(": ")[2][: len(warned)] for m in messages] == ([warned] if warned else [])
+
+
+@pytest.mark.parametrize(("release", "case"), list(REFUSED), ids=[f"{r}-{c}" for r, c in REFUSED])
+def test_an_old_format_peftc_cannot_run_is_refused_naming_the_file_and_what_works(release: str, case: str) -> None:
+    directory = fixture_dir(release, case)
+    with pytest.raises(AdapterFileError) as error:
+        peftc.load_adapter(base_model(case), directory)
+    message = str(error.value)
+    assert message.startswith(f"{directory}/{REFUSED[release, case]}")
+    assert "load it with peft <= 0.13, or retrain" in message and "\n" not in message
+
+
+def test_an_old_lokr_adapter_saved_again_means_the_same_to_peft_0_22(tmp_path: Path) -> None:
+    """The unscaled update is stored scaled-compatible: W1 divided by alpha / r, and the config
+    now has rank_dropout_scale, so neither peftc nor peft 0.22 scales it again."""
+    from peft import PeftModel
+
+    expected = recorded("0.6.2", "lokr_llama")
+    model, _ = loaded(fixture_dir("0.6.2", "lokr_llama"), "lokr_llama")
+    model.save_adapter(tmp_path)
+    assert "rank_dropout_scale" in json.loads((tmp_path / "adapter_config.json").read_text())
+    again, messages = loaded(tmp_path, "lokr_llama")
+    assert messages == []
+    assert max_diff(logits(again, expected["input_ids"]), expected["logits"]) <= TOLERANCE
+    theirs = PeftModel.from_pretrained(base_model("lokr_llama"), tmp_path).eval()
+    assert max_diff(logits(theirs, expected["input_ids"]), expected["logits"]) <= TOLERANCE
+
+
+def test_a_peft_0_6_pickle_adapter_is_refused_with_its_conversion_line(tmp_path: Path) -> None:
+    """peft 0.6 saved adapter_model.bin by default: never unpickled, the error says how to
+    convert it (test_peft_interop runs that line)."""
+    shutil.copy(fixture_dir("0.6.2", "lora_llama_patterns") / "adapter_config.json", tmp_path)
+    torch.save({}, tmp_path / "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="never loaded") as error:
+        peftc.load_adapter(base_model("lora_llama"), tmp_path)
+    assert str(error.value).startswith(str(tmp_path / "adapter_model.bin"))
+    assert "torch.load(" in str(error.value) and "weights_only=True" in str(error.value)
