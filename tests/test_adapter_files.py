@@ -106,6 +106,27 @@ def test_unknown_fields_warn_once_and_are_ignored_like_peft(trained, tmp_path: P
     assert model.adapter_names == ["default"]
 
 
+@pytest.mark.parametrize(
+    ("peft_version", "said"),
+    [
+        ("99.0.0", "written by peft 99.0.0; peftc reads"),
+        ("0.18.0", "written by peft 0.18.0, whose fields peft has since dropped;"),
+        (None, "probably written by a peft before 0.18, which had fields peft has since dropped;"),
+    ],
+)
+def test_the_unknown_fields_warning_says_whether_a_newer_or_an_older_peft_wrote_them(
+    peft_version: str | None, said: str
+) -> None:
+    from peftc.files.screening import screen
+
+    config = {"peft_type": "LORA", "r": 4, "retired_field": 1}
+    if peft_version is not None:
+        config["peft_version"] = peft_version
+    with pytest.warns(UserWarning, match="unexpected fields") as caught:
+        assert "retired_field" not in screen(config, "adapter_config.json", None)
+    assert said in str(caught[0].message)
+
+
 def test_only_known_fields_reach_the_method(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peftc.methods.lora.method import Lora
 

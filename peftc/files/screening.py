@@ -61,12 +61,26 @@ def screen(config: Mapping[str, Any], source: str, schema: type | None) -> dict[
     if unknown:
         warnings.warn(
             f"{source}: unexpected fields {unknown} for peft_type {config.get('peft_type')!r}, these are ignored "
-            "(probably written by a newer peft; peftc reads the fields of peft "
-            f"{peft_table_version()})",
+            f"({_writer(config)}; peftc reads the fields of peft {peft_table_version()})",
             UserWarning,
             stacklevel=3,
         )
     return {key: value for key, value in config.items() if key in known}
+
+
+def _writer(config: Mapping[str, Any]) -> str:
+    """Which peft probably wrote a config with fields peft's table lacks: a newer one, or an older
+    one whose fields peft has since dropped (peft writes peft_version from 0.18 on)."""
+    from packaging.version import InvalidVersion, Version
+
+    written = config.get("peft_version")
+    if not isinstance(written, str):
+        return "probably written by a peft before 0.18, which had fields peft has since dropped"
+    try:
+        newer = Version(written.split("@")[0]) > Version(peft_table_version())
+    except InvalidVersion:
+        return f"written by peft {written!r}"
+    return f"written by peft {written}" + ("" if newer else ", whose fields peft has since dropped")
 
 
 def refuse_code(config: Any, source: str) -> None:
