@@ -76,8 +76,14 @@ def test_dry_run_plan_counts_equal_materialized_counts() -> None:
             ["peft=prompt_tuning", "model=tiny_gpt2", "data.max_length=510"],
             PlanError,
             "peft.num_virtual_tokens=8: 8 virtual tokens + data.max_length=510 need 518 positions, but "
-            "GPT2LMHeadModel has 512 (max_position_embeddings); use at most 2 virtual tokens, or lower "
-            "data.max_length to 504",
+            "GPT2LMHeadModel has 512 (max_position_embeddings); use at most 2 virtual tokens or lower "
+            "data.max_length to at most 504",
+        ),
+        (  # no room for any virtual token at this length: the one way out is a shorter length
+            ["peft=prompt_tuning", "model=tiny_gpt2", "data.max_length=512"],
+            PlanError,
+            "need 520 positions, but GPT2LMHeadModel has 512 (max_position_embeddings); lower data.max_length to "
+            "at most 504",
         ),
         (
             [

@@ -174,7 +174,7 @@ class PromptLearningMethod(PromptMethod):
             n,
             f"{n} virtual tokens + data.max_length={length} need {n + length} positions, but {graph.model_class} "
             f"has {limit} (max_position_embeddings)",
-            f"use at most {limit - length} virtual tokens, or lower data.max_length to {max(limit - n, 0)}",
+            _what_fits(n, length, limit),
         )
 
     # ----------------------------------------------------------------------- materializing
@@ -218,3 +218,16 @@ class PromptLearningMethod(PromptMethod):
 def _device_of(module: nn.Module) -> torch.device | None:
     first = next(module.parameters(), None)
     return None if first is None or first.device.type == "meta" else first.device
+
+
+def _what_fits(virtual_tokens: int, max_length: int, limit: int) -> str:
+    """What to change so that virtual tokens + data.max_length fit `limit` positions: either
+    number alone where it can (a suggestion never goes below one token)."""
+    ways = []
+    if limit - max_length >= 1:
+        ways.append(f"use at most {limit - max_length} virtual tokens")
+    if limit - virtual_tokens >= 1:
+        ways.append(f"lower data.max_length to at most {limit - virtual_tokens}")
+    return (
+        " or ".join(ways) or f"use fewer than {limit} virtual tokens and lower data.max_length to fit {limit} positions"
+    )
