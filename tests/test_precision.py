@@ -22,10 +22,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import peftc
 from peftc import methods, tasks
+from peftc.planning import model_source
+from peftc.tasks.common import IGNORE_INDEX
 from peftc.training.lightning import PeftcLightningModule, quiet_lightning
 from tests.helpers import build_base, run_cli, token_batch
 
@@ -67,10 +70,23 @@ class Reference:
 
 def training_batch(plan: Any) -> dict[str, torch.Tensor]:
     ids = token_batch()
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **task_targets(plan.task, ids)}
     for key, field in methods.get(plan.method).batch_fields(plan.spec.peft).items():
         batch[key] = torch.full((ids.shape[0],), field.default, dtype=torch.long)
     return batch
+
+
+def task_targets(task: str, ids: torch.Tensor, num_labels: int = 3) -> dict[str, torch.Tensor]:
+    """What a batch of `task` carries beside its inputs, made from the token ids (language models:
+    the ids themselves; a tagger: every third token unlabelled; a span: one end past the input)."""
+    if task == "seq_cls":
+        return {"labels": ids[:, 0] % num_labels}
+    if task == "token_cls":
+        return {"labels": (ids % num_labels).masked_fill(ids % 3 == 0, IGNORE_INDEX)}
+    if task == "question_ans":
+        length = ids.shape[1]
+        return {"start_positions": ids[:, 0] % length, "end_positions": ids[:, 1] % length + length // 2}
+    return {"labels": ids}
 
 
 def lightning_module(model: nn.Module, plan: Any) -> PeftcLightningModule:
@@ -191,6 +207,137 @@ def test_method_trains_in_bf16_true_like_its_float32_run(case: str) -> None:
     run = train(model, plan, "bf16-true")
     assert_trained_like_float32(case, run, model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# ------------------------------------------------------------ the heads' losses, in float32
+# A classification or span head's loss, computed by the task from the logits. problem: how the
+# labels read (seq_cls: config.problem_type, or DeBERTa's own readings when it is unset).
+# own_in_bf16: transformers computes this head's loss in bf16 under bf16-true, so the task's
+# float32 loss must differ from it (experiments/bf16_head_loss.py); else they must be equal.
+@dataclass(frozen=True)
+class HeadCase:
+    task: str
+    model: tuple[str, ...]
+    problem: str = "single_label"
+    own_in_bf16: bool = True
+
+
+BERT = ("model=tiny_bert",)  # T5's heads compute their losses as BERT's do (experiments/bf16_head_loss.py)
+DEBERTA = ("model=tiny_bert", "model.model_type=deberta-v2")
+HEAD_CASES = {
+    "seq_cls bert": HeadCase("seq_cls", BERT),
+    "seq_cls bert regression": HeadCase("seq_cls", BERT, "regression", own_in_bf16=False),  # MSE promotes
+    "seq_cls bert multi_label": HeadCase("seq_cls", BERT, "multi_label"),
+    "seq_cls llama": HeadCase("seq_cls", BASE),
+    "seq_cls deberta-v2": HeadCase("seq_cls", DEBERTA, "deberta_single", own_in_bf16=False),  # DeBERTa upcasts
+    "seq_cls deberta-v2 regression": HeadCase("seq_cls", DEBERTA, "deberta_regression", own_in_bf16=False),
+    "seq_cls deberta-v2 soft labels": HeadCase("seq_cls", DEBERTA, "deberta_soft"),
+    "token_cls bert": HeadCase("token_cls", BERT),
+    "token_cls llama": HeadCase("token_cls", BASE, own_in_bf16=False),  # ForTokenClassification upcasts
+    "question_ans bert": HeadCase("question_ans", BERT),
+    "question_ans llama": HeadCase("question_ans", BASE),
+}
+HEAD_CONFIG = {  # transformers config fields per problem (the task sizes the head with its labels)
+    "regression": {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}},
+    "deberta_regression": {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}},
+    "multi_label": {"problem_type": "multi_label_classification"},
+}
+FLOAT32_ROUNDING = 1e-6  # relative: two float32 computations of one loss
+BF16_LOSS_GAP = 1e-4  # relative: below this, a case would not tell a bf16 loss from a float32 one
+
+
+@functools.cache
+def head_model(case: str) -> tuple[nn.Module, Any]:
+    """(float32 base with the task's head, plan); the head's weights widened so that its logits
+    are far from uniform (a fresh head's are near zero, where bf16 rounds little)."""
+    spec = HEAD_CASES[case]
+    labels = ("task.labels=[a,b,c]",) if spec.task != "question_ans" else ()
+    plan = peftc.compile([*spec.model, f"task={spec.task}", *labels])
+    task = tasks.get(plan.task)
+    overrides = {**task.config_overrides(plan.spec.task), **HEAD_CONFIG.get(spec.problem, {})}
+    model = model_source.build_model(plan.spec.model, task.auto_class_name, overrides)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(f".{head}." in f".{name}" for head in task.head_modules):
+                param.normal_(0.0, 0.5)
+    return model.train(), plan
+
+
+def head_batch(case: str) -> dict[str, torch.Tensor]:
+    """Inputs and targets for the case: one seq_cls row unlabelled (-100), a span end past the input."""
+    spec = HEAD_CASES[case]
+    ids = token_batch(batch=4, length=12)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **task_targets(spec.task, ids)}
+    generator = torch.Generator().manual_seed(1)
+    if spec.task == "seq_cls" and spec.problem in ("single_label", "deberta_single"):
+        batch["labels"][0] = IGNORE_INDEX
+    elif spec.problem in ("regression", "deberta_regression"):
+        batch["labels"] = torch.randn(4, generator=generator)
+    elif spec.problem == "multi_label":
+        batch["labels"] = (torch.rand(4, 3, generator=generator) > 0.5).float()
+    elif spec.problem == "deberta_soft":
+        batch["labels"] = torch.rand(4, 3, generator=generator).softmax(-1)
+    return batch
+
+
+def float32_loss_of(case: str, out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """transformers' loss formula for the case's head, written out, on its logits cast to float32."""
+    problem = HEAD_CASES[case].problem
+    if HEAD_CASES[case].task == "question_ans":
+        length = out.start_logits.shape[1]
+        start, end = (
+            F.cross_entropy(logits.float(), batch[key].clamp(0, length), ignore_index=length)
+            for logits, key in ((out.start_logits, "start_positions"), (out.end_logits, "end_positions"))
+        )
+        return (start + end) / 2
+    logits, labels = out.logits.float(), batch["labels"]
+    if problem in ("regression", "deberta_regression"):
+        return F.mse_loss(logits.view(-1), labels)
+    if problem == "multi_label":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if problem == "deberta_soft":
+        return -(logits.log_softmax(-1) * labels).sum(-1).mean()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def task_loss(model: nn.Module, plan: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return tasks.get(plan.task).training_loss(model, batch, plan.spec.task)
+
+
+def without_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_task_loss_in_float32_is_the_models_own_loss(case: str) -> None:
+    model, plan = head_model(case)
+    batch = head_batch(case)
+    torch.manual_seed(0)  # same dropout masks (T5's) in both calls
+    loss = task_loss(model, plan, batch)
+    torch.manual_seed(0)
+    own = model(**batch).loss
+    torch.testing.assert_close(loss, own, rtol=FLOAT32_ROUNDING, atol=0.0)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_task_loss_in_bf16_true_is_the_float32_loss_of_the_bf16_logits(case: str) -> None:
+    model, plan = head_model(case)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    batch = head_batch(case)
+    torch.manual_seed(0)
+    loss = task_loss(model, plan, batch)
+    torch.manual_seed(0)
+    expected = float32_loss_of(case, model(**without_targets(batch)), batch)
+    torch.manual_seed(0)
+    own = model(**batch).loss.float()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=FLOAT32_ROUNDING, atol=0.0)
+    gap = float((own - expected).detach().abs() / expected.detach().abs())
+    if HEAD_CASES[case].own_in_bf16:
+        assert gap > BF16_LOSS_GAP, f"transformers' bf16 loss is {gap:.1e} off: this case tells nothing apart"
+    else:
+        assert gap <= FLOAT32_ROUNDING, f"transformers' own loss is {gap:.1e} off the float32 loss here"
 
 
 @pytest.mark.slow

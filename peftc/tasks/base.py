@@ -95,7 +95,9 @@ class Task:
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
         """The loss to minimise; `spec` is this task's settings (None: the schema's defaults).
-        By default the model's own loss for its head (transformers computes it from `labels`)."""
+        By default the model's own loss for its head (transformers computes it from `labels`, in
+        the logits' dtype: a task whose training may run in bf16 computes it in float32, as
+        head_loss.py does for the classification and span heads)."""
         return model(**batch).loss
 
     def validation_stats(

@@ -25,6 +25,7 @@ from peftc.errors import ConfigError
 from peftc.tasks import register
 from peftc.tasks.base import Task
 from peftc.tasks.common import batches, encoded_batch, pad, to_device, token_fields
+from peftc.tasks.head_loss import span_loss
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
 
@@ -91,7 +92,10 @@ class QuestionAns(Task):
         return batch
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
-        return model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).loss
+        """The mean of the start and end cross-entropies in float32, as transformers computes it
+        (positions past the input ignored), which averages bf16 logits in bf16 under bf16-true."""
+        out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS and not k.endswith("_positions")})
+        return span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
 
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None

@@ -32,6 +32,7 @@ from peftc.tasks.common import (
     token_fields,
     tokenize,
 )
+from peftc.tasks.head_loss import sequence_classification_loss
 
 # peft 0.22 trains these for sequence and token classification (CLASSIFIER_MODULE_NAMES): DistilBERT's
 # pre_classifier is initialised at random beside its classifier, so it is a head too.
@@ -117,6 +118,12 @@ class SeqCls(LabelledTask):
         if "label" in examples[0]:
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return batch
+
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
+        """The classifier's loss (by config.problem_type) in float32: transformers' own averages
+        bf16 logits in bf16 under bf16-true."""
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return sequence_classification_loss(logits, batch["labels"], model.config)
 
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None

@@ -33,6 +33,7 @@ from peftc.tasks.common import (
     token_fields,
     tokenize,
 )
+from peftc.tasks.head_loss import token_classification_loss
 from peftc.tasks.seq_cls import LabelledTask
 
 
@@ -105,6 +106,12 @@ class TokenCls(LabelledTask):
         if "labels" in examples[0]:
             batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX, pad_to)
         return batch
+
+    def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
+        """The labelled tokens' mean cross-entropy in float32: most token classifiers average bf16
+        logits in bf16 under bf16-true."""
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return token_classification_loss(logits, batch["labels"], model.config)
 
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
