@@ -116,10 +116,17 @@ class Method:
         """Our schema from a peft adapter_config.json (fields we do not model are dropped)."""
         raise NotImplementedError
 
-    def plan_warnings(self, spec: Any, sites: Sequence[Site]) -> tuple[str, ...]:
+    def plan_warnings(self, spec: Any, sites: Sequence[Site], graph: ModelGraph) -> tuple[str, ...]:
         """What a user of this plan should know that is not an error (the plan shows them, and
         load_adapter warns with them): e.g. an adapter kept on an older peft's numerics."""
         return ()
+
+    def tied_modules(self, spec: Any, graph: ModelGraph) -> dict[str, str]:
+        """Modules whose adapter is another module's, because the two share their weight (LoRA's
+        ensure_weight_tying: the output head follows the input embedding): follower path ->
+        the path it follows. The planner saves a follower of a module in modules_to_save as a
+        module holding that module's trained weight. Default: none."""
+        return {}
 
     def gathered_tensors(self, plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
         """Tensors of `plan` that an adapter file holds in pieces under other names, because it was

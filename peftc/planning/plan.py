@@ -66,7 +66,9 @@ class Site:
     dropout: float = 0.0  # dropout on the adapter's input (the memory estimate counts its copy)
     save_base_weight: bool = False  # the file holds the base weight too (peft: targeted embeddings)
     base_quant: str | None = None  # the quantized base layer's storage format (set by planning)
-    shares_with: str | None = None  # the site whose adapter tensors this one uses (tied heads)
+    # The site whose adapter tensors this one uses (tied heads): it owns none of its `tensors`
+    # (they count at that site) but may still save them under its own names, as peft does.
+    shares_with: str | None = None
     parameter: ParameterTarget | None = None  # the nn.Parameter a 'parameter' site adapts
 
     @classmethod
@@ -91,7 +93,7 @@ class Site:
 
     @property
     def params(self) -> int:
-        return sum(numel(s) for s in self.tensors.values())
+        return 0 if self.shares_with else sum(numel(s) for s in self.tensors.values())
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -137,10 +139,13 @@ class SavedModule:
     module_class: str
     tensors: dict[str, tuple[int, ...]]
     reason: str = "config"
+    # The saved module whose trained copy is this one's weight too (a head tied to the input
+    # embedding, LoRA's ensure_weight_tying): saved under both names, trained and counted once.
+    follows: str | None = None
 
     @property
     def params(self) -> int:
-        return sum(numel(s) for s in self.tensors.values())
+        return 0 if self.follows else sum(numel(s) for s in self.tensors.values())
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             sites=sites,
         ),
         spec=run,
-        warnings=method.plan_warnings(run.peft, sites) + _tied_weight_warnings(graph, sites, saved),
+        warnings=method.plan_warnings(run.peft, sites, graph) + _tied_weight_warnings(graph, sites, saved),
         quantization=quantization,
         shared=shared,
     )
@@ -137,13 +137,17 @@ def _tied_weight_warnings(graph: ModelGraph, sites: tuple[Site, ...], saved: lis
             notes.append(
                 f"peft.target_modules adapts {path}, whose weight {', '.join(others)} shares (tied weights): "
                 f"the adapter does not reach {others[0]}, and merging it changes {others[0]} too, so a merged model "
-                "gives other outputs than the adapter (as in peft; peft's ensure_weight_tying is not implemented)"
+                "gives other outputs than the adapter (as in peft); peft.ensure_weight_tying=true ties them"
             )
+    following = {m.path for m in saved if m.follows}
     for module in saved:
-        if others := sorted(graph.weight_shared_with(module.path)):
+        if module.follows:
+            continue
+        if others := sorted(graph.weight_shared_with(module.path) - following):
             notes.append(
                 f"peft.modules_to_save trains a copy of {module.path}, whose weight {', '.join(others)} shares "
-                f"(tied weights): {others[0]} keeps the base weight, not the trained copy (as in peft)"
+                f"(tied weights): {others[0]} keeps the base weight, not the trained copy (as in peft); "
+                "peft.ensure_weight_tying=true ties them"
             )
     return tuple(notes)
 
@@ -190,4 +194,9 @@ def _modules_to_save(
             for pname, shape in info.params:
                 tensors[f"{rel}.{pname}" if rel else pname] = shape
         saved.append(SavedModule(path, graph.module(path).class_name, tensors, reason))
+    for follower, owner in method.tied_modules(run.peft, graph).items():
+        if owner in chosen and follower not in chosen:  # its weight is the owner's trained copy
+            module = graph.module(follower)
+            weight = {"weight": dict(module.params)["weight"]}
+            saved.append(SavedModule(follower, module.class_name, weight, f"tied: follows {owner}", owner))
     return saved

@@ -60,7 +60,7 @@ def plan_renderables(plan: Plan) -> list[Any]:
             first = members[0]
             quantized = first.base_quant
             table.add_row(
-                label,
+                f"{label} (follows {first.shares_with})" if first.shares_with else label,
                 f"{first.module_class} ({quantized})" if quantized else first.module_class,
                 f"{first.in_features}→{first.out_features}" if first.in_features is not None else "-",
                 str(len(members)),

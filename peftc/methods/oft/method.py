@@ -187,7 +187,7 @@ class OFT(InjectableMethod):
     def plan_unfrozen(self, spec: OFTSpec, graph: ModelGraph, sites: Sequence[Site]) -> dict[str, tuple[int, ...]]:
         return trained_biases(spec.bias, graph, sites)
 
-    def plan_warnings(self, spec: OFTSpec, sites: Sequence[Site]) -> tuple[str, ...]:
+    def plan_warnings(self, spec: OFTSpec, sites: Sequence[Site], graph: ModelGraph) -> tuple[str, ...]:
         patches = _patch_sites(sites)
         if not patches:
             return ()
