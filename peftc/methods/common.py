@@ -144,7 +144,6 @@ UNIMPLEMENTED_LORA_FIELDS = (
     "velora_config",
     "monteclora_config",
     "megatron_config",
-    "ensure_weight_tying",
 )
 
 

@@ -353,10 +353,15 @@ class ModulesToSaveWrapper(WrapsModule, nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
 
-    def add_adapter(self, name: str) -> None:
+    def add_adapter(self, name: str, follows: nn.Module | None = None) -> None:
+        """A trained copy of the module for adapter `name`; one whose weight is the `follows`
+        module's (another wrapper's copy: a head tied to the input embedding), so that one
+        weight is trained from both modules."""
         if name in self.modules_to_save:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        copied = copy.deepcopy(self.original_module)
+        # The tied weight is shared, not copied (a deepcopy would copy it only to replace it).
+        memo = {id(self.original_module.weight): follows.weight} if follows is not None else {}
+        copied = copy.deepcopy(self.original_module, memo)
         for param in copied.parameters():
             param.requires_grad_(False)
         self.modules_to_save[name] = copied

@@ -58,14 +58,18 @@ def inject(model: PeftcModel, plan: Plan, name: str, *, init: bool = True) -> No
                 layer.add_adapter(name, site, init=init)
                 new_layers[site.path] = layer
         _share_between_sites(base, plan, name, new_layers)
-        for saved in plan.modules_to_save:
+        for saved in plan.modules_to_save:  # a module that follows another comes after it
             current = base.get_submodule(saved.path)
+            follows = None
+            if saved.follows is not None:
+                owner = new_wrappers.get(saved.follows) or base.get_submodule(saved.follows)
+                follows = owner.modules_to_save[name]
             if isinstance(current, ModulesToSaveWrapper):
-                current.add_adapter(name)
+                current.add_adapter(name, follows)
                 extended_wrappers.append(current)
             else:
                 wrapper = ModulesToSaveWrapper(current)
-                wrapper.add_adapter(name)
+                wrapper.add_adapter(name, follows)
                 new_wrappers[saved.path] = wrapper
         encoder = method.create_prompt_encoder(plan.prompt, plan.spec.peft, base) if plan.prompt is not None else None
     except BaseException:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 # lora_bias and r are read by neither: AdaLoRA's scaling is lora_alpha / init_r.)
 ADALORA_UNIMPLEMENTED_FIELDS = (
     *UNIMPLEMENTED_LORA_FIELDS,
+    "ensure_weight_tying",
     "use_dora",
     "loftq_config",
     "trainable_token_indices",

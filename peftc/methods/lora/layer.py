@@ -14,6 +14,7 @@ or for DoRA scales W + dW row-wise by m / ||W + dW||, remembering the norm for a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +53,26 @@ def meta_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     return layer
 
 
+class TiedFactor(nn.Module):
+    """A LoRA factor of a tied output head that is the transpose of the input embedding's
+    (ensure_weight_tying, tying.py): A_head = B_emb^T, B_head = A_emb^T. It owns no parameter:
+    the embedding's is trained and counted once, and gradients from the head reach it through the
+    transpose. The embedding's container is held in a plain dict, not as a submodule."""
+
+    bias = None
+
+    def __init__(self, container: nn.ParameterDict, name: str) -> None:
+        super().__init__()
+        self._source = {"container": container, "name": name}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._source["container"][self._source["name"]].T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class LoraLayer(AdapterLayer):
     adapter_containers = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
@@ -65,6 +86,10 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norm each merge used
+        # A tied head's adapters: the embedding layer whose factors they read (plain dict: its
+        # parameters are counted and saved there), and peft's initial draws waiting for it.
+        self._tied_owners: dict[str, LoraLayer] = {}
+        self._tied_draws: dict[str, torch.Tensor | None] = {}
 
     # ------------------------------------------------------------------------- creating
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
@@ -72,7 +97,9 @@ class LoraLayer(AdapterLayer):
         r, scaling = opts["r"], opts["scaling"]
         self.scaling[name] = scaling
         self.lora_dropout[name] = nn.Dropout(site.dropout) if site.dropout > 0 else nn.Identity()
-        if self.kind == "embedding":
+        if site.shares_with is not None:
+            self._draw_tied(name, site, init)
+        elif self.kind == "embedding":
             self._create_embedding(name, site, init and opts["init"] is not False)
         elif self.kind in CONV_KINDS:
             self._create_conv(name, r, opts, init)
@@ -94,6 +121,47 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(a)
             nn.init.normal_(b)
         self.lora_embedding_A[name], self.lora_embedding_B[name] = a, b
+
+    def _draw_tied(self, name: str, site: Site, init: bool) -> None:
+        """A head tied to the embedding's LoRA draws what peft's draws: its two Linear layers
+        (then dropped), and its reset of A into the embedding's B (a transposed view of it, the
+        memory order peft fills); B_head = A_emb^T is zeroed. Written there by share_adapter."""
+        r, init_value = site.options["r"], site.options["init"]
+        if self._creation_device() is not None:
+            self._tied_draws[name] = None
+            return
+        nn.Linear(site.in_features, r, bias=False)
+        nn.Linear(r, site.out_features, bias=False)
+        drawn = None
+        if init and init_family(init_value) in ("default", "gaussian"):
+            drawn = torch.empty(site.in_features, r)
+            reset_default(SimpleNamespace(weight=drawn.T), SimpleNamespace(weight=torch.empty(0)), init_value, r)
+        self._tied_draws[name] = drawn
+
+    def share_adapter(self, name: str, owner: AdapterLayer) -> None:
+        if not isinstance(owner, LoraLayer) or name not in owner.lora_embedding_A:
+            raise TypeError(f"adapter {name!r}: {type(owner).__name__} holds no LoRA embedding factors to tie to")
+        self._tied_owners[name] = owner
+        self.lora_A[name] = TiedFactor(owner.lora_embedding_B, name)
+        self.lora_B[name] = TiedFactor(owner.lora_embedding_A, name)
+        drawn = self._tied_draws.pop(name, None)
+        if drawn is not None:
+            with torch.no_grad():
+                owner.lora_embedding_B[name].copy_(drawn)
+                owner.lora_embedding_A[name].zero_()
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = super().adapter_tensors(name)
+        if name in self._tied_owners:  # saved under the head's names too, as peft does
+            tensors.update({"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight})
+        return tensors
+
+    def _merged_by_owner(self, name: str) -> bool:
+        """A tied head whose base weight is the embedding's: the embedding's merge already added
+        the same update ((s B A)^T) to that one weight, so the head adds nothing (peft adds it
+        a second time)."""
+        owner = self._tied_owners.get(name)
+        return owner is not None and owner.base_layer.weight is self.base_layer.weight
 
     def _create_conv(self, name: str, r: int, opts: dict[str, Any], init: bool) -> None:
         base = self.base_layer
@@ -151,6 +219,8 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
+        self._tied_owners.pop(name, None)
+        self._tied_draws.pop(name, None)
         self.scaling.pop(name, None)
         self._merged_norms.pop(name, None)
         if name in self.lora_dropout:
@@ -320,6 +390,8 @@ class LoraLayer(AdapterLayer):
             raise MergeError("lora_bias adapters cannot be merged into a layer without a bias (as in peft)")
 
     def merge_targets(self, names: Sequence[str]) -> tuple[str, ...]:
+        if all(self._merged_by_owner(n) for n in names):
+            return ()  # nothing to snapshot: a copy taken after the embedding's merge would be wrong
         return ("weight", "bias") if any(self._has_lora_bias(n) for n in names) else ("weight",)
 
     def _has_lora_bias(self, name: str) -> bool:
@@ -327,6 +399,8 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge_one(self, name: str) -> float:
+        if self._merged_by_owner(name):
+            return 0.0
         if name in self.lora_magnitude_vector:
             merged, norm = self._dora_merged(name, self._base_weight().float())
             self._merged_norms[name] = norm
@@ -340,6 +414,8 @@ class LoraLayer(AdapterLayer):
 
     @torch.no_grad()
     def unmerge_one(self, name: str) -> float:
+        if self._merged_by_owner(name):
+            return 0.0
         if name in self.lora_magnitude_vector:
             mag_scale = self.lora_magnitude_vector[name].reshape(-1).float() / self._merged_norms.pop(name)
             rows = dora.unmerged_rows(self._rows(self._base_weight().float()), self._delta_rows(name), mag_scale)

@@ -38,7 +38,7 @@ from peftc.methods.common import (
 from peftc.methods.common import number as _number
 from peftc.methods.defaults import LORA_TARGETS, targets_for
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora import attention, moe_layout, parameters, tokens
+from peftc.methods.lora import attention, moe_layout, parameters, tokens, tying
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
@@ -92,6 +92,11 @@ class LoraSpec(LayeredTargetsSpec):
         "Raw parameters to adapt (MoE expert weights): names or dotted suffixes, e.g. [experts.gate_up_proj]; "
         "a 3-D (experts, out, in) stack gets a rank-r update per expert.",
     )
+    ensure_weight_tying: bool = param(
+        False,
+        "Keep a tied input embedding and output head (tie_word_embeddings) tied: the head follows the "
+        "embedding's LoRA or trained copy when target_modules or modules_to_save names embed_tokens or lm_head.",
+    )
 
     def cross_check(self, key: str, run: RunSpec | None) -> None:
         self._check_init(key)
@@ -140,7 +145,16 @@ class Lora(InjectableMethod):
     tensor_prefix = "lora_"
 
     def spec_for_model(self, spec: LoraSpec, graph: ModelGraph) -> LoraSpec:
-        return moe_layout.for_model(spec, graph)
+        return tying.for_model(moe_layout.for_model(spec, graph), graph)
+
+    def tied_modules(self, spec: LoraSpec, graph: ModelGraph) -> dict[str, str]:
+        return tying.tied_modules(spec, graph)
+
+    def select_targets(self, spec: LoraSpec, modules: Sequence[ModuleInfo], graph: ModelGraph) -> list[ModuleInfo]:
+        return tying.without_tied_heads(spec, modules, graph)
+
+    def plan_warnings(self, spec: LoraSpec, sites: Sequence[Site], graph: ModelGraph) -> tuple[str, ...]:
+        return tying.warnings_for(spec, graph)
 
     def gathered_tensors(self, plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
         return moe_layout.gathered_tensors(plan, file_names)
@@ -193,6 +207,8 @@ class Lora(InjectableMethod):
 
     def extra_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
         extra = attention.out_proj_sites(sites, graph) + parameters.parameter_sites(spec, graph, sites)
+        # peft adds the tied heads' LoRA after every other LoRA layer (the order of random draws)
+        extra += tying.head_sites(spec, graph, sites)
         return extra + self._token_sites(spec, graph, sites)
 
     def _token_sites(self, spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tuple[Site, ...]:
@@ -266,6 +282,7 @@ class Lora(InjectableMethod):
             "modules_to_save": as_list(spec.modules_to_save),
             "trainable_token_indices": plain_tokens(spec.trainable_token_indices),
             "target_parameters": _plain_list(spec.target_parameters),
+            "ensure_weight_tying": spec.ensure_weight_tying,
         }
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoraSpec:
@@ -297,6 +314,7 @@ class Lora(InjectableMethod):
             modules_to_save=config.get("modules_to_save"),
             trainable_token_indices=config.get("trainable_token_indices"),
             target_parameters=config.get("target_parameters") or None,  # peft reads [] as none
+            ensure_weight_tying=bool(config.get("ensure_weight_tying", False)),
         )
 
     def tensors_from_file(

@@ -25,6 +25,7 @@ from torch import nn
 
 from peftc.errors import ConfigError, PlanError, did_you_mean
 from peftc.methods.layer import AdapterLayer
+from peftc.methods.lora.tying import heads_tied_to_input
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Site
 
@@ -53,7 +54,7 @@ def token_sites(value: Any, graph: ModelGraph, init: bool) -> tuple[Site, ...]:
     if value is None:
         return ()
     targets = dict(value) if isinstance(value, Mapping) else {graph.input_embedding or "embed_tokens": list(value)}
-    heads = _heads_tied_to_input(graph)
+    heads = heads_tied_to_input(graph)
     named_heads = _named_heads(targets, heads, graph)
     sites = []
     for name, tokens in targets.items():
@@ -64,15 +65,6 @@ def token_sites(value: Any, graph: ModelGraph, init: bool) -> tuple[Site, ...]:
             if module.path == graph.input_embedding:
                 sites.extend(_tied_head_site(head, list(tokens), module.path, init) for head in heads)
     return tuple(sites)
-
-
-def _heads_tied_to_input(graph: ModelGraph) -> list[ModuleInfo]:
-    """The Linear modules whose weight is the input embedding's (tie_word_embeddings)."""
-    if graph.input_embedding is None:
-        return []
-    tied = graph.tied_with(f"{graph.input_embedding}.weight")
-    modules = [graph.module(name.removesuffix(".weight")) for name in tied]
-    return [m for m in modules if m is not None and m.kind == "linear"]
 
 
 def _named_heads(targets: Mapping[Any, Any], heads: Sequence[ModuleInfo], graph: ModelGraph) -> set[Any]:
@@ -128,7 +120,7 @@ def _refuse_untied_sharing(module: ModuleInfo, tokens: list[int], graph: ModelGr
     """A shared weight peft does not tie (another embedding's, or one shared beyond Linear heads:
     T5's encoder and decoder embeddings) would see the rows change only on merge."""
     sharing = graph.tied_with(f"{module.path}.weight")
-    heads = {f"{h.path}.weight" for h in _heads_tied_to_input(graph)} if module.path == graph.input_embedding else set()
+    heads = {f"{h.path}.weight" for h in heads_tied_to_input(graph)} if module.path == graph.input_embedding else set()
     if sharing - heads:
         shown = sorted(name.removesuffix(".weight") for name in sharing - heads)
         raise PlanError(
