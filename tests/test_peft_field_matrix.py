@@ -202,6 +202,8 @@ CASES = [
     FieldCase("lora", {"trainable_token_indices": [3, 7]}, model="llama"),
     FieldCase("lora", {"trainable_token_indices": {"wte": [3, 7]}}, model="gpt2"),  # tied to lm_head
     FieldCase("lora", {"fan_in_fan_out": True}, model="gpt2"),
+    # the head's weight is the embedding's trained copy (tests/test_weight_tying.py: every case)
+    FieldCase("lora", {"ensure_weight_tying": True, "modules_to_save": ["lm_head"]}, model="gpt2"),
     FieldCase(
         "lora",
         {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
@@ -311,7 +313,6 @@ LORA_REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
         "the Megatron module to import",
         "megatron_config",
     ),
-    "ensure_weight_tying": ({"ensure_weight_tying": True}, "ties the adapters of tied embeddings", ""),
     "loftq_config": (
         {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
         "LoftQ's quantization-aware init",
@@ -335,6 +336,7 @@ ADALORA_REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
     "loftq_config": ({"loftq_config": {"loftq_bits": 4}}, "peft refuses LoftQ for AdaLoRA too", ""),
     "trainable_token_indices": ({"trainable_token_indices": [3, 7]}, "peft trains those rows; peftc: LoRA only", ""),
     "target_parameters": ({"target_parameters": ["lin0.weight"]}, "raw parameters; peftc: LoRA only", ""),
+    "ensure_weight_tying": ({"ensure_weight_tying": True}, "ties tied embeddings' adapters; peftc: LoRA only", ""),
 }
 
 REFUSED = [

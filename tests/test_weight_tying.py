@@ -1,0 +1,252 @@
+"""LoRA's ensure_weight_tying against peft 0.22 on a tied tiny Llama (tie_word_embeddings) and
+GPT-2: the output head follows the input embedding's trained copy (modules_to_save) or LoRA
+(target_modules, the head's factors the embedding's transposed). Files either side writes load
+on the other with the same outputs; training moves the one shared copy or pair of factors; a
+merge adds the update once to the one shared weight.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import peftc
+from peftc.errors import AdapterFileError, PlanError
+from tests.helpers import build_base, token_batch
+
+TIED_LLAMA = ("model=tiny_llama", "++model.config.tie_word_embeddings=true")
+MODELS = {"llama": TIED_LLAMA, "gpt2": ("model=tiny_gpt2",)}
+EMBEDDING = {"llama": "model.embed_tokens", "gpt2": "transformer.wte"}
+# case -> (model, LoraConfig fields); every case sets ensure_weight_tying
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "copy-of-embed_tokens": ("llama", {"modules_to_save": ["embed_tokens"], "target_modules": ["q_proj"]}),
+    "copy-of-lm_head": ("llama", {"modules_to_save": ["lm_head"], "target_modules": ["q_proj"]}),
+    "lora-on-embed_tokens": ("llama", {"target_modules": ["embed_tokens", "q_proj"]}),
+    "lora-on-embed_tokens-and-lm_head": ("llama", {"target_modules": ["embed_tokens", "lm_head"]}),
+    "gpt2-copy-of-lm_head": ("gpt2", {"modules_to_save": ["lm_head"], "target_modules": ["c_attn"]}),
+    "gpt2-lora-on-lm_head": ("gpt2", {"target_modules": ["lm_head", "c_attn"]}),
+}
+TOLERANCE = 1e-5
+# peft 0.22 rewrites GPT-2's target_modules to `transformer.wte`, then on loading ties only what
+# is named embed_tokens or lm_head: the head's saved factors are dropped, its outputs change.
+PEFT_LOSES_THE_TIE = {"gpt2-lora-on-lm_head"}
+
+
+def overrides(model: str, fields: dict[str, Any]) -> list[str]:
+    listed = [f"peft.{key}=[{','.join(value)}]" for key, value in fields.items()]
+    return [*MODELS[model], "peft.r=4", "peft.ensure_weight_tying=true", *listed]
+
+
+def peft_model(plan: Any, fields: dict[str, Any], **extra: Any) -> Any:
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True, **fields, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(build_base(plan), config)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """peft's model for the case, moved off its init (every trainable tensor, seeded), saved."""
+    model, fields = CASES[request.param]
+    plan = peftc.compile(overrides(model, fields))
+    theirs = peft_model(plan, fields)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in {p.data_ptr(): p for p in theirs.parameters() if p.requires_grad}.values():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    directory = tmp_path_factory.mktemp(request.param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(directory)
+    found = {"name": request.param, "model": model, "fields": fields, "plan": plan, "dir": directory}
+    # ours loaded once per case (trainable; in eval mode: gradients without GPT-2's dropout)
+    return {**found, "theirs": theirs.eval(), "ours": load_ours(found, is_trainable=True).eval()}
+
+
+def logits(model: Any) -> torch.Tensor:
+    return model(input_ids=token_batch()).logits
+
+
+def load_ours(case: dict[str, Any], **options: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peftc.load_adapter(build_base(case["plan"]), case["dir"], **options)
+
+
+def test_the_plan_writes_the_config_fields_peft_writes(case: dict[str, Any]) -> None:
+    written = json.loads((case["dir"] / "adapter_config.json").read_text())
+    ours = case["plan"].adapter_config
+    for key in ("target_modules", "modules_to_save"):
+        assert sorted(ours[key] or []) == sorted(written[key] or []), key
+    assert ours["ensure_weight_tying"] is written["ensure_weight_tying"] is True
+
+
+def test_an_adapter_peft_wrote_loads_with_peft_s_outputs(case: dict[str, Any]) -> None:
+    with torch.no_grad():
+        assert (logits(case["ours"]) - logits(case["theirs"])).abs().max() < TOLERANCE
+
+
+def peft_loaded(case: dict[str, Any], directory: Path) -> Any:
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(build_base(case["plan"]), directory).eval()
+
+
+def test_ours_saves_peft_s_tensor_names_and_peft_loads_it_as_its_own(case, tmp_path: Path) -> None:
+    """peft reads our file as it reads its own: with our outputs, except where peft cannot read
+    its own (PEFT_LOSES_THE_TIE)."""
+    ours = case["ours"]
+    ours.save_adapter(tmp_path)
+    written = load_file(case["dir"] / "adapter_model.safetensors")
+    assert load_file(tmp_path / "adapter_model.safetensors").keys() == written.keys()
+    with torch.no_grad():
+        again = logits(peft_loaded(case, tmp_path))
+        assert (again - logits(peft_loaded(case, case["dir"]))).abs().max() < TOLERANCE
+        if case["name"] not in PEFT_LOSES_THE_TIE:
+            assert (again - logits(ours)).abs().max() < TOLERANCE
+
+
+def _grads(model: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """Gradients by module path and peft's saved tensor name."""
+    logits(model).pow(2).mean().backward()
+    names = {n.replace(".default", "").replace(".modules_to_save", ""): p for n, p in model.named_parameters()}
+    return {n.removeprefix(prefix): p.grad for n, p in names.items() if p.grad is not None}
+
+
+def test_the_shared_copy_or_factors_get_the_gradient_of_both_modules(case: dict[str, Any]) -> None:
+    """One trained tensor: its gradient is the sum of what the embedding and the head send it.
+    peft's modules_to_save copy is one parameter too; its tied LoRA factors are two parameters on
+    one storage (gradients apart, each its own optimizer state), whose sum is ours."""
+    ours, theirs = case["ours"], case["theirs"]
+    ours.zero_grad()
+    theirs.zero_grad()
+    ours_grads, their_grads = _grads(ours, "base_model."), _grads(theirs, "base_model.model.")
+    embedding = EMBEDDING[case["model"]]
+    if "lora" in case["name"]:
+        for own, head in (("lora_embedding_A", "lora_B.weight"), ("lora_embedding_B", "lora_A.weight")):
+            expected = their_grads[f"{embedding}.{own}"] + their_grads[f"lm_head.{head}"].T
+            assert torch.allclose(ours_grads.pop(f"{embedding}.{own}"), expected, atol=1e-5)
+            their_grads.pop(f"{embedding}.{own}"), their_grads.pop(f"lm_head.{head}")
+    assert ours_grads.keys() == their_grads.keys()
+    assert all(torch.allclose(ours_grads[n], their_grads[n], atol=1e-5) for n in ours_grads)
+
+
+def test_the_tied_tensors_are_trained_and_counted_once(case: dict[str, Any]) -> None:
+    """As peft's modules_to_save count; peft counts tied LoRA factors twice (two parameters)."""
+    ours = case["ours"]
+    trainable, _ = case["theirs"].get_nb_trainable_parameters()
+    if "lora" in case["name"]:
+        trainable -= sum(p.numel() for n, p in case["theirs"].named_parameters() if "lm_head.lora_" in n)
+    assert ours.trainable_parameters() == case["plan"].trainable_params == trainable
+
+
+def test_a_merge_adds_the_update_once_to_the_shared_weight(case: dict[str, Any]) -> None:
+    """The merged model keeps the head tied and gives the unmerged outputs. peft's merge agrees
+    for a trained copy; for tied LoRA it adds the update twice to the one weight (its merged
+    outputs are not its unmerged ones), so ours is checked against peft's unmerged model."""
+    ours = load_ours(case)
+    with torch.no_grad():
+        unmerged = logits(ours)
+        merged = ours.merge_and_unload()
+        assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+        assert (logits(merged) - unmerged).abs().max() < TOLERANCE
+        assert (logits(merged) - logits(case["theirs"])).abs().max() < TOLERANCE
+
+
+def test_a_continued_run_plans_the_tie_and_starts_from_the_saved_tensors(case, tmp_path: Path) -> None:
+    """`adapter=DIR` goes through the same reading of the file: the head follows again, and the
+    tensors training starts from are the file's, checked strictly."""
+    from peftc.files.load import initial_tensors
+
+    peftc.materialize(case["plan"], base_model=build_base(case["plan"])).save_adapter(tmp_path)
+    plan = peftc.compile([f"adapter={tmp_path}", "task=causal_lm", "trainer.max_steps=1"])
+    assert [m.follows for m in plan.modules_to_save] == [m.follows for m in case["plan"].modules_to_save]
+    assert [s.shares_with for s in plan.sites] == [s.shares_with for s in case["plan"].sites]
+    assert initial_tensors(plan).keys() == load_file(tmp_path / "adapter_model.safetensors").keys()
+
+
+@pytest.mark.parametrize("init", ["true", "gaussian", "false"])
+def test_a_seeded_tied_lora_starts_from_peft_s_draws(init: str) -> None:
+    """peft builds the head's two Linear layers (drawing their init), ties them to the
+    embedding's factors and resets them there: under one seed ours holds the same numbers."""
+    from peft import get_peft_model_state_dict
+
+    model, fields = CASES["lora-on-embed_tokens"]
+    plan = peftc.compile([*overrides(model, fields), f"peft.init_lora_weights={init}"])
+    base = build_base(plan)
+    torch.manual_seed(0)
+    ours = peftc.materialize(plan, base_model=base).adapter_state_dict("default")
+    torch.manual_seed(0)
+    theirs = get_peft_model_state_dict(
+        peft_model(plan, fields, init_lora_weights={"true": True, "false": False}.get(init, init))
+    )
+    lora = {k for k in theirs if "lora" in k}
+    assert all(torch.equal(ours[k], theirs[k]) for k in lora)
+    assert theirs[f"base_model.model.{EMBEDDING[model]}.lora_embedding_B"].std() > 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        (["peft.use_dora=true"], "use_dora=false"),
+        (["peft.init_lora_weights=pissa"], "init_lora_weights true, false or gaussian"),
+        (["peft.exclude_modules=[embed_tokens]"], "keep model.embed_tokens adapted"),
+    ],
+    ids=["dora", "pissa", "embedding-excluded"],
+)
+def test_ties_that_cannot_be_honoured_are_refused_by_name_before_loading(setting: list[str], named: str) -> None:
+    fields = CASES["lora-on-embed_tokens"][1]
+    with pytest.raises(PlanError, match=r"peft\.ensure_weight_tying") as error:
+        peftc.compile([*overrides("llama", fields), *setting])
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_adalora_file_with_the_flag_is_refused_by_name(tmp_path: Path) -> None:
+    """peft's AdaLoRA inherits the tie; peftc implements it for LoRA only."""
+    plan = peftc.compile(overrides(*CASES["copy-of-embed_tokens"]))
+    peftc.materialize(plan, base_model=build_base(plan)).save_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "ADALORA", "total_step": 10}))
+    with pytest.raises(AdapterFileError, match="ensure_weight_tying"):
+        peftc.load_adapter(build_base(plan), tmp_path)
+
+
+def test_on_an_untied_model_the_flag_ties_nothing_and_says_so_as_peft_warns() -> None:
+    plan = peftc.compile(["model=tiny_llama", "peft.ensure_weight_tying=true", "peft.target_modules=[embed_tokens]"])
+    assert not any(s.shares_with for s in plan.sites)
+    assert any("ensure_weight_tying=true ties nothing" in w for w in plan.warnings)
+
+
+def test_the_plan_names_who_follows_whom_and_stops_warning_of_the_untied_head() -> None:
+    untied = peftc.compile([*TIED_LLAMA, "peft.modules_to_save=[embed_tokens]"])
+    assert any("ensure_weight_tying=true ties them" in w for w in untied.warnings)
+    model, fields = CASES["copy-of-lm_head"]
+    tied = peftc.compile(overrides(model, fields))
+    assert tied.warnings == ()
+    assert {m.path: m.follows for m in tied.modules_to_save} == {
+        "model.embed_tokens": None,
+        "lm_head": "model.embed_tokens",
+    }
+    lora = peftc.compile(overrides(*CASES["lora-on-embed_tokens"]))
+    assert "lm_head (follows model.embed_tokens)" in str(lora)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_trainable_tokens_follow_the_embedding_with_or_without_the_flag(flag: bool) -> None:
+    """peft ties the head's rows to the embedding's whenever the weights are tied and the indices
+    agree; with the flag and other indices for the head it raises, and peftc refuses by name."""
+    tied = [*TIED_LLAMA, f"peft.ensure_weight_tying={str(flag).lower()}"]
+    plan = peftc.compile([*tied, "peft.trainable_token_indices=[3,5]"])
+    assert plan.site("lm_head").shares_with == "model.embed_tokens"
+    with pytest.raises(PlanError, match="trainable_token_indices.lm_head"):
+        peftc.compile([*tied, "peft.trainable_token_indices={embed_tokens: [3], lm_head: [4]}"])
