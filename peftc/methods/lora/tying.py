@@ -138,13 +138,13 @@ def head_sites(spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tupl
 def _check_embedding_site(spec: LoraSpec, embedding: Site) -> None:
     if spec.use_dora:
         raise PlanError(
-            KEY, True, f"cannot tie DoRA: the head's magnitude would be its own, not {embedding.path}'s",
+            KEY, True, "cannot tie DoRA: the head keeps its own magnitude (peft), so no one weight merges both",
             f"use use_dora=false, or set {KEY}=false",
         )  # fmt: skip
     if init_family(spec.init_lora_weights) not in TIEABLE_INITS:
         raise PlanError(
             KEY, True,
-            f"with init_lora_weights={spec.init_lora_weights!r} peft rewrites the shared weight and factors twice",
+            f"with init_lora_weights={spec.init_lora_weights!r} the head's init rewrites the shared weight and unties the factors (peft)",
             f"use init_lora_weights true, false or gaussian, or set {KEY}=false",
         )  # fmt: skip
 
