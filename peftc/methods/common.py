@@ -90,6 +90,18 @@ def check_patterns(key: str, rank_pattern: Mapping[str, Any] | None, alpha_patte
                 raise ConfigError(f"{key}.{name}", pattern, f"is not a valid regex ({exc})") from exc
 
 
+def flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A true/false field of adapter_config.json. peft reads any value by its truth, so a string
+    written by hand ("false") would switch the feature on; such a value is refused instead.
+    Absent is `default`; null is false and 0/1 are read as peft reads them."""
+    value = config.get(key, default)
+    if value is None or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise AdapterFileError(
+        "adapter_config.json", f"{key}={value!r} is not true or false", f"write {key}: true or {key}: false (JSON)"
+    )
+
+
 def number(value: float) -> float | int:
     """peft writes integral values as ints; keep the file byte-compatible."""
     return int(value) if float(value).is_integer() else value

@@ -23,7 +23,7 @@ from peftc.config.spec import RunSpec, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod
-from peftc.methods.common import TargetsSpec, jsonable, target_fields, target_kwargs
+from peftc.methods.common import TargetsSpec, flag, jsonable, target_fields, target_kwargs
 from peftc.methods.defaults import IA3_FEEDFORWARD, IA3_TARGETS
 from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -200,7 +200,7 @@ class IA3(InjectableMethod):
         return IA3Spec(
             **target_kwargs(config, layered=False),
             feedforward_modules=config.get("feedforward_modules"),
-            init_ia3_weights=bool(config.get("init_ia3_weights", True)),
+            init_ia3_weights=flag(config, "init_ia3_weights", True),
         )
 
 

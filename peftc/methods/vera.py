@@ -28,7 +28,7 @@ from peftc.config.spec import RunSpec, at_least, in_range, param
 from peftc.errors import ConfigError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod
-from peftc.methods.common import LayeredTargetsSpec, bias_param, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import LayeredTargetsSpec, bias_param, flag, target_fields, target_kwargs, trained_biases
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -172,9 +172,9 @@ class Vera(InjectableMethod):
             **kwargs,
             r=int(config.get("r", 256)),
             projection_prng_key=int(config.get("projection_prng_key", 0)),
-            save_projection=bool(config.get("save_projection", True)),
+            save_projection=flag(config, "save_projection", True),
             vera_dropout=float(config.get("vera_dropout", 0.0)),
             d_initial=float(config.get("d_initial", 0.1)),
             bias=config.get("bias") or "none",
-            init_weights=bool(config.get("init_weights", True)),
+            init_weights=flag(config, "init_weights", True),
         )

@@ -31,6 +31,7 @@ from peftc.methods.common import (
     LayeredTargetsSpec,
     bias_param,
     check_patterns,
+    flag,
     pattern_value,
     refuse_unimplemented,
     trained_biases,
@@ -304,17 +305,17 @@ class Lora(InjectableMethod):
             exclude_modules=config.get("exclude_modules"),
             layers_to_transform=config.get("layers_to_transform"),
             layers_pattern=config.get("layers_pattern"),
-            use_rslora=bool(config.get("use_rslora", False)),
+            use_rslora=flag(config, "use_rslora", False),
             init_lora_weights=init,
-            use_dora=bool(config.get("use_dora", False)),
+            use_dora=flag(config, "use_dora", False),
             bias=config.get("bias") or "none",
-            lora_bias=bool(config.get("lora_bias", False)),
+            lora_bias=flag(config, "lora_bias", False),
             rank_pattern=dict(config.get("rank_pattern") or {}),
             alpha_pattern=dict(config.get("alpha_pattern") or {}),
             modules_to_save=config.get("modules_to_save"),
             trainable_token_indices=config.get("trainable_token_indices"),
             target_parameters=config.get("target_parameters") or None,  # peft reads [] as none
-            ensure_weight_tying=bool(config.get("ensure_weight_tying", False)),
+            ensure_weight_tying=flag(config, "ensure_weight_tying", False),
         )
 
     def tensors_from_file(

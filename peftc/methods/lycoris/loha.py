@@ -17,6 +17,7 @@ import torch
 
 from peftc.config.spec import param
 from peftc.methods import register
+from peftc.methods.common import flag
 from peftc.methods.lycoris.shared import (
     LycorisLayer,
     LycorisMethod,
@@ -124,4 +125,4 @@ class LoHa(LycorisMethod):
         return tensors, {}
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> LoHaSpec:
-        return LoHaSpec(**self.spec_kwargs(config), init_weights=bool(config.get("init_weights", True)))
+        return LoHaSpec(**self.spec_kwargs(config), init_weights=flag(config, "init_weights", True))

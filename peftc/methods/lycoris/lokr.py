@@ -22,6 +22,7 @@ import torch
 from peftc.config.spec import RunSpec, param
 from peftc.errors import ConfigError
 from peftc.methods import register
+from peftc.methods.common import flag
 from peftc.methods.lycoris.shared import (
     LycorisLayer,
     LycorisMethod,
@@ -166,9 +167,9 @@ class LoKr(LycorisMethod):
         return LoKrSpec(
             **self.spec_kwargs(config),
             init_weights=init if init in LoKrSpec.init_choices else bool(init),
-            decompose_both=bool(config.get("decompose_both", False)),
+            decompose_both=flag(config, "decompose_both", False),
             decompose_factor=int(config.get("decompose_factor", -1)),
-            rank_dropout_scale=bool(config.get("rank_dropout_scale", False)),
+            rank_dropout_scale=flag(config, "rank_dropout_scale", False),
         )
 
     def tensors_from_file(

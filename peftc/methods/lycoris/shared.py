@@ -33,6 +33,7 @@ from peftc.methods.base import InjectableMethod
 from peftc.methods.common import (
     LayeredTargetsSpec,
     check_patterns,
+    flag,
     number,
     pattern_value,
     target_fields,
@@ -202,7 +203,7 @@ class LycorisMethod(InjectableMethod):
             "module_dropout": float(config.get("module_dropout", 0.0) or 0.0),
             "rank_pattern": dict(config.get("rank_pattern") or {}),
             "alpha_pattern": dict(config.get("alpha_pattern") or {}),
-            "use_effective_conv2d": bool(config.get("use_effective_conv2d", False)),
+            "use_effective_conv2d": flag(config, "use_effective_conv2d", False),
         }
 
 

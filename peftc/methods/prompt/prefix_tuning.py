@@ -19,6 +19,7 @@ from torch import nn
 
 from peftc.config.spec import at_least, one_of, param
 from peftc.methods import register
+from peftc.methods.common import flag
 from peftc.methods.prompt.kv_prefix import PrefixEncoder
 from peftc.methods.prompt.shared import PromptLearningMethod, PromptLearningSpec, PromptShapes
 from peftc.planning.plan import Plan, PromptPlan
@@ -117,7 +118,7 @@ class PrefixTuning(PromptLearningMethod):
     def method_spec_fields(self, config: Mapping[str, Any]) -> dict[str, Any]:
         init = config.get("init_weights")
         return {
-            "prefix_projection": bool(config.get("prefix_projection", False)),
+            "prefix_projection": flag(config, "prefix_projection", False),
             "encoder_hidden_size": config.get("encoder_hidden_size"),
             "init_weights": init if init == "zero" else None,
         }

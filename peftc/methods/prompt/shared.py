@@ -22,6 +22,7 @@ import torch
 from peftc.config.spec import SpecNode, as_list, at_least, param
 from peftc.errors import PlanError
 from peftc.methods.base import PromptMethod
+from peftc.methods.common import flag
 from peftc.planning.plan import PromptPlan
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ class PromptLearningMethod(PromptMethod):
         return self.schema(
             num_virtual_tokens=int(config.get("num_virtual_tokens") or 8),
             # peft writes inference_mode=true on save: a loaded prompt is the saved table
-            inference_mode=bool(config.get("inference_mode", True)),
+            inference_mode=flag(config, "inference_mode", True),
             modules_to_save=config.get("modules_to_save"),
             **self.method_spec_fields(config),
         )
