@@ -170,7 +170,7 @@ class SavedAdapter:
     def header_for(self, plan: Any) -> tuple[dict[str, TensorEntry], dict[str, GatheredTensor]]:
         """The file's declared tensors as `plan` names them: tensors the file holds in pieces of
         an older model layout (`Method.gathered_tensors`) stand in for their pieces."""
-        gathered = methods.get(plan.method).gathered_tensors(plan, self.header)
+        gathered = methods.get(plan.method).gathered_tensors(plan, self.header, self.config)
         # Pieces of one dtype and shape only: other files keep their pieces as unexpected tensors
         # beside a missing one, a clean refusal (a non-float dtype is refused by name in compare).
         gathered = {
@@ -207,7 +207,7 @@ def read_saved(directory: str | os.PathLike[str]) -> SavedAdapter:
     source = str(directory / adapter_files.CONFIG_NAME)
     raw = adapter_files.read_config(directory)
     method = methods.for_peft_type(raw["peft_type"], source)
-    config = screen(raw, source, method.schema)
+    config = screen(raw, source, method.schema, method.legacy_fields)
     adapter_task = tasks.for_task_type(config.get("task_type"), source)
     _check_task_fits_method(method, adapter_task, source)
     header = adapter_files.read_tensor_header(directory)

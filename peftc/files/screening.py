@@ -46,17 +46,20 @@ def peft_table_version() -> str:
     return str(_table()["peft_version"])
 
 
-def known_fields(peft_type: str, schema: type | None) -> frozenset[str]:
+def known_fields(peft_type: str, schema: type | None, legacy: frozenset[str] = frozenset()) -> frozenset[str]:
     import dataclasses
 
     own = {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
-    return peft_fields().get(peft_type, frozenset()) | COMMON_FIELDS | own
+    return peft_fields().get(peft_type, frozenset()) | COMMON_FIELDS | own | legacy
 
 
-def screen(config: Mapping[str, Any], source: str, schema: type | None) -> dict[str, Any]:
-    """The fields peftc may read; refuses code-carrying fields, warns once about unknown ones."""
+def screen(
+    config: Mapping[str, Any], source: str, schema: type | None, legacy: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The fields peftc may read; refuses code-carrying fields, warns once about unknown ones.
+    `legacy`: fields an older peft wrote that the method still reads (Method.legacy_fields)."""
     refuse_code(config, source)
-    known = known_fields(str(config.get("peft_type")), schema)
+    known = known_fields(str(config.get("peft_type")), schema, legacy)
     unknown = sorted(set(config) - known)
     if unknown:
         warnings.warn(

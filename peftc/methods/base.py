@@ -63,6 +63,9 @@ class Method:
     # cannot import this module: "injectable" or "prompt".
     kind: ClassVar[str]
     mergeable: ClassVar[bool] = True  # whether the adapter can be folded into the base weights
+    # Fields an older peft wrote that peft has since dropped and this method still reads from an
+    # adapter_config.json (spec_from_peft_config), rather than dropping them with a warning.
+    legacy_fields: ClassVar[frozenset[str]] = frozenset()
 
     # --------------------------------------------------------------------------- planning
     def modules_to_save(self, spec: Any) -> list[str]:
@@ -128,10 +131,13 @@ class Method:
         module holding that module's trained weight. Default: none."""
         return {}
 
-    def gathered_tensors(self, plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
-        """Tensors of `plan` that an adapter file holds in pieces under other names, because it was
-        written for an older layout of the same model (LoRA: transformers 4's per-expert MoE
-        projections), by the plan's tensor name; peft reads such files the same way. Default: none."""
+    def gathered_tensors(
+        self, plan: Plan, file_names: Collection[str], config: Mapping[str, Any]
+    ) -> dict[str, GatheredTensor]:
+        """Tensors of `plan` that an adapter file (its screened adapter_config.json: `config`)
+        holds in pieces, under other names or in another shape, because it was written for an
+        older layout of the same model (LoRA: transformers 4's per-expert MoE projections) or by
+        an older peft (LoRA: peft 0.2's enable_lora), by the plan's tensor name. Default: none."""
         return {}
 
     def tensors_from_file(

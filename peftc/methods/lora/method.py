@@ -39,7 +39,7 @@ from peftc.methods.common import (
 from peftc.methods.common import number as _number
 from peftc.methods.defaults import LORA_TARGETS, targets_for
 from peftc.methods.layer import AdapterLayer
-from peftc.methods.lora import attention, moe_layout, parameters, tokens, tying
+from peftc.methods.lora import attention, merged_linear, moe_layout, parameters, tokens, tying
 from peftc.methods.lora import combine as lora_combine
 from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import BASE_MUTATING, init_family, is_valid_init
@@ -140,6 +140,7 @@ class Lora(InjectableMethod):
     name = "lora"
     peft_type = "LORA"
     schema = LoraSpec
+    legacy_fields = merged_linear.LEGACY_FIELDS  # peft 0.2's enable_lora, merge_weights
     layer_class = LoraLayer
     supported_kinds = frozenset({"linear", "conv1d_hf", "embedding", attention.KIND, *CONV_KINDS})
     default_targets = LORA_TARGETS
@@ -157,8 +158,10 @@ class Lora(InjectableMethod):
     def plan_warnings(self, spec: LoraSpec, sites: Sequence[Site], graph: ModelGraph) -> tuple[str, ...]:
         return tying.warnings_for(spec, graph)
 
-    def gathered_tensors(self, plan: Plan, file_names: Collection[str]) -> dict[str, GatheredTensor]:
-        return moe_layout.gathered_tensors(plan, file_names)
+    def gathered_tensors(
+        self, plan: Plan, file_names: Collection[str], config: Mapping[str, Any]
+    ) -> dict[str, GatheredTensor]:
+        return moe_layout.gathered_tensors(plan, file_names) | merged_linear.gathered_tensors(plan, file_names, config)
 
     wraps_quantized = True  # forward calls base_layer(x); merges go through read/write_base_weight
 
@@ -297,9 +300,10 @@ class Lora(InjectableMethod):
                 f"init_lora_weights={init!r} changes the base weights in a way peftc does not implement",
                 "supported: true, false, gaussian, pissa, pissa_niter_<K>, olora, orthogonal, nora, eva",
             )
+        r, lora_alpha = merged_linear.rank_and_alpha(config, int(config.get("r", 8)), config.get("lora_alpha", 8))
         return LoraSpec(
-            r=int(config.get("r", 8)),
-            lora_alpha=config.get("lora_alpha", 8),
+            r=r,
+            lora_alpha=lora_alpha,
             lora_dropout=float(config.get("lora_dropout", 0.0) or 0.0),
             target_modules=config.get("target_modules"),
             exclude_modules=config.get("exclude_modules"),
