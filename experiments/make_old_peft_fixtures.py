@@ -12,6 +12,8 @@ are the same under transformers 4 and 5:
 
     python experiments/make_old_peft_fixtures.py tests/fixtures            # all cases
     python experiments/make_old_peft_fixtures.py tests/fixtures lora_llama # some
+    python experiments/make_old_peft_fixtures.py --convert tests/fixtures  # peftc's venv, after
+                                                                           # a peft < 0.6 wrote pickles
 
 A case the release cannot write (no such config class or field) is skipped and listed.
 """
@@ -64,9 +66,42 @@ MODELS: dict[str, dict[str, Any]] = {
             "num_labels": 2,
         },
     },
+    "t5": {
+        "class": "T5ForConditionalGeneration",
+        "config_class": "T5Config",
+        "config": {
+            "vocab_size": 64,
+            "d_model": 16,
+            "d_kv": 4,
+            "d_ff": 32,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "relative_attention_num_buckets": 8,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+        },
+    },
 }
+# peft before 0.6 had no safetensors (0.4/0.5: only when asked); their files were pickles
+RELEASE = tuple(int(part) for part in peft.__version__.split(".")[:2])
+PICKLE_ONLY = RELEASE < (0, 6)
 TOKENS = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+DECODER_TOKENS = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+TASK_IDS = torch.tensor([0, 1])  # multitask prompt tuning: one task per row
 NOISE = 0.2
+
+
+def inputs_of(name: str) -> dict[str, torch.Tensor]:
+    """The batch a case runs (recorded beside its logits): seq2seq cases also take decoder
+    tokens, multitask prompt tuning a task id per row."""
+    inputs = {"input_ids": TOKENS}
+    if CASES[name][0] == "t5":
+        inputs["decoder_input_ids"] = DECODER_TOKENS
+    if name.startswith("multitask_"):
+        inputs["task_ids"] = TASK_IDS
+    return inputs
 
 
 def base_model(name: str, bases: Path) -> torch.nn.Module:
@@ -105,6 +140,9 @@ def case(config_class: str, *fields: str) -> Callable[..., Callable[[], Any] | N
     def make(**kwargs: Any) -> Callable[[], Any] | None:
         if not has(config_class, *fields, *kwargs):
             return None
+        if has(config_class, "lora_dropout") and RELEASE < (0, 5):
+            # peft 0.2/0.3 had no default (None fails), 0.4's AdaLoRA fails with 0; eval ignores it
+            kwargs.setdefault("lora_dropout", 0.05)
         return lambda: getattr(peft, config_class)(**kwargs)
 
     return make
@@ -135,6 +173,12 @@ CASES: dict[str, tuple[str, Callable[[], Any] | None]] = {
             lora_alpha=8,
             target_modules=["embed_tokens", "o_proj"],
             modules_to_save=["lm_head"],
+        ),
+    ),
+    "lora_llama_head": (  # before LoRA on embeddings (peft 0.4): a trained head beside the adapter
+        "llama",
+        case("LoraConfig")(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION, modules_to_save=["lm_head"]
         ),
     ),
     "lora_llama_rslora": (
@@ -225,16 +269,36 @@ CASES: dict[str, tuple[str, Callable[[], Any] | None]] = {
         "llama",
         case("AdaptionPromptConfig")(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1),
     ),
+    # peft 0.2's MergedLinear: one LoRA on GPT-2's fused c_attn for its query and value thirds
+    "lora_gpt2_enable_lora": (
+        "gpt2",
+        case("LoraConfig", "enable_lora")(
+            task_type="CAUSAL_LM",
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn"],
+            enable_lora=[True, False, True],
+            fan_in_fan_out=True,
+        ),
+    ),
+    "multitask_prompt_tuning_llama": (
+        "llama",
+        case("MultitaskPromptTuningConfig")(task_type="CAUSAL_LM", num_virtual_tokens=3, num_tasks=2, num_ranks=1),
+    ),
+    "lora_t5": ("t5", case("LoraConfig")(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v"])),
+    "prompt_tuning_t5": ("t5", case("PromptTuningConfig")(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)),
+    "prefix_tuning_t5": ("t5", case("PrefixTuningConfig")(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)),
 }
 
 
-def train_adalora(model: Any) -> None:
+def train_adalora(model: Any, name: str) -> None:
     """A few steps of AdaLoRA's allocator (tinit=1, tfinal=1, total_step=4), so the file has the
     rank_pattern and the rank-pruned tensors a trained AdaLoRA adapter has."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    inputs = inputs_of(name)
     model.train()
     for step in range(5):
-        loss = model(input_ids=TOKENS, labels=TOKENS).loss
+        loss = model(**inputs, labels=inputs.get("decoder_input_ids", TOKENS)).loss
         loss.backward()
         optimizer.step()
         model.base_model.update_and_allocate(step)
@@ -249,26 +313,64 @@ def write(name: str, root: Path) -> str:
     bases = root / "old_peft_bases"
     torch.manual_seed(1)
     config = make()
-    model = peft.get_peft_model(base_model(model_name, bases), config)
+    try:
+        model = peft.get_peft_model(base_model(model_name, bases), config)
+    except Exception as exc:  # noqa: BLE001 (e.g. no LoRA for embeddings or GPT-2's Conv1D yet)
+        return f"can't write ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):
             if param.requires_grad:
                 param.add_(NOISE * torch.randn(param.shape, generator=generator))
     if name.startswith("adalora"):
-        train_adalora(model)
+        train_adalora(model, name)
     model.eval()
     target = root / f"peft_{peft.__version__.replace('.', '_')}" / name
     shutil.rmtree(target, ignore_errors=True)
-    model.save_pretrained(target, safe_serialization=True)  # peft < 0.7 wrote adapter_model.bin by default
+    if PICKLE_ONLY:  # as the release saved it; `--convert` runs peftc's conversion line on it
+        model.save_pretrained(target)
+    else:
+        model.save_pretrained(target, safe_serialization=True)  # peft 0.6 wrote adapter_model.bin by default
     (target / "README.md").unlink(missing_ok=True)  # peft's model card template, not part of the adapter
-    with torch.no_grad():
-        logits = model(input_ids=TOKENS).logits
-    save_file({"input_ids": TOKENS, "logits": logits.contiguous()}, target / "expected.safetensors")
+    inputs = inputs_of(name)
+    try:
+        # peft 0.3/0.4's AdaLoRA adds its orthogonality penalty to the loss even in eval: give it one
+        labels = {"labels": TOKENS} if name.startswith("adalora") and RELEASE < (0, 5) else {}
+        with torch.no_grad():
+            logits = model(**inputs, **labels).logits
+    except Exception as exc:  # noqa: BLE001 (e.g. peft 0.3's seq2seq prompt tuning without decoder embeds)
+        shutil.rmtree(target)
+        return f"can't run ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})"
+    save_file({**inputs, "logits": logits.contiguous()}, target / "expected.safetensors")
     return "written"
 
 
+def convert(root: Path) -> None:
+    """Run, for every adapter_model.bin under root, the one-line conversion that peftc's refusal
+    of it prints (in peftc's venv), then remove the pickle: the fixture is what that advice
+    makes of the release's own file."""
+    import subprocess
+
+    import peftc
+    from peftc.errors import AdapterFileError
+
+    for pickle_file in sorted(root.glob("peft_*/*/adapter_model.bin")):
+        line = ""
+        try:
+            peftc.load_adapter(torch.nn.Linear(1, 1), pickle_file.parent)
+        except AdapterFileError as exc:
+            line = str(exc).partition("if you trust the file: ")[2]
+        if not line.startswith("python -c "):
+            raise SystemExit(f"{pickle_file}: peftc gave no conversion line")
+        subprocess.run(line, shell=True, check=True)  # the line exactly as printed
+        pickle_file.unlink()
+        print(f"converted {pickle_file}")
+
+
 def main() -> None:
+    if sys.argv[1] == "--convert":
+        convert(Path(sys.argv[2]))
+        return
     root = Path(sys.argv[1])
     names = sys.argv[2:] or list(CASES)
     for name in names:

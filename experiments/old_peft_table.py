@@ -32,21 +32,14 @@ def base_model(bases: Path, name: str) -> torch.nn.Module:
     return model
 
 
-def model_of(case: Path) -> str:
-    return (
-        case.name.split("_")[1]
-        if not case.name.startswith(("ln_", "p_", "prompt_", "prefix_", "adaption_"))
-        else "llama"
-    )
-
-
 def verdict(load, expected: dict[str, torch.Tensor]) -> str:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = load()
+        inputs = {name: tensor for name, tensor in expected.items() if name != "logits"}
         with torch.no_grad():
-            logits = model(input_ids=expected["input_ids"]).logits
+            logits = model(**inputs).logits
     except Exception as exc:  # noqa: BLE001 (a table of outcomes)
         return f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     if logits.shape != expected["logits"].shape:
@@ -70,7 +63,7 @@ def main() -> None:
             if wanted and case.name not in wanted:
                 continue
             expected = load_file(case / "expected.safetensors")
-            model = "llama" if "llama" in case.name else "gpt2" if "gpt2" in case.name else "bert"
+            model = next(name for name in ("llama", "gpt2", "bert", "t5") if f"_{name}" in case.name)
             ours = verdict(lambda m=model, c=case: peftc.load_adapter(base_model(bases, m), c), expected)
             theirs = verdict(
                 lambda m=model, c=case: PeftModel.from_pretrained(base_model(bases, m), c).eval(), expected

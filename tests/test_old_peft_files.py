@@ -1,12 +1,17 @@
-"""Adapters that older peft releases wrote (most of those on the Hub: peft 0.6-0.17, under
+"""Adapters that older peft releases wrote (most of those on the Hub: peft 0.2-0.17, under
 transformers 4) load in peftc with the outputs that release computed, float32 to 1e-5; where the
 format cannot be run, peftc refuses it in one line naming the file and what would work.
 
 The fixtures (tests/fixtures/peft_<version>/<case>/, their README says how) were written by the
-releases themselves (experiments/make_old_peft_fixtures.py) on tiny config-built Llama, GPT-2
-and BERT models whose weights are tests/fixtures/old_peft_bases/, every adapter tensor noised
-so that no partial load reproduces the recorded logits. Where a release's format differs from
-today's, the case is here:
+releases themselves (experiments/make_old_peft_fixtures.py) on tiny config-built Llama, GPT-2,
+BERT and T5 models whose weights are tests/fixtures/old_peft_bases/, every adapter tensor noised
+so that no partial load reproduces the recorded logits. peft before 0.6 wrote pickles only: those
+fixtures are the safetensors that peftc's own conversion line (printed when it refuses the
+pickle) made of the release's adapter_model.bin. Where a release's format differs from today's,
+the case is here:
+
+- peft 0.2 wrote enable_lora / merge_weights; enable_lora (its MergedLinear on GPT-2's fused
+  c_attn, B a grouped Conv1d weight) loads as the plain LoRA it equals, which peft 0.22 refuses;
 
 - peft 0.6 wrote LoRA on embed_tokens without the embedding's base weight (peft 0.7 on saves it);
 - peft < 0.14 left alpha / r out of LoKr's update: peftc keeps its outputs (peft 0.22 does not);
@@ -34,7 +39,8 @@ from tests.helpers import max_diff
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BASES = FIXTURES / "old_peft_bases"
-RELEASES = ("0.6.2", "0.10.0", "0.13.2", "0.17.1")
+RELEASES = ("0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.2", "0.10.0", "0.13.2", "0.17.1")
+MODELS = ("llama", "gpt2", "bert", "t5")
 TOLERANCE = 1e-5
 
 # (release, case) -> the start of the one warning peftc gives (after the file's path)
@@ -79,13 +85,14 @@ def base_model(case: str) -> torch.nn.Module:
     """The base the release wrote the adapter on, built by transformers 5 from the same config."""
     import transformers
 
-    name = next(model for model in ("llama", "gpt2", "bert") if f"_{model}" in case)
+    name = next(model for model in MODELS if f"_{model}" in case)
     spec, weights = _base_weights(name)
     config = getattr(transformers, spec["config_class"])(**spec["config"])
     config._attn_implementation = "eager"
     model = getattr(transformers, spec["class"])(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # GPT-2's tied head
+    tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}  # GPT-2's, T5's
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
     model.tie_weights()
     return model.eval()
 
@@ -96,9 +103,12 @@ def recorded(release: str, case: str) -> dict[str, torch.Tensor]:
     return load_file(fixture_dir(release, case) / "expected.safetensors")
 
 
-def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def logits(model: torch.nn.Module, recorded: dict[str, torch.Tensor], *, base: bool = False) -> torch.Tensor:
+    """The model's logits on the recorded batch (T5's decoder tokens, the task ids of multitask
+    prompt tuning, which a base model does not take)."""
+    inputs = {k: v for k, v in recorded.items() if k != "logits" and not (base and k == "task_ids")}
     with torch.no_grad():
-        return model(input_ids=input_ids).logits
+        return model(**inputs).logits
 
 
 def loaded(directory: Path, case: str) -> tuple[peftc.PeftcModel, list[str]]:
@@ -116,9 +126,10 @@ def test_an_old_release_adapter_gives_the_logits_that_release_recorded(release: 
     directory = fixture_dir(release, case)
     expected = recorded(release, case)
     model, messages = loaded(directory, case)
-    real_tokens = expected["logits"][:, -expected["input_ids"].shape[1] :]  # after any virtual tokens
-    assert max_diff(logits(base_model(case), expected["input_ids"]), real_tokens) > 1e-3, "not a no-op"
-    diff = max_diff(logits(model, expected["input_ids"]), expected["logits"])
+    plain = logits(base_model(case), expected, base=True)
+    real_tokens = expected["logits"][:, -plain.shape[1] :]  # after any virtual tokens
+    assert max_diff(plain, real_tokens) > 1e-3, "not a no-op"
+    diff = max_diff(logits(model, expected), expected["logits"])
     if (release, case) in OTHER_SERIES:
         assert TOLERANCE < diff <= 1.1 * OTHER_SERIES[release, case]
     else:
@@ -148,9 +159,9 @@ def test_an_old_lokr_adapter_saved_again_means_the_same_to_peft_0_22(tmp_path: P
     assert "rank_dropout_scale" in json.loads((tmp_path / "adapter_config.json").read_text())
     again, messages = loaded(tmp_path, "lokr_llama")
     assert messages == []
-    assert max_diff(logits(again, expected["input_ids"]), expected["logits"]) <= TOLERANCE
+    assert max_diff(logits(again, expected), expected["logits"]) <= TOLERANCE
     theirs = PeftModel.from_pretrained(base_model("lokr_llama"), tmp_path).eval()
-    assert max_diff(logits(theirs, expected["input_ids"]), expected["logits"]) <= TOLERANCE
+    assert max_diff(logits(theirs, expected), expected["logits"]) <= TOLERANCE
 
 
 def test_a_peft_0_6_pickle_adapter_is_refused_with_its_conversion_line(tmp_path: Path) -> None:
@@ -162,3 +173,29 @@ def test_a_peft_0_6_pickle_adapter_is_refused_with_its_conversion_line(tmp_path:
         peftc.load_adapter(base_model("lora_llama"), tmp_path)
     assert str(error.value).startswith(str(tmp_path / "adapter_model.bin"))
     assert "torch.load(" in str(error.value) and "weights_only=True" in str(error.value)
+
+
+def test_a_peft_0_2_enable_lora_adapter_saved_again_is_a_plain_lora_peft_0_22_runs(tmp_path: Path) -> None:
+    """peft 0.22 refuses the file (B is a grouped Conv1d weight); saved by peftc it is the plain
+    LoRA of rank 2r it equals, and peft 0.22 gives the release's outputs."""
+    from peft import PeftModel
+
+    expected = recorded("0.2.0", "lora_gpt2_enable_lora")
+    model, _ = loaded(fixture_dir("0.2.0", "lora_gpt2_enable_lora"), "lora_gpt2")
+    model.save_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], "enable_lora" in config) == (8, 16, False)
+    theirs = PeftModel.from_pretrained(base_model("lora_gpt2"), tmp_path).eval()
+    assert max_diff(logits(theirs, expected), expected["logits"]) <= TOLERANCE
+
+
+def test_an_enable_lora_peft_0_2_could_not_run_is_refused_in_one_line(tmp_path: Path) -> None:
+    """peft 0.2's MergedLinear built its Conv1d with groups=2: only two enabled parts ever ran."""
+    shutil.copytree(fixture_dir("0.2.0", "lora_gpt2_enable_lora"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "enable_lora": [True, True, True]}))
+    with pytest.raises(AdapterFileError) as error:
+        peftc.load_adapter(base_model("lora_gpt2"), tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'adapter_config.json'}: enable_lora=[True, True, True] enables 3 parts")
+    assert "\n" not in message
