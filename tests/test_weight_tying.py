@@ -250,3 +250,56 @@ def test_trainable_tokens_follow_the_embedding_with_or_without_the_flag(flag: bo
     assert plan.site("lm_head").shares_with == "model.embed_tokens"
     with pytest.raises(PlanError, match="trainable_token_indices.lm_head"):
         peftc.compile([*tied, "peft.trainable_token_indices={embed_tokens: [3], lm_head: [4]}"])
+
+
+# ------------------------------------------------------- the tie through what users do with a model
+def trained(case: str) -> Any:
+    """Our model for a tied case, its trainable tensors moved off their init (seeded)."""
+    model, fields = CASES[case]
+    plan = peftc.compile([*overrides(model, fields), "model.config.num_hidden_layers=1"])
+    ours = peftc.materialize(plan, base_model=build_base(plan))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return ours.eval()
+
+
+def test_a_second_tied_adapter_loads_tied_into_a_model_that_has_one(tmp_path: Path) -> None:
+    """Planned on the adapted model, whose wrappers hide the tie unless the graph sees through them
+    (a trained copy plans the same way)."""
+    name = "lora-on-embed_tokens"
+    ours = trained(name)
+    expected = logits(ours)
+    ours.save_adapter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        both = peftc.load_adapter(trained(name), tmp_path, adapter_name="second")
+    assert [s.shares_with for s in both.plan_of("second").sites] == [s.shares_with for s in ours.plans["default"].sites]
+    both.set_adapter("second")
+    with torch.no_grad():
+        assert torch.equal(logits(both), expected)
+
+
+def test_a_weighted_tied_lora_is_the_embedding_s_combination_and_the_head_follows_it() -> None:
+    """peft's linear rule on the embedding (the sign on A); the head's factors are those,
+    transposed, so a merge still adds the combined update once to the one weight."""
+    ours = trained("lora-on-embed_tokens")
+    ours.add_adapter("second", ours.plans["default"])
+    with torch.no_grad():
+        for param in ours.base_model.get_input_embeddings().lora_embedding_A.values():
+            param.add_(0.1)
+    embedding, scaling = ours.base_model.get_input_embeddings(), 2.0
+    factors = [
+        (embedding.lora_embedding_A[n].clone(), embedding.lora_embedding_B[n].clone()) for n in ("default", "second")
+    ]
+    ours.add_weighted_adapter(["default", "second"], [0.7, -0.3], "mix", combination_type="linear")
+    roots = [(0.7 * scaling) ** 0.5, (0.3 * scaling) ** 0.5]
+    assert torch.allclose(embedding.lora_embedding_A["mix"], roots[0] * factors[0][0] - roots[1] * factors[1][0])
+    assert torch.allclose(embedding.lora_embedding_B["mix"], roots[0] * factors[0][1] + roots[1] * factors[1][1])
+    ours.set_adapter("mix")
+    with torch.no_grad():
+        unmerged = logits(ours)
+        merged = ours.merge_and_unload()
+        assert (logits(merged) - unmerged).abs().max() < TOLERANCE

@@ -230,6 +230,20 @@ def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
+def _parameters_through_wrappers(root: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Like named_parameters(remove_duplicate=False), named as in the base model before any
+    adapter: a tie between two wrapped modules (a tied head and embedding both adapted) is then
+    seen under the names the unwrapped model gives it, as a plan made on the bare model saw it."""
+    stack = [("", root)]
+    while stack:
+        path, module = stack.pop()
+        module = _unwrap(module)
+        for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            yield (f"{path}.{name}" if path else name), param
+        children = [(f"{path}.{name}" if path else name, child) for name, child in module.named_children()]
+        stack.extend(reversed(children))
+
+
 def _path_of(model: nn.Module, getter: str) -> str | None:
     fn = getattr(model, getter, None)
     if fn is None:
@@ -250,7 +264,7 @@ def _path_of(model: nn.Module, getter: str) -> str | None:
 def _tied(model: nn.Module) -> tuple[tuple[str, str], ...]:
     seen: dict[int, str] = {}
     tied = []
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in _parameters_through_wrappers(model):
         if id(param) in seen:
             tied.append((name, seen[id(param)]))
         else:

@@ -378,6 +378,8 @@ class LoraLayer(AdapterLayer):
     ) -> None:
         from peftc.methods.lora.combine import combine
 
+        if name in self._tied_owners:  # the embedding's combined factors are this head's, transposed
+            return
         combine(self, name, sources, weights, combination_type, **options)
 
     # --------------------------------------------------------------------------- merging
