@@ -32,7 +32,18 @@ from peftc.tasks.common import IGNORE_INDEX
 from peftc.training.lightning import PeftcLightningModule, quiet_lightning
 from tests.helpers import build_base, run_cli, token_batch
 
-VARIANTS = {"dora": ("peft=lora", "peft.use_dora=true")}
+# ensure_weight_tying on a tied embedding and head (tie_word_embeddings): the head's LoRA factors
+# are the embedding's, transposed (TiedFactor: tensors it reads, not owns). The tied trained copy
+# (modules_to_save) is one shared nn.Parameter, checked in tests/test_weight_tying.py.
+VARIANTS = {
+    "dora": ("peft=lora", "peft.use_dora=true"),
+    "lora tied": (
+        "peft=lora",
+        "++model.config.tie_word_embeddings=true",
+        "peft.ensure_weight_tying=true",
+        "peft.target_modules=[embed_tokens,q_proj]",
+    ),
+}
 BASE = ("model=tiny_llama", "model.config.num_hidden_layers=1")  # one block: half the cost, same code paths
 # Tasks whose loss peftc computes another way than causal LM's (on one method: the loss is the task's)
 TASK_CASES = {

@@ -266,6 +266,42 @@ def trained(case: str) -> Any:
     return ours.eval()
 
 
+TIED_FORMS = ["copy-of-embed_tokens", "lora-on-embed_tokens"]
+
+
+@pytest.mark.parametrize("name", TIED_FORMS)
+def test_a_deep_copy_s_head_follows_the_copy_s_embedding(name: str) -> None:
+    """Training the copy moves its head with its own embedding, and leaves the original alone."""
+    import copy
+
+    original = trained(name)
+    expected = logits(original)
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        head_before = clone.base_model.get_output_embeddings()(torch.ones(1, 64))
+        for param in clone.base_model.get_input_embeddings().parameters():
+            if param.requires_grad:
+                param.mul_(-1.5)
+        head_after = clone.base_model.get_output_embeddings()(torch.ones(1, 64))
+        assert not torch.allclose(head_after, head_before), "the copy's head follows the original's embedding"
+        assert torch.equal(logits(original), expected), "the original moved with its copy"
+
+
+@pytest.mark.parametrize("name", TIED_FORMS)
+def test_a_merged_model_saved_by_transformers_reloads_tied_with_the_adapter_s_outputs(name: str, tmp_path) -> None:
+    """One weight saved once: transformers ties the head back to it (tie_word_embeddings stays)."""
+    from transformers import AutoModelForCausalLM
+
+    ours = trained(name)
+    with torch.no_grad():
+        expected = logits(ours)
+        ours.merge_and_unload().save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert reloaded.config.tie_word_embeddings
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+        assert (logits(reloaded) - expected).abs().max() < TOLERANCE
+
+
 def test_a_second_tied_adapter_loads_tied_into_a_model_that_has_one(tmp_path: Path) -> None:
     """Planned on the adapted model, whose wrappers hide the tie unless the graph sees through them
     (a trained copy plans the same way)."""
