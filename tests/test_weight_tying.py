@@ -31,22 +31,28 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "lora-on-embed_tokens-and-lm_head": ("llama", {"target_modules": ["embed_tokens", "lm_head"]}),
     "gpt2-copy-of-lm_head": ("gpt2", {"modules_to_save": ["lm_head"], "target_modules": ["c_attn"]}),
     "gpt2-lora-on-lm_head": ("gpt2", {"target_modules": ["lm_head", "c_attn"]}),
+    # a regex naming lm_head: peft widens it to the embedding's path, whose LoRA the head follows
+    "lora-on-a-regex-naming-lm_head": ("llama", {"target_modules": r"lm_head|.*\.q_proj"}),
 }
 TOLERANCE = 1e-5
+DROPOUT = 0.1  # every case trains with it: in training the head drops its input out as peft's does
 # peft 0.22 rewrites GPT-2's target_modules to `transformer.wte`, then on loading ties only what
 # is named embed_tokens or lm_head: the head's saved factors are dropped, its outputs change.
 PEFT_LOSES_THE_TIE = {"gpt2-lora-on-lm_head"}
 
 
 def overrides(model: str, fields: dict[str, Any]) -> list[str]:
-    listed = [f"peft.{key}=[{','.join(value)}]" for key, value in fields.items()]
-    return [*MODELS[model], "peft.r=4", "peft.ensure_weight_tying=true", *listed]
+    listed = [
+        f"peft.{key}='{value}'" if isinstance(value, str) else f"peft.{key}=[{','.join(value)}]"
+        for key, value in fields.items()
+    ]
+    return [*MODELS[model], "peft.r=4", f"peft.lora_dropout={DROPOUT}", "peft.ensure_weight_tying=true", *listed]
 
 
 def peft_model(plan: Any, fields: dict[str, Any], **extra: Any) -> Any:
     import peft
 
-    config = peft.LoraConfig(r=4, lora_alpha=8, ensure_weight_tying=True, **fields, **extra)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=DROPOUT, ensure_weight_tying=True, **fields, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.get_peft_model(build_base(plan), config)
@@ -92,6 +98,21 @@ def test_the_plan_writes_the_config_fields_peft_writes(case: dict[str, Any]) -> 
 def test_an_adapter_peft_wrote_loads_with_peft_s_outputs(case: dict[str, Any]) -> None:
     with torch.no_grad():
         assert (logits(case["ours"]) - logits(case["theirs"])).abs().max() < TOLERANCE
+
+
+def test_in_training_ours_drops_out_what_peft_s_drops_out(case: dict[str, Any]) -> None:
+    """Under one seed the training outputs are peft's: the tied head's LoRA drops out its input
+    with the embedding's lora_dropout (the head is a LoRA layer of its own in peft)."""
+    ours, theirs = load_ours(case).train(), case["theirs"]
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            trained = logits(ours)
+            torch.manual_seed(0)
+            assert (trained - logits(theirs.train())).abs().max() < TOLERANCE
+            assert (trained - logits(ours.eval())).abs().max() > TOLERANCE, "dropout changed nothing"
+    finally:
+        theirs.eval()
 
 
 def peft_loaded(case: dict[str, Any], directory: Path) -> Any:
@@ -163,6 +184,22 @@ def test_a_merge_adds_the_update_once_to_the_shared_weight(case: dict[str, Any])
         assert (logits(merged) - logits(case["theirs"])).abs().max() < TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_unmerge_gives_back_the_shared_weight(case: dict[str, Any], dtype: torch.dtype) -> None:
+    """Merged then unmerged, the one weight is the base's again (bf16: exactly, from the copy kept
+    before the embedding's merge) and the outputs are the unmerged ones."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = peftc.load_adapter(build_base(case["plan"]).to(dtype), case["dir"])
+    weight = ours.base_model.get_input_embeddings().weight
+    before, pristine = logits(ours), weight.detach().clone()
+    with torch.no_grad():
+        ours.merge_adapter()
+        ours.unmerge_adapter()
+        torch.testing.assert_close(weight, pristine, rtol=0.0, atol=0.0 if dtype == torch.bfloat16 else TOLERANCE)
+        assert (logits(ours) - before).abs().max() < TOLERANCE
+
+
 def test_a_continued_run_plans_the_tie_and_starts_from_the_saved_tensors(case, tmp_path: Path) -> None:
     """`adapter=DIR` goes through the same reading of the file: the head follows again, and the
     tensors training starts from are the file's, checked strictly."""
@@ -221,10 +258,18 @@ def test_an_adalora_file_with_the_flag_is_refused_by_name(tmp_path: Path) -> Non
         peftc.load_adapter(build_base(plan), tmp_path)
 
 
-def test_on_an_untied_model_the_flag_ties_nothing_and_says_so_as_peft_warns() -> None:
-    plan = peftc.compile(["model=tiny_llama", "peft.ensure_weight_tying=true", "peft.target_modules=[embed_tokens]"])
+@pytest.mark.parametrize(
+    ("model", "targets", "said"),
+    [
+        (("model=tiny_llama",), "embed_tokens", "peft.ensure_weight_tying=true ties nothing: LlamaForCausalLM has no"),
+        (TIED_LLAMA, "q_proj", "peft.ensure_weight_tying=true ties no adapter: neither modules_to_save nor"),
+    ],
+    ids=["untied-model", "no-tied-module-named"],
+)
+def test_a_flag_that_ties_nothing_says_so_as_peft_warns(model: tuple[str, ...], targets: str, said: str) -> None:
+    plan = peftc.compile([*model, "peft.ensure_weight_tying=true", f"peft.target_modules=[{targets}]"])
     assert not any(s.shares_with for s in plan.sites)
-    assert any("ensure_weight_tying=true ties nothing" in w for w in plan.warnings)
+    assert [w[: len(said)] for w in plan.warnings] == [said]
 
 
 def test_the_plan_names_who_follows_whom_and_stops_warning_of_the_untied_head() -> None:
@@ -250,6 +295,13 @@ def test_trainable_tokens_follow_the_embedding_with_or_without_the_flag(flag: bo
     assert plan.site("lm_head").shares_with == "model.embed_tokens"
     with pytest.raises(PlanError, match="trainable_token_indices.lm_head"):
         peftc.compile([*tied, "peft.trainable_token_indices={embed_tokens: [3], lm_head: [4]}"])
+
+
+def test_embeddings_sharing_the_input_embedding_s_weight_are_not_heads_that_follow_it() -> None:
+    """T5's encoder and decoder embed_tokens are `shared` itself, not output heads: trainable
+    tokens on `shared` stay refused (peft does not tie their rows), only a Linear head follows."""
+    with pytest.raises(PlanError, match="decoder.embed_tokens, encoder.embed_tokens, which peft does not tie"):
+        peftc.compile(["model=tiny_t5", "task=seq2seq_lm", "peft.trainable_token_indices=[3,5]"])
 
 
 # ------------------------------------------------------- the tie through what users do with a model
