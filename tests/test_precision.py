@@ -255,6 +255,9 @@ HEAD_CASES = {
     "seq_cls deberta-v2": HeadCase("seq_cls", DEBERTA, "deberta_single", own_in_bf16=False),  # DeBERTa upcasts
     "seq_cls deberta-v2 regression": HeadCase("seq_cls", DEBERTA, "deberta_regression", own_in_bf16=False),
     "seq_cls deberta-v2 soft labels": HeadCase("seq_cls", DEBERTA, "deberta_soft"),
+    # DeBERTa drops the rows of any negative label, not only -100 (its loss is 0 when none is left)
+    "seq_cls deberta-v2 label -1": HeadCase("seq_cls", DEBERTA, "deberta_negative", own_in_bf16=False),
+    "seq_cls deberta-v2 unlabelled": HeadCase("seq_cls", DEBERTA, "deberta_unlabelled", own_in_bf16=False),  # 0
     "token_cls bert": HeadCase("token_cls", BERT),
     "token_cls llama": HeadCase("token_cls", BASE, own_in_bf16=False),  # ForTokenClassification upcasts
     "question_ans bert": HeadCase("question_ans", BERT),
@@ -301,6 +304,10 @@ def head_batch(case: str) -> dict[str, torch.Tensor]:
         batch["labels"] = (torch.rand(4, 3, generator=generator) > 0.5).float()
     elif spec.problem == "deberta_soft":
         batch["labels"] = torch.rand(4, 3, generator=generator).softmax(-1)
+    elif spec.problem == "deberta_negative":
+        batch["labels"][0] = -1
+    elif spec.problem == "deberta_unlabelled":
+        batch["labels"] = torch.full_like(batch["labels"], -1)
     return batch
 
 
@@ -321,7 +328,9 @@ def float32_loss_of(case: str, out: Any, batch: dict[str, torch.Tensor]) -> torc
         return F.binary_cross_entropy_with_logits(logits, labels)
     if problem == "deberta_soft":
         return -(logits.log_softmax(-1) * labels).sum(-1).mean()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    labels, logits = labels.reshape(-1), logits.reshape(-1, logits.shape[-1])
+    labelled = labels >= 0  # IGNORE_INDEX, or any negative label for DeBERTa
+    return F.cross_entropy(logits[labelled], labels[labelled]) if labelled.any() else logits.sum() * 0
 
 
 def task_loss(model: nn.Module, plan: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -356,7 +365,7 @@ def test_task_loss_in_bf16_true_is_the_float32_loss_of_the_bf16_logits(case: str
     own = model(**batch).loss.float()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=FLOAT32_ROUNDING, atol=0.0)
-    gap = float((own - expected).detach().abs() / expected.detach().abs())
+    gap = float((own - expected).detach().abs() / expected.detach().abs().clamp_min(1e-12))
     if HEAD_CASES[case].own_in_bf16:
         assert gap > BF16_LOSS_GAP, f"transformers' bf16 loss is {gap:.1e} off: this case tells nothing apart"
     else:
