@@ -60,6 +60,7 @@ REFUSED = {
 # peft 0.15-0.17's Cayley-Neumann series differs from peft 0.22's in its last term: peftc gives
 # peft 0.22's outputs (peft's own choice), which differ from the release's by about this much
 OTHER_SERIES = {("0.17.1", "oft_llama"): 3.6e-3}
+LOKR_DECOMPOSED = ("model=tiny_llama", "peft=lokr", "peft.decompose_both=true", "peft.target_modules=[gate_proj]")
 
 
 def fixture_dir(release: str, case: str) -> Path:
@@ -162,6 +163,65 @@ def test_an_old_lokr_adapter_saved_again_means_the_same_to_peft_0_22(tmp_path: P
     assert max_diff(logits(again, expected), expected["logits"]) <= TOLERANCE
     theirs = PeftModel.from_pretrained(base_model("lokr_llama"), tmp_path).eval()
     assert max_diff(logits(theirs, expected), expected["logits"]) <= TOLERANCE
+
+
+def test_an_old_lokr_adapter_with_a_decomposed_w1_keeps_its_unscaled_update(tmp_path: Path) -> None:
+    """peft < 0.14's update W1 ⊗ W2 had no alpha / r, W1 = W1a W1b included (decompose_both on
+    larger layers than the fixtures'): such a file gives the outputs its tensors give today at
+    alpha = r."""
+    from tests.helpers import build_base, token_batch
+
+    plan = peftc.compile([*LOKR_DECOMPOSED, "peft.r=2", "peft.alpha=8"])
+    assert "lokr_w1_a" in plan.sites[0].tensors
+    model = peftc.materialize(plan, base_model=build_base(plan))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    model.save_adapter(tmp_path / "today")
+    config = json.loads((tmp_path / "today" / "adapter_config.json").read_text())
+    outputs = {}
+    for name, edited in {
+        "today": config,
+        "old": {k: v for k, v in config.items() if k != "rank_dropout_scale"},
+        "unscaled": {**config, "alpha": config["r"]},
+    }.items():
+        if name != "today":
+            shutil.copytree(tmp_path / "today", tmp_path / name)
+            (tmp_path / name / "adapter_config.json").write_text(json.dumps(edited))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outputs[name] = logits(peftc.load_adapter(build_base(plan), tmp_path / name), token_batch())
+    assert max_diff(outputs["old"], outputs["unscaled"]) <= TOLERANCE
+    assert max_diff(outputs["old"], outputs["today"]) > 1e-3, "alpha / r changes nothing: the case is vacuous"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"peft_version": "0.18.0"}, {"use_cayley_neumann": False}, {"num_cayley_neumann_terms": 2}],
+    ids=["written-by-peft-0.18", "no-cayley-neumann", "two-terms"],
+)
+def test_an_oft_adapter_whose_series_peft_0_18_left_alone_loads_without_the_warning(edit, tmp_path: Path) -> None:
+    """The old-series warning is for peft < 0.18 files that sum more than two Neumann terms: the
+    first two (I + 2Q) and the exact Cayley transform are the same in every release."""
+    shutil.copytree(fixture_dir("0.17.1", "oft_llama"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    assert loaded(tmp_path, "oft_llama")[1] == []
+
+
+def test_an_oft_config_without_the_cayley_neumann_fields_reads_peft_s_defaults(tmp_path: Path) -> None:
+    """A hand-trimmed or early-0.14 config: absent, use_cayley_neumann is true (5 terms) as peft
+    reads it, so the adapter runs as the fixture that writes those values does."""
+    shutil.copytree(fixture_dir("0.17.1", "oft_llama"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["use_cayley_neumann"], config["num_cayley_neumann_terms"]) == (True, 5)
+    del config["use_cayley_neumann"], config["num_cayley_neumann_terms"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    input_ids = recorded("0.17.1", "oft_llama")["input_ids"]
+    written, _ = loaded(fixture_dir("0.17.1", "oft_llama"), "oft_llama")
+    assert max_diff(logits(loaded(tmp_path, "oft_llama")[0], input_ids), logits(written, input_ids)) == 0
 
 
 def test_a_peft_0_6_pickle_adapter_is_refused_with_its_conversion_line(tmp_path: Path) -> None:
