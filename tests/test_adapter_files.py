@@ -112,6 +112,8 @@ def test_unknown_fields_warn_once_and_are_ignored_like_peft(trained, tmp_path: P
         ("99.0.0", "written by peft 99.0.0; peftc reads"),
         ("0.18.0", "written by peft 0.18.0, whose fields peft has since dropped;"),
         (None, "probably written by a peft before 0.18, which had fields peft has since dropped;"),
+        ("99.0.0.dev0@1a2b3c4", "written by peft 99.0.0.dev0@1a2b3c4; peftc reads"),  # a source install
+        ("a-fork", "written by peft 'a-fork'; peftc reads"),
     ],
 )
 def test_the_unknown_fields_warning_says_whether_a_newer_or_an_older_peft_wrote_them(
@@ -125,6 +127,16 @@ def test_the_unknown_fields_warning_says_whether_a_newer_or_an_older_peft_wrote_
     with pytest.warns(UserWarning, match="unexpected fields") as caught:
         assert "retired_field" not in screen(config, "adapter_config.json", None)
     assert said in str(caught[0].message)
+
+
+def test_a_true_false_field_written_null_reads_as_false_as_peft_reads_it(trained, tmp_path: Path) -> None:
+    plan, base, good = trained
+    directory = copy_adapter(good, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    flags = ("use_rslora", "use_dora", "lora_bias", "ensure_weight_tying")
+    (directory / "adapter_config.json").write_text(json.dumps({**config, **dict.fromkeys(flags)}))
+    spec = peftc.load_adapter(copy.deepcopy(base), directory).plan_of("default").spec.peft
+    assert [getattr(spec, flag) for flag in flags] == [False] * len(flags)
 
 
 def test_only_known_fields_reach_the_method(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -517,6 +517,8 @@ CASES = [
     Bad("adapter-flag-a-string", "adapter_file", load_into_model(), AdapterFileError,
         "adapter_config.json: use_rslora='false' is not true or false",
         adapter_variant(edit_config(use_rslora="false"))),
+    Bad("adapter-flag-a-number", "adapter_file", load_into_model(), AdapterFileError,
+        "adapter_config.json: use_dora=2 is not true or false", adapter_variant(edit_config(use_dora=2))),
     Bad("adapter-claims-dora", "adapter_file", load_into_model(), AdapterFileError, "are missing",
         adapter_variant(edit_config(use_dora=True))),
     Bad("adapter-unsupported-feature", "adapter_file", load_into_model(), AdapterFileError,

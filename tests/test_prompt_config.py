@@ -72,18 +72,11 @@ def test_dry_run_plan_counts_equal_materialized_counts() -> None:
             ConfigError,
             "trainer.gradient_checkpointing=True: prefix_tuning hands the model its prefix as a key/value cache",
         ),
-        (
+        (  # the suggestions: test_too_many_positions_are_refused_suggesting_only_numbers_that_fit
             ["peft=prompt_tuning", "model=tiny_gpt2", "data.max_length=510"],
             PlanError,
             "peft.num_virtual_tokens=8: 8 virtual tokens + data.max_length=510 need 518 positions, but "
-            "GPT2LMHeadModel has 512 (max_position_embeddings); use at most 2 virtual tokens or lower "
-            "data.max_length to at most 504",
-        ),
-        (  # no room for any virtual token at this length: the one way out is a shorter length
-            ["peft=prompt_tuning", "model=tiny_gpt2", "data.max_length=512"],
-            PlanError,
-            "need 520 positions, but GPT2LMHeadModel has 512 (max_position_embeddings); lower data.max_length to "
-            "at most 504",
+            "GPT2LMHeadModel has 512 (max_position_embeddings); ",
         ),
         (
             [
@@ -131,6 +124,27 @@ def test_refused_combinations_name_the_reason(overrides: list[str], error: type,
     with pytest.raises(error) as caught:
         peftc.compile(overrides)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("virtual_tokens", "max_length", "hint"),
+    [
+        (8, 510, "use at most 2 virtual tokens or lower data.max_length to at most 504"),
+        (8, 512, "lower data.max_length to at most 504"),
+        (512, 8, "use at most 504 virtual tokens"),
+        (512, 512, "use fewer than 512 virtual tokens and lower data.max_length to fit 512 positions"),
+    ],
+    ids=["either", "length-alone", "tokens-alone", "both"],
+)
+def test_too_many_positions_are_refused_suggesting_only_numbers_that_fit(
+    virtual_tokens: int, max_length: int, hint: str
+) -> None:
+    """Each suggestion alone fits GPT-2's 512 positions with at least one virtual token and one
+    position of text; where neither number alone can, both must change."""
+    overrides = [f"peft.num_virtual_tokens={virtual_tokens}", f"data.max_length={max_length}"]
+    with pytest.raises(PlanError) as caught:
+        peftc.compile(["peft=prompt_tuning", "model=tiny_gpt2", *overrides])
+    assert str(caught.value).endswith(f"(max_position_embeddings); {hint}")
 
 
 def test_a_model_takes_a_cache_by_the_argument_name_peft_checks() -> None:
