@@ -272,9 +272,22 @@ def test_a_flag_that_ties_nothing_says_so_as_peft_warns(model: tuple[str, ...], 
     assert [w[: len(said)] for w in plan.warnings] == [said]
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*TIED_LLAMA, "peft=loha", "peft.modules_to_save=[embed_tokens]"],  # LoHa has no such setting
+        ["model=tiny_t5", "task=seq2seq_lm", "peft.ensure_weight_tying=true", "peft.target_modules=[shared,q]"],
+    ],
+    ids=["a-method-without-the-flag", "sharers-the-flag-never-ties"],
+)
+def test_the_tied_weight_warning_suggests_the_flag_only_where_it_would_tie(overrides: list[str]) -> None:
+    warned = [w for w in peftc.compile(overrides).warnings if "(tied weights)" in w]
+    assert warned and not any("ensure_weight_tying" in w for w in warned)
+
+
 def test_the_plan_names_who_follows_whom_and_stops_warning_of_the_untied_head() -> None:
     untied = peftc.compile([*TIED_LLAMA, "peft.modules_to_save=[embed_tokens]"])
-    assert any("ensure_weight_tying=true ties them" in w for w in untied.warnings)
+    assert any(w.endswith("; peft.ensure_weight_tying=true ties lm_head to it") for w in untied.warnings)
     model, fields = CASES["copy-of-lm_head"]
     tied = peftc.compile(overrides(model, fields))
     assert tied.warnings == ()

@@ -131,6 +131,12 @@ class Method:
         module holding that module's trained weight. Default: none."""
         return {}
 
+    def tying_hint(self, spec: Any, graph: ModelGraph, sharers: Sequence[str]) -> str:
+        """How this method's settings would make `sharers` (modules sharing an adapted module's
+        weight) follow the adapter, as '; <what to set>' for the planner's tied-weight warning,
+        or '' where it has no way. Default: ''."""
+        return ""
+
     def gathered_tensors(
         self, plan: Plan, file_names: Collection[str], config: Mapping[str, Any]
     ) -> dict[str, GatheredTensor]:

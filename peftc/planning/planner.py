@@ -15,6 +15,8 @@ from peftc.planning.quantization import annotate_sites, plan_quantization
 from peftc.planning.targets import resolve_targets
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from peftc.config.spec import RunSpec
     from peftc.methods.base import Method
     from peftc.tasks.base import Task
@@ -110,7 +112,8 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
             sites=sites,
         ),
         spec=run,
-        warnings=method.plan_warnings(run.peft, sites, graph) + _tied_weight_warnings(graph, sites, saved),
+        warnings=method.plan_warnings(run.peft, sites, graph)
+        + _tied_weight_warnings(graph, sites, saved, lambda others: method.tying_hint(run.peft, graph, others)),
         quantization=quantization,
         shared=shared,
     )
@@ -125,11 +128,14 @@ def _completed(draft: Plan, method: Method) -> Plan:
     return replace(draft, adapter_config=config, budget=memory.budget_verdict(draft))
 
 
-def _tied_weight_warnings(graph: ModelGraph, sites: tuple[Site, ...], saved: list[SavedModule]) -> tuple[str, ...]:
+def _tied_weight_warnings(
+    graph: ModelGraph, sites: tuple[Site, ...], saved: list[SavedModule], hint: Callable[[list[str]], str]
+) -> tuple[str, ...]:
     """peft's warning for an adapted module whose weight another module shares (an input embedding
     and its output head, tie_word_embeddings): the other module does not follow the adapter, so a
     merge changes both (merged outputs differ from the adapter's), and a trained copy is not seen
-    by the other. A head whose site shares the embedding's rows (trainable tokens) follows them."""
+    by the other. A head whose site shares the embedding's rows (trainable tokens) follows them.
+    `hint(others)`: the method's way to tie them, if it has one (Method.tying_hint)."""
     following = {s.module_path for s in sites if s.shares_with}
     notes = []
     for path in dict.fromkeys(s.module_path for s in sites if not s.shares_with):
@@ -137,7 +143,7 @@ def _tied_weight_warnings(graph: ModelGraph, sites: tuple[Site, ...], saved: lis
             notes.append(
                 f"peft.target_modules adapts {path}, whose weight {', '.join(others)} shares (tied weights): "
                 f"the adapter does not reach {others[0]}, and merging it changes {others[0]} too, so a merged model "
-                "gives other outputs than the adapter (as in peft); peft.ensure_weight_tying=true ties them"
+                f"gives other outputs than the adapter (as in peft){hint(others)}"
             )
     following = {m.path for m in saved if m.follows}
     for module in saved:
@@ -146,8 +152,7 @@ def _tied_weight_warnings(graph: ModelGraph, sites: tuple[Site, ...], saved: lis
         if others := sorted(graph.weight_shared_with(module.path) - following):
             notes.append(
                 f"peft.modules_to_save trains a copy of {module.path}, whose weight {', '.join(others)} shares "
-                f"(tied weights): {others[0]} keeps the base weight, not the trained copy (as in peft); "
-                "peft.ensure_weight_tying=true ties them"
+                f"(tied weights): {others[0]} keeps the base weight, not the trained copy (as in peft){hint(others)}"
             )
     return tuple(notes)
 

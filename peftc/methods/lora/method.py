@@ -152,6 +152,9 @@ class Lora(InjectableMethod):
     def tied_modules(self, spec: LoraSpec, graph: ModelGraph) -> dict[str, str]:
         return tying.tied_modules(spec, graph)
 
+    def tying_hint(self, spec: LoraSpec, graph: ModelGraph, sharers: Sequence[str]) -> str:
+        return tying.hint(spec, graph, sharers)
+
     def select_targets(self, spec: LoraSpec, modules: Sequence[ModuleInfo], graph: ModelGraph) -> list[ModuleInfo]:
         return tying.without_tied_heads(spec, modules, graph)
 

@@ -149,6 +149,15 @@ def _check_embedding_site(spec: LoraSpec, embedding: Site) -> None:
         )  # fmt: skip
 
 
+def hint(spec: LoraSpec, graph: ModelGraph, sharers: Sequence[str]) -> str:
+    """The flag, for a tied-weight warning whose sharers include an output head it would tie
+    (not T5's encoder/decoder embeddings, which it never ties; not when it is already on)."""
+    heads = {head.path for head in heads_tied_to_input(graph)}
+    if spec.ensure_weight_tying or not heads & set(sharers):
+        return ""
+    return f"; {KEY}=true ties {', '.join(sorted(heads & set(sharers)))} to it"
+
+
 def warnings_for(spec: LoraSpec, graph: ModelGraph) -> tuple[str, ...]:
     """peft's warnings when the flag ties nothing."""
     if not spec.ensure_weight_tying:
