@@ -192,7 +192,7 @@ def test_an_old_lokr_adapter_with_a_decomposed_w1_keeps_its_unscaled_update(tmp_
             (tmp_path / name / "adapter_config.json").write_text(json.dumps(edited))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outputs[name] = logits(peftc.load_adapter(build_base(plan), tmp_path / name), token_batch())
+            outputs[name] = logits(peftc.load_adapter(build_base(plan), tmp_path / name), {"input_ids": token_batch()})
     assert max_diff(outputs["old"], outputs["unscaled"]) <= TOLERANCE
     assert max_diff(outputs["old"], outputs["today"]) > 1e-3, "alpha / r changes nothing: the case is vacuous"
 
@@ -219,9 +219,9 @@ def test_an_oft_config_without_the_cayley_neumann_fields_reads_peft_s_defaults(t
     assert (config["use_cayley_neumann"], config["num_cayley_neumann_terms"]) == (True, 5)
     del config["use_cayley_neumann"], config["num_cayley_neumann_terms"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    input_ids = recorded("0.17.1", "oft_llama")["input_ids"]
+    batch = recorded("0.17.1", "oft_llama")
     written, _ = loaded(fixture_dir("0.17.1", "oft_llama"), "oft_llama")
-    assert max_diff(logits(loaded(tmp_path, "oft_llama")[0], input_ids), logits(written, input_ids)) == 0
+    assert max_diff(logits(loaded(tmp_path, "oft_llama")[0], batch), logits(written, batch)) == 0
 
 
 def test_a_peft_0_6_pickle_adapter_is_refused_with_its_conversion_line(tmp_path: Path) -> None:
