@@ -280,6 +280,23 @@ def test_a_run_directory_given_as_the_adapter_points_at_its_adapter(trained, tmp
         peftc.load_adapter(copy.deepcopy(base), interrupted)
 
 
+def test_a_directory_of_named_adapters_as_peft_saves_them_points_at_them(trained, tmp_path: Path) -> None:
+    """peft's save_pretrained writes an adapter not named `default` into a subdirectory of its name."""
+    from peft import PeftModel
+
+    plan, base, good = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(copy.deepcopy(base), good, adapter_name="second").save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists() and (tmp_path / "second" / "adapter_config.json").exists()
+    with pytest.raises(peftc.AdapterFileError) as error:
+        peftc.load_adapter(copy.deepcopy(base), tmp_path)
+    assert str(error.value).endswith(
+        f"it holds adapters in subdirectories (second, as peft saves named adapters); give one: {tmp_path / 'second'}"
+    )
+    assert peftc.load_adapter(copy.deepcopy(base), tmp_path / "second").adapter_names == ["default"]
+
+
 # ------------------------------------------------------------------------------ atomic writes
 def test_a_save_killed_between_renames_is_recovered_on_load_and_on_next_save(trained, tmp_path: Path) -> None:
     """Without RENAME_EXCHANGE the old dir is moved aside first; a kill right then leaves no

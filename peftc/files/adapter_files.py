@@ -139,6 +139,11 @@ def _what_directory_this_is(directory: Path) -> str:
         return f"this is a run directory; its adapter is {directory / ADAPTER_DIR}"
     if (directory / CHECKPOINT_DIR).is_dir():
         return "this run directory has checkpoints but no adapter yet; continue it with resume=" + str(directory)
+    # peft's save_pretrained writes every adapter but `default` into a subdirectory of its name
+    named = sorted(child.name for child in directory.iterdir() if (child / CONFIG_NAME).is_file())
+    if named:
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        return f"it holds adapters in subdirectories ({shown}, as peft saves named adapters); give one: {directory / named[0]}"
     return "an adapter directory holds adapter_config.json and adapter_model.safetensors"
 
 
