@@ -81,7 +81,7 @@ def for_model(spec: LoraSpec, graph: ModelGraph) -> LoraSpec:
     if embedding not in entries:
         entries.append(embedding)
     for head in heads_tied_to_input(graph):
-        match = next((e for e in entries if re.match(rf"(^|.*\.){e}($|\..*)", head.path)), None)
+        match = next((e for e in entries if re.match(rf"(^|.*\.){re.escape(e)}($|\..*)", head.path)), None)
         if match is not None:
             entries.remove(match)
     return replace(spec, **{field: entries})
