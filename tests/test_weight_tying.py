@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftc
-from peftc.errors import AdapterFileError, PlanError
+from peftc.errors import AdapterFileError, MergeError, PlanError
 from tests.helpers import build_base, token_batch
 
 TIED_LLAMA = ("model=tiny_llama", "++model.config.tie_word_embeddings=true")
@@ -33,17 +33,26 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2-lora-on-lm_head": ("gpt2", {"target_modules": ["lm_head", "c_attn"]}),
     # a regex naming lm_head: peft widens it to the embedding's path, whose LoRA the head follows
     "lora-on-a-regex-naming-lm_head": ("llama", {"target_modules": r"lm_head|.*\.q_proj"}),
+    # peft 0.22 gives the head a DoRA magnitude of its own (vocab,), beside the embedding's (dim,)
+    "lora-with-dora-on-embed_tokens": ("llama", {"target_modules": ["embed_tokens", "q_proj"], "use_dora": True}),
 }
 TOLERANCE = 1e-5
 DROPOUT = 0.1  # every case trains with it: in training the head drops its input out as peft's does
 # peft 0.22 rewrites GPT-2's target_modules to `transformer.wte`, then on loading ties only what
 # is named embed_tokens or lm_head: the head's saved factors are dropped, its outputs change.
 PEFT_LOSES_THE_TIE = {"gpt2-lora-on-lm_head"}
+# The head's and the embedding's DoRA rescale one W + dW two ways (by vocabulary row and by
+# embedding dimension): no one tied weight gives both, so merging is refused.
+MERGE_REFUSED = {"lora-with-dora-on-embed_tokens"}
 
 
 def overrides(model: str, fields: dict[str, Any]) -> list[str]:
     listed = [
-        f"peft.{key}='{value}'" if isinstance(value, str) else f"peft.{key}=[{','.join(value)}]"
+        f"peft.{key}={str(value).lower()}"
+        if isinstance(value, bool)
+        else f"peft.{key}='{value}'"
+        if isinstance(value, str)
+        else f"peft.{key}=[{','.join(value)}]"
         for key, value in fields.items()
     ]
     return [*MODELS[model], "peft.r=4", f"peft.lora_dropout={DROPOUT}", "peft.ensure_weight_tying=true", *listed]
@@ -140,7 +149,12 @@ def test_ours_saves_peft_s_tensor_names_and_peft_loads_it_as_its_own(case, tmp_p
 def _grads(model: Any, prefix: str) -> dict[str, torch.Tensor]:
     """Gradients by module path and peft's saved tensor name."""
     logits(model).pow(2).mean().backward()
-    names = {n.replace(".default", "").replace(".modules_to_save", ""): p for n, p in model.named_parameters()}
+    names = {
+        n.replace(".default", "")
+        .replace(".modules_to_save", "")
+        .replace("magnitude_vector.weight", "magnitude_vector"): p
+        for n, p in model.named_parameters()
+    }
     return {n.removeprefix(prefix): p.grad for n, p in names.items() if p.grad is not None}
 
 
@@ -167,15 +181,24 @@ def test_the_tied_tensors_are_trained_and_counted_once(case: dict[str, Any]) -> 
     ours = case["ours"]
     trainable, _ = case["theirs"].get_nb_trainable_parameters()
     if "lora" in case["name"]:
-        trainable -= sum(p.numel() for n, p in case["theirs"].named_parameters() if "lm_head.lora_" in n)
+        factors = ("lm_head.lora_A", "lm_head.lora_B")  # not the head's own DoRA magnitude
+        trainable -= sum(p.numel() for n, p in case["theirs"].named_parameters() if any(f in n for f in factors))
     assert ours.trainable_parameters() == case["plan"].trainable_params == trainable
 
 
 def test_a_merge_adds_the_update_once_to_the_shared_weight(case: dict[str, Any]) -> None:
     """The merged model keeps the head tied and gives the unmerged outputs. peft's merge agrees
     for a trained copy; for tied LoRA it adds the update twice to the one weight (its merged
-    outputs are not its unmerged ones), so ours is checked against peft's unmerged model."""
+    outputs are not its unmerged ones), so ours is checked against peft's unmerged model. With
+    DoRA the merge is refused by the head's name, before any weight changes."""
     ours = load_ours(case)
+    if case["name"] in MERGE_REFUSED:
+        with pytest.raises(MergeError, match=r"lm_head is tied .* cannot hold two different DoRA results") as error:
+            ours.merge_and_unload()
+        assert "\n" not in str(error.value)
+        with torch.no_grad():
+            assert (logits(ours) - logits(case["theirs"])).abs().max() < TOLERANCE
+        return
     with torch.no_grad():
         unmerged = logits(ours)
         merged = ours.merge_and_unload()
@@ -188,6 +211,8 @@ def test_a_merge_adds_the_update_once_to_the_shared_weight(case: dict[str, Any])
 def test_an_unmerge_gives_back_the_shared_weight(case: dict[str, Any], dtype: torch.dtype) -> None:
     """Merged then unmerged, the one weight is the base's again (bf16: exactly, from the copy kept
     before the embedding's merge) and the outputs are the unmerged ones."""
+    if case["name"] in MERGE_REFUSED:
+        pytest.skip("merging is refused (test_a_merge_adds_the_update_once_to_the_shared_weight)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = peftc.load_adapter(build_base(case["plan"]).to(dtype), case["dir"])
@@ -212,13 +237,16 @@ def test_a_continued_run_plans_the_tie_and_starts_from_the_saved_tensors(case, t
     assert initial_tensors(plan).keys() == load_file(tmp_path / "adapter_model.safetensors").keys()
 
 
-@pytest.mark.parametrize("init", ["true", "gaussian", "false"])
-def test_a_seeded_tied_lora_starts_from_peft_s_draws(init: str) -> None:
+@pytest.mark.parametrize(("init", "dora"), [("true", False), ("gaussian", False), ("false", False), ("false", True)])
+def test_a_seeded_tied_lora_starts_from_peft_s_draws(init: str, dora: bool) -> None:
     """peft builds the head's two Linear layers (drawing their init), ties them to the
-    embedding's factors and resets them there: under one seed ours holds the same numbers."""
+    embedding's factors and resets them there: under one seed ours holds the same numbers. With
+    DoRA the head's magnitude is ||W + dW|| per vocabulary row of those factors (init false:
+    random ones, so dW is not zero)."""
     from peft import get_peft_model_state_dict
 
     model, fields = CASES["lora-on-embed_tokens"]
+    fields = {**fields, "use_dora": True} if dora else fields
     plan = peftc.compile([*overrides(model, fields), f"peft.init_lora_weights={init}"])
     base = build_base(plan)
     torch.manual_seed(0)
@@ -228,6 +256,7 @@ def test_a_seeded_tied_lora_starts_from_peft_s_draws(init: str) -> None:
         peft_model(plan, fields, init_lora_weights={"true": True, "false": False}.get(init, init))
     )
     lora = {k for k in theirs if "lora" in k}
+    assert ("base_model.model.lm_head.lora_magnitude_vector" in lora) is dora
     assert all(torch.equal(ours[k], theirs[k]) for k in lora)
     assert theirs[f"base_model.model.{EMBEDDING[model]}.lora_embedding_B"].std() > 0
 
@@ -235,11 +264,10 @@ def test_a_seeded_tied_lora_starts_from_peft_s_draws(init: str) -> None:
 @pytest.mark.parametrize(
     ("setting", "named"),
     [
-        (["peft.use_dora=true"], "use_dora=false"),
         (["peft.init_lora_weights=pissa"], "init_lora_weights true, false or gaussian"),
         (["peft.exclude_modules=[embed_tokens]"], "keep model.embed_tokens adapted"),
     ],
-    ids=["dora", "pissa", "embedding-excluded"],
+    ids=["pissa", "embedding-excluded"],
 )
 def test_ties_that_cannot_be_honoured_are_refused_by_name_before_loading(setting: list[str], named: str) -> None:
     fields = CASES["lora-on-embed_tokens"][1]

@@ -67,8 +67,10 @@ class Site:
     save_base_weight: bool = False  # the file holds the base weight too (peft: targeted embeddings)
     base_quant: str | None = None  # the quantized base layer's storage format (set by planning)
     # The site whose adapter tensors this one uses (tied heads): it owns none of its `tensors`
-    # (they count at that site) but may still save them under its own names, as peft does.
+    # (they count at that site) but may still save them under its own names, as peft does; none
+    # but those named in `owns` (a tied head's own DoRA magnitude).
     shares_with: str | None = None
+    owns: tuple[str, ...] = ()
     parameter: ParameterTarget | None = None  # the nn.Parameter a 'parameter' site adapts
 
     @classmethod
@@ -93,7 +95,8 @@ class Site:
 
     @property
     def params(self) -> int:
-        return 0 if self.shares_with else sum(numel(s) for s in self.tensors.values())
+        owned = self.owns if self.shares_with else self.tensors
+        return sum(numel(self.tensors[name]) for name in owned)
 
     @property
     def settings(self) -> dict[str, Any]:

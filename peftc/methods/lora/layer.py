@@ -90,6 +90,7 @@ class LoraLayer(AdapterLayer):
         # parameters are counted and saved there), and peft's initial draws waiting for it.
         self._tied_owners: dict[str, LoraLayer] = {}
         self._tied_draws: dict[str, torch.Tensor | None] = {}
+        self._tied_paths: dict[str, str] = {}  # the head's own path, for a merge refusal to name
 
     # ------------------------------------------------------------------------- creating
     def create_adapter(self, name: str, site: Site, init: bool) -> None:
@@ -105,12 +106,16 @@ class LoraLayer(AdapterLayer):
             self._create_conv(name, r, opts, init)
         else:
             self._create_linear(name, site, r, opts, init)
-        if opts.get("dora"):
-            weight = self._base_weight()
-            with torch.no_grad():
-                lora_rows = self._lora_rows(name).to(weight.device)
-                magnitude = dora.initial_magnitude(self._rows(weight).float(), lora_rows, scaling, self.kind)
-            self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+        if opts.get("dora") and site.shares_with is None:  # a tied head's: once it has factors
+            self._create_magnitude(name)
+
+    @torch.no_grad()
+    def _create_magnitude(self, name: str) -> None:
+        """DoRA's m = ||W + s B A|| per row, from the adapter's factors as they are now."""
+        weight = self._base_weight()
+        lora_rows = self._lora_rows(name).to(weight.device)
+        magnitude = dora.initial_magnitude(self._rows(weight).float(), lora_rows, self.scaling[name], self.kind)
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
 
     def _create_embedding(self, name: str, site: Site, init: bool) -> None:
         # peft draws both from N(0, 1) first (kept when init is false), then resets them.
@@ -127,6 +132,7 @@ class LoraLayer(AdapterLayer):
         (then dropped), and its reset of A into the embedding's B (a transposed view of it, the
         memory order peft fills); B_head = A_emb^T is zeroed. Written there by share_adapter."""
         r, init_value = site.options["r"], site.options["init"]
+        self._tied_paths[name] = site.path
         if self._creation_device() is not None:
             self._tied_draws[name] = None
             return
@@ -149,6 +155,8 @@ class LoraLayer(AdapterLayer):
             with torch.no_grad():
                 owner.lora_embedding_B[name].copy_(drawn)
                 owner.lora_embedding_A[name].zero_()
+        if self.site_options[name].get("dora"):  # peft's head: its own m, from the tied factors
+            self._create_magnitude(name)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         tensors = super().adapter_tensors(name)
@@ -221,6 +229,7 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(name)
         self._tied_owners.pop(name, None)
         self._tied_draws.pop(name, None)
+        self._tied_paths.pop(name, None)
         self.scaling.pop(name, None)
         self._merged_norms.pop(name, None)
         if name in self.lora_dropout:
@@ -384,6 +393,14 @@ class LoraLayer(AdapterLayer):
 
     # --------------------------------------------------------------------------- merging
     def check_mergeable(self, names: Sequence[str]) -> None:
+        tied_dora = next((n for n in names if n in self._tied_owners and n in self.lora_magnitude_vector), None)
+        if tied_dora is not None:
+            head = self._tied_paths[tied_dora]
+            raise MergeError(
+                f"adapter {tied_dora!r} cannot be merged: {head} is tied to the input embedding but has a DoRA "
+                f"magnitude of its own ({head}.lora_magnitude_vector, as in peft), and one tied weight cannot hold "
+                "two different DoRA results (peft's merge gives neither); use the unmerged model"
+            )
         if self.kind in CONV_KINDS and self.base_layer.groups > 1:
             raise MergeError(
                 f"LoRA on a grouped {type(self.base_layer).__name__} (groups>1) cannot be merged (as in peft)"

@@ -14,6 +14,13 @@ peftc applies the same rewrites to the spec (so adapter_config.json records what
 plans the head as a site or saved module that follows the embedding's (`Site.shares_with`,
 `SavedModule.follows`): the head owns no trainable tensor, so the update is trained once.
 Trainable tokens tie the same way with or without the flag (tokens.py).
+
+With DoRA (use_dora) the head keeps a magnitude of its own, as peft 0.22's does: m_head (vocab,),
+initialised to ||W + dW|| per vocabulary row, trained and saved as `lm_head.lora_magnitude_vector`,
+beside the embedding's m_emb (dim,), a norm per embedding dimension. So the two read one W and one
+dW = s (B A)^T as two weights, (W + dW) diag(m_emb / col norms) and diag(m_head / row norms)
+(W + dW): one tensor cannot hold both, and merging is refused (LoraLayer.check_mergeable); peft
+merges both into it, one rescaling on top of the other, dW added twice.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftc.errors import PlanError
 from peftc.methods.base import EMBEDDING_LAYER_NAMES
+from peftc.methods.lora.dora import magnitude_shape
 from peftc.methods.lora.init import init_family
 from peftc.planning.plan import Site
 
@@ -122,6 +130,10 @@ def head_sites(spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tupl
     heads = []
     for head in heads_tied_to_input(graph):
         tensors = {"lora_A.weight": (r, head.in_features), "lora_B.weight": (head.out_features, r)}
+        owns = ()
+        if spec.use_dora:  # the head's own magnitude, one per vocabulary row (see above)
+            tensors["lora_magnitude_vector"] = magnitude_shape(head.kind, head.out_features)
+            owns = ("lora_magnitude_vector",)
         heads.append(
             Site.for_module(
                 head,
@@ -130,17 +142,13 @@ def head_sites(spec: LoraSpec, graph: ModelGraph, sites: Sequence[Site]) -> tupl
                 dropout=spec.lora_dropout,
                 save_base_weight=embedding.save_base_weight,
                 shares_with=embedding.path,
+                owns=owns,
             )
         )
     return tuple(heads)
 
 
 def _check_embedding_site(spec: LoraSpec, embedding: Site) -> None:
-    if spec.use_dora:
-        raise PlanError(
-            KEY, True, "cannot tie DoRA: the head keeps its own magnitude (peft), so no one weight merges both",
-            f"use use_dora=false, or set {KEY}=false",
-        )  # fmt: skip
     if init_family(spec.init_lora_weights) not in TIEABLE_INITS:
         raise PlanError(
             KEY, True,
