@@ -541,27 +541,32 @@ def test_factored_updates_are_as_close_as_peft_under_bf16_autocast(
     """Lightning's bf16-mixed: float32 factors over a float32 base under autocast, nothing
     weight-sized formed (LoHa/LoKr: dW; DoRA: B A for its norm; HRA: H and W H). The factored GEMMs round in
     other places than peft's formed products, so both are compared with the float32 step: ours
-    must be as close to it as peft's (aggregate over all adapter gradients)."""
+    must be as close to it as peft's (aggregate over all adapter gradients, summed over a few
+    seeded draws: one draw's ratio spreads 0.6-1.5 either way, LoKr's)."""
     from peft import get_peft_config, get_peft_model, get_peft_model_state_dict
 
     from peftc.files.load import fill
     from peftc.planning.layout import config_to_write
 
     plan = peftc.compile(["model=tiny_llama", "peft.target_modules=all-linear", *settings])
-    ours_base, theirs_base = twin_bases(plan)
     config = get_peft_config({**config_to_write(plan.adapter_config), "inference_mode": False})
-    theirs = get_peft_model(theirs_base, config).train()
-    ours = peftc.materialize(plan, base_model=ours_base).train()
-    fill(ours, "default", get_peft_model_state_dict(theirs))
-    refuse_to_form_dw(monkeypatch, method)
-    ids = token_batch()
-    exact = adapter_grads(ours, ids, autocast=False)
-    assert relative_error(adapter_grads(theirs, ids, autocast=False), exact) < 1e-5
-    ours_bf16, theirs_bf16 = adapter_grads(ours, ids, autocast=True), adapter_grads(theirs, ids, autocast=True)
-    assert all(grad.dtype == torch.float32 for grad in ours_bf16.values())
-    theirs_error = relative_error(theirs_bf16, exact)
-    assert 1e-4 < theirs_error < 0.05, "bf16 rounding shows, and is small"
-    assert relative_error(ours_bf16, exact) <= 1.5 * theirs_error
+    ids, ours_errors, theirs_errors = token_batch(), [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours_base, theirs_base = twin_bases(plan)
+        theirs = get_peft_model(theirs_base, config).train()
+        ours = peftc.materialize(plan, base_model=ours_base).train()
+        fill(ours, "default", get_peft_model_state_dict(theirs))
+        with monkeypatch.context() as patched:  # after DoRA's init, which forms B A once
+            refuse_to_form_dw(patched, method)
+            exact = adapter_grads(ours, ids, autocast=False)
+            assert relative_error(adapter_grads(theirs, ids, autocast=False), exact) < 1e-5
+            ours_bf16, theirs_bf16 = adapter_grads(ours, ids, autocast=True), adapter_grads(theirs, ids, autocast=True)
+        assert all(grad.dtype == torch.float32 for grad in ours_bf16.values())
+        ours_errors.append(relative_error(ours_bf16, exact))
+        theirs_errors.append(relative_error(theirs_bf16, exact))
+    assert all(1e-4 < error < 0.05 for error in theirs_errors), "bf16 rounding shows, and is small"
+    assert sum(ours_errors) <= 1.5 * sum(theirs_errors), (ours_errors, theirs_errors)
 
 
 @pytest.mark.parametrize("shape", [(48, 40), (12, 5, 3, 3)], ids=["linear", "conv"])
