@@ -433,10 +433,6 @@ def _saved_specs(directory: Path, task: Any) -> tuple[ModelSpec | None, Any, Dat
         validate(data, "spec.data", cross=False)
     except ConfigError as exc:
         raise AdapterFileError(source, f"invalid value: {exc}") from exc
-    except AdapterFileError as exc:  # a method's refusal names the file; here it has its path
-        if exc.path != adapter_files.CONFIG_NAME:
-            raise
-        raise AdapterFileError(source, exc.problem, exc.hint) from None
     except TypeError as exc:
         raise AdapterFileError(source, f"does not describe a model/task peftc understands ({exc})") from exc
     return model, task_spec, data

@@ -215,14 +215,15 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def _walk(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Like named_modules(), but through peftc's wrappers and without adapter internals."""
+def _walk(root: nn.Module, *, unique: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    """Like named_modules(), but through peftc's wrappers and without adapter internals;
+    `unique=False` yields a module reused under several paths at each of them."""
     seen: set[int] = set()
     stack = [("", root)]
     while stack:
         path, module = stack.pop()
         module = _unwrap(module)
-        if id(module) in seen:
+        if unique and id(module) in seen:
             continue
         seen.add(id(module))
         yield path, module
@@ -234,14 +235,9 @@ def _parameters_through_wrappers(root: nn.Module) -> Iterator[tuple[str, nn.Para
     """Like named_parameters(remove_duplicate=False), named as in the base model before any
     adapter: a tie between two wrapped modules (a tied head and embedding both adapted) is then
     seen under the names the unwrapped model gives it, as a plan made on the bare model saw it."""
-    stack = [("", root)]
-    while stack:
-        path, module = stack.pop()
-        module = _unwrap(module)
+    for path, module in _walk(root, unique=False):
         for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
             yield (f"{path}.{name}" if path else name), param
-        children = [(f"{path}.{name}" if path else name, child) for name, child in module.named_children()]
-        stack.extend(reversed(children))
 
 
 def _path_of(model: nn.Module, getter: str) -> str | None:
