@@ -102,6 +102,34 @@ def flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
     )
 
 
+def integer(config: Mapping[str, Any], key: str, default: int) -> int:
+    """A whole-number field of adapter_config.json (r, init_r, num_virtual_tokens, ...). Absent or
+    null is `default` and 8.0 reads as 8; a fraction, a string or a boolean is refused, where int()
+    would read r: 8.5 as 8 and r: true as 1 (peft itself fails on them)."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise AdapterFileError(
+            "adapter_config.json", f"{key}={value!r} is not a whole number", f"write e.g. {key}: {default} (JSON)"
+        )
+    return int(value)
+
+
+def real(config: Mapping[str, Any], key: str, default: float) -> float:
+    """A number field of adapter_config.json (dropouts, alphas, eps, ...). Absent or null is
+    `default` (peft 0.2 wrote lora_dropout: null); a string or a boolean is refused, where float()
+    would read "0.1" and true as numbers. Ranges and finiteness are the spec's checks."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterFileError(
+            "adapter_config.json", f"{key}={value!r} is not a number", f"write e.g. {key}: {default} (JSON)"
+        )
+    return value
+
+
 def number(value: float) -> float | int:
     """peft writes integral values as ints; keep the file byte-compatible."""
     return int(value) if float(value).is_integer() else value

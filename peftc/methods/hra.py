@@ -34,7 +34,15 @@ from peftc.config.spec import RunSpec, at_least, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod
-from peftc.methods.common import LayeredTargetsSpec, bias_param, flag, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import (
+    LayeredTargetsSpec,
+    bias_param,
+    flag,
+    integer,
+    target_fields,
+    target_kwargs,
+    trained_biases,
+)
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
 from peftc.methods.lora.lowrank import autocast_dtype, autocast_off, fused_linear, plain_linear
@@ -237,7 +245,7 @@ class HRA(InjectableMethod):
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> HRASpec:
         return HRASpec(
             **target_kwargs(config),
-            r=int(config.get("r", 8)),
+            r=integer(config, "r", 8),
             apply_GS=flag(config, "apply_GS", False),
             init_weights=flag(config, "init_weights", True),
             bias=config.get("bias") or "none",

@@ -28,7 +28,16 @@ from peftc.config.spec import RunSpec, at_least, in_range, param
 from peftc.errors import ConfigError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod
-from peftc.methods.common import LayeredTargetsSpec, bias_param, flag, target_fields, target_kwargs, trained_biases
+from peftc.methods.common import (
+    LayeredTargetsSpec,
+    bias_param,
+    flag,
+    integer,
+    real,
+    target_fields,
+    target_kwargs,
+    trained_biases,
+)
 from peftc.methods.defaults import LORA_TARGETS
 from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
@@ -170,11 +179,11 @@ class Vera(InjectableMethod):
         kwargs["exclude_modules"] = None
         return VeraSpec(
             **kwargs,
-            r=int(config.get("r", 256)),
-            projection_prng_key=int(config.get("projection_prng_key", 0)),
+            r=integer(config, "r", 256),
+            projection_prng_key=integer(config, "projection_prng_key", 0),
             save_projection=flag(config, "save_projection", True),
-            vera_dropout=float(config.get("vera_dropout", 0.0)),
-            d_initial=float(config.get("d_initial", 0.1)),
+            vera_dropout=real(config, "vera_dropout", 0.0),
+            d_initial=real(config, "d_initial", 0.1),
             bias=config.get("bias") or "none",
             init_weights=flag(config, "init_weights", True),
         )

@@ -32,7 +32,9 @@ from peftc.methods.common import (
     bias_param,
     check_patterns,
     flag,
+    integer,
     pattern_value,
+    real,
     refuse_unimplemented,
     trained_biases,
 )
@@ -303,11 +305,11 @@ class Lora(InjectableMethod):
                 f"init_lora_weights={init!r} changes the base weights in a way peftc does not implement",
                 "supported: true, false, gaussian, pissa, pissa_niter_<K>, olora, orthogonal, nora, eva",
             )
-        r, lora_alpha = merged_linear.rank_and_alpha(config, int(config.get("r", 8)), config.get("lora_alpha", 8))
+        r, lora_alpha = merged_linear.rank_and_alpha(config, integer(config, "r", 8), real(config, "lora_alpha", 8))
         return LoraSpec(
             r=r,
             lora_alpha=lora_alpha,
-            lora_dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+            lora_dropout=real(config, "lora_dropout", 0.0),
             target_modules=config.get("target_modules"),
             exclude_modules=config.get("exclude_modules"),
             layers_to_transform=config.get("layers_to_transform"),

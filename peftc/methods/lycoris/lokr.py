@@ -22,7 +22,7 @@ import torch
 from peftc.config.spec import RunSpec, param
 from peftc.errors import ConfigError
 from peftc.methods import register
-from peftc.methods.common import flag
+from peftc.methods.common import flag, integer
 from peftc.methods.lycoris.shared import (
     LycorisLayer,
     LycorisMethod,
@@ -166,9 +166,9 @@ class LoKr(LycorisMethod):
         init = config.get("init_weights", True)
         return LoKrSpec(
             **self.spec_kwargs(config),
-            init_weights=init if init in LoKrSpec.init_choices else bool(init),
+            init_weights=init if init in LoKrSpec.init_choices else flag(config, "init_weights", True),
             decompose_both=flag(config, "decompose_both", False),
-            decompose_factor=int(config.get("decompose_factor", -1)),
+            decompose_factor=integer(config, "decompose_factor", -1),
             rank_dropout_scale=flag(config, "rank_dropout_scale", False),
         )
 

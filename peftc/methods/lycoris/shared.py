@@ -34,8 +34,10 @@ from peftc.methods.common import (
     LayeredTargetsSpec,
     check_patterns,
     flag,
+    integer,
     number,
     pattern_value,
+    real,
     target_fields,
     target_kwargs,
 )
@@ -197,10 +199,10 @@ class LycorisMethod(InjectableMethod):
         """The shared fields of a spec, read from a peft adapter_config.json."""
         return {
             **target_kwargs(config),
-            "r": int(config.get("r", 8)),
-            "alpha": config.get("alpha", 8),
-            "rank_dropout": float(config.get("rank_dropout", 0.0) or 0.0),
-            "module_dropout": float(config.get("module_dropout", 0.0) or 0.0),
+            "r": integer(config, "r", 8),
+            "alpha": real(config, "alpha", 8),
+            "rank_dropout": real(config, "rank_dropout", 0.0),
+            "module_dropout": real(config, "module_dropout", 0.0),
             "rank_pattern": dict(config.get("rank_pattern") or {}),
             "alpha_pattern": dict(config.get("alpha_pattern") or {}),
             "use_effective_conv2d": flag(config, "use_effective_conv2d", False),

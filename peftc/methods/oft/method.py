@@ -19,6 +19,8 @@ from peftc.methods.common import (
     LayeredTargetsSpec,
     bias_param,
     flag,
+    integer,
+    real,
     target_fields,
     target_kwargs,
     trained_biases,
@@ -230,14 +232,14 @@ class OFT(InjectableMethod):
             )
         return OFTSpec(
             **target_kwargs(config),
-            r=int(config.get("r", 0)),
-            oft_block_size=int(config.get("oft_block_size", 32)),
-            module_dropout=float(config.get("module_dropout", 0.0) or 0.0),
+            r=integer(config, "r", 0),
+            oft_block_size=integer(config, "oft_block_size", 32),
+            module_dropout=real(config, "module_dropout", 0.0),
             coft=flag(config, "coft", False),
-            eps=float(config.get("eps", 6e-5)),
+            eps=real(config, "eps", 6e-5),
             block_share=flag(config, "block_share", False),
             use_cayley_neumann=flag(config, "use_cayley_neumann", True),
-            num_cayley_neumann_terms=int(config.get("num_cayley_neumann_terms", 5)),
+            num_cayley_neumann_terms=integer(config, "num_cayley_neumann_terms", 5),
             init_weights=flag(config, "init_weights", True),
             bias=config.get("bias") or "none",
             adjust_block_size=True,  # peft wrote it: its per-layer adjustment applies

@@ -29,6 +29,7 @@ from peftc.config.spec import SpecNode, at_least, param
 from peftc.errors import PlanError
 from peftc.methods import register
 from peftc.methods.base import InjectableMethod, not_mergeable
+from peftc.methods.common import integer
 from peftc.methods.layer import AdapterLayer
 from peftc.planning.graph import ModelGraph, ModuleInfo
 from peftc.planning.plan import Plan, Site
@@ -171,7 +172,7 @@ class AdaptionPrompt(InjectableMethod):
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> AdaptionPromptSpec:
         return AdaptionPromptSpec(
-            adapter_len=int(config.get("adapter_len") or 10),
-            adapter_layers=int(config.get("adapter_layers") or 1),
+            adapter_len=integer(config, "adapter_len", 10),
+            adapter_layers=integer(config, "adapter_layers", 1),
             target_modules=config.get("target_modules"),
         )

@@ -28,6 +28,7 @@ from peftc.config.spec import RunSpec, at_least, one_of, param
 from peftc.errors import ConfigError, PlanError
 from peftc.methods import register
 from peftc.methods.base import BatchField
+from peftc.methods.common import integer
 from peftc.methods.prompt.encoder import VirtualTokenEncoder
 from peftc.methods.prompt.prompt_tuning import (
     PromptTuningSpec,
@@ -242,7 +243,7 @@ class MultitaskPromptTuning(PromptLearningMethod):
         return {
             **text_init_fields(config, INITS),
             "prompt_tuning_init_state_dict_path": config.get("prompt_tuning_init_state_dict_path"),
-            "prompt_tuning_init_task": int(config.get("prompt_tuning_init_task") or 0),
-            "num_tasks": int(config.get("num_tasks") or 1),
-            "num_ranks": int(config.get("num_ranks") or 1),
+            "prompt_tuning_init_task": integer(config, "prompt_tuning_init_task", 0),
+            "num_tasks": integer(config, "num_tasks", 1),
+            "num_ranks": integer(config, "num_ranks", 1),
         }

@@ -20,6 +20,7 @@ from torch import nn
 
 from peftc.config.spec import RunSpec, at_least, in_range, one_of, param
 from peftc.methods import register
+from peftc.methods.common import integer, real
 from peftc.methods.prompt.encoder import VirtualTokenEncoder
 from peftc.methods.prompt.shared import PromptLearningMethod, PromptLearningSpec, PromptShapes
 from peftc.planning.plan import Plan, PromptPlan
@@ -154,6 +155,6 @@ class PTuning(PromptLearningMethod):
         return {
             "encoder_reparameterization_type": kind if kind in ("MLP", "LSTM") else "MLP",
             "encoder_hidden_size": config.get("encoder_hidden_size"),
-            "encoder_num_layers": int(config.get("encoder_num_layers") or MLP_LAYERS),
-            "encoder_dropout": float(config.get("encoder_dropout") or 0.0),
+            "encoder_num_layers": integer(config, "encoder_num_layers", MLP_LAYERS),
+            "encoder_dropout": real(config, "encoder_dropout", 0.0),
         }

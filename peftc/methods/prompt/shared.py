@@ -22,7 +22,7 @@ import torch
 from peftc.config.spec import SpecNode, as_list, at_least, param
 from peftc.errors import PlanError
 from peftc.methods.base import PromptMethod
-from peftc.methods.common import flag
+from peftc.methods.common import flag, integer
 from peftc.planning.plan import PromptPlan
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class PromptLearningMethod(PromptMethod):
 
     def spec_from_peft_config(self, config: Mapping[str, Any]) -> SpecNode:
         return self.schema(
-            num_virtual_tokens=int(config.get("num_virtual_tokens") or 8),
+            num_virtual_tokens=integer(config, "num_virtual_tokens", 8),
             # peft writes inference_mode=true on save: a loaded prompt is the saved table
             inference_mode=flag(config, "inference_mode", True),
             modules_to_save=config.get("modules_to_save"),
