@@ -2,9 +2,8 @@
 tokenizer's chat template (or model.chat_template), the loss on the assistant turns only.
 
 The rendered conversation is tokenized once; a token is trained when its characters lie in an
-assistant turn, found by rendering the conversation up to each assistant message with and
-without it (`add_generation_prompt` before it). That needs a template that renders a conversation
-as a prefix of its continuation, which every common template does; one that does not is refused.
+assistant turn: from the end of the prompt that asks for it through its end-of-turn text (found
+by chat_spans.py).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from peftc.errors import ConfigError, DataError, first_line
+from peftc.tasks.chat_spans import Unlocatable, assistant_spans
 from peftc.tasks.common import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -46,22 +46,18 @@ def check_messages(messages: Any, where: str, answered: bool = True) -> list[dic
 def encode(messages: list[dict[str, str]], tokenizer: Any, where: str) -> dict[str, list[int]]:
     """input_ids of the rendered conversation, labels masked outside the assistant turns."""
     full = render(tokenizer, messages, where=where)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(tokenizer, messages[:index], generation_prompt=True, where=where)
-        through = render(tokenizer, messages[: index + 1], where=where)
-        if not (full.startswith(through) and through.startswith(before)):
-            raise DataError(where, "the chat template does not render a conversation as a prefix of its continuation")
-        spans.append((len(before), len(through)))
+    try:
+        spans = assistant_spans(messages, full, lambda m, **k: render(tokenizer, m, where=where, **k), tokenizer)
+    except Unlocatable as exc:
+        raise DataError(
+            where,
+            f"the chat template renders this conversation so that its assistant turns cannot be found ({exc})",
+            "use a template that writes each message's text as given (model.chat_template)",
+        ) from None
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, encoding["offset_mapping"])
-    ]
-    return {"input_ids": ids, "labels": labels}
+    trained = [any(start <= begin < end for start, end in spans) for begin, _ in encoding["offset_mapping"]]
+    return {"input_ids": ids, "labels": [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained)]}
 
 
 def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer: Any, where: str = "messages") -> str:
@@ -74,15 +70,20 @@ def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer: Any, where: st
 def render(
     tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False, where: str = "messages"
 ) -> str:
-    """The conversation as the template writes it. A template that cannot be parsed is the
-    config's error; one that refuses this conversation (`raise_exception(...)`, as Hugging Face
-    templates do for a role they do not support) is the row's."""
-    from jinja2 import TemplateError, TemplateSyntaxError
-
+    """The conversation as the template writes it."""
     if not messages:
         return ""
+    return _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _apply(tokenizer: Any, messages: list[dict[str, str]], where: str, **options: Any) -> Any:
+    """apply_chat_template. A template that cannot be parsed is the config's error; one that
+    refuses this conversation (`raise_exception(...)`, as Hugging Face templates do for a role
+    they do not support) is the row's."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, **options)
     except TemplateSyntaxError as exc:
         raise ConfigError(
             "model.chat_template", None, f"is not a valid Jinja template (line {exc.lineno}: {exc.message})"

@@ -1,0 +1,108 @@
+"""The loss covers exactly the assistant turns under the chat templates of popular models
+(tests/fixtures/chat_templates: condensed templates with each model's behaviour that matters),
+including those that do not render a conversation as a prefix of its continuation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import peftc
+from peftc.planning.model_source import load_tokenizer
+from peftc.tasks import chat, chat_spans
+from peftc.tasks.common import IGNORE_INDEX
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+SYSTEM = {"role": "system", "content": "Be brief."}
+TWO_TURNS = [
+    {"role": "user", "content": "What does the cat say?"},
+    {"role": "assistant", "content": "<think>\nIt meows.\n</think>\n\nMeow."},
+    {"role": "user", "content": "And the dog?"},
+    {"role": "assistant", "content": "Woof."},
+]
+
+# The trained text of each assistant turn: its answer through its end-of-turn text.
+TRAINED = {
+    "chatml": ["<think>\nIt meows.\n</think>\n\nMeow.<|im_end|>\n", "Woof.<|im_end|>\n"],
+    # earlier turns lose their reasoning; the last one writes an (empty) think block the model must learn
+    "qwen3": ["Meow.<|im_end|>\n", "<think>\n\n</think>\n\nWoof.<|im_end|>\n"],
+    "llama3": ["<think>\nIt meows.\n</think>\n\nMeow.<|eot_id|>", "Woof.<|eot_id|>"],
+    "mistral": [" <think>\nIt meows.\n</think>\n\nMeow.</s>", " Woof.</s>"],
+    "gemma": ["<think>\nIt meows.\n</think>\n\nMeow.<end_of_turn>\n", "Woof.<end_of_turn>\n"],
+    "phi3": ["<think>\nIt meows.\n</think>\n\nMeow.<|end|>\n", "Woof.<|end|>\n</s>"],  # EOS ends the conversation
+    "deepseek_r1": ["\n\nMeow.<｜end▁of▁sentence｜>", "Woof.<｜end▁of▁sentence｜>"],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(peftc.compile(["model=demo_llama"]).spec.model)
+
+
+def use(tokenizer, name: str):
+    tokenizer.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
+    return tokenizer
+
+
+def trained_turns(example: dict) -> list[list[int]]:
+    turns, current = [], []
+    for label in example["labels"]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            turns, current = [*turns, current], []
+    return turns + ([current] if current else [])
+
+
+@pytest.mark.parametrize("with_system", [False, True], ids=["no-system", "system"])
+@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_each_assistant_turn_is_trained_through_its_end_of_turn_text(tokenizer, name: str, with_system: bool) -> None:
+    if with_system and name == "gemma":
+        pytest.skip("Gemma's template refuses a system message (test_chat_data covers the refusal)")
+    messages = [SYSTEM, *TWO_TURNS] if with_system else TWO_TURNS
+    example = chat.encode(messages, use(tokenizer, name), "row")
+    assert [tokenizer.decode(turn) for turn in trained_turns(example)] == TRAINED[name]
+
+
+CONVERSATIONS = [
+    TWO_TURNS,
+    [SYSTEM, *TWO_TURNS],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}] * 2,  # empty answers
+    [{"role": "user", "content": "Tag?"}, {"role": "assistant", "content": "<b>bold</b> \n"}],  # markup, trimmed space
+]
+
+
+# DeepSeek-R1's generation prompt (`<think>`) never prefixes its answers: nothing to compare there.
+@pytest.mark.parametrize("name", sorted(set(TRAINED) - {"deepseek_r1"}))
+def test_located_turns_are_the_prefix_methods_wherever_that_applies(tokenizer, name: str) -> None:
+    """Locating a turn in the one rendering gives exactly the characters that rendering the
+    conversation up to it, with and without it, gives, on every template and turn where the
+    template renders the conversation as a prefix of its continuation."""
+    use(tokenizer, name)
+    compared = 0
+    for messages in CONVERSATIONS:
+        try:
+            full = chat.render(tokenizer, messages)
+        except peftc.DataError:  # Gemma: no system message
+            continue
+        render = lambda m, **options: chat.render(tokenizer, m, **options)  # noqa: E731
+        for index in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+            prompt, through = render(messages[:index], generation_prompt=True), render(messages[: index + 1])
+            if through.startswith(prompt) and full.startswith(through):
+                located = chat_spans._located(messages, index, full, prompt, render, tokenizer)
+                assert located == (len(prompt), len(through)), (messages, index)
+                compared += 1
+    assert compared >= 3
+
+
+def test_a_template_whose_turns_cannot_be_found_is_named_with_what_works(tokenizer) -> None:
+    # the answer written as JSON, and the conversation's length up front: nothing locates the text
+    tokenizer.chat_template = (
+        "{{ messages | length }}{% for m in messages %}<|{{ m.role }}|>{{ m.content | tojson }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    with pytest.raises(peftc.DataError) as caught:
+        chat.encode(TWO_TURNS, tokenizer, "chat.jsonl (train split, example 4)")
+    assert str(caught.value).startswith("chat.jsonl (train split, example 4): the chat template renders")
+    assert "use a template that writes each message's text as given" in str(caught.value)
