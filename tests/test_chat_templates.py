@@ -32,6 +32,8 @@ TRAINED = {
     "gemma": ["<think>\nIt meows.\n</think>\n\nMeow.<end_of_turn>\n", "Woof.<end_of_turn>\n"],
     "phi3": ["<think>\nIt meows.\n</think>\n\nMeow.<|end|>\n", "Woof.<|end|>\n</s>"],  # EOS ends the conversation
     "deepseek_r1": ["\n\nMeow.<｜end▁of▁sentence｜>", "Woof.<｜end▁of▁sentence｜>"],
+    # what the {% generation %} blocks mark, as TRL's assistant_only_loss trains: here without the '\n'
+    "chatml_generation": ["<think>\nIt meows.\n</think>\n\nMeow.<|im_end|>", "Woof.<|im_end|>"],
 }
 
 
@@ -74,7 +76,7 @@ CONVERSATIONS = [
 
 
 # DeepSeek-R1's generation prompt (`<think>`) never prefixes its answers: nothing to compare there.
-@pytest.mark.parametrize("name", sorted(set(TRAINED) - {"deepseek_r1"}))
+@pytest.mark.parametrize("name", sorted(set(TRAINED) - {"deepseek_r1", "chatml_generation"}))
 def test_located_turns_are_the_prefix_methods_wherever_that_applies(tokenizer, name: str) -> None:
     """Locating a turn in the one rendering gives exactly the characters that rendering the
     conversation up to it, with and without it, gives, on every template and turn where the
@@ -105,4 +107,10 @@ def test_a_template_whose_turns_cannot_be_found_is_named_with_what_works(tokeniz
     with pytest.raises(peftc.DataError) as caught:
         chat.encode(TWO_TURNS, tokenizer, "chat.jsonl (train split, example 4)")
     assert str(caught.value).startswith("chat.jsonl (train split, example 4): the chat template renders")
-    assert "use a template that writes each message's text as given" in str(caught.value)
+    assert "mark what the assistant writes with {% generation %} ... {% endgeneration %}" in str(caught.value)
+
+
+def test_generation_blocks_that_mark_nothing_are_named(tokenizer) -> None:
+    tokenizer.chat_template = (TEMPLATES / "chatml_generation.jinja").read_text().replace("'assistant'", "'model'")
+    with pytest.raises(peftc.DataError, match=r"row: the chat template's \{% generation %\} blocks mark no text"):
+        chat.encode(TWO_TURNS, tokenizer, "row")

@@ -3,11 +3,14 @@ tokenizer's chat template (or model.chat_template), the loss on the assistant tu
 
 The rendered conversation is tokenized once; a token is trained when its characters lie in an
 assistant turn: from the end of the prompt that asks for it through its end-of-turn text (found
-by chat_spans.py).
+by chat_spans.py), or, when the template marks what the assistant writes with `{% generation %}`
+blocks, exactly the tokens transformers' `return_assistant_tokens_mask` marks (what TRL's
+assistant_only_loss trains).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +19,7 @@ from peftc.tasks.chat_spans import Unlocatable, assistant_spans
 from peftc.tasks.common import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def check_template(tokenizer: Any) -> None:
@@ -45,18 +49,30 @@ def check_messages(messages: Any, where: str, answered: bool = True) -> list[dic
 
 def encode(messages: list[dict[str, str]], tokenizer: Any, where: str) -> dict[str, list[int]]:
     """input_ids of the rendered conversation, labels masked outside the assistant turns."""
-    full = render(tokenizer, messages, where=where)
-    try:
-        spans = assistant_spans(messages, full, lambda m, **k: render(tokenizer, m, where=where, **k), tokenizer)
-    except Unlocatable as exc:
-        raise DataError(
-            where,
-            f"the chat template renders this conversation so that its assistant turns cannot be found ({exc})",
-            "use a template that writes each message's text as given (model.chat_template)",
-        ) from None
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding["input_ids"])
-    trained = [any(start <= begin < end for start, end in spans) for begin, _ in encoding["offset_mapping"]]
+    if GENERATION_BLOCK.search(tokenizer.chat_template):
+        encoding = _apply(
+            tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, trained = list(encoding["input_ids"]), [bool(mark) for mark in encoding["assistant_masks"]]
+        if not any(trained):
+            raise DataError(
+                where,
+                "the chat template's {% generation %} blocks mark no text of this conversation",
+                "put what the assistant writes (and its end-of-turn text) inside them",
+            )
+    else:
+        full = render(tokenizer, messages, where=where)
+        try:
+            spans = assistant_spans(messages, full, lambda m, **k: render(tokenizer, m, where=where, **k), tokenizer)
+        except Unlocatable as exc:
+            raise DataError(
+                where,
+                f"the chat template renders this conversation so that its assistant turns cannot be found ({exc})",
+                "mark what the assistant writes with {% generation %} ... {% endgeneration %} in the template",
+            ) from None
+        encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoding["input_ids"])
+        trained = [any(start <= begin < end for start, end in spans) for begin, _ in encoding["offset_mapping"]]
     return {"input_ids": ids, "labels": [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained)]}
 
 
