@@ -4,6 +4,7 @@ assistant turns only; a tokenizer without a template and malformed conversations
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import peftc
 from peftc import tasks
 from peftc.planning.model_source import load_tokenizer
+from peftc.tasks import chat
 from peftc.tasks.common import IGNORE_INDEX
 from tests.helpers import run_cli
 
@@ -157,3 +159,108 @@ def test_the_prompt_of_an_answered_conversation_leaves_out_its_last_answer(chat_
     assert prompt_text(conversation(0)["messages"], tokenizer) == (
         "<|user|>What does the cat say?\n<|assistant|>The cat says hello.\n<|user|>Again?\n<|assistant|>"
     )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_dir: Path):
+    return load_tokenizer(peftc.compile(overrides(chat_dir)).spec.model)
+
+
+def trained_runs(messages: list, tokenizer, template: str = TEMPLATE) -> list[str]:
+    """The trained text of a conversation, one string per run of trained tokens."""
+    tokenizer.chat_template = template
+    example = chat.encode(chat.check_messages(messages, "row"), tokenizer, "row")
+    runs, run = [], []
+    for label in [*example["labels"], IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            run.append(label)
+        elif run:
+            runs, run = [*runs, tokenizer.decode(run)], []
+    return runs
+
+
+QUESTION, ANSWER = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],  # ShareGPT
+        [
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {**ANSWER, "content": [{"type": "text", "text": "Hello."}]},
+        ],
+    ],
+    ids=["sharegpt-from-value", "openai-text-parts"],
+)
+def test_sharegpt_and_text_part_messages_read_as_role_and_content(messages: list) -> None:
+    assert chat.check_messages(messages, "row") == [QUESTION, ANSWER]
+
+
+def test_text_parts_are_joined_with_newlines() -> None:
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    assert chat.check_messages([{"role": "user", "content": parts}, ANSWER], "row")[0]["content"] == "Hi\nthere"
+
+
+def test_messages_with_weight_0_or_train_false_are_not_trained(tokenizer) -> None:
+    messages = [QUESTION, {**ANSWER, "content": "Bad.", "weight": 0}, QUESTION, {**ANSWER, "train": True}]
+    assert trained_runs(messages, tokenizer) == ["Hello.\n"]
+    messages[1] = {**ANSWER, "content": "Bad.", "train": False}
+    assert trained_runs(messages, tokenizer) == ["Hello.\n"]
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<call>{{ c.function.name }}({{ c.function.arguments | tojson }})</call>{% endfor %}{% else %}"
+    "{{ m.content }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_an_assistant_tool_call_and_the_answer_after_its_result_are_trained(tokenizer) -> None:
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        ANSWER,
+    ]
+    assert trained_runs(messages, tokenizer, TOOL_TEMPLATE) == ['<call>weather({"city": "Paris"})</call>', "Hello."]
+
+
+@pytest.mark.parametrize(
+    ("message", "problem"),
+    [
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]},
+            "message 1 has a content part of type 'image_url'",
+        ),
+        ({"role": "assistant", "content": None}, "message 1 must have a text 'content'; or a list of {type: text"),
+        ({**ANSWER, "weight": 0.5}, "message 1 has weight=0.5; give 0 or 1"),
+        ({**ANSWER, "train": "yes"}, "message 1 has train='yes'; give true or false"),
+        ({**QUESTION, "train": True}, "message 1 (user) is marked to be trained; only assistant messages are trained"),
+        (
+            {"from": "bot", "value": "Hi"},
+            "message 1 has role 'bot'; roles: system, user, assistant, tool (ShareGPT 'from': human, gpt",
+        ),
+    ],
+)
+def test_unusable_message_shapes_are_named_with_what_works(message: dict, problem: str) -> None:
+    with pytest.raises(peftc.DataError, match="^row: " + re.escape(problem)):
+        chat.check_messages([message, ANSWER], "row")
+
+
+def test_a_row_whose_answers_all_have_weight_0_has_nothing_to_learn() -> None:
+    with pytest.raises(
+        peftc.DataError, match=r"has no assistant message to learn from \(all have weight 0 or train false\)"
+    ):
+        chat.check_messages([QUESTION, {**ANSWER, "weight": 0}], "row")
+
+
+def test_a_template_that_fails_on_a_row_is_one_error(tokenizer) -> None:
+    # DeepSeek's template adds a tool call's arguments to text: an arguments object fails there
+    template = "{% for m in messages %}{{ '<call>' + m.tool_calls[0].function.arguments if m.tool_calls else m.content }}{% endfor %}"
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    with pytest.raises(
+        peftc.DataError, match=r"^row: the chat template fails on this conversation: can only concatenate str"
+    ):
+        trained_runs([QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]}], tokenizer, template)
