@@ -138,13 +138,24 @@ def test_an_index_beyond_the_label_set_is_refused(tmp_path: Path) -> None:
         datasets([*SEQ_CLS, "data.source=csv", f"data.path={path}"])
 
 
-def test_a_missing_column_names_file_row_and_the_mapping_to_set(tmp_path: Path) -> None:
+# The override to type: Hydra adds a key that data.columns lacks only with '+'.
+@pytest.mark.parametrize(
+    ("mapping", "column", "override"),
+    [
+        ([], "text", "+data.columns.text=<column>"),
+        (["data.columns={text: review}"], "review", "data.columns.text=<column>"),
+    ],
+    ids=["unmapped", "mapped"],
+)
+def test_a_missing_column_names_file_row_and_the_mapping_to_set(
+    tmp_path: Path, mapping: list[str], column: str, override: str
+) -> None:
     path = write_jsonl(tmp_path / "reviews.jsonl", [{"body": "x", "label": "positive"}])
     with pytest.raises(DataError) as info:
-        datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}"])
+        datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", *mapping])
     message = str(info.value)
-    assert message.startswith(f"{path} row 1: missing column 'text' (task field 'text')")
-    assert "set data.columns.text=<column>" in message
+    assert message.startswith(f"{path} row 1: missing column '{column}' (task field 'text')")
+    assert f"; set {override};" in message
 
 
 @pytest.mark.parametrize(

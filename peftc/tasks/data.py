@@ -265,7 +265,8 @@ def _select(
                 raise DataError(
                     f"{source} row {number}",
                     f"missing column {column!r} (task field {field!r})",
-                    f"set data.columns.{field}=<column>; {hint}",
+                    # Hydra adds a key data.columns lacks only with '+'
+                    f"set {'' if field in columns else '+'}data.columns.{field}=<column>; {hint}",
                 )
             problem = _cell_problem(row[column], column, field in lists)
             if problem:
