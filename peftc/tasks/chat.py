@@ -49,7 +49,7 @@ def check_messages(messages: Any, where: str, answered: bool = True) -> list[dic
     if answered and not any(m["role"] == "assistant" and m.get("train", True) for m in checked):
         flagged = any(m["role"] == "assistant" for m in checked)
         raise DataError(
-            where, "has no assistant message to learn from" + (" (all have weight 0 or train false)" * flagged)
+            where, "has no assistant message to learn from" + (" (all have weight 0 or train false)" if flagged else "")
         )
     return checked
 
