@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 import peftc
 from peftc.config.compose import compose, to_spec
@@ -90,6 +90,71 @@ def test_chat_rows_from_parquet_train_only_the_assistant_turns(tmp_path: Path) -
     train, _ = tasks.get(plan.task).datasets(plan.spec, tokenizer)
     trained = [t for t, label in zip(train[0]["input_ids"], train[0]["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained).startswith("Hello ") and "Hi " not in tokenizer.decode(trained)
+
+
+SENTIMENT = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+
+
+def sst2(path: Path, labels: list[int]) -> Path:
+    """A GLUE SST-2-shaped split: its integer labels declared as a ClassLabel with names."""
+    texts = [f"a {['dull', 'fine'][i % 2]} film, number {i}" for i in range(len(labels))]
+    Dataset.from_dict({"sentence": texts, "label": labels}, features=SENTIMENT).to_parquet(str(path))
+    return path
+
+
+def classified(*overrides: str) -> tuple[tuple[str, ...], list, list]:
+    """The label set a seq_cls run plans and its encoded (train, validation) examples."""
+    from peftc import tasks
+    from peftc.planning.model_source import load_tokenizer
+
+    plan = peftc.compile(["model=tiny_bert", "data.source=hf", *overrides])
+    train, val = tasks.get(plan.task).datasets(plan.spec, load_tokenizer(plan.spec.model))
+    return plan.spec.task.labels, train, val
+
+
+def test_class_label_names_are_the_label_set(tmp_path: Path) -> None:
+    path = sst2(tmp_path / "sst2.parquet", [0, 1] * 6)
+    labels, _, _ = classified("task=seq_cls", f"data.path={path}", "data.columns={text: sentence}")
+    assert labels == ("negative", "positive")  # as run_glue names them (the head's id2label), not '0' and '1'
+
+
+def test_class_label_integers_are_matched_by_name_whatever_order_task_labels_lists(tmp_path: Path) -> None:
+    path = sst2(tmp_path / "sst2.parquet", [0, 1] * 6)
+    _, train, _ = classified(
+        "task=seq_cls",
+        f"data.path={path}",
+        "data.columns={text: sentence}",
+        "task.labels=[positive,negative]",
+        "data.val_fraction=0",
+    )
+    assert [e["label"] for e in train] == [1, 0] * 6  # 'negative' (ClassLabel's 0) is class 1 here
+
+
+def test_tag_names_come_from_the_class_label_in_its_order_with_tags_absent_from_training(tmp_path: Path) -> None:
+    tags = ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
+    features = Features({"tokens": List(Value("string")), "ner_tags": List(tags)})
+    rows = {"tokens": [["Ann", "is", "in", "Rome"]] * 4, "ner_tags": [[1, 0, 0, 3]] * 4}
+    saved = tmp_path / "conll"
+    DatasetDict(
+        train=Dataset.from_dict(rows, features=features),
+        validation=Dataset.from_dict({"tokens": [["New", "York"]], "ner_tags": [[3, 4]]}, features=features),
+    ).save_to_disk(str(saved))
+    overrides = ["task=token_cls", f"data.path={saved}", "data.columns={tags: ner_tags}", "data.val_split=validation"]
+    labels, _, val = classified(*overrides)
+    assert labels == ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")  # I-LOC is in validation only
+    assert [t for t in val[0]["labels"] if t != IGNORE_INDEX] == [3, 4]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_class_label_of_minus_one_is_an_unlabelled_row_named_with_its_split(tmp_path: Path, split: str) -> None:
+    saved = tmp_path / "glue"
+    labelled = Dataset.from_dict({"sentence": ["bad", "good"] * 3, "label": [0, 1] * 3}, features=SENTIMENT)
+    unlabelled = Dataset.from_dict({"sentence": ["so-so", "meh"], "label": [1, -1]}, features=SENTIMENT)
+    DatasetDict({"train": labelled, "test": unlabelled} if split == "test" else {"train": unlabelled}).save_to_disk(
+        str(saved)
+    )
+    with pytest.raises(DataError, match=rf"glue \[{split}\] row 2: 'label' is -1, the datasets library's 'no label'"):
+        classified("task=seq_cls", f"data.path={saved}", "data.columns={text: sentence}", "data.val_split=test")
 
 
 @pytest.mark.parametrize(

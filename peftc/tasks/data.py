@@ -97,6 +97,17 @@ def load_splits(
     return train, val
 
 
+def declared_labels(spec: DataSpec, field: str) -> list[str] | None:
+    """The label names the data itself declares for a task field, in class-index order: a Hugging
+    Face ClassLabel column's names (GLUE's label, CoNLL's ner_tags), as transformers' run_glue and
+    run_ner take them. JSONL/CSV files and built-ins declare none (None)."""
+    if spec.source != "hf":
+        return None
+    from peftc.tasks.hf_data import class_names
+
+    return class_names(spec, (spec.columns or {}).get(field, field))
+
+
 def _hf_splits(
     spec: DataSpec,
     fields: Sequence[str],

@@ -6,7 +6,8 @@ hub dataset id (`org/name`), whose data files `huggingface_hub` takes from its l
 offline (HF_HUB_OFFLINE=1) or downloads when online; nothing is executed (no loading scripts).
 `data.split` picks the training split, `data.val_split` the validation one, `data.subset` the
 configuration. With `data.streaming=true` only the rows the run uses are read, lazily, from the
-files. Rows come back as plain dicts holding only the columns the task reads.
+files. Rows come back as plain dicts holding only the columns the task reads, a ClassLabel
+column's integers as the names the dataset declares for them.
 """
 
 from __future__ import annotations
@@ -33,11 +34,32 @@ def read_hf_splits(
     """(train rows, validation rows or None when no data.val_split, the source's name for messages)."""
     source = _local_source(spec)
     splits = _open(spec, source)  # once: both splits come from the same load
-    train = _rows(_split(splits, source, spec.split, "data.split"), columns, _train_rows_wanted(spec))
+    train_split = _split(splits, source, spec.split, "data.split")
+    train = _rows(train_split, columns, _train_rows_wanted(spec), f"{spec.path} [{spec.split}]")
     val = None
     if spec.val_split is not None:
-        val = _rows(_split(splits, source, spec.val_split, "data.val_split"), columns, spec.limit_val_examples)
+        val_split = _split(splits, source, spec.val_split, "data.val_split")
+        val = _rows(val_split, columns, spec.limit_val_examples, f"{spec.path} [{spec.val_split}]")
     return train, val, str(spec.path)
+
+
+def class_names(spec: DataSpec, column: str) -> list[str] | None:
+    """The names of a ClassLabel column of the training split (or of a column of ClassLabel lists,
+    like CoNLL's ner_tags), in class-index order; None for any other column."""
+    split = _split(_open(spec, _local_source(spec)), _local_source(spec), spec.split, "data.split")
+    label = _class_label(split.features, column)
+    return None if label is None else [str(name) for name in label.names]
+
+
+def _class_label(features: Any, column: str) -> Any:
+    """The ClassLabel of a column, or of the items of a list column; None when it has none."""
+    from datasets import ClassLabel
+
+    feature = (features or {}).get(column)
+    for candidate in (feature, getattr(feature, "feature", None)):  # List/Sequence hold theirs in .feature
+        if isinstance(candidate, ClassLabel):
+            return candidate
+    return None
 
 
 def _train_rows_wanted(spec: DataSpec) -> int | None:
@@ -119,14 +141,37 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def _rows(split: Any, columns: Sequence[str], limit: int | None) -> list[dict[str, Any]]:
+def _rows(split: Any, columns: Sequence[str], limit: int | None, where: str) -> list[dict[str, Any]]:
     """The split's rows with only `columns` (those it has: a missing one is named by the caller
-    against its row), the first `limit` of them when given."""
+    against its row), the first `limit` of them when given; ClassLabel integers as their names."""
     names = split.column_names or []  # an IterableDataset may not know its columns before reading
     if names:
         split = split.select_columns([c for c in columns if c in names])
     if limit is not None:
-        return [dict(row) for row in itertools.islice(split, limit)]
-    if hasattr(split, "to_list"):
-        return split.to_list()
-    return [dict(row) for row in split]
+        rows = [dict(row) for row in itertools.islice(split, limit)]
+    elif hasattr(split, "to_list"):
+        rows = split.to_list()
+    else:
+        rows = [dict(row) for row in split]
+    for column in columns:
+        label = _class_label(split.features, column)
+        if label is not None:
+            _name_classes(rows, column, label, where)
+    return rows
+
+
+def _name_classes(rows: list[dict[str, Any]], column: str, label: Any, where: str) -> None:
+    """A ClassLabel column's integers replaced by the names the dataset declares (so labels are
+    matched by name, whatever order task.labels lists them in). -1 is the library's "no label"
+    (GLUE's test splits): such a row has nothing to learn or score, so it is refused."""
+    for number, row in enumerate(rows, start=1):
+        value = row.get(column)
+        values = value if isinstance(value, list) else [value]
+        if -1 in values:
+            raise DataError(
+                f"{where} row {number}",
+                f"{column!r} is -1, the datasets library's 'no label' (as in GLUE's test splits)",
+                "train and validate on labelled splits (data.split, data.val_split) or drop the unlabelled rows",
+            )
+        named = [label.int2str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+        row[column] = named if isinstance(value, list) else named[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +44,7 @@ class LabelledTask(Task):
     the model config), read back from a saved head's rows, and accuracy / macro-F1 over it."""
 
     head_modules = HEADS
+    label_field: ClassVar[str] = "label"  # the field holding a row's label (token_cls: its tags)
 
     def config_overrides(self, spec: Any) -> dict[str, Any]:
         return label_config(spec.labels)
@@ -51,10 +52,14 @@ class LabelledTask(Task):
     def with_data_settings(self, run: RunSpec) -> Any:
         if run.task.labels is not None:
             return run.task
-        from peftc.tasks.data import load_splits
+        from peftc.tasks.data import declared_labels, load_splits
 
-        train, _ = load_splits(run.data, self.fields, seed=run.seed, lists=self.list_fields)
-        labels = self.labels_in(train)
+        # A dataset's ClassLabel names, in its order, as transformers' run_glue uses them; else the
+        # training split's distinct labels.
+        labels = declared_labels(run.data, self.label_field)
+        if labels is None:
+            train, _ = load_splits(run.data, self.fields, seed=run.seed, lists=self.list_fields)
+            labels = self.labels_in(train)
         if len(labels) < 2:
             raise ConfigError(
                 "task.labels",

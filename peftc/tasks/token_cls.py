@@ -64,6 +64,7 @@ class TokenCls(LabelledTask):
     fields = ("tokens", "tags")
     input_fields = ("tokens",)
     list_fields = ("tokens", "tags")  # a row's words and tags: lists, or space-separated text
+    label_field = "tags"
 
     def labels_in(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         tags = sorted_labels({tag for row in rows for tag in words(row["tags"])})
