@@ -193,6 +193,13 @@ def test_a_label_set_of_digit_names_reads_data_labels_as_names_first() -> None:
     assert [label_index(value, ["1", "2", "3", "4", "5"]) for value in ("1", 1, "5", 5)] == [0, 0, 4, 4]
 
 
+@pytest.mark.parametrize(("value", "labels"), [(0, ["1", "2", "3", "4", "5"]), ("1", ["0", "2"]), (1, ["O", "7"])])
+def test_a_number_that_is_not_a_name_of_an_integer_named_label_set_is_no_index(value: object, labels: list) -> None:
+    """Indices would be ambiguous there: a 0 star rating is not the class named '1', and a
+    validation label 1 is not the class '2' of a training split that had the classes 0 and 2."""
+    assert label_index(value, labels) is None
+
+
 # ------------------------------------------------------------------------ question answering
 def test_span_exact_match_and_f1_on_known_spans() -> None:
     from peftc.tasks.question_ans import span_scores

@@ -81,11 +81,13 @@ def check_labels(key: str, labels: Sequence[str]) -> None:
 
 
 def label_index(value: Any, labels: Sequence[str]) -> int | None:
-    """A label given by name, or by its index (an int, or digits in a CSV cell); None if neither."""
+    """A label given by name, or by its index (an int, or digits in a CSV cell); None if neither.
+    A label set with integer names (star ratings 1..5, the classes 0 and 2 a training split had)
+    reads a number as a name only: as an index, 0 would silently be the class named '1'."""
     names = [str(label) for label in labels]
     if str(value) in names:
         return names.index(str(value))
-    if isinstance(value, bool):
+    if isinstance(value, bool) or _integer_names(names):
         return None
     if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
         index = int(value)
@@ -97,10 +99,12 @@ def label_problem(value: Any, labels: Sequence[str], key: str) -> str | None:
     if label_index(value, labels) is not None:
         return None
     shown = str(list(labels)) if len(labels) <= 10 else f"{str(list(labels[:10]))[:-1]}, ... ({len(labels)} labels)]"
-    return (
-        f"label {value!r} is not in the label set {shown} "
-        f"(give a label name or an index 0..{len(labels) - 1}; or change {key})"
-    )
+    allowed = "a label name" if _integer_names(labels) else f"a label name or an index 0..{len(labels) - 1}"
+    return f"label {value!r} is not in the label set {shown} (give {allowed}; or change {key})"
+
+
+def _integer_names(labels: Sequence[Any]) -> bool:
+    return any(str(label).lstrip("-").isdigit() for label in labels)
 
 
 def label_config(labels: Sequence[str]) -> dict[str, Any]:
