@@ -258,6 +258,15 @@ def test_training_data_with_one_label_is_refused_at_compile_time(tmp_path: Path)
         peftc.compile(["task=seq_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}"])
 
 
+def test_fractional_labels_are_refused_as_regression_scores_not_made_classes(tmp_path: Path) -> None:
+    import peftc
+
+    rows = [{"text": f"pair {i}", "label": score} for i, score in enumerate([0.0, 1.25, 3.8, 5.0, 2.5, 4.0])]
+    path = write_jsonl(tmp_path / "stsb.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"task.labels: is unset and the training labels are fractional numbers"):
+        peftc.compile(["task=seq_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}"])
+
+
 def test_unset_tags_put_o_first(tmp_path: Path) -> None:
     import peftc
 

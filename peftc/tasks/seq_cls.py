@@ -67,6 +67,17 @@ class LabelledTask(Task):
                 f"is unset and the training data has {len(labels)} distinct label(s) {labels}",
                 "a classifier needs at least two: check data.columns, or set task.labels=[...]",
             )
+        if fractional_numbers(labels):
+            # STS-B-style scores: one class per distinct score would train a classifier on noise
+            shown = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+            raise ConfigError(
+                "task.labels",
+                None,
+                f"is unset and the training labels are fractional numbers ({shown}: {len(labels)} distinct), "
+                "which look like regression scores; classification takes one class per distinct label and "
+                "regression is not supported",
+                "bin the scores into classes, or set task.labels=[...] if these are class names",
+            )
         return run.task.replace(labels=labels)
 
     def labels_in(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -146,6 +157,15 @@ class SeqCls(LabelledTask):
                 best = max(range(len(row_probs)), key=row_probs.__getitem__)
                 out.append({"label": labels[best], "scores": dict(zip(labels, row_probs))})
         return [{"text": r["text"], **p} for r, p in zip(rows, out)]
+
+
+def fractional_numbers(labels: Sequence[str]) -> bool:
+    """Whether every label is a number and some are not whole (3.8, not 3 or 3.0)."""
+    try:
+        values = [float(label) for label in labels]
+    except ValueError:
+        return False
+    return any(not value.is_integer() for value in values)
 
 
 def head_rows(tensors: Mapping[str, torch.Tensor], heads: Sequence[str]) -> int | None:
