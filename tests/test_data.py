@@ -107,6 +107,15 @@ def test_csv_labels_may_be_names_or_indices(tmp_path: Path) -> None:
     assert sorted(e["label"] for e in train + val) == [0, 0, 1, 1]
 
 
+def test_sentence_pairs_are_encoded_as_one_pair_when_text_pair_is_mapped(tmp_path: Path) -> None:
+    rows = [{"question": f"Is it {i}?", "sentence": f"It is {i}.", "label": i % 2} for i in range(4)]
+    path = write_jsonl(tmp_path / "qnli.jsonl", rows)
+    columns = "data.columns={text: question, text_pair: sentence}"
+    train, _ = datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", columns, "data.val_fraction=0"])
+    tokenizer = load_tokenizer(to_spec(compose(SEQ_CLS)).model)
+    assert tokenizer.decode(train[0]["input_ids"]) == tokenizer.decode(tokenizer("Is it 0?", "It is 0.")["input_ids"])
+
+
 def test_a_label_outside_the_label_set_names_file_and_row(tmp_path: Path) -> None:
     rows = [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"}, {"text": "c", "label": "neutral"}]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)

@@ -58,7 +58,7 @@ class LabelledTask(Task):
         # training split's distinct labels.
         labels = declared_labels(run.data, self.label_field)
         if labels is None:
-            train, _ = load_splits(run.data, self.fields, seed=run.seed, lists=self.list_fields)
+            train, _ = load_splits(run.data, self.data_fields(run), seed=run.seed, lists=self.list_fields)
             labels = self.labels_in(train)
         if len(labels) < 2:
             raise ConfigError(
@@ -115,13 +115,24 @@ class SeqCls(LabelledTask):
     fields = ("text", "label")
     input_fields = ("text",)
 
+    # Sentence pairs (GLUE's MRPC/QNLI/MNLI, STS-style): data.columns.text_pair names the second
+    # text; the two are encoded as one pair (the tokenizer's separator and segment ids), as run_glue does.
+    def data_fields(self, run: RunSpec) -> tuple[str, ...]:
+        return ("text", "text_pair", "label") if _pairs(run) else self.fields
+
+    def prediction_fields(self, run: RunSpec) -> tuple[str, ...]:
+        return ("text", "text_pair") if _pairs(run) else self.input_fields
+
+    def sample_inputs(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: row[k] for k in ("text", "text_pair") if k in row} for row in rows]
+
     def check_row(self, row: Mapping[str, Any], spec: SeqClsSpec) -> str | None:
         return label_problem(row["label"], spec.labels, "task.labels")
 
     def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
         examples = []
         for row in rows:
-            example = token_fields(tokenize(tokenizer, row["text"], run))
+            example = token_fields(tokenize(tokenizer, row["text"], run, text_pair=row.get("text_pair")))
             if "label" in row:
                 example["label"] = label_index(row["label"], run.task.labels)
             examples.append(example)
@@ -150,13 +161,18 @@ class SeqCls(LabelledTask):
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
         labels = run.task.labels
+        inputs = self.sample_inputs(rows)
         out = []
-        for chunk in batches(self.encode([{"text": r["text"]} for r in rows], run, tokenizer), run.data.batch_size):
+        for chunk in batches(self.encode(inputs, run, tokenizer), run.data.batch_size):
             probs = model(**to_device(self.collate(chunk, tokenizer), model)).logits.float().softmax(-1)
             for row_probs in probs.tolist():
                 best = max(range(len(row_probs)), key=row_probs.__getitem__)
                 out.append({"label": labels[best], "scores": dict(zip(labels, row_probs))})
-        return [{"text": r["text"], **p} for r, p in zip(rows, out)]
+        return [{**r, **p} for r, p in zip(inputs, out)]
+
+
+def _pairs(run: RunSpec) -> bool:
+    return "text_pair" in (run.data.columns or {})
 
 
 def fractional_numbers(labels: Sequence[str]) -> bool:
