@@ -100,6 +100,16 @@ def test_predict_on_one_text_prints_the_label(trained: Path, tmp_path: Path) -> 
     assert json.dumps(prediction) in result.stdout
 
 
+def test_predict_with_the_task_named_takes_the_adapters_label_set(trained: Path, tmp_path: Path) -> None:
+    """task=seq_cls on the command line turns off the adapter's saved task settings: the label
+    set then comes from the adapter's head, not from task.labels (unset)."""
+    args = ["action=predict", "task=seq_cls", "model=tiny_bert", f"adapter={trained / 'adapter'}", "input=fine"]
+    result = run_cli([*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (prediction,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert set(prediction["scores"]) == {"negative", "positive"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -47,7 +47,8 @@ class LabelledTask(Task):
     label_field: ClassVar[str] = "label"  # the field holding a row's label (token_cls: its tags)
 
     def config_overrides(self, spec: Any) -> dict[str, Any]:
-        return label_config(spec.labels)
+        # unset labels (an action on a saved adapter with task= given) ask nothing of the head
+        return {} if spec.labels is None else label_config(spec.labels)
 
     def with_data_settings(self, run: RunSpec) -> Any:
         if run.task.labels is not None:
