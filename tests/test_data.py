@@ -288,9 +288,13 @@ def test_unset_tags_put_o_first(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("cell", "problem"),
-    [("   ", r"'review' is empty"), ({"en": "good"}, r"'review' is an object \(\{\"en\": \"good\"\}\), not text")],
+    [
+        ("   ", r"'review' is empty"),
+        (None, r"'review' is empty \(null\); fix the row or remove it$"),  # a parquet null, a JSON null
+        ({"en": "good"}, r"'review' is an object \(\{\"en\": \"good\"\}\), not text"),
+    ],
 )
-def test_a_text_cell_that_is_empty_or_an_object_names_the_row(tmp_path: Path, cell: object, problem: str) -> None:
+def test_a_text_cell_that_is_empty_null_or_an_object_names_the_row(tmp_path: Path, cell: object, problem: str) -> None:
     rows = [{"review": "fine", "label": "positive"}, {"review": cell, "label": "negative"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=rf"d.jsonl row 2: {problem}"):

@@ -271,7 +271,7 @@ def _select(
         selected = {}
         for field in fields:
             column = columns.get(field, field)
-            if column not in row or row[column] is None:
+            if column not in row:
                 hint = did_you_mean(column, row) or f"columns present: {', '.join(map(str, row))}"
                 raise DataError(
                     f"{source} row {number}",
@@ -298,7 +298,9 @@ def _select(
 def _cell_problem(value: Any, column: str, list_allowed: bool = False) -> str | None:
     """Text fields hold text: an empty cell trains on nothing, and an object or a list (where the
     task does not take one) is a file from another schema, which str() would silently turn
-    into "['a', 'b']" training text."""
+    into "['a', 'b']" training text. A null (JSON null, a parquet/arrow missing value) holds nothing."""
+    if value is None:
+        return f"{column!r} is empty (null)"
     if isinstance(value, str) and not value.strip():
         return f"{column!r} is empty"
     if isinstance(value, dict):
