@@ -187,6 +187,25 @@ def test_a_file_datasets_cannot_read_is_named(tmp_path: Path) -> None:
         splits(f"data.path={tmp_path / 'notes.txt'}")
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("rows.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": c}\n', r"rows.jsonl:3: not valid JSON"),
+        ("rows.json", b'{"text": "a"}\n{"text": "b"\n', r"rows.json:2: not valid JSON"),  # JSON lines named .json
+        ("rows.csv", "text\ncafé\n".encode("latin-1"), r"rows.csv: is not UTF-8 text \(byte 8\)"),
+        ("rows.csv", b'text\n"unclosed\n', r"rows.csv: datasets could not read it \(Error tokenizing data"),
+    ],
+)
+def test_a_data_file_datasets_cannot_parse_names_the_line_or_the_cause_in_one_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture, name: str, content: bytes, message: str
+) -> None:
+    """Not the library's 'An error occurred while generating the dataset', nor its own log line."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        splits(f"data.path={tmp_path / name}", "data.columns={prompt: text, response: text}")
+    assert capfd.readouterr().err == ""
+
+
 def test_hf_only_keys_are_refused_for_file_sources() -> None:
     with pytest.raises(ConfigError, match=r"data.subset='en': is read by data.source=hf only \(source is jsonl\)"):
         to_spec(compose(["data.source=jsonl", "data.path=x.jsonl", "data.subset=en"]))

@@ -12,6 +12,7 @@ import json
 import random
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,8 @@ def declared_labels(spec: DataSpec, field: str) -> list[str] | None:
         return None
     from peftc.tasks.hf_data import class_names
 
-    return class_names(spec, (spec.columns or {}).get(field, field))
+    with _bad_line_named(spec):
+        return class_names(spec, (spec.columns or {}).get(field, field))
 
 
 def _hf_splits(
@@ -122,7 +124,8 @@ def _hf_splits(
 
     columns = spec.columns or {}
     wanted = [columns.get(f, f) for f in [*fields, *(optional or {})]]
-    train_rows, val_rows, source = read_hf_splits(spec, wanted)
+    with _bad_line_named(spec):
+        train_rows, val_rows, source = read_hf_splits(spec, wanted)
     for name, rows in ((spec.split, train_rows), (spec.val_split, val_rows)):
         if rows is not None and not rows:
             raise DataError(
@@ -134,6 +137,31 @@ def _hf_splits(
     else:
         val = list(_select(val_rows, fields, columns, f"{source} [{spec.val_split}]", check, optional, lists))
     return train, val, source
+
+
+@contextmanager
+def _bad_line_named(spec: DataSpec) -> Iterator[None]:
+    """A JSONL or CSV file the datasets library could not read is read again line by line to name
+    the line (or byte) at fault, which the library's message does not (arrow counts rows from 0
+    within a block); the library's error stands when this reading finds nothing wrong."""
+    try:
+        yield
+    except DataError:
+        path = Path(str(spec.path)).expanduser()
+        suffix = path.suffix.lower()
+        one_document = suffix == ".json" and not _json_lines(path)  # an array, SQuAD's {"data": ...}
+        if path.is_file() and suffix in (".jsonl", ".json", ".csv") and not one_document:
+            _read(path, "csv" if suffix == ".csv" else "jsonl")
+        raise
+
+
+def _json_lines(path: Path) -> bool:
+    """Whether a .json file holds one JSON object per line (its first line is a whole object)."""
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            return isinstance(json.loads(fh.readline()), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
 
 
 def _split(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) -> tuple[list, list]:

@@ -112,6 +112,9 @@ def _open(spec: DataSpec, source: Path) -> Any:
     import datasets
 
     datasets.disable_progress_bars()  # peftc prints its own one-line progress
+    verbosity = datasets.logging.get_verbosity()
+    # the library logs its own error line before raising; the DataError below is the one line shown
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if _is_saved_dataset(source):
             loaded = datasets.load_from_disk(str(source))
@@ -133,7 +136,21 @@ def _open(spec: DataSpec, source: Path) -> Any:
     except ConfigError:
         raise
     except Exception as exc:  # datasets raises ValueError, FileNotFoundError, ArrowInvalid, ...
-        raise DataError(str(source), f"datasets could not read it ({first_line(exc)})") from exc
+        raise DataError(str(source), f"datasets could not read it ({first_line(_innermost(exc))})") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The error a library's wrapper was raised from: datasets says 'An error occurred while
+    generating the dataset' above the UnicodeDecodeError or JSON parse error that says what.
+    Only explicit causes (`raise ... from`) are followed: an error's __context__ is a fallback
+    that failed while it was handled, which says less."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
 
 
 def _is_saved_dataset(path: Path) -> bool:
