@@ -301,6 +301,34 @@ def test_a_text_cell_that_is_empty_null_or_an_object_names_the_row(tmp_path: Pat
         datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.columns={text: review}"])
 
 
+QUESTION_ANS = ["task=question_ans", "model=tiny_bert", "data.source=jsonl", "data.val_fraction=0"]
+EIFFEL = "Eiffel's tower is in Paris. It was built by Gustave Eiffel."
+
+
+def squad_rows(answers: dict) -> list[dict]:
+    return [{"question": "Who built it?", "context": EIFFEL, "answers": answers}] * 2
+
+
+def test_a_squad_answers_object_trains_on_the_span_at_its_answer_start(tmp_path: Path) -> None:
+    second = EIFFEL.rindex("Eiffel")  # the answer's text also occurs earlier in the context
+    path = write_jsonl(tmp_path / "squad.jsonl", squad_rows({"text": ["Eiffel"], "answer_start": [second]}))
+    train, _ = datasets([*QUESTION_ANS, f"data.path={path}", "data.columns={answer: answers}"])
+    assert train[0]["offsets"][train[0]["start_positions"]][0] == second
+
+
+@pytest.mark.parametrize(
+    ("answers", "problem"),
+    [
+        ({"text": [], "answer_start": []}, r"has no answer \(a SQuAD v2 unanswerable question\)"),
+        ({"text": ["Paris"], "answer_start": [3]}, r"answer_start 3 does not point at the answer 'Paris' \(the"),
+    ],
+)
+def test_a_squad_row_without_a_span_to_learn_is_refused_by_row(tmp_path: Path, answers: dict, problem: str) -> None:
+    path = write_jsonl(tmp_path / "squad.jsonl", squad_rows(answers))
+    with pytest.raises(DataError, match=rf"squad.jsonl row 1: {problem}"):
+        datasets([*QUESTION_ANS, f"data.path={path}", "data.columns={answer: answers}"])
+
+
 def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> None:
     rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

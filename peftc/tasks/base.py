@@ -33,7 +33,7 @@ class Task:
     primary_metric: ClassVar[str] = "val_loss"
     fields: ClassVar[tuple[str, ...]] = ()  # what a data row carries (data.columns maps file columns to these)
     input_fields: ClassVar[tuple[str, ...]] = ()  # what prediction needs (the rest are targets)
-    list_fields: ClassVar[tuple[str, ...]] = ()  # fields whose cells may be lists (the rest hold text)
+    list_fields: ClassVar[tuple[str, ...]] = ()  # fields whose cells may be lists or objects (the rest hold text)
     loss_in_chunks: ClassVar[bool] = False  # the loss never holds all logits at once (the memory estimate)
     generates_text: ClassVar[bool] = False  # predictions carry "generated" text (shown before/after training)
 

@@ -46,8 +46,8 @@ def load_splits(
     `check` is the task's row validation (e.g. a label outside the label set); its problem is
     raised as a DataError naming the file and the row. `optional` fields ({name: default}, e.g.
     a method's task_id) are read when the row has the (mapped) column, else take the default.
-    Cells hold text (or numbers); only the `lists` fields may hold lists (token classification's
-    words and tags).
+    Cells hold text (or numbers); only the `lists` fields may hold lists or objects (token
+    classification's words and tags, SQuAD's answers), which the task's check reads.
     """
     if spec.source == "builtin":
         path = BUILTIN_DIR / f"{spec.name}.jsonl"
@@ -331,7 +331,7 @@ def _cell_problem(value: Any, column: str, list_allowed: bool = False) -> str | 
         return f"{column!r} is empty (null)"
     if isinstance(value, str) and not value.strip():
         return f"{column!r} is empty"
-    if isinstance(value, dict):
+    if isinstance(value, dict) and not list_allowed:
         return f"{column!r} is an object ({json.dumps(value)[:60]}), not text"
     if isinstance(value, list) and not list_allowed:
         return f"{column!r} is a list ({json.dumps(value)[:60]}), not text"

@@ -1,7 +1,9 @@
 """Extractive question answering: find the answer span inside the context.
 
-A row has a question, a context and the answer text, which must occur in the context (its first
-occurrence is the gold span). Question and context are encoded as a pair; only the context is
+A row has a question, a context and the answer: its text, which must occur in the context (its
+first occurrence is the gold span), or SQuAD's `answers` object, {text: [...], answer_start: [...]},
+whose first answer starts at its answer_start (as transformers' run_qa trains on it). A row
+without an answer (SQuAD v2's unanswerable questions) is refused: there is no span to learn. Question and context are encoded as a pair; only the context is
 truncated. The model (head `qa_outputs`, trained in full and saved, as peft does for
 QUESTION_ANS) scores each token as span start and end; loss is the mean of the two
 cross-entropies. An answer cut off by truncation points at position 0, as in transformers.
@@ -45,13 +47,21 @@ class QuestionAns(Task):
     primary_metric = "val_f1"
     fields = ("question", "context", "answer")
     input_fields = ("question", "context")
+    list_fields = ("answer",)  # SQuAD's answers object
 
     def check_row(self, row: Mapping[str, Any], spec: QuestionAnsSpec) -> str | None:
-        answer = str(row["answer"])
-        if not answer.strip():
+        answer = gold_answer(row["answer"])
+        if isinstance(answer, str):
+            return answer
+        text, start = answer
+        context = str(row["context"])
+        if not text.strip():
             return "the answer is empty"
-        if answer not in str(row["context"]):
-            return f"the answer {answer!r} does not occur in the context (answers are spans of the context)"
+        if start is not None and context[start : start + len(text)] != text:
+            found = context[start : start + len(text)]
+            return f"answer_start {start} does not point at the answer {text!r} (the context there reads {found!r})"
+        if text not in context:
+            return f"the answer {text!r} does not occur in the context (answers are spans of the context)"
         return None
 
     def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
@@ -75,8 +85,9 @@ class QuestionAns(Task):
             example["context_mask"] = [int(flag) for flag in in_context]
             example["offsets"] = [tuple(o) for o in encoding["offset_mapping"]]
             if "answer" in row:
-                start_char = context.index(str(row["answer"]))
-                span = token_span(example["offsets"], in_context, start_char, start_char + len(str(row["answer"])))
+                text, start_char = gold_answer(row["answer"])
+                start_char = context.index(text) if start_char is None else start_char
+                span = token_span(example["offsets"], in_context, start_char, start_char + len(text))
                 example["start_positions"], example["end_positions"] = span
             examples.append(example)
         return examples
@@ -133,6 +144,28 @@ class QuestionAns(Task):
             }
             for r, (s, e, score) in zip(rows, out)
         ]
+
+
+def gold_answer(value: Any) -> tuple[str, int | None] | str:
+    """(answer text, its character start or None for the first occurrence) of an answer cell: a
+    text, or SQuAD's {text: [...], answer_start: [...]} (its first answer); else the problem."""
+    if isinstance(value, list):
+        return "'answer' is a list: give the answer text, or SQuAD's {text: [...], answer_start: [...]}"
+    if not isinstance(value, dict):
+        return str(value), None
+    if "text" not in value or "answer_start" not in value:
+        return f"'answer' is an object with {sorted(value)}, not SQuAD's text and answer_start"
+    texts, starts = value["text"], value["answer_start"]
+    texts, starts = (texts, starts) if isinstance(texts, list) else ([texts], [starts])
+    if not texts:
+        return (
+            "has no answer (a SQuAD v2 unanswerable question): question_ans learns answer spans; "
+            "drop such rows, e.g. dataset.filter(lambda row: len(row['answers']['text']) > 0)"
+        )
+    start = starts[0] if isinstance(starts, list) and starts else None
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        return f"answer_start {start!r} is not a character position (a non-negative integer)"
+    return str(texts[0]), start
 
 
 def token_span(

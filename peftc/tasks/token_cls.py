@@ -71,6 +71,9 @@ class TokenCls(LabelledTask):
         return ["O", *(t for t in tags if t != "O")] if "O" in tags else tags  # "outside" first, as in CoNLL
 
     def check_row(self, row: Mapping[str, Any], spec: TokenClsSpec) -> str | None:
+        objects = [field for field in ("tokens", "tags") if isinstance(row.get(field), dict)]
+        if objects:
+            return f"{objects[0]!r} is an object, not a list of words or tags"
         tokens, tags = words(row["tokens"]), words(row["tags"])
         if not tokens:
             return "no tokens"
