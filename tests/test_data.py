@@ -329,6 +329,15 @@ def test_a_squad_row_without_a_span_to_learn_is_refused_by_row(tmp_path: Path, a
         datasets([*QUESTION_ANS, f"data.path={path}", "data.columns={answer: answers}"])
 
 
+def test_answers_cut_off_by_max_length_are_counted_in_a_warning(tmp_path: Path) -> None:
+    far = {"question": "Where?", "context": "Nothing here. " * 20 + "It is in Paris.", "answer": "Paris"}
+    near = {"question": "Where?", "context": "It is in Paris." + " Nothing here." * 20, "answer": "Paris"}
+    path = write_jsonl(tmp_path / "qa.jsonl", [far, near, far])
+    with pytest.warns(UserWarning, match=r"qa.jsonl: 2 of 3 examples have their answer past data.max_length=64 "):
+        train, _ = datasets([*QUESTION_ANS, f"data.path={path}", "data.max_length=64"])
+    assert [e["start_positions"] for e in train].count(0) == 2
+
+
 def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> None:
     rows = [{"text": f"t{i}", "label": i % 2} for i in range(20)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -90,6 +90,7 @@ class QuestionAns(Task):
                 span = token_span(example["offsets"], in_context, start_char, start_char + len(text))
                 example["start_positions"], example["end_positions"] = span
             examples.append(example)
+        _warn_of_cut_answers(examples, run)
         return examples
 
     def collate(
@@ -144,6 +145,23 @@ class QuestionAns(Task):
             }
             for r, (s, e, score) in zip(rows, out)
         ]
+
+
+def _warn_of_cut_answers(examples: Sequence[Mapping[str, Any]], run: RunSpec) -> None:
+    """Answers that truncation cut off point at position 0, as in transformers, so the model learns
+    'not in view' and validation counts them as misses; transformers' run_qa would instead split a
+    long context into overlapping windows (doc_stride), which peftc does not. Said, not silent."""
+    cut = sum(1 for e in examples if "start_positions" in e and e["start_positions"] == e["end_positions"] == 0)
+    if cut:
+        import warnings
+
+        warnings.warn(
+            f"{run.data.path or run.data.name}: {cut} of {len(examples)} examples have their answer past "
+            f"data.max_length={run.data.max_length} tokens (question + context), so they train to point at "
+            "position 0 and count as misses in validation; raise data.max_length (long contexts are not split "
+            "into windows)",
+            stacklevel=3,
+        )
 
 
 def gold_answer(value: Any) -> tuple[str, int | None] | str:
