@@ -56,6 +56,16 @@ def test_a_save_to_disk_directory_gives_its_named_splits(tmp_path: Path) -> None
         splits(f"data.path={saved}", "data.val_split=deev")
 
 
+def test_a_validation_split_left_unused_is_named_in_a_warning(tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(pairs(30)), "validation": Dataset.from_list(pairs(8))}).save_to_disk(
+        str(saved)
+    )
+    with pytest.warns(UserWarning, match=r"has a 'validation' split, which is not used: validation holds out "):
+        train, _ = splits(f"data.path={saved}")
+    assert len(train) == 27  # as documented: a tenth of 'train' held out
+
+
 def test_a_hub_id_reads_the_datasets_files_from_the_hugging_face_cache_offline(
     parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from peftc.planning.model_source import HUB_ID
 
 # Builder of `datasets` for each data file suffix.
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+# Names datasets give their validation split.
+VALIDATION_SPLITS = ("validation", "valid", "dev")
 # Files fetched for a hub dataset: its data and its card (which names configs and splits).
 HUB_DATA_PATTERNS = [f"*{suffix}" for suffix in FILE_BUILDERS] + ["README.md"]
 
@@ -40,7 +43,27 @@ def read_hf_splits(
     if spec.val_split is not None:
         val_split = _split(splits, source, spec.val_split, "data.val_split")
         val = _rows(val_split, columns, spec.limit_val_examples, f"{spec.path} [{spec.val_split}]")
+    else:
+        _warn_of_unused_validation_split(spec, list(splits))
     return train, val, str(spec.path)
+
+
+def _warn_of_unused_validation_split(spec: DataSpec, names: Sequence[str]) -> None:
+    """A dataset that ships a validation split which data.val_split does not name: it is not
+    used (transformers' example scripts would validate on it), so the run says so."""
+    unused = next((name for name in VALIDATION_SPLITS if name in names and name != spec.split), None)
+    if unused is None:
+        return
+    held_out = (
+        f"validation holds out data.val_fraction={spec.val_fraction} of '{spec.split}'"
+        if spec.val_fraction > 0
+        else "nothing is validated (data.val_fraction=0)"
+    )
+    warnings.warn(
+        f"{spec.path} has a '{unused}' split, which is not used: {held_out}; "
+        f"set data.val_split={unused} to validate on it",
+        stacklevel=4,
+    )
 
 
 def class_names(spec: DataSpec, column: str) -> list[str] | None:
