@@ -187,6 +187,18 @@ def test_bad_hf_settings_are_one_line_naming_the_key_or_the_row(
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("columns", [["prompt", "completion"], ["document", "summary"]])
+def test_a_missing_column_is_named_beside_every_column_the_split_has(tmp_path: Path, columns: list[str]) -> None:
+    """Not only the task's columns it has, and not 'the split has no rows' when it has none of them."""
+    path = tmp_path / "other.parquet"
+    Dataset.from_dict({name: ["a", "b"] for name in columns}).to_parquet(str(path))
+    run = to_spec(compose([*PROMPT_RESPONSE, f"data.path={path}"]))
+    with pytest.raises(
+        DataError, match=rf"\[train\] row 1: missing column '(prompt|response)' .*present: {', '.join(columns)}$"
+    ):
+        load_splits(run.data, ("prompt", "response"), seed=run.seed)
+
+
 def test_a_file_datasets_cannot_read_is_named(tmp_path: Path) -> None:
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet at all")

@@ -125,7 +125,7 @@ def _hf_splits(
     columns = spec.columns or {}
     wanted = [columns.get(f, f) for f in [*fields, *(optional or {})]]
     with _bad_line_named(spec):
-        train_rows, val_rows, source = read_hf_splits(spec, wanted)
+        train_rows, val_rows, source = read_hf_splits(spec, wanted, [columns.get(f, f) for f in fields])
     for name, rows in ((spec.split, train_rows), (spec.val_split, val_rows)):
         if rows is not None and not rows:
             raise DataError(

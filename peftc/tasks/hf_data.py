@@ -32,17 +32,19 @@ HUB_DATA_PATTERNS = [f"*{suffix}" for suffix in FILE_BUILDERS] + ["README.md"]
 
 
 def read_hf_splits(
-    spec: DataSpec, columns: Sequence[str]
+    spec: DataSpec, columns: Sequence[str], required: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
-    """(train rows, validation rows or None when no data.val_split, the source's name for messages)."""
+    """(train rows, validation rows or None when no data.val_split, the source's name for messages).
+    A split without one of the `required` columns gives its first row whole, so that the caller's
+    row check names the missing column beside the columns there are."""
     source = _local_source(spec)
     splits = _open(spec, source)  # once: both splits come from the same load
     train_split = _split(splits, source, spec.split, "data.split")
-    train = _rows(train_split, columns, _train_rows_wanted(spec), f"{spec.path} [{spec.split}]")
+    train = _rows(train_split, columns, required, _train_rows_wanted(spec), f"{spec.path} [{spec.split}]")
     val = None
     if spec.val_split is not None:
         val_split = _split(splits, source, spec.val_split, "data.val_split")
-        val = _rows(val_split, columns, spec.limit_val_examples, f"{spec.path} [{spec.val_split}]")
+        val = _rows(val_split, columns, required, spec.limit_val_examples, f"{spec.path} [{spec.val_split}]")
     else:
         _warn_of_unused_validation_split(spec, list(splits))
     return train, val, str(spec.path)
@@ -181,11 +183,16 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def _rows(split: Any, columns: Sequence[str], limit: int | None, where: str) -> list[dict[str, Any]]:
-    """The split's rows with only `columns` (those it has: a missing one is named by the caller
-    against its row), the first `limit` of them when given; ClassLabel integers as their names."""
+def _rows(
+    split: Any, columns: Sequence[str], required: Sequence[str], limit: int | None, where: str
+) -> list[dict[str, Any]]:
+    """The split's rows with only `columns` (those it has), the first `limit` of them when given;
+    ClassLabel integers as their names. Without a required column, the first row with every
+    column (selecting none would leave no rows at all, and the check could not say what is there)."""
     names = split.column_names or []  # an IterableDataset may not know its columns before reading
-    if names:
+    if any(column not in names for column in required) and names:
+        limit = 1
+    elif names:
         split = split.select_columns([c for c in columns if c in names])
     if limit is not None:
         rows = [dict(row) for row in itertools.islice(split, limit)]
