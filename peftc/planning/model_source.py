@@ -63,6 +63,17 @@ def hf_config(model: ModelSpec, extra: dict[str, Any] | None = None) -> Pretrain
     return config
 
 
+def stored_quantization(model: ModelSpec) -> dict[str, Any] | None:
+    """config.json's `quantization_config`: how a checkpoint saved quantized (bitsandbytes, GPTQ,
+    AWQ, ...) stores its weights; None for an unquantized checkpoint or a config-built model."""
+    if model.is_config_built:
+        return None
+    stored = getattr(hf_config(model), "quantization_config", None)
+    if stored is None or isinstance(stored, dict):
+        return stored
+    return stored.to_dict() if hasattr(stored, "to_dict") else {"quant_method": str(stored)}
+
+
 def unusable_model_error(model: ModelSpec, what: str, exc: BaseException) -> ConfigError:
     """A model directory transformers cannot use, said in one line (never its traceback)."""
     text = str(exc)
@@ -236,7 +247,18 @@ def build_model(
     except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # truncated, size mismatch, ...
         raise unusable_model_error(model, "the weights", exc) from exc
     _warn_missing_base_weights(loaded, info.get("missing_keys", ()), model)
+    _cast_unquantized(loaded, dtype)
     return (loaded if placement else loaded.to(device)).eval()  # placed while loading: already there
+
+
+def _cast_unquantized(model: Any, dtype: torch.dtype) -> None:
+    """Every plain floating weight in `dtype` (model.dtype, what the plan counts): transformers
+    5.25 keeps those of a checkpoint saved quantized in the dtype they were saved in, whatever
+    `dtype` asks. Quantized weights (integer data, tensor subclasses) are left as they are."""
+    for param in model.parameters():
+        plain = not hasattr(type(param.data), "__tensor_flatten__")
+        if plain and param.dtype.is_floating_point and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _placement(device: str | torch.device, quantization_config: Any) -> dict[str, Any]:

@@ -190,6 +190,7 @@ class QuantPlan:
     bytes_by_dtype: dict[str, int]
     merge_policy: str = "none"
     notes: tuple[str, ...] = ()
+    from_checkpoint: bool = False  # the checkpoint is saved quantized: read as stored, not quantized
 
     @property
     def base_bytes(self) -> int:

@@ -11,7 +11,7 @@ from peftc.errors import PlanError, did_you_mean
 from peftc.planning import compat, layout, memory, model_source
 from peftc.planning.graph import ModelGraph, meta_graph
 from peftc.planning.plan import ModelRef, Plan, SavedModule, SharedTensor, Site
-from peftc.planning.quantization import annotate_sites, plan_quantization
+from peftc.planning.quantization import annotate_sites, checkpoint_quantization, plan_quantization
 from peftc.planning.targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -38,7 +38,9 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
     context = compat.Context(method.name, task.name, backend.name, run.trainer.strategy, run)
     compat.check(context)
     backend.check_available()
+    stored = None
     if graph is None:
+        run, stored = checkpoint_quantization(run, backend)
         graph = meta_graph(run.model, task.auto_class_name, task.config_overrides(run.task))
         # Planning from the config is the run's path: its tokenizer must exist and fit, now.
         model_source.check_tokenizer(run.model, graph.facts.vocab_size)
@@ -63,7 +65,9 @@ def plan(run: RunSpec, graph: ModelGraph | None = None, *, strict_targets: bool 
         sites = tuple(method.plan_site(run.peft, module, graph) for module in modules)
         sites += method.extra_sites(run.peft, graph, sites)
         shared = method.plan_shared(run.peft, graph, sites)
-    quantization = plan_quantization(backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved])
+    quantization = plan_quantization(
+        backend, run.quant, graph, run.model.dtype, protected=[m.path for m in saved], stored=stored
+    )
     sites = annotate_sites(sites, quantization)
     prompt = method.plan_prompt(run.peft, graph, task, run) if method.kind == "prompt" else None
     if prompt is not None:  # the encoder saves its output, not its parameters (peft's prompt_embeddings)

@@ -152,8 +152,9 @@ def _quantization_lines(plan: Plan) -> list[str]:
         "requantize": "dequantize, add, quantize again (lossy)",
         "refuse": "refused (merge into the unquantized base)",
     }
+    stored = " (as the checkpoint is saved)" if q.from_checkpoint else ""
     lines = [
-        f"base quantization: {q.backend}: {len(q.modules)} Linear modules stored as {q.storage}{kept}",
+        f"base quantization: {q.backend}{stored}: {len(q.modules)} Linear modules stored as {q.storage}{kept}",
         f"merging into quantized layers: {merge.get(q.merge_policy, q.merge_policy)}",
     ]
     return lines + [f"note: {note}" for note in q.notes]

@@ -118,8 +118,20 @@ class QuantBackend:
         memory; None: this backend quantizes after loading (`quantize`)."""
         return None
 
-    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
-        """Settings `quantize` gives its layers, applied to layers that transformers quantized."""
+    def after_load(self, spec: Any, model_dtype: str, model: nn.Module, paths: tuple[str, ...]) -> None:
+        """Settings `quantize` gives its layers, applied to layers that transformers quantized or
+        read quantized from a checkpoint."""
+
+    # ------------------------------------------------------------ checkpoints saved quantized
+    def stores(self, stored: dict[str, Any]) -> bool:
+        """Whether a checkpoint whose config.json has this `quantization_config` holds this
+        backend's layers (transformers then reads them as stored: nothing is quantized again)."""
+        return False
+
+    def checkpoint_spec(self, spec: Any, stored: dict[str, Any]) -> SpecNode:
+        """`spec` with the fields a checkpoint that `stores` fixes (how its weights are stored)
+        taken from its `quantization_config`; run settings (compute dtype, threshold) stay the spec's."""
+        return spec
 
     # ------------------------------------------------------------------ live quantized layers
     library: ClassVar[str] = ""  # top-level module whose presence in sys.modules `owns` needs

@@ -10,7 +10,7 @@ float32 compute. The layer is bitsandbytes' `Linear4bit`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftc.config.spec import one_of, param
@@ -116,9 +116,21 @@ class Bnb4bit(QuantBackend):
             llm_int8_skip_modules=skip,  # transformers' name for "keep these unquantized", 4-bit too
         )
 
-    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
+    def after_load(self, spec: Bnb4bitSpec, model_dtype: str, model: nn.Module, paths: tuple[str, ...]) -> None:
+        import torch
+
         for path in paths:
-            model.get_submodule(path).support_avx512bf16_for_cpu = False  # see quantize
+            layer = model.get_submodule(path)
+            layer.support_avx512bf16_for_cpu = False  # see quantize
+            # a checkpoint saved quantized brings its own compute dtype; the spec's is the run's
+            layer.compute_dtype = getattr(torch, spec.compute_dtype or model_dtype)
+
+    def stores(self, stored: dict[str, Any]) -> bool:
+        four_bit = stored.get("load_in_4bit") or stored.get("_load_in_4bit")
+        return stored.get("quant_method") == "bitsandbytes" and bool(four_bit) and _code_of(stored) == self.quant_type
+
+    def checkpoint_spec(self, spec: Bnb4bitSpec, stored: dict[str, Any]) -> Bnb4bitSpec:
+        return replace(spec, double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))
 
     def _owns(self, module: nn.Module) -> bool:
         import bitsandbytes as bnb
@@ -184,6 +196,11 @@ class Bnb4bit(QuantBackend):
         if state.nested:
             parts += [state.state2.absmax, state.state2.code, state.offset.float().reshape(1)]
         return add_bytes(*(tensor_bytes(p) for p in parts))
+
+
+def _code_of(stored: dict[str, Any]) -> str:
+    """The 4-bit code a transformers BitsAndBytesConfig names (its default: fp4)."""
+    return str(stored.get("bnb_4bit_quant_type") or "fp4")
 
 
 @register

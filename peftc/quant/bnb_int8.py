@@ -81,6 +81,16 @@ class BnbInt8(QuantBackend):
             llm_int8_skip_modules=skip,
         )
 
+    def after_load(self, spec: BnbInt8Spec, model_dtype: str, model: nn.Module, paths: tuple[str, ...]) -> None:
+        for path in paths:  # a checkpoint saved quantized brings its own threshold; the spec's is the run's
+            state = model.get_submodule(path).state
+            state.threshold = spec.threshold
+            state.use_pool = spec.threshold > 0.0  # what Linear8bitLt's constructor sets with it
+
+    def stores(self, stored: dict[str, Any]) -> bool:
+        eight_bit = stored.get("load_in_8bit") or stored.get("_load_in_8bit")
+        return stored.get("quant_method") == "bitsandbytes" and bool(eight_bit)
+
     def _owns(self, module: nn.Module) -> bool:
         import bitsandbytes as bnb
 

@@ -141,7 +141,7 @@ class Quanto(QuantBackend):
         # measured bit-identical to `quantize` (codes, scales, shifts, logits) for int8 and int4.
         return QuantoConfig(weights=self.hf_weights, modules_to_not_convert=skip)
 
-    def after_load(self, model: nn.Module, paths: tuple[str, ...]) -> None:
+    def after_load(self, spec: Any, model_dtype: str, model: nn.Module, paths: tuple[str, ...]) -> None:
         import torch
 
         for path in paths:

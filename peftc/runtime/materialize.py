@@ -95,21 +95,23 @@ def load_base_model(plan: Plan) -> nn.Module:
 
     A loaded checkpoint is quantized while transformers reads it, where the backend gives a
     transformers quantization config (every shipped backend does: the whole unquantized model
-    never sits in memory, QLoRA's point); a config-built model is quantized after it is built."""
+    never sits in memory, QLoRA's point); one saved quantized is read as it is stored; a
+    config-built model is quantized after it is built."""
     run = plan.spec
     task = tasks.get(plan.task)
     overrides = task.config_overrides(run.task)
     quantized = plan.quantization.modules if plan.quantization is not None else ()
     backend = quant.for_spec(run.quant) if quantized else None
+    stored = backend is not None and plan.quantization.from_checkpoint
     on_load = None
-    if backend is not None and not run.model.is_config_built:
+    if backend is not None and not run.model.is_config_built and not stored:
         on_load = backend.on_load_config(run.quant, run.model.dtype, _kept_unquantized(plan, task, overrides))
     base = model_source.build_model(
         run.model, task.auto_class_name, overrides, device=load_device(run.trainer), quantization_config=on_load
     )
-    if on_load is not None:
+    if on_load is not None or stored:
         _check_quantized_as_planned(base, backend, quantized)
-        backend.after_load(base, quantized)
+        backend.after_load(run.quant, run.model.dtype, base, quantized)
     elif backend is not None:
         base = backend.quantize(run.quant, base, quantized).eval()  # new layers start in train mode
     return prepare_for_training(base, run.quant, run.trainer)

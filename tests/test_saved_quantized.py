@@ -1,0 +1,141 @@
+"""Checkpoints saved quantized (config.json with a `quantization_config`, like the hub's
+`*-bnb-4bit` repos): a bitsandbytes one trains as it is stored, with the quant option that matches
+it, its plan describing the layers transformers reads; any other quant, and a format peftc has no
+backend for, is refused in one line at compile time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftc
+from peftc.errors import ConfigError
+from peftc.quant.base import add_bytes, backend_of
+
+pytest.importorskip("bitsandbytes")
+
+# How transformers' BitsAndBytesConfig saves them; the model dtype of the save where it matters.
+SAVED = {
+    "nf4": ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "float32"),
+    "nf4_double_quant": (
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+        "bfloat16",
+    ),
+    "int8": ({"load_in_8bit": True}, "float32"),
+}
+QUANT_OF = {"nf4": "bnb_nf4", "nf4_double_quant": "bnb_nf4", "int8": "bnb_int8"}
+
+
+@pytest.fixture(scope="module")
+def saved_quantized(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The tiny Llama saved quantized by transformers + bitsandbytes, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    directories = {}
+    for name, (settings, dtype) in SAVED.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_llama_dir, quantization_config=BitsAndBytesConfig(**settings), dtype=getattr(torch, dtype)
+        )
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        for tokenizer_file in Path(tiny_llama_dir).glob("tokenizer*"):
+            shutil.copy(tokenizer_file, path / tokenizer_file.name)
+        directories[name] = str(path)
+    return directories
+
+
+def stored_base_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """What the live base occupies by dtype: quantized weights as stored, every other parameter."""
+    sizes: dict[str, int] = {}
+    quantized = {id(m.weight) for m in model.modules() if backend_of(m) is not None}
+    for module in model.modules():
+        if backend_of(module) is not None:
+            sizes = add_bytes(sizes, backend_of(module).stored_bytes(module))
+    for param in model.parameters():
+        if id(param) not in quantized and not param.requires_grad:
+            dtype = str(param.dtype).replace("torch.", "")
+            sizes[dtype] = sizes.get(dtype, 0) + param.numel() * param.element_size()
+    return dict(sorted(sizes.items()))
+
+
+@pytest.mark.parametrize("saved", list(SAVED))
+def test_a_checkpoint_saved_quantized_is_planned_and_loaded_as_it_is_stored(
+    saved_quantized: dict[str, str], saved: str
+) -> None:
+    """The plan (made on the meta device from config.json) names the layers transformers reads
+    quantized, their format (double quantization from the checkpoint) and their exact bytes."""
+    plan = peftc.compile(["model=hf", f"model.name_or_path={saved_quantized[saved]}", f"quant={QUANT_OF[saved]}"])
+    assert plan.quantization.from_checkpoint and len(plan.quantization.modules) == 14
+    if saved.startswith("nf4"):
+        assert plan.spec.quant.double_quant is (saved == "nf4_double_quant")
+    model = peftc.materialize(plan)
+    live = {path.removesuffix(".base_layer") for path, m in model.base_model.named_modules() if backend_of(m)}
+    assert live == set(plan.quantization.modules)
+    assert stored_base_bytes(model) == plan.quantization.bytes_by_dtype
+
+
+def test_a_checkpoint_saved_quantized_is_loaded_in_model_dtype_and_the_planned_compute_dtype(
+    saved_quantized: dict[str, str],
+) -> None:
+    """transformers keeps the saved dtype and compute dtype of such a checkpoint whatever it is
+    asked; the base is still the plan's: model.dtype, the matmul in quant.compute_dtype."""
+    plan = peftc.compile(
+        [
+            "model=hf",
+            f"model.name_or_path={saved_quantized['nf4_double_quant']}",  # saved in bfloat16
+            "model.dtype=float16",
+            "quant=bnb_nf4",
+            "quant.float32_unquantized=false",
+            "quant.compute_dtype=float32",
+        ]
+    )
+    model = peftc.materialize(plan)
+    assert {p.dtype for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad} == {torch.float16}
+    assert {m.compute_dtype for m in model.modules() if backend_of(m) is not None} == {torch.float32}
+    assert stored_base_bytes(model) == plan.quantization.bytes_by_dtype
+
+
+@pytest.mark.parametrize("quant", ["none", "bnb_fp4", "bnb_int8", "quanto_int8", "torchao_int8"])
+def test_another_quant_on_a_checkpoint_saved_quantized_is_refused_naming_the_one_that_fits(
+    saved_quantized: dict[str, str], quant: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"is saved quantized as bitsandbytes nf4 .*; set quant=bnb_nf4") as caught:
+        peftc.compile(["model=hf", f"model.name_or_path={saved_quantized['nf4']}", f"quant={quant}", "dry_run=true"])
+    assert caught.value.key == "quant"
+
+
+def test_a_checkpoint_saved_quantized_fixes_which_modules_are_quantized(saved_quantized: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="the checkpoint fixes which modules are") as caught:
+        peftc.compile(
+            ["model=hf", f"model.name_or_path={saved_quantized['nf4']}", "quant=bnb_nf4", "quant.skip_modules=[o_proj]"]
+        )
+    assert caught.value.key == "quant.skip_modules"
+
+
+@pytest.mark.parametrize(
+    ("stored", "named"),
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq 4-bit"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "awq 4-bit"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),
+        ({"quant_method": "no_such_method"}, "no_such_method"),
+    ],
+)
+def test_a_quantization_format_without_a_backend_is_refused_in_one_line(
+    config_only_dir: str, tmp_path: Path, stored: dict, named: str
+) -> None:
+    """transformers would raise an ImportError (gptq, awq, compressed-tensors), dequantize on a
+    CPU and not on a GPU (fp8), or load the stored codes as weights (an unknown method)."""
+    directory = tmp_path / "model"
+    shutil.copytree(config_only_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "quantization_config": stored}))
+    with pytest.raises(ConfigError, match=f"is saved quantized as {named} .*which peftc cannot train") as caught:
+        peftc.compile(["model=hf", f"model.name_or_path={directory}", "dry_run=true"])
+    assert caught.value.key == "model.name_or_path"
+    assert "quant=bnb_nf4" in str(caught.value) and "\n" not in str(caught.value)
