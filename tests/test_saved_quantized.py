@@ -15,6 +15,7 @@ import torch
 import peftc
 from peftc.errors import ConfigError
 from peftc.quant.base import add_bytes, backend_of
+from tests.helpers import max_diff, token_batch
 
 pytest.importorskip("bitsandbytes")
 
@@ -139,3 +140,52 @@ def test_a_quantization_format_without_a_backend_is_refused_in_one_line(
         peftc.compile(["model=hf", f"model.name_or_path={directory}", "dry_run=true"])
     assert caught.value.key == "model.name_or_path"
     assert "quant=bnb_nf4" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def trained(saved_dir: str, quant: str) -> peftc.PeftcModel:
+    """LoRA on every Linear of the checkpoint, its factors drawn at random (a stand-in for training)."""
+    model = peftc.materialize(
+        peftc.compile(
+            ["model=hf", f"model.name_or_path={saved_dir}", f"quant={quant}", "peft.target_modules=all-linear"]
+        )
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 0.05)
+    return model
+
+
+def as_planned(base: torch.nn.Module) -> torch.nn.Module:
+    """A base transformers loaded, set up as the plan runs it: float32 (model.dtype) for its plain
+    weights and the 4-bit matmul, LLM.int8() threshold 0, no CPU inference repacking."""
+    for param in base.parameters():
+        if param.dtype.is_floating_point:
+            param.data = param.data.float()
+    for module in base.modules():
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype, module.support_avx512bf16_for_cpu = torch.float32, False
+        if hasattr(module, "state") and hasattr(module.state, "threshold"):
+            module.state.threshold, module.state.use_pool = 0.0, False
+    return base
+
+
+@pytest.mark.parametrize("saved", ["nf4_double_quant", "int8"])
+def test_its_adapter_loads_back_and_in_peft_with_the_same_outputs(
+    saved_quantized: dict[str, str], saved: str, tmp_path: Path
+) -> None:
+    """load_adapter rebuilds the base from the saved plan and reads it as stored (quantizing it
+    again failed for 4-bit and gave NaN for 8-bit); peft over the same checkpoint agrees."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = trained(saved_quantized[saved], QUANT_OF[saved])
+    model.save_adapter(tmp_path / "adapter")
+    x = token_batch()
+    with torch.no_grad():
+        ours = model(input_ids=x).logits
+        loaded = peftc.load_adapter(tmp_path / "adapter")(input_ids=x).logits
+        base = as_planned(AutoModelForCausalLM.from_pretrained(saved_quantized[saved], dtype=torch.float32))
+        theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=x).logits
+    assert max_diff(loaded, ours) == 0.0
+    assert max_diff(theirs, ours) <= 1e-6 * ours.abs().max().item()

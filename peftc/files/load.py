@@ -517,7 +517,12 @@ def _quantized_like_saved(directory: Path, base: nn.Module) -> nn.Module:
         return base
     backend = quant.for_spec(spec)
     backend.check_available()
-    base = backend.quantize(spec, base, tuple(adapter_files.read_plan(directory)["quantization"]["modules"]))
+    saved = adapter_files.read_plan(directory)
+    paths = tuple(saved["quantization"]["modules"])
+    if all(backend.owns(base.get_submodule(path)) for path in paths):  # a checkpoint saved quantized: read as stored
+        backend.after_load(spec, saved["spec"]["model"]["dtype"], base, paths)
+    else:
+        base = backend.quantize(spec, base, paths)
     if getattr(spec, "float32_unquantized", False):
         upcast_unquantized(base)
     return base.requires_grad_(False)
