@@ -189,3 +189,23 @@ def test_its_adapter_loads_back_and_in_peft_with_the_same_outputs(
         theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=x).logits
     assert max_diff(loaded, ours) == 0.0
     assert max_diff(theirs, ours) <= 1e-6 * ours.abs().max().item()
+
+
+# Not nf4_double_quant: saved from bfloat16, its 4-bit product rounds activations too (bitsandbytes).
+@pytest.mark.parametrize("saved", ["nf4", "int8"])
+def test_merging_writes_its_dequantized_weights_with_the_adapter_folded_in(
+    saved_quantized: dict[str, str], saved: str
+) -> None:
+    """A checkpoint saved quantized has no unquantized weights: action=merge and save_merged fold
+    the adapter into the weights it was trained over, dequantized, and save a plain model."""
+    from peftc.cli.export import merged_model
+
+    model = trained(saved_quantized[saved], QUANT_OF[saved])
+    merged = merged_model(model, model.plan_of("default"))
+    assert not any(backend_of(m) for m in merged.modules())
+    assert "quantization_config" not in merged.config.to_dict()
+    x = token_batch()
+    model.train()  # bnb int8's eval forward also rounds the activations; its training forward is exact
+    with torch.no_grad():
+        ours, folded = model(input_ids=x).logits, merged(input_ids=x).logits
+    assert max_diff(folded, ours) <= 1e-5 * ours.abs().max().item()

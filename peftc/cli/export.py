@@ -44,17 +44,24 @@ def merged_model(model: Any, plan: Plan) -> Any:
 
     A quantized base is not merged into (requantizing rounds the update; 4-bit backends refuse):
     the adapter goes into the unquantized base rebuilt from `model.*` instead, which is exact.
+    A checkpoint saved quantized has no unquantized weights: the adapter goes into its weights
+    dequantized (what the adapter was trained over), in model.dtype.
     """
     if plan.quantization is None or not plan.quantization.modules:
         return model.merge_and_unload(safe_merge=True)  # a NaN adapter must not be written into a full model
+    import torch
+
     from peftc import tasks
     from peftc.files.load import fill
     from peftc.planning import model_source
+    from peftc.quant.base import dequantized
     from peftc.runtime.materialize import materialize
 
     tensors = {k: t.detach().clone() for k, t in model.adapter_state_dict(plan.adapter_name).items()}
     task = tasks.get(plan.task)
     base = model_source.build_model(plan.spec.model, task.auto_class_name, task.config_overrides(plan.spec.task))
+    # rebuilt without quantizing, it is quantized only when the checkpoint is saved so
+    base = dequantized(base, getattr(torch, plan.model.dtype))
     plain = materialize(plan, base.requires_grad_(False), adapter_name=plan.adapter_name, init=False)
     fill(plain, plan.adapter_name, tensors)
     return plain.merge_and_unload(safe_merge=True)

@@ -152,6 +152,8 @@ def _quantization_lines(plan: Plan) -> list[str]:
         "requantize": "dequantize, add, quantize again (lossy)",
         "refuse": "refused (merge into the unquantized base)",
     }
+    if q.from_checkpoint:
+        merge["refuse"] = "refused (action=merge and save_merged merge into the dequantized weights)"
     stored = " (as the checkpoint is saved)" if q.from_checkpoint else ""
     lines = [
         f"base quantization: {q.backend}{stored}: {len(q.modules)} Linear modules stored as {q.storage}{kept}",

@@ -191,6 +191,29 @@ def backend_of(module: nn.Module) -> QuantBackend | None:
     return None
 
 
+def dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model` with every quantized layer replaced by an nn.Linear holding its weight dequantized
+    to `dtype`, and transformers' record of the quantization dropped, so that `save_pretrained`
+    writes a plain model (a checkpoint saved quantized has no other weights)."""
+    from torch import nn
+
+    from peftc.planning.graph import replace_module
+
+    for path, layer in list(model.named_modules()):
+        backend = backend_of(layer)
+        if backend is None:
+            continue
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = nn.Parameter(backend.dequantize(layer).to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            plain.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        replace_module(model, path, plain)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model
+
+
 def tensor_bytes(*tensors: torch.Tensor | None) -> dict[str, int]:
     """Bytes of plain tensors by dtype name (helper for stored_bytes)."""
     sizes: dict[str, int] = {}
