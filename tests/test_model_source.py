@@ -168,3 +168,21 @@ def test_model_config_overrides_reach_the_model_and_the_task_labels_size_its_hea
     assert base.config.rms_norm_eps == 0.001
     assert base.score.weight.shape == (3, 64)
     assert base.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_refused_by_the_dry_run(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """transformers only says so when loading reaches the shard; the dry run already knows."""
+    from safetensors.torch import load_file, save_file
+
+    sharded = copy_model(tiny_llama_dir, tmp_path / "sharded", tokenizer=True)
+    weights = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}
+    save_file({n: weights[n] for n in names if shards[n].startswith("model-00001")}, sharded / shards[names[0]])
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    with pytest.raises(
+        ConfigError, match=r"names 2 weight shards but 1 are not in the directory \(model-00002"
+    ) as caught:
+        peftc.compile(["model=hf", f"model.name_or_path={sharded}", "dry_run=true"])
+    assert caught.value.key == "model.name_or_path" and "download the checkpoint again" in str(caught.value)

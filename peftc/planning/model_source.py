@@ -167,7 +167,37 @@ def _check_model_dir(model: ModelSpec, source: str) -> str:
             "convert them to safetensors where you trust the file: "
             "AutoModel.from_pretrained(DIR).save_pretrained(DIR) writes model.safetensors",
         )
+    _check_shards(model, source, files)
     return source
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _check_shards(model: ModelSpec, source: str, files: list[str]) -> None:
+    """Every shard a sharded checkpoint's index names is there (an interrupted download leaves
+    some out; transformers would only say so once loading reaches it)."""
+    if SHARD_INDEX not in files or "model.safetensors" in files:
+        return
+    try:
+        weight_map = json.loads(Path(source, SHARD_INDEX).read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            f"{SHARD_INDEX} cannot be read ({type(exc).__name__}: {exc})",
+            "download the checkpoint again",
+        ) from exc
+    missing = [shard for shard in shards if shard not in files]
+    if missing:
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            f"{SHARD_INDEX} names {len(shards)} weight shards but {len(missing)} are not in the directory "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+            "download the checkpoint again (an interrupted download leaves shards out)",
+        )
 
 
 def _in_hub_cache(repo_id: str) -> bool:
