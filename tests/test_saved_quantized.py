@@ -191,6 +191,23 @@ def test_its_adapter_loads_back_and_in_peft_with_the_same_outputs(
     assert max_diff(theirs, ours) <= 1e-6 * ours.abs().max().item()
 
 
+def test_an_adapter_peft_trained_on_it_loads_with_peft_outputs(saved_quantized: dict[str, str], tmp_path: Path) -> None:
+    """peft's adapter names the checkpoint as its base; peftc rebuilds it as stored and keeps
+    bitsandbytes from repacking it for CPU inference on the first forward (~5e-3 off)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = as_planned(AutoModelForCausalLM.from_pretrained(saved_quantized["nf4"], dtype=torch.float32))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    theirs = get_peft_model(base, config).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    x = token_batch()
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+        ours = peftc.load_adapter(tmp_path / "adapter")(input_ids=x).logits
+    assert max_diff(ours, expected) <= 1e-6 * expected.abs().max().item()
+
+
 # Not nf4_double_quant: saved from bfloat16, its 4-bit product rounds activations too (bitsandbytes).
 @pytest.mark.parametrize("saved", ["nf4", "int8"])
 def test_merging_writes_its_dequantized_weights_with_the_adapter_folded_in(

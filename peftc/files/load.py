@@ -507,6 +507,23 @@ def _quant_spec(model: nn.Module) -> Any:
     return backend.spec_of(layer, tuple(plain))
 
 
+def _settled(base: nn.Module) -> nn.Module:
+    """A base read from a checkpoint saved quantized, with no peftc plan to say how it was trained
+    (an adapter peft saved): its layers keep their settings and get peftc's load-time ones (e.g.
+    no bitsandbytes CPU inference repacking, which changes 4-bit outputs by ~5e-3)."""
+    from peftc.quant.base import backend_of
+
+    owned: dict[Any, list[str]] = {}
+    for path, module in base.named_modules():
+        backend = backend_of(module)
+        if backend is not None:
+            owned.setdefault(backend, []).append(path)
+    for backend, paths in owned.items():
+        spec = backend.spec_of(base.get_submodule(paths[0]), ())
+        backend.after_load(spec, str(base.dtype).replace("torch.", ""), base, tuple(paths))
+    return base
+
+
 def _quantized_like_saved(directory: Path, base: nn.Module) -> nn.Module:
     """Quantize a rebuilt base the way the saved plan's base was (same backend, same modules)."""
     from peftc import quant
@@ -514,7 +531,7 @@ def _quantized_like_saved(directory: Path, base: nn.Module) -> nn.Module:
 
     spec = _saved_quant(directory)
     if spec is None:
-        return base
+        return _settled(base)
     backend = quant.for_spec(spec)
     backend.check_available()
     saved = adapter_files.read_plan(directory)
