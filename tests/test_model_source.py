@@ -186,3 +186,18 @@ def test_a_sharded_checkpoint_missing_a_shard_is_refused_by_the_dry_run(tiny_lla
     ) as caught:
         peftc.compile(["model=hf", f"model.name_or_path={sharded}", "dry_run=true"])
     assert caught.value.key == "model.name_or_path" and "download the checkpoint again" in str(caught.value)
+
+
+def test_a_model_type_transformers_does_not_know_is_named_with_its_version(
+    config_only_dir: str, tmp_path: Path
+) -> None:
+    import transformers
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(config_only_dir, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "llama9"}))
+    with pytest.raises(
+        ConfigError, match=f"names model_type 'llama9', unknown to transformers {transformers.__version__}"
+    ):
+        peftc.compile(["model=hf", f"model.name_or_path={unknown}", "dry_run=true"])

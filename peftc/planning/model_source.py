@@ -80,6 +80,12 @@ def unusable_model_error(model: ModelSpec, what: str, exc: BaseException) -> Con
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if "custom code" in text or "trust_remote_code" in text:
         problem, hint = f"{what} needs code shipped with the model", "peftc never runs model code (trust_remote_code)"
+    elif "does not recognize this architecture" in text:
+        import transformers
+
+        found = re.search(r"model type `([^`]*)`", text)
+        problem = f"{what} names model_type {found.group(1) if found else '?'!r}, unknown to transformers {transformers.__version__}"
+        hint = "a model newer than this transformers needs a newer one (pip install -U transformers)"
     elif "mismatch" in text:
         problem, hint = f"{what} do not fit the model's config (size mismatch)", "the weights belong to another config"
     else:
