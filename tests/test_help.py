@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 import peftc
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 
 def test_help_lists_the_groups_with_their_options_and_the_run_keys_with_their_help(tmp_path: Path) -> None:
@@ -39,3 +44,19 @@ def test_help_for_an_unknown_option_is_one_error_line(tmp_path: Path) -> None:
 def test_version_is_peftcs(tmp_path: Path) -> None:
     result = run_cli(["--version"], cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == f"peftc {peftc.__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"]], ids=["peftc-help", "hydra-cfg"])
+def test_a_page_piped_into_a_reader_that_stops_early_ends_quietly(args: list[str], tmp_path: Path) -> None:
+    """`python -m peftc --help | head`: the reader closes the pipe before the page is written; the
+    command ends as other tools do there (status 141, SIGPIPE's), with no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "peftc", *args]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()  # the reader is gone before the interpreter has started
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""

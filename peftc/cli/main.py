@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -68,10 +68,12 @@ _INSPECT_FLAGS = {
 
 # Inspect flags that compose (and with --resolve or a help template, resolve) the config: still no code, no environment.
 _SHOW_CONFIG_FLAGS = {"--cfg", "-c", "--info", "-i", "--hydra-help"}
+# 128 + SIGPIPE: the status a shell reports for a writer whose reader went away (`yes | head`).
+_BROKEN_PIPE_STATUS = 141
 
 
 def main() -> None:
-    with plain_own_warnings():
+    with plain_own_warnings(), stdout_whose_reader_may_leave():
         run_command_line()
 
 
@@ -133,6 +135,45 @@ def plain_own_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = show_elsewhere
+
+
+class _ReaderLeft:
+    """sys.stdout, except that a write to a pipe whose reader has gone (`python -m peftc --help |
+    head`) ends the command quietly, as other command-line tools end, instead of with a traceback
+    (Hydra's --cfg and --hydra-help report any exception as one, so it is caught at the write)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_left()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_left()
+
+    def _reader_left(self) -> NoReturn:
+        with contextlib.suppress(OSError, ValueError):  # Python flushes stdout again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        raise SystemExit(_BROKEN_PIPE_STATUS)  # not an Exception: nothing on the way reports it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def stdout_whose_reader_may_leave() -> Iterator[None]:
+    stream = sys.stdout
+    sys.stdout = _ReaderLeft(stream)
+    try:
+        yield
+    finally:
+        sys.stdout = stream
 
 
 def refuse_pickle_flags(argv: list[str]) -> None:
