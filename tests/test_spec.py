@@ -67,6 +67,27 @@ def test_bad_override_is_one_clear_config_error(overrides: list[str], key: str, 
     assert fragment in message, message
 
 
+OTHER_TOOLS_SPELLINGS = [
+    ("peft.lora_r=8", "peft.lora_r", "peft.r"),  # axolotl's name; the nearest spelling would be lora_bias
+    ("peft.rank=8", "peft.rank", "peft.r"),
+    ("+lora_r=8", "lora_r", "peft.r"),
+    ("trainer.learning_rate=1e-4", "trainer.learning_rate", "trainer.lr"),  # the HF Trainer's
+    ("trainer.gradient_accumulation_steps=4", "trainer.gradient_accumulation_steps", "trainer.accumulate_grad_batches"),
+    ("data.max_seq_length=128", "data.max_seq_length", "data.max_length"),  # TRL's
+    ("r=8", "r", "peft.r"),  # a group's key at the top level
+    ("+lr=1e-4", "lr", "trainer.lr"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "meant"), OTHER_TOOLS_SPELLINGS, ids=[o for o, _, _ in OTHER_TOOLS_SPELLINGS]
+)
+def test_a_key_spelled_as_other_tools_spell_it_is_answered_with_peftcs_key(override: str, key: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        to_spec(compose([override]))
+    assert str(info.value).startswith(f"{key}: unknown key") and f"did you mean {meant}?" in str(info.value)
+
+
 def test_missing_local_model_path_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"model.name_or_path='/no/such/model': no such directory"):
         peftc.compile(["model=hf", "model.name_or_path=/no/such/model"])

@@ -642,7 +642,7 @@ def unknown_key_error(full_key: str, name: str, schema: type | None) -> ConfigEr
             f"to add an entry to this mapping, write +{full_key}=<value>",
         )
     fields = [f.name for f in dataclasses.fields(schema)]
-    hints = [did_you_mean(name, fields) or "known keys: " + ", ".join(fields)]
+    hints = [_key_elsewhere(name, where) or did_you_mean(name, fields) or "known keys: " + ", ".join(fields)]
     owners = _options_with_key(where, name, schema)
     if owners:
         hints.append(
@@ -651,6 +651,23 @@ def unknown_key_error(full_key: str, name: str, schema: type | None) -> ConfigEr
             else f"{full_key} is a key of {where}={owners[0]}; select it with {where}={owners[0]}"
         )
     return ConfigError(full_key, None, f"unknown key for {where} ({schema.__name__})", "; ".join(hints))
+
+
+def _key_elsewhere(name: str, where: str) -> str | None:
+    """peftc's key for a setting written as another tool names it (`lora_r`, `learning_rate`), or
+    written at the top level where a group has it (`r=8` for peft.r)."""
+    from peftc.config.other_tools import OTHER_TOOLS_NAMES
+
+    meant = [OTHER_TOOLS_NAMES[name]] if name in OTHER_TOOLS_NAMES else []
+    if not meant and where == "<root>":
+        meant = sorted(
+            {f"{group}.{name}" for group in GROUPS for schema in schemas(group).values() if _has_field(schema, name)}
+        )
+    return f"did you mean {' or '.join(meant)}?" if meant else None
+
+
+def _has_field(schema: type, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(schema)}
 
 
 def _options_with_key(group: str, name: str, chosen: type) -> list[str]:
