@@ -87,6 +87,16 @@ def test_regex_matching_no_whole_path_is_an_error(pattern: str) -> None:
         peftc.compile([f"peft.target_modules='{pattern}'"])
 
 
+@pytest.mark.parametrize(
+    ("value", "names"), [("q_proj,v_proj", "[q_proj,v_proj]"), ("q_proj", "[q_proj] (or the regex '.*q_proj')")]
+)
+def test_module_names_given_as_one_string_are_told_how_to_give_a_list(value: str, names: str) -> None:
+    """peft's and axolotl's habit, `target_modules: "q_proj,v_proj"`, is one regex to peft too."""
+    with pytest.raises(PlanError) as info:
+        peftc.compile([f"peft.target_modules='{value}'"])
+    assert f"for module names write peft.target_modules={names}" in str(info.value)
+
+
 def test_invalid_regex_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         peftc.compile([r"peft.target_modules='.*(q_proj'"])

@@ -92,12 +92,8 @@ def resolve_targets(
     elif isinstance(targets, str):
         matched = _regex_matches(key, targets, candidates)
         if not matched:
-            raise PlanError(
-                key,
-                targets,
-                f"the regex matches no module path of {graph.model_class}",
-                f"e.g. {_example_paths(method, graph)}",
-            )
+            problem = f"the regex matches no module path of {graph.model_class}"
+            raise PlanError(key, targets, problem, _unmatched_string_hint(key, targets, method, graph))
     else:
         matched = _list_matches(key, list(targets), candidates, graph, strict=strict and not from_default)
     if isinstance(targets, str) and (request.layers_to_transform is not None or request.layers_pattern is not None):
@@ -282,6 +278,19 @@ def _adaptable_names(method: Method, graph: ModelGraph) -> str:
         {m.leaf_name for m in graph.modules if m.kind in method.supported_kinds and m.path != graph.output_embedding}
     )
     return ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+
+
+def _unmatched_string_hint(key: str, targets: str, method: Method, graph: ModelGraph) -> str:
+    """A string that matches nothing: if it reads as module names (`q_proj`, or peft's and axolotl's
+    comma string `q_proj,v_proj`), how to give names; else example paths for the regex."""
+    names = [name.strip() for name in targets.split(",")]
+    if all(re.fullmatch(r"[A-Za-z0-9_.]+", name) for name in names):
+        as_regex = f" (or the regex '.*{names[0]}')" if len(names) == 1 else ""
+        return (
+            "a string is one regex matched against whole module paths, as in peft; "
+            f"for module names write {key}=[{','.join(names)}]{as_regex}"
+        )
+    return f"e.g. {_example_paths(method, graph)}"
 
 
 def _example_paths(method: Method, graph: ModelGraph) -> str:
