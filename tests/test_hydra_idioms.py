@@ -21,6 +21,13 @@ def test_output_dir_under_hydras_run_directory(tmp_path: Path) -> None:
     assert (run_dir / "x" / "plan.json").is_file()
 
 
+def test_a_run_given_output_dir_keeps_hydras_record_there_and_leaves_nothing_under_outputs(tmp_path: Path) -> None:
+    result = run_cli([*QUICK, "output_dir=runs/a", "peft.r=4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "- peft.r=4" in (tmp_path / "runs" / "a" / ".hydra" / "overrides.yaml").read_text()
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_sweep_job_resolves_the_idiom_to_its_own_directory(tmp_path: Path) -> None:
     job = check_job(["output_dir=${hydra:runtime.output_dir}/y", f"hydra.sweep.dir={tmp_path}"], job_num=3)
     assert job.error is None and job.spec is not None

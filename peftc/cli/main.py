@@ -523,6 +523,8 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> Any:
             summary = execute(run, output_dir)
         if single and run.dry_run:
             discard_unused_run_dir(run_dir)  # a dry run writes nothing
+        elif single:
+            keep_record_in_output_dir(run_dir, Path(hydra_cfg.runtime.cwd) / output_dir)
         return summary
     except PeftcError as exc:
         if not single:
@@ -537,6 +539,27 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> Any:
         raise
     finally:
         RUN_OVERRIDES.reset(recorded)
+
+
+def keep_record_in_output_dir(run_dir: Path, output_dir: Path) -> None:
+    """A run given `output_dir=` (elsewhere than Hydra's run directory) keeps Hydra's record of its
+    config (`.hydra/`, and `peftc.log` if anything was logged) in output_dir, beside what it
+    wrote, replacing an earlier run's; the run directory Hydra made under outputs/ then goes."""
+    import shutil
+
+    from peftc.cli.run import is_global_zero
+
+    run_dir, output_dir = run_dir.resolve(), output_dir.resolve()
+    if not is_global_zero() or not output_dir.is_dir() or output_dir == run_dir or run_dir in output_dir.parents:
+        return
+    for name in (".hydra", "peftc.log"):
+        record, kept = run_dir / name, output_dir / name
+        if not record.exists() or (name == "peftc.log" and record.stat().st_size == 0):
+            continue
+        if kept.is_dir():
+            shutil.rmtree(kept)
+        shutil.move(record, kept)
+    discard_unused_run_dir(run_dir)
 
 
 def discard_unused_run_dir(run_dir: Path) -> None:
