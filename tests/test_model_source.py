@@ -147,6 +147,29 @@ def test_a_hub_id_is_looked_up_on_the_hub_not_refused_as_a_missing_directory(mon
         peftc.compile(["model=hf", "model.name_or_path=someone/tiny-llama"])
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_one_error_without_transformers_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No network and HF_HUB_OFFLINE unset: one try, not transformers' ~25 s of retried requests."""
+    import huggingface_hub
+    import transformers
+
+    def no_network(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ConnectionError("Name or service not known")
+
+    def retried(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("transformers was asked for the config of a hub id that cannot be fetched")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", retried)
+    with pytest.raises(ConfigError) as info:
+        peftc.compile(["model=hf", "model.name_or_path=someone/tiny-llama"])
+    assert str(info.value).startswith("model.name_or_path='someone/tiny-llama': is not a local directory or in")
+    assert "could not be fetched (Name or service not known)" in str(info.value)
+    assert "hf download someone/tiny-llama" in str(info.value)
+
+
 @pytest.mark.parametrize("source", ["model=hf", "model=tiny_llama"])
 def test_model_config_overrides_reach_the_model_and_the_task_labels_size_its_head(
     tiny_llama_dir: str, source: str

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -152,7 +152,27 @@ def _resolve_source(model: ModelSpec) -> str:
             "is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)",
             "download it first or use a local directory",
         )
+    if not _in_hub_cache(source):
+        _fetch_hub_config(model, source)
     return source
+
+
+def _fetch_hub_config(model: ModelSpec, repo_id: str) -> None:
+    """A hub id not in the local cache: its config.json fetched here, in one try. Without a
+    network, transformers' own request retries for about 25 s, printing a warning each time,
+    before it fails."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, revision=model.revision, allow_patterns=["config.json"])
+    except Exception as exc:  # no network, no such repository, a gated one: one line
+        raise ConfigError(
+            "model.name_or_path",
+            model.name_or_path,
+            f"is not a local directory or in the Hugging Face cache, and could not be fetched ({first_line(exc)})",
+            "give a local save_pretrained directory, or download it first where there is a network "
+            f"(hf download {repo_id})",
+        ) from exc
 
 
 def _check_model_dir(model: ModelSpec, source: str) -> str:
