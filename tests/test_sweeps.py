@@ -83,6 +83,26 @@ def test_sweep_with_the_joblib_launcher(tmp_path: Path) -> None:
     assert sorted((r["peft.r"], r["status"]) for r in rows) == [("2", "trained"), ("4", "trained")]
 
 
+@pytest.mark.parametrize(
+    ("preset", "base", "package"),
+    [("peftc_slurm", "submitit_slurm", "hydra-submitit-launcher"), ("peftc_ray", "ray", "hydra-ray-launcher")],
+)
+def test_a_launcher_preset_whose_plugin_is_missing_names_the_package_to_install(
+    preset: str, base: str, package: str
+) -> None:
+    import importlib.util
+
+    from peftc.cli.main import check_job
+
+    if importlib.util.find_spec(f"hydra_plugins.{package.replace('-', '_')}"):
+        pytest.skip(f"{package} is installed")
+    error = check_job([f"hydra/launcher={preset}"], job_num=0).error
+    assert str(error) == (
+        f"hydra/launcher='{preset}': extends Hydra's {base} launcher, whose plugin is not installed; "
+        f"pip install {package}"
+    )
+
+
 def test_the_summary_columns_are_the_overrides_that_vary_between_jobs() -> None:
     """The table and the plot's axes: a key every job sets to the same value is not an axis."""
     from peftc.cli.sweep import swept_keys

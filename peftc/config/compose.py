@@ -192,6 +192,18 @@ _OPTION_ELSEWHERE = {
 }
 
 
+# A shipped preset (hydra/launcher=peftc_slurm) whose base config comes with a Hydra plugin.
+_HYDRA_PLUGIN_MISSING = re.compile(
+    r"In '(?P<group>hydra/\w+)/(?P<option>[^']+)': Could not load '(?P=group)/(?P<base>[^']+)'"
+)
+_HYDRA_PLUGINS = {
+    "joblib": "hydra-joblib-launcher",
+    "submitit_slurm": "hydra-submitit-launcher",
+    "submitit_local": "hydra-submitit-launcher",
+    "ray": "hydra-ray-launcher",
+}
+
+
 def _missing_option_error(exc: Any) -> ConfigError:
     text = str(exc)
     match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
@@ -201,6 +213,15 @@ def _missing_option_error(exc: Any) -> ConfigError:
         else []
     )
     options = [o for o in options if not o.startswith("schema")]
+    plugin = _HYDRA_PLUGIN_MISSING.search(text)
+    if plugin and plugin["base"] in _HYDRA_PLUGINS:
+        group, option, base = plugin["group"], plugin["option"], plugin["base"]
+        return ConfigError(
+            group,
+            option,
+            f"extends Hydra's {base} {group.removeprefix('hydra/')}, whose plugin is not installed",
+            f"pip install {_HYDRA_PLUGINS[base]}",
+        )
     if not match:
         return ConfigError("config", None, text.strip().splitlines()[0])
     group, option = match.group(1), match.group(2)
