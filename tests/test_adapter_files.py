@@ -280,6 +280,13 @@ def test_a_run_directory_given_as_the_adapter_points_at_its_adapter(trained, tmp
         peftc.load_adapter(copy.deepcopy(base), interrupted)
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_file_of_the_adapter_given_as_the_adapter_points_at_its_directory(trained, name: str) -> None:
+    plan, base, good = trained
+    with pytest.raises(peftc.AdapterFileError, match=f"{name}: is a file; .* give {good}$"):
+        peftc.load_adapter(copy.deepcopy(base), good / name)
+
+
 def test_a_directory_of_named_adapters_as_peft_saves_them_points_at_them(trained, tmp_path: Path) -> None:
     """peft's save_pretrained writes an adapter not named `default` into a subdirectory of its name."""
     from peft import PeftModel

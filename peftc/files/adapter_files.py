@@ -120,6 +120,10 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
         recover(Path(directory))  # a save killed mid-swap may have left the old copy aside
+    if Path(directory).is_file():  # adapter_config.json itself, as peft's users sometimes give it
+        raise AdapterFileError(
+            str(directory), "is a file; an adapter is the directory that holds it", f"give {Path(directory).parent}"
+        )
     if not Path(directory).is_dir():
         raise AdapterFileError(str(directory), "no such adapter directory")
     if not path.is_file():
