@@ -1,6 +1,7 @@
 """The README's walkthrough, run as written: chat data from a parquet file, training interrupted
 by Ctrl-C and resumed to more steps, evaluation, merge and export. A command added to the
-walkthrough that this test does not know fails it, so the README cannot drift."""
+walkthrough that this test does not know fails it, so the README cannot drift. The README's
+Python API block runs as written too."""
 
 from __future__ import annotations
 
@@ -80,3 +81,15 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path, monkeypatch: pyt
     assert result.returncode == 0, result.stderr
     exported = {p.name for p in (tmp_path / "runs" / "chat-export" / "export").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= exported
+
+
+def test_the_readme_python_api_block_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copied into a file and run, as a reader would (it once used a `base_model` it never made)."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)\n```", readme, re.S)
+    assert block, "README.md lost its Python API block"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block.group(1), "README Python API", "exec"), namespace)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert namespace["result"].adapter_dir == Path("runs/r8/adapter") and "val_loss" in namespace["result"].metrics
