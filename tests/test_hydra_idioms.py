@@ -63,6 +63,18 @@ def test_explain_composes_with_the_users_config_dir_and_config_name(tmp_path: Pa
     assert max_steps[2].strip() == "7" and "cpu.yaml" not in max_steps[3]  # the experiment's, not the trainer's
 
 
+@pytest.mark.parametrize("flag", ["--config-path", "-cp"])
+def test_config_path_adds_the_users_directory_as_config_dir_does(flag: str, tmp_path: Path) -> None:
+    """Hydra's --config-path would replace peftc's config directory: the user's YAML could not
+    extend `config`, and Hydra failed with eight lines after the checks had passed."""
+    configs = tmp_path / "cfg"
+    configs.mkdir()
+    (configs / "experiment.yaml").write_text("defaults:\n  - config\n  - _self_\npeft:\n  r: 4\n")
+    result = run_cli([flag, "cfg", "--config-name", "experiment", "dry_run=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lora_A.weight 4x64" in result.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [

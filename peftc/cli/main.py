@@ -90,6 +90,7 @@ def run_command_line() -> None:
         refuse_pickle_flags(argv)
         refuse_dashed_overrides(argv)
         refuse_missing_config_dirs(argv)
+        argv = config_paths_as_config_dirs(argv)
         check_search_path(*search_options(argv))  # before anything (Hydra's help included) composes
         argv = with_adapter_task(with_resumed_run(argv))
     except PeftcError as exc:
@@ -207,13 +208,30 @@ def refuse_dashed_overrides(argv: list[str]) -> None:
         )
 
 
+def config_paths_as_config_dirs(argv: list[str]) -> list[str]:
+    """`--config-path D` (`-cp D`) is `--config-dir D`: Hydra would replace peftc's own config
+    directory with D (read relative to peftc's source, not the working directory), so that
+    peftc's groups and schemas, and the `config` a user's YAML extends, could not be found. The
+    checks before Hydra already read it as a directory added to the search path."""
+    rewritten = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        rewritten.append(f"--config-dir{equals}{value}" if flag in ("--config-path", "-cp") else arg)
+    return rewritten
+
+
 def refuse_missing_config_dirs(argv: list[str]) -> None:
     """`--config-dir D` where D is not a directory: Hydra's answer would be exit status 1 and
     its own warnings."""
     for index, arg in enumerate(argv):
         flag, _, inline = arg.partition("=")
         value = inline or (argv[index + 1] if index + 1 < len(argv) else "")
-        if flag in ("--config-dir", "-cd") and value and "://" not in value and not os.path.isdir(value):
+        if (
+            flag in ("--config-dir", "-cd", "--config-path", "-cp")
+            and value
+            and "://" not in value
+            and not os.path.isdir(value)
+        ):
             problem = "is not a directory" if os.path.lexists(value) else "no such directory"
             raise ConfigError(flag, value, problem, "give the directory that holds your config YAML files")
 
