@@ -1,5 +1,6 @@
-"""The learning-rate schedule (trainer.scheduler, trainer.warmup_steps) and which way each task's
-primary metric improves (early stopping and trainer.save_best read it)."""
+"""The learning-rate schedule (trainer.scheduler, trainer.warmup_steps), which way each task's
+primary metric improves (early stopping and trainer.save_best read it), and what an HF Trainer
+user's trainer.max_epochs does beside max_steps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from peftc import tasks
-from peftc.training.lightning import lr_schedule, metric_mode
+from peftc.config.compose import compose, to_spec
+from peftc.training.lightning import lr_schedule, metric_mode, warn_if_steps_stop_before_epochs
 
 
 def transformers_factors(kind: str, warmup: int, total: int) -> list[float]:
@@ -108,3 +110,20 @@ def test_trainer_settings_reach_lightnings_trainer(override: str, attribute: str
 
     trainer = build_trainer(peftc.compile([override, "trainer.logger=none"]), tmp_path, [])
     assert getattr(trainer, attribute) == expected
+
+
+def test_max_epochs_that_max_steps_cuts_short_is_a_warning_saying_how_to_train_by_epochs() -> None:
+    """`trainer.max_epochs=3` alone (num_train_epochs) stops at the default max_steps, as in Lightning."""
+    trainer = to_spec(compose(["trainer.max_epochs=3"])).trainer
+    with pytest.warns(UserWarning, match=r"max_steps=100 stops training first, after 0\.72 epochs of 139 steps; set"):
+        warn_if_steps_stop_before_epochs(trainer, batches_per_epoch=139)
+
+
+@pytest.mark.parametrize("overrides", [["trainer.max_epochs=3", "trainer.max_steps=-1"], ["trainer.max_epochs=1"]])
+def test_max_epochs_that_end_training_first_are_not_warned_about(overrides: list[str]) -> None:
+    import warnings
+
+    trainer = to_spec(compose(overrides)).trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_steps_stop_before_epochs(trainer, batches_per_epoch=50)

@@ -308,6 +308,23 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 
 
+def warn_if_steps_stop_before_epochs(spec: Any, batches_per_epoch: int) -> None:
+    """Training stops at trainer.max_steps or trainer.max_epochs, whichever comes first (as in
+    Lightning), so `trainer.max_epochs=3` alone, the HF Trainer's num_train_epochs, would stop at
+    the default max_steps, perhaps inside the first epoch: say so, and what trains by epochs."""
+    if spec.max_epochs is None or spec.max_steps <= 0 or batches_per_epoch <= 0:
+        return
+    steps_per_epoch = math.ceil(batches_per_epoch / spec.accumulate_grad_batches)
+    if spec.max_steps < spec.max_epochs * steps_per_epoch:
+        warnings.warn(
+            f"trainer.max_epochs={spec.max_epochs}: trainer.max_steps={spec.max_steps} stops training first, "
+            f"after {spec.max_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps; "
+            "set trainer.max_steps=-1 to train by epochs",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def fit(
     model: PeftcModel,
     plan: Plan,
@@ -339,6 +356,7 @@ def fit(
     callbacks += validation_callbacks(plan.spec.trainer, task.primary_metric, best)
     callbacks.append(checkpointing)  # last: its save after a validation check holds what the others changed
     resumed_at = int(read_checkpoint(resume).get("global_step", 0)) if resume is not None else None
+    warn_if_steps_stop_before_epochs(plan.spec.trainer, len(train_loader))
     trainer = build_trainer(plan, output_dir, callbacks, resumed_at)
     with ranks_rerun_this_job(output_dir), without_kv_cache(model), trackers_closed(trainer):
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
