@@ -428,7 +428,7 @@ CASES = [
     Bad("model-config-not-json", "model_dir", cli("model=hf", "model.name_or_path={input}"), ConfigError,
         "config.json cannot be used", model_dir(lambda d: (d / "config.json").write_text("{nope"))),
     Bad("model-type-unknown", "model_dir", cli("model=hf", "model.name_or_path={input}"), ConfigError,
-        "config.json cannot be used", model_dir(edit_model_config(model_type="llamaxx"))),
+        "config.json names model_type 'llamaxx', unknown to transformers", model_dir(edit_model_config(model_type="llamaxx"))),
     Bad("model-custom-code", "model_dir", cli("model=hf", "model.name_or_path={input}"), ConfigError,
         "needs code shipped with the model",
         model_dir(edit_model_config(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"}))),

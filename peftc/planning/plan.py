@@ -258,9 +258,14 @@ class Plan:
         return _digest(body)
 
     def _fields(self) -> dict[str, Any]:
-        """The plan's fields; `shared` only when a method declares shared tensors, so that the
-        plans (and fingerprints) of every other method read as before it existed."""
-        return {k: v for k, v in self.__dict__.items() if k != "shared" or v}
+        """The plan's fields; `shared` only when a method declares shared tensors, and the
+        quantization's `from_checkpoint` only when true, so that every other plan (and its
+        fingerprint, which resume= and continued training compare) reads as before they existed."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "shared" or v}
+        quantization = fields.get("quantization")
+        if quantization is not None and not quantization.from_checkpoint:
+            fields["quantization"] = {k: v for k, v in asdict(quantization).items() if k != "from_checkpoint"}
+        return fields
 
     @property
     def adapter_fingerprint(self) -> str:
