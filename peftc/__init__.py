@@ -65,7 +65,7 @@ def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | No
     import datetime
     from pathlib import Path
 
-    from peftc.cli.main import check_output_dir
+    from peftc.cli.main import check_no_earlier_run, check_output_dir
     from peftc.cli.run import TrainResult, execute
     from peftc.planning.compat import check_spec
 
@@ -80,6 +80,7 @@ def train(overrides: Sequence[str] = (), output_dir: str | os.PathLike[str] | No
     now = datetime.datetime.now()
     target = Path(output_dir or run.output_dir or Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}").expanduser()
     check_output_dir(str(target))
+    check_no_earlier_run(str(target), run)
     summary = execute(run, target)
     metrics = {k: v for k, v in summary.items() if isinstance(v, float) and k != "wall_time_s"}
     return TrainResult(output_dir=target, adapter_dir=target / "adapter", plan=plan, metrics=metrics)

@@ -1,5 +1,5 @@
 """A run whose loss or adapter turns non-finite stops with one clear error and saves nothing, so
-the good adapter already in its output directory survives."""
+the good adapter already in its output directory (a resumed run continues there) survives."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def digests(directory: Path) -> dict[str, str]:
 @pytest.fixture
 def good_run(tmp_path: Path) -> Path:
     output = tmp_path / "run"
-    result = run_cli(["trainer.max_steps=2", f"output_dir={output}"], cwd=tmp_path)
+    result = run_cli(["trainer.max_steps=2", "trainer.log_every_n_steps=2", f"output_dir={output}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return output
 
@@ -35,11 +35,11 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_previous_adapter(
         return original(self, model, batch, spec) * float("nan")
 
     monkeypatch.setattr(CausalLm, "training_loss", diverging)
-    result = run_cli(["trainer.max_steps=6", "trainer.log_every_n_steps=2", f"output_dir={good_run}"], cwd=tmp_path)
+    result = run_cli(["trainer.max_steps=6", f"resume={good_run}"], cwd=tmp_path)  # resumed at step 2, logs at 4
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: training diverged: the training loss is nan at step 2; nothing was saved; "
+        "error: training diverged: the training loss is nan at step 4; nothing was saved; "
         "lower trainer.lr, or set trainer.gradient_clip_val"
     ]
     assert "Traceback" not in result.stderr
@@ -60,7 +60,7 @@ def test_non_finite_adapter_tensors_are_never_saved(good_run: Path, tmp_path: Pa
         return tensors
 
     monkeypatch.setattr(PeftcModel, "adapter_state_dict", poisoned)
-    result = run_cli(["trainer.max_steps=2", f"output_dir={good_run}"], cwd=tmp_path)
+    result = run_cli(["trainer.max_steps=4", f"resume={good_run}"], cwd=tmp_path)
     assert result.returncode == 1
     assert "training diverged: the trained tensor" in result.stderr and "holds non-finite values" in result.stderr
     assert digests(good_run / "adapter") == before

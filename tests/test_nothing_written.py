@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import peftc
+from peftc.errors import ConfigError
 from tests.helpers import run_cli
 
 
@@ -43,6 +45,25 @@ def test_a_plan_error_leaves_a_reused_run_directory_as_it_was(tmp_path: Path) ->
     assert result.returncode == 2, result.stderr
     assert everything_in(tmp_path) == before
     assert (previous / ".hydra" / "config.yaml").read_text() == "seed: 7\n"
+
+
+@pytest.mark.parametrize("earlier", ["adapter", "checkpoints"])
+def test_training_into_an_earlier_run_s_directory_is_refused_and_changes_nothing(tmp_path: Path, earlier: str) -> None:
+    """output_dir= naming an earlier run's directory would replace its adapter (or the checkpoint
+    an interrupted run left), as transformers' example scripts refuse to; resume= continues it."""
+    previous = tmp_path / "run"
+    (previous / earlier).mkdir(parents=True)
+    (previous / earlier / "kept").write_text("x")
+    before = everything_in(tmp_path)
+    result = run_cli(["trainer.max_steps=1", f"output_dir={previous}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: output_dir='{previous}': already holds an earlier run ({earlier}/), which this run would replace; "
+        f"give a new output_dir, resume={previous} to continue that run, or remove it first"
+    ]
+    with pytest.raises(ConfigError, match="already holds an earlier run"):
+        peftc.train(["trainer.max_steps=1"], output_dir=previous)
+    assert everything_in(tmp_path) == before
 
 
 def test_a_trained_run_keeps_its_directory_and_no_empty_log(tmp_path: Path) -> None:

@@ -342,6 +342,7 @@ def check_jobs(argv: list[str]) -> None:
         plan_run(valid[0], overrides)
         if valid[0].output_dir and not valid[0].dry_run:
             check_output_dir(valid[0].output_dir)
+            check_no_earlier_run(valid[0].output_dir, valid[0])
 
 
 def check_output_dir(output_dir: str, key: str = "output_dir") -> None:
@@ -363,6 +364,24 @@ def check_output_dir(output_dir: str, key: str = "output_dir") -> None:
         raise ConfigError(
             key, output_dir, f"cannot be written ({existing} is not writable)", "choose a writable directory"
         )
+
+
+def check_no_earlier_run(output_dir: str, run: RunSpec) -> None:
+    """A training run's adapter and checkpoints are written over nothing: a directory that holds an
+    earlier run's (its adapter/, or the checkpoints/ an interrupted run left) is refused, as
+    transformers' example scripts refuse a non-empty output_dir, unless resume= continues it."""
+    from peftc.files.run_dir import ADAPTER_DIR, CHECKPOINT_DIR
+
+    path = Path(output_dir).expanduser()
+    found = next((name for name in (ADAPTER_DIR, CHECKPOINT_DIR) if (path / name).exists()), None)
+    if found is None or run.resume is not None:
+        return
+    raise ConfigError(
+        "output_dir",
+        output_dir,
+        f"already holds an earlier run ({found}/), which this run would replace",
+        f"give a new output_dir, resume={output_dir} to continue that run, or remove it first",
+    )
 
 
 def check_run_dir(cfg: DictConfig, *, sweep: bool = False) -> None:
