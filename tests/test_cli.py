@@ -132,8 +132,8 @@ def test_the_cli_shows_a_data_warning_once_as_one_plain_line(tmp_path: Path) -> 
     lines = done.stderr.splitlines()
     warned = [line for line in lines if "the validation split has only" in line]
     assert warned == [
-        "warning: d.jsonl: the validation split has only 2 examples, so its metrics are coarse (an accuracy "
-        "moves in steps of 50%); use more (data.val_fraction or data.val_path)"
+        "warning: d.jsonl: the validation split has only 2 examples, so its metrics are coarse (each example "
+        "weighs 50% of them); use more (data.val_fraction or data.val_path)"
     ], done.stderr
     assert not any("UserWarning" in line or "peftc/" in line for line in lines), done.stderr
 

@@ -343,7 +343,7 @@ def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> 
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.warns(
         UserWarning,
-        match=r"the validation split has only 5 examples, so its metrics are coarse \(an accuracy moves in steps of 20%\)",
+        match=r"the validation split has only 5 examples, so its metrics are coarse \(each example weighs 20% of them\)",
     ):
         datasets([*SEQ_CLS, "data.source=jsonl", f"data.path={path}", "data.val_fraction=0.25"])
 

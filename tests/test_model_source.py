@@ -123,6 +123,13 @@ def test_a_path_on_a_config_built_model_says_to_use_model_hf(tiny_llama_dir: str
     assert f"use model=hf model.name_or_path={tiny_llama_dir}" in str(caught.value)
 
 
+def test_a_path_given_on_the_default_model_is_the_model_the_plan_names(tiny_llama_dir: str) -> None:
+    """demo_llama's option with the user's checkpoint: the plan (its header, plan.json) names the
+    checkpoint, not the option's built-in model."""
+    assert peftc.compile([f"model.name_or_path={tiny_llama_dir}"]).model.name == tiny_llama_dir
+    assert peftc.compile([]).model.name == "demo_llama"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_a_checkpoint_loads_in_model_dtype_with_its_own_values(tiny_llama_dir: str, dtype: str) -> None:
     """model.dtype is what the base is loaded in (the float32 checkpoint cast once, on load); the

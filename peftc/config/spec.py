@@ -275,7 +275,12 @@ class ModelSpec(SpecNode):
 
     @property
     def label(self) -> str:
-        return self.name or self.name_or_path or str(self.model_type)
+        """The option's name for a model peftc ships (config-built, or a `pkg:` path); for one at a
+        path of the user's, that path (`model.name_or_path=DIR` under the default option must not
+        read as demo_llama)."""
+        if self.name and (self.name_or_path is None or self.name_or_path.startswith("pkg:")):
+            return self.name
+        return self.name_or_path or self.name or str(self.model_type)
 
 
 @dataclass

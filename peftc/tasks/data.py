@@ -91,7 +91,7 @@ def load_splits(
     if 0 < len(val) < FEW_VALIDATION_EXAMPLES and not capped:
         warnings.warn(
             f"{path}: the validation split has only {len(val)} example{'' if len(val) == 1 else 's'}, so its metrics "
-            f"are coarse (an accuracy moves in steps of {1 / len(val):.0%}); use more "
+            f"are coarse (each example weighs {1 / len(val):.0%} of them); use more "
             f"(data.val_fraction or data.{'val_split' if spec.source == 'hf' else 'val_path'})",
             stacklevel=2,
         )
