@@ -207,6 +207,18 @@ def test_merge_writes_a_model_transformers_loads_with_the_adapters_outputs(train
             assert max_diff(merged(input_ids=x).logits, adapted(input_ids=x).logits) > 1e-4, "the adapter was merged"
 
 
+def test_the_card_names_a_hub_base_and_never_a_local_path(trained: Path) -> None:
+    """The Hub reads `base_model:` as a model id: a local path is an invalid entry, and shows the path."""
+    import peftc
+    from peftc.cli.export import model_card
+
+    plan = peftc.load_adapter(trained / "adapter").plan_of("default")
+    hub = model_card(plan, {"base_model_name_or_path": "org/base-1B"}, {})
+    assert hub.startswith("---\nlibrary_name: peft\nbase_model: org/base-1B\ntags:\n")
+    local = model_card(plan, {"base_model_name_or_path": str(trained)}, {})
+    assert "base_model:" not in local and f'from_pretrained("{trained}")' in local
+
+
 def test_export_is_an_uploadable_adapter_with_a_model_card(trained: Path, tmp_path: Path) -> None:
     import torch
     from peft import PeftModel
@@ -218,7 +230,7 @@ def test_export_is_an_uploadable_adapter_with_a_model_card(trained: Path, tmp_pa
     assert result.returncode == 0, result.stderr
     export = tmp_path / "export"
     card = (export / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: peft\nbase_model: ")
+    assert card.startswith("---\nlibrary_name: peft\ntags:\n")  # a config-built base is no Hub id to name
     metrics = json.loads((trained / "metrics.json").read_text())
     assert f"| val_accuracy | {metrics['val_accuracy']:.4g} |" in card and "PeftModel.from_pretrained" in card
     shown = [k for k in metrics if k.startswith(("train_", "val_"))]

@@ -21,6 +21,7 @@ from peftc.config.spec import RunSpec
 from peftc.files import adapter_files
 from peftc.files.atomic import atomic_directory
 from peftc.files.run_dir import MERGED_DIR, METRICS_FILE
+from peftc.planning.model_source import HUB_ID
 from peftc.planning.plan import Plan
 
 EXPORT_DIR = "export"
@@ -92,11 +93,18 @@ def _run_metrics(adapter_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def is_hub_id(base: str) -> bool:
+    """Whether the card's metadata can name the base: the Hub takes a model id there, and a local
+    path (or a config-built model's name) would be an invalid entry that also shows the path."""
+    return HUB_ID.fullmatch(base) is not None and not Path(base).expanduser().exists()
+
+
 def model_card(plan: Any, config: dict[str, Any], metrics: dict[str, Any]) -> str:
     """The README.md the Hub shows: peft's metadata header, then what the adapter is and how to load it."""
     base = config.get("base_model_name_or_path") or plan.model.name
     task = tasks.get(plan.task)
-    header = ["---", "library_name: peft", f"base_model: {base}", "tags:", "- peftc", f"- {plan.method}"]
+    named = [f"base_model: {base}"] if is_hub_id(base) else []
+    header = ["---", "library_name: peft", *named, "tags:", "- peftc", f"- {plan.method}"]
     header += [f"- {plan.task}", "---", ""]
     facts = [
         ("method", f"{plan.method} (peft_type {plan.peft_type})"),
