@@ -197,6 +197,12 @@ def test_sharegpt_and_text_part_messages_read_as_role_and_content(messages: list
     assert chat.check_messages(messages, "row") == [QUESTION, ANSWER]
 
 
+def test_sharegpt_speakers_read_as_their_roles() -> None:
+    messages = [{"from": speaker, "value": "x"} for speaker in ("system", "human", "gpt", "tool", "gpt")]
+    roles = [m["role"] for m in chat.check_messages(messages, "row")]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+
+
 def test_text_parts_are_joined_with_newlines() -> None:
     parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
     assert chat.check_messages([{"role": "user", "content": parts}, ANSWER], "row")[0]["content"] == "Hi\nthere"
@@ -207,6 +213,11 @@ def test_messages_with_weight_0_or_train_false_are_not_trained(tokenizer) -> Non
     assert trained_runs(messages, tokenizer) == ["Hello.\n"]
     messages[1] = {**ANSWER, "content": "Bad.", "train": False}
     assert trained_runs(messages, tokenizer) == ["Hello.\n"]
+
+
+def test_a_message_with_both_flags_is_trained_only_when_both_say_so() -> None:
+    for flags in ({"train": True, "weight": 0}, {"train": False, "weight": 1}):
+        assert chat.check_messages([QUESTION, {**ANSWER, **flags}, QUESTION, ANSWER], "row")[1]["train"] is False
 
 
 TOOL_TEMPLATE = (
@@ -235,9 +246,14 @@ def test_an_assistant_tool_call_and_the_answer_after_its_result_are_trained(toke
             "message 1 has a content part of type 'image_url'",
         ),
         ({"role": "assistant", "content": None}, "message 1 must have a text 'content'; or a list of {type: text"),
+        (  # only an assistant message calls tools in place of content
+            {"role": "user", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+            "message 1 must have a text 'content'",
+        ),
         ({**ANSWER, "weight": 0.5}, "message 1 has weight=0.5; give 0 or 1"),
         ({**ANSWER, "train": "yes"}, "message 1 has train='yes'; give true or false"),
         ({**QUESTION, "train": True}, "message 1 (user) is marked to be trained; only assistant messages are trained"),
+        ({**QUESTION, "weight": 1, "train": False}, "message 1 (user) is marked to be trained"),
         (
             {"from": "bot", "value": "Hi"},
             "message 1 has role 'bot'; roles: system, user, assistant, tool (ShareGPT 'from': human, gpt",
