@@ -67,6 +67,28 @@ def test_each_assistant_turn_is_trained_through_its_end_of_turn_text(tokenizer, 
     assert [tokenizer.decode(turn) for turn in trained_turns(example)] == TRAINED[name]
 
 
+@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_an_answer_marked_train_false_is_left_out_under_every_template(tokenizer, name: str) -> None:
+    messages = [TWO_TURNS[0], {**TWO_TURNS[1], "train": False}, *TWO_TURNS[2:]]
+    example = chat.encode(chat.check_messages(messages, "row"), use(tokenizer, name), "row")
+    assert [tokenizer.decode(turn) for turn in trained_turns(example)] == TRAINED[name][1:]
+
+
+def test_an_answer_that_starts_like_the_generation_prompt_is_trained_from_its_first_character(tokenizer) -> None:
+    # DeepSeek-R1's generation prompt opens `<think>`, which an answer's `<b>` shares its '<' with
+    messages = [{"role": "user", "content": "Tag?"}, {"role": "assistant", "content": "<b>bold</b>"}]
+    example = chat.encode(messages, use(tokenizer, "deepseek_r1"), "row")
+    assert [tokenizer.decode(turn) for turn in trained_turns(example)] == ["<b>bold</b><｜end▁of▁sentence｜>"]
+
+
+def test_consecutive_answers_under_a_template_without_role_headers_are_both_trained(tokenizer) -> None:
+    # each turn ends where the next one starts: adjacent, not overlapping
+    tokenizer.chat_template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    answers = [{"role": "assistant", "content": "Meow."}, {"role": "assistant", "content": "Purr."}]
+    example = chat.encode([TWO_TURNS[0], *answers], tokenizer, "row")
+    assert [tokenizer.decode(turn) for turn in trained_turns(example)] == ["Meow.\nPurr.\n"]
+
+
 CONVERSATIONS = [
     TWO_TURNS,
     [SYSTEM, *TWO_TURNS],
