@@ -276,6 +276,15 @@ def test_fractional_labels_are_refused_as_regression_scores_not_made_classes(tmp
         peftc.compile(["task=seq_cls", "model=tiny_bert", "data.source=jsonl", f"data.path={path}"])
 
 
+def test_token_cls_words_or_tags_given_as_an_object_name_the_row(tmp_path: Path) -> None:
+    # str() of {"w": "fox"} is two words, "{'w':" and "'fox'}", that two tags would silently label
+    rows = [{"tokens": "a fox", "tags": "O ANIMAL"}, {"tokens": {"w": "fox"}, "tags": ["O", "ANIMAL"]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    run = ["task=token_cls", "model=tiny_bert", "task.labels=[O,ANIMAL]", "data.source=jsonl", f"data.path={path}"]
+    with pytest.raises(DataError, match=r"t.jsonl row 2: 'tokens' is an object, not a list of words or tags"):
+        datasets([*run, "data.val_fraction=0"])
+
+
 def test_unset_tags_put_o_first(tmp_path: Path) -> None:
     import peftc
 
@@ -311,7 +320,9 @@ def squad_rows(answers: dict) -> list[dict]:
 
 def test_a_squad_answers_object_trains_on_the_span_at_its_answer_start(tmp_path: Path) -> None:
     second = EIFFEL.rindex("Eiffel")  # the answer's text also occurs earlier in the context
-    path = write_jsonl(tmp_path / "squad.jsonl", squad_rows({"text": ["Eiffel"], "answer_start": [second]}))
+    # the first of its answers, as run_qa trains (validation rows list several, in other places)
+    answers = {"text": ["Eiffel", "Eiffel"], "answer_start": [second, EIFFEL.index("Eiffel")]}
+    path = write_jsonl(tmp_path / "squad.jsonl", squad_rows(answers))
     train, _ = datasets([*QUESTION_ANS, f"data.path={path}", "data.columns={answer: answers}"])
     assert train[0]["offsets"][train[0]["start_positions"]][0] == second
 
