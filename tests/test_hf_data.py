@@ -66,6 +66,17 @@ def test_a_validation_split_left_unused_is_named_in_a_warning(tmp_path: Path) ->
     assert len(train) == 27  # as documented: a tenth of 'train' held out
 
 
+def test_training_on_the_validation_split_warns_of_nothing_unused(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(pairs(30)), "validation": Dataset.from_list(pairs(8))}).save_to_disk(
+        str(saved)
+    )
+    splits(f"data.path={saved}", "data.split=validation")
+    assert not [w for w in recwarn if "which is not used" in str(w.message)]
+
+
 def test_a_hub_id_reads_the_datasets_files_from_the_hugging_face_cache_offline(
     parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
