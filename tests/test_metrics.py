@@ -82,6 +82,29 @@ def test_seq_cls_predicts_the_most_probable_label_with_each_rows_probabilities()
     )
 
 
+def test_seq_cls_predicts_a_sentence_pair_from_both_its_texts() -> None:
+    from peftc.config.compose import compose, to_spec
+    from peftc.planning.model_source import load_tokenizer
+
+    run = to_spec(compose(["task=seq_cls", "model=tiny_bert", "task.labels=[no,yes]"]))
+    tokenizer = load_tokenizer(run.model)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+            seen.extend(input_ids.tolist())
+            return type("Out", (), {"logits": torch.zeros(len(input_ids), 2)})()
+
+    row = {"text": "Is it red?", "text_pair": "It is red."}
+    [prediction] = tasks.get("seq_cls").predict(Recording(), [row], tokenizer, run)
+    assert seen == [tokenizer("Is it red?", "It is red.")["input_ids"]]
+    assert prediction["text_pair"] == "It is red."
+
+
 def test_seq2seq_perplexity_is_exp_of_mean_target_token_loss() -> None:
     task = tasks.get("seq2seq_lm")
     vocab = 5
