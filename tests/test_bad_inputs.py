@@ -518,6 +518,8 @@ CASES = [
         "lora_dropout='0.1' is not a number", adapter_variant(edit_config(lora_dropout="0.1"))),
     Bad("adapter-alpha-text", "adapter_file", load_into_model(), AdapterFileError,
         "lora_alpha='16' is not a number", adapter_variant(edit_config(lora_alpha="16"))),
+    Bad("adapter-dropout-a-boolean", "adapter_file", load_into_model(), AdapterFileError,
+        "lora_dropout=True is not a number", adapter_variant(edit_config(lora_dropout=True))),
     Bad("adapter-rank-zero", "adapter_file", load_into_model(), AdapterFileError, "must be >= 1",
         adapter_variant(edit_config(r=0))),
     Bad("adapter-rank-huge", "adapter_file", load_into_model(), AdapterFileError, "1000000000",

@@ -224,6 +224,20 @@ def test_an_oft_config_without_the_cayley_neumann_fields_reads_peft_s_defaults(t
     assert max_diff(logits(loaded(tmp_path, "oft_llama")[0], batch), logits(written, batch)) == 0
 
 
+def test_a_config_with_a_null_dropout_and_a_whole_float_rank_reads_as_peft_reads_it(tmp_path: Path) -> None:
+    """Hand-edited and converted configs write r: 4.0 and lora_dropout: null (peft reads no
+    dropout); the adapter is the one written with r: 4, and saved again writes r: 4."""
+    shutil.copytree(fixture_dir("0.2.0", "lora_llama_head"), tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "adapter_config.json").read_text())
+    (tmp_path / "edited" / "adapter_config.json").write_text(json.dumps({**config, "r": 4.0, "lora_dropout": None}))
+    expected = recorded("0.2.0", "lora_llama_head")
+    model, _ = loaded(tmp_path / "edited", "lora_llama_head")
+    assert max_diff(logits(model, expected), expected["logits"]) <= TOLERANCE
+    model.save_adapter(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_dropout"]) == (4, 0)
+
+
 def test_a_peft_0_6_pickle_adapter_is_refused_with_its_conversion_line(tmp_path: Path) -> None:
     """peft 0.6 saved adapter_model.bin by default: never unpickled, the error says how to
     convert it (test_peft_interop runs that line)."""
