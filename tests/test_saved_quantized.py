@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import peftc
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, PlanError
 from peftc.quant.base import add_bytes, backend_of
 from tests.helpers import max_diff, token_batch
 
@@ -77,6 +77,56 @@ def test_a_checkpoint_saved_quantized_is_planned_and_loaded_as_it_is_stored(
     live = {path.removesuffix(".base_layer") for path, m in model.base_model.named_modules() if backend_of(m)}
     assert live == set(plan.quantization.modules)
     assert stored_base_bytes(model) == plan.quantization.bytes_by_dtype
+
+
+# llm_int8_skip_modules a checkpoint may be saved with: none (transformers' default: the output
+# embedding and the last module), none at all, a module name, a prefix that ends inside a name, prefixes
+SKIP_LISTS = {
+    "default": None,
+    "empty": [],
+    "name": ["o_proj"],
+    "not-a-module-boundary": ["model.layers.0.self_attn.k"],
+    "prefixes": ["lm_head", "model.layers.0.mlp"],
+}
+
+
+@pytest.fixture(scope="module")
+def saved_with_skip_lists(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    directories = {}
+    for name, skip in SKIP_LISTS.items():
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
+        path = tmp_path_factory.mktemp(f"skip_{name}")
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config).save_pretrained(path)
+        for tokenizer_file in Path(tiny_llama_dir).glob("tokenizer*"):
+            shutil.copy(tokenizer_file, path / tokenizer_file.name)
+        directories[name] = str(path)
+    return directories
+
+
+@pytest.mark.parametrize(("skip", "task"), [*((s, "causal_lm") for s in SKIP_LISTS), ("default", "seq_cls")])
+def test_the_planned_quantized_modules_are_those_transformers_reads_quantized(
+    saved_with_skip_lists: dict[str, str], skip: str, task: str
+) -> None:
+    """transformers' rules for a checkpoint's skip list, the oracle: names match from the start up
+    to a module boundary or as a suffix; without a list, the output embedding and the module of
+    the last parameter (a classifier's new head) stay unquantized."""
+    import transformers
+
+    directory = saved_with_skip_lists[skip]
+    plan = peftc.compile(["model=hf", f"model.name_or_path={directory}", "quant=bnb_nf4", f"task={task}"])
+    auto = transformers.AutoModelForSequenceClassification if task == "seq_cls" else transformers.AutoModelForCausalLM
+    live = {path for path, module in auto.from_pretrained(directory).named_modules() if backend_of(module)}
+    assert set(plan.quantization.modules) == live
+
+
+def test_a_head_the_checkpoint_would_store_quantized_is_refused(saved_with_skip_lists: dict[str, str]) -> None:
+    # its skip list names o_proj only: transformers reads seq_cls's new head `score` quantized
+    overrides = ["model=hf", f"model.name_or_path={saved_with_skip_lists['name']}", "quant=bnb_nf4", "task=seq_cls"]
+    with pytest.raises(PlanError, match="is trained in full, but the checkpoint stores score quantized") as caught:
+        peftc.compile(overrides)
+    assert caught.value.key == "peft.modules_to_save"
 
 
 def test_a_checkpoint_saved_quantized_is_loaded_in_model_dtype_and_the_planned_compute_dtype(
