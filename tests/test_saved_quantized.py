@@ -27,8 +27,9 @@ SAVED = {
         "bfloat16",
     ),
     "int8": ({"load_in_8bit": True}, "float32"),
+    "fp4": ({"load_in_4bit": True}, "float32"),  # transformers' default 4-bit code
 }
-QUANT_OF = {"nf4": "bnb_nf4", "nf4_double_quant": "bnb_nf4", "int8": "bnb_int8"}
+QUANT_OF = {"nf4": "bnb_nf4", "nf4_double_quant": "bnb_nf4", "int8": "bnb_int8", "fp4": "bnb_fp4"}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,18 @@ def test_a_checkpoint_saved_quantized_is_loaded_in_model_dtype_and_the_planned_c
     assert stored_base_bytes(model) == plan.quantization.bytes_by_dtype
 
 
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_an_int8_checkpoint_runs_with_the_planned_outlier_threshold(
+    saved_quantized: dict[str, str], threshold: float
+) -> None:
+    """The checkpoint stores transformers' threshold (6.0); the run's is quant.threshold, with the
+    outlier pool Linear8bitLt's constructor sets for it."""
+    quant = ["quant=bnb_int8", f"quant.threshold={threshold}"]
+    model = peftc.materialize(peftc.compile(["model=hf", f"model.name_or_path={saved_quantized['int8']}", *quant]))
+    states = [m.state for m in model.modules() if backend_of(m) is not None]
+    assert {(state.threshold, state.use_pool) for state in states} == {(threshold, threshold > 0)}
+
+
 @pytest.mark.parametrize("quant", ["none", "bnb_fp4", "bnb_int8", "quanto_int8", "torchao_int8"])
 def test_another_quant_on_a_checkpoint_saved_quantized_is_refused_naming_the_one_that_fits(
     saved_quantized: dict[str, str], quant: str
@@ -157,6 +170,22 @@ def test_another_quant_on_a_checkpoint_saved_quantized_is_refused_naming_the_one
     with pytest.raises(ConfigError, match=r"is saved quantized as bitsandbytes nf4 .*; set quant=bnb_nf4") as caught:
         peftc.compile(["model=hf", f"model.name_or_path={saved_quantized['nf4']}", f"quant={quant}", "dry_run=true"])
     assert caught.value.key == "quant"
+
+
+@pytest.mark.parametrize("names_its_code", [True, False], ids=["fp4", "no-bnb_4bit_quant_type"])
+def test_a_4bit_checkpoint_trains_with_the_quant_of_its_code(
+    saved_quantized: dict[str, str], tmp_path: Path, names_its_code: bool
+) -> None:
+    """A quantization_config without bnb_4bit_quant_type is fp4, as transformers reads it."""
+    directory = Path(saved_quantized["fp4"])
+    if not names_its_code:
+        directory = Path(shutil.copytree(directory, tmp_path / "model"))
+        config = json.loads((directory / "config.json").read_text())
+        del config["quantization_config"]["bnb_4bit_quant_type"]
+        (directory / "config.json").write_text(json.dumps(config))
+    assert peftc.compile(["model=hf", f"model.name_or_path={directory}", "quant=bnb_fp4"]).quantization.from_checkpoint
+    with pytest.raises(ConfigError, match=r"is saved quantized as bitsandbytes fp4 .*; set quant=bnb_fp4"):
+        peftc.compile(["model=hf", f"model.name_or_path={directory}", "quant=bnb_nf4"])
 
 
 def test_a_checkpoint_saved_quantized_fixes_which_modules_are_quantized(saved_quantized: dict[str, str]) -> None:
