@@ -188,6 +188,29 @@ def test_a_4bit_checkpoint_trains_with_the_quant_of_its_code(
         peftc.compile(["model=hf", f"model.name_or_path={directory}", "quant=bnb_nf4"])
 
 
+@pytest.mark.parametrize("saved", ["nf4", "int8"])
+def test_a_bitsandbytes_checkpoint_without_quant_method_is_read_as_transformers_reads_it(
+    saved_quantized: dict[str, str], tmp_path: Path, saved: str
+) -> None:
+    """transformers wrote no quant_method before 4.32 and reads load_in_4bit / load_in_8bit as
+    bitsandbytes whatever quant_method says: so does the plan."""
+    from transformers import AutoModelForCausalLM
+
+    directory = shutil.copytree(saved_quantized[saved], tmp_path / "model")
+    config = json.loads((directory / "config.json").read_text())
+    del config["quantization_config"]["quant_method"]
+    (directory / "config.json").write_text(json.dumps(config))
+    plan = peftc.compile(["model=hf", f"model.name_or_path={directory}", f"quant={QUANT_OF[saved]}"])
+    live = {
+        path for path, module in AutoModelForCausalLM.from_pretrained(directory).named_modules() if backend_of(module)
+    }
+    assert plan.quantization.from_checkpoint and set(plan.quantization.modules) == live
+    with pytest.raises(
+        ConfigError, match=f"is saved quantized as bitsandbytes {saved} .*; set quant={QUANT_OF[saved]}"
+    ):
+        peftc.compile(["model=hf", f"model.name_or_path={directory}", "quant=bnb_fp4"])
+
+
 def test_a_checkpoint_saved_quantized_fixes_which_modules_are_quantized(saved_quantized: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="the checkpoint fixes which modules are") as caught:
         peftc.compile(

@@ -74,6 +74,18 @@ def stored_quantization(model: ModelSpec) -> dict[str, Any] | None:
     return stored.to_dict() if hasattr(stored, "to_dict") else {"quant_method": str(stored)}
 
 
+def bitsandbytes_bits(stored: dict[str, Any]) -> int | None:
+    """4 or 8 for a quantization_config that transformers reads as bitsandbytes, else None. Like
+    transformers (AutoQuantizationConfig.from_dict), its load_in_4bit / load_in_8bit say so
+    whatever quant_method says: checkpoints saved before transformers wrote quant_method have
+    none. BitsAndBytesConfig.to_dict also writes them as _load_in_4bit / _load_in_8bit."""
+    bitsandbytes = stored.get("quant_method") == "bitsandbytes"
+    for bits in (4, 8):
+        if stored.get(f"load_in_{bits}bit") or (bitsandbytes and stored.get(f"_load_in_{bits}bit")):
+            return bits
+    return None
+
+
 def unusable_model_error(model: ModelSpec, what: str, exc: BaseException) -> ConfigError:
     """A model directory transformers cannot use, said in one line (never its traceback)."""
     text = str(exc)

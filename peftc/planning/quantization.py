@@ -66,12 +66,11 @@ def checkpoint_quantization(run: RunSpec, backend: QuantBackend) -> tuple[RunSpe
 
 def _format_of(stored: dict[str, Any]) -> str:
     """How a quantization_config names its format: `bitsandbytes nf4`, `gptq 4-bit`, ..."""
-    method = stored.get("quant_method")
+    method, bits = stored.get("quant_method"), model_source.bitsandbytes_bits(stored)
+    if bits is not None:
+        return f"bitsandbytes {stored.get('bnb_4bit_quant_type') or 'fp4'}" if bits == 4 else "bitsandbytes int8"
     if not method:
         return "an unnamed format (no quant_method)"
-    if method == "bitsandbytes":
-        four_bit = stored.get("load_in_4bit") or stored.get("_load_in_4bit")
-        return f"bitsandbytes {stored.get('bnb_4bit_quant_type') or 'fp4'}" if four_bit else "bitsandbytes int8"
     return f"{method} {stored['bits']}-bit" if isinstance(stored.get("bits"), int) else str(method)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftc.config.spec import one_of, param
+from peftc.planning.model_source import bitsandbytes_bits
 from peftc.quant import register
 from peftc.quant.base import (
     FOUR_BIT_MERGE_REFUSAL,
@@ -126,8 +127,7 @@ class Bnb4bit(QuantBackend):
             layer.compute_dtype = getattr(torch, spec.compute_dtype or model_dtype)
 
     def stores(self, stored: dict[str, Any]) -> bool:
-        four_bit = stored.get("load_in_4bit") or stored.get("_load_in_4bit")
-        return stored.get("quant_method") == "bitsandbytes" and bool(four_bit) and _code_of(stored) == self.quant_type
+        return bitsandbytes_bits(stored) == 4 and _code_of(stored) == self.quant_type
 
     def checkpoint_spec(self, spec: Bnb4bitSpec, stored: dict[str, Any]) -> Bnb4bitSpec:
         return replace(spec, double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))

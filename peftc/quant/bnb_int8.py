@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peftc.config.spec import at_least, param
+from peftc.planning.model_source import bitsandbytes_bits
 from peftc.quant import register
 from peftc.quant.base import QuantBackend, QuantizedSpec, add_bytes, tensor_bytes
 
@@ -88,8 +89,7 @@ class BnbInt8(QuantBackend):
             state.use_pool = spec.threshold > 0.0  # what Linear8bitLt's constructor sets with it
 
     def stores(self, stored: dict[str, Any]) -> bool:
-        eight_bit = stored.get("load_in_8bit") or stored.get("_load_in_8bit")
-        return stored.get("quant_method") == "bitsandbytes" and bool(eight_bit)
+        return bitsandbytes_bits(stored) == 8
 
     def _owns(self, module: nn.Module) -> bool:
         import bitsandbytes as bnb
