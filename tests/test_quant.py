@@ -247,6 +247,19 @@ def _twin_lora_layers(backend_name: str, seed: int, dora: bool = False) -> tuple
     return layers[0], layers[1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dequantized_model_holds_each_layers_dequantized_weight_and_its_bias(backend: str) -> None:
+    """What merging into a checkpoint saved quantized starts from (Qwen2's q/k/v_proj have biases)."""
+    from peftc.quant.base import dequantized
+
+    box = nn.Sequential(nn.Linear(256, 96))
+    bias = box[0].bias.detach().clone()
+    quant.get(backend).quantize(quant.get(backend).schema(), box, ("0",))
+    weight = quant.get(backend).dequantize(box[0])
+    plain = dequantized(box, torch.float32)[0]
+    assert type(plain) is nn.Linear and torch.equal(plain.weight, weight) and torch.equal(plain.bias, bias)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_over_a_quantized_layer_matches_the_dequantized_reference(backend: str, dora: bool) -> None:
