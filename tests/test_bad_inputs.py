@@ -198,6 +198,8 @@ CASES = [
         "quote the value: adapter='~'"),
     Bad("config-dir-missing", "yaml", cli_entry("--config-dir", "{input}/none", "dry_run=true"), ConfigError,
         "--config-dir='{input}/none': no such directory", lambda world: world.inputs),
+    Bad("config-path-missing", "yaml", cli_entry("-cp", "{input}/none", "dry_run=true"), ConfigError,
+        "-cp='{input}/none': no such directory", lambda world: world.inputs),
     Bad("save-adapter-onto-a-file", "api", lambda world, inp: world.model.save_adapter(inp), AdapterFileError,
         "is a file, not a directory", write_file("adapter_here", "notes")),
     # Absurd model sizes are refused from the config alone (building their meta graph grew without bound).
