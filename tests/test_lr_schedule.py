@@ -119,6 +119,18 @@ def test_max_epochs_that_max_steps_cuts_short_is_a_warning_saying_how_to_train_b
         warn_if_steps_stop_before_epochs(trainer, batches_per_epoch=139)
 
 
+@pytest.mark.parametrize(("max_steps", "warned"), [(4, False), (3, True)])
+def test_an_epochs_last_partial_accumulation_is_a_step(max_steps: int, warned: bool) -> None:
+    """10 batches accumulated 3 at a time are 4 optimizer steps an epoch (Lightning steps on the last 1)."""
+    import warnings
+
+    overrides = ["trainer.max_epochs=1", f"trainer.max_steps={max_steps}", "trainer.accumulate_grad_batches=3"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_steps_stop_before_epochs(to_spec(compose(overrides)).trainer, batches_per_epoch=10)
+    assert bool(caught) is warned
+
+
 @pytest.mark.parametrize("overrides", [["trainer.max_epochs=3", "trainer.max_steps=-1"], ["trainer.max_epochs=1"]])
 def test_max_epochs_that_end_training_first_are_not_warned_about(overrides: list[str]) -> None:
     import warnings
