@@ -218,6 +218,14 @@ def test_a_sharded_checkpoint_missing_a_shard_is_refused_by_the_dry_run(tiny_lla
     assert caught.value.key == "model.name_or_path" and "download the checkpoint again" in str(caught.value)
 
 
+def test_a_whole_checkpoint_beside_a_stale_shard_index_is_not_refused(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """transformers reads model.safetensors when there is one: an index beside it names nothing it loads."""
+    whole = copy_model(tiny_llama_dir, tmp_path / "whole", tokenizer=True)
+    shards = {"lm_head.weight": "model-00002-of-00002.safetensors"}
+    (whole / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    assert peftc.compile(["model=hf", f"model.name_or_path={whole}", "dry_run=true"]).spec.model.name_or_path
+
+
 def test_a_model_type_transformers_does_not_know_is_named_with_its_version(
     config_only_dir: str, tmp_path: Path
 ) -> None:
