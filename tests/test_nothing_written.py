@@ -66,6 +66,32 @@ def test_training_into_an_earlier_run_s_directory_is_refused_and_changes_nothing
     assert everything_in(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["hydra.run.dir={run}"], "hydra.run.dir='{run}'"),
+        (
+            ["-m", "peft.r=2,4", "hydra.sweep.dir={sweep}"],
+            "sweep job (trainer.max_steps=1 peft.r=2): hydra.sweep.dir='{run}'",
+        ),
+    ],
+    ids=["run-dir", "sweep-job-dir"],
+)
+def test_a_run_directory_hydra_would_make_over_an_earlier_run_is_refused(
+    tmp_path: Path, args: list[str], named: str
+) -> None:
+    """The same for the directory Hydra makes when no output_dir is given: a hydra.run.dir, or a
+    sweep's job directory, that an earlier run used."""
+    sweep = tmp_path / "sweep"
+    run = sweep / "0" if "-m" in args else tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    before = everything_in(tmp_path)
+    result = run_cli(["trainer.max_steps=1", *(a.format(run=run, sweep=sweep) for a in args)], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"error: {named.format(run=run)}: already holds an earlier run")
+    assert everything_in(tmp_path) == before
+
+
 def test_a_trained_run_keeps_its_directory_and_no_empty_log(tmp_path: Path) -> None:
     result = run_cli(["trainer.max_steps=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -342,7 +342,6 @@ def check_jobs(argv: list[str]) -> None:
         plan_run(valid[0], overrides)
         if valid[0].output_dir and not valid[0].dry_run:
             check_output_dir(valid[0].output_dir)
-            check_no_earlier_run(valid[0].output_dir, valid[0])
 
 
 def check_output_dir(output_dir: str, key: str = "output_dir") -> None:
@@ -366,10 +365,11 @@ def check_output_dir(output_dir: str, key: str = "output_dir") -> None:
         )
 
 
-def check_no_earlier_run(output_dir: str, run: RunSpec) -> None:
+def check_no_earlier_run(output_dir: str, run: RunSpec, key: str = "output_dir") -> None:
     """A training run's adapter and checkpoints are written over nothing: a directory that holds an
     earlier run's (its adapter/, or the checkpoints/ an interrupted run left) is refused, as
-    transformers' example scripts refuse a non-empty output_dir, unless resume= continues it."""
+    transformers' example scripts refuse a non-empty output_dir, unless resume= continues it.
+    `key` names where the directory was set."""
     from peftc.files.run_dir import ADAPTER_DIR, CHECKPOINT_DIR
 
     path = Path(output_dir).expanduser()
@@ -377,11 +377,27 @@ def check_no_earlier_run(output_dir: str, run: RunSpec) -> None:
     if found is None or run.resume is not None:
         return
     raise ConfigError(
-        "output_dir",
+        key,
         output_dir,
         f"already holds an earlier run ({found}/), which this run would replace",
-        f"give a new output_dir, resume={output_dir} to continue that run, or remove it first",
+        f"give a new {key}, resume={output_dir} to continue that run, or remove it first",
     )
+
+
+def check_job_dir(spec: RunSpec, cfg: DictConfig, job_num: int | None) -> None:
+    """A training job's directory, single or in a sweep: its output_dir, else the run directory
+    Hydra will make for it (a hydra.run.dir or hydra.sweep.dir an earlier run used), holds no
+    earlier run."""
+    from omegaconf import OmegaConf
+
+    if spec.action != "train" or spec.dry_run:
+        return
+    if spec.output_dir:
+        check_no_earlier_run(spec.output_dir, spec)
+        return
+    run_dir = OmegaConf.select(cfg, "hydra.runtime.output_dir", throw_on_missing=False) if "hydra" in cfg else None
+    if run_dir:
+        check_no_earlier_run(str(run_dir), spec, key="hydra.run.dir" if job_num is None else "hydra.sweep.dir")
 
 
 def check_run_dir(cfg: DictConfig, *, sweep: bool = False) -> None:
@@ -437,6 +453,7 @@ def check_job(
             with hydra_runtime(composition.config, job_num) as cfg:
                 spec = to_spec(cfg)
             check_run_dir(composition.config, sweep=job_num is not None)
+            check_job_dir(spec, composition.config, job_num)
             check_spec(spec)  # what this machine cannot run, before Hydra creates a run directory
         except ConfigError as exc:
             raise composition.naming_user_file(exc) from exc
