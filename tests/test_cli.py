@@ -87,7 +87,10 @@ def test_bad_input_is_one_message_and_exit_status_2(tmp_path: Path, args: list[s
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["trainer.accelerator=gpu"], "error: trainer.accelerator='gpu': no CUDA GPU is visible on this machine"),
+        (
+            ["trainer=gpu"],
+            "error: trainer.accelerator='gpu': no CUDA GPU is visible on this machine (torch.cuda.device_count() is 0); use trainer=cpu here",
+        ),
         (
             ["trainer.precision=16-mixed"],
             "error: trainer.precision='16-mixed': fp16 mixed precision does not run on CPU",

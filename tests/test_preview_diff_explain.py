@@ -89,8 +89,10 @@ def test_plan_diff_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert deltas["memory: base weights"] == "±0 B"
     assert diff_main(["peft.r=4", "--", "peft.rr=8"]) == 2
     assert "error: B: peft.rr" in capsys.readouterr().err
-    assert diff_main(["peft.r=4"]) == 2  # no `--`: the usage, as an error
-    assert "usage: python -m peftc.diff" in capsys.readouterr().out
+    assert diff_main(["peft.r=4"]) == 2  # no `--`: one error line naming the usage
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the two override sets must be separated by -- (python -m peftc.diff <overrides A> -- <overrides B>)"
+    ]
     assert diff_main(["--help"]) == 0
 
 

@@ -187,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     from peftc.planning import planner
 
     args = sys.argv[1:] if argv is None else argv
-    if "--" not in args or args in (["-h"], ["--help"]):
-        print(__doc__.split("\n\n")[0] + "\n\nusage: python -m peftc.diff <overrides A> -- <overrides B>")
-        return 0 if args in (["-h"], ["--help"]) else 2
+    usage = "usage: python -m peftc.diff <overrides A> -- <overrides B>"
+    if args in (["-h"], ["--help"]):
+        print(__doc__.split("\n\n")[0] + "\n\n" + usage)
+        return 0
+    if "--" not in args:  # a mistake: one line on stderr, as every other command gives
+        print(
+            f"error: the two override sets must be separated by -- ({usage.removeprefix('usage: ')})", file=sys.stderr
+        )
+        return 2
     cut = args.index("--")
     plans = []
     for side, overrides in (("A", args[:cut]), ("B", args[cut + 1 :])):

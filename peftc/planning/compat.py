@@ -252,7 +252,7 @@ ENVIRONMENT_RULES: list[Rule] = [
     Rule(
         key="trainer.accelerator",
         reason="no CUDA GPU is visible on this machine (torch.cuda.device_count() is 0)",
-        suggestion="use trainer.accelerator=cpu here (or auto: the best one found), or run where a GPU is",
+        suggestion="use trainer=cpu here (or trainer.accelerator=auto: the best one found), or run where a GPU is",
         when=_accelerator_missing("gpu", "cuda"),
     ),
     Rule(
