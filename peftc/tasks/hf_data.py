@@ -71,7 +71,8 @@ def _warn_of_unused_validation_split(spec: DataSpec, names: Sequence[str]) -> No
 def class_names(spec: DataSpec, column: str) -> list[str] | None:
     """The names of a ClassLabel column of the training split (or of a column of ClassLabel lists,
     like CoNLL's ner_tags), in class-index order; None for any other column."""
-    split = _split(_open(spec, _local_source(spec)), _local_source(spec), spec.split, "data.split")
+    source = _local_source(spec)
+    split = _split(_open(spec, source), source, spec.split, "data.split")
     label = _class_label(split.features, column)
     return None if label is None else [str(name) for name in label.names]
 

@@ -3,10 +3,11 @@
 A row has a question, a context and the answer: its text, which must occur in the context (its
 first occurrence is the gold span), or SQuAD's `answers` object, {text: [...], answer_start: [...]},
 whose first answer starts at its answer_start (as transformers' run_qa trains on it). A row
-without an answer (SQuAD v2's unanswerable questions) is refused: there is no span to learn. Question and context are encoded as a pair; only the context is
-truncated. The model (head `qa_outputs`, trained in full and saved, as peft does for
-QUESTION_ANS) scores each token as span start and end; loss is the mean of the two
-cross-entropies. An answer cut off by truncation points at position 0, as in transformers.
+without an answer (SQuAD v2's unanswerable questions) is refused: there is no span to learn.
+Question and context are encoded as a pair; only the context is truncated. The model (head
+`qa_outputs`, trained in full and saved, as peft does for QUESTION_ANS) scores each token as span
+start and end; loss is the mean of the two cross-entropies. An answer cut off by truncation
+points at position 0, as in transformers (and is counted in a warning).
 
 Prediction picks the context span (start <= end, at most max_answer_tokens) with the highest
 start + end score. Metrics compare predicted and gold token spans:
@@ -16,6 +17,7 @@ start + end score. Metrics compare predicted and gold token spans:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -153,8 +155,6 @@ def _warn_of_cut_answers(examples: Sequence[Mapping[str, Any]], run: RunSpec) ->
     long context into overlapping windows (doc_stride), which peftc does not. Said, not silent."""
     cut = sum(1 for e in examples if "start_positions" in e and e["start_positions"] == e["end_positions"] == 0)
     if cut:
-        import warnings
-
         warnings.warn(
             f"{run.data.path or run.data.name}: {cut} of {len(examples)} examples have their answer past "
             f"data.max_length={run.data.max_length} tokens (question + context), so they train to point at "
