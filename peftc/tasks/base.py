@@ -100,6 +100,12 @@ class Task:
         head_loss.py does for the classification and span heads)."""
         return model(**batch).loss
 
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """How many terms `training_loss` averages over in a collated batch: its examples, or the
+        counted tokens of a token-level loss. Training weighs each batch of an optimizer step by
+        it (peftc/training/step_loss.py), so a step's loss is the mean over all of its terms."""
+        return int(next(iter(batch.values())).shape[0])
+
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:

@@ -174,6 +174,10 @@ class CausalLm(Task):
         total, tokens = next_token_loss(model, batch)
         return total / tokens.clamp_min(1)
 
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """The tokens with a next-token target (the first position predicts nothing)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:

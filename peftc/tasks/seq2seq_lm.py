@@ -77,6 +77,9 @@ class Seq2SeqLm(Task):
         total, tokens = _target_loss(model, batch)
         return total / tokens.clamp_min(1)
 
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())  # the target tokens
+
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:

@@ -117,6 +117,9 @@ class TokenCls(LabelledTask):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return token_classification_loss(logits, batch["labels"], model.config)
 
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())  # the labelled tokens
+
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from peftc.files.checkpoints import (
     spec_changes,
 )
 from peftc.training.progress import progress_callback
+from peftc.training.step_loss import StepLoader, step_weight, take_step_terms
 from peftc.training.trackers import make_logger, trackers_closed
 
 if TYPE_CHECKING:
@@ -60,20 +61,16 @@ class PeftcLightningModule(L.LightningModule):
         return self.model(*args, **kwargs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        tags = take_step_terms(batch)
         loss = self.task.training_loss(self.model, batch, self.plan.spec.task)
         extra = self.method.extra_loss(self.model, self.plan.adapter_name)
         if extra is not None:
             self.log("train_extra_loss", extra.detach(), on_step=True)
-            loss = loss + extra
-        self.log(
-            "train_loss",
-            loss.detach(),
-            prog_bar=True,
-            on_step=True,
-            on_epoch=False,
-            batch_size=_batch_size(batch),
-        )
-        return loss
+        shown = loss if extra is None else loss + extra  # this batch's own mean, as logged before
+        self.log("train_loss", shown.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=_batch_size(batch))
+        if tags is not None:  # the step's loss: a mean over all of its terms (step_loss.py)
+            loss = loss * step_weight(*tags, self.trainer)
+        return loss if extra is None else loss + extra
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Checked at the logging interval, where the loss is read anyway (a check every step
@@ -252,13 +249,15 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
     # with batch b see the same examples per step as one with k*b. It also skips the batches a
     # resumed checkpoint had consumed. Creating an iterator must not draw from the
     # global RNG (dropout uses it), or a resumed run would see different dropout masks.
-    train_loader = ResumableLoader(
+    train_loader = StepLoader(
         train,
         batch_size=run.data.batch_size,
         sampler=ResumableSampler(len(train), run.seed),
         collate_fn=collate,
         num_workers=run.data.num_workers,
         generator=torch.Generator().manual_seed(run.seed),
+        batches_per_step=run.trainer.accumulate_grad_batches,
+        loss_terms=task.loss_terms,
     )
     val_loader = (
         DataLoader(

@@ -1,0 +1,112 @@
+"""An optimizer step's loss is the mean over all of the step's tokens (or examples), however the
+step is split into accumulated micro-batches or processes: batch 2 accumulated 4 times trains as
+batch 8 does (peftc/training/step_loss.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import peftc
+from peftc import tasks
+from peftc.planning.model_source import load_tokenizer
+from peftc.training.lightning import PeftcLightningModule, build_trainer, dataloaders
+from peftc.training.step_loss import BATCH_TERMS, STEP_TERMS, step_weight
+
+# Trained tokens per row differ 40-fold: a batch of short answers and one of long answers would
+# count alike if each micro-batch's own mean were averaged.
+ANSWERS = ["yes", "the owl flew over the barn and the fox " * 4, "no", "a red apple fell from the old tree " * 3]
+
+
+def _rows_file(tmp_path: Path, rows: int) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "rows.jsonl"
+    lines = [{"prompt": f"question {i}:", "response": ANSWERS[i % len(ANSWERS)].strip()} for i in range(rows)]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    return path
+
+
+def _plan(tmp_path: Path, task: str, batch_size: int, accumulate: int, rows: int) -> peftc.Plan:
+    data = {
+        "causal_lm": [
+            f"data.path={_rows_file(tmp_path, rows)}",
+            "data.source=jsonl",
+            "data.format=prompt_response",
+            "task.packing=false",
+            "data.val_fraction=0",
+        ],
+        "seq_cls": [f"data.limit_examples={rows}", "task.labels=[negative,positive]"],
+    }[task]
+    return peftc.compile(
+        [f"task={task}", "model=tiny_llama", "peft.lora_dropout=0", "trainer.logger=none", "trainer.max_steps=1"]
+        + [f"data.batch_size={batch_size}", f"trainer.accumulate_grad_batches={accumulate}", "data.max_length=64"]
+        + data
+    )
+
+
+class _StepGradients(L.Callback):
+    """The adapter's gradients as the optimizer is about to take the first step."""
+
+    def __init__(self) -> None:
+        self.gradients: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:  # noqa: ANN001
+        if not self.gradients:
+            self.gradients = {
+                n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None
+            }
+
+
+def _first_step_gradients(plan: peftc.Plan, tmp_path: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = peftc.materialize(plan)
+    train, _ = dataloaders(plan, load_tokenizer(plan.spec.model))
+    capture = _StepGradients()
+    module = PeftcLightningModule(model, tasks.get(plan.task), plan)
+    build_trainer(plan, tmp_path, [capture]).fit(module, train)
+    return capture.gradients
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "seq_cls"])
+def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tmp_path: Path, task: str) -> None:
+    # 8 rows in one batch, or 4 micro-batches of 2 (the same rows: the sampler's order is fixed);
+    # 7 rows make the seq_cls step's last micro-batch a single row.
+    rows = 8 if task == "causal_lm" else 7
+    whole = _first_step_gradients(_plan(tmp_path / "a", task, 8, 1, rows), tmp_path / "a")
+    split = _first_step_gradients(_plan(tmp_path / "b", task, 2, 4, rows), tmp_path / "b")
+    assert whole.keys() == split.keys() and whole
+    moved = [name for name, gradient in whole.items() if gradient.abs().max() > 0]
+    assert moved, "the step must have gradients to compare"
+    for name in whole:
+        scale = whole[name].abs().max().clamp_min(1e-12)
+        assert (split[name] - whole[name]).abs().max() / scale < 1e-5, name
+
+
+def test_the_step_weight_counts_every_rank_and_undoes_the_averages() -> None:
+    """Lightning divides each micro-batch's loss by the batches per step and DDP averages the
+    ranks: the weight of a batch of 30 tokens in a step of 100 tokens per rank on 2 ranks is
+    30 x 4 x 2 / 200."""
+
+    class _Strategy:
+        def reduce(self, tensor: torch.Tensor, reduce_op: str) -> torch.Tensor:
+            assert reduce_op == "sum"
+            return tensor * 2  # the other rank's step holds as many terms
+
+    class _Trainer:
+        world_size, accumulate_grad_batches, strategy = 2, 4, _Strategy()
+
+    weight = step_weight(torch.tensor(30), torch.tensor(100), _Trainer())
+    assert weight.item() == pytest.approx(30 * 4 * 2 / 200)
+
+
+def test_the_training_loader_tags_each_batch_with_its_step_terms(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, "causal_lm", 2, 3, 8)  # 4 batches: a step of 3, then one of 1
+    train, _ = dataloaders(plan, load_tokenizer(plan.spec.model))
+    batches = list(train)
+    own = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert [int(b[BATCH_TERMS]) for b in batches] == own
+    assert [int(b[STEP_TERMS]) for b in batches] == [sum(own[:3])] * 3 + [own[3]]
