@@ -1,10 +1,13 @@
-"""DDP on 2 CPU processes vs one process: the same adapter (issue #7).
+"""DDP on 2 CPU processes, and accumulated micro-batches, vs one process: the same adapter (issue #7).
 
-One process with data.batch_size=8 and `trainer=ddp_cpu` (2 ranks, gloo) with batch 4 each see
-the same examples per step; the script trains both through the CLI and prints the largest
-absolute difference between their saved adapter tensors, and both wall times.
+One process with data.batch_size=8, `trainer=ddp_cpu` (2 ranks, gloo) with batch 4 each, and one
+process with batch 2 accumulated 4 times see the same examples per step; the script trains all
+three through the CLI and prints the largest absolute difference between their saved adapter
+tensors and the batch-8 run's, and the wall times. `--data instructions` trains on answers only,
+whose token counts differ from batch to batch (the case where a step's loss must count its
+tokens over every micro-batch and rank, peftc/training/step_loss.py).
 
-    python experiments/ddp_equivalence.py [--steps 10]
+    python experiments/ddp_equivalence.py [--steps 10] [--data causal_lm|instructions]
 """
 
 from __future__ import annotations
@@ -40,18 +43,24 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--data", default="causal_lm", help="the built-in dataset (data=...)")
     args = parser.parse_args()
-    common = [f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=2"]
+    common = [f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=2", f"data={args.data}"]
+    runs = {
+        "single": ["data.batch_size=8"],
+        "ddp": ["trainer=ddp_cpu", "data.batch_size=4"],
+        "accumulated": ["data.batch_size=2", "trainer.accumulate_grad_batches=4"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        single_s = train([*common, "data.batch_size=8"], Path(tmp) / "single")
-        ddp_s = train([*common, "trainer=ddp_cpu", "data.batch_size=4"], Path(tmp) / "ddp")
-        single, ddp = (
-            load_file(Path(tmp) / name / "adapter" / "adapter_model.safetensors") for name in ("single", "ddp")
-        )
-    worst = max((single[k] - ddp[k]).abs().max().item() for k in single)
+        wall = {name: train([*common, *extra], Path(tmp) / name) for name, extra in runs.items()}
+        adapters = {name: load_file(Path(tmp) / name / "adapter" / "adapter_model.safetensors") for name in runs}
+    single = adapters["single"]
     scale = max(single[k].abs().max().item() for k in single)
-    print(f"steps={args.steps} tensors={len(single)} max|single-ddp|={worst:.2e} (max|tensor|={scale:.3f})")
-    print(f"wall: 1 process {single_s:.1f} s, 2 DDP processes {ddp_s:.1f} s")
+    print(f"data={args.data} steps={args.steps} tensors={len(single)} (max|tensor|={scale:.3f})")
+    for name in ("ddp", "accumulated"):
+        worst = max((single[k] - adapters[name][k]).abs().max().item() for k in single)
+        print(f"max|single-{name}|={worst:.2e}")
+    print("wall: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in wall.items()))
 
 
 if __name__ == "__main__":
