@@ -132,3 +132,49 @@ def test_padding_of_examples_that_carry_their_own_labels_is_never_a_target() -> 
         [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
         [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX],
     ]
+
+
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [("tiny_llama", []), ("tiny_gpt2", []), ("tiny_llama", ["task.train_on_prompt=true"])],
+    ids=["llama", "gpt2", "llama-train_on_prompt"],
+)
+def test_packed_examples_train_as_they_would_alone(qa_file: Path, model: str, extra: list[str]) -> None:
+    """A block's summed loss is the sum of its examples' losses, each computed alone: no token
+    attends to another example, positions restart, and no example predicts the next one's start."""
+    import torch
+
+    from peftc.training.lightning import dataloaders
+
+    overrides = [f"model={model}", "data.max_length=128", *extra]
+    plan = peftc.compile(["data.source=jsonl", f"data.path={qa_file}", "data.format=prompt_response", *overrides])
+    tokenizer = load_tokenizer(plan.spec.model)
+    task = tasks.get(plan.task)
+    collate = dataloaders(plan, tokenizer)[0].collate_fn
+    packed, _, _ = examples(qa_file, *overrides)
+    unpacked, _, _ = examples(qa_file, "task.packing=false", *overrides)
+    block, members, filled = packed[0], [], 0
+    for example in unpacked:  # the examples the first block holds, in order
+        if filled == len(block["input_ids"]):
+            break
+        members.append(example)
+        filled += len(example["input_ids"])
+    assert len(members) > 1, "the block must hold several examples"
+    network = peftc.materialize(plan).eval()
+    with torch.no_grad():
+        together = task.validation_stats(network, collate([block]))
+        apart = [task.validation_stats(network, collate([example])) for example in members]
+    assert int(together["tokens"]) == sum(int(s["tokens"]) for s in apart)
+    expected = sum(float(s["loss_sum"]) for s in apart)
+    assert float(together["loss_sum"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_prompt_learning_keeps_one_mask_per_packed_block(qa_file: Path) -> None:
+    """Virtual tokens are every packed example's context: no position restarts for them."""
+    from peftc.training.lightning import dataloaders
+
+    plan = peftc.compile(
+        ["data.source=jsonl", f"data.path={qa_file}", "data.format=prompt_response", "peft=prompt_tuning"]
+    )
+    batch = next(iter(dataloaders(plan, load_tokenizer(plan.spec.model))[0]))
+    assert "attention_mask" in batch and "position_ids" not in batch

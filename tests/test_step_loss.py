@@ -56,9 +56,7 @@ class _StepGradients(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:  # noqa: ANN001
         if not self.gradients:
-            self.gradients = {
-                n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None
-            }
+            self.gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
 def _first_step_gradients(plan: peftc.Plan, tmp_path: Path) -> dict[str, torch.Tensor]:

@@ -25,7 +25,8 @@ from peftc.tasks.lm_loss import next_token_loss
 class CausalLmSpec(SpecNode):
     packing: bool = param(
         True,
-        "Concatenate documents (separated by EOS) and cut into blocks of data.max_length; false: one padded example per document.",
+        "Concatenate documents (separated by EOS) and cut into blocks of data.max_length (prompt_response and "
+        "chat: whole examples per block, kept apart by position ids); false: one padded example per document.",
     )
     max_new_tokens: int = param(48, "Tokens generated per prompt at prediction time.", at_least(1))
     generation: GenerationSpec = field(
@@ -168,7 +169,10 @@ class CausalLm(Task):
             labels = pad([e["labels"] for e in examples], IGNORE_INDEX, pad_to)
         else:
             labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if all("position_ids" in e for e in examples):  # whole examples packed into blocks
+            batch["position_ids"] = pad([e["position_ids"] for e in examples], 0, pad_to)
+        return batch
 
     def training_loss(self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None) -> torch.Tensor:
         total, tokens = next_token_loss(model, batch)
@@ -220,15 +224,20 @@ class CausalLm(Task):
 
 
 def _pack_whole(examples: Sequence[Mapping[str, list[int]]], length: int) -> list[dict[str, list[int]]]:
-    """Greedy packing of whole examples, in order, into blocks of at most `length` tokens."""
+    """Greedy packing of whole examples, in order, into blocks of at most `length` tokens. Each
+    example's positions start at 0, as they would alone: transformers reads a restart of
+    `position_ids` (with no attention_mask) as the start of another sequence and lets no token
+    attend across it (masking_utils.find_packed_sequence_indices, TRL's padding-free packing)."""
     blocks: list[dict[str, list[int]]] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": []}
+    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for example in examples:
         if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > length:
             blocks.append(current)
-            current = {"input_ids": [], "labels": []}
+            current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] = current["input_ids"] + list(example["input_ids"])
-        current["labels"] = current["labels"] + list(example["labels"])
+        # Nothing of the example predicts its first token (the last one of the example before would).
+        current["labels"] = current["labels"] + [IGNORE_INDEX] + list(example["labels"][1:])
+        current["position_ids"] = current["position_ids"] + list(range(len(example["input_ids"])))
     if current["input_ids"]:
         blocks.append(current)
     return blocks

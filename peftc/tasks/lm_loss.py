@@ -84,6 +84,10 @@ def next_token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tupl
     """(summed loss over the counted tokens, number of counted tokens) for a causal LM batch."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        # Packed examples (causal_lm._pack_whole): transformers keeps them apart only without a KV
+        # cache, which an eval-mode call would otherwise create.
+        inputs["use_cache"] = False
     head = output_head(model)
     if head is None or head in _POSTPROCESSING_HEADS:
         return _from_logits(model(**inputs).logits, labels)

@@ -67,7 +67,9 @@ class PeftcLightningModule(L.LightningModule):
         if extra is not None:
             self.log("train_extra_loss", extra.detach(), on_step=True)
         shown = loss if extra is None else loss + extra  # this batch's own mean, as logged before
-        self.log("train_loss", shown.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=_batch_size(batch))
+        self.log(
+            "train_loss", shown.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=_batch_size(batch)
+        )
         if tags is not None:  # the step's loss: a mean over all of its terms (step_loss.py)
             loss = loss * step_weight(*tags, self.trainer)
         return loss if extra is None else loss + extra
@@ -237,11 +239,13 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
 
     pad_to = run.data.max_length if run.data.padding == "max_length" else None
 
-    extras = methods.get(plan.method).batch_fields(run.peft)
+    method = methods.get(plan.method)
+    extras = method.batch_fields(run.peft)
 
     def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
         batch = task.collate(examples, tokenizer, pad_to)
         batch.update(method_inputs(examples, extras))
+        keep_packed_examples_apart(batch, method.kind != "prompt")
         return batch
 
     # The sampler is a DistributedSampler seeded with run.seed that shards itself once the ranks
@@ -290,6 +294,17 @@ def method_inputs(examples: list[Any], extras: dict[str, Any]) -> dict[str, torc
             )
         batch[key] = torch.tensor(values, dtype=torch.long)
     return batch
+
+
+def keep_packed_examples_apart(batch: dict[str, torch.Tensor], by_position: bool) -> None:
+    """A batch of blocks packed from whole examples carries each example's own positions. Without
+    an attention_mask, transformers reads their restarts as sequence boundaries and masks attention
+    across them. Prompt-learning methods show every example of a block the same virtual tokens,
+    which such a mask cannot express: they keep the mask and one position count per block (packed
+    examples see the earlier ones of their block; task.packing=false keeps them apart)."""
+    if "position_ids" not in batch:
+        return
+    del batch["attention_mask" if by_position else "position_ids"]
 
 
 def quiet_lightning() -> None:
