@@ -59,23 +59,26 @@ class _StepGradients(L.Callback):
             self.gradients = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
-def _first_step_gradients(plan: peftc.Plan, tmp_path: Path) -> dict[str, torch.Tensor]:
+def _first_step(plan: peftc.Plan, tmp_path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """The adapter's gradients at the first optimizer step, and the loss logged for that step."""
     torch.manual_seed(0)
     model = peftc.materialize(plan)
     train, _ = dataloaders(plan, load_tokenizer(plan.spec.model))
     capture = _StepGradients()
     module = PeftcLightningModule(model, tasks.get(plan.task), plan)
-    build_trainer(plan, tmp_path, [capture]).fit(module, train)
-    return capture.gradients
+    trainer = build_trainer(plan, tmp_path, [capture])
+    trainer.fit(module, train)
+    return capture.gradients, float(trainer.callback_metrics["train_loss"])
 
 
 @pytest.mark.parametrize("task", ["causal_lm", "seq_cls"])
-def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tmp_path: Path, task: str) -> None:
+def test_accumulated_micro_batches_give_the_gradient_and_loss_of_one_large_batch(tmp_path: Path, task: str) -> None:
     # 8 rows in one batch, or 4 micro-batches of 2 (the same rows: the sampler's order is fixed);
     # 7 rows make the seq_cls step's last micro-batch a single row.
     rows = 8 if task == "causal_lm" else 7
-    whole = _first_step_gradients(_plan(tmp_path / "a", task, 8, 1, rows), tmp_path / "a")
-    split = _first_step_gradients(_plan(tmp_path / "b", task, 2, 4, rows), tmp_path / "b")
+    whole, whole_loss = _first_step(_plan(tmp_path / "a", task, 8, 1, rows), tmp_path / "a")
+    split, split_loss = _first_step(_plan(tmp_path / "b", task, 2, 4, rows), tmp_path / "b")
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6), "train_loss is the step's loss, not a micro-batch's"
     assert whole.keys() == split.keys() and whole
     moved = [name for name, gradient in whole.items() if gradient.abs().max() > 0]
     assert moved, "the step must have gradients to compare"

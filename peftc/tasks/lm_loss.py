@@ -84,9 +84,11 @@ def next_token_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tupl
     """(summed loss over the counted tokens, number of counted tokens) for a causal LM batch."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "position_ids" in inputs and "attention_mask" not in inputs:
-        # Packed examples (causal_lm._pack_whole): transformers keeps them apart only without a KV
-        # cache, which an eval-mode call would otherwise create.
+    if "position_ids" in inputs:
+        # Whole examples packed into blocks (causal_lm._pack_whole), each with positions from 0:
+        # transformers keeps them apart when there is no attention_mask and no KV cache (an
+        # eval-mode call would create one). The mask stays in the batch for counting tokens.
+        inputs.pop("attention_mask", None)
         inputs["use_cache"] = False
     head = output_head(model)
     if head is None or head in _POSTPROCESSING_HEADS:

@@ -56,6 +56,8 @@ class PeftcLightningModule(L.LightningModule):
         self.method = methods.get(plan.method)
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._totals: dict[str, float] = defaultdict(float)
+        self._step_loss: torch.Tensor | float = 0.0  # the current optimizer step's loss so far
+        self.last_step_loss: torch.Tensor | None = None  # the last finished step's loss
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -63,16 +65,27 @@ class PeftcLightningModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tags = take_step_terms(batch)
         loss = self.task.training_loss(self.model, batch, self.plan.spec.task)
+        if tags is not None:  # the step's loss: a mean over all of its terms (step_loss.py)
+            loss = loss * step_weight(*tags, self.trainer)
         extra = self.method.extra_loss(self.model, self.plan.adapter_name)
         if extra is not None:
             self.log("train_extra_loss", extra.detach(), on_step=True)
-        shown = loss if extra is None else loss + extra  # this batch's own mean, as logged before
-        self.log(
-            "train_loss", shown.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=_batch_size(batch)
-        )
-        if tags is not None:  # the step's loss: a mean over all of its terms (step_loss.py)
-            loss = loss * step_weight(*tags, self.trainer)
-        return loss if extra is None else loss + extra
+            loss = loss + extra
+        # Lightning divides each micro-batch's loss by the batches per step: these shares add up
+        # to the step's loss.
+        self._step_loss = self._step_loss + loss.detach() / self.trainer.accumulate_grad_batches
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Log the step's loss once its micro-batches are done (the ranks' shares averaged: each
+        is weighed by the number of ranks, step_loss.py), as `train_loss` and `last_step_loss`."""
+        value, self._step_loss = self._step_loss, 0.0
+        if not isinstance(value, torch.Tensor):
+            return
+        if self.trainer.world_size > 1:
+            value = self.trainer.strategy.reduce(value, reduce_op="mean")
+        self.last_step_loss = value
+        self.log("train_loss", value, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Checked at the logging interval, where the loss is read anyway (a check every step
@@ -245,7 +258,12 @@ def dataloaders(plan: Plan, tokenizer: Any) -> tuple[DataLoader, DataLoader | No
     def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
         batch = task.collate(examples, tokenizer, pad_to)
         batch.update(method_inputs(examples, extras))
-        keep_packed_examples_apart(batch, method.kind != "prompt")
+        if method.kind == "prompt":
+            # Blocks of packed examples carry each example's positions, which keep the examples
+            # apart (lm_loss.next_token_loss). Every example of a block reads the same virtual
+            # tokens, which transformers' packed-sequence mask cannot express: the block's mask
+            # alone (examples see the earlier ones of their block; task.packing=false avoids it).
+            batch.pop("position_ids", None)
         return batch
 
     # The sampler is a DistributedSampler seeded with run.seed that shards itself once the ranks
@@ -294,17 +312,6 @@ def method_inputs(examples: list[Any], extras: dict[str, Any]) -> dict[str, torc
             )
         batch[key] = torch.tensor(values, dtype=torch.long)
     return batch
-
-
-def keep_packed_examples_apart(batch: dict[str, torch.Tensor], by_position: bool) -> None:
-    """A batch of blocks packed from whole examples carries each example's own positions. Without
-    an attention_mask, transformers reads their restarts as sequence boundaries and masks attention
-    across them. Prompt-learning methods show every example of a block the same virtual tokens,
-    which such a mask cannot express: they keep the mask and one position count per block (packed
-    examples see the earlier ones of their block; task.packing=false keeps them apart)."""
-    if "position_ids" not in batch:
-        return
-    del batch["attention_mask" if by_position else "position_ids"]
 
 
 def quiet_lightning() -> None:

@@ -61,8 +61,12 @@ class StepLines(ProgressBar):
         if not (self._enabled and trainer.is_global_zero and due and step > self._printed_step):
             return
         self._printed_step = step
+        # The finished step's loss (PeftcLightningModule adds up its micro-batches), else this batch's.
+        step_loss = getattr(pl_module, "last_step_loss", None)
         print(
-            self.line(trainer, outputs, step, total, step - self._first_step),
+            self.line(
+                trainer, {"loss": step_loss} if step_loss is not None else outputs, step, total, step - self._first_step
+            ),
             file=self.stream or sys.stdout,
             flush=True,
         )
