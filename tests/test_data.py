@@ -332,6 +332,11 @@ def test_a_squad_answers_object_trains_on_the_span_at_its_answer_start(tmp_path:
     [
         ({"text": [], "answer_start": []}, r"has no answer \(a SQuAD v2 unanswerable question\)"),
         ({"text": ["Paris"], "answer_start": [3]}, r"answer_start 3 does not point at the answer 'Paris' \(the"),
+        (  # every gold answer is checked: validation scores against each
+            {"text": ["Paris", "Eiffel"], "answer_start": [EIFFEL.index("Paris"), 3]},
+            r"answer 2 of 2: answer_start 3 does not point at the answer 'Eiffel' \(the",
+        ),
+        ({"text": ["Paris", "Eiffel"], "answer_start": [22]}, r"has 2 answer texts and 1 answer_start values"),
     ],
 )
 def test_a_squad_row_without_a_span_to_learn_is_refused_by_row(tmp_path: Path, answers: dict, problem: str) -> None:
@@ -340,13 +345,21 @@ def test_a_squad_row_without_a_span_to_learn_is_refused_by_row(tmp_path: Path, a
         datasets([*QUESTION_ANS, f"data.path={path}", "data.columns={answer: answers}"])
 
 
-def test_answers_cut_off_by_max_length_are_counted_in_a_warning(tmp_path: Path) -> None:
+def test_answers_that_no_window_holds_whole_are_counted_in_a_warning(tmp_path: Path) -> None:
+    """A long context is cut into windows sharing task.doc_stride tokens: an answer far into it is
+    in a later window, but one longer than the overlap, across a window's end, is in none."""
     far = {"question": "Where?", "context": "Nothing here. " * 20 + "It is in Paris.", "answer": "Paris"}
     near = {"question": "Where?", "context": "It is in Paris." + " Nothing here." * 20, "answer": "Paris"}
-    path = write_jsonl(tmp_path / "qa.jsonl", [far, near, far])
-    with pytest.warns(UserWarning, match=r"qa.jsonl: 2 of 3 examples have their answer past data.max_length=64 "):
-        train, _ = datasets([*QUESTION_ANS, f"data.path={path}", "data.max_length=64"])
-    assert [e["start_positions"] for e in train].count(0) == 2
+    # windows hold 55 context characters and advance by 51: characters 45..58 are in neither of the first two
+    across = {"question": "Where?", "context": "Nothing here. " * 3 + "in Gustave Eiffel" + " Nothing." * 9}
+    path = write_jsonl(tmp_path / "qa.jsonl", [far, {**across, "answer": "Gustave Eiffel"}, near])
+    with pytest.warns(
+        UserWarning,
+        match=r"qa.jsonl: 1 of 3 examples have their answer in no single window of data.max_length=64 tokens "
+        r"\(consecutive windows of a long context share task.doc_stride=4 tokens",
+    ):
+        train, _ = datasets([*QUESTION_ANS, f"data.path={path}", "data.max_length=64", "task.doc_stride=4"])
+    assert len(train) > 3 and [e["start_positions"] > 0 for e in train].count(True) == 2
 
 
 def test_a_small_validation_split_is_a_warning_with_its_size(tmp_path: Path) -> None:

@@ -262,3 +262,39 @@ def test_a_saved_single_dataset_is_the_train_split(tmp_path: Path) -> None:
     Dataset.from_list(pairs(8)).save_to_disk(str(saved))
     train, val = splits(f"data.path={saved}", "data.val_fraction=0.25")
     assert (len(train), len(val)) == (6, 2)
+
+
+SQUAD = Features(
+    {
+        "question": Value("string"),
+        "context": Value("string"),
+        "answers": {"text": List(Value("string")), "answer_start": List(Value("int32"))},
+    }
+)
+
+
+def test_squad_validation_rows_keep_every_gold_answer_and_training_learns_the_first(tmp_path: Path) -> None:
+    """SQuAD's validation rows list several answers (by different annotators): validation scores
+    against each (as the squad metric does), training learns the first (as run_qa does)."""
+    from peftc import tasks
+    from peftc.planning.model_source import load_tokenizer
+
+    context = "The tower was built by Gustave Eiffel in 1889."
+    golds = ["Gustave Eiffel", "Eiffel", "Gustave Eiffel"]
+    answers = {"text": golds, "answer_start": [context.index(text) for text in golds]}
+    row = {"question": "Who built it?", "context": context, "answers": answers}
+    squad = {
+        "train": Dataset.from_list([row] * 4, features=SQUAD),
+        "validation": Dataset.from_list([row], features=SQUAD),
+    }
+    DatasetDict(squad).save_to_disk(str(tmp_path / "squad"))
+    plan = peftc.compile(
+        ["task=question_ans", "model=tiny_bert", "data.source=hf", f"data.path={tmp_path / 'squad'}"]
+        + ["data.val_split=validation", "data.columns={answer: answers}"]
+    )
+    train, val = tasks.get("question_ans").datasets(plan.spec, load_tokenizer(plan.spec.model))
+    first = train[0]["offsets"][train[0]["start_positions"]][0], train[0]["offsets"][train[0]["end_positions"]][1]
+    assert len(train) == 4 and context[slice(*first)] == "Gustave Eiffel"
+    start = context.index("Gustave")  # one byte token per character: context positions are characters
+    gustave_eiffel, eiffel = [start, start + 13], [start + 8, start + 13]
+    assert [example["gold_spans"] for example in val] == [[gustave_eiffel, eiffel, gustave_eiffel]]

@@ -225,7 +225,7 @@ def test_a_number_that_is_not_a_name_of_an_integer_named_label_set_is_no_index(v
 
 # ------------------------------------------------------------------------ question answering
 def test_span_exact_match_and_f1_on_known_spans() -> None:
-    from peftc.tasks.question_ans import span_scores
+    from peftc.tasks.qa_spans import span_scores
 
     starts, ends = torch.tensor([3, 3, 10, 5]), torch.tensor([5, 4, 12, 5])
     gold_starts, gold_ends = torch.tensor([3, 4, 3, 5]), torch.tensor([5, 6, 5, 5])
@@ -236,7 +236,7 @@ def test_span_exact_match_and_f1_on_known_spans() -> None:
 
 
 def test_best_span_stays_in_the_context_and_within_the_length_limit() -> None:
-    from peftc.tasks.question_ans import best_spans
+    from peftc.tasks.qa_spans import best_spans
 
     start = torch.tensor([[9.0, 0.0, 1.0, 5.0, 0.0, -1.0]])  # position 0 (not context) scores highest
     end = torch.tensor([[9.0, 0.0, 4.0, 0.0, 0.0, 6.0]])
@@ -258,7 +258,7 @@ def test_qa_metrics_average_over_examples_across_batches() -> None:
 
 
 def test_answer_character_span_maps_to_its_tokens() -> None:
-    from peftc.tasks.question_ans import token_span
+    from peftc.tasks.qa_spans import token_span
 
     offsets = [(0, 0), (0, 3), (0, 0), (0, 3), (4, 7), (8, 11), (0, 0)]  # <s> q </s> "the red fox" </s>
     in_context = [False, False, False, True, True, True, False]
@@ -284,17 +284,24 @@ def test_the_gold_span_is_the_answers_first_occurrence_in_the_context() -> None:
     [example] = tasks.get("question_ans").encode(
         [{"question": "Who came?", "context": "Ann met Ann.", "answer": "Ann"}], run, tokenizer
     )
-    start, end, offsets = example["start_positions"], example["end_positions"], example["offsets"]
+    [window] = example["windows"]  # a short context is one window
+    start, end, offsets = window["start_positions"], window["end_positions"], window["offsets"]
     assert (offsets[start][0], offsets[end][1]) == (0, 3)
-    assert tokenizer.decode(example["input_ids"][start : end + 1]) == "Ann"  # context tokens, not the question's
-    assert sum(example["context_mask"]) == len("Ann met Ann.")  # one byte token per character
+    assert tokenizer.decode(window["input_ids"][start : end + 1]) == "Ann"  # context tokens, not the question's
+    assert sum(window["context_mask"]) == len("Ann met Ann.")  # one byte token per character
+    assert example["gold_spans"] == [[0, 2]]  # in context positions
 
 
-def test_truncation_cuts_the_context_and_keeps_the_whole_question() -> None:
-    run, tokenizer = qa_run("data.max_length=48")
-    question = "Who wrote the letter to the queen?"
-    [example] = tasks.get("question_ans").encode([{"question": question, "context": "word " * 60}], run, tokenizer)
-    assert len(example["input_ids"]) == 48 and question in tokenizer.decode(example["input_ids"])
+def test_a_long_context_is_cut_into_windows_that_each_keep_the_whole_question() -> None:
+    run, tokenizer = qa_run("data.max_length=48", "task.doc_stride=5")
+    question, context = "Who wrote the letter to the queen?", "word " * 60
+    [example] = tasks.get("question_ans").encode([{"question": question, "context": context}], run, tokenizer)
+    windows = example["windows"]
+    assert len(windows) > 1 and all(len(w["input_ids"]) <= 48 for w in windows)
+    assert all(question in tokenizer.decode(w["input_ids"]) for w in windows)
+    slices = [[o for o, m in zip(w["offsets"], w["context_mask"]) if m] for w in windows]
+    assert all(before[-5:] == after[:5] for before, after in zip(slices, slices[1:]))  # doc_stride tokens shared
+    assert (slices[0][0][0], slices[-1][-1][1]) == (0, len(context))  # together, the whole context
 
 
 def test_the_predicted_answer_is_the_context_text_of_the_best_span() -> None:
@@ -304,8 +311,9 @@ def test_the_predicted_answer_is_the_context_text_of_the_best_span() -> None:
     task = tasks.get("question_ans")
     row = {"question": "Who came?", "context": "Then Ann met Bob."}
     [example] = task.encode([row], run, tokenizer)
-    first = next(i for i, (m, o) in enumerate(zip(example["context_mask"], example["offsets"])) if m and o[0] == 5)
-    last = next(i for i, (m, o) in enumerate(zip(example["context_mask"], example["offsets"])) if m and o[1] == 8)
+    [window] = example["windows"]
+    first = next(i for i, (m, o) in enumerate(zip(window["context_mask"], window["offsets"])) if m and o[0] == 5)
+    last = next(i for i, (m, o) in enumerate(zip(window["context_mask"], window["offsets"])) if m and o[1] == 8)
 
     class Fixed(torch.nn.Module):
         def __init__(self) -> None:

@@ -68,3 +68,28 @@ def test_task_trains_saves_and_reloads_with_the_same_predictions(tmp_path: Path,
     rows = [{field: p[field] for field in task.input_fields} for p in before]
     after = task.predict(reloaded, rows, load_tokenizer(run.model), run)
     assert_same(before, after)
+
+
+def test_question_ans_windows_long_contexts_and_scores_each_example_once(tmp_path: Path) -> None:
+    """Contexts longer than data.max_length are cut into windows (task.doc_stride): training
+    validates per example, action=eval (batched otherwise) gets the same metrics over the 10
+    validation rows, and each prediction is an answer read from its own context."""
+    long_contexts = ["task=question_ans", "model=tiny_bert", "data.max_length=64", "trainer.max_steps=2"]
+    long_contexts += ["data.limit_examples=16", "data.limit_val_examples=10"]
+    trained = tmp_path / "train"
+    result = run_cli([*long_contexts, "data.eval_batch_size=3", f"hydra.run.dir={trained}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    evaluated = tmp_path / "eval"
+    result = run_cli(
+        ["action=eval", f"adapter={trained / 'adapter'}", "data.eval_batch_size=4", f"hydra.run.dir={evaluated}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    at_training = json.loads((trained / "metrics.json").read_text())
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["examples"] == 10
+    for key in ("val_exact_match", "val_f1"):
+        assert metrics[key] == pytest.approx(at_training[key], abs=1e-6)
+    predictions = [json.loads(line) for line in (trained / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4
+    assert all(p["context"][p["start"] : p["end"]] == p["answer"] for p in predictions)

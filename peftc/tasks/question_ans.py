@@ -2,17 +2,26 @@
 
 A row has a question, a context and the answer: its text, which must occur in the context (its
 first occurrence is the gold span), or SQuAD's `answers` object, {text: [...], answer_start: [...]},
-whose first answer starts at its answer_start (as transformers' run_qa trains on it). A row
-without an answer (SQuAD v2's unanswerable questions) is refused: there is no span to learn.
-Question and context are encoded as a pair; only the context is truncated. The model (head
-`qa_outputs`, trained in full and saved, as peft does for QUESTION_ANS) scores each token as span
-start and end; loss is the mean of the two cross-entropies. An answer cut off by truncation
-points at position 0, as in transformers (and is counted in a warning).
+each answer at its answer_start. Training learns the first answer (as transformers' run_qa trains);
+validation scores a prediction against each answer of the row and keeps the best (as the squad
+metric does). A row without an answer (SQuAD v2's unanswerable questions) is refused: there is no
+span to learn.
 
-Prediction picks the context span (start <= end, at most max_answer_tokens) with the highest
-start + end score. Metrics compare predicted and gold token spans:
+Question and context are encoded as a pair, the question first. A pair longer than
+data.max_length is split as run_qa splits it: into windows that each hold the whole question and
+a slice of the context, consecutive slices sharing task.doc_stride tokens (qa_spans.py). Each
+window is a training example; one that does not hold the whole answer points at position 0 (the
+CLS token), as in transformers. An answer that no window holds whole (longer than the overlap,
+across a window's end) is counted in a warning. The model (head `qa_outputs`, trained in full and
+saved, as peft does for QUESTION_ANS) scores each token as span start and end; loss is the mean
+of the two cross-entropies.
+
+Prediction picks, over all windows of an example, the context span (start <= end, at most
+max_answer_tokens; validation: of any length) with the highest start + end score. Metrics compare
+predicted and gold token spans, positions counted in the whole context's tokens:
   exact match = 1 if both ends agree;  F1 = 2 P R / (P + R) with P = overlap / predicted length,
-  R = overlap / gold length (overlap in tokens);  both averaged over examples.
+  R = overlap / gold length (overlap in tokens);  each the best over the row's gold answers,
+  averaged over examples (rows, whatever their number of windows).
 """
 
 from __future__ import annotations
@@ -25,18 +34,47 @@ from typing import Any
 import torch
 
 from peftc.config.spec import RunSpec, SpecNode, at_least, param
-from peftc.errors import ConfigError
+from peftc.errors import ConfigError, DataError
 from peftc.tasks import register
 from peftc.tasks.base import Task
-from peftc.tasks.common import batches, encoded_batch, pad, to_device, token_fields
+from peftc.tasks.common import batches, to_device
 from peftc.tasks.head_loss import span_loss
+from peftc.tasks.qa_spans import (
+    best_gold_scores,
+    best_window_spans,
+    context_offsets,
+    covering_tokens,
+    encode_windows,
+    grouped_batch,
+    token_span,
+    window_batch,
+    window_logits,
+)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+ROW_FIELDS = ("windows", "gold_spans")  # what an example holds beside the method's fields
 
 
 @dataclass
 class QuestionAnsSpec(SpecNode):
     max_answer_tokens: int = param(30, "Longest answer span (in tokens) a prediction may pick.", at_least(1))
+    doc_stride: int | None = param(
+        None,
+        "Context tokens shared by consecutive windows of a context longer than data.max_length "
+        "(run_qa's doc_stride); null: a third of data.max_length (run_qa's 128 of 384), at most half "
+        "of what the question leaves for the context.",
+        at_least(0),
+    )
+
+    def cross_check(self, key: str, run: RunSpec | None) -> None:
+        if run is not None and self.doc_stride is not None and self.doc_stride >= run.data.max_length:
+            length = run.data.max_length
+            raise ConfigError(
+                f"{key}.doc_stride",
+                self.doc_stride,
+                f"must be less than data.max_length={length} (windows of {length} tokens share it)",
+                f"e.g. {key}.doc_stride={length // 3}",
+            )
 
 
 @register
@@ -52,45 +90,45 @@ class QuestionAns(Task):
     list_fields = ("answer",)  # SQuAD's answers object
 
     def check_row(self, row: Mapping[str, Any], spec: QuestionAnsSpec) -> str | None:
-        answer = gold_answer(row["answer"])
-        if isinstance(answer, str):
-            return answer
-        text, start = answer
+        answers = gold_answers(row["answer"])
+        if isinstance(answers, str):
+            return answers
         context = str(row["context"])
-        if not text.strip():
-            return "the answer is empty"
-        if start is not None and context[start : start + len(text)] != text:
-            found = context[start : start + len(text)]
-            return f"answer_start {start} does not point at the answer {text!r} (the context there reads {found!r})"
-        if text not in context:
-            return f"the answer {text!r} does not occur in the context (answers are spans of the context)"
+        for number, (text, start) in enumerate(answers, start=1):
+            problem = _answer_problem(text, start, context)
+            if problem:
+                return _numbered(problem, number, len(answers))
         return None
 
+    def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Any, Any]:
+        """Training: one example per window (run_qa trains on each); validation: one per row,
+        holding its windows, so that it is scored once, on its best span over them."""
+        train, val = super().datasets(run, tokenizer)
+        return training_windows(train), val
+
     def encode(self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any) -> list[dict[str, Any]]:
+        """One example per row: its `windows` (each with its training label when the row has an
+        answer) and the `gold_spans` of its answers in context positions."""
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError(
                 "model.tokenizer", type(tokenizer).__name__, "question_ans needs a fast tokenizer (offsets)"
             )
         examples = []
-        for row in rows:
-            context = str(row["context"])
-            truncation: Any = "only_second" if run.data.truncation else False
-            encoding = tokenizer(
-                str(row["question"]),
-                context,
-                truncation=truncation,
-                max_length=run.data.max_length if run.data.truncation else None,
-                return_offsets_mapping=True,
-            )
-            in_context = [sid == 1 for sid in encoding.sequence_ids()]
-            example: dict[str, Any] = token_fields(encoding)
-            example["context_mask"] = [int(flag) for flag in in_context]
-            example["offsets"] = [tuple(o) for o in encoding["offset_mapping"]]
+        for number, row in enumerate(rows, start=1):
+            question, context = str(row["question"]), str(row["context"])
+            excerpt = question if len(question) <= 40 else question[:40] + "..."
+            windows = pair_windows(tokenizer, question, context, run, f"example {number} (question {excerpt!r})")
+            example: dict[str, Any] = {"windows": windows}
             if "answer" in row:
-                text, start_char = gold_answer(row["answer"])
-                start_char = context.index(text) if start_char is None else start_char
-                span = token_span(example["offsets"], in_context, start_char, start_char + len(text))
-                example["start_positions"], example["end_positions"] = span
+                spans = [_char_span(text, start, context) for text, start in gold_answers(row["answer"])]
+                for window in windows:  # the first answer is learned, as run_qa learns it
+                    in_context = [bool(flag) for flag in window["context_mask"]]
+                    window["start_positions"], window["end_positions"] = token_span(
+                        window["offsets"], in_context, *spans[0]
+                    )
+                whole = context_offsets(windows)
+                gold = [covering_tokens(whole, [True] * len(whole), *span) for span in spans]
+                example["gold_spans"] = [list(span) for span in gold if span is not None]
             examples.append(example)
         _warn_of_cut_answers(examples, run)
         return examples
@@ -98,8 +136,11 @@ class QuestionAns(Task):
     def collate(
         self, examples: Sequence[Mapping[str, Any]], tokenizer: Any, pad_to: int | None = None
     ) -> dict[str, torch.Tensor]:
-        batch = encoded_batch(examples, tokenizer, pad_to)
-        batch["context_mask"] = pad([e["context_mask"] for e in examples], 0, pad_to)
+        """Windows (training) into (windows, length) tensors with their labels; examples holding
+        their windows (validation, prediction) into (examples, windows, length) tensors."""
+        if "windows" in examples[0]:
+            return grouped_batch(examples, tokenizer, pad_to)
+        batch = window_batch(examples, tokenizer, pad_to)
         if "start_positions" in examples[0]:
             for key in ("start_positions", "end_positions"):
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
@@ -114,10 +155,10 @@ class QuestionAns(Task):
     def validation_stats(
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS and not k.endswith("_positions")}
-        out = model(**inputs)
-        starts, ends, _ = best_spans(out.start_logits, out.end_logits, batch["context_mask"], 10**6)
-        exact, f1 = span_scores(starts, ends, batch["start_positions"], batch["end_positions"])
+        start_logits, end_logits, real = window_logits(model, batch)
+        window, starts, ends, _ = best_window_spans(start_logits, end_logits, batch["context_mask"], real, 10**6)
+        shift = batch["context_shift"].to(window.device).gather(1, window[:, None])[:, 0]
+        exact, f1 = best_gold_scores(starts + shift, ends + shift, batch["gold_spans"])
         return {"exact": exact.sum(), "f1": f1.sum(), "count": torch.tensor(len(exact))}
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
@@ -131,12 +172,15 @@ class QuestionAns(Task):
         out = []
         for chunk in batches(examples, run.data.batch_size):
             batch = self.collate(chunk, tokenizer)
-            result = model(**to_device({k: v for k, v in batch.items() if k in MODEL_INPUTS}, model))
-            starts, ends, scores = best_spans(
-                result.start_logits.cpu(), result.end_logits.cpu(), batch["context_mask"], run.task.max_answer_tokens
+            start_logits, end_logits, real = window_logits(model, to_device(batch, model))
+            windows, starts, ends, scores = best_window_spans(
+                start_logits.cpu(), end_logits.cpu(), batch["context_mask"], real.cpu(), run.task.max_answer_tokens
             )
-            for example, start, end, score in zip(chunk, starts.tolist(), ends.tolist(), scores.tolist()):
-                out.append((example["offsets"][start][0], example["offsets"][end][1], score))
+            for example, window, start, end, score in zip(
+                chunk, windows.tolist(), starts.tolist(), ends.tolist(), scores.tolist()
+            ):
+                offsets = example["windows"][window]["offsets"]
+                out.append((offsets[start][0], offsets[end][1], score))
         return [
             {
                 **{f: r[f] for f in self.input_fields},
@@ -149,81 +193,110 @@ class QuestionAns(Task):
         ]
 
 
+def pair_windows(tokenizer: Any, question: str, context: str, run: RunSpec, where: str) -> list[dict[str, Any]]:
+    """The windows of one question and context: the whole pair when it fits data.max_length (or
+    data.truncation=false), else windows of data.max_length tokens sharing `doc_stride` tokens."""
+    whole = encode_windows(tokenizer, question, context, None, 0)
+    length = run.data.max_length
+    if not run.data.truncation or len(whole[0]["input_ids"]) <= length:
+        return whole
+    room = length - (len(whole[0]["input_ids"]) - sum(whole[0]["context_mask"]))  # context tokens per window
+    if room < 1:
+        raise DataError(
+            where,
+            f"the question (with the special tokens) takes {length - room} tokens, leaving no room for the "
+            f"context in data.max_length={length}",
+            "raise data.max_length or shorten the question",
+        )
+    stride = run.task.doc_stride
+    if stride is None:
+        stride = min(length // 3, room // 2)
+    elif stride >= room:
+        raise DataError(
+            where,
+            f"task.doc_stride={stride} is not less than the {room} context tokens a window of "
+            f"data.max_length={length} holds beside this question, so the windows would not advance",
+            f"lower task.doc_stride below {room} or raise data.max_length",
+        )
+    return encode_windows(tokenizer, question, context, length, stride)
+
+
+def training_windows(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One training example per window, with the other fields of its row's example (e.g. a
+    method's task_id)."""
+    return [
+        {**window, **{k: v for k, v in example.items() if k not in ROW_FIELDS}}
+        for example in examples
+        for window in example["windows"]
+    ]
+
+
 def _warn_of_cut_answers(examples: Sequence[Mapping[str, Any]], run: RunSpec) -> None:
-    """Answers that truncation cut off point at position 0, as in transformers, so the model learns
-    'not in view' and validation counts them as misses; transformers' run_qa would instead split a
-    long context into overlapping windows (doc_stride), which peftc does not. Said, not silent."""
-    cut = sum(1 for e in examples if "start_positions" in e and e["start_positions"] == e["end_positions"] == 0)
+    """An answer that no window holds whole trains every window of its example to point at
+    position 0, as in run_qa, and validation can match it at most in part. Said, not silent."""
+    cut = sum(
+        1
+        for e in examples
+        if "gold_spans" in e and all(w["start_positions"] == w["end_positions"] == 0 for w in e["windows"])
+    )
     if cut:
+        length = run.data.max_length
+        stride = run.task.doc_stride if run.task.doc_stride is not None else f"null ({length // 3} or less)"
         warnings.warn(
-            f"{run.data.path or run.data.name}: {cut} of {len(examples)} examples have their answer past "
-            f"data.max_length={run.data.max_length} tokens (question + context), so they train to point at "
-            "position 0 and count as misses in validation; raise data.max_length (long contexts are not split "
-            "into windows)",
+            f"{_source(run)}: {cut} of {len(examples)} examples have their answer in no single window of "
+            f"data.max_length={length} tokens (consecutive windows of a long context share task.doc_stride={stride} "
+            "tokens; a longer answer across a window's end is cut in both), so they train to point at position 0 "
+            "and validation can match them only in part; raise task.doc_stride or data.max_length",
             stacklevel=3,
         )
 
 
-def gold_answer(value: Any) -> tuple[str, int | None] | str:
-    """(answer text, its character start or None for the first occurrence) of an answer cell: a
-    text, or SQuAD's {text: [...], answer_start: [...]} (its first answer); else the problem."""
+def gold_answers(value: Any) -> list[tuple[str, int | None]] | str:
+    """(answer text, its character start or None for the first occurrence) of each answer of an
+    answer cell: a text, or SQuAD's {text: [...], answer_start: [...]}; else the problem."""
     if isinstance(value, list):
         return "'answer' is a list: give the answer text, or SQuAD's {text: [...], answer_start: [...]}"
     if not isinstance(value, dict):
-        return str(value), None
+        return [(str(value), None)]
     if "text" not in value or "answer_start" not in value:
         return f"'answer' is an object with {sorted(value)}, not SQuAD's text and answer_start"
     texts, starts = value["text"], value["answer_start"]
     texts, starts = (texts, starts) if isinstance(texts, list) else ([texts], [starts])
+    starts = starts if isinstance(starts, list) else [starts]
     if not texts:
         return (
             "has no answer (a SQuAD v2 unanswerable question): question_ans learns answer spans; "
             "drop such rows, e.g. dataset.filter(lambda row: len(row['answers']['text']) > 0)"
         )
-    start = starts[0] if isinstance(starts, list) and starts else None
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        return f"answer_start {start!r} is not a character position (a non-negative integer)"
-    return str(texts[0]), start
+    if len(starts) != len(texts):
+        return f"has {len(texts)} answer texts and {len(starts)} answer_start values (give one start per text)"
+    for number, start in enumerate(starts, start=1):
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            problem = f"answer_start {start!r} is not a character position (a non-negative integer)"
+            return _numbered(problem, number, len(starts))
+    return [(str(text), start) for text, start in zip(texts, starts)]
 
 
-def token_span(
-    offsets: Sequence[tuple[int, int]], in_context: Sequence[bool], start_char: int, end_char: int
-) -> tuple[int, int]:
-    """Token positions of the first and last context token of a character span; (0, 0) when the
-    span is not wholly inside the (possibly truncated) context."""
-    positions = [i for i, (flag, (s, e)) in enumerate(zip(in_context, offsets)) if flag and e > s]
-    covering = [i for i in positions if offsets[i][1] > start_char and offsets[i][0] < end_char]
-    if not covering or offsets[covering[0]][0] > start_char or offsets[covering[-1]][1] < end_char:
-        return 0, 0
-    return covering[0], covering[-1]
+def _answer_problem(text: str, start: int | None, context: str) -> str | None:
+    if not text.strip():
+        return "the answer is empty"
+    if start is not None and context[start : start + len(text)] != text:
+        found = context[start : start + len(text)]
+        return f"answer_start {start} does not point at the answer {text!r} (the context there reads {found!r})"
+    if text not in context:
+        return f"the answer {text!r} does not occur in the context (answers are spans of the context)"
+    return None
 
 
-def best_spans(
-    start_logits: torch.Tensor, end_logits: torch.Tensor, context_mask: torch.Tensor, max_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per example, the context span (start <= end < start + max_tokens) maximising start + end score."""
-    length = start_logits.shape[-1]
-    scores = start_logits.float()[:, :, None] + end_logits.float()[:, None, :]
-    index = torch.arange(length, device=scores.device)
-    offset = index[None, :] - index[:, None]  # end - start
-    allowed = (offset >= 0) & (offset < max_tokens)
-    context = context_mask.bool().to(scores.device)
-    allowed = allowed[None] & context[:, :, None] & context[:, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    best, flat = scores.flatten(1).max(-1)
-    return flat // length, flat % length, best
+def _numbered(problem: str, number: int, count: int) -> str:
+    """A problem of one answer of a row, naming which when the row has several."""
+    return problem if count == 1 else f"answer {number} of {count}: {problem}"
 
 
-def span_scores(
-    starts: torch.Tensor, ends: torch.Tensor, gold_starts: torch.Tensor, gold_ends: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact match and token-overlap F1 of predicted vs gold spans (inclusive ends)."""
-    gold_starts, gold_ends = gold_starts.to(starts.device), gold_ends.to(starts.device)
-    exact = ((starts == gold_starts) & (ends == gold_ends)).float()
-    overlap = (torch.minimum(ends, gold_ends) - torch.maximum(starts, gold_starts) + 1).clamp(min=0).float()
-    precision = overlap / (ends - starts + 1).float()
-    recall = overlap / (gold_ends - gold_starts + 1).float()
-    f1 = torch.where(
-        overlap > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(overlap)
-    )
-    return exact, f1
+def _char_span(text: str, start: int | None, context: str) -> tuple[int, int]:
+    start = context.index(text) if start is None else start
+    return start, start + len(text)
+
+
+def _source(run: RunSpec) -> str:
+    return str(run.data.path or run.data.name)
