@@ -266,3 +266,11 @@ def test_a_context_that_fits_is_one_window_encoded_as_the_pair_was_before_window
     [window] = example["windows"]
     assert window["input_ids"] == pair["input_ids"] and window["offsets"] == pair["offset_mapping"]
     assert window["context_mask"] == [int(sequence == 1) for sequence in pair.sequence_ids()]
+
+
+def test_a_slow_tokenizer_is_refused_naming_what_would_work() -> None:
+    """Offsets and overflowing windows are fast-tokenizer features (transformers' slow ones lack them)."""
+    run, _ = qa_run()
+    slow = type("SlowTokenizer", (), {"is_fast": False})()
+    with pytest.raises(ConfigError, match=r"model.tokenizer.*SlowTokenizer.*needs a fast tokenizer.*tokenizer.json"):
+        QA.encode([{"question": "Who?", "context": EIFFEL}], run, slow)

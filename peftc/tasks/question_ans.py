@@ -111,7 +111,10 @@ class QuestionAns(Task):
         answer) and the `gold_spans` of its answers in context positions."""
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError(
-                "model.tokenizer", type(tokenizer).__name__, "question_ans needs a fast tokenizer (offsets)"
+                "model.tokenizer",
+                type(tokenizer).__name__,
+                "question_ans needs a fast tokenizer (character offsets, and overflowing windows for long contexts)",
+                "give a tokenizer directory with tokenizer.json, which transformers loads as a fast tokenizer",
             )
         examples = []
         for number, row in enumerate(rows, start=1):
