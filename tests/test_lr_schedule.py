@@ -68,22 +68,14 @@ def test_each_tasks_primary_metric_improves_in_the_right_direction() -> None:
 def test_the_optimizer_takes_the_trainer_settings_and_steps_the_schedule_every_step() -> None:
     """AdamW over the trainable tensors only, with trainer.lr, betas and weight_decay; the schedule
     advances every optimizer step (a warm-up stepped per epoch would never leave its first factor)."""
-    from types import SimpleNamespace
-
-    import peftc
-    from peftc.training.lightning import PeftcLightningModule
-    from tests.helpers import build_base
-
-    overrides = ["trainer.lr=0.01", "trainer.betas=[0.8,0.95]", "trainer.weight_decay=0.1"]
-    plan = peftc.compile(["model=tiny_llama", *overrides, "trainer.warmup_steps=2", "trainer.scheduler=linear"])
-    model = peftc.materialize(plan, base_model=build_base(plan))
-    module = PeftcLightningModule(model, tasks.get(plan.task), plan)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=6)
-    configured = module.configure_optimizers()
-    [group] = configured["optimizer"].param_groups
-    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.01 / 2, (0.8, 0.95), 0.1)
+    configured, model = _configured(["trainer.weight_decay=0.1", "trainer.warmup_steps=2", "trainer.scheduler=linear"])
+    decayed, kept = configured["optimizer"].param_groups
+    for group in (decayed, kept):
+        assert (group["lr"], group["betas"]) == (0.01 / 2, (0.8, 0.95))
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.1, 0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(group["params"]) == len(trainable) and all(a is b for a, b in zip(group["params"], trainable))
+    grouped = decayed["params"] + kept["params"]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
     schedule = configured["lr_scheduler"]
     assert schedule["interval"] == "step"
     factors = [schedule["scheduler"].get_last_lr()[0] / 0.01]
@@ -92,6 +84,39 @@ def test_the_optimizer_takes_the_trainer_settings_and_steps_the_schedule_every_s
         schedule["scheduler"].step()
         factors.append(schedule["scheduler"].get_last_lr()[0] / 0.01)
     assert factors == pytest.approx([1 / 2, 1.0, 1.0, 0.75, 0.5, 0.25])
+
+
+def _configured(overrides: list[str]) -> tuple[dict, torch.nn.Module]:
+    from types import SimpleNamespace
+
+    import peftc
+    from peftc.training.lightning import PeftcLightningModule
+    from tests.helpers import build_base
+
+    settings = ["model=tiny_gpt2", "trainer.lr=0.01", "trainer.betas=[0.8,0.95]", "peft.bias=lora_only"]
+    plan = peftc.compile([*settings, *overrides])
+    model = peftc.materialize(plan, base_model=build_base(plan))
+    module = PeftcLightningModule(model, tasks.get(plan.task), plan)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=6)
+    return module.configure_optimizers(), model
+
+
+def test_weight_decay_shrinks_matrices_and_leaves_biases_and_vectors_alone() -> None:
+    """As the HF Trainer spares biases and norms and LitGPT every 1-D parameter: decay would pull
+    a norm weight or an IA3 vector, which start at 1, towards 0."""
+    configured, model = _configured(["trainer.weight_decay=0.5"])
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = torch.zeros_like(p)  # the step is decay alone
+    configured["optimizer"].step()
+    vectors = [name for name, p in trainable.items() if p.ndim == 1]
+    assert vectors, "the adapted biases are trainable vectors"
+    for name, p in trainable.items():
+        if p.ndim == 1:
+            assert torch.equal(p, before[name]), name
+        else:
+            assert torch.allclose(p, before[name] * (1 - 0.01 * 0.5)), name
 
 
 @pytest.mark.parametrize(

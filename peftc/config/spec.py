@@ -403,7 +403,11 @@ class TrainerSpec(SpecNode):
     max_steps: int = param(40, "Optimizer steps to train for (-1: bounded by max_epochs).", at_least(-1))
     max_epochs: int | None = param(None, "Epoch limit (null: only max_steps counts).", at_least(1))
     lr: float = param(1e-3, "Peak learning rate of AdamW.", greater_than(0.0))
-    weight_decay: float = param(0.0, "AdamW weight decay.", at_least(0.0))
+    weight_decay: float = param(
+        0.0,
+        "AdamW weight decay, on matrices only (biases, norm weights and 1-D scaling vectors are not decayed).",
+        at_least(0.0),
+    )
     betas: list[float] = param([0.9, 0.999], "AdamW betas.")
     warmup_steps: int = param(0, "Linear warm-up steps.", at_least(0))
     scheduler: str = param("constant", "Learning-rate schedule after warm-up.", one_of("constant", "linear", "cosine"))

@@ -136,8 +136,9 @@ class PeftcLightningModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         spec = self.plan.spec.trainer
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        optimizer = torch.optim.AdamW(
+            decay_groups(self.model, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas), weight_decay=0.0
+        )
         total = max(self.trainer.estimated_stepping_batches, 1)
         schedule = lr_schedule(spec.scheduler, spec.warmup_steps, int(total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -162,6 +163,20 @@ class PeftcLightningModule(L.LightningModule):
             raise ConfigError("resume", None, f"the checkpoint was written by a different plan ({changes})")
         if "peftc_rng" in checkpoint:
             set_rng_state(checkpoint["peftc_rng"])
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: weight decay on matrices only. Biases, norm weights and the
+    scaling vectors of IA3, VeRA and DoRA's magnitude are 1-D, and decay would pull them to 0 (a
+    norm or an IA3 vector starts at 1): the HF Trainer leaves biases and norms out, LitGPT every
+    1-D parameter. One group when there is no decay (checkpoints of earlier runs load)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0.0:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def lr_schedule(kind: str, warmup: int, total: int) -> Any:
