@@ -30,7 +30,7 @@ def _rows_file(tmp_path: Path, rows: int) -> Path:
     return path
 
 
-def _plan(tmp_path: Path, task: str, batch_size: int, accumulate: int, rows: int) -> peftc.Plan:
+def _plan(tmp_path: Path, task: str, batch_size: int, accumulate: int, rows: int, *extra: str) -> peftc.Plan:
     data = {
         "causal_lm": [
             f"data.path={_rows_file(tmp_path, rows)}",
@@ -45,6 +45,7 @@ def _plan(tmp_path: Path, task: str, batch_size: int, accumulate: int, rows: int
         [f"task={task}", "model=tiny_llama", "peft.lora_dropout=0", "trainer.logger=none", "trainer.max_steps=1"]
         + [f"data.batch_size={batch_size}", f"trainer.accumulate_grad_batches={accumulate}", "data.max_length=64"]
         + data
+        + list(extra)
     )
 
 
@@ -104,10 +105,17 @@ def test_the_step_weight_counts_every_rank_and_undoes_the_averages() -> None:
     assert weight.item() == pytest.approx(30 * 4 * 2 / 200)
 
 
-def test_the_training_loader_tags_each_batch_with_its_step_terms(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "causal_lm", 2, 3, 8)  # 4 batches: a step of 3, then one of 1
+def test_the_training_loader_tags_each_batch_with_the_terms_its_loss_averages(tmp_path: Path) -> None:
+    # 4 batches: a step of 3, then one of 1. Prompt tokens are trained too, so that a batch's
+    # first token, which nothing predicts, would be miscounted.
+    plan = _plan(tmp_path, "causal_lm", 2, 3, 8, "task.train_on_prompt=true")
     train, _ = dataloaders(plan, load_tokenizer(plan.spec.model))
+    task, model = tasks.get(plan.task), peftc.materialize(plan).eval()
     batches = list(train)
-    own = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
-    assert [int(b[BATCH_TERMS]) for b in batches] == own
-    assert [int(b[STEP_TERMS]) for b in batches] == [sum(own[:3])] * 3 + [own[3]]
+    with torch.no_grad():
+        counted = [
+            int(task.validation_stats(model, {k: v for k, v in b.items() if not k.startswith("peftc_")})["tokens"])
+            for b in batches
+        ]
+    assert [int(b[BATCH_TERMS]) for b in batches] == counted
+    assert [int(b[STEP_TERMS]) for b in batches] == [sum(counted[:3])] * 3 + [counted[3]]
