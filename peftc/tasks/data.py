@@ -11,7 +11,7 @@ import csv
 import json
 import random
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from peftc.config.spec import DataSpec
 from peftc.errors import ConfigError, DataError, did_you_mean
 from peftc.planning.model_source import ASSETS
+from peftc.tasks.rows import RowCheck, select_rows
 
 # Longest CSV field read (long documents are legitimate training text).
 MAX_FIELD_CHARS = 1 << 30
@@ -26,7 +27,6 @@ MAX_FIELD_CHARS = 1 << 30
 FEW_VALIDATION_EXAMPLES = 20
 
 BUILTIN_DIR = ASSETS / "data"
-RowCheck = Callable[[Mapping[str, Any]], "str | None"]  # returns the problem with a row, if any
 
 
 def builtin_names() -> list[str]:
@@ -59,18 +59,20 @@ def load_splits(
                 "no such built-in dataset",
                 did_you_mean(str(spec.name), names) or "available: " + ", ".join(names),
             )
-        rows = list(_select(_read(path, "jsonl"), fields, {}, str(path), check, optional, lists))
+        rows = list(select_rows(_read(path, "jsonl"), fields, {}, str(path), check, optional, lists))
         train = [r for r in rows if r.get("split", "train") == "train"]
         val = [r for r in rows if r.get("split") == "validation"]
     elif spec.source == "hf":
         train, val, path = _hf_splits(spec, fields, seed, check, optional, lists)
     else:
         path = Path(str(spec.path)).expanduser()
-        rows = list(_select(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional, lists))
+        rows = list(
+            select_rows(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional, lists)
+        )
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
             val = list(
-                _select(
+                select_rows(
                     _read(val_file, spec.source, key="data.val_path"),
                     fields,
                     spec.columns or {},
@@ -131,11 +133,11 @@ def _hf_splits(
             raise DataError(
                 f"{source} [{name}]", "the split has no rows", "pick another split (data.split, data.val_split)"
             )
-    train = list(_select(train_rows, fields, columns, f"{source} [{spec.split}]", check, optional, lists))
+    train = list(select_rows(train_rows, fields, columns, f"{source} [{spec.split}]", check, optional, lists))
     if val_rows is None:
         train, val = _split(train, spec.val_fraction, seed, source)
     else:
-        val = list(_select(val_rows, fields, columns, f"{source} [{spec.val_split}]", check, optional, lists))
+        val = list(select_rows(val_rows, fields, columns, f"{source} [{spec.val_split}]", check, optional, lists))
     return train, val, source
 
 
@@ -270,76 +272,7 @@ def read_inputs(
                 str(path), f"a .txt file gives one field per line but this task needs {', '.join(fields)}", "use .jsonl"
             )
         rows = [{fields[0]: line} for line in lines]
-        return list(_select(rows, fields, {}, str(path), check, lists=lists))
+        return list(select_rows(rows, fields, {}, str(path), check, lists=lists))
     fmt = "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
     mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
-    return list(_select(_read(path, fmt, key="input_file"), fields, mapping, str(path), check, lists=lists))
-
-
-def _select(
-    rows: list[dict[str, Any]],
-    fields: Sequence[str],
-    columns: Mapping[str, str],
-    source: str,
-    check: RowCheck | None = None,
-    optional: Mapping[str, Any] | None = None,
-    lists: Collection[str] = (),
-) -> Iterator[dict[str, Any]]:
-    optional = dict(optional or {})
-    unknown = set(columns) - set(fields) - set(optional)
-    if unknown:
-        name = sorted(unknown)[0]
-        raise ConfigError(
-            f"data.columns.{name}",
-            columns[name],
-            "is not a field of this task",
-            f"fields: {', '.join([*fields, *optional])}",
-        )
-    for number, row in enumerate(rows, start=1):
-        selected = {}
-        for field in fields:
-            column = columns.get(field, field)
-            if column not in row:
-                hint = did_you_mean(column, row) or f"columns present: {', '.join(map(str, row))}"
-                raise DataError(
-                    f"{source} row {number}",
-                    f"missing column {column!r} (task field {field!r})",
-                    # Hydra adds a key data.columns lacks only with '+'
-                    f"set {'' if field in columns else '+'}data.columns.{field}=<column>; {hint}",
-                )
-            problem = _cell_problem(row[column], column, field in lists)
-            if problem:
-                raise DataError(f"{source} row {number}", problem, "fix the row or remove it")
-            selected[field] = row[column]
-        for field, default in optional.items():
-            value = row.get(columns.get(field, field))
-            missing = value is None or value == ""
-            selected[field] = default if missing else _integer(value, field, f"{source} row {number}")
-        problem = check(selected) if check is not None else None
-        if problem:
-            raise DataError(f"{source} row {number}", problem)
-        if "split" in row:
-            selected["split"] = row["split"]
-        yield selected
-
-
-def _cell_problem(value: Any, column: str, list_allowed: bool = False) -> str | None:
-    """Text fields hold text: an empty cell trains on nothing, and an object or a list (where the
-    task does not take one) is a file from another schema, which str() would silently turn
-    into "['a', 'b']" training text. A null (JSON null, a parquet/arrow missing value) holds nothing."""
-    if value is None:
-        return f"{column!r} is empty (null)"
-    if isinstance(value, str) and not value.strip():
-        return f"{column!r} is empty"
-    if isinstance(value, dict) and not list_allowed:
-        return f"{column!r} is an object ({json.dumps(value)[:60]}), not text"
-    if isinstance(value, list) and not list_allowed:
-        return f"{column!r} is a list ({json.dumps(value)[:60]}), not text"
-    return None
-
-
-def _integer(value: Any, field: str, where: str) -> int:
-    """Optional fields are small integers (task ids); CSV cells arrive as strings."""
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-        raise DataError(where, f"{field} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return list(select_rows(_read(path, fmt, key="input_file"), fields, mapping, str(path), check, lists=lists))
