@@ -265,13 +265,8 @@ def _shortened(prediction: Mapping[str, Any]) -> dict[str, Any]:
 
 def sample_predictions(model: Any, run: RunSpec, tokenizer: Any, count: int) -> list[dict]:
     """Predictions for the first `count` validation rows (made from their input fields)."""
-    from peftc.tasks.base import method_fields
-    from peftc.tasks.data import load_splits
-
     task = tasks.for_spec(run.task)
-    # method fields (a mapped task_id column) are read so data.columns stays valid; predictions use inputs only
-    fields = task.data_fields(run)
-    _, val_rows = load_splits(run.data, fields, seed=run.seed, optional=method_fields(run), lists=task.list_fields)
+    _, val_rows = task.read_rows(run)
     rows = task.sample_inputs(val_rows[:count])
     return predict_rows(model, task, rows, tokenizer, run) if rows else []
 

@@ -74,6 +74,17 @@ def mapping_of(value_type: type | tuple[type, ...], description: str) -> Check:
     return check
 
 
+def column_mapping(v: Any) -> str | None:
+    """data.columns: {field: column}, or {field: [column, ...]} for a text field read from several."""
+
+    def columns(x: Any) -> bool:
+        return isinstance(x, str) or (isinstance(x, list) and bool(x) and all(isinstance(c, str) for c in x))
+
+    if v is None or (isinstance(v, dict) and all(isinstance(k, str) and columns(x) for k, x in v.items())):
+        return None
+    return "must be a mapping of names to column names (or to lists of columns, whose texts are joined)"
+
+
 NAME_MAX = 255  # bytes in one name of a path, on Linux filesystems
 PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included
 
@@ -321,8 +332,9 @@ class DataSpec(SpecNode):
     )
     columns: Any = param(
         None,
-        "Map from the task's field names (e.g. text, label) to the file's column names, e.g. {text: body}.",
-        mapping_of(str, "column names"),
+        "Map from the task's field names (e.g. text, label) to the file's column names, e.g. {text: body}; a "
+        "list reads a text field from several columns, joined by a blank line: {prompt: [instruction, input]}.",
+        column_mapping,
     )
 
     val_fraction: float = param(

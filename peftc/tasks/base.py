@@ -68,6 +68,15 @@ class Task:
         """What is wrong with one data row for this task (None: nothing)."""
         return None
 
+    def read_rows(self, run: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The run's (train, validation) rows as this task reads them, before `check_row` and
+        `encode` (the before/after samples are made from the validation rows)."""
+        from peftc.tasks.data import load_splits
+
+        return load_splits(
+            run.data, self.data_fields(run), seed=run.seed, optional=method_fields(run), lists=self.list_fields
+        )
+
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
         from peftc.tasks.data import load_splits
 

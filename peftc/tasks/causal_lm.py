@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -53,6 +53,13 @@ class CausalLm(Task):
     generates_text = True
 
     list_fields = ("messages",)  # data.format=chat: a row's conversation
+    # TRL's columns, read where a row has not peftc's (and data.columns does not map the field): a
+    # prompt-completion row's `completion` is its response; as message lists, its `prompt` and
+    # `completion` are one conversation (chat.conversation).
+    trl_columns: ClassVar[dict[str, tuple[str, ...]]] = {
+        "response": ("completion",),
+        "messages": ("prompt", "completion"),
+    }
 
     def data_fields(self, run: RunSpec) -> tuple[str, ...]:
         return {"text": ("text",), "prompt_response": ("prompt", "response"), "chat": ("messages",)}[run.data.format]
@@ -70,11 +77,19 @@ class CausalLm(Task):
             messages = [{"role": "user", "content": messages}]
         return {"messages": chat.check_messages(messages, where, answered=False)}
 
-    def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
-        fields = self.data_fields(run)
-        train_rows, val_rows = load_splits(
-            run.data, fields, seed=run.seed, optional=method_fields(run), lists=self.list_fields
+    def read_rows(self, run: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        conversations = ("prompt", "completion") if run.data.format == "chat" else ()
+        return load_splits(
+            run.data,
+            self.data_fields(run),
+            seed=run.seed,
+            optional=method_fields(run),
+            lists=(*self.list_fields, *conversations),
+            alternatives=self.trl_columns,
         )
+
+    def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[list, list]:
+        train_rows, val_rows = self.read_rows(run)
         encode = {
             "text": self._examples,
             "prompt_response": self._prompt_response_examples,
@@ -95,7 +110,8 @@ class CausalLm(Task):
         examples = []
         for row in rows:
             prompt = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
-            response = tokenizer(str(row["response"]), add_special_tokens=False)["input_ids"] + eos
+            answer = row["response"] if "response" in row else row["completion"]  # TRL's name for it
+            response = tokenizer(str(answer), add_special_tokens=False)["input_ids"] + eos
             masked = prompt if run.task.train_on_prompt else [IGNORE_INDEX] * len(prompt)
             examples.append({"input_ids": prompt + response, "labels": masked + response})
         return self._finish_masked(examples, rows, run, split)
@@ -111,7 +127,7 @@ class CausalLm(Task):
         examples = []
         for number, row in enumerate(rows, start=1):
             where = f"{run.data.path or 'data'} ({split} split, example {number})"
-            example = chat.encode(chat.check_messages(row["messages"], where), tokenizer, where)
+            example = chat.encode(chat.conversation(row, where), tokenizer, where)
             if run.task.train_on_prompt:
                 example["labels"] = list(example["input_ids"])
             examples.append(example)
@@ -195,13 +211,9 @@ class CausalLm(Task):
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
     def sample_inputs(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """The first sentence of each document (or a row's prompt) as the prompt to continue."""
-        if rows and "prompt" in rows[0]:
-            return [{"text": str(row["prompt"])} for row in rows]
-        if rows and "messages" in rows[0]:  # the conversation before its last answer
-            return [{"messages": row["messages"]} for row in rows]
-        firsts = [str(row["text"]).split(". ")[0] for row in rows]
-        return [{"text": first if first.endswith(".") else first + "."} for first in firsts]
+        """The first sentence of each document, or a row's prompt (TRL's conversational prompt as a
+        conversation), as the prompt to continue."""
+        return [_sample_input(row) for row in rows]
 
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
@@ -221,6 +233,18 @@ class CausalLm(Task):
             new_tokens = generated[0, len(ids) :]
             out.append({"text": text, "generated": tokenizer.decode(new_tokens, skip_special_tokens=True)})
         return out
+
+
+def _sample_input(row: Mapping[str, Any]) -> dict[str, Any]:
+    # a conversation as {role, content} messages (ShareGPT's {from, value} read as those)
+    if "messages" in row:  # the conversation before its last answer
+        return {"messages": chat.check_messages(row["messages"], "validation row", answered=False)}
+    if isinstance(row.get("prompt"), list):  # TRL's conversational prompt, which asks for the completion
+        return {"messages": chat.check_messages(row["prompt"], "validation row", answered=False, name="prompt")}
+    if "prompt" in row:
+        return {"text": str(row["prompt"])}
+    first = str(row["text"]).split(". ")[0]
+    return {"text": first if first.endswith(".") else first + "."}
 
 
 def _pack_whole(examples: Sequence[Mapping[str, list[int]]], length: int) -> list[dict[str, list[int]]]:

@@ -1,5 +1,8 @@
 """Chat rows for causal_lm (data.format=chat): `messages` = [{role, content}, ...] rendered with the
-tokenizer's chat template (or model.chat_template), the loss on the assistant turns only.
+tokenizer's chat template (or model.chat_template), the loss on the assistant turns only. TRL's
+conversational prompt-completion rows (`prompt` and `completion` message lists) are one such
+conversation whose prompt is context: only the completion's assistant turns are learned, as TRL's
+SFTTrainer learns the completion.
 
 The rendered conversation is tokenized once; a token is trained when its characters lie in an
 assistant turn: from the end of the prompt that asks for it through its end-of-turn text (found
@@ -36,15 +39,33 @@ def check_template(tokenizer: Any) -> None:
         )
 
 
-def check_messages(messages: Any, where: str, answered: bool = True) -> list[dict[str, Any]]:
+def conversation(row: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+    """A chat row's conversation: its `messages`, or its TRL `prompt` + `completion`, the prompt's
+    assistant messages (earlier answers) marked not to be learned."""
+    if "messages" in row:
+        return check_messages(row["messages"], where)
+    if isinstance(row["prompt"], str) and isinstance(row["completion"], str):
+        raise DataError(
+            where,
+            "'prompt' and 'completion' hold text, not conversations",
+            "data.format=prompt_response reads text prompt-completion rows",
+        )
+    prompt = check_messages(row["prompt"], where, answered=False, name="prompt")
+    completion = check_messages(row["completion"], where, name="completion")
+    return [{**m, "train": False} if m["role"] == "assistant" else m for m in prompt] + completion
+
+
+def check_messages(messages: Any, where: str, answered: bool = True, name: str = "messages") -> list[dict[str, Any]]:
     """The conversation's messages as {role, content} (with the keys templates read for tool calls
     and reasoning, and `train: False` on an assistant message not to learn from); `answered`: it
     has an assistant turn to learn from (training rows; a conversation to predict on need not).
     Accepted besides: ShareGPT's {from, value} messages, OpenAI's content as a list of text parts
     (joined with newlines, as vLLM serves them to a text template), an assistant message with
-    `tool_calls` and no content, axolotl's per-message `train` and OpenAI fine-tuning's `weight`."""
+    `tool_calls` and no content, axolotl's per-message `train` and OpenAI fine-tuning's `weight`.
+    `name`: the row's column holding them (a TRL row's prompt or completion is named in errors)."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(where, "'messages' must be a non-empty list of {role, content} objects")
+        raise DataError(where, f"{name!r} must be a non-empty list of {{role, content}} objects")
+    where = where if name == "messages" else f"{where} {name}"
     checked = [_message(message, number, where) for number, message in enumerate(messages, start=1)]
     if answered and not any(m["role"] == "assistant" and m.get("train", True) for m in checked):
         flagged = any(m["role"] == "assistant" for m in checked)

@@ -19,7 +19,8 @@ from typing import Any
 from peftc.config.spec import DataSpec
 from peftc.errors import ConfigError, DataError, did_you_mean
 from peftc.planning.model_source import ASSETS
-from peftc.tasks.rows import RowCheck, select_rows
+from peftc.tasks import layouts
+from peftc.tasks.rows import RowCheck, named_columns, select_rows
 
 # Longest CSV field read (long documents are legitimate training text).
 MAX_FIELD_CHARS = 1 << 30
@@ -40,6 +41,7 @@ def load_splits(
     check: RowCheck | None = None,
     optional: Mapping[str, Any] | None = None,
     lists: Collection[str] = (),
+    alternatives: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, validation) rows carrying exactly `fields` (plus 'split' for built-ins).
 
@@ -48,6 +50,8 @@ def load_splits(
     a method's task_id) are read when the row has the (mapped) column, else take the default.
     Cells hold text (or numbers); only the `lists` fields may hold lists or objects (token
     classification's words and tags, SQuAD's answers), which the task's check reads.
+    `alternatives` ({field: columns}) are read from a row that lacks an unmapped field's column
+    (rows.select_rows).
     """
     if spec.source == "builtin":
         path = BUILTIN_DIR / f"{spec.name}.jsonl"
@@ -59,15 +63,16 @@ def load_splits(
                 "no such built-in dataset",
                 did_you_mean(str(spec.name), names) or "available: " + ", ".join(names),
             )
-        rows = list(select_rows(_read(path, "jsonl"), fields, {}, str(path), check, optional, lists))
+        rows = list(select_rows(_read(path, "jsonl"), fields, {}, str(path), check, optional, lists, alternatives))
         train = [r for r in rows if r.get("split", "train") == "train"]
         val = [r for r in rows if r.get("split") == "validation"]
     elif spec.source == "hf":
-        train, val, path = _hf_splits(spec, fields, seed, check, optional, lists)
+        train, val, path = _hf_splits(spec, fields, seed, check, optional, lists, alternatives or {})
     else:
         path = Path(str(spec.path)).expanduser()
+        columns = spec.columns or {}
         rows = list(
-            select_rows(_read(path, spec.source), fields, spec.columns or {}, str(path), check, optional, lists)
+            select_rows(_read(path, spec.source), fields, columns, str(path), check, optional, lists, alternatives)
         )
         if spec.val_path:
             val_file = Path(spec.val_path).expanduser()
@@ -75,11 +80,12 @@ def load_splits(
                 select_rows(
                     _read(val_file, spec.source, key="data.val_path"),
                     fields,
-                    spec.columns or {},
+                    columns,
                     str(val_file),
                     check,
                     optional,
                     lists,
+                    alternatives,
                 )
             )
             train = rows
@@ -104,12 +110,13 @@ def declared_labels(spec: DataSpec, field: str) -> list[str] | None:
     """The label names the data itself declares for a task field, in class-index order: a Hugging
     Face ClassLabel column's names (GLUE's label, CoNLL's ner_tags), as transformers' run_glue and
     run_ner take them. JSONL/CSV files and built-ins declare none (None)."""
-    if spec.source != "hf":
+    column = (spec.columns or {}).get(field, field)
+    if spec.source != "hf" or not isinstance(column, str):  # a field read from several columns is text
         return None
     from peftc.tasks.hf_data import class_names
 
     with _bad_line_named(spec):
-        return class_names(spec, (spec.columns or {}).get(field, field))
+        return class_names(spec, column)
 
 
 def _hf_splits(
@@ -119,25 +126,38 @@ def _hf_splits(
     check: RowCheck | None,
     optional: Mapping[str, Any] | None,
     lists: Collection[str],
+    alternatives: Mapping[str, Sequence[str]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """Train and validation rows through the datasets library (data.source=hf), checked as a
     file's rows are; rows are numbered within their split."""
     from peftc.tasks.hf_data import read_hf_splits
 
     columns = spec.columns or {}
-    wanted = [columns.get(f, f) for f in [*fields, *(optional or {})]]
+    instead = {f: list(names) for f, names in alternatives.items() if f in fields and f not in columns}
+    wanted = [c for f in [*fields, *(optional or {})] for c in named_columns(columns, f)]
+    wanted += [c for names in instead.values() for c in names]
+    wanted += layouts.watched(wanted)
+
+    def complete(names: Collection[str]) -> bool:
+        """Whether a split has the columns of every field (or all of its alternatives)."""
+        return all(
+            all(c in names for c in named_columns(columns, f)) or (f in instead and set(instead[f]) <= set(names))
+            for f in fields
+        )
+
     with _bad_line_named(spec):
-        train_rows, val_rows, source = read_hf_splits(spec, wanted, [columns.get(f, f) for f in fields])
+        train_rows, val_rows, source = read_hf_splits(spec, wanted, complete)
     for name, rows in ((spec.split, train_rows), (spec.val_split, val_rows)):
         if rows is not None and not rows:
             raise DataError(
                 f"{source} [{name}]", "the split has no rows", "pick another split (data.split, data.val_split)"
             )
-    train = list(select_rows(train_rows, fields, columns, f"{source} [{spec.split}]", check, optional, lists))
+    reading = (check, optional, lists, alternatives)
+    train = list(select_rows(train_rows, fields, columns, f"{source} [{spec.split}]", *reading))
     if val_rows is None:
         train, val = _split(train, spec.val_fraction, seed, source)
     else:
-        val = list(select_rows(val_rows, fields, columns, f"{source} [{spec.val_split}]", check, optional, lists))
+        val = list(select_rows(val_rows, fields, columns, f"{source} [{spec.val_split}]", *reading))
     return train, val, source
 
 
@@ -251,12 +271,14 @@ def _delimiter(fh: Any) -> str:
 def read_inputs(
     path: str | Path,
     fields: Sequence[str],
-    columns: Mapping[str, str] | None = None,
+    columns: Mapping[str, Any] | None = None,
     check: RowCheck | None = None,
     lists: Collection[str] = (),
+    optional: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows to predict on from a file: .jsonl/.csv/.tsv with the task's input fields (after the
-    data.columns mapping), or .txt with one value of the first input field per line."""
+    data.columns mapping; the `optional` ones where there), or .txt with one value of the first
+    input field per line."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ".txt":
         if not path.is_file():
@@ -274,5 +296,6 @@ def read_inputs(
         rows = [{fields[0]: line} for line in lines]
         return list(select_rows(rows, fields, {}, str(path), check, lists=lists))
     fmt = "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
-    mapping = {k: v for k, v in (columns or {}).items() if k in fields}  # target columns are not needed
-    return list(select_rows(_read(path, fmt, key="input_file"), fields, mapping, str(path), check, lists=lists))
+    read = {*fields, *(optional or {})}
+    mapping = {k: v for k, v in (columns or {}).items() if k in read}  # target columns are not needed
+    return list(select_rows(_read(path, fmt, key="input_file"), fields, mapping, str(path), check, optional, lists))

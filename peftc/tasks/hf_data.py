@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +32,20 @@ HUB_DATA_PATTERNS = [f"*{suffix}" for suffix in FILE_BUILDERS] + ["README.md"]
 
 
 def read_hf_splits(
-    spec: DataSpec, columns: Sequence[str], required: Sequence[str] = ()
+    spec: DataSpec, columns: Sequence[str], complete: Callable[[Collection[str]], bool] = lambda names: True
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
     """(train rows, validation rows or None when no data.val_split, the source's name for messages).
-    A split without one of the `required` columns gives its first row whole, so that the caller's
-    row check names the missing column beside the columns there are."""
+    A split whose column names are not `complete` (it lacks a column the caller needs) gives its
+    first row whole, so that the caller's row check names the missing column beside the columns
+    there are."""
     source = _local_source(spec)
     splits = _open(spec, source)  # once: both splits come from the same load
     train_split = _split(splits, source, spec.split, "data.split")
-    train = _rows(train_split, columns, required, _train_rows_wanted(spec), f"{spec.path} [{spec.split}]")
+    train = _rows(train_split, columns, complete, _train_rows_wanted(spec), f"{spec.path} [{spec.split}]")
     val = None
     if spec.val_split is not None:
         val_split = _split(splits, source, spec.val_split, "data.val_split")
-        val = _rows(val_split, columns, required, spec.limit_val_examples, f"{spec.path} [{spec.val_split}]")
+        val = _rows(val_split, columns, complete, spec.limit_val_examples, f"{spec.path} [{spec.val_split}]")
     else:
         _warn_of_unused_validation_split(spec, list(splits))
     return train, val, str(spec.path)
@@ -185,13 +186,13 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _rows(
-    split: Any, columns: Sequence[str], required: Sequence[str], limit: int | None, where: str
+    split: Any, columns: Sequence[str], complete: Callable[[Collection[str]], bool], limit: int | None, where: str
 ) -> list[dict[str, Any]]:
     """The split's rows with only `columns` (those it has), the first `limit` of them when given;
-    ClassLabel integers as their names. Without a required column, the first row with every
+    ClassLabel integers as their names. Without a needed column, the first row with every
     column (selecting none would leave no rows at all, and the check could not say what is there)."""
     names = split.column_names or []  # an IterableDataset may not know its columns before reading
-    if any(column not in names for column in required) and names:
+    if names and not complete(names):
         limit = 1
     elif names:
         split = split.select_columns([c for c in columns if c in names])
