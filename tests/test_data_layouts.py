@@ -273,3 +273,66 @@ def test_a_column_mapping_to_an_empty_list_is_refused() -> None:
         peftc.ConfigError, match=r"data.columns=.*must be a mapping of names to column names \(or to lists of columns"
     ):
         peftc.compile(["data.format=prompt_response", "data.columns={prompt: [], response: output}"])
+
+
+# A template that lists the functions a conversation may call before it (as tool-calling templates do)
+TOOLS_TEMPLATE = "{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}" + TEMPLATE
+WEATHER = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def tool_rows(tools: object) -> list[dict]:
+    return [{"messages": [USER, {"role": "assistant", "content": "Meow."}], "tools": tools}] * 4
+
+
+@pytest.mark.parametrize(
+    ("tools", "source"),
+    [(WEATHER, "jsonl"), (json.dumps(WEATHER), "jsonl"), (WEATHER, "hf")],
+    ids=["list", "json-text", "hf"],
+)
+def test_a_rows_tools_reach_the_chat_template_as_in_trl(tmp_path: Path, tools: object, source: str) -> None:
+    path = write(tmp_path / "tools", tool_rows(tools), source)
+    train, tokenizer = examples(
+        path, "data.format=chat", f"model.chat_template={write_template(tmp_path)}", source=source
+    )
+    assert texts(train[0], tokenizer) == (
+        "<|tools|>weather;<|user|>What does the cat say?\n<|assistant|>Meow.\n",
+        "Meow.\n",
+    )
+
+
+def write_template(directory: Path) -> Path:
+    (directory / "tools.jinja").write_text(TOOLS_TEMPLATE)
+    return directory / "tools.jinja"
+
+
+def test_tools_that_are_not_function_schemas_are_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "tools.jsonl", tool_rows("weather"))
+    with pytest.raises(
+        peftc.DataError, match=r"example 1\): 'tools' is text that is not JSON; give a list of function"
+    ):
+        examples(path, "data.format=chat", f"model.chat_template={write_template(tmp_path)}")
+
+
+def test_a_tool_using_adapter_samples_and_predicts_with_the_rows_tools(tmp_path: Path) -> None:
+    path = write(tmp_path / "tools.jsonl", tool_rows(WEATHER) * 6)
+    args = [
+        "data.source=jsonl",
+        f"data.path={path}",
+        "data.format=chat",
+        f"model.chat_template={write_template(tmp_path)}",
+    ]
+    result = run_cli([*args, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sample after training: '<|tools|>weather;<|user|>" in result.stdout
+    inputs = write(tmp_path / "inputs.jsonl", [{"messages": [USER], "tools": WEATHER}, {"messages": [USER]}])
+    adapter = f"adapter={tmp_path / 'run' / 'adapter'}"
+    given = f"input_file={inputs}"
+    result = run_cli(
+        ["action=predict", adapter, given, "task.max_new_tokens=2", f"output_dir={tmp_path}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in predictions] == [
+        "<|tools|>weather;<|user|>What does the cat say?\n<|assistant|>",
+        "<|user|>What does the cat say?\n<|assistant|>",
+    ]

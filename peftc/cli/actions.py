@@ -222,10 +222,10 @@ def input_rows(run: RunSpec, task: Any) -> list[dict[str, Any]]:
     """The rows to predict on, from `input` (text / mapping / list) or `input_file`."""
     from peftc.tasks.data import read_inputs
 
-    fields = task.prediction_fields(run)
+    fields, optional = task.prediction_fields(run), task.optional_fields(run)
     check = _input_check(fields)
     if run.input_file is not None:
-        read = read_inputs(run.input_file, fields, run.data.columns, check, lists=task.list_fields)
+        read = read_inputs(run.input_file, fields, run.data.columns, check, task.list_fields, optional)
         return [task.prediction_row(row, run, f"{run.input_file} row {n}") for n, row in enumerate(read, start=1)]
     values = list(run.input) if isinstance(run.input, (list, tuple)) else [run.input]
     rows = []
@@ -242,7 +242,8 @@ def input_rows(run: RunSpec, task: Any) -> list[dict[str, Any]]:
         problem = check(row)
         if problem:
             raise ConfigError("input", plain(value), problem)
-        rows.append(task.prediction_row({f: row[f] for f in fields}, run, f"input {number}"))
+        given = {f: row[f] for f in [*fields, *optional] if f in row}
+        rows.append(task.prediction_row(given, run, f"input {number}"))
     return rows
 
 

@@ -55,6 +55,11 @@ class Task:
         """The fields a data row of this run carries (`fields`, unless the data format says otherwise)."""
         return self.fields
 
+    def optional_fields(self, run: RunSpec) -> dict[str, Any]:
+        """Fields a row may carry besides `data_fields` ({name: default when absent}), in training
+        and prediction rows alike (a conversation's tools); none by default."""
+        return {}
+
     def prediction_fields(self, run: RunSpec) -> tuple[str, ...]:
         """The fields a row to predict on gives (`input`, `input_file`): `input_fields`, unless
         the data format says otherwise."""
@@ -73,9 +78,8 @@ class Task:
         `encode` (the before/after samples are made from the validation rows)."""
         from peftc.tasks.data import load_splits
 
-        return load_splits(
-            run.data, self.data_fields(run), seed=run.seed, optional=method_fields(run), lists=self.list_fields
-        )
+        optional = {**method_fields(run), **self.optional_fields(run)}
+        return load_splits(run.data, self.data_fields(run), seed=run.seed, optional=optional, lists=self.list_fields)
 
     def datasets(self, run: RunSpec, tokenizer: Any) -> tuple[Dataset, Dataset]:
         from peftc.tasks.data import load_splits

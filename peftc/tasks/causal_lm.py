@@ -52,7 +52,7 @@ class CausalLm(Task):
     input_fields = ("text",)
     generates_text = True
 
-    list_fields = ("messages",)  # data.format=chat: a row's conversation
+    list_fields = ("messages", "tools")  # data.format=chat: a row's conversation, the functions it may call
     # TRL's columns, read where a row has not peftc's (and data.columns does not map the field): a
     # prompt-completion row's `completion` is its response; as message lists, its `prompt` and
     # `completion` are one conversation (chat.conversation).
@@ -68,14 +68,18 @@ class CausalLm(Task):
         # A chat adapter answers a conversation (a prompt_response one continues its prompt as text).
         return ("messages",) if run.data.format == "chat" else self.input_fields
 
+    def optional_fields(self, run: RunSpec) -> dict[str, Any]:
+        # a chat row's tools (TRL's `tools` column), which its template renders into the prompt
+        return {"tools": None} if run.data.format == "chat" else {}
+
     def prediction_row(self, row: Mapping[str, Any], run: RunSpec, where: str) -> dict[str, Any]:
-        """For a chat adapter a plain text is one user message; a conversation is checked."""
+        """For a chat adapter a plain text is one user message; a conversation (and its tools) is checked."""
         if run.data.format != "chat":
             return dict(row)
         messages = row["messages"]
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return {"messages": chat.check_messages(messages, where, answered=False)}
+        return _conversation(chat.check_messages(messages, where, answered=False), row.get("tools"), where)
 
     def read_rows(self, run: RunSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         conversations = ("prompt", "completion") if run.data.format == "chat" else ()
@@ -83,7 +87,7 @@ class CausalLm(Task):
             run.data,
             self.data_fields(run),
             seed=run.seed,
-            optional=method_fields(run),
+            optional={**method_fields(run), **self.optional_fields(run)},
             lists=(*self.list_fields, *conversations),
             alternatives=self.trl_columns,
         )
@@ -127,7 +131,8 @@ class CausalLm(Task):
         examples = []
         for number, row in enumerate(rows, start=1):
             where = f"{run.data.path or 'data'} ({split} split, example {number})"
-            example = chat.encode(chat.conversation(row, where), tokenizer, where)
+            tools = chat.check_tools(row.get("tools"), where)
+            example = chat.encode(chat.conversation(row, where), tokenizer, where, tools)
             if run.task.train_on_prompt:
                 example["labels"] = list(example["input_ids"])
             examples.append(example)
@@ -219,7 +224,10 @@ class CausalLm(Task):
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
         out = []
         for row in rows:  # one prompt at a time: no padding inside a decoder's context
-            text = chat.prompt_text(row["messages"], tokenizer) if "messages" in row else str(row["text"])
+            if "messages" in row:
+                text = chat.prompt_text(row["messages"], tokenizer, tools=row.get("tools"))
+            else:
+                text = str(row["text"])
             ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id or 0]
             batch = to_device(
                 {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, model
@@ -237,14 +245,22 @@ class CausalLm(Task):
 
 def _sample_input(row: Mapping[str, Any]) -> dict[str, Any]:
     # a conversation as {role, content} messages (ShareGPT's {from, value} read as those)
+    where = "validation row"
     if "messages" in row:  # the conversation before its last answer
-        return {"messages": chat.check_messages(row["messages"], "validation row", answered=False)}
+        return _conversation(chat.check_messages(row["messages"], where, answered=False), row.get("tools"), where)
     if isinstance(row.get("prompt"), list):  # TRL's conversational prompt, which asks for the completion
-        return {"messages": chat.check_messages(row["prompt"], "validation row", answered=False, name="prompt")}
+        prompt = chat.check_messages(row["prompt"], where, answered=False, name="prompt")
+        return _conversation(prompt, row.get("tools"), where)
     if "prompt" in row:
         return {"text": str(row["prompt"])}
     first = str(row["text"]).split(". ")[0]
     return {"text": first if first.endswith(".") else first + "."}
+
+
+def _conversation(messages: list[dict[str, Any]], tools: Any, where: str) -> dict[str, Any]:
+    """A conversation to predict on, with its tools when it has some."""
+    checked = chat.check_tools(tools, where)
+    return {"messages": messages} if checked is None else {"messages": messages, "tools": checked}
 
 
 def _pack_whole(examples: Sequence[Mapping[str, list[int]]], length: int) -> list[dict[str, list[int]]]:

@@ -2,7 +2,8 @@
 tokenizer's chat template (or model.chat_template), the loss on the assistant turns only. TRL's
 conversational prompt-completion rows (`prompt` and `completion` message lists) are one such
 conversation whose prompt is context: only the completion's assistant turns are learned, as TRL's
-SFTTrainer learns the completion.
+SFTTrainer learns the completion. A row's `tools` (JSON schemas of the functions it may call)
+reach the template as `tools`, as TRL passes them.
 
 The rendered conversation is tokenized once; a token is trained when its characters lie in an
 assistant turn: from the end of the prompt that asks for it through its end-of-turn text (found
@@ -13,6 +14,7 @@ assistant_only_loss trains).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -53,6 +55,25 @@ def conversation(row: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     prompt = check_messages(row["prompt"], where, answered=False, name="prompt")
     completion = check_messages(row["completion"], where, name="completion")
     return [{**m, "train": False} if m["role"] == "assistant" else m for m in prompt] + completion
+
+
+def check_tools(tools: Any, where: str) -> list[dict[str, Any]] | None:
+    """A row's `tools`: a list of JSON schema objects, or the JSON text of one (how datasets keep
+    them when the functions' schemas differ, which one Arrow column type cannot hold); None: none."""
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise DataError(where, "'tools' is text that is not JSON", "give a list of function schemas") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, Mapping) for tool in tools):
+        raise DataError(
+            where,
+            f"'tools' must be a list of JSON schema objects, got {json.dumps(tools)[:60]}",
+            'e.g. [{"type": "function", "function": {"name": ..., "parameters": {...}}}]',
+        )
+    return tools
 
 
 def check_messages(messages: Any, where: str, answered: bool = True, name: str = "messages") -> list[dict[str, Any]]:
@@ -141,15 +162,19 @@ def _learned(message: Mapping[str, Any], role: str, number: int, where: str) -> 
     return all(flags)
 
 
-def encode(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> dict[str, list[int]]:
-    """input_ids of the rendered conversation, labels masked outside the assistant turns (and
-    the turns marked `train: False`)."""
+def encode(
+    messages: list[dict[str, Any]], tokenizer: Any, where: str, tools: list[dict[str, Any]] | None = None
+) -> dict[str, list[int]]:
+    """input_ids of the rendered conversation (with the row's `tools`), labels masked outside the
+    assistant turns (and the turns marked `train: False`)."""
     learned = [m.get("train", True) for m in messages if m["role"] == "assistant"]
-    full = render(tokenizer, messages, where=where)
+    full = render(tokenizer, messages, where=where, tools=tools)
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, starts = list(encoding["input_ids"]), [begin for begin, _ in encoding["offset_mapping"]]
     if GENERATION_BLOCK.search(tokenizer.chat_template):
-        marked = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        marked = _apply(
+            tokenizer, messages, where, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         trained = [bool(mark) for mark in marked["assistant_masks"]]
         if not any(trained):
             raise DataError(
@@ -157,9 +182,9 @@ def encode(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> dict[s
                 "the chat template's {% generation %} blocks mark no text of this conversation",
                 "put what the assistant writes (and its end-of-turn text) inside them",
             )
-        skipped = [] if all(learned) else _spans(messages, full, tokenizer, where)
+        skipped = [] if all(learned) else _spans(messages, full, tokenizer, where, tools)
     else:
-        spans = _spans(messages, full, tokenizer, where)
+        spans = _spans(messages, full, tokenizer, where, tools)
         trained = [any(start <= begin < end for start, end in _kept(spans, learned)) for begin in starts]
         skipped = spans
     untrained = _kept(skipped, [not learn for learn in learned])
@@ -169,9 +194,14 @@ def encode(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> dict[s
     return {"input_ids": ids, "labels": [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained)]}
 
 
-def _spans(messages: list[dict[str, Any]], full: str, tokenizer: Any, where: str) -> list[tuple[int, int]]:
+def _spans(
+    messages: list[dict[str, Any]], full: str, tokenizer: Any, where: str, tools: list[dict[str, Any]] | None
+) -> list[tuple[int, int]]:
+    def rendered(some: list[dict[str, Any]], **options: Any) -> str:
+        return render(tokenizer, some, where=where, tools=tools, **options)
+
     try:
-        return assistant_spans(messages, full, lambda m, **k: render(tokenizer, m, where=where, **k), tokenizer)
+        return assistant_spans(messages, full, rendered, tokenizer)
     except Unlocatable as exc:
         raise DataError(
             where,
@@ -184,20 +214,29 @@ def _kept(spans: list[tuple[int, int]], keep: list[bool]) -> list[tuple[int, int
     return [span for span, kept in zip(spans, keep) if kept]
 
 
-def prompt_text(messages: Sequence[Mapping[str, str]], tokenizer: Any, where: str = "messages") -> str:
+def prompt_text(
+    messages: Sequence[Mapping[str, str]],
+    tokenizer: Any,
+    where: str = "messages",
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     """The conversation ready for the model to answer: without its last message when that is
     an answer (a validation row, whose answer the model is to give), else all of it."""
     asked = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-    return render(tokenizer, list(asked), generation_prompt=True, where=where)
+    return render(tokenizer, list(asked), generation_prompt=True, where=where, tools=tools)
 
 
 def render(
-    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False, where: str = "messages"
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    generation_prompt: bool = False,
+    where: str = "messages",
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The conversation as the template writes it."""
+    """The conversation as the template writes it (given the functions it may call, `tools`)."""
     if not messages:
         return ""
-    return _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=generation_prompt)
+    return _apply(tokenizer, messages, where, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], where: str, **options: Any) -> Any:
