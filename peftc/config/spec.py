@@ -306,8 +306,9 @@ class DataSpec(SpecNode):
     format: str = param(
         "text",
         "Row layout for task=causal_lm: text (one `text` field, all tokens trained), prompt_response "
-        "(`prompt` + `response`, the loss on the response only unless task.train_on_prompt), chat "
-        "(`messages`: [{role, content}, ...] rendered with the chat template, the loss on assistant turns).",
+        "(`prompt` + `response` or TRL's `completion`, the loss on the response only unless "
+        "task.train_on_prompt), chat (`messages`: [{role, content}, ...], or TRL's `prompt` + `completion` "
+        "message lists, rendered with the chat template, the loss on assistant turns).",
         one_of("text", "prompt_response", "chat"),
     )
     path: str | None = param(
