@@ -56,7 +56,7 @@ class PeftcLightningModule(L.LightningModule):
         self.method = methods.get(plan.method)
         self.strict_loading = False  # checkpoints hold trainable tensors only
         self._totals: dict[str, float] = defaultdict(float)
-        self._step_loss: torch.Tensor | float = 0.0  # the current optimizer step's loss so far
+        self._step_loss: torch.Tensor | float = 0.0  # the current step's micro-batch losses, summed
         self.last_step_loss: torch.Tensor | None = None  # the last finished step's loss
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -71,9 +71,7 @@ class PeftcLightningModule(L.LightningModule):
         if extra is not None:
             self.log("train_extra_loss", extra.detach(), on_step=True)
             loss = loss + extra
-        # Lightning divides each micro-batch's loss by the batches per step: these shares add up
-        # to the step's loss.
-        self._step_loss = self._step_loss + loss.detach() / self.trainer.accumulate_grad_batches
+        self._step_loss = self._step_loss + loss.detach()
         return loss
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -82,6 +80,9 @@ class PeftcLightningModule(L.LightningModule):
         value, self._step_loss = self._step_loss, 0.0
         if not isinstance(value, torch.Tensor):
             return
+        # Lightning divides each micro-batch's loss by the batches per step: those shares add up
+        # to the step's loss.
+        value = value / self.trainer.accumulate_grad_batches
         if self.trainer.world_size > 1:
             value = self.trainer.strategy.reduce(value, reduce_op="mean")
         self.last_step_loss = value
