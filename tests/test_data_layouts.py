@@ -95,7 +95,7 @@ def test_train_on_prompt_learns_the_whole_conversational_row(tmp_path: Path) -> 
 def test_a_standard_prompt_completion_row_reads_its_completion_as_the_response(tmp_path: Path, source: str) -> None:
     rows = [{"prompt": "What does the cat say?", "completion": " Meow."}] * 4
     train, tokenizer = examples(write(tmp_path / "trl", rows, source), "data.format=prompt_response", source=source)
-    assert texts(train[0], tokenizer) == ("What does the cat say? Meow.</s>", " Meow.</s>")
+    assert texts(train[0], tokenizer) == ("<s>What does the cat say? Meow.</s>", " Meow.</s>")
 
 
 @pytest.mark.parametrize(
@@ -139,8 +139,8 @@ def test_a_prompt_read_from_several_columns_joins_their_texts(tmp_path: Path) ->
     columns = "data.columns={prompt: [instruction, input], response: output}"
     train, tokenizer = examples(path, "data.format=prompt_response", columns)
     assert [texts(e, tokenizer) for e in train[:2]] == [
-        ("Add the numbers.\n\n2 and 3 5</s>", " 5</s>"),
-        ("Say hello. Hello</s>", " Hello</s>"),
+        ("<s>Add the numbers.\n\n2 and 3 5</s>", " 5</s>"),
+        ("<s>Say hello. Hello</s>", " Hello</s>"),
     ]
 
 

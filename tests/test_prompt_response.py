@@ -36,9 +36,10 @@ def test_the_prompt_is_masked_and_the_response_with_its_eos_is_trained(qa_file: 
     train, task, tokenizer = examples(qa_file, "task.packing=false")
     batch = task.collate(train[:4], tokenizer)
     for row, ids, labels in zip(train[:4], batch["input_ids"].tolist(), batch["labels"].tolist()):
-        text = tokenizer.decode(row["input_ids"])
+        assert ids[0] == tokenizer.bos_token_id, "the BOS the tokenizer adds, as the base was pretrained"
+        text = tokenizer.decode(row["input_ids"][1:])
         prompt = next(r["prompt"] for r in ROWS if text.startswith(r["prompt"]))
-        cut = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        cut = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         trained = [t for t in labels if t != IGNORE_INDEX]
         assert labels[:cut] == [IGNORE_INDEX] * cut
         assert trained == ids[cut : cut + len(trained)] and trained[-1] == tokenizer.eos_token_id
@@ -110,7 +111,7 @@ def test_truncation_keeps_the_start_of_each_example(qa_file: Path) -> None:
     """An example longer than data.max_length loses the end of its response, never its prompt."""
     train, _, tokenizer = examples(qa_file, "task.packing=false", "data.max_length=32")
     for example in train:
-        text = tokenizer.decode(example["input_ids"])
+        text = tokenizer.decode(example["input_ids"][1:])  # after the BOS
         assert any((row["prompt"] + row["response"]).startswith(text) for row in ROWS), text
 
 

@@ -15,7 +15,7 @@ from peftc.config.spec import RunSpec, SpecNode, at_least, param
 from peftc.errors import DataError
 from peftc.tasks import chat, register
 from peftc.tasks.base import Task, carry_fields, method_fields, shared_fields
-from peftc.tasks.common import IGNORE_INDEX, pad, pad_id, to_device
+from peftc.tasks.common import IGNORE_INDEX, leading_special_tokens, pad, pad_id, to_device
 from peftc.tasks.data import load_splits
 from peftc.tasks.generation import GenerationSpec, generate_kwargs
 from peftc.tasks.lm_loss import next_token_loss
@@ -106,14 +106,15 @@ class CausalLm(Task):
     def _prompt_response_examples(
         self, rows: Sequence[Mapping[str, Any]], run: RunSpec, tokenizer: Any, split: str
     ) -> list[dict[str, list[int]]]:
-        """prompt + response + EOS per row; labels mask the prompt (unless task.train_on_prompt).
+        """(BOS +) prompt + response + EOS per row (the BOS the tokenizer adds); labels mask the prompt (unless task.train_on_prompt).
         Packing puts whole examples into blocks of up to data.max_length (never splits one)."""
         if not rows:
             return []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        bos = leading_special_tokens(tokenizer)
         examples = []
         for row in rows:
-            prompt = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
+            prompt = bos + tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
             answer = row["response"] if "response" in row else row["completion"]  # TRL's name for it
             response = tokenizer(str(answer), add_special_tokens=False)["input_ids"] + eos
             masked = prompt if run.task.train_on_prompt else [IGNORE_INDEX] * len(prompt)
@@ -163,7 +164,8 @@ class CausalLm(Task):
         if not rows:
             return []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        encoded = [tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"] + eos for r in rows]
+        bos = leading_special_tokens(tokenizer)
+        encoded = [bos + tokenizer(str(r["text"]), add_special_tokens=False)["input_ids"] + eos for r in rows]
         length = run.data.max_length
         extra = method_fields(run)
         if not run.task.packing:
@@ -222,13 +224,15 @@ class CausalLm(Task):
 
     @torch.no_grad()
     def predict(self, model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any, run: RunSpec) -> list[dict]:
-        out = []
+        out, bos = [], leading_special_tokens(tokenizer)
         for row in rows:  # one prompt at a time: no padding inside a decoder's context
-            if "messages" in row:
+            if "messages" in row:  # the template writes its own special tokens
                 text = chat.prompt_text(row["messages"], tokenizer, tools=row.get("tools"))
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 text = str(row["text"])
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id or 0]
+                ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ids or [tokenizer.eos_token_id or 0]
             batch = to_device(
                 {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}, model
             )

@@ -29,6 +29,20 @@ def pad(sequences: Sequence[Sequence[int]], value: int, width: int | None = None
     return out
 
 
+def leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts in front of a text it encodes on its own: the BOS of
+    Llama, Mistral and Gemma tokenizers, none for GPT-2's or Qwen's. A causal LM was pretrained
+    with them and is served with them (a pipeline, vLLM), so training and prediction put them
+    there too, as the HF language-modelling scripts and TRL do. Found by encoding a probe text
+    with and without special tokens."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start])
+    return []
+
+
 def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
