@@ -515,4 +515,4 @@ def test_unpacked_documents_keep_their_first_max_length_tokens(tmp_path: Path) -
     run = ["task=causal_lm", "model=tiny_llama", "data.source=jsonl", f"data.path={path}", "data.val_fraction=0"]
     train, _ = datasets([*run, "data.max_length=8", "task.packing=false"])
     tokenizer = load_tokenizer(to_spec(compose(["model=tiny_llama"])).model)
-    assert tokenizer.decode(train[0]["input_ids"]) == "abcdefgh"
+    assert tokenizer.decode(train[0]["input_ids"]) == "<s>abcdefg"  # the BOS, then the document's start

@@ -26,16 +26,16 @@ def metrics_of(tmp_path: Path, *extra: str) -> dict[str, float]:
 
 
 def test_training_stops_early_and_saves_the_best_checks_adapter(tmp_path: Path) -> None:
-    best = metrics_of(tmp_path, "trainer.save_best=true", "trainer.checkpoint_every_n_steps=70")
+    best = metrics_of(tmp_path, "trainer.save_best=true", "trainer.checkpoint_every_n_steps=60")
     assert best["steps"] < 80, "stopped before max_steps"
     assert best["best_step"] == best["steps"] - 2 * 5, "two checks without improvement after the best"
     # the final validation runs on the restored adapter: it is the best check's
     assert best["val_perplexity"] == pytest.approx(best["best_val_perplexity"], rel=1e-6)
-    # Resumed from its checkpoint at step 70, a validation step after the best check (65): that
-    # check's adapter and step 70's count towards patience are in the checkpoint, so the resumed
+    # Resumed from its checkpoint at step 60, a validation step after the best check (55): that
+    # check's adapter and step 60's count towards patience are in the checkpoint, so the resumed
     # run stops at the same step and saves the same adapter.
-    run = tmp_path / "trainer.save_best-true_trainer.checkpoint_every_n_steps-70"
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 70 < best["steps"]
+    run = tmp_path / "trainer.save_best-true_trainer.checkpoint_every_n_steps-60"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 60 < best["steps"]
     uninterrupted = load_file(run / "adapter" / "adapter_model.safetensors")
     result = run_cli([f"resume={run}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
