@@ -78,7 +78,7 @@ def measure(overrides: list[str], steps: int = 2) -> dict[str, float]:
     from peftc import tasks
     from peftc.planning.model_source import load_tokenizer
     from peftc.runtime.materialize import materialize
-    from peftc.training.lightning import dataloaders
+    from peftc.training.loaders import dataloaders
 
     torch.set_num_threads(2)
     plan = peftc.compile(overrides)

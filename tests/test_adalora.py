@@ -103,7 +103,8 @@ def test_lightning_fit_prunes_ranks_and_the_saved_rank_pattern_loads_in_peft(tmp
     from peft import PeftModel
 
     from peftc.planning.model_source import load_tokenizer
-    from peftc.training.lightning import dataloaders, fit
+    from peftc.training.lightning import fit
+    from peftc.training.loaders import dataloaders
 
     plan = peftc.compile(
         ["peft=adalora", *SCHEDULE[:-2], "trainer.max_steps=8", "trainer.logger=none"]

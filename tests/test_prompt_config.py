@@ -308,7 +308,7 @@ def multitask_plan(tmp_path, rows: list[dict], *extra: str):
 
 def test_task_ids_come_from_a_data_column(tmp_path) -> None:
     from peftc.planning.model_source import load_tokenizer
-    from peftc.training.lightning import dataloaders
+    from peftc.training.loaders import dataloaders
 
     rows = [{"text": f"story number {i} is short", "kind": i % 3} for i in range(8)]
     plan = multitask_plan(tmp_path, rows, "task.packing=false", "data.columns={task_id: kind}")
@@ -324,7 +324,7 @@ def test_task_ids_come_from_a_data_column(tmp_path) -> None:
 
 def test_rows_without_task_ids_are_task_zero_and_bad_ids_are_refused(tmp_path) -> None:
     from peftc.planning.model_source import load_tokenizer
-    from peftc.training.lightning import dataloaders
+    from peftc.training.loaders import dataloaders
 
     plan = multitask_plan(tmp_path, [{"text": "a plain story about a duck"}] * 4)
     tokenizer = load_tokenizer(plan.spec.model)
@@ -341,7 +341,7 @@ def test_rows_without_task_ids_are_task_zero_and_bad_ids_are_refused(tmp_path) -
 
 def test_other_methods_do_not_accept_a_task_id_column(tmp_path) -> None:
     from peftc.planning.model_source import load_tokenizer
-    from peftc.training.lightning import dataloaders
+    from peftc.training.loaders import dataloaders
 
     data = write_rows(tmp_path / "rows.jsonl", [{"text": "a story about an owl", "kind": 1}] * 4)
     plan = peftc.compile(

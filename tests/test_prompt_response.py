@@ -145,7 +145,7 @@ def test_packed_examples_train_as_they_would_alone(qa_file: Path, model: str, ex
     attends to another example, positions restart, and no example predicts the next one's start."""
     import torch
 
-    from peftc.training.lightning import dataloaders
+    from peftc.training.loaders import dataloaders
 
     overrides = [f"model={model}", "data.max_length=128", *extra]
     plan = peftc.compile(["data.source=jsonl", f"data.path={qa_file}", "data.format=prompt_response", *overrides])
@@ -172,7 +172,7 @@ def test_packed_examples_train_as_they_would_alone(qa_file: Path, model: str, ex
 
 def test_prompt_learning_keeps_one_mask_per_packed_block(qa_file: Path) -> None:
     """Virtual tokens are every packed example's context: no position restarts for them."""
-    from peftc.training.lightning import dataloaders
+    from peftc.training.loaders import dataloaders
 
     plan = peftc.compile(
         ["data.source=jsonl", f"data.path={qa_file}", "data.format=prompt_response", "peft=prompt_tuning"]

@@ -14,7 +14,8 @@ import torch
 import peftc
 from peftc import tasks
 from peftc.planning.model_source import load_tokenizer
-from peftc.training.lightning import PeftcLightningModule, build_trainer, dataloaders
+from peftc.training.lightning import PeftcLightningModule, build_trainer
+from peftc.training.loaders import dataloaders
 from peftc.training.step_loss import BATCH_TERMS, STEP_TERMS, step_weight
 
 # Trained tokens per row differ 40-fold: a batch of short answers and one of long answers would

@@ -133,7 +133,8 @@ def test_validation_on_several_ranks_scores_each_example_once(
     since the ranks reduce the sums together, key by key."""
     from peftc import tasks
     from peftc.planning.model_source import load_tokenizer
-    from peftc.training.lightning import PeftcLightningModule, dataloaders
+    from peftc.training.lightning import PeftcLightningModule
+    from peftc.training.loaders import dataloaders
 
     plan = peftc.compile(["data.eval_batch_size=5", f"data.limit_val_examples={examples}"])
     model = peftc.materialize(plan).eval()

@@ -82,7 +82,8 @@ def train(plan: Plan, output_dir: Path, writing: ExitStack) -> dict[str, float]:
     from peftc.files.checkpoints import check_resumable, find_checkpoint
     from peftc.planning.model_source import load_tokenizer
     from peftc.runtime.materialize import materialize
-    from peftc.training.lightning import dataloaders, fit
+    from peftc.training.lightning import fit
+    from peftc.training.loaders import dataloaders
 
     run = plan.spec
     resume = find_checkpoint(run.resume) if run.resume else None
