@@ -102,6 +102,19 @@ def test_training_learns_the_first_answer_and_validation_keeps_them_all() -> Non
     assert example["gold_spans"] == [[first, first + 13], [first + 8, first + 13], [first, first + 6]]
 
 
+@pytest.mark.parametrize(("longest", "exact"), [(30, 1.0), (10, 0.0)])
+def test_validation_scores_the_span_a_prediction_would_give(longest: int, exact: float) -> None:
+    """Both cap the span at task.max_answer_tokens (as run_qa's post-processing): a 14-token answer
+    the model points at is out of reach with a cap of 10, in the metrics as in the prediction."""
+    run, tokenizer = qa_run(f"task.max_answer_tokens={longest}")
+    model = Pointer(tokenizer, "Gustave Eiffel")
+    examples = QA.encode([squad_row(EIFFEL, "Gustave Eiffel")], run, tokenizer)
+    stats = QA.validation_stats(model, QA.collate(examples, tokenizer), run.task)
+    [prediction] = QA.predict(model, [{"question": "Who built it?", "context": EIFFEL}], tokenizer, run)
+    assert float(stats["exact"]) == exact
+    assert (prediction["answer"] == "Gustave Eiffel") == bool(exact)
+
+
 # ------------------------------------------------------------------------------ long contexts
 def test_validation_scores_each_example_once_on_its_best_window() -> None:
     """The answer is in the last of many windows: found there, and the example counts once."""

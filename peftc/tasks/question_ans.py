@@ -16,9 +16,10 @@ across a window's end) is counted in a warning. The model (head `qa_outputs`, tr
 saved, as peft does for QUESTION_ANS) scores each token as span start and end; loss is the mean
 of the two cross-entropies.
 
-Prediction picks, over all windows of an example, the context span (start <= end, at most
-max_answer_tokens; validation: of any length) with the highest start + end score. Metrics compare
-predicted and gold token spans, positions counted in the whole context's tokens:
+Prediction and validation pick, over all windows of an example, the context span (start <= end,
+at most task.max_answer_tokens) with the highest start + end score, as run_qa's post-processing
+does. Metrics compare predicted and gold token spans, positions counted in the whole context's
+tokens:
   exact match = 1 if both ends agree;  F1 = 2 P R / (P + R) with P = overlap / predicted length,
   R = overlap / gold length (overlap in tokens);  each the best over the row's gold answers,
   averaged over examples (rows, whatever their number of windows).
@@ -159,7 +160,8 @@ class QuestionAns(Task):
         self, model: Any, batch: Mapping[str, torch.Tensor], spec: Any = None
     ) -> dict[str, torch.Tensor]:
         start_logits, end_logits, real = window_logits(model, batch)
-        window, starts, ends, _ = best_window_spans(start_logits, end_logits, batch["context_mask"], real, 10**6)
+        longest = (spec or QuestionAnsSpec()).max_answer_tokens  # the span a prediction could give
+        window, starts, ends, _ = best_window_spans(start_logits, end_logits, batch["context_mask"], real, longest)
         shift = batch["context_shift"].to(window.device).gather(1, window[:, None])[:, 0]
         exact, f1 = best_gold_scores(starts + shift, ends + shift, batch["gold_spans"])
         return {"exact": exact.sum(), "f1": f1.sum(), "count": torch.tensor(len(exact))}
