@@ -12,6 +12,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -27,22 +28,38 @@ WORLD_OVERRIDES = ["model=tiny_llama", "model.config.num_hidden_layers=6", "peft
 
 
 @dataclass
-class World:
-    root: Path
-    plan: Plan
-    base: torch.nn.Module  # a plain base model (no adapter yet)
-    model: PeftcModel  # the same architecture carrying adapter 'default'
-    good: Path  # a good adapter directory for `model`
-    out: Path  # a previous run's output directory (adapter/ + plan.json)
-    inputs: Path  # where a case's setup writes its bad inputs
-
-
-@dataclass
 class Pristine:
     plan: Plan
     base: torch.nn.Module
     model: PeftcModel
     files: Path
+    states: dict[str, Any]  # model_state of `base` and `model`, taken once
+
+
+@dataclass
+class World:
+    root: Path
+    plan: Plan
+    pristine: Pristine
+    good: Path  # a good adapter directory for `model`
+    out: Path  # a previous run's output directory (adapter/ + plan.json)
+    inputs: Path  # where a case's setup writes its bad inputs
+
+    # The models are copied from the pristine ones when a case first touches them (most cases
+    # fail before any model exists): a model no case touched is the pristine one, unchanged.
+    @cached_property
+    def base(self) -> torch.nn.Module:
+        """A plain base model (no adapter yet)."""
+        return copy.deepcopy(self.pristine.base)
+
+    @cached_property
+    def model(self) -> PeftcModel:
+        """The same architecture carrying adapter 'default'."""
+        return copy.deepcopy(self.pristine.model)
+
+    def touched(self, name: str) -> bool:
+        """Whether a case has used the world's `name` model (so it may have changed it)."""
+        return name in self.__dict__
 
 
 def build_pristine(directory: Path) -> Pristine:
@@ -56,22 +73,14 @@ def build_pristine(directory: Path) -> Pristine:
     (directory / "out").mkdir()
     model.save_adapter(directory / "out" / "adapter")
     (directory / "out" / "plan.json").write_text(plan.to_json() + "\n")
-    return Pristine(plan, base, model, directory)
+    return Pristine(plan, base, model, directory, {"base": model_state(base), "model": model_state(model)})
 
 
 def make_world(pristine: Pristine, root: Path) -> World:
     shutil.copytree(pristine.files / "good", root / "good")
     shutil.copytree(pristine.files / "out", root / "out")
     (root / "inputs").mkdir()
-    return World(
-        root,
-        pristine.plan,
-        copy.deepcopy(pristine.base),
-        copy.deepcopy(pristine.model),
-        root / "good",
-        root / "out",
-        root / "inputs",
-    )
+    return World(root, pristine.plan, pristine, root / "good", root / "out", root / "inputs")
 
 
 # ------------------------------------------------------------------------------ snapshots

@@ -662,6 +662,9 @@ CASES = [
 # fmt: on
 
 
+MODELS = ("base", "model")  # the world's models a case may touch
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_pristine(tmp_path_factory.mktemp("pristine"))
@@ -671,7 +674,10 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_bad_input_fails_cleanly_and_changes_nothing(case: Bad, pristine: Any, tmp_path: Path) -> None:
     world = make_world(pristine, tmp_path)
     made = case.setup(world)
-    models = {"base": model_state(world.base), "model": model_state(world.model)}
+    # a model the setup did not touch is, until the act touches it, the pristine one
+    models = {
+        name: model_state(getattr(world, name)) if world.touched(name) else pristine.states[name] for name in MODELS
+    }
     files = file_tree(world.root)
 
     with pytest.raises(case.error) as info:
@@ -680,8 +686,9 @@ def test_bad_input_fails_cleanly_and_changes_nothing(case: Bad, pristine: Any, t
     assert case.fragment.replace("{input}", str(made)) in str(info.value), str(info.value)
     assert "\n" not in str(info.value).strip(), "a refusal is one line"
     assert not (world.root / "SENTINEL").exists(), "a pickle payload ran"
-    assert_same_model(models["base"], model_state(world.base))
-    assert_same_model(models["model"], model_state(world.model))
+    for name in MODELS:
+        if world.touched(name):
+            assert_same_model(models[name], model_state(getattr(world, name)))
     assert file_tree(world.root) == files, "files appeared, vanished or changed"
     if case.kind == "write":  # a failed overwrite: the previous adapter still loads, unchanged
         reloaded = peftc.load_adapter(copy.deepcopy(pristine.base), world.out / "adapter")
