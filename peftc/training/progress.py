@@ -62,19 +62,18 @@ class StepLines(ProgressBar):
             return
         self._printed_step = step
         # The finished step's loss (PeftcLightningModule adds up its micro-batches), else this batch's.
-        step_loss = getattr(pl_module, "last_step_loss", None)
+        loss = getattr(pl_module, "last_step_loss", None)
+        if loss is None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         print(
-            self.line(
-                trainer, {"loss": step_loss} if step_loss is not None else outputs, step, total, step - self._first_step
-            ),
+            self.line(trainer, loss, step, total, step - self._first_step),
             file=self.stream or sys.stdout,
             flush=True,
         )
 
-    def line(self, trainer: Any, outputs: Any, step: int, total: int | None, done: int) -> str:
+    def line(self, trainer: Any, loss: Any, step: int, total: int | None, done: int) -> str:
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         parts = [f"step {step}/{total}" if total is not None else f"step {step}"]
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             parts.append(f"loss {loss.detach().float().item():.4f}")
         if trainer.optimizers:
